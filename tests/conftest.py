@@ -1,0 +1,57 @@
+"""Shared fixtures: every test points all state at temporary folders, and models are local:
+a 2-layer Llama built from a config (with the embedded model's tokenizer), and the embedded SmolLM2
+for the few tests that need real language."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> Path:
+    """The cached safetensors folder of the embedded SmolLM2 (converted once per machine)."""
+    from assistant.model import ensure_embedded
+    from assistant.settings import default_cache_dir
+    return ensure_embedded(default_cache_dir(), verify=False)
+
+
+def build_tiny_llama(folder: Path, tokenizer_from: Path, *, seed: int = 0, hidden: int = 64) -> Path:
+    """A 2-layer Llama of random weights, saved as a local HF folder with the embedded tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"])
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, embedded_path) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_path)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """ASSISTANT_HOME in a temp folder: state and adapters live there."""
+    monkeypatch.setenv("ASSISTANT_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_settings(home, tiny_llama):
+    from assistant.settings import Settings
+    return Settings(home=home, base_model=str(tiny_llama), dtype="float32").ensure_dirs()
