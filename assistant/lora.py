@@ -1,0 +1,173 @@
+"""Many LoRA adapters resident on one base, selected per row of a batch.
+
+PEFT's `set_adapter` is global model state and walks every module (tens of ms); here each adapter
+is a *slot* in stacked tensors, so choosing an adapter for a request is an integer, and a batch may
+mix adapters freely. Slot 0 is all zeros: the base model.
+
+Per projection group (qkv, o, gate_up, down) and layer we keep
+    At[slot]: [in, R_total]   (the A matrices of the group's modules, transposed, side by side)
+    Bt[slot]: [R_total, out]  (block-diagonal B^T, with PEFT's scale alpha/r folded in)
+so a group's delta for rows of one slot is two small matmuls, and for mixed rows two bmm's.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidAdapter
+
+
+@dataclass(frozen=True)
+class Group:
+    """A fused projection: `parts` are (module suffix, out_features) in output order."""
+    name: str
+    in_features: int
+    parts: tuple[tuple[str, int], ...]
+
+    @property
+    def out_features(self) -> int:
+        return sum(o for _, o in self.parts)
+
+
+class LoraBank:
+    def __init__(self, n_layers: int, groups: list[Group], layer_prefix: str, *, max_slots: int,
+                 dtype, device, rank: int = 16):
+        self.n_layers = n_layers
+        self.groups = groups
+        self.layer_prefix = layer_prefix  # e.g. "model.layers"
+        self.max_slots = max_slots
+        self.dtype, self.device = dtype, device
+        self.rank = rank                     # per-module rank capacity (grows on demand)
+        self.lock = threading.RLock()
+        self.slots: OrderedDict[str, int] = OrderedDict()  # key -> slot, in LRU order
+        self.in_use: dict[int, int] = {}                  # slot -> rows using it
+        self.stamp: dict[str, float] = {}
+        self._alloc()
+
+    # Storage -----------------------------------------------------------------------------------
+    def _alloc(self, keep: dict | None = None):
+        S = self.max_slots + 1
+        self.At = [[torch.zeros(S, g.in_features, self.rank * len(g.parts), dtype=self.dtype, device=self.device)
+                    for g in self.groups] for _ in range(self.n_layers)]
+        self.Bt = [[torch.zeros(S, self.rank * len(g.parts), g.out_features, dtype=self.dtype, device=self.device)
+                    for g in self.groups] for _ in range(self.n_layers)]
+
+    def _grow_rank(self, r: int):
+        old_A, old_B, old_r = self.At, self.Bt, self.rank
+        self.rank = r
+        self._alloc()
+        for li in range(self.n_layers):
+            for gi, g in enumerate(self.groups):
+                for pi in range(len(g.parts)):
+                    self.At[li][gi][:, :, pi * r:pi * r + old_r] = old_A[li][gi][:, :, pi * old_r:(pi + 1) * old_r]
+                    self.Bt[li][gi][:, pi * r:pi * r + old_r, :] = old_B[li][gi][:, pi * old_r:(pi + 1) * old_r, :]
+
+    def _index(self):
+        idx = {}
+        for gi, g in enumerate(self.groups):
+            off = 0
+            for pi, (suffix, out) in enumerate(g.parts):
+                idx[suffix] = (gi, pi, off, out)
+                off += out
+        return idx
+
+    # Loading -----------------------------------------------------------------------------------
+    def slot_of(self, key: str) -> int | None:
+        with self.lock:
+            s = self.slots.get(key)
+            if s is not None:
+                self.slots.move_to_end(key)
+            return s
+
+    def load(self, key: str, folder: Path) -> int:
+        """Read a validated PEFT folder into a free (or least recently used, idle) slot."""
+        from safetensors.torch import load_file
+        folder = Path(folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        r = int(config["r"])
+        alpha = float(config.get("lora_alpha", r))
+        scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+        try:
+            tensors = load_file(str(folder / "adapter_model.safetensors"), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise InvalidAdapter(f"cannot read {folder.name}/adapter_model.safetensors ({e}): export it again") from None
+        parsed = {}
+        index = self._index()
+        prefix = self.layer_prefix + "."
+        for k, t in tensors.items():
+            name = k.removeprefix("base_model.model.")
+            mod, _, rest = name.partition(".lora_")
+            ab = rest[:1]
+            if not mod.startswith(prefix):
+                raise InvalidAdapter(f"tensor {k} is outside the decoder layers: not supported")
+            layer_s, _, suffix = mod[len(prefix):].partition(".")
+            suffix = suffix.split(".")[-1]
+            if suffix not in index:
+                raise InvalidAdapter(f"tensor {k} targets {suffix!r}, not a projection this engine adapts")
+            parsed[(int(layer_s), suffix, ab)] = t
+        with self.lock:
+            if r > self.rank:
+                self._grow_rank(r)
+            slot = self._free_slot()
+            R = self.rank
+            for li in range(self.n_layers):
+                for gi in range(len(self.groups)):
+                    self.At[li][gi][slot].zero_()
+                    self.Bt[li][gi][slot].zero_()
+            for (li, suffix, ab), t in parsed.items():
+                if ab != "A":
+                    continue
+                gi, pi, off, out = index[suffix]
+                B = parsed[(li, suffix, "B")]
+                self.At[li][gi][slot, :, pi * R:pi * R + r] = t.t().to(self.dtype)
+                self.Bt[li][gi][slot, pi * R:pi * R + r, off:off + out] = (B.t() * scale).to(self.dtype)
+            self.slots[key] = slot
+            self.slots.move_to_end(key)
+            self.stamp[key] = time.time()
+            return slot
+
+    def _free_slot(self) -> int:
+        used = set(self.slots.values())
+        for s in range(1, self.max_slots + 1):
+            if s not in used:
+                return s
+        for key, s in self.slots.items():  # least recently used first
+            if not self.in_use.get(s):
+                del self.slots[key]
+                return s
+        raise InvalidAdapter(f"all {self.max_slots} adapter slots are serving requests: raise "
+                             "--max-resident-adapters or retry in a moment")
+
+    def evict(self, key: str) -> None:
+        with self.lock:
+            self.slots.pop(key, None)
+
+    def acquire(self, slot: int) -> None:
+        if slot:
+            with self.lock:
+                self.in_use[slot] = self.in_use.get(slot, 0) + 1
+
+    def release(self, slot: int) -> None:
+        if slot:
+            with self.lock:
+                self.in_use[slot] -= 1
+
+    # Compute -----------------------------------------------------------------------------------
+    def delta(self, layer: int, group: int, h: torch.Tensor, rows: torch.Tensor, uniform: int | None,
+              out: torch.Tensor) -> None:
+        """out += LoRA delta for rows of h ([N, in]); rows [N] gives each row's slot."""
+        if uniform == 0:
+            return
+        At, Bt = self.At[layer][group], self.Bt[layer][group]
+        if uniform is not None:
+            out.addmm_(h @ At[uniform], Bt[uniform])
+            return
+        t = torch.bmm(h.unsqueeze(1), At.index_select(0, rows))
+        out.add_(torch.bmm(t, Bt.index_select(0, rows)).squeeze(1))

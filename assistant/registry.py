@@ -1,0 +1,387 @@
+"""Domains and their adapter versions on disk, and the checks an adapter passes before it can go live.
+
+Layout (all under `adapters_dir`):
+    <domain>/domain.toml        system prompt, description
+    <domain>/active             the active version's name ("v3"), replaced atomically
+    <domain>/v1, v2, ...        immutable PEFT folders: adapter_config.json, adapter_model.safetensors, card.json
+    <domain>/.staging-*         work in progress; never listed, removed at start
+
+Nothing here imports torch: validation reads safetensors headers and JSON only, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Conflict, InvalidAdapter, InvalidName, NotFound
+from .settings import BASE, MAX_LORA_RANK, NAME_RE
+
+VERSION_RE = re.compile(r"^v[1-9][0-9]{0,8}$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CARD = "card.json"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_SYSTEM_PROMPT_CHARS = 8000
+MAX_DESCRIPTION_CHARS = 2000
+
+
+def check_name(name: object) -> str:
+    """A domain name per API.md, or InvalidName that says the rule. Checked before any path is built."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == BASE:
+        shown = repr(name)[:80]
+        raise InvalidName(f"domain name {shown} is not allowed: use 1-64 lowercase letters, digits, '-' or '_', "
+                          f"starting with a letter or digit (and not {BASE!r})")
+    return name
+
+
+def check_version(version: object) -> str:
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        raise InvalidName(f"version {repr(version)[:40]} is not allowed: versions look like v1, v2, ...")
+    return version
+
+
+def parse_model_name(model: str) -> tuple[str | None, str | None]:
+    """'base' -> (None, None); 'support' -> ('support', None); 'support@v2' -> ('support', 'v2')."""
+    if model == BASE:
+        return None, None
+    name, sep, version = model.partition("@")
+    check_name(name)
+    return name, (check_version(version) if sep else None)
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class Domain:
+    name: str
+    system_prompt: str
+    description: str
+    active_version: str | None
+    versions: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "system_prompt": self.system_prompt,
+                "active_version": self.active_version, "versions": list(self.versions)}
+
+
+def version_key(v: str) -> int:
+    return int(v[1:])
+
+
+class Registry:
+    def __init__(self, adapters_dir: Path):
+        self.root = Path(adapters_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # Domains ----------------------------------------------------------------------------------
+    def domain_dir(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def exists(self, name: str) -> bool:
+        return (self.domain_dir(name) / "domain.toml").is_file()
+
+    def create_domain(self, name: str, system_prompt: str = "", description: str = "") -> Domain:
+        check_name(name)
+        if not isinstance(system_prompt, str) or len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
+            raise InvalidName(f"system_prompt must be text of at most {MAX_SYSTEM_PROMPT_CHARS} characters")
+        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
+            raise InvalidName(f"description must be text of at most {MAX_DESCRIPTION_CHARS} characters")
+        d = self.domain_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        toml = d / "domain.toml"
+        try:
+            # O_EXCL: two concurrent creates of one name give one 201 and one 409.
+            fd = os.open(toml, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise Conflict(f"domain {name!r} already exists: pick another name or use it") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"system_prompt = {_toml_str(system_prompt)}\ndescription = {_toml_str(description)}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return self.get_domain(name)
+
+    def update_domain(self, name: str, *, system_prompt: str | None = None, description: str | None = None) -> Domain:
+        cur = self.get_domain(name)
+        sp = cur.system_prompt if system_prompt is None else system_prompt
+        ds = cur.description if description is None else description
+        _write_atomic(self.domain_dir(name) / "domain.toml",
+                      f"system_prompt = {_toml_str(sp)}\ndescription = {_toml_str(ds)}\n")
+        return self.get_domain(name)
+
+    def get_domain(self, name: str) -> Domain:
+        d = self.domain_dir(name)
+        try:
+            meta = tomllib.loads((d / "domain.toml").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no domain {name!r}: create it first (POST /api/domains)") from None
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidAdapter(f"{d / 'domain.toml'} is not valid TOML ({e}): fix or delete it") from None
+        return Domain(name=name, system_prompt=str(meta.get("system_prompt", "")),
+                      description=str(meta.get("description", "")),
+                      active_version=self.active_version(name), versions=self.versions(name))
+
+    def list_domains(self) -> list[Domain]:
+        out = []
+        for p in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if p.is_dir() and NAME_RE.fullmatch(p.name) and (p / "domain.toml").is_file():
+                try:
+                    out.append(self.get_domain(p.name))
+                except InvalidAdapter:
+                    continue
+        return out
+
+    # Versions ---------------------------------------------------------------------------------
+    def versions(self, name: str) -> list[str]:
+        d = self.domain_dir(name)
+        if not d.is_dir():
+            return []
+        vs = [p.name for p in d.iterdir()
+              if p.is_dir() and VERSION_RE.fullmatch(p.name) and (p / ADAPTER_WEIGHTS).is_file()]
+        return sorted(vs, key=version_key)
+
+    def version_path(self, name: str, version: str) -> Path:
+        p = self.domain_dir(name) / check_version(version)
+        if not (p / ADAPTER_WEIGHTS).is_file():
+            raise NotFound(f"{name}@{version} does not exist; versions: {', '.join(self.versions(name)) or 'none yet'}")
+        return p
+
+    def read_card(self, name: str, version: str) -> dict:
+        try:
+            return json.loads((self.version_path(name, version) / CARD).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def active_version(self, name: str) -> str | None:
+        try:
+            v = (self.domain_dir(name) / "active").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return v if VERSION_RE.fullmatch(v) and (self.domain_dir(name) / v / ADAPTER_WEIGHTS).is_file() else None
+
+    def active_stamp(self, name: str) -> float:
+        """Changes whenever the active pointer is replaced: cheap to poll per request."""
+        try:
+            return (self.domain_dir(name) / "active").stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def activate(self, name: str, version: str) -> None:
+        self.version_path(name, version)  # exists
+        _write_atomic(self.domain_dir(name) / "active", version + "\n")
+
+    def adapters(self, name: str) -> list[dict]:
+        active = self.active_version(name)
+        return [{"version": v, "active": v == active, "card": self.read_card(name, v)} for v in self.versions(name)]
+
+    # Publishing -------------------------------------------------------------------------------
+    def new_staging(self, name: str) -> Path:
+        if not self.exists(name):
+            raise NotFound(f"no domain {name!r}: create it first")
+        p = self.domain_dir(name) / f".staging-{uuid.uuid4().hex}"
+        p.mkdir()
+        return p
+
+    def publish(self, name: str, staging: Path, card: dict) -> str:
+        """Write card.json, fsync every file, then rename the staging folder to the next vN.
+
+        The rename is the commit point: a crash before it leaves only a .staging-* folder, which is
+        never listed and is removed at the next start."""
+        staging = Path(staging)
+        card = dict(card)
+        card.setdefault("created_at", time.time())
+        (staging / CARD).write_text(json.dumps(card, indent=1, sort_keys=True))
+        for p in staging.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(staging)
+        d = self.domain_dir(name)
+        while True:
+            existing = [version_key(p.name) for p in d.iterdir() if VERSION_RE.fullmatch(p.name)]
+            version = f"v{max(existing, default=0) + 1}"
+            card["version"] = version
+            (staging / CARD).write_text(json.dumps(card, indent=1, sort_keys=True))
+            try:
+                os.rename(staging, d / version)  # fails if vN appeared meanwhile (non-empty dir)
+            except OSError:
+                if (d / version).exists():
+                    continue
+                raise
+            _fsync_dir(d)
+            return version
+
+    def import_folder(self, name: str, folder: Path, base_fingerprint: dict, module_shapes: dict,
+                      *, max_rank: int = MAX_LORA_RANK, card: dict | None = None) -> str:
+        """Validate an adapter folder, copy it into staging and publish it as the next version."""
+        if not self.exists(name):
+            raise NotFound(f"no domain {name!r}: create it first")
+        validate_adapter(Path(folder), base_fingerprint, module_shapes, max_rank=max_rank)
+        staging = self.new_staging(name)
+        try:
+            for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                shutil.copyfile(Path(folder) / fname, staging / fname)
+            prior = {}
+            if (Path(folder) / CARD).is_file():
+                prior = json.loads((Path(folder) / CARD).read_text())
+            merged = {**prior, **(card or {}), "base_fingerprint": base_fingerprint, "imported": True}
+            return self.publish(name, staging, merged)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def cleanup_staging(self) -> int:
+        n = 0
+        for d in self.root.iterdir() if self.root.is_dir() else []:
+            if d.is_dir():
+                for s in d.glob(".staging-*"):
+                    shutil.rmtree(s, ignore_errors=True)
+                    n += 1
+                for t in d.glob(".*.tmp"):
+                    t.unlink(missing_ok=True)
+        return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file size (catches truncation)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ValueError("header length points past the end of the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InvalidAdapter(f"{path.name} is not a valid safetensors file ({e}): the upload is probably "
+                             "truncated or corrupt; export the adapter again") from None
+    end = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, stop = meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InvalidAdapter(f"{path.name}: tensor {key!r} has no data offsets; export the adapter again") from None
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise InvalidAdapter(f"{path.name} is truncated ({size} bytes, its header needs {8 + n + end}): "
+                             "upload the complete file")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _module_of(key: str) -> tuple[str, str] | None:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0.self_attn.q_proj', 'A')."""
+    m = re.match(r"^(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def validate_adapter(folder: Path, base_fingerprint: dict, module_shapes: dict[str, tuple[int, int]],
+                     *, max_rank: int = MAX_LORA_RANK) -> dict:
+    """Every check an adapter passes before it can load. Returns its parsed config.
+
+    module_shapes maps the base's linear module names to (in_features, out_features)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidAdapter(f"{folder} is not a folder")
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise InvalidAdapter(f"refused {', '.join(pickles)}: pickle-based weights can run code when loaded, so only "
+                             f"safetensors are accepted. Save the adapter with safe_serialization=True "
+                             f"({ADAPTER_WEIGHTS})")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise InvalidAdapter(f"no {ADAPTER_WEIGHTS} in the adapter: save it with PEFT's save_pretrained "
+                             "(safe_serialization=True)")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise InvalidAdapter(f"no {ADAPTER_CONFIG} in the adapter: it must be a PEFT LoRA folder") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidAdapter(f"{ADAPTER_CONFIG} is not valid JSON ({e}): fix it or export the adapter again") from None
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise InvalidAdapter(f"adapter type {config.get('peft_type')!r} is not supported: only LoRA adapters load here")
+    r = config.get("r")
+    if not isinstance(r, int) or r < 1:
+        raise InvalidAdapter(f"{ADAPTER_CONFIG} has no valid rank 'r' ({r!r})")
+    if r > max_rank:
+        raise InvalidAdapter(f"rank {r} is over this server's cap of {max_rank}: retrain with a smaller rank")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise InvalidAdapter("per-module rank_pattern/alpha_pattern is not supported: retrain with one rank")
+    if config.get("use_dora") or config.get("modules_to_save"):
+        raise InvalidAdapter("DoRA and modules_to_save adapters are not supported: train a plain LoRA adapter")
+    card = {}
+    if (folder / CARD).is_file():
+        try:
+            card = json.loads((folder / CARD).read_text())
+        except ValueError as e:
+            raise InvalidAdapter(f"{CARD} is not valid JSON ({e}): fix it or remove it") from None
+    fp = card.get("base_fingerprint") if isinstance(card, dict) else None
+    if fp:
+        want = base_fingerprint
+        if fp.get("shapes") != want.get("shapes") or fp.get("config_hash") != want.get("config_hash"):
+            raise InvalidAdapter(f"this adapter was trained on {fp.get('name', 'another base')} with other shapes; "
+                                 f"the server runs {want.get('name')}: retrain it on this base or start the server "
+                                 f"with --base-model set to the adapter's base")
+        if fp.get("weights_hash") != want.get("weights_hash"):
+            raise InvalidAdapter(f"this adapter was trained on a different base ({fp.get('name')}, weights "
+                                 f"{fp.get('weights_hash')}) than the server's {want.get('name')} (weights "
+                                 f"{want.get('weights_hash')}): retrain it on this base or serve its own base")
+    header = read_safetensors_header(folder / ADAPTER_WEIGHTS)
+    if not header:
+        raise InvalidAdapter(f"{ADAPTER_WEIGHTS} holds no tensors")
+    seen = set()
+    for key, meta in header.items():
+        parsed = _module_of(key)
+        if parsed is None:
+            raise InvalidAdapter(f"unexpected tensor {key!r}: only LoRA A/B weights are accepted")
+        module, ab = parsed
+        if module not in module_shapes:
+            raise InvalidAdapter(f"the adapter targets {module!r}, which the base {base_fingerprint.get('name')} "
+                                 f"does not have: it was trained for another architecture")
+        fin, fout = module_shapes[module]
+        want_shape = [r, fin] if ab == "A" else [fout, r]
+        if list(meta.get("shape", [])) != want_shape:
+            raise InvalidAdapter(f"tensor {key} has shape {meta.get('shape')}, expected {want_shape} for this base: "
+                                 f"the adapter was trained on a base of other shapes; retrain it on this base")
+        seen.add((module, ab))
+    modules = {m for m, _ in seen}
+    for m in modules:
+        if (m, "A") not in seen or (m, "B") not in seen:
+            raise InvalidAdapter(f"{m} has only one of its LoRA A/B weights: export the adapter again")
+    return config

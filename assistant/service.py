@@ -1,0 +1,362 @@
+"""The app's one entry point for every job, shared by the API, the UI, the CLI and the tests:
+resolve a model name to a domain and adapter version, chat, log responses, take feedback, manage
+domains and adapters. Holds the resident base, the engine, the registry and the store.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AssistantError, InvalidAdapter, InvalidName, ModelNotFound, NotFound
+from .registry import (Registry, check_name, parse_model_name, validate_adapter)
+from .settings import (BASE, DEFAULT_MAX_NEW_TOKENS, MAX_LORA_RANK, MAX_MESSAGE_CHARS, MAX_MESSAGES,
+                       MAX_NEW_TOKENS_CAP, MAX_UPLOAD_BYTES, Settings)
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 4
+
+
+@dataclass
+class Target:
+    model: str                   # what the caller asked for
+    domain: str | None
+    version: str | None          # adapter version answering, None = base weights
+    adapter_key: str | None
+    system_prompt: str = ""
+
+
+@dataclass
+class Call:
+    """One chat generation in flight."""
+    id: str
+    target: Target
+    messages: list[dict]
+    handle: object
+    prompt_tokens: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    logged: bool = False
+
+
+def check_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise AssistantError("messages must be a non-empty list of {role, content}", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise AssistantError(f"at most {MAX_MESSAGES} messages per request: drop older turns", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise AssistantError(f"messages[{i}].role must be one of {', '.join(ROLES)}", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise AssistantError(f"messages[{i}].content must be text", param="messages")
+        if len(content) > MAX_MESSAGE_CHARS:
+            raise AssistantError(f"messages[{i}] is {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}: "
+                                 "shorten it", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+class Service:
+    def __init__(self, settings: Settings, base=None, *, start_jobs: bool = True):
+        from .engine import Engine
+        from .model import load_base
+        from .store import Store
+        self.settings = settings.ensure_dirs()
+        self.store = Store(settings.db_path)
+        self.registry = Registry(settings.adapters_path)
+        self.registry.cleanup_staging()
+        self.base = base if base is not None else load_base(settings)
+        self.engine = Engine(self.base, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                             max_resident_adapters=settings.max_resident_adapters)
+        self._active: dict[str, tuple[int, str | None]] = {}
+        self._load_lock = threading.Lock()
+        if start_jobs:
+            try:
+                from . import jobs
+                jobs.recover_orphans(self.settings, self.store, self.registry)
+            except (ImportError, AttributeError):
+                pass
+
+    def close(self):
+        self.engine.close()
+
+    # Models ------------------------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        created = int(self.base.load_seconds and time.time())
+        data = [{"id": BASE, "object": "model", "created": created, "owned_by": "domain-assistant",
+                 "base_model": self.base.name}]
+        for d in self.registry.list_domains():
+            data.append({"id": d.name, "object": "model", "created": created, "owned_by": "domain-assistant",
+                         "active_version": d.active_version, "versions": d.versions, "description": d.description})
+        return data
+
+    def active_version(self, domain: str) -> str | None:
+        stamp = self.registry.active_stamp(domain)
+        cached = self._active.get(domain)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, self.registry.active_version(domain))
+            self._active[domain] = cached
+        return cached[1]
+
+    def resolve(self, model: str) -> Target:
+        if not isinstance(model, str) or not model:
+            raise AssistantError("model is required: 'base', '<domain>' or '<domain>@<version>'", param="model")
+        try:
+            domain, version = parse_model_name(model)
+        except InvalidName:
+            raise ModelNotFound(f"the model {model!r} does not exist: use 'base', a domain name from GET /v1/models, "
+                                "or '<domain>@v<N>'") from None
+        if domain is None:
+            return Target(model, None, None, None)
+        if not self.registry.exists(domain):
+            raise ModelNotFound(f"the model {model!r} does not exist: create the domain first or pick one of "
+                                f"{', '.join(m['id'] for m in self.models())}")
+        info = self.registry.get_domain(domain)
+        if version is None:
+            version = self.active_version(domain)
+        elif version not in self.registry.versions(domain):
+            raise ModelNotFound(f"{model!r} does not exist: {domain} has versions "
+                                f"{', '.join(self.registry.versions(domain)) or 'none yet'}")
+        key = None
+        if version is not None:
+            key = f"{domain}@{version}"
+            self.ensure_loaded(domain, version)
+        return Target(model, domain, version, key, info.system_prompt)
+
+    def ensure_loaded(self, domain: str, version: str) -> int:
+        key = f"{domain}@{version}"
+        slot = self.engine.adapter_slot(key)
+        if slot is not None:
+            return slot
+        with self._load_lock:
+            slot = self.engine.adapter_slot(key)
+            if slot is None:
+                folder = self.registry.version_path(domain, version)
+                validate_adapter(folder, self.base.fingerprint, self.engine.module_shapes(), max_rank=MAX_LORA_RANK)
+                slot = self.engine.load_adapter(key, folder)
+            return slot
+
+    # Chat --------------------------------------------------------------------------------------
+    def start_chat(self, model: str, messages, *, max_tokens: int | None = None, temperature: float | None = None,
+                   top_p: float | None = None, seed: int | None = None, stop=None, loop=None,
+                   user: str | None = None) -> Call:
+        from .engine import Request
+        messages = check_messages(messages)
+        target = self.resolve(model)
+        if target.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": target.system_prompt}] + messages
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_NEW_TOKENS
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS_CAP:
+            raise AssistantError(f"max_tokens must be between 1 and {MAX_NEW_TOKENS_CAP}", param="max_tokens")
+        temperature = 0.0 if temperature is None else float(temperature)
+        if not 0 <= temperature <= 2:
+            raise AssistantError("temperature must be between 0 and 2", param="temperature")
+        top_p = 1.0 if top_p is None else float(top_p)
+        if not 0 < top_p <= 1:
+            raise AssistantError("top_p must be in (0, 1]", param="top_p")
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = tuple(s for s in (stop or []) if isinstance(s, str) and s)
+        if len(stop) > MAX_STOP_STRINGS:
+            raise AssistantError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        ids = self.engine.encode_chat(messages)
+        req = Request(prompt_ids=ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                      stop=stop, adapter=target.adapter_key)
+        handle = self.engine.submit(req, loop=loop)
+        call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=handle,
+                    prompt_tokens=len(ids))
+        call.user = user
+        return call
+
+    def finish_chat(self, call: Call) -> None:
+        """Log the response (also partial ones: stopped by the user or a disconnect)."""
+        if call.logged:
+            return
+        call.logged = True
+        req = call.handle.req
+        now = time.perf_counter()
+        self.store.log_response(
+            id=call.id, domain=call.target.domain or BASE, adapter_version=call.target.version,
+            model=call.target.model, messages=call.messages, answer=req.text,
+            prompt_tokens=call.prompt_tokens, completion_tokens=len(req.generated),
+            latency_ms=((req.t_done or now) - req.t_submit) * 1000,
+            ttft_ms=((req.t_first - req.t_submit) * 1000) if req.t_first else None,
+            finish_reason=req.finish_reason or "cancelled", user=getattr(call, "user", None))
+
+    def chat(self, model: str, messages, **kw) -> dict:
+        """Blocking chat: returns {id, text, finish_reason, model, adapter_version, usage}."""
+        call = self.start_chat(model, messages, **kw)
+        try:
+            text, reason = call.handle.result()
+        finally:
+            call.handle.cancel()
+        self.finish_chat(call)
+        return {"id": call.id, "text": text, "finish_reason": reason, "model": call.target.model,
+                "domain": call.target.domain, "adapter_version": call.target.version,
+                "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": len(call.handle.req.generated),
+                          "total_tokens": call.prompt_tokens + len(call.handle.req.generated)}}
+
+    # Feedback and data -------------------------------------------------------------------------
+    def feedback(self, response_id: str, rating: str, correction: str | None = None, reason: str | None = None,
+                 user: str | None = None) -> int:
+        if rating not in ("up", "down"):
+            raise AssistantError("rating must be 'up' or 'down'", param="rating")
+        for name, value in (("correction", correction), ("reason", reason)):
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_MESSAGE_CHARS):
+                raise AssistantError(f"{name} must be text of at most {MAX_MESSAGE_CHARS} characters", param=name)
+        if correction is not None and not correction.strip():
+            correction = None
+        fid = self.store.add_feedback(response_id=response_id, rating=rating, correction=correction,
+                                      reason=reason, user=user)
+        self._check_new(response_id, correction)
+        return fid
+
+    def _check_new(self, response_id: str, correction: str | None) -> None:
+        """Incremental near-duplicate check at arrival (best effort: curation re-checks everything)."""
+        curator = getattr(self, "_curator", None)
+        if curator is None or not hasattr(curator, "check_new"):
+            return
+        try:
+            resp = self.store.get_response(response_id)
+            if resp:
+                curator.check_new(resp["domain"], resp["messages"][-1]["content"])
+        except Exception:  # noqa: BLE001 - never fail an acknowledged feedback
+            pass
+
+    def curator(self):
+        if getattr(self, "_curator", None) is None:
+            from .curation import Curator
+            self._curator = Curator(self.store, self.settings)
+        return self._curator
+
+    def curate(self, domain: str):
+        self.require_domain(domain)
+        return self.curator().curate(domain)
+
+    def add_examples(self, domain: str, examples, user: str | None = None) -> dict:
+        self.require_domain(domain)
+        if not isinstance(examples, list):
+            raise AssistantError("examples must be a list of {messages: [...]}", param="examples")
+        added, rejected = self.store.add_examples(domain, examples, source="seed", user=user)
+        return {"added": added, "rejected": rejected}
+
+    # Domains and adapters ----------------------------------------------------------------------
+    def require_domain(self, name: str):
+        check_name(name)
+        if not self.registry.exists(name):
+            raise NotFound(f"no domain {name!r}: create it first (POST /api/domains or the Adapters tab)")
+        return self.registry.get_domain(name)
+
+    def create_domain(self, name: str, system_prompt: str = "", description: str = "") -> dict:
+        return self.registry.create_domain(name, system_prompt or "", description or "").as_dict()
+
+    def list_domains(self) -> list[dict]:
+        out = []
+        for d in self.registry.list_domains():
+            item = d.as_dict()
+            item["examples"] = self.store.count_examples(d.name)
+            out.append(item)
+        return out
+
+    def adapters(self, domain: str) -> list[dict]:
+        self.require_domain(domain)
+        return self.registry.adapters(domain)
+
+    def activate(self, domain: str, version: str) -> dict:
+        """Promote or roll back: the version is validated and loaded before the pointer moves, so a
+        broken adapter never replaces the one serving."""
+        self.require_domain(domain)
+        self.registry.version_path(domain, version)
+        self.ensure_loaded(domain, version)
+        self.registry.activate(domain, version)
+        self._active.pop(domain, None)
+        return {"domain": domain, "active_version": version}
+
+    def import_adapter(self, domain: str, upload: Path, *, activate: bool = False) -> str:
+        """A zip (or folder) holding a PEFT LoRA adapter -> validated -> the domain's next version."""
+        self.require_domain(domain)
+        upload = Path(upload)
+        with tempfile.TemporaryDirectory(dir=self.settings.state_path) as tmp:
+            folder = upload
+            if upload.is_file():
+                if upload.stat().st_size > MAX_UPLOAD_BYTES:
+                    raise InvalidAdapter(f"the upload is over {MAX_UPLOAD_BYTES >> 20} MiB: is it an adapter?")
+                folder = Path(tmp) / "adapter"
+                _safe_unzip(upload, folder)
+            shapes = self.engine.module_shapes()
+            version = self.registry.import_folder(domain, folder, self.base.fingerprint, shapes)
+        try:
+            self.ensure_loaded(domain, version)
+        except AssistantError:
+            shutil.rmtree(self.registry.domain_dir(domain) / version, ignore_errors=True)
+            raise
+        if activate:
+            self.activate(domain, version)
+        return version
+
+    def status(self) -> dict:
+        return {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
+                "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}
+
+
+def _safe_unzip(zpath: Path, dest: Path) -> None:
+    """Extract only the adapter files, flattening folders; refuse links, absolute paths and '..'."""
+    dest.mkdir(parents=True)
+    try:
+        with zipfile.ZipFile(zpath) as z:
+            total = 0
+            for info in z.infolist():
+                if info.is_dir():
+                    continue
+                name = info.filename.replace("\\", "/")
+                if name.startswith("/") or ".." in name.split("/") or "\x00" in name:
+                    raise InvalidAdapter(f"refused zip entry {name!r}: paths must stay inside the archive")
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith(".") or base.startswith("__MACOSX"):
+                    continue
+                total += info.file_size
+                if total > MAX_UPLOAD_BYTES:
+                    raise InvalidAdapter("the zip expands past the upload limit")
+                if (dest / base).exists():
+                    raise InvalidAdapter(f"the zip holds two files named {base}: zip one adapter folder")
+                with z.open(info) as src, open(dest / base, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except zipfile.BadZipFile as e:
+        raise InvalidAdapter(f"not a valid zip file ({e}): zip the adapter folder and upload again") from None
+
+
+# Training jobs live in jobs.py; these thin methods give the API, UI and CLI one place to call.
+def _start_training(self: Service, domain: str, train_settings: dict | None = None) -> str:
+    from . import jobs
+    self.require_domain(domain)
+    return jobs.start_job(self.settings, self.store, self.registry, domain, train_settings or {})
+
+
+def _job(self: Service, job_id: str) -> dict:
+    job = self.store.get_job(job_id) if isinstance(job_id, str) else None
+    if job is None:
+        raise NotFound(f"no job {str(job_id)[:64]!r}")
+    return job
+
+
+def _cancel_job(self: Service, job_id: str) -> dict:
+    from . import jobs
+    self.job(job_id)
+    jobs.cancel_job(self.settings, self.store, job_id)
+    return self.job(job_id)
+
+
+Service.start_training = _start_training
+Service.job = _job
+Service.cancel_job = _cancel_job
