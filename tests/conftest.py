@@ -30,7 +30,7 @@ def build_tiny_llama(folder: Path, tokenizer_from: Path, *, seed: int = 0, hidde
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
+                         max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.2,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"])
     model = LlamaForCausalLM(config)
