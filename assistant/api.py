@@ -19,6 +19,7 @@ from .registry import check_name, check_version
 from .settings import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
 
 DISCONNECT_POLL_S = 0.2
+LOG_WAIT_S = 10.0
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None):
@@ -131,8 +132,9 @@ def build_api(service) -> APIRouter:
             service.start_chat, body.get("model"), body.get("messages"), max_tokens=max_tokens,
             temperature=body.get("temperature"), top_p=body.get("top_p"), seed=seed, stop=body.get("stop"),
             loop=loop, user=body.get("user") if isinstance(body.get("user"), str) else user)
+        asyncio.create_task(_watch_disconnect(call, request))
         if stream:
-            return StreamingResponse(_stream(service, call, include_usage), media_type="text/event-stream",
+            return StreamingResponse(_stream(service, call, include_usage, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _complete(service, call, request)
 
@@ -252,17 +254,43 @@ def _usage(call) -> dict:
     return {"prompt_tokens": call.prompt_tokens, "completion_tokens": n, "total_tokens": call.prompt_tokens + n}
 
 
-async def _stream(service, call, include_usage: bool):
+async def _watch_disconnect(call, request: Request):
+    """Cancel generation when the client goes away, even while the response is blocked in send()."""
+    while not call.handle.done.is_set():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+        if await request.is_disconnected():
+            call.handle.cancel()
+            return
+
+
+async def _events(call, request: Request):
+    """The handle's events, ending early (and cancelling generation) when the client goes away."""
+    aq = call.handle.aq
+    while True:
+        try:
+            ev = await asyncio.wait_for(aq.get(), timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            ev = None
+        if await request.is_disconnected():
+            call.handle.cancel()
+            return
+        if ev is not None:
+            yield ev
+            if ev.kind != "token":
+                return
+
+
+async def _stream(service, call, include_usage: bool, request: Request):
     try:
         yield _chunk(call, {"role": "assistant", "content": ""})
-        async for ev in call.handle.aiter():
+        async for ev in _events(call, request):
             if ev.kind == "token":
                 yield _chunk(call, {"content": ev.text})
             elif ev.kind == "error":
                 yield f"data: {json.dumps(error_body(ev.error.message, 'server_error', ev.error.code))}\n\n"
                 break
             else:
-                await asyncio.to_thread(service.finish_chat, call)
+                await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)
                 yield _chunk(call, {}, finish_reason=ev.finish_reason)
                 if include_usage:
                     body = {"id": call.id, "object": "chat.completion.chunk", "created": call.created,
@@ -271,15 +299,13 @@ async def _stream(service, call, include_usage: bool):
         yield "data: [DONE]\n\n"
     finally:
         call.handle.cancel()  # a client that went away stops generation at the next step
-        if not call.logged:
-            await asyncio.to_thread(service.finish_chat, call)
 
 
 async def _complete(service, call, request: Request):
     parts = []
 
     async def collect():
-        async for ev in call.handle.aiter():
+        async for ev in _events(call, request):
             if ev.kind == "token":
                 parts.append(ev.text)
             elif ev.kind == "error":
@@ -287,20 +313,13 @@ async def _complete(service, call, request: Request):
             else:
                 return ev.finish_reason
 
-    task = asyncio.create_task(collect())
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                break
-            if await request.is_disconnected():
-                call.handle.cancel()
-                await asyncio.wait({task}, timeout=5)
-                return Response(status_code=499)
-        reason = task.result()
+        reason = await collect()
+        if reason is None:  # the client went away
+            return Response(status_code=499)
     finally:
         call.handle.cancel()
-        await asyncio.to_thread(service.finish_chat, call)
+    await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)  # feedback may follow at once
     return {"id": call.id, "object": "chat.completion", "created": call.created, "model": call.target.model,
             "system_fingerprint": call.target.version or "base", "adapter_version": call.target.version,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},

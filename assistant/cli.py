@@ -57,7 +57,7 @@ def cmd_chat(args) -> int:
             elif ev.kind == "error":
                 raise ev.error
         print()
-        svc.finish_chat(call)
+        call.logged_event.wait(10)
         print(f"[{call.id} model={call.target.model} adapter={call.target.version or 'none'}]", file=sys.stderr)
     finally:
         svc.close()

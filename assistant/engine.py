@@ -31,6 +31,11 @@ INITIAL_CACHE_TOKENS = 256     # KV cache length allocated at first; doubles on 
 FAST_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
+class AdapterEvicted(AssistantError):
+    status = 503
+    code = "adapter_not_loaded"
+
+
 @dataclass
 class Event:
     kind: str            # "token" | "done" | "error"
@@ -74,6 +79,7 @@ class Handle:
             self.aq = asyncio.Queue()
         self.cancelled = threading.Event()
         self.done = threading.Event()
+        self.on_finish = None  # called from the engine thread when the request ends (logging)
 
     def put(self, ev: Event) -> None:
         if self.loop is not None:
@@ -382,7 +388,7 @@ class Engine:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # Submission --------------------------------------------------------------------------------
-    def submit(self, req: Request, loop=None) -> Handle:
+    def submit(self, req: Request, loop=None, on_finish=None) -> Handle:
         n = len(req.prompt_ids)
         if n >= self.max_context:
             raise ContextTooLong(f"the conversation is {n} tokens and this model reads at most {self.max_context} "
@@ -393,13 +399,14 @@ class Engine:
         if req.adapter is not None:
             slot = self.adapter_slot(req.adapter)
             if slot is None:
-                raise AssistantError(f"adapter {req.adapter} is not loaded")
+                raise AdapterEvicted(f"adapter {req.adapter} is not loaded: load it first")
             req.slot = slot
             self.runner.bank.acquire(slot)
         req.t_submit = time.perf_counter()
         req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
                                                       else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
         h = Handle(req, loop)
+        h.on_finish = on_finish
         self.pending.put(h)
         self.wake.set()
         return h
@@ -537,10 +544,15 @@ class Engine:
         if self.runner and req.slot:
             self.runner.bank.release(req.slot)
             req.slot = 0
+        req.text = req.text.rstrip("\ufffd")
+        if h.on_finish is not None:
+            try:
+                h.on_finish()
+            except Exception:  # noqa: BLE001 - logging must never break generation
+                pass
         if error is not None:
             h.put(Event("error", error=error, finish_reason="error"))
             return
-        req.text = req.text.rstrip("\ufffd")
         self._emit(req, h, final=True)
         h.put(Event("done", finish_reason=req.finish_reason))
 

@@ -6,6 +6,7 @@ domains and adapters. Holds the resident base, the engine, the registry and the 
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import tempfile
 import threading
@@ -15,6 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .engine import AdapterEvicted
 from .errors import AssistantError, InvalidAdapter, InvalidName, ModelNotFound, NotFound
 from .registry import (Registry, check_name, parse_model_name, validate_adapter)
 from .settings import (BASE, DEFAULT_MAX_NEW_TOKENS, MAX_LORA_RANK, MAX_MESSAGE_CHARS, MAX_MESSAGES,
@@ -43,6 +45,8 @@ class Call:
     prompt_tokens: int
     created: int = field(default_factory=lambda: int(time.time()))
     logged: bool = False
+    logged_event: threading.Event = field(default_factory=threading.Event)
+    user: str | None = None
 
 
 def check_messages(messages) -> list[dict]:
@@ -80,6 +84,10 @@ class Service:
                              max_resident_adapters=settings.max_resident_adapters)
         self._active: dict[str, tuple[int, str | None]] = {}
         self._load_lock = threading.Lock()
+        # Responses are logged by one thread as soon as generation ends, whatever the client does.
+        self._log_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._logger = threading.Thread(target=self._log_loop, name="response-log", daemon=True)
+        self._logger.start()
         if start_jobs:
             try:
                 from . import jobs
@@ -89,6 +97,18 @@ class Service:
 
     def close(self):
         self.engine.close()
+        self._log_queue.put(None)
+        self._logger.join(timeout=10)
+
+    def _log_loop(self):
+        while (call := self._log_queue.get()) is not None:
+            try:
+                self.finish_chat(call)
+            except Exception as e:  # noqa: BLE001 - keep logging the next ones
+                import sys
+                print(f"could not log response {call.id}: {e}", file=sys.stderr)
+            finally:
+                call.logged_event.set()
 
     # Models ------------------------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -173,10 +193,17 @@ class Service:
         ids = self.engine.encode_chat(messages)
         req = Request(prompt_ids=ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       stop=stop, adapter=target.adapter_key)
-        handle = self.engine.submit(req, loop=loop)
-        call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=handle,
-                    prompt_tokens=len(ids))
-        call.user = user
+        call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=None,
+                    prompt_tokens=len(ids), user=user)
+        for attempt in range(3):
+            try:
+                call.handle = self.engine.submit(req, loop=loop, on_finish=lambda: self._log_queue.put(call))
+                return call
+            except AdapterEvicted:
+                # another request's adapter took this slot between loading and submitting: load again
+                if attempt == 2:
+                    raise
+                self.ensure_loaded(target.domain, target.version)
         return call
 
     def finish_chat(self, call: Call) -> None:
@@ -192,7 +219,7 @@ class Service:
             prompt_tokens=call.prompt_tokens, completion_tokens=len(req.generated),
             latency_ms=((req.t_done or now) - req.t_submit) * 1000,
             ttft_ms=((req.t_first - req.t_submit) * 1000) if req.t_first else None,
-            finish_reason=req.finish_reason or "cancelled", user=getattr(call, "user", None))
+            finish_reason=req.finish_reason or "cancelled", user=call.user)
 
     def chat(self, model: str, messages, **kw) -> dict:
         """Blocking chat: returns {id, text, finish_reason, model, adapter_version, usage}."""
@@ -201,7 +228,7 @@ class Service:
             text, reason = call.handle.result()
         finally:
             call.handle.cancel()
-        self.finish_chat(call)
+        call.logged_event.wait(10)
         return {"id": call.id, "text": text, "finish_reason": reason, "model": call.target.model,
                 "domain": call.target.domain, "adapter_version": call.target.version,
                 "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": len(call.handle.req.generated),
@@ -360,3 +387,38 @@ def _cancel_job(self: Service, job_id: str) -> dict:
 Service.start_training = _start_training
 Service.job = _job
 Service.cancel_job = _cancel_job
+
+
+# Review, monitoring and job listing: thin additions for the UI (review decisions live in the store,
+# metrics in monitoring.py).
+def _review_queue(self: Service, domain: str) -> list[dict]:
+    self.require_domain(domain)
+    return self.curator().review_queue(domain)
+
+
+def _review(self: Service, domain: str, key: str, status: str | None, messages: list | None = None) -> None:
+    """Approve / reject (status) a candidate, or replace its messages (an edit)."""
+    self.require_domain(domain)
+    if not isinstance(key, str) or not key.startswith(("example:", "feedback:")):
+        raise AssistantError("pick a row of the review queue first", param="key")
+    try:
+        self.store.set_review(domain, key, status, messages)
+    except ValueError as e:
+        raise AssistantError(str(e)) from None
+
+
+def _metrics(self: Service, domain: str) -> dict:
+    from .monitoring import domain_metrics
+    return domain_metrics(self, domain)
+
+
+def _jobs(self: Service, domain: str | None = None) -> list[dict]:
+    if domain is not None:
+        self.require_domain(domain)
+    return self.store.list_jobs(domain)
+
+
+Service.review_queue = _review_queue
+Service.review = _review
+Service.metrics = _metrics
+Service.jobs = _jobs

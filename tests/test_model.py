@@ -1,0 +1,55 @@
+"""Base model loading: the embedded model's cached conversion is checksummed and rebuilt when corrupt;
+the fingerprint tells bases apart; quantization is refused clearly where it cannot run."""
+
+import shutil
+
+import pytest
+
+from assistant.errors import ModelLoadError
+from assistant.model import _manifest_ok, ensure_embedded, fingerprint, load_base, resolve_quantization
+from assistant.settings import Settings
+
+
+@pytest.mark.slow
+def test_corrupt_cache_is_detected_and_rebuilt(embedded_path, tmp_path):
+    cache = tmp_path / "cache"
+    folder = cache / "models" / embedded_path.name
+    shutil.copytree(embedded_path, folder)
+    assert _manifest_ok(folder)
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()[-4096:]
+    with open(weights, "r+b") as f:
+        f.seek(-100, 2)
+        f.write(b"\x00" * 50)
+    assert not _manifest_ok(folder)
+    rebuilt = ensure_embedded(cache)
+    assert _manifest_ok(rebuilt)
+    assert (rebuilt / "model.safetensors").read_bytes()[-4096:] == original
+
+
+def test_fingerprint_differs_for_other_weights_same_shapes(tiny_llama, tmp_path):
+    from conftest import build_tiny_llama
+    other = build_tiny_llama(tmp_path / "other", tiny_llama, seed=3)
+    a = load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False)
+    b = load_base(Settings(base_model=str(other), dtype="float32"), verbose=False)
+    assert a.fingerprint["shapes"] == b.fingerprint["shapes"]
+    assert a.fingerprint["config_hash"] == b.fingerprint["config_hash"]
+    assert a.fingerprint["weights_hash"] != b.fingerprint["weights_hash"]
+    assert fingerprint(a.model, "x")["weights_hash"] == a.fingerprint["weights_hash"]
+
+
+def test_quantization_needs_a_gpu_and_says_so():
+    assert resolve_quantization("auto", "cpu") == "none"
+    assert resolve_quantization("auto", "cuda") == "nf4"
+    with pytest.raises(ModelLoadError, match="--quantization none"):
+        resolve_quantization("nf4", "cpu")
+
+
+def test_missing_folder_and_bad_settings_have_clear_messages(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_base(Settings(base_model=str(tmp_path / "empty")), verbose=False)
+    with pytest.raises(ValueError, match="--auth"):
+        Settings(share=True)
+    with pytest.raises(ValueError, match="quantization"):
+        Settings(quantization="fp3")
