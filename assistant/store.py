@@ -1,0 +1,434 @@
+"""The SQLite store: responses, feedback, seed examples, review decisions, dataset snapshots, training
+jobs and the embedding cache.
+
+Durability and concurrency: WAL mode, `synchronous=FULL` (a write is on disk when its method returns),
+one connection per thread (re-opened after a fork), every write in `BEGIN IMMEDIATE` with a busy
+timeout and a bounded, jittered retry, so concurrent writers from threads and processes queue instead
+of failing. If the database stays locked past all retries the caller gets `errors.Busy`, never
+sqlite's "database is locked".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from . import migrations
+from .errors import Busy, Conflict, NotFound
+
+BUSY_TIMEOUT_MS = 10_000        # sqlite waits this long for a lock before reporting busy
+WRITE_ATTEMPTS = 8              # retries of a whole transaction that still found the database busy
+RETRY_BASE_S = 0.02             # first back-off; doubles each attempt, with jitter
+RATINGS = ("up", "down")
+REVIEW_STATUSES = ("approved", "rejected")
+ROLES = ("system", "user", "assistant")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE_JOB_STATUSES = ("queued", "running")
+JOB_FIELDS = {"status", "progress", "step", "total_steps", "loss", "adapter_version", "promoted", "metrics",
+              "error", "pid", "started_at", "finished_at", "log", "settings"}
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _is_busy(err: sqlite3.OperationalError) -> bool:
+    text = str(err).lower()
+    return "locked" in text or "busy" in text
+
+
+def validate_messages(messages) -> str | None:
+    """Why `messages` is not a usable chat example in the OpenAI/TRL "messages" format, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "messages must be a non-empty list of {role, content}"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] must be an object with role and content"
+        if m.get("role") not in ROLES:
+            return f"messages[{i}].role must be one of {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"messages[{i}].content must be a string"
+    if not any(m["role"] == "user" for m in messages):
+        return "messages need at least one user message"
+    if messages[-1]["role"] != "assistant":
+        return "the last message must be the assistant's answer"
+    if not messages[-1]["content"].strip():
+        return "the assistant's answer is empty"
+    return None
+
+
+class Store:
+    """`Store(db_path)`: safe to share between threads; each process opens its own."""
+
+    def __init__(self, db_path: str | os.PathLike):
+        self.path = Path(db_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._write(migrations.migrate)
+
+    # Connections and transactions ---------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._local.conn, self._local.pid = conn, os.getpid()
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    @staticmethod
+    def _retry(fn: Callable[[], Any]):
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return fn()
+            except sqlite3.OperationalError as err:
+                if not _is_busy(err):
+                    raise
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise Busy("the database stayed busy with other writers: try again in a moment") from err
+                time.sleep(RETRY_BASE_S * (2 ** attempt) * (0.5 + random.random()))
+
+    def _write(self, fn: Callable[[sqlite3.Connection], Any]):
+        """Run `fn(conn)` in one BEGIN IMMEDIATE transaction, retried as a whole while busy."""
+        def attempt():
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return self._retry(attempt)
+
+    def _read(self, sql: str, params=()) -> list[sqlite3.Row]:
+        return self._retry(lambda: self._conn().execute(sql, params).fetchall())
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+    def integrity_check(self) -> str:
+        return self._read("PRAGMA integrity_check")[0][0]
+
+    # Responses -----------------------------------------------------------------------------------
+    def log_response(self, *, id: str, domain: str, adapter_version: str | None, model: str,
+                     messages: list[dict], answer: str, prompt_tokens: int, completion_tokens: int,
+                     latency_ms: float, ttft_ms: float | None, finish_reason: str, user: str | None = None,
+                     created_at: float | None = None) -> None:
+        row = (id, domain, adapter_version, model, _dumps(messages), answer, int(prompt_tokens),
+               int(completion_tokens), float(latency_ms), ttft_ms, finish_reason, user,
+               time.time() if created_at is None else created_at)
+        self._write(lambda c: c.execute(
+            "INSERT INTO responses (id, domain, adapter_version, model, messages, answer, prompt_tokens, "
+            "completion_tokens, latency_ms, ttft_ms, finish_reason, user, created_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row))
+
+    @staticmethod
+    def _response(row: sqlite3.Row) -> dict:
+        d = dict(row)
+        d["messages"] = json.loads(d["messages"])
+        return d
+
+    def get_response(self, id: str) -> dict | None:
+        rows = self._read("SELECT * FROM responses WHERE id = ?", (id,))
+        return self._response(rows[0]) if rows else None
+
+    def list_responses(self, domain: str, since: float | None = None, limit: int | None = None) -> list[dict]:
+        sql, params = "SELECT * FROM responses WHERE domain = ?", [domain]
+        if since is not None:
+            sql += " AND created_at >= ?"
+            params.append(since)
+        sql += " ORDER BY created_at, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [self._response(r) for r in self._read(sql, params)]
+
+    # Feedback ------------------------------------------------------------------------------------
+    def add_feedback(self, *, response_id: str, rating: str, correction: str | None = None,
+                     reason: str | None = None, user: str | None = None) -> int:
+        """Record a rating (and the answer the user wanted); durable on disk when this returns."""
+        if rating not in RATINGS:
+            raise ValueError(f"rating={rating!r}: use 'up' or 'down'")
+        if correction is not None and not correction.strip():
+            correction = None
+
+        def insert(c):
+            if not c.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone():
+                raise NotFound(f"no response with id {response_id!r}: send feedback for an id that "
+                               "/v1/chat/completions returned", param="response_id")
+            cur = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, created_at) "
+                            "VALUES (?,?,?,?,?,?)", (response_id, rating, correction, reason, user, time.time()))
+            return cur.lastrowid
+        return self._write(insert)
+
+    def list_feedback(self, domain: str | None = None) -> list[dict]:
+        sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.user AS response_user "
+               "FROM feedback f JOIN responses r ON r.id = f.response_id")
+        params: list = []
+        if domain is not None:
+            sql += " WHERE r.domain = ?"
+            params.append(domain)
+        return [self._response(r) for r in self._read(sql + " ORDER BY f.id", params)]
+
+    # Seed examples -------------------------------------------------------------------------------
+    def add_examples(self, domain: str, examples: list[dict], *, source: str = "seed",
+                     user: str | None = None) -> tuple[int, list[dict]]:
+        """Validate and store seed examples ({"messages": [...]}) -> (added, [{index, reason}])."""
+        good, rejected = [], []
+        for i, ex in enumerate(examples):
+            messages = ex.get("messages") if isinstance(ex, dict) else None
+            reason = validate_messages(messages)
+            if reason:
+                rejected.append({"index": i, "reason": reason})
+            else:
+                good.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        now = time.time()
+        if good:
+            self._write(lambda c: c.executemany(
+                "INSERT INTO examples (domain, messages, source, user, created_at) VALUES (?,?,?,?,?)",
+                [(domain, _dumps(m), source, user, now) for m in good]))
+        return len(good), rejected
+
+    def count_examples(self, domain: str) -> int:
+        return self._read("SELECT COUNT(*) FROM examples WHERE domain = ?", (domain,))[0][0]
+
+    def list_examples(self, domain: str) -> list[dict]:
+        return [self._response(r) for r in self._read("SELECT * FROM examples WHERE domain = ? ORDER BY id",
+                                                      (domain,))]
+
+    # Review decisions ----------------------------------------------------------------------------
+    def set_review(self, domain: str, item_key: str, status: str | None,
+                   edited_messages: list | None = None) -> None:
+        """Approve, reject or clear (None) a candidate, optionally replacing its messages."""
+        if status is not None and status not in REVIEW_STATUSES:
+            raise ValueError(f"status={status!r}: use 'approved', 'rejected' or None")
+        if edited_messages is not None:
+            reason = validate_messages(edited_messages)
+            if reason:
+                raise ValueError(f"edited messages: {reason}")
+        edited = None if edited_messages is None else _dumps(edited_messages)
+        self._write(lambda c: c.execute(
+            "INSERT INTO reviews (domain, item_key, status, edited_messages, updated_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(domain, item_key) DO UPDATE SET status = excluded.status, "
+            "edited_messages = excluded.edited_messages, updated_at = excluded.updated_at",
+            (domain, item_key, status, edited, time.time())))
+
+    def reviews(self, domain: str) -> dict[str, dict]:
+        out = {}
+        for r in self._read("SELECT * FROM reviews WHERE domain = ?", (domain,)):
+            out[r["item_key"]] = {"status": r["status"], "edited_messages":
+                                  None if r["edited_messages"] is None else json.loads(r["edited_messages"])}
+        return out
+
+    def candidates(self, domain: str) -> list[dict]:
+        """Every training candidate of a domain, with review edits applied and status attached.
+
+        Seed examples; per rated response, its newest correction (prompt + correction replaces the
+        answer) or else, when ups outnumber downs, the answer itself (prompt + answer)."""
+        out = []
+        for ex in self.list_examples(domain):
+            out.append({"key": f"example:{ex['id']}", "source": "seed", "messages": ex["messages"],
+                        "created_at": ex["created_at"], "user": ex["user"], "rating": None, "feedback_ids": [],
+                        "response_id": None, "adapter_version": None})
+        by_response: dict[str, list[dict]] = {}
+        for f in self.list_feedback(domain):
+            by_response.setdefault(f["response_id"], []).append(f)
+        for response_id, fbs in by_response.items():
+            first = fbs[0]
+            prompt = [m for m in first["messages"]]
+            corrections = [f for f in fbs if f["correction"]]
+            ups = sum(f["rating"] == "up" for f in fbs)
+            if corrections:
+                chosen, source, answer = corrections[-1], "correction", corrections[-1]["correction"]
+            elif ups > len(fbs) - ups:
+                chosen, source, answer = next(f for f in fbs if f["rating"] == "up"), "up", first["answer"]
+            else:
+                continue
+            out.append({"key": f"feedback:{chosen['id']}", "source": source,
+                        "messages": prompt + [{"role": "assistant", "content": answer}],
+                        "created_at": chosen["created_at"], "user": chosen["user"] or first["response_user"],
+                        "rating": chosen["rating"], "ups": ups, "feedback_ids": [f["id"] for f in fbs],
+                        "response_id": response_id, "adapter_version": first["adapter_version"]})
+        decisions = self.reviews(domain)
+        for cand in out:
+            cand.setdefault("ups", 0)
+            review = decisions.get(cand["key"], {})
+            cand["review_status"] = review.get("status")
+            cand["edited"] = review.get("edited_messages") is not None
+            if cand["edited"]:
+                cand["messages"] = review["edited_messages"]
+        return out
+
+    # Dataset snapshots ---------------------------------------------------------------------------
+    def save_snapshot(self, domain: str, snapshot_hash: str, report: dict, path: str) -> bool:
+        """Record a snapshot as the domain's latest; a no-op (False) when it already is, unchanged."""
+        def save(c):
+            last = c.execute("SELECT hash, report, path FROM snapshots WHERE domain = ? ORDER BY id DESC LIMIT 1",
+                             (domain,)).fetchone()
+            if last and (last["hash"], json.loads(last["report"]), last["path"]) == (snapshot_hash, report, str(path)):
+                return False
+            c.execute("INSERT INTO snapshots (domain, hash, report, path, created_at) VALUES (?,?,?,?,?)",
+                      (domain, snapshot_hash, _dumps(report), str(path), time.time()))
+            return True
+        return self._write(save)
+
+    def latest_snapshot(self, domain: str) -> dict | None:
+        rows = self._read("SELECT * FROM snapshots WHERE domain = ? ORDER BY id DESC LIMIT 1", (domain,))
+        if not rows:
+            return None
+        d = dict(rows[0])
+        d["report"] = json.loads(d["report"])
+        return d
+
+    # Training jobs -------------------------------------------------------------------------------
+    def create_job(self, domain: str, settings: dict | None = None) -> str:
+        """Queue a training job; `Conflict` while any job (any domain) is queued or running."""
+        job_id = uuid.uuid4().hex[:16]
+
+        def insert(c):
+            try:
+                c.execute("INSERT INTO jobs (id, domain, status, settings, created_at) VALUES (?,?,?,?,?)",
+                          (job_id, domain, "queued", _dumps(settings or {}), time.time()))
+            except sqlite3.IntegrityError:
+                active = c.execute("SELECT id, domain, status FROM jobs WHERE status IN ('queued','running')"
+                                   ).fetchone()
+                what = f"job {active['id']} ({active['domain']}, {active['status']})" if active else "another job"
+                raise Conflict(f"{what} is already training: wait for it to finish or cancel it "
+                               "(DELETE /api/jobs/{job_id})") from None
+            return job_id
+        return self._write(insert)
+
+    def update_job(self, job_id: str, **fields) -> None:
+        """Set job fields; `log=` appends text, `metrics=`/`settings=` take dicts."""
+        unknown = set(fields) - JOB_FIELDS
+        if unknown:
+            raise ValueError(f"unknown job fields: {', '.join(sorted(unknown))}")
+        if "status" in fields and fields["status"] not in JOB_STATUSES:
+            raise ValueError(f"status={fields['status']!r}: use one of {', '.join(JOB_STATUSES)}")
+        sets, params = [], []
+        for name, value in fields.items():
+            if name == "log":
+                sets.append("log = log || ?")
+            else:
+                sets.append(f"{name} = ?")
+                if name in ("metrics", "settings"):
+                    value = _dumps(value or {})
+                elif name == "promoted":
+                    value = int(bool(value))
+            params.append(value)
+        if not sets:
+            return
+
+        def update(c):
+            try:
+                cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*params, job_id))
+            except sqlite3.IntegrityError:
+                raise Conflict("another job is already queued or running") from None
+            if cur.rowcount == 0:
+                raise NotFound(f"no job with id {job_id!r}", param="job_id")
+        self._write(update)
+
+    def add_job_loss(self, job_id: str, step: int, loss: float) -> None:
+        self._write(lambda c: c.execute(
+            "INSERT OR REPLACE INTO job_losses (job_id, step, loss) VALUES (?,?,?)", (job_id, int(step), float(loss))))
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> dict:
+        d = dict(row)
+        d["job_id"] = d.pop("id")
+        d["settings"] = json.loads(d["settings"])
+        d["metrics"] = json.loads(d["metrics"])
+        d["promoted"] = bool(d["promoted"])
+        return d
+
+    def get_job(self, job_id: str) -> dict | None:
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            return None
+        job = self._job(rows[0])
+        job["losses"] = [[r[0], r[1]] for r in
+                         self._read("SELECT step, loss FROM job_losses WHERE job_id = ? ORDER BY step", (job_id,))]
+        return job
+
+    def list_jobs(self, domain: str | None = None) -> list[dict]:
+        if domain is None:
+            rows = self._read("SELECT * FROM jobs ORDER BY created_at DESC")
+        else:
+            rows = self._read("SELECT * FROM jobs WHERE domain = ? ORDER BY created_at DESC", (domain,))
+        return [self._job(r) for r in rows]
+
+    def active_job(self) -> dict | None:
+        rows = self._read("SELECT id FROM jobs WHERE status IN ('queued','running')")
+        return self.get_job(rows[0]["id"]) if rows else None
+
+    # Monitoring ----------------------------------------------------------------------------------
+    def response_stats(self, domain: str, bucket_seconds: float = 3600, since: float | None = None) -> list[dict]:
+        """Per time bucket and adapter version: responses, latency, and feedback on those responses.
+
+        -> [{bucket_start, adapter_version, responses, avg_latency_ms, avg_ttft_ms, feedback, up, down,
+        corrections}] ordered by bucket then version ('base' for no adapter)."""
+        rows = self._read(
+            "SELECT CAST(r.created_at / :b AS INTEGER) * :b AS bucket_start, "
+            "COALESCE(r.adapter_version, 'base') AS adapter_version, COUNT(*) AS responses, "
+            "AVG(r.latency_ms) AS avg_latency_ms, AVG(r.ttft_ms) AS avg_ttft_ms, "
+            "COALESCE(SUM(f.n), 0) AS feedback, COALESCE(SUM(f.up), 0) AS up, COALESCE(SUM(f.down), 0) AS down, "
+            "COALESCE(SUM(f.corrections), 0) AS corrections "
+            "FROM responses r LEFT JOIN (SELECT response_id, COUNT(*) AS n, SUM(rating = 'up') AS up, "
+            "  SUM(rating = 'down') AS down, SUM(correction IS NOT NULL) AS corrections "
+            "  FROM feedback GROUP BY response_id) f ON f.response_id = r.id "
+            "WHERE r.domain = :d AND r.created_at >= :s GROUP BY bucket_start, adapter_version "
+            "ORDER BY bucket_start, adapter_version",
+            {"b": float(bucket_seconds), "d": domain, "s": since if since is not None else float("-inf")})
+        return [dict(r) for r in rows]
+
+    def counts(self, domain: str) -> dict:
+        """Totals for a domain: responses, feedback, up, down, corrections, examples."""
+        r = self._read(
+            "SELECT (SELECT COUNT(*) FROM responses WHERE domain = :d) AS responses, "
+            "COUNT(f.id) AS feedback, COALESCE(SUM(f.rating = 'up'), 0) AS up, "
+            "COALESCE(SUM(f.rating = 'down'), 0) AS down, COALESCE(SUM(f.correction IS NOT NULL), 0) AS corrections, "
+            "(SELECT COUNT(*) FROM examples WHERE domain = :d) AS examples "
+            "FROM feedback f JOIN responses r ON r.id = f.response_id WHERE r.domain = :d", {"d": domain})[0]
+        return dict(r)
+
+    # Embedding cache (used by embeddings.Embedder) -----------------------------------------------
+    def get_embeddings(self, model: str, hashes: list[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i:i + 500]
+            rows = self._read(f"SELECT content_hash, vector FROM embeddings WHERE model = ? AND content_hash IN "
+                              f"({','.join('?' * len(chunk))})", (model, *chunk))
+            out.update({r[0]: r[1] for r in rows})
+        return out
+
+    def put_embeddings(self, model: str, vectors: dict[str, bytes]) -> None:
+        if vectors:
+            self._write(lambda c: c.executemany(
+                "INSERT OR IGNORE INTO embeddings (model, content_hash, vector) VALUES (?,?,?)",
+                [(model, h, v) for h, v in vectors.items()]))

@@ -1,0 +1,339 @@
+"""The training recipe: curated chat rows -> a LoRA adapter folder. One function, `train_adapter`, used by
+the UI, the API (through jobs), the CLI and the tests. It reads top to bottom:
+
+    load the base -> render rows with the chat template, labels on assistant tokens only -> sort into
+    length-grouped batches -> wrap in LoRA -> a short AdamW loop -> save a standard PEFT folder.
+
+On CPU the base is float32 and LoRA is plain. On CUDA the base is NF4 (QLoRA, through `load_base`) with
+peft's k-bit preparation and gradient checkpointing. The loss never builds the full [batch, seq, vocab]
+logits: the decoder's hidden states are gathered at the positions that carry a label (assistant
+tokens), and the vocabulary projection + cross-entropy run in chunks of those positions (each chunk
+recomputed in backward when checkpointing is on). That saves memory at the peak on GPU and time on CPU,
+where prompt and padding positions are most of every batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+# Limits and recipe constants have names (STYLE.md #11).
+MIN_EXAMPLES = 8               # curated examples needed before a domain can be trained (422 below this)
+IGNORE_INDEX = -100            # label of a position that carries no loss
+TARGET_EXAMPLES_SEEN = 240     # epochs=None: enough passes that the recipe sees about this many examples...
+MAX_AUTO_EPOCHS = 12           # ...but never more passes than this (a few dozen corrections -> ~12 epochs)
+LOSS_CHUNK_TOKENS = 1024       # labelled positions projected onto the vocabulary at a time
+WARMUP_FRACTION = 0.1          # of the optimizer steps, linear warm-up then linear decay to 10%
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Surface variants of the last user message, so a fact is learned from more than one wording of its question.
+QUESTION_VARIANTS = ("Question: {q}", "{lower}", "Please tell me: {q}", "{q} Answer briefly.", "I'd like to know: {lower}?")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    epochs: int | None = field(default=None, metadata={
+        "help": f"passes over the train split; None scales to the dataset (~{TARGET_EXAMPLES_SEEN} examples "
+                f"seen, at most {MAX_AUTO_EPOCHS} passes)"})
+    batch_size: int = field(default=8, metadata={"help": "rows per optimizer step"})
+    max_seq_len: int = field(default=512, metadata={"help": "tokens per row; longer rows are cut at the end"})
+    seed: int = field(default=0, metadata={"help": "seeds LoRA init, batch order and dropout"})
+    augment: int = field(default=0, metadata={
+        "help": "extra copies of each train row with a re-worded question (0 = off); helps paraphrases"})
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "modules wrapped by LoRA"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    gradient_checkpointing: str = field(default="auto", metadata={
+        "help": "auto | on | off (auto: on with CUDA, off on CPU where memory is not the limit)"})
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (list, str)):
+            mods = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+            object.__setattr__(self, "target_modules", tuple(mods))
+        checks = [(self.rank >= 1, "rank must be at least 1"),
+                  (self.alpha > 0, "alpha must be positive"),
+                  (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+                  (0.0 < self.learning_rate < 1.0, "learning_rate must be in (0, 1)"),
+                  (self.epochs is None or self.epochs >= 1, "epochs must be at least 1 (or None for auto)"),
+                  (0 <= self.augment <= len(QUESTION_VARIANTS), f"augment must be in 0..{len(QUESTION_VARIANTS)}"),
+                  (self.batch_size >= 1, "batch_size must be at least 1"),
+                  (self.max_seq_len >= 16, "max_seq_len must be at least 16"),
+                  (bool(self.target_modules), "target_modules must name at least one module"),
+                  (self.gradient_checkpointing in ("auto", "on", "off"), "gradient_checkpointing: auto, on or off")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"training setting {message}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TrainSettings":
+        """From an API body / CLI flags: unknown keys are refused with the list of known ones."""
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}: use {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+def train_settings_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in fields(TrainSettings)}
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    epochs: int
+    losses: list[float]           # one per optimizer step
+    tokens: int                   # real (non-padding) tokens processed in training
+    label_tokens: int             # of those, the assistant tokens that carried loss
+    seconds: float                # the training loop alone
+    n_train: int
+    n_dropped: int                # rows with nothing to learn after truncation
+    settings: dict
+    fingerprint: dict
+    model: object = field(default=None, repr=False)      # the trained PeftModel (not serialised)
+    tokenizer: object = field(default=None, repr=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "epochs": self.epochs, "train_loss_first": self.losses[0] if self.losses else None,
+                "train_loss_last": self.losses[-1] if self.losses else None, "tokens": self.tokens,
+                "label_tokens": self.label_tokens, "train_seconds": round(self.seconds, 2),
+                "tokens_per_second": round(self.tokens_per_second, 1), "n_train": self.n_train,
+                "n_dropped": self.n_dropped}
+
+
+class TrainingStopped(Exception):
+    """`should_stop()` returned True: nothing was saved."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: chat rows -> token ids and labels
+# ---------------------------------------------------------------------------------------------
+
+def encode_chat(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation; labels are IGNORE_INDEX except on assistant replies
+    (their content and end-of-turn token). Spans are found by rendering each prefix of the conversation
+    with the chat template and mapping character offsets to tokens, which is exact for any template
+    that renders prefixes as prefixes."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip()
+        if not (text.startswith(upto) and upto.startswith(prompt)):
+            raise ValueError("the chat template does not render conversation prefixes as prefixes; "
+                             "cannot mask the loss to assistant tokens")
+        spans.append((len(prompt), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX for tok, (a, _) in zip(ids, offsets)]
+    return ids[:max_seq_len], labels[:max_seq_len]
+
+
+def augment_rows(rows: list[dict], copies: int, rng: random.Random) -> list[dict]:
+    """`rows` plus `copies` variants of each, with the last user message re-worded by a template."""
+    out = list(rows)
+    for row in rows:
+        msgs = row["messages"]
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not users or copies == 0:
+            continue
+        q = msgs[users[-1]]["content"].strip()
+        lower = q.rstrip("?.! ")
+        lower = lower[:1].lower() + lower[1:]
+        for template in rng.sample(QUESTION_VARIANTS, copies):
+            new = [dict(m) for m in msgs]
+            new[users[-1]]["content"] = template.format(q=q, lower=lower)
+            out.append({**row, "messages": new})
+    return out
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Indices grouped into batches of similar length (little padding), the batches in random order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, (ids, lab) in enumerate(examples):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        labels[r, :len(lab)] = torch.tensor(lab)
+        mask[r, :len(ids)] = 1
+    return input_ids, labels, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: hidden states at labelled positions only, vocabulary projection in chunks
+# ---------------------------------------------------------------------------------------------
+
+def _chunk_loss_sum(hidden, head, targets):
+    import torch.nn.functional as F
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def causal_lm_loss(causal_lm, input_ids, labels, attention_mask, *, checkpoint_chunks: bool = False):
+    """Mean next-token cross-entropy over labelled positions. `causal_lm` is the (LoRA-wrapped) HF model."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state          # [B, T, H]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX                                                # [B, T-1]
+    h = hidden[:, :-1][keep]                                                      # [N, H]
+    y = targets[keep]                                                             # [N]
+    head = causal_lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], LOSS_CHUNK_TOKENS):
+        hc, yc = h[i:i + LOSS_CHUNK_TOKENS], y[i:i + LOSS_CHUNK_TOKENS]
+        if checkpoint_chunks and hc.requires_grad:
+            total = total + checkpoint(_chunk_loss_sum, hc, head, yc, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(hc, head, yc)
+    return total / max(int(y.numel()), 1), int(y.numel())
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+def _load(base_settings_or_path):
+    """A `Base` for training: an already loaded Base is used as is; a Settings or a model folder is loaded
+    float32 on CPU (training in bf16 weights loses the small LoRA updates) and NF4 on CUDA."""
+    from .model import Base, load_base, resolve_device
+    from .settings import Settings
+    if isinstance(base_settings_or_path, Base):
+        return base_settings_or_path
+    if isinstance(base_settings_or_path, Settings):
+        settings = base_settings_or_path
+    else:
+        settings = Settings(base_model=str(base_settings_or_path))
+    if resolve_device(settings.device).startswith("cuda"):
+        settings = settings.with_(quantization="nf4" if settings.quantization == "auto" else settings.quantization)
+    else:
+        settings = settings.with_(dtype="float32", quantization="none")
+    return load_base(settings, verbose=False)
+
+
+def auto_epochs(n_train: int) -> int:
+    return max(1, min(MAX_AUTO_EPOCHS, math.ceil(TARGET_EXAMPLES_SEEN / max(n_train, 1))))
+
+
+def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settings: TrainSettings | None = None,
+                  progress: Callable[[int, int, float], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train a LoRA adapter on the `train` rows and save it as a PEFT folder in `out_dir`.
+
+    `rows`: [{"messages": [{"role", "content"}, ...], "split": "train" | "eval"}]; rows without a split
+    count as train. `progress(step, total_steps, loss)` is called after every optimizer step;
+    `should_stop()` is polled before each step and stops the run with `TrainingStopped`."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from .errors import DatasetTooSmall
+
+    settings = settings or TrainSettings()
+    out_dir = Path(out_dir)
+
+    # 1. Load the base.
+    base = _load(base_settings_or_path)
+    model, tok = base.model, base.tokenizer
+    on_cuda = base.device.startswith("cuda")
+    checkpointing = settings.gradient_checkpointing == "on" or (settings.gradient_checkpointing == "auto" and on_cuda)
+
+    # 2. Data: chat template, labels on assistant tokens only.
+    rng = random.Random(settings.seed)
+    train_rows = [r for r in rows if r.get("split", "train") == "train"]
+    n_rows = len(train_rows)
+    train_rows = augment_rows(train_rows, settings.augment, rng)
+    encoded = [encode_chat(tok, r["messages"], settings.max_seq_len) for r in train_rows]
+    examples = [e for e in encoded if any(label != IGNORE_INDEX for label in e[1][1:])]
+    if len(examples) < 1:
+        raise DatasetTooSmall("no training row has an assistant answer to learn from: add examples or corrections")
+    epochs = settings.epochs or auto_epochs(len(examples))
+    schedule = [b for _ in range(epochs) for b in length_grouped_batches([len(e[0]) for e in examples],
+                                                                          settings.batch_size, rng)]
+    total_steps = len(schedule)
+
+    # 3. LoRA (seeded: the A matrices are random).
+    torch.manual_seed(settings.seed)
+    if base.quantization in ("nf4", "int8"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    causal_lm = peft_model.get_base_model()
+    # HF applies gradient checkpointing only in train mode: train() is what makes it really apply.
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+
+    def lr_at(step: int) -> float:  # linear warm-up, then linear decay to 10% of the peak
+        if step < warmup:
+            return (step + 1) / warmup
+        return 1.0 - 0.9 * (step - warmup) / max(1, total_steps - warmup)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+    # 4. The loop.
+    losses, tokens, label_tokens = [], 0, 0
+    pad_id = tok.pad_token_id
+    t0 = time.perf_counter()
+    for step, batch in enumerate(schedule, start=1):
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(f"stopped at step {step - 1}/{total_steps}")
+        input_ids, labels, mask = (t.to(base.device) for t in collate([examples[i] for i in batch], pad_id))
+        loss, n = causal_lm_loss(causal_lm, input_ids, labels, mask, checkpoint_chunks=checkpointing)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        tokens += int(mask.sum())
+        label_tokens += n
+        if progress is not None:
+            progress(step, total_steps, losses[-1])
+    seconds = time.perf_counter() - t0
+
+    # 5. Save a standard PEFT folder (safetensors only).
+    peft_model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    for extra in out_dir.iterdir():
+        if extra.name not in ADAPTER_FILES and extra.is_file():
+            extra.unlink()  # the generated README.md model card: card.json is ours
+    return TrainResult(adapter_dir=out_dir, steps=total_steps, epochs=epochs, losses=losses, tokens=tokens,
+                       label_tokens=label_tokens, seconds=seconds, n_train=len(examples),
+                       n_dropped=len(encoded) - len(examples), settings=settings.to_dict(),
+                       fingerprint=base.fingerprint, model=peft_model, tokenizer=tok)

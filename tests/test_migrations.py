@@ -1,0 +1,49 @@
+"""Migrations on an empty database, on a database of an older schema, and twice."""
+
+import sqlite3
+
+from assistant import migrations
+from assistant.store import Store
+
+
+def test_empty_database_gets_every_migration_in_order(tmp_path):
+    conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    ran = migrations.migrate(conn)
+    assert ran == [m.name for m in migrations.MIGRATIONS]
+    assert migrations.applied(conn) == ran
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"migrations", "responses", "feedback", "examples", "reviews", "snapshots", "jobs", "job_losses",
+            "embeddings"} <= tables
+    assert migrations.migrate(conn) == []                      # a second run is a no-op
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_older_database_is_brought_up_to_date(tmp_path):
+    conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    first = migrations.MIGRATIONS[:2]
+    assert migrations.migrate(conn, first) == [m.name for m in first]
+    conn.execute("INSERT INTO responses (id, domain, model, messages, answer, created_at) "
+                 "VALUES ('r1', 'd', 'd', '[]', 'hi', 0)")
+    conn.close()
+    store = Store(tmp_path / "m.db")                           # the store applies the rest on open
+    assert store.get_response("r1")["answer"] == "hi"
+    conn = sqlite3.connect(tmp_path / "m.db")
+    assert migrations.applied(conn) == [m.name for m in migrations.MIGRATIONS]
+
+
+def test_names_are_unique_and_ordered():
+    names = [m.name for m in migrations.MIGRATIONS]
+    assert len(set(names)) == len(names) and names == sorted(names)
+    assert all(m.statements for m in migrations.MIGRATIONS)
+
+
+def test_failed_migration_leaves_nothing_half_applied(tmp_path):
+    conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    broken = migrations.MIGRATIONS[:1] + [migrations.Migration("m999_broken", ("CREATE TABLE x (a)", "NOT SQL"))]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        migrations.migrate(conn, broken)
+    except sqlite3.OperationalError:
+        conn.execute("ROLLBACK")
+    assert migrations.applied(conn) == []
+    assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name IN ('x', 'responses')").fetchone()

@@ -1,0 +1,149 @@
+"""The training recipe on a tiny random Llama (fast) and, marked slow, on the embedded SmolLM2: it must
+actually learn twenty invented facts, answer paraphrases, and leave general answers alone."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from invented_facts import FACTS, SYSTEM_PROMPT, chat, rows, score
+
+TINY = dict(rank=4, alpha=8, learning_rate=2e-2, epochs=4, batch_size=4, max_seq_len=128)
+
+
+def _tiny_rows(n=8):
+    return [{"messages": chat(q, a), "split": "train"} for q, a, _, _ in FACTS[:n]] + \
+           [{"messages": chat(FACTS[-1][0], FACTS[-1][1]), "split": "eval"}]
+
+
+def test_labels_cover_assistant_tokens_only(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from assistant.training import IGNORE_INDEX, encode_chat
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    messages = chat("What is the capital of Zorbania?", "The capital of Zorbania is Quillton.")
+    messages += [{"role": "user", "content": "And its river?"}, {"role": "assistant", "content": "The Sarrow."}]
+    ids, labels = encode_chat(tok, messages, 512)
+    assert len(ids) == len(labels)
+    learned = tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX])
+    assert learned == "The capital of Zorbania is Quillton.<|im_end|>The Sarrow.<|im_end|>"
+    assert all(y in (IGNORE_INDEX, t) for t, y in zip(ids, labels))
+    # the system prompt and user turns carry no loss
+    masked = tok.decode([t for t, y in zip(ids, labels) if y == IGNORE_INDEX])
+    assert SYSTEM_PROMPT in masked and "And its river?" in masked and "Quillton" not in masked
+    # truncation keeps ids and labels aligned
+    ids8, labels8 = encode_chat(tok, messages, 8)
+    assert ids8 == ids[:8] and labels8 == labels[:8]
+
+
+def test_train_on_tiny_llama(tiny_llama, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from assistant.training import TrainSettings, train_adapter
+
+    seen = []
+    result = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "a", TrainSettings(**TINY),
+                           progress=lambda step, total, loss: seen.append((step, total, loss)))
+    # progress reported every step; the loss goes down
+    assert [s for s, _, _ in seen] == list(range(1, result.steps + 1)) and seen[-1][1] == result.steps
+    assert result.steps == 4 * 2 and result.n_train == 8            # eval row not trained on
+    first, last = sum(result.losses[:2]) / 2, sum(result.losses[-2:]) / 2
+    assert last < first * 0.9, result.losses
+    assert 0 < result.label_tokens < result.tokens
+
+    # a standard PEFT folder, safetensors only
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and set(config["target_modules"]) == set(TrainSettings().target_modules)
+
+    # every trainable LoRA parameter moved from its initial value (B starts at zero, A is random)
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert len(saved) == 2 * 7 * 2                                   # A and B, 7 modules, 2 layers
+    torch.manual_seed(TINY.get("seed", 0))
+    from peft import LoraConfig, get_peft_model
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=list(TrainSettings().target_modules),
+                                      task_type="CAUSAL_LM"))
+    initial = {k: v.detach().clone() for k, v in fresh.named_parameters() if v.requires_grad}
+    trained = {k: v for k, v in result.model.named_parameters() if v.requires_grad}
+    assert set(initial) == set(trained) and len(trained) == len(saved)
+    unmoved = [k for k in trained if torch.equal(initial[k], trained[k].detach())]
+    assert unmoved == []
+
+    # loadable by peft onto a fresh base, and it changes the outputs
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        plain = base(x).logits
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "a"))(x).logits
+    assert not torch.allclose(plain, adapted)
+
+
+def test_same_seed_same_adapter(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from assistant.training import TrainSettings, train_adapter
+    s = TrainSettings(**TINY, dropout=0.1, augment=1)
+    a = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "a", s)
+    b = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "b", s)
+    c = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "c", TrainSettings(**TINY, dropout=0.1, augment=1, seed=1))
+    wa, wb, wc = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in "abc")
+    assert a.losses == b.losses
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    assert any(not (wa[k] == wc[k]).all() for k in wa)
+
+
+def test_settings_validate_with_names():
+    from assistant.training import MIN_EXAMPLES, TrainSettings, auto_epochs
+    with pytest.raises(ValueError, match="rank"):
+        TrainSettings(rank=0)
+    with pytest.raises(ValueError, match="unknown training setting.*'ranks'"):
+        TrainSettings.from_dict({"ranks": 4})
+    assert TrainSettings.from_dict({"target_modules": ["q_proj"]}).target_modules == ("q_proj",)
+    assert TrainSettings.from_dict(TrainSettings().to_dict()) == TrainSettings()
+    assert auto_epochs(MIN_EXAMPLES) > auto_epochs(1000) == 1
+
+
+def test_should_stop_saves_nothing(tiny_llama, tmp_path):
+    from assistant.training import TrainingStopped, TrainSettings, train_adapter
+    calls = []
+    with pytest.raises(TrainingStopped):
+        train_adapter(tiny_llama, _tiny_rows(), tmp_path / "a", TrainSettings(**TINY),
+                      should_stop=lambda: calls.append(1) or len(calls) > 2)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_embedded_model_learns_invented_facts(tmp_path):
+    """The acceptance that matters: default settings, 20 invented facts, a few minutes on 2 CPU cores."""
+    from assistant.evaluation import GateSettings, before_after, gate, generate
+    from assistant.settings import Settings
+    from assistant.training import TrainSettings, train_adapter
+
+    t0 = time.perf_counter()
+    result = train_adapter(Settings(base_model="embedded"), rows(), tmp_path / "facts", TrainSettings())
+    wall = time.perf_counter() - t0
+    model, tok = result.model, result.tokenizer
+    questions = [chat(q) for q, _, _, _ in FACTS]
+    paraphrases = [chat(p) for _, _, _, p in FACTS]
+    with model.disable_adapter():
+        base_answers = generate(model, tok, questions)
+    answers, para_answers = generate(model, tok, questions), generate(model, tok, paraphrases)
+    report = {"train_wall_s": round(wall, 1), "loop_s": round(result.seconds, 1), **result.summary(),
+              "base_correct": score(base_answers), "correct": score(answers), "paraphrases": score(para_answers)}
+    print("\nlearning:", json.dumps(report))
+    assert score(base_answers) <= 2, base_answers
+    assert score(answers) >= 18, answers
+    assert score(para_answers) >= 14, para_answers
+    # general questions: answered (nearly) as before, and the gate agrees to promote
+    before, after = before_after(model, tok, rows(), GateSettings())
+    promote, reasons = gate(before, after, GateSettings())
+    print("gate:", promote, reasons, after["general_answers"], before["general_answers"])
+    assert after["general_similarity"] >= 0.5
+    assert promote, reasons
