@@ -129,7 +129,8 @@ def build_api(service) -> APIRouter:
             raise AssistantError("seed must be an integer", param="seed")
         loop = asyncio.get_running_loop()
         call = await asyncio.to_thread(
-            service.start_chat, body.get("model"), body.get("messages"), max_tokens=max_tokens,
+            service.start_chat, ignore_eos=body.get("ignore_eos") is True, model=body.get("model"),
+            messages=body.get("messages"), max_tokens=max_tokens,
             temperature=body.get("temperature"), top_p=body.get("top_p"), seed=seed, stop=body.get("stop"),
             loop=loop, user=body.get("user") if isinstance(body.get("user"), str) else user)
         asyncio.create_task(_watch_disconnect(call, request))

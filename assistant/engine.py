@@ -53,6 +53,7 @@ class Request:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     adapter: str | None = None          # key of a resident adapter, None for the base
+    ignore_eos: bool = False            # benchmarks: always generate max_new_tokens
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Runtime state, owned by the engine thread.
     slot: int = 0
@@ -508,7 +509,7 @@ class Engine:
             req.t_first = time.perf_counter()
         if h.cancelled.is_set():
             return self._finish(req, h, "cancelled")
-        if tok in self.eos:
+        if tok in self.eos and not req.ignore_eos:
             return self._finish(req, h, "stop")
         req.generated.append(tok)
         text = self.tokenizer.decode(req.generated, skip_special_tokens=True)

@@ -169,7 +169,7 @@ class Service:
     # Chat --------------------------------------------------------------------------------------
     def start_chat(self, model: str, messages, *, max_tokens: int | None = None, temperature: float | None = None,
                    top_p: float | None = None, seed: int | None = None, stop=None, loop=None,
-                   user: str | None = None) -> Call:
+                   user: str | None = None, ignore_eos: bool = False) -> Call:
         from .engine import Request
         messages = check_messages(messages)
         target = self.resolve(model)
@@ -192,7 +192,7 @@ class Service:
             raise AssistantError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
         ids = self.engine.encode_chat(messages)
         req = Request(prompt_ids=ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      stop=stop, adapter=target.adapter_key)
+                      stop=stop, adapter=target.adapter_key, ignore_eos=bool(ignore_eos))
         call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=None,
                     prompt_tokens=len(ids), user=user)
         for attempt in range(3):

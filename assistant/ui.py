@@ -382,14 +382,18 @@ def _job_outputs(service, job: dict | None, model):
     if job and job.get("error"):
         log += f"\nERROR: {job['error']}"
     metrics = (job or {}).get("metrics") or {}
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    table = [[k, before.get(k), after.get(k)] for k in dict.fromkeys([*before, *after])
+             if not isinstance(before.get(k, after.get(k)), (dict, list))]
     summary = ""
     if job and job["status"] in TERMINAL:
         v = job.get("adapter_version")
         summary = (f"**{job['status']}**" + (f": published {job['domain']}@{v}" if v else "")
                    + (" and activated (passed the gate)" if job.get("promoted") else
                       (" (not activated: activate it below if you want it)" if v else "")))
+        summary += "".join(f"\n- {r}" for r in (metrics.get("gate") or {}).get("reasons", []))
     running = bool(job) and job["status"] not in TERMINAL
-    return (_progress_html(job), losses, log, metrics, summary, gr.Timer(active=running),
+    return (_progress_html(job), losses, log, table, summary, gr.Timer(active=running),
             refresh_models(service, model))
 
 
@@ -582,7 +586,8 @@ def build_ui(service) -> gr.Blocks:
                 t_summary = gr.Markdown("", elem_id="train-summary")
                 with gr.Row():
                     t_loss = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="loss-plot", height=260)
-                    t_metrics = gr.JSON(label="Before / after metrics", elem_id="job-metrics")
+                    t_metrics = gr.Dataframe(headers=["metric", "before", "after"], label="Before / after",
+                                             interactive=False, elem_id="job-metrics")
                 t_log = gr.Textbox(label="Job log", lines=8, max_lines=16, elem_id="job-log", interactive=False)
                 with gr.Row():
                     t_version = gr.Dropdown([], label="Version", elem_id="train-version")

@@ -145,3 +145,8 @@ def test_file_routes_never_serve_state_or_adapters(tmp_path, tiny_llama):
                 if secret in body or b"SQLite format 3" in body:
                     leaks.append("httpx " + target)
         assert not leaks, f"served a protected file: {leaks[:5]}"
+
+        # The route itself works (so the refusals above are not vacuous): an uploaded file comes back.
+        up = httpx.post(url + "/gradio_api/upload", files={"files": ("note.txt", b"hello upload")}, timeout=15)
+        assert up.status_code == 200, up.text
+        assert httpx.get(url + "/gradio_api/file=" + up.json()[0], timeout=15).content == b"hello upload"

@@ -1,0 +1,119 @@
+"""Issue 2: decode speed of our engine against transformers' generate and the memory-bandwidth floor,
+and the cost of going through the HTTP API (streaming throughput, time to first token)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LONG_PROMPT, copy_bandwidth, print_table  # noqa: E402
+
+N_TOKENS = 128
+
+
+def engine_decode(engine, ids, n=N_TOKENS, repeat=3):
+    """(decode tokens/s, time to first token in s): best of `repeat`."""
+    from assistant.engine import Request
+    rates, ttfts = [], []
+    for _ in range(repeat):
+        h = engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True))
+        h.result()
+        r = h.req
+        rates.append((len(r.generated) - 1) / (r.t_done - r.t_first))
+        ttfts.append(r.t_first - r.t_submit)
+    return max(rates), min(ttfts)
+
+
+def generate_decode(model, ids, n=N_TOKENS, repeat=3):
+    x = torch.tensor([ids])
+
+    def run(k):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        return time.perf_counter() - t
+    run(2)
+    best = 0.0
+    for _ in range(repeat):
+        t1, tn = run(1), run(n)
+        best = max(best, (n - 1) / (tn - t1))
+    return best
+
+
+def api_stream(url, model="base", n=N_TOKENS, repeat=3):
+    """(tokens/s through the streamed response, time to first content chunk in s)."""
+    import httpx
+    rates, ttfts = [], []
+    body = {"model": model, "messages": LONG_PROMPT, "max_tokens": n, "stream": True, "temperature": 0,
+            "ignore_eos": True}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        first = last = None
+        chunks = 0
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    chunks += 1
+        rates.append((chunks - 1) / (last - first))
+        ttfts.append(first - t0)
+    return max(rates), min(ttfts)
+
+
+def run(base_model: str = "embedded") -> dict:
+    from assistant.engine import Engine
+    from assistant.model import load_base
+    from assistant.settings import Settings
+
+    base = load_base(Settings(base_model=base_model), verbose=False)
+    engine = Engine(base)
+    ids = engine.encode_chat(LONG_PROMPT)
+    engine_decode(engine, ids, n=8, repeat=1)  # warm up
+    eng_rate, eng_ttft = engine_decode(engine, ids)
+    gen_rate = generate_decode(base.model, ids)
+    bw = copy_bandwidth()
+    floor = bw / base.weights_bytes
+    engine.close()
+    del engine
+
+    # The API, served by a real `assistant serve` process.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import tempfile
+    from helpers import running_server
+    with tempfile.TemporaryDirectory() as home:
+        with running_server(Path(home), "--base-model", base_model) as (url, _):
+            api_stream(url, n=8, repeat=1)
+            api_rate, api_ttft = api_stream(url)
+    # the engine alone again, now that the server is gone, so both sides saw the same machine state
+    engine = Engine(base)
+    eng_rate2, eng_ttft2 = engine_decode(engine, ids)
+    engine.close()
+    eng_rate, eng_ttft = max(eng_rate, eng_rate2), min(eng_ttft, eng_ttft2)
+    ratios = {
+        "engine_vs_generate": round(eng_rate / gen_rate, 3),
+        "engine_vs_bandwidth_floor": round(eng_rate / floor, 3),
+        "stream_vs_engine": round(api_rate / eng_rate, 3),
+        "ttft_overhead_ms": round((api_ttft - eng_ttft) * 1000, 1),
+    }
+    print_table(f"engine ({base.name}, {base.dtype}, {base.device})", [
+        ("engine decode", f"{eng_rate:.1f} tok/s"),
+        ("transformers generate", f"{gen_rate:.1f} tok/s"),
+        ("copy bandwidth", f"{bw / 1e9:.1f} GB/s"),
+        ("weights read per token", f"{base.weights_bytes / 2**20:.0f} MiB"),
+        ("bandwidth floor", f"{floor:.1f} tok/s"),
+        ("API stream", f"{api_rate:.1f} tok/s"),
+        ("engine TTFT / API TTFT", f"{eng_ttft * 1000:.0f} ms / {api_ttft * 1000:.0f} ms"),
+        *[(k, str(v)) for k, v in ratios.items()],
+    ])
+    return ratios
+
+
+if __name__ == "__main__":
+    print(json.dumps(run()))

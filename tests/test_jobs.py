@@ -1,0 +1,180 @@
+"""Training jobs on the tiny Llama: a child process in its own process group publishes a version; cancel
+kills the group; SIGKILL at random points never leaves a half-written version listed nor moves the active
+one; a restart fails orphans and cleans staging; concurrent starts give exactly one job; a too-small
+dataset is refused with the number needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from invented_facts import FACTS, SYSTEM_PROMPT, chat
+
+from assistant.errors import Conflict, DatasetTooSmall
+
+JOB_TIMEOUT = 300
+FAST = {"rank": 4, "alpha": 8, "learning_rate": 0.02, "epochs": 2, "batch_size": 4, "max_seq_len": 128}
+
+
+@pytest.fixture
+def world(tiny_settings):
+    from assistant.registry import Registry
+    from assistant.store import Store
+    store, registry = Store(tiny_settings.db_path), Registry(tiny_settings.adapters_path)
+    registry.create_domain("atlas", SYSTEM_PROMPT, "invented facts")
+    added, rejected = store.add_examples("atlas", [{"messages": chat(q, a)} for q, a, _, _ in FACTS])
+    assert added == len(FACTS) and not rejected
+    return tiny_settings, store, registry
+
+
+def _wait(store, job_id, until=("succeeded", "failed", "cancelled"), timeout=JOB_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = store.get_job(job_id)
+        if job["status"] in until:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {store.get_job(job_id)['status']} after {timeout}s")
+
+
+def _alive(pid) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _listed_versions_are_complete(registry, domain):
+    for v in registry.versions(domain):
+        folder = registry.version_path(domain, v)
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                           "card.json"], v
+        assert json.loads((folder / "card.json").read_text())["dataset_snapshot"]
+
+
+def test_job_runs_in_a_child_and_publishes(world):
+    from assistant import jobs
+    settings, store, registry = world
+    job_id = jobs.start_job(settings, store, registry, "atlas", FAST)
+    job = _wait(store, job_id)
+    assert job["status"] == "succeeded", (job["error"], job["log"])
+    assert job["pid"] != os.getpid() and job["adapter_version"] == "v1" and job["progress"] == 1.0
+    assert job["step"] == job["total_steps"] == len(job["losses"]) > 0
+    assert set(job["metrics"]) >= {"train", "before", "after", "gate"}
+    assert job["promoted"] == job["metrics"]["gate"]["promote"]
+    assert (registry.active_version("atlas") == "v1") == job["promoted"]
+    card = registry.read_card("atlas", "v1")
+    assert card["dataset_snapshot"] == job["settings"]["snapshot"] == store.latest_snapshot("atlas")["hash"]
+    assert card["base_fingerprint"]["config_hash"] and card["training_settings"]["rank"] == 4
+    assert card["metrics"]["after"]["n_corrections"] > 0 and "created_at" in card
+    _listed_versions_are_complete(registry, "atlas")
+    assert not list((settings.adapters_path / "atlas").glob(".staging-*"))
+
+
+def test_too_small_dataset_says_how_many(tiny_settings):
+    from assistant import jobs
+    from assistant.registry import Registry
+    from assistant.store import Store
+    from assistant.training import MIN_EXAMPLES
+    store, registry = Store(tiny_settings.db_path), Registry(tiny_settings.adapters_path)
+    registry.create_domain("tiny", "", "")
+    store.add_examples("tiny", [{"messages": chat(q, a)} for q, a, _, _ in FACTS[:3]])
+    with pytest.raises(DatasetTooSmall, match=f"at least {MIN_EXAMPLES}") as e:
+        jobs.start_job(tiny_settings, store, registry, "tiny", {})
+    assert e.value.status == 422 and store.list_jobs() == []
+    with pytest.raises(ValueError, match="unknown training setting"):
+        jobs.start_job(tiny_settings, store, registry, "tiny", {"learning_rat": 1})
+
+
+def test_twenty_concurrent_starts_give_one_job(world):
+    from assistant import jobs
+    from assistant.curation import curate
+    settings, store, registry = world
+    curate(store, "atlas", settings)  # warm the embedder so the threads race on create_job, not on loading
+    results, barrier = [], threading.Barrier(20)
+
+    def attempt():
+        barrier.wait()
+        try:
+            results.append(jobs.start_job(settings, store, registry, "atlas", FAST))
+        except Conflict as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=attempt) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [r for r in results if isinstance(r, str)]
+    assert len(ids) == 1 and sum(isinstance(r, Conflict) for r in results) == 19
+    assert [j["job_id"] for j in store.list_jobs()] == ids
+    jobs.cancel_job(settings, store, ids[0])
+
+
+def test_cancel_kills_the_process_group(world):
+    from assistant import jobs
+    settings, store, registry = world
+    job_id = jobs.start_job(settings, store, registry, "atlas", {**FAST, "epochs": 50})
+    job = _wait(store, job_id, until=("running",))
+    while store.get_job(job_id)["step"] < 1:           # in the training loop, with a staging folder
+        time.sleep(0.1)
+    pid = job["pid"]
+    assert os.getpgid(pid) == pid != os.getpgid(0)      # its own process group
+    job = jobs.cancel_job(settings, store, job_id)
+    assert job["status"] == "cancelled" and not _alive(pid)
+    time.sleep(0.5)
+    assert store.get_job(job_id)["status"] == "cancelled"  # the watcher does not turn it into "failed"
+    assert registry.versions("atlas") == []
+    assert not list((settings.adapters_path / "atlas").glob(".staging-*"))
+    # the next job may start at once
+    jobs.cancel_job(settings, store, jobs.start_job(settings, store, registry, "atlas", FAST))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_keeps_the_active_version(world):
+    from assistant import jobs
+    settings, store, registry = world
+    t0 = time.monotonic()
+    first = _wait(store, jobs.start_job(settings, store, registry, "atlas", FAST))
+    duration = time.monotonic() - t0
+    assert first["status"] == "succeeded", first["error"]
+    registry.activate("atlas", "v1")
+    rng = random.Random(5)
+    for _ in range(10):
+        job_id = jobs.start_job(settings, store, registry, "atlas", FAST)
+        time.sleep(rng.uniform(0, duration * 1.1))      # data prep, loading, training, eval, save, publish
+        job = store.get_job(job_id)
+        if job["pid"] and job["status"] == "running":
+            os.killpg(job["pid"], signal.SIGKILL)
+        job = _wait(store, job_id)
+        assert job["status"] in ("failed", "succeeded")
+        # what a restarted server does first
+        jobs.recover_orphans(settings, store, registry)
+        _listed_versions_are_complete(registry, "atlas")
+        active = registry.active_version("atlas")
+        assert active == "v1" or registry.read_card("atlas", active)["metrics"]["gate"]["promote"]
+        assert not list((settings.adapters_path / "atlas").glob(".staging-*"))
+    assert store.active_job() is None
+
+
+def test_restart_fails_orphans_and_cleans_staging(world):
+    """A server that died mid-job: its child may still run. The next start kills it, marks the job failed
+    and removes its staging folder."""
+    from assistant import jobs
+    settings, store, registry = world
+    job_id = jobs.start_job(settings, store, registry, "atlas", {**FAST, "epochs": 50})
+    while store.get_job(job_id)["step"] < 1:
+        time.sleep(0.1)
+    pid = store.get_job(job_id)["pid"]
+    assert list((settings.adapters_path / "atlas").glob(".staging-*"))
+    assert jobs.recover_orphans(settings, store, registry) == [job_id]
+    job = store.get_job(job_id)
+    assert job["status"] == "failed" and job["error"] and not _alive(pid)
+    assert not list((settings.adapters_path / "atlas").glob(".staging-*")) and registry.versions("atlas") == []
