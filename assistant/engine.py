@@ -162,8 +162,8 @@ class FusedLinear:
 
 
 def _rms(x, w, eps):
-    var = x.float().pow(2).mean(-1, keepdim=True)
-    return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * w
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
 def _rotate(x, cos, sin):

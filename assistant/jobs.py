@@ -33,6 +33,7 @@ KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to 
 TRAIN_SHARE = 0.8               # of the progress bar: training; evaluation and publishing take the rest
 STAGING_TAG = "staging "        # log line naming the job's staging folder (for cleanup after a kill)
 JOB_LOG_DIR = "jobs"            # <state>/jobs/<job_id>.log : the child's stdout and stderr
+JOB_NICENESS = 10               # the child yields the CPU to the server, so chat stays responsive
 
 _cancelling: set[str] = set()   # jobs this process is cancelling (their exit is not a failure)
 
@@ -309,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import Registry
     from .store import Store
     job_id, settings_json = (argv or sys.argv[1:])[:2]
+    try:
+        os.nice(JOB_NICENESS)
+    except OSError:
+        pass
     settings = _settings_from_json(settings_json)
     store, registry = Store(settings.db_path), Registry(settings.adapters_path)
     job = run_job(settings, store, registry, job_id)

@@ -39,6 +39,9 @@ class Group:
 class LoraBank:
     def __init__(self, n_layers: int, groups: list[Group], layer_prefix: str, *, max_slots: int,
                  dtype, device, rank: int = 16):
+        # LoRA math runs in float32 on CPU: tiny bf16 GEMMs there take milliseconds, fp32 microseconds.
+        if str(device).startswith("cpu"):
+            dtype = torch.float32
         self.n_layers = n_layers
         self.groups = groups
         self.layer_prefix = layer_prefix  # e.g. "model.layers"
@@ -166,8 +169,9 @@ class LoraBank:
         if uniform == 0:
             return
         At, Bt = self.At[layer][group], self.Bt[layer][group]
+        h = h.to(At.dtype)
         if uniform is not None:
-            out.addmm_(h @ At[uniform], Bt[uniform])
+            out.add_(h @ At[uniform] @ Bt[uniform])
             return
         t = torch.bmm(h.unsqueeze(1), At.index_select(0, rows))
         out.add_(torch.bmm(t, Bt.index_select(0, rows)).squeeze(1))

@@ -39,15 +39,16 @@ class TrainSettings:
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
     epochs: int | None = field(default=None, metadata={
         "help": f"passes over the train split; None scales to the dataset (~{TARGET_EXAMPLES_SEEN} examples "
                 f"seen, at most {MAX_AUTO_EPOCHS} passes)"})
     batch_size: int = field(default=8, metadata={"help": "rows per optimizer step"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row; longer rows are cut at the end"})
     seed: int = field(default=0, metadata={"help": "seeds LoRA init, batch order and dropout"})
-    augment: int = field(default=0, metadata={
-        "help": "extra copies of each train row with a re-worded question (0 = off); helps paraphrases"})
+    augment: int = field(default=2, metadata={
+        "help": "extra copies of each train row with a re-worded question, on small datasets only "
+                "(they replace repeated passes); helps answering paraphrases. 0 = off"})
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "modules wrapped by LoRA"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     gradient_checkpointing: str = field(default="auto", metadata={
@@ -100,8 +101,9 @@ class TrainResult:
     tokens: int                   # real (non-padding) tokens processed in training
     label_tokens: int             # of those, the assistant tokens that carried loss
     seconds: float                # the training loop alone
-    n_train: int
-    n_dropped: int                # rows with nothing to learn after truncation
+    n_train: int                  # train-split rows
+    n_examples: int               # sequences trained on: rows plus re-worded copies, less dropped ones
+    n_dropped: int                # sequences with nothing to learn after truncation
     settings: dict
     fingerprint: dict
     model: object = field(default=None, repr=False)      # the trained PeftModel (not serialised)
@@ -116,7 +118,7 @@ class TrainResult:
                 "train_loss_last": self.losses[-1] if self.losses else None, "tokens": self.tokens,
                 "label_tokens": self.label_tokens, "train_seconds": round(self.seconds, 2),
                 "tokens_per_second": round(self.tokens_per_second, 1), "n_train": self.n_train,
-                "n_dropped": self.n_dropped}
+                "n_examples": self.n_examples, "n_dropped": self.n_dropped}
 
 
 class TrainingStopped(Exception):
@@ -271,7 +273,9 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     rng = random.Random(settings.seed)
     train_rows = [r for r in rows if r.get("split", "train") == "train"]
     n_rows = len(train_rows)
-    train_rows = augment_rows(train_rows, settings.augment, rng)
+    # Re-worded copies replace repeated passes on small datasets; large ones get none (no extra cost).
+    copies = min(settings.augment, max(0, TARGET_EXAMPLES_SEEN // max(n_rows, 1) - 1))
+    train_rows = augment_rows(train_rows, copies, rng)
     encoded = [encode_chat(tok, r["messages"], settings.max_seq_len) for r in train_rows]
     examples = [e for e in encoded if any(label != IGNORE_INDEX for label in e[1][1:])]
     if len(examples) < 1:
@@ -334,6 +338,6 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
         if extra.name not in ADAPTER_FILES and extra.is_file():
             extra.unlink()  # the generated README.md model card: card.json is ours
     return TrainResult(adapter_dir=out_dir, steps=total_steps, epochs=epochs, losses=losses, tokens=tokens,
-                       label_tokens=label_tokens, seconds=seconds, n_train=len(examples),
+                       label_tokens=label_tokens, seconds=seconds, n_train=n_rows, n_examples=len(examples),
                        n_dropped=len(encoded) - len(examples), settings=settings.to_dict(),
                        fingerprint=base.fingerprint, model=peft_model, tokenizer=tok)

@@ -1,0 +1,52 @@
+"""Run every benchmark (or `--only NAME,...`), print readable tables, and as the LAST line one JSON
+object mapping each ratio named in the issues to its value. Both sides of every ratio are measured in
+the same run, on the embedded model unless `--base-model` says otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCHES = {
+    "engine": "bench_engine",        # issue 2
+    "adapters": "bench_adapters",    # issue 3
+    "curation": "bench_curation",    # issue 4
+    "training": "bench_training",    # issue 5
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)}")
+    p.add_argument("--base-model", default="embedded")
+    args = p.parse_args(argv)
+    names = args.only.split(",") if args.only else list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        p.error(f"unknown benchmark(s) {', '.join(unknown)}: choose from {', '.join(BENCHES)}")
+    ratios, failed = {}, []
+    for name in names:
+        t = time.perf_counter()
+        print(f"\n== {name} ==", flush=True)
+        try:
+            mod = importlib.import_module(BENCHES[name])
+            kwargs = {"base_model": args.base_model} if "base_model" in mod.run.__code__.co_varnames else {}
+            ratios.update(mod.run(**kwargs))
+        except Exception:  # noqa: BLE001 - report and go on with the others
+            traceback.print_exc()
+            failed.append(name)
+        print(f"({name}: {time.perf_counter() - t:.0f} s)", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    print(json.dumps(ratios))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

