@@ -119,15 +119,20 @@ class Registry:
         d = self.domain_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         toml = d / "domain.toml"
-        try:
-            # O_EXCL: two concurrent creates of one name give one 201 and one 409.
-            fd = os.open(toml, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            raise Conflict(f"domain {name!r} already exists: pick another name or use it") from None
-        with os.fdopen(fd, "w") as f:
+        # Write a temporary file, then link it into place: the link is atomic and fails if the name
+        # exists (409), so a crash never leaves a half-written domain.toml behind.
+        tmp = d / f".domain.toml.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "w") as f:
             f.write(f"system_prompt = {_toml_str(system_prompt)}\ndescription = {_toml_str(description)}\n")
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.link(tmp, toml)
+        except FileExistsError:
+            raise Conflict(f"domain {name!r} already exists: pick another name or use it") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(d)
         return self.get_domain(name)
 
     def update_domain(self, name: str, *, system_prompt: str | None = None, description: str | None = None) -> Domain:
