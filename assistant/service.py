@@ -246,20 +246,32 @@ class Service:
             correction = None
         fid = self.store.add_feedback(response_id=response_id, rating=rating, correction=correction,
                                       reason=reason, user=user)
-        self._check_new(response_id, correction)
+        self._check_new(response_id, correction, fid, rating)
         return fid
 
-    def _check_new(self, response_id: str, correction: str | None) -> None:
-        """Incremental near-duplicate check at arrival (best effort: curation re-checks everything)."""
-        curator = getattr(self, "_curator", None)
-        if curator is None or not hasattr(curator, "check_new"):
+    def _check_new(self, response_id: str, correction: str | None, feedback_id: int, rating: str) -> None:
+        """Incremental near-duplicate check when an item arrives: in the background, so a feedback post
+        never waits for the embedder. Items that are not near-duplicates join the domain's index."""
+        if correction is None and rating != "up":
             return
-        try:
-            resp = self.store.get_response(response_id)
-            if resp:
-                curator.check_new(resp["domain"], resp["messages"][-1]["content"])
-        except Exception:  # noqa: BLE001 - never fail an acknowledged feedback
-            pass
+        if getattr(self, "_indexer", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._indexer = ThreadPoolExecutor(1, thread_name_prefix="dedup-index")
+
+        def check():
+            try:
+                resp = self.store.get_response(response_id)
+                if not resp or resp["domain"] == BASE:
+                    return
+                item = resp["messages"] + [{"role": "assistant", "content": correction or resp["answer"]}]
+                curator = self.curator()
+                key, sim = curator.check_new(resp["domain"], item)
+                if key is None or sim < curator.options.near_dup_threshold:
+                    curator.add_to_index(resp["domain"], f"feedback:{feedback_id}", item)
+            except Exception as e:  # noqa: BLE001 - curation re-checks everything anyway
+                import sys
+                print(f"near-duplicate check failed for feedback {feedback_id}: {e}", file=sys.stderr)
+        self._indexer.submit(check)
 
     def curator(self):
         if getattr(self, "_curator", None) is None:
