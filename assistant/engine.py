@@ -452,10 +452,16 @@ class Engine:
                 self._finish(req, h, "cancelled")
                 continue
             row = len(self.active)
-            if self.runner:
-                logits = self.runner.prefill(row, req.prompt_ids, req.slot)
-            else:
-                logits = self._hf_prefill(req)
+            try:
+                if self.runner:
+                    logits = self.runner.prefill(row, req.prompt_ids, req.slot)
+                else:
+                    logits = self._hf_prefill(req)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                err = AssistantError(f"generation failed while reading the prompt: {type(e).__name__}: {e}")
+                err.status = 500
+                self._finish(req, h, None, error=err)
+                continue
             self.active.append((req, h))
             self._accept(req, h, self._sample(req, logits[None])[0])
             if req.finish_reason:
