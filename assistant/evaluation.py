@@ -37,6 +37,8 @@ class GateSettings:
         "help": "the held-out answer-match may fall by at most this much"})
     min_general_similarity: float = field(default=0.5, metadata={
         "help": "mean ROUGE-L between the adapter's and the base's answers to general prompts (forgetting)"})
+    max_general_loss_increase: float = field(default=1.0, metadata={
+        "help": "how much (nats/token) the loss of the base's own general answers may rise under the adapter"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens per greedy answer during evaluation"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row for the held-out loss"})
 
@@ -169,6 +171,13 @@ def before_after(peft_model, tokenizer, rows: list[dict], settings: GateSettings
     before["general_similarity"] = 1.0
     after["general_similarity"] = _mean(rouge_l(a, b) for a, b in
                                         zip(after["general_answers"], before["general_answers"]))
+    # Forgetting, measured as likelihood: the loss of the base's own general answers under each model.
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    anchors = [{"messages": system + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+               for q, a in zip(GENERAL_PROMPTS, before["general_answers"]) if a]
+    with peft_model.disable_adapter():
+        before["general_loss"] = heldout_loss(peft_model, tokenizer, anchors, (settings or GateSettings()).max_seq_len)
+    after["general_loss"] = heldout_loss(peft_model, tokenizer, anchors, (settings or GateSettings()).max_seq_len)
     return before, after
 
 
@@ -220,6 +229,11 @@ def gate(before: dict, after: dict, settings: GateSettings | None = None) -> tup
     if gs is not None:
         check(gs >= s.min_general_similarity,
               f"general answers similarity to base {gs:.2f}, needs >= {s.min_general_similarity:.2f}")
+    bg, ag = before.get("general_loss"), after.get("general_loss")
+    if bg is not None and ag is not None:
+        check(ag <= bg + s.max_general_loss_increase,
+              f"loss of the base's general answers {ag:.3f} vs base {bg:.3f}, "
+              f"allowed <= {bg + s.max_general_loss_increase:.3f}")
     if cm is None and (bl is None or al is None):
         failed.append("blocked: nothing to evaluate (no corrected prompts and no eval split)")
     return not failed, failed + passed

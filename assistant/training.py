@@ -30,6 +30,18 @@ LOSS_CHUNK_TOKENS = 1024       # labelled positions projected onto the vocabular
 WARMUP_FRACTION = 0.1          # of the optimizer steps, linear warm-up then linear decay to 10%
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# General prompts the base answers itself before training; its answers are mixed into the train rows
+# (self-replay) so the adapter keeps general knowledge. Disjoint from evaluation.GENERAL_PROMPTS, which
+# measure forgetting.
+REPLAY_PROMPTS = (
+    "What is the capital of Japan?", "What is the capital of Italy?", "What is the capital of Canada?",
+    "Who wrote Romeo and Juliet?", "What is the largest planet in our solar system?", "How many legs does a spider have?",
+    "What is water made of?", "What is the boiling point of water in Celsius?", "Who painted the Mona Lisa?",
+    "What is the largest ocean on Earth?", "What language is spoken in Brazil?", "What is 12 times 12?",
+    "What gas do plants absorb from the air?", "What is the tallest mountain in the world?",
+    "What currency is used in the United Kingdom?", "Who was the first person to walk on the Moon?",
+)
+REPLAY_MAX_NEW_TOKENS = 64
 # Surface variants of the last user message, so a fact is learned from more than one wording of its question.
 QUESTION_VARIANTS = ("Question: {q}", "{lower}", "Please tell me: {q}", "{q} Answer briefly.", "I'd like to know: {lower}?")
 
@@ -46,9 +58,12 @@ class TrainSettings:
     batch_size: int = field(default=8, metadata={"help": "rows per optimizer step"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row; longer rows are cut at the end"})
     seed: int = field(default=0, metadata={"help": "seeds LoRA init, batch order and dropout"})
-    augment: int = field(default=2, metadata={
+    augment: int = field(default=3, metadata={
         "help": "extra copies of each train row with a re-worded question, on small datasets only "
                 "(they replace repeated passes); helps answering paraphrases. 0 = off"})
+    replay: int = field(default=8, metadata={
+        "help": f"general prompts (of {len(REPLAY_PROMPTS)}) answered by the base and mixed into training, "
+                "at most one per train row, so the adapter keeps general answers; 0 = off"})
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "modules wrapped by LoRA"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     gradient_checkpointing: str = field(default="auto", metadata={
@@ -64,6 +79,7 @@ class TrainSettings:
                   (0.0 < self.learning_rate < 1.0, "learning_rate must be in (0, 1)"),
                   (self.epochs is None or self.epochs >= 1, "epochs must be at least 1 (or None for auto)"),
                   (0 <= self.augment <= len(QUESTION_VARIANTS), f"augment must be in 0..{len(QUESTION_VARIANTS)}"),
+                  (0 <= self.replay <= len(REPLAY_PROMPTS), f"replay must be in 0..{len(REPLAY_PROMPTS)}"),
                   (self.batch_size >= 1, "batch_size must be at least 1"),
                   (self.max_seq_len >= 16, "max_seq_len must be at least 16"),
                   (bool(self.target_modules), "target_modules must name at least one module"),
@@ -167,6 +183,24 @@ def augment_rows(rows: list[dict], copies: int, rng: random.Random) -> list[dict
             new[users[-1]]["content"] = template.format(q=q, lower=lower)
             out.append({**row, "messages": new})
     return out
+
+
+def replay_rows(model, tokenizer, system_prompt: str | None, n: int, rng: random.Random) -> list[dict]:
+    """`n` general prompts answered greedily by the base itself (cut to whole sentences), as train rows."""
+    from .evaluation import generate
+    if n == 0:
+        return []
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    prompts = rng.sample(REPLAY_PROMPTS, n)
+    answers = generate(model, tokenizer, [system + [{"role": "user", "content": q}] for q in prompts],
+                       REPLAY_MAX_NEW_TOKENS)
+    rows = []
+    for q, a in zip(prompts, answers):
+        a = a if a.endswith((".", "!", "?")) else a[:a.rfind(".") + 1]   # an unfinished answer: whole sentences
+        if a.strip():
+            rows.append({"messages": system + [{"role": "user", "content": q},
+                                               {"role": "assistant", "content": a.strip()}], "split": "train"})
+    return rows
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -276,6 +310,9 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     # Re-worded copies replace repeated passes on small datasets; large ones get none (no extra cost).
     copies = min(settings.augment, max(0, TARGET_EXAMPLES_SEEN // max(n_rows, 1) - 1))
     train_rows = augment_rows(train_rows, copies, rng)
+    # Self-replay, with the system prompt the domain's rows use.
+    system = next((r["messages"][0]["content"] for r in train_rows if r["messages"][0]["role"] == "system"), None)
+    train_rows += replay_rows(model, tok, system, min(settings.replay, n_rows), rng)
     encoded = [encode_chat(tok, r["messages"], settings.max_seq_len) for r in train_rows]
     examples = [e for e in encoded if any(label != IGNORE_INDEX for label in e[1][1:])]
     if len(examples) < 1:

@@ -5,13 +5,14 @@ widgets; `build_ui` only lays out and wires them (`functools.partial` binds the 
 become a visible message in the tab's status line. Elements a browser test drives carry `elem_id`s.
 """
 
+import functools
 import html
+import inspect
 import json
 import shutil
 import tempfile
 import time
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -20,7 +21,7 @@ from .errors import AssistantError
 from .settings import BASE, DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
 
 STREAM_UPDATE_S = 0.05        # at most this often a streamed answer is pushed to the browser
-JOB_POLL_S = 1.0              # the Train tab's polling period while a job runs
+JOB_POLL_S = 2.0              # the Train tab's polling period while a job runs
 QUEUE_TEXT_CHARS = 160        # prompt/answer preview length in the review queue
 FEEDBACK_REASONS = ["wrong fact", "incomplete", "off topic", "outdated", "tone or style", "unsafe", "other"]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -279,6 +280,15 @@ def _last(messages, role) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == role), "")
 
 
+_export: list[Path] = []
+
+
+def _export_dir() -> Path:
+    if not _export:
+        _export.append(Path(tempfile.mkdtemp(prefix="assistant-export-")))
+    return _export[0]
+
+
 def data_view(service, domain):
     """-> queue rows, queue items (state), report rows, summary, snapshot file."""
     if not domain:
@@ -306,8 +316,9 @@ def data_view(service, domain):
     report = [[name, n] for name, n in r["removed"].items()]
     summary = (f"snapshot `{r['snapshot']}`: {r['candidates']} candidates → **{r['kept']} kept** "
                f"({r['train']} train / {r['eval']} eval)")
-    out = Path(tempfile.mkdtemp(prefix="assistant-export-")) / f"{domain}-{snap.hash[:12]}.jsonl"
-    shutil.copyfile(snap.path, out)   # a copy outside the state dir: Gradio never serves the state dir
+    out = _export_dir() / f"{domain}-{snap.hash[:12]}.jsonl"
+    if not out.exists():   # a copy outside the state dir: Gradio never serves the state dir
+        shutil.copyfile(snap.path, out)
     slim = [{"key": it["key"], "messages": it["messages"]} for it in items]
     return rows, slim, report, summary, str(out)
 
@@ -429,13 +440,16 @@ def retrain(service, domain, settings_text, model):
             *_job_outputs(service, service.job(job_id), model))
 
 
-def poll_job(service, job_id, model):
-    if not job_id:
-        return _job_outputs(service, None, model)
+def poll_job(service, job_id, model, seen):
+    """One timer tick: re-render only when the job moved (the browser redraws the plot otherwise)."""
     try:
-        return _job_outputs(service, service.job(job_id), model)
+        job = service.job(job_id) if job_id else None
     except AssistantError:
-        return _job_outputs(service, None, model)
+        job = None
+    stamp = None if job is None else [job["status"], job.get("step"), round(float(job.get("progress") or 0), 3)]
+    if stamp is not None and stamp == seen:
+        return (*(gr.skip() for _ in range(7)), seen)
+    return (*_job_outputs(service, job, model), stamp)
 
 
 def cancel(service, job_id, model):
@@ -486,8 +500,25 @@ def monitor_view(service, domain):
 
 
 # Layout ----------------------------------------------------------------------------------------------
+def _bind(fn, *bound):
+    """`fn` with its first arguments bound. Unlike functools.partial, the result keeps the remaining
+    signature and type hints, which Gradio reads to pass gr.Request / gr.LikeData / gr.SelectData."""
+    if inspect.isgeneratorfunction(fn):
+        def wrapper(*args, **kwargs):
+            yield from fn(*bound, *args, **kwargs)
+    else:
+        def wrapper(*args, **kwargs):
+            return fn(*bound, *args, **kwargs)
+    functools.update_wrapper(wrapper, fn)
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())[len(bound):]
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k in {p.name for p in params}}
+    return wrapper
+
+
 def build_ui(service) -> gr.Blocks:
-    P = partial
+    P = _bind
     with gr.Blocks(title="domain-assistant") as demo:
         gr.Markdown("# domain-assistant\nOne base model, many domain assistants that get better from your feedback.")
         with gr.Tabs():
@@ -572,6 +603,7 @@ def build_ui(service) -> gr.Blocks:
 
             with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
                 job_id = gr.State(None)
+                job_seen = gr.State(None)    # what the last timer tick rendered
                 timer = gr.Timer(JOB_POLL_S, active=False)
                 t_domain = gr.Dropdown(domain_names(service), label="Domain", elem_id="train-domain")
                 t_size = gr.Markdown("", elem_id="train-dataset")
@@ -665,8 +697,8 @@ def build_ui(service) -> gr.Blocks:
         t_domain.change(P(train_view, service), [t_domain, model], [t_size, job_id, t_version, *job_out])
         t_go.click(P(retrain, service), [t_domain, t_settings, model], [t_status, job_id, *job_out])
         t_cancel.click(P(cancel, service), [job_id, model], [t_status, *job_out])
-        timer.tick(P(poll_job, service), [job_id, model], job_out, concurrency_limit=None).then(
-            P(_versions, service), [t_domain, t_version], [t_version])
+        timer.tick(P(poll_job, service), [job_id, model, job_seen], [*job_out, job_seen], concurrency_limit=None)
+        t_summary.change(P(_versions, service), [t_domain, t_version], [t_version])
         t_activate.click(P(activate, service), [t_domain, t_version, model], [t_vstatus, model]).then(
             P(_versions, service), [t_domain, t_version], [t_version])
         t_rollback.click(P(rollback, service), [t_domain, model], [t_vstatus, model]).then(

@@ -20,7 +20,8 @@ def test_rouge_l():
 
 
 def _metrics(**kw):
-    base = {"eval_loss": 2.0, "eval_match": 0.3, "corrections_match": 0.1, "general_similarity": 1.0}
+    base = {"eval_loss": 2.0, "eval_match": 0.3, "corrections_match": 0.1, "general_similarity": 1.0,
+            "general_loss": 0.5}
     return {**base, **kw}
 
 
@@ -35,6 +36,7 @@ def test_gate_promotes_an_improvement():
     (dict(eval_loss=2.5), "held-out loss 2.500"),
     (dict(eval_match=0.1), "held-out match 0.10"),
     (dict(general_similarity=0.2), "general answers similarity to base 0.20"),
+    (dict(general_loss=2.0), "loss of the base's general answers 2.000"),
 ])
 def test_gate_blocks_with_a_reason(after, blocked):
     good = dict(eval_loss=1.5, eval_match=0.5, corrections_match=0.9, general_similarity=0.8)
@@ -77,6 +79,7 @@ def test_before_after_on_a_trained_tiny_adapter(tiny_llama, tmp_path):
         assert m["eval_loss"] > 0 and 0 <= m["eval_match"] <= 1 and 0 <= m["corrections_match"] <= 1
         assert len(m["general_answers"]) == 4
     assert before["general_similarity"] == 1.0 and 0 <= after["general_similarity"] <= 1
+    assert before["general_loss"] > 0 and after["general_loss"] != before["general_loss"]
     assert after["eval_loss"] != before["eval_loss"]          # the adapter is really on in "after"
 
     # "before" is the plain base: same greedy answers as a model without any adapter

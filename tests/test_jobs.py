@@ -16,7 +16,7 @@ import pytest
 
 from invented_facts import FACTS, SYSTEM_PROMPT, chat
 
-from assistant.errors import Conflict, DatasetTooSmall
+from assistant.errors import AssistantError, Conflict, DatasetTooSmall
 
 JOB_TIMEOUT = 300
 FAST = {"rank": 4, "alpha": 8, "learning_rate": 0.02, "epochs": 2, "batch_size": 4, "max_seq_len": 128}
@@ -89,7 +89,7 @@ def test_too_small_dataset_says_how_many(tiny_settings):
     with pytest.raises(DatasetTooSmall, match=f"at least {MIN_EXAMPLES}") as e:
         jobs.start_job(tiny_settings, store, registry, "tiny", {})
     assert e.value.status == 422 and store.list_jobs() == []
-    with pytest.raises(ValueError, match="unknown training setting"):
+    with pytest.raises(AssistantError, match="unknown training setting"):
         jobs.start_job(tiny_settings, store, registry, "tiny", {"learning_rat": 1})
 
 

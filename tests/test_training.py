@@ -10,7 +10,8 @@ import pytest
 
 from invented_facts import FACTS, SYSTEM_PROMPT, chat, rows, score
 
-TINY = dict(rank=4, alpha=8, learning_rate=2e-2, epochs=4, batch_size=4, max_seq_len=128)
+TINY = dict(rank=4, alpha=8, learning_rate=2e-2, epochs=4, batch_size=4, max_seq_len=128, augment=0,
+            replay=0)
 
 
 def _tiny_rows(n=8):
@@ -89,10 +90,11 @@ def test_same_seed_same_adapter(tiny_llama, tmp_path):
     from safetensors.torch import load_file
 
     from assistant.training import TrainSettings, train_adapter
-    s = TrainSettings(**TINY, dropout=0.1, augment=1)
+    s = TrainSettings(**{**TINY, "dropout": 0.1, "augment": 1})
     a = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "a", s)
     b = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "b", s)
-    c = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "c", TrainSettings(**TINY, dropout=0.1, augment=1, seed=1))
+    c = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "c",
+                      TrainSettings(**{**TINY, "dropout": 0.1, "augment": 1, "seed": 1}))
     wa, wb, wc = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in "abc")
     assert a.losses == b.losses
     assert all((wa[k] == wb[k]).all() for k in wa)
@@ -108,6 +110,21 @@ def test_settings_validate_with_names():
     assert TrainSettings.from_dict({"target_modules": ["q_proj"]}).target_modules == ("q_proj",)
     assert TrainSettings.from_dict(TrainSettings().to_dict()) == TrainSettings()
     assert auto_epochs(MIN_EXAMPLES) > auto_epochs(1000) == 1
+
+
+def test_augment_rewords_the_question_only():
+    import random
+
+    from assistant.training import augment_rows
+    rows = [{"messages": chat(q, a), "split": "train"} for q, a, _, _ in FACTS[:3]]
+    out = augment_rows(rows, 2, random.Random(0))
+    assert out[:3] == rows and len(out) == 9
+    for new in out[3:]:
+        original = next(r for r in rows if r["messages"][2] == new["messages"][2])   # same answer
+        assert new["messages"][0] == original["messages"][0]                          # same system prompt
+        assert new["messages"][1]["content"] != original["messages"][1]["content"]
+        assert original["messages"][1]["content"].rstrip("?")[1:].lower() in new["messages"][1]["content"].lower()
+    assert rows[0]["messages"][1]["content"] == FACTS[0][0]                           # inputs untouched
 
 
 def test_should_stop_saves_nothing(tiny_llama, tmp_path):
@@ -146,4 +163,5 @@ def test_embedded_model_learns_invented_facts(tmp_path):
     promote, reasons = gate(before, after, GateSettings())
     print("gate:", promote, reasons, after["general_answers"], before["general_answers"])
     assert after["general_similarity"] >= 0.5
+    assert "Paris" in after["general_answers"][0], after["general_answers"]   # not "Quillton"
     assert promote, reasons
