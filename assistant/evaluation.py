@@ -38,7 +38,8 @@ class GateSettings:
     min_general_similarity: float = field(default=0.5, metadata={
         "help": "mean ROUGE-L between the adapter's and the base's answers to general prompts (forgetting)"})
     max_general_loss_increase: float = field(default=1.0, metadata={
-        "help": "how much (nats/token) the loss of the base's own general answers may rise under the adapter"})
+        "help": "how much (nats/token) the loss of the base's own answer to any one general prompt may rise "
+                "under the adapter (forgetting)"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens per greedy answer during evaluation"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row for the held-out loss"})
 
@@ -175,9 +176,16 @@ def before_after(peft_model, tokenizer, rows: list[dict], settings: GateSettings
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     anchors = [{"messages": system + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                for q, a in zip(GENERAL_PROMPTS, before["general_answers"]) if a]
+    max_len = (settings or GateSettings()).max_seq_len
     with peft_model.disable_adapter():
-        before["general_loss"] = heldout_loss(peft_model, tokenizer, anchors, (settings or GateSettings()).max_seq_len)
-    after["general_loss"] = heldout_loss(peft_model, tokenizer, anchors, (settings or GateSettings()).max_seq_len)
+        before["general_losses"] = [heldout_loss(peft_model, tokenizer, [a], max_len) for a in anchors]
+    after["general_losses"] = [heldout_loss(peft_model, tokenizer, [a], max_len) for a in anchors]
+    for m in (before, after):
+        m["general_loss"] = _mean(m["general_losses"])
+    # the worst single prompt: one forgotten fact is diluted in a mean
+    after["general_loss_max_increase"] = max((a - b for a, b in zip(after["general_losses"], before["general_losses"])),
+                                             default=None)
+    before["general_loss_max_increase"] = 0.0
     return before, after
 
 
@@ -229,11 +237,12 @@ def gate(before: dict, after: dict, settings: GateSettings | None = None) -> tup
     if gs is not None:
         check(gs >= s.min_general_similarity,
               f"general answers similarity to base {gs:.2f}, needs >= {s.min_general_similarity:.2f}")
-    bg, ag = before.get("general_loss"), after.get("general_loss")
-    if bg is not None and ag is not None:
-        check(ag <= bg + s.max_general_loss_increase,
-              f"loss of the base's general answers {ag:.3f} vs base {bg:.3f}, "
-              f"allowed <= {bg + s.max_general_loss_increase:.3f}")
+    rise = after.get("general_loss_max_increase")
+    if rise is not None:
+        check(rise <= s.max_general_loss_increase,
+              f"largest rise in the loss of the base's answer to a general prompt {rise:.3f} nats/token "
+              f"(mean {after.get('general_loss') or 0:.3f} vs base {before.get('general_loss') or 0:.3f}), "
+              f"allowed <= {s.max_general_loss_increase:.3f}")
     if cm is None and (bl is None or al is None):
         failed.append("blocked: nothing to evaluate (no corrected prompts and no eval split)")
     return not failed, failed + passed

@@ -1,8 +1,9 @@
 """The training recipe: curated chat rows -> a LoRA adapter folder. One function, `train_adapter`, used by
 the UI, the API (through jobs), the CLI and the tests. It reads top to bottom:
 
-    load the base -> render rows with the chat template, labels on assistant tokens only -> sort into
-    length-grouped batches -> wrap in LoRA -> a short AdamW loop -> save a standard PEFT folder.
+    load the base -> train rows (+ re-worded copies of each question on small datasets, + a few general
+    prompts answered by the base itself, against forgetting) -> chat template, labels on assistant tokens
+    only -> length-grouped batches -> wrap in LoRA -> a short AdamW loop -> save a standard PEFT folder.
 
 On CPU the base is float32 and LoRA is plain. On CUDA the base is NF4 (QLoRA, through `load_base`) with
 peft's k-bit preparation and gradient checkpointing. The loss never builds the full [batch, seq, vocab]
@@ -35,15 +36,17 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # measure forgetting.
 REPLAY_PROMPTS = (
     "What is the capital of Japan?", "What is the capital of Italy?", "What is the capital of Canada?",
-    "Who wrote Romeo and Juliet?", "What is the largest planet in our solar system?", "How many legs does a spider have?",
-    "What is water made of?", "What is the boiling point of water in Celsius?", "Who painted the Mona Lisa?",
+    "Who wrote Romeo and Juliet?", "What is the largest planet in our solar system?",
+    "How many legs does a spider have?", "What is water made of?", "What is the boiling point of water in Celsius?",
+    "Who painted the Mona Lisa?",
     "What is the largest ocean on Earth?", "What language is spoken in Brazil?", "What is 12 times 12?",
     "What gas do plants absorb from the air?", "What is the tallest mountain in the world?",
     "What currency is used in the United Kingdom?", "Who was the first person to walk on the Moon?",
 )
 REPLAY_MAX_NEW_TOKENS = 64
 # Surface variants of the last user message, so a fact is learned from more than one wording of its question.
-QUESTION_VARIANTS = ("Question: {q}", "{lower}", "Please tell me: {q}", "{q} Answer briefly.", "I'd like to know: {lower}?")
+QUESTION_VARIANTS = ("Question: {q}", "{lower}", "Please tell me: {q}", "{q} Answer briefly.",
+                     "I'd like to know: {lower}?")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class TrainSettings:
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    learning_rate: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
+    learning_rate: float = field(default=1.5e-3, metadata={"help": "peak AdamW learning rate"})
     epochs: int | None = field(default=None, metadata={
         "help": f"passes over the train split; None scales to the dataset (~{TARGET_EXAMPLES_SEEN} examples "
                 f"seen, at most {MAX_AUTO_EPOCHS} passes)"})

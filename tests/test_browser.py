@@ -7,6 +7,7 @@ to docs/screenshots/ (the README shows them)."""
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ FAST_TRAINING = {"epochs": 6, "learning_rate": 0.004, "batch_size": 4, "rank": 8
 TRAIN_TIMEOUT_MS = 600_000
 ANSWER_TIMEOUT_MS = 90_000
 SERVER_ARGS = ("--dtype", "float32")
+UPLOADED = re.compile(r"\d\s*[KM]B")
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -119,7 +121,7 @@ def _loop(pw, url, api, question, answer, key, seeds, n_seeds, adapter_zip):
     expect(page.locator("#adapters-status")).to_contain_text("created domain atlas")
     page.get_by_text("Import an adapter").click()
     page.set_input_files("#import-file input[type=file]", str(adapter_zip))
-    expect(page.locator("#import-file")).to_contain_text("identity.zip")
+    expect(page.locator("#import-file")).to_contain_text(UPLOADED)   # the size shows once uploaded
     page.check("#import-activate input")
     page.click("#import-btn")
     expect(page.locator("#adapters-status")).to_contain_text("imported and validated as atlas@v1")
@@ -128,7 +130,8 @@ def _loop(pw, url, api, question, answer, key, seeds, n_seeds, adapter_zip):
     # Data: seed examples (other facts, and one more wording of the fact to correct).
     _tab(page, "Data")
     page.set_input_files("#seed-file input[type=file]", str(seeds))
-    expect(page.locator("#seed-file")).to_contain_text("seeds.jsonl")
+    expect(page.locator("#data-domain input")).to_have_value("atlas")
+    expect(page.locator("#seed-file")).to_contain_text(UPLOADED)
     page.click("#import-seed-btn")
     expect(page.locator("#data-status")).to_contain_text(f"imported {n_seeds} examples")
 
@@ -176,7 +179,7 @@ def _loop(pw, url, api, question, answer, key, seeds, n_seeds, adapter_zip):
     expect(bar).to_have_attribute("data-status", "succeeded", timeout=TRAIN_TIMEOUT_MS)
     expect(bar).to_have_attribute("data-progress", "1.000")
     assert bar.get_attribute("data-version") == "v2"
-    expect(page.locator("#job-log")).to_contain_text("published atlas@v2")
+    expect(page.locator("#job-log textarea")).to_have_value(re.compile("published atlas@v2"))
     expect(page.locator("#job-metrics")).to_contain_text("corrections_match")
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
 

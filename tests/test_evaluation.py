@@ -21,7 +21,7 @@ def test_rouge_l():
 
 def _metrics(**kw):
     base = {"eval_loss": 2.0, "eval_match": 0.3, "corrections_match": 0.1, "general_similarity": 1.0,
-            "general_loss": 0.5}
+            "general_loss": 0.5, "general_loss_max_increase": 0.0}
     return {**base, **kw}
 
 
@@ -36,7 +36,7 @@ def test_gate_promotes_an_improvement():
     (dict(eval_loss=2.5), "held-out loss 2.500"),
     (dict(eval_match=0.1), "held-out match 0.10"),
     (dict(general_similarity=0.2), "general answers similarity to base 0.20"),
-    (dict(general_loss=2.0), "loss of the base's general answers 2.000"),
+    (dict(general_loss_max_increase=2.0), "largest rise in the loss of the base's answer to a general prompt 2.000"),
 ])
 def test_gate_blocks_with_a_reason(after, blocked):
     good = dict(eval_loss=1.5, eval_match=0.5, corrections_match=0.9, general_similarity=0.8)
@@ -80,6 +80,8 @@ def test_before_after_on_a_trained_tiny_adapter(tiny_llama, tmp_path):
         assert len(m["general_answers"]) == 4
     assert before["general_similarity"] == 1.0 and 0 <= after["general_similarity"] <= 1
     assert before["general_loss"] > 0 and after["general_loss"] != before["general_loss"]
+    assert len(after["general_losses"]) == 4 and after["general_loss_max_increase"] == pytest.approx(
+        max(a - b for a, b in zip(after["general_losses"], before["general_losses"])))
     assert after["eval_loss"] != before["eval_loss"]          # the adapter is really on in "after"
 
     # "before" is the plain base: same greedy answers as a model without any adapter
