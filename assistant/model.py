@@ -220,17 +220,21 @@ def config_shapes(config) -> dict:
 
 def fingerprint(model, name: str) -> dict:
     """What identifies a base for adapters: its shapes, a hash of the shape config, and a hash of a fixed
-    sample of its weights (two bases of the same shapes but different weights differ)."""
+    sample of its weights (two bases of the same shapes but different weights differ).
+
+    The sample comes from tensors that quantization never touches (embeddings, norms) and is rounded
+    to bfloat16, so the same base loaded in float32, bfloat16 or NF4 has one fingerprint."""
     import torch
     shapes = config_shapes(model.config)
     config_hash = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
     h = hashlib.sha256()
     params = dict(model.named_parameters())
-    for key in sorted(params)[:4] + sorted(params)[-2:]:
-        p = params[key].detach()
-        sample = p.reshape(-1)[:4096].to("cpu", torch.float32)
+    picked = sorted(k for k, p in params.items() if "embed" in k or "norm" in k)
+    for key in picked[:3] + picked[-2:]:
+        flat = params[key].detach().reshape(-1)
+        sample = torch.cat([flat[:2048], flat[flat.numel() // 2:flat.numel() // 2 + 2048]])
         h.update(key.encode())
-        h.update(sample.numpy().round(4).tobytes())
+        h.update(sample.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
     return {"name": name, "architecture": (model.config.architectures or [type(model).__name__])[0],
             "shapes": shapes, "config_hash": config_hash, "weights_hash": h.hexdigest()[:16]}
 

@@ -388,13 +388,16 @@ def _progress_html(job: dict | None) -> str:
 
 def _job_outputs(service, job: dict | None, model):
     import pandas as pd
-    losses = pd.DataFrame((job or {}).get("losses") or [], columns=["step", "loss"])
+    losses = pd.DataFrame((job or {}).get("losses") or [], columns=["step", "loss"]).astype(
+        {"step": "int64", "loss": "float64"})   # typed, or an empty first frame makes the axes nominal
     log = (job or {}).get("log") or ""
     if job and job.get("error"):
         log += f"\nERROR: {job['error']}"
     metrics = (job or {}).get("metrics") or {}
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
-    table = [[k, before.get(k), after.get(k)] for k in dict.fromkeys([*before, *after])
+    def num(v):
+        return round(v, 3) if isinstance(v, float) else v
+    table = [[k, num(before.get(k)), num(after.get(k))] for k in dict.fromkeys([*before, *after])
              if not isinstance(before.get(k, after.get(k)), (dict, list))]
     summary = ""
     if job and job["status"] in TERMINAL:

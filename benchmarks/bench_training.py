@@ -21,7 +21,9 @@ from common import print_table  # noqa: E402  (also sets offline mode)
 
 ROWS = 32
 REPEATS = 2
-SETTINGS = dict(rank=16, alpha=32, learning_rate=1e-3, epochs=1, batch_size=8, max_seq_len=512, seed=0, augment=0, replay=0)
+# augment/replay off: both sides train on exactly the same rows.
+SETTINGS = dict(rank=16, alpha=32, learning_rate=1e-3, epochs=1, batch_size=8, max_seq_len=512, seed=0,
+                augment=0, replay=0)
 
 
 def bench_rows(n: int = ROWS, seed: int = 0) -> list[dict]:
