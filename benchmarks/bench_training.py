@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from common import print_table  # noqa: E402  (also sets offline mode)
 
-ROWS = 32
+ROWS = 24
 REPEATS = 2
 # augment/replay off: both sides train on exactly the same rows.
 SETTINGS = dict(rank=16, alpha=32, learning_rate=1e-3, epochs=1, batch_size=8, max_seq_len=512, seed=0,
