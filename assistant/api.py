@@ -7,14 +7,13 @@ import asyncio
 import base64
 import hmac
 import json
-import time
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .errors import AssistantError, NotFound
+from .errors import AssistantError
 from .registry import check_name, check_version
 from .settings import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
 

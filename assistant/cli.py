@@ -76,7 +76,6 @@ def cmd_curate(args) -> int:
     s, store, registry = _store_and_registry(args)
     registry.get_domain(args.domain)
     if args.examples:
-        from .store import Store  # noqa: F401
         rows = [json.loads(line) for line in open(args.examples) if line.strip()]
         added, rejected = store.add_examples(args.domain, rows, source="seed")
         print(f"imported {added} examples, rejected {len(rejected)}", file=sys.stderr)
@@ -115,7 +114,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_adapters(args) -> int:
-    from .service import _safe_unzip  # noqa: F401
     s, store, registry = _store_and_registry(args)
     if args.action == "list":
         for d in registry.list_domains():

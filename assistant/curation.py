@@ -215,15 +215,20 @@ def _user_cap(kept: list[dict], opts: CurationSettings) -> None:
 
 
 def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> None:
-    """Hash-based eval pick, then move to train any eval row too close to a train row (exact check)."""
+    """Hash-based eval pick among non-corrections, then move to train any eval row too close to a train row."""
     for it in kept:
         it["split"] = "train"
     if len(kept) < MIN_ROWS_FOR_EVAL or opts.eval_fraction <= 0:
         return
     scores = [int(it["row_hash"][:12], 16) / 16 ** 12 for it in kept]
-    eval_idx = {i for i, s in enumerate(scores) if s < opts.eval_fraction}
+    # Corrections always train: a user who corrected an answer expects that answer to be learned
+    # (the gate checks every one of them); held-out rows come from seeds and thumbs-up answers.
+    eligible = [i for i, it in enumerate(kept) if it.get("source") != "correction"]
+    if not eligible:
+        return
+    eval_idx = {i for i in eligible if scores[i] < opts.eval_fraction}
     if not eval_idx:
-        eval_idx = {min(range(len(kept)), key=lambda i: scores[i])}
+        eval_idx = {min(eligible, key=lambda i: scores[i])}
     while True:
         ev = sorted(eval_idx)
         tr = [i for i in range(len(kept)) if i not in eval_idx]

@@ -5,7 +5,6 @@ domains and adapters. Holds the resident base, the engine, the registry and the 
 
 from __future__ import annotations
 
-import json
 import queue
 import shutil
 import tempfile

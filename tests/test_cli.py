@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def cli(home, *args, check=True):
     env = dict(os.environ, ASSISTANT_HOME=str(home), HF_HUB_OFFLINE="1")

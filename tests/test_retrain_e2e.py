@@ -1,0 +1,81 @@
+"""The loop closes, over HTTP on the embedded model: a domain answers 20 invented facts wrongly, its users
+correct every answer, one training job later the domain answers them (and paraphrases) correctly, while
+`base` and another domain answer exactly as before, and chat keeps answering during training."""
+
+import json
+import time
+
+import httpx
+import pytest
+
+from helpers import running_server
+from invented_facts import FACTS, SYSTEM_PROMPT, score
+
+pytestmark = pytest.mark.slow
+JOB_TIMEOUT_S = 1200
+GENERAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def ask(url, model, question, system=None):
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    r = httpx.post(url + "/v1/chat/completions", timeout=300,
+                   json={"model": model, "messages": msgs, "temperature": 0, "max_tokens": 40})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body["id"], body["choices"][0]["message"]["content"], body.get("adapter_version")
+
+
+def test_corrections_train_a_new_version_that_answers_them(tmp_path, embedded_path):
+    with running_server(tmp_path) as (url, _):
+        assert httpx.post(url + "/api/domains", json={"name": "atlas", "system_prompt": SYSTEM_PROMPT,
+                                                      "description": "invented places"}).status_code == 201
+        assert httpx.post(url + "/api/domains", json={"name": "cooking", "system_prompt": "You are a chef.",
+                                                      "description": "recipes"}).status_code == 201
+        general_before = ask(url, "base", GENERAL[0]["content"])[1]
+        other_before = ask(url, "cooking", "How do I boil an egg?")[1]
+
+        answers = []
+        for q, a, _, _ in FACTS:
+            rid, text, version = ask(url, "atlas", q)
+            assert version is None   # no adapter yet: the base answers with the domain's prompt
+            answers.append(text)
+            r = httpx.post(url + "/api/feedback", json={"response_id": rid, "rating": "down",
+                                                        "reason": "wrong fact", "correction": a})
+            assert r.status_code == 201
+        assert score(answers) <= 2, answers
+
+        report = httpx.get(url + "/api/domains/atlas/dataset", timeout=300).json()
+        assert report["kept"] == 20 and report["train"] == 20, report
+
+        t0 = time.time()
+        r = httpx.post(url + "/api/domains/atlas/train", json={}, timeout=60)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        assert httpx.post(url + "/api/domains/atlas/train", json={}, timeout=60).status_code == 409
+        during = None
+        while True:
+            job = httpx.get(f"{url}/api/jobs/{job_id}", timeout=30).json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            if during is None and job["status"] == "running" and job["step"] >= 1:
+                during = ask(url, "base", GENERAL[0]["content"])[1]   # chat keeps answering
+            assert time.time() - t0 < JOB_TIMEOUT_S, job
+            time.sleep(2)
+        duration = time.time() - t0
+        print("\nretrain job:", json.dumps({"seconds": round(duration, 1), "steps": job["total_steps"],
+                                            "metrics": job["metrics"]}, default=str)[:2000])
+        assert job["status"] == "succeeded", job["error"]
+        assert job["promoted"] is True and job["adapter_version"] == "v1"
+        assert during == general_before
+
+        after = [ask(url, "atlas", q) for q, _, _, _ in FACTS]
+        assert {v for _, _, v in after} == {"v1"}
+        assert score([t for _, t, _ in after]) >= 18, [t for _, t, _ in after]
+        paraphrased = [ask(url, "atlas", p)[1] for _, _, _, p in FACTS]
+        assert score(paraphrased) >= 14, paraphrased
+        assert ask(url, "base", GENERAL[0]["content"])[1] == general_before
+        assert ask(url, "cooking", "How do I boil an egg?")[1] == other_before
+        adapters = httpx.get(url + "/api/domains/atlas/adapters").json()
+        card = adapters[0]["card"]
+        assert adapters[0]["active"] and card["dataset_snapshot"] == report["snapshot"]
+        assert len(card["feedback_ids"]) == 20 and card["base_fingerprint"]["name"] == "SmolLM2-135M-Instruct"
