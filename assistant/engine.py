@@ -207,6 +207,8 @@ class LlamaRunner:
         self.bank = LoraBank(len(self.layers), groups, "model.layers", max_slots=max_slots,
                              dtype=self.dtype, device=device)
         self.max_batch = max_batch
+        # Small bf16 matmuls are slow on CPU; the fused attention kernel is not.
+        self.sdpa_decode = True
         self.cap = 0
         self.k = self.v = None
         self._alloc(INITIAL_CACHE_TOKENS)
@@ -308,6 +310,10 @@ class LlamaRunner:
             K, V = self.k[li], self.v[li]
             K[ar, :, pos] = k
             V[ar, :, pos] = v
+            if self.sdpa_decode:
+                o = F.scaled_dot_product_attention(q.unsqueeze(2), K[:B, :, :Tc], V[:B, :, :Tc], attn_mask=keep,
+                                                   enable_gqa=self.KH != self.H, scale=self.scale)
+                return o.reshape(B, self.H * self.D)
             qg = q.view(B, self.KH, G, self.D)
             s = torch.matmul(qg, K[:B, :, :Tc].transpose(-1, -2)).float() * self.scale + mask
             p = torch.softmax(s, dim=-1).to(q.dtype)
