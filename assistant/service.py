@@ -348,6 +348,48 @@ class Service:
                 "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}
 
 
+    # Training jobs (jobs.py), review and monitoring: thin calls for the API, UI and CLI ----------
+    def start_training(self, domain: str, train_settings: dict | None = None) -> str:
+        from . import jobs
+        self.require_domain(domain)
+        return jobs.start_job(self.settings, self.store, self.registry, domain, train_settings or {})
+
+    def job(self, job_id: str) -> dict:
+        job = self.store.get_job(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            raise NotFound(f"no job {str(job_id)[:64]!r}")
+        return job
+
+    def cancel_job(self, job_id: str) -> dict:
+        from . import jobs
+        self.job(job_id)
+        jobs.cancel_job(self.settings, self.store, job_id)
+        return self.job(job_id)
+
+    def review_queue(self, domain: str) -> list[dict]:
+        self.require_domain(domain)
+        return self.curator().review_queue(domain)
+
+    def review(self, domain: str, key: str, status: str | None, messages: list | None = None) -> None:
+        """Approve / reject (status) a candidate, or replace its messages (an edit)."""
+        self.require_domain(domain)
+        if not isinstance(key, str) or not key.startswith(("example:", "feedback:")):
+            raise AssistantError("pick a row of the review queue first", param="key")
+        try:
+            self.store.set_review(domain, key, status, messages)
+        except ValueError as e:
+            raise AssistantError(str(e)) from None
+
+    def metrics(self, domain: str) -> dict:
+        from .monitoring import domain_metrics
+        return domain_metrics(self, domain)
+
+    def jobs(self, domain: str | None = None) -> list[dict]:
+        if domain is not None:
+            self.require_domain(domain)
+        return self.store.list_jobs(domain)
+
+
 def _safe_unzip(zpath: Path, dest: Path) -> None:
     """Extract only the adapter files, flattening folders; refuse links, absolute paths and '..'."""
     dest.mkdir(parents=True)
@@ -372,64 +414,3 @@ def _safe_unzip(zpath: Path, dest: Path) -> None:
                     shutil.copyfileobj(src, out)
     except zipfile.BadZipFile as e:
         raise InvalidAdapter(f"not a valid zip file ({e}): zip the adapter folder and upload again") from None
-
-
-# Training jobs live in jobs.py; these thin methods give the API, UI and CLI one place to call.
-def _start_training(self: Service, domain: str, train_settings: dict | None = None) -> str:
-    from . import jobs
-    self.require_domain(domain)
-    return jobs.start_job(self.settings, self.store, self.registry, domain, train_settings or {})
-
-
-def _job(self: Service, job_id: str) -> dict:
-    job = self.store.get_job(job_id) if isinstance(job_id, str) else None
-    if job is None:
-        raise NotFound(f"no job {str(job_id)[:64]!r}")
-    return job
-
-
-def _cancel_job(self: Service, job_id: str) -> dict:
-    from . import jobs
-    self.job(job_id)
-    jobs.cancel_job(self.settings, self.store, job_id)
-    return self.job(job_id)
-
-
-Service.start_training = _start_training
-Service.job = _job
-Service.cancel_job = _cancel_job
-
-
-# Review, monitoring and job listing: thin additions for the UI (review decisions live in the store,
-# metrics in monitoring.py).
-def _review_queue(self: Service, domain: str) -> list[dict]:
-    self.require_domain(domain)
-    return self.curator().review_queue(domain)
-
-
-def _review(self: Service, domain: str, key: str, status: str | None, messages: list | None = None) -> None:
-    """Approve / reject (status) a candidate, or replace its messages (an edit)."""
-    self.require_domain(domain)
-    if not isinstance(key, str) or not key.startswith(("example:", "feedback:")):
-        raise AssistantError("pick a row of the review queue first", param="key")
-    try:
-        self.store.set_review(domain, key, status, messages)
-    except ValueError as e:
-        raise AssistantError(str(e)) from None
-
-
-def _metrics(self: Service, domain: str) -> dict:
-    from .monitoring import domain_metrics
-    return domain_metrics(self, domain)
-
-
-def _jobs(self: Service, domain: str | None = None) -> list[dict]:
-    if domain is not None:
-        self.require_domain(domain)
-    return self.store.list_jobs(domain)
-
-
-Service.review_queue = _review_queue
-Service.review = _review
-Service.metrics = _metrics
-Service.jobs = _jobs
