@@ -207,8 +207,6 @@ class LlamaRunner:
         self.bank = LoraBank(len(self.layers), groups, "model.layers", max_slots=max_slots,
                              dtype=self.dtype, device=device)
         self.max_batch = max_batch
-        # Small bf16 matmuls are slow on CPU; the fused attention kernel is not.
-        self.sdpa_decode = True
         self.cap = 0
         self.k = self.v = None
         self._alloc(INITIAL_CACHE_TOKENS)
@@ -302,22 +300,16 @@ class LlamaRunner:
         slot_t = torch.tensor(slots, device=self.device)
         uniform = slots[0] if all(s == slots[0] for s in slots) else None
         ar = torch.arange(B, device=self.device)
-        G = self.H // self.KH
         keep = (torch.arange(Tc, device=self.device)[None, :] <= pos[:, None]).view(B, 1, 1, Tc)
-        mask = torch.zeros(B, 1, 1, Tc, dtype=torch.float32, device=self.device).masked_fill_(~keep, float("-inf"))
 
         def attend(li, q, k, v):
             K, V = self.k[li], self.v[li]
             K[ar, :, pos] = k
             V[ar, :, pos] = v
-            if self.sdpa_decode:
-                o = F.scaled_dot_product_attention(q.unsqueeze(2), K[:B, :, :Tc], V[:B, :, :Tc], attn_mask=keep,
-                                                   enable_gqa=self.KH != self.H, scale=self.scale)
-                return o.reshape(B, self.H * self.D)
-            qg = q.view(B, self.KH, G, self.D)
-            s = torch.matmul(qg, K[:B, :, :Tc].transpose(-1, -2)).float() * self.scale + mask
-            p = torch.softmax(s, dim=-1).to(q.dtype)
-            return torch.matmul(p, V[:B, :, :Tc]).reshape(B, self.H * self.D)
+            # The fused kernel: small bf16 matmuls are slow on CPU, this is not.
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), K[:B, :, :Tc], V[:B, :, :Tc], attn_mask=keep,
+                                               enable_gqa=self.KH != self.H, scale=self.scale)
+            return o.reshape(B, self.H * self.D)
 
         x = self._layers(self.embed(t), pos, slot_t, uniform, attend)
         return self.logits(x)
@@ -334,11 +326,11 @@ def eos_ids(tokenizer, model) -> set[int]:
             ids.add(v)
         elif isinstance(v, (list, tuple)):
             ids.update(int(i) for i in v)
+    # End-of-turn markers of common chat templates, when the tokenizer has them as special tokens.
+    vocab, special = tokenizer.get_vocab(), set(tokenizer.all_special_tokens or [])
     for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tok in tokenizer.get_vocab():
-            if tok in (tokenizer.all_special_tokens or []) or tok == "<|im_end|>":
-                ids.add(tid)
+        if tok in vocab and (tok in special or tok == "<|im_end|>"):
+            ids.add(vocab[tok])
     return ids
 
 
@@ -362,9 +354,6 @@ class Engine:
         self.thread.start()
 
     # Adapters ----------------------------------------------------------------------------------
-    def supports_adapters(self) -> bool:
-        return self.runner is not None
-
     def module_shapes(self) -> dict:
         if self.runner is not None:
             return self.runner.module_shapes()
