@@ -25,6 +25,9 @@ JOB_POLL_S = 2.0              # the Train tab's polling period while a job runs
 QUEUE_TEXT_CHARS = 160        # prompt/answer preview length in the review queue
 FEEDBACK_REASONS = ["wrong fact", "incomplete", "off topic", "outdated", "tone or style", "unsafe", "other"]
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Events that rewrite the domain dropdowns run one at a time, in the order they were sent: a tab's refresh
+# that started before "Create domain" can then never land after it and blank the new domain.
+DOMAINS = {"concurrency_id": "domain-dropdowns", "concurrency_limit": 1}
 QUEUE_HEADERS = ["#", "source", "rating", "status", "prompt", "answer", "duplicate", "key"]
 
 _calls: dict[str, object] = {}   # session -> the chat call in flight (for Stop)
@@ -668,20 +671,20 @@ def build_ui(service) -> gr.Blocks:
 
         # Adapters
         a_out = [a_table, a_version, a_card, a_head]
-        adapters_tab.select(P(refresh_domain, service), [a_domain], [a_domain]).then(
+        adapters_tab.select(P(refresh_domain, service), [a_domain], [a_domain], **DOMAINS).then(
             P(adapters_view, service), [a_domain], a_out)
         a_domain.change(P(adapters_view, service), [a_domain], a_out)
         a_version.input(P(show_card, service), [a_domain, a_version], [a_card])
         a_activate.click(P(activate, service), [a_domain, a_version, model], [a_status, model]).then(
             P(adapters_view, service), [a_domain, a_version], a_out)
         c_btn.click(P(create_domain, service), [c_name, c_prompt, c_desc],
-                    [a_status, a_domain, d_domain, t_domain, m_domain, model])
+                    [a_status, a_domain, d_domain, t_domain, m_domain, model], **DOMAINS)
         i_btn.click(P(import_adapter, service), [a_domain, i_file, i_active, model], [a_status, model]).then(
             P(adapters_view, service), [a_domain], a_out)
 
         # Data
         d_out = [d_queue, items, d_report, d_summary, d_download]
-        data_tab.select(P(refresh_domain, service), [d_domain], [d_domain]).then(
+        data_tab.select(P(refresh_domain, service), [d_domain], [d_domain], **DOMAINS).then(
             P(data_view, service), [d_domain], d_out)
         d_domain.change(P(data_view, service), [d_domain], d_out)
         d_refresh.click(P(data_view, service), [d_domain], d_out)
@@ -695,7 +698,7 @@ def build_ui(service) -> gr.Blocks:
 
         # Train
         job_out = [t_progress, t_loss, t_log, t_metrics, t_summary, timer, model]
-        train_tab.select(P(refresh_domain, service), [t_domain], [t_domain]).then(
+        train_tab.select(P(refresh_domain, service), [t_domain], [t_domain], **DOMAINS).then(
             P(train_view, service), [t_domain, model], [t_size, job_id, t_version, *job_out])
         t_domain.change(P(train_view, service), [t_domain, model], [t_size, job_id, t_version, *job_out])
         t_go.click(P(retrain, service), [t_domain, t_settings, model], [t_status, job_id, *job_out])
@@ -709,7 +712,7 @@ def build_ui(service) -> gr.Blocks:
 
         # Monitor
         m_out = [m_head, m_versions, m_answers, m_rates, m_drift, m_json]
-        monitor_tab.select(P(refresh_domain, service), [m_domain], [m_domain]).then(
+        monitor_tab.select(P(refresh_domain, service), [m_domain], [m_domain], **DOMAINS).then(
             P(monitor_view, service), [m_domain], m_out)
         m_domain.change(P(monitor_view, service), [m_domain], m_out)
         m_refresh.click(P(monitor_view, service), [m_domain], m_out)

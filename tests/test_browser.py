@@ -118,6 +118,7 @@ def _loop(pw, url, api, question, answer, key, seeds, n_seeds, adapter_zip):
     page.fill("#new-domain-prompt textarea", SYSTEM_PROMPT)
     page.click("#create-domain-btn")
     expect(page.locator("#adapters-status")).to_contain_text("created domain atlas")
+    expect(page.locator("#adapters-domain input")).to_have_value("atlas")
     page.get_by_text("Import an adapter").click()
     page.set_input_files("#import-file input[type=file]", str(adapter_zip))
     expect(page.locator("#import-file")).to_contain_text(UPLOADED)   # the size shows once uploaded
