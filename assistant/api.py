@@ -264,20 +264,11 @@ async def _watch_disconnect(call, request: Request):
 
 
 async def _events(call, request: Request):
-    """The handle's events, ending early (and cancelling generation) when the client goes away."""
-    aq = call.handle.aq
-    while True:
-        try:
-            ev = await asyncio.wait_for(aq.get(), timeout=DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            ev = None
-        if await request.is_disconnected():
-            call.handle.cancel()
-            return
-        if ev is not None:
-            yield ev
-            if ev.kind != "token":
-                return
+    """The handle's events up to the last one. A client that goes away is noticed by `_watch_disconnect`
+    (not here, once per token: that costs the decode loop the GIL), which cancels generation; the engine
+    then ends the request with finish_reason "cancelled"."""
+    async for ev in call.handle.aiter():
+        yield ev
 
 
 async def _stream(service, call, include_usage: bool, request: Request):
@@ -315,7 +306,7 @@ async def _complete(service, call, request: Request):
 
     try:
         reason = await collect()
-        if reason is None:  # the client went away
+        if reason == "cancelled" and await request.is_disconnected():  # the client went away
             return Response(status_code=499)
     finally:
         call.handle.cancel()

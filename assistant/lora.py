@@ -5,13 +5,14 @@ is a *slot* in stacked tensors, so choosing an adapter for a request is an integ
 mix adapters freely. Slot 0 is all zeros: the base model.
 
 Per projection group (qkv, o, gate_up, down) and layer we keep
-    At[slot]: [in, R_total]   (the A matrices of the group's modules, transposed, side by side)
+    A[slot]:  [R_total, in]   (the A matrices of the group's modules, stacked)
     Bt[slot]: [R_total, out]  (block-diagonal B^T, with PEFT's scale alpha/r folded in)
 so a group's delta for rows of one slot is two small matmuls, and for mixed rows two bmm's.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
 import time
@@ -22,6 +23,10 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidAdapter
+
+
+KERNEL_MAX_ROWS = 64   # decode batches use the C kernel; a long prompt's rows go to the BLAS matmuls
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,15 @@ class LoraBank:
     def __init__(self, n_layers: int, groups: list[Group], layer_prefix: str, *, max_slots: int,
                  dtype, device, rank: int = 16):
         # LoRA math runs in float32 on CPU: tiny bf16 GEMMs there take milliseconds, fp32 microseconds.
-        if str(device).startswith("cpu"):
+        # The weights are kept in float32 too, except with the C kernel on a bfloat16 base: then they are
+        # stored like the base (half the bytes to read per token) and widened to float32 as they are read.
+        cpu = str(device).startswith("cpu")
+        self.kernel = None
+        if cpu:
+            from .kernels import lora_kernel
+            self.kernel = lora_kernel()
+        self.compute_dtype = torch.float32 if cpu else dtype
+        if cpu and not (self.kernel is not None and dtype == torch.bfloat16):
             dtype = torch.float32
         self.n_layers = n_layers
         self.groups = groups
@@ -52,27 +65,38 @@ class LoraBank:
         self.slots: OrderedDict[str, int] = OrderedDict()  # key -> slot, in LRU order
         self.in_use: dict[int, int] = {}                  # slot -> rows using it
         self.stamp: dict[str, float] = {}
+        # On CPU, decode steps (a few rows) go through one C call per group (assistant/kernels.py).
+        self._parts = [(ctypes.c_int64 * len(g.parts))(*(o for _, o in g.parts)) for g in groups]
         self._alloc()
 
     # Storage -----------------------------------------------------------------------------------
     def _alloc(self, keep: dict | None = None):
         S = self.max_slots + 1
-        self.At = [[torch.zeros(S, g.in_features, self.rank * len(g.parts), dtype=self.dtype, device=self.device)
+        self.A = [[torch.zeros(S, self.rank * len(g.parts), g.in_features, dtype=self.dtype, device=self.device)
                     for g in self.groups] for _ in range(self.n_layers)]
         self.Bt = [[torch.zeros(S, self.rank * len(g.parts), g.out_features, dtype=self.dtype, device=self.device)
                     for g in self.groups] for _ in range(self.n_layers)]
         # Per-slot views, made once: indexing a tensor per call costs a dispatch, a list lookup does not.
-        self.A_of = [[list(a.unbind(0)) for a in layer] for layer in self.At]
+        self.A_of = [[list(a.unbind(0)) for a in layer] for layer in self.A]
         self.B_of = [[list(b.unbind(0)) for b in layer] for layer in self.Bt]
+        # The kernel's per-group arguments that only change when the storage does.
+        self._kargs = [(g.in_features, self.rank, len(g.parts), ctypes.addressof(self._parts[gi]), g.out_features)
+                       for gi, g in enumerate(self.groups)]
+        # Scratch space for one row (input, t, output), used by the one thread that decodes.
+        self._scratch_t = torch.empty(max(g.in_features for g in self.groups) + self.rank * max(len(g.parts) for g in self.groups)
+                                      + max(g.out_features for g in self.groups), dtype=torch.float32)
+        self._scratch = self._scratch_t.data_ptr()
+        self._kptrs = [[(a.data_ptr(), b.data_ptr(), a.dtype == torch.bfloat16) for a, b in zip(la, lb)]
+                       for la, lb in zip(self.A, self.Bt)]
 
     def _grow_rank(self, r: int):
-        old_A, old_B, old_r = self.At, self.Bt, self.rank
+        old_A, old_B, old_r = self.A, self.Bt, self.rank
         self.rank = r
         self._alloc()
         for li in range(self.n_layers):
             for gi, g in enumerate(self.groups):
                 for pi in range(len(g.parts)):
-                    self.At[li][gi][:, :, pi * r:pi * r + old_r] = old_A[li][gi][:, :, pi * old_r:(pi + 1) * old_r]
+                    self.A[li][gi][:, pi * r:pi * r + old_r] = old_A[li][gi][:, pi * old_r:(pi + 1) * old_r]
                     self.Bt[li][gi][:, pi * r:pi * r + old_r, :] = old_B[li][gi][:, pi * old_r:(pi + 1) * old_r, :]
 
     def _index(self):
@@ -125,14 +149,14 @@ class LoraBank:
             R = self.rank
             for li in range(self.n_layers):
                 for gi in range(len(self.groups)):
-                    self.At[li][gi][slot].zero_()
+                    self.A[li][gi][slot].zero_()
                     self.Bt[li][gi][slot].zero_()
             for (li, suffix, ab), t in parsed.items():
                 if ab != "A":
                     continue
                 gi, pi, off, out = index[suffix]
                 B = parsed[(li, suffix, "B")]
-                self.At[li][gi][slot, :, pi * R:pi * R + r] = t.t().to(self.dtype)
+                self.A[li][gi][slot, pi * R:pi * R + r] = t.to(self.dtype)
                 self.Bt[li][gi][slot, pi * R:pi * R + r, off:off + out] = (B.t() * scale).to(self.dtype)
             self.slots[key] = slot
             self.slots.move_to_end(key)
@@ -171,10 +195,20 @@ class LoraBank:
         """out += LoRA delta for rows of h ([N, in]); rows [N] gives each row's slot."""
         if uniform == 0:
             return
-        h = h.to(self.dtype)
-        if uniform is not None:   # the common case: four dispatches per projection group
-            out.add_(torch.mm(torch.mm(h, self.A_of[layer][group][uniform]), self.B_of[layer][group][uniform]))
+        N = h.shape[0]
+        if (self.kernel is not None and N <= KERNEL_MAX_ROWS and h.dtype in _KERNEL_DTYPES
+                and out.dtype in _KERNEL_DTYPES and h.stride(-1) == 1 and out.stride(-1) == 1):
+            shape, weights = self._kargs[group], self._kptrs[layer][group]
+            if self.kernel(N, *shape, h.data_ptr(), h.stride(0), h.dtype == torch.bfloat16, out.data_ptr(),
+                           out.stride(0), out.dtype == torch.bfloat16, *weights, rows.data_ptr(), self._scratch):
+                raise RuntimeError("LoRA kernel failed")
             return
-        At, Bt = self.At[layer][group], self.Bt[layer][group]
-        t = torch.bmm(h.unsqueeze(1), At.index_select(0, rows))
-        out.add_(torch.bmm(t, Bt.index_select(0, rows)).squeeze(1))
+        cd = self.compute_dtype
+        h = h.to(cd)
+        if uniform is not None:   # one adapter for all rows: two matmuls
+            out.add_(torch.mm(torch.mm(h, self.A_of[layer][group][uniform].to(cd).t()),
+                              self.B_of[layer][group][uniform].to(cd)))
+            return
+        A, Bt = self.A[layer][group], self.Bt[layer][group]
+        t = torch.bmm(h.unsqueeze(1), A.index_select(0, rows).to(cd).transpose(1, 2))
+        out.add_(torch.bmm(t, Bt.index_select(0, rows).to(cd)).squeeze(1))

@@ -1,0 +1,182 @@
+"""A small C kernel for the LoRA delta on CPU, built once per machine with the system C compiler.
+
+Why: in decode, a LoRA group's delta `out += (h @ A) @ B` is four torch calls (cast, two tiny matmuls,
+add) that each cost a few microseconds of dispatch, 120 times per token on the embedded model, and the
+block-diagonal B of a fused group (q|k|v, gate|up) makes them read zeros. The kernel does one group in one
+call, reads only B's diagonal blocks, and gives every row the same arithmetic whatever the batch holds
+(a row's answer does not depend on which adapters its neighbours use).
+
+If there is no compiler, or ASSISTANT_KERNELS=0, `lora_kernel()` returns None and the torch path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+_HEADER = r"""
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = ((uint32_t)v) << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t f32_to_bf16(float f) {           /* round to nearest even, as torch does */
+    uint32_t u; memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;                    /* a NaN stays a NaN */
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
+}
+"""
+
+# One function per weight type (float32, bfloat16), written out rather than macro-generated so that each
+# loop is simple enough for the compiler to vectorize. For each row n with slot s = slots[n] > 0:
+#   t = A[s] @ h[n]                      A[s]: [RT, in], RT = R * P
+#   out[n, off_p : off_p + out_p] += t[p*R : (p+1)*R] @ B[s][p*R : (p+1)*R, off_p : off_p + out_p]
+# B[s] is [RT, out_total] and block-diagonal: only its diagonal blocks are read. Math in float32;
+# h and out are bfloat16 or float32, rows h_stride / out_stride elements apart.
+_BODY = r"""
+static int delta_WNAME(int64_t N, int64_t in, int64_t R, int64_t P, const int64_t *part_out, int64_t out_total,
+                       const void *h, int64_t h_stride, int h_bf16, void *out, int64_t out_stride, int out_bf16,
+                       const WTYPE *A, const WTYPE *B, const int64_t *slots, float *scratch) {
+    const int64_t RT = R * P;
+    float *restrict x = scratch, *restrict t = scratch + in, *restrict acc = scratch + in + RT;
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t s = slots[n];
+        if (s <= 0) continue;
+        const WTYPE *As = A + s * in * RT;
+        const WTYPE *Bs = B + s * RT * out_total;
+        if (h_bf16) {
+            const uint16_t *hn = (const uint16_t *)h + n * h_stride;
+            for (int64_t i = 0; i < in; i++) x[i] = bf16_to_f32(hn[i]);
+        } else {
+            memcpy(x, (const float *)h + n * h_stride, (size_t)in * sizeof(float));
+        }
+        for (int64_t j = 0; j < RT; j++) {
+            /* t[j] = x . A[j]: 64 independent lanes (four vector accumulators, so the adds overlap),
+             * folded in halves: a fixed order, the same for every row and batch. */
+            const WTYPE *restrict Aj = As + j * in;
+            float lane[64] = {0};
+            int64_t i = 0;
+            for (; i + 64 <= in; i += 64)
+                for (int k = 0; k < 64; k++) lane[k] += x[i + k] * WLOAD(Aj[i + k]);
+            for (; i < in; i++) lane[i & 63] += x[i] * WLOAD(Aj[i]);
+            for (int w = 32; w >= 1; w >>= 1)
+                for (int k = 0; k < w; k++) lane[k] += lane[k + w];
+            t[j] = lane[0];
+        }
+        memset(acc, 0, (size_t)out_total * sizeof(float));
+        int64_t off = 0;
+        for (int64_t p = 0; p < P; p++) {
+            const int64_t op = part_out[p];
+            float *restrict a = acc + off;
+            int64_t r = 0;
+            for (; r + 4 <= R; r += 4) {             /* four rows of B per pass over acc */
+                const float t0 = t[p * R + r], t1 = t[p * R + r + 1], t2 = t[p * R + r + 2], t3 = t[p * R + r + 3];
+                const WTYPE *restrict B0 = Bs + (p * R + r) * out_total + off;
+                const WTYPE *restrict B1 = B0 + out_total, *restrict B2 = B1 + out_total, *restrict B3 = B2 + out_total;
+                for (int64_t o = 0; o < op; o++)
+                    a[o] += t0 * WLOAD(B0[o]) + t1 * WLOAD(B1[o]) + t2 * WLOAD(B2[o]) + t3 * WLOAD(B3[o]);
+            }
+            for (; r < R; r++) {
+                const float tr = t[p * R + r];
+                const WTYPE *restrict Br = Bs + (p * R + r) * out_total + off;
+                for (int64_t o = 0; o < op; o++) a[o] += tr * WLOAD(Br[o]);
+            }
+            off += op;
+        }
+        if (out_bf16) {
+            uint16_t *restrict y = (uint16_t *)out + n * out_stride;
+            for (int64_t o = 0; o < out_total; o++) y[o] = f32_to_bf16(bf16_to_f32(y[o]) + acc[o]);
+        } else {
+            float *restrict y = (float *)out + n * out_stride;
+            for (int64_t o = 0; o < out_total; o++) y[o] += acc[o];
+        }
+    }
+    return 0;
+}
+"""
+
+_ENTRY = r"""
+int lora_delta(int64_t N, int64_t in, int64_t R, int64_t P, const int64_t *part_out, int64_t out_total,
+               const void *h, int64_t h_stride, int h_bf16, void *out, int64_t out_stride, int out_bf16,
+               const void *A, const void *B, int w_bf16, const int64_t *slots, float *scratch) {
+    /* scratch: in + R * P + out_total floats, owned by the caller (one buffer per calling thread) */
+    if (w_bf16)
+        return delta_bf16(N, in, R, P, part_out, out_total, h, h_stride, h_bf16, out, out_stride, out_bf16,
+                          (const uint16_t *)A, (const uint16_t *)B, slots, scratch);
+    return delta_f32(N, in, R, P, part_out, out_total, h, h_stride, h_bf16, out, out_stride, out_bf16,
+                     (const float *)A, (const float *)B, slots, scratch);
+}
+"""
+
+SOURCE = (_HEADER
+          + _BODY.replace("WNAME", "f32").replace("WTYPE", "float").replace("WLOAD(", "(")
+          + _BODY.replace("WNAME", "bf16").replace("WTYPE", "uint16_t").replace("WLOAD(", "bf16_to_f32(")
+          + _ENTRY)
+
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"]
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+def _machine_key() -> str:
+    """Compiled with -march=native: the library is only valid on this kind of CPU."""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), platform.machine(), flags]).encode()).hexdigest()[:16]
+
+
+def _build(folder: Path) -> Path | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        return None
+    lib = folder / f"lora_{_machine_key()}.so"
+    if lib.exists():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src, tmp_lib = Path(tmp) / "lora.c", Path(tmp) / "lora.so"
+        src.write_text(SOURCE)
+        try:
+            subprocess.run([compiler, *FLAGS, str(src), "-o", str(tmp_lib)], check=True, timeout=120,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        os.replace(tmp_lib, lib)   # atomic: a concurrent builder finds a whole library or none
+    for old in folder.glob("lora_*.so"):   # builds of other versions of the source
+        if old != lib:
+            old.unlink(missing_ok=True)
+    return lib
+
+
+def lora_kernel(cache_dir: Path | None = None):
+    """The compiled `lora_delta` function, or None (no compiler, or switched off with ASSISTANT_KERNELS=0)."""
+    if os.environ.get("ASSISTANT_KERNELS", "1") == "0":
+        return None
+    from .settings import default_cache_dir
+    folder = Path(cache_dir or default_cache_dir()) / "kernels"
+    with _lock:
+        key = str(folder)
+        if key not in _loaded:
+            fn = None
+            try:
+                lib = _build(folder)
+                if lib is not None:
+                    fn = ctypes.CDLL(str(lib)).lora_delta
+                    i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+                    fn.argtypes = [i64, i64, i64, i64, vp, i64, vp, i64, ci, vp, i64, ci, vp, vp, ci, vp, vp]
+                    fn.restype = ci
+            except OSError:
+                fn = None
+            _loaded[key] = fn
+        return _loaded[key]
