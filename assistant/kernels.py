@@ -1,4 +1,4 @@
-"""A small C kernel for the LoRA delta on CPU, built once per machine with the system C compiler.
+"""Small C kernels for CPU decode (the LoRA delta, RMSNorm), built once per machine with the system C compiler.
 
 Why: in decode, a LoRA group's delta `out += (h @ A) @ B` is four torch calls (cast, two tiny matmuls,
 add) that each cost a few microseconds of dispatch, 120 times per token on the embedded model, and the
@@ -24,6 +24,7 @@ from pathlib import Path
 _HEADER = r"""
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = ((uint32_t)v) << 16; float f; memcpy(&f, &u, 4); return f;
@@ -117,10 +118,46 @@ int lora_delta(int64_t N, int64_t in, int64_t R, int64_t P, const int64_t *part_
 }
 """
 
+# Llama's RMSNorm, as transformers computes it: normalised in float32, rounded to the input's type, then
+# multiplied by the weight (a bfloat16 product is rounded again). One call instead of seven torch ops.
+_RMS = r"""
+int rms_norm(int64_t N, int64_t D, const void *x, const void *w, void *out, int bf16, float eps) {
+    for (int64_t n = 0; n < N; n++) {
+        float lane[64] = {0};
+        int64_t i = 0;
+        if (bf16) {
+            const uint16_t *xn = (const uint16_t *)x + n * D;
+            for (; i + 64 <= D; i += 64)
+                for (int k = 0; k < 64; k++) { float v = bf16_to_f32(xn[i + k]); lane[k] += v * v; }
+            for (; i < D; i++) { float v = bf16_to_f32(xn[i]); lane[i & 63] += v * v; }
+        } else {
+            const float *xn = (const float *)x + n * D;
+            for (; i + 64 <= D; i += 64)
+                for (int k = 0; k < 64; k++) lane[k] += xn[i + k] * xn[i + k];
+            for (; i < D; i++) lane[i & 63] += xn[i] * xn[i];
+        }
+        for (int w2 = 32; w2 >= 1; w2 >>= 1)
+            for (int k = 0; k < w2; k++) lane[k] += lane[k + w2];
+        const float r = 1.0f / sqrtf(lane[0] / (float)D + eps);
+        if (bf16) {
+            const uint16_t *xn = (const uint16_t *)x + n * D, *wn = (const uint16_t *)w;
+            uint16_t *restrict y = (uint16_t *)out + n * D;
+            for (int64_t j = 0; j < D; j++)
+                y[j] = f32_to_bf16(bf16_to_f32(wn[j]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xn[j]) * r)));
+        } else {
+            const float *xn = (const float *)x + n * D, *wn = (const float *)w;
+            float *restrict y = (float *)out + n * D;
+            for (int64_t j = 0; j < D; j++) y[j] = wn[j] * (xn[j] * r);
+        }
+    }
+    return 0;
+}
+"""
+
 SOURCE = (_HEADER
           + _BODY.replace("WNAME", "f32").replace("WTYPE", "float").replace("WLOAD(", "(")
           + _BODY.replace("WNAME", "bf16").replace("WTYPE", "uint16_t").replace("WLOAD(", "bf16_to_f32(")
-          + _ENTRY)
+          + _ENTRY + _RMS)
 
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"]
 _lock = threading.Lock()
@@ -148,7 +185,7 @@ def _build(folder: Path) -> Path | None:
         src, tmp_lib = Path(tmp) / "lora.c", Path(tmp) / "lora.so"
         src.write_text(SOURCE)
         try:
-            subprocess.run([compiler, *FLAGS, str(src), "-o", str(tmp_lib)], check=True, timeout=120,
+            subprocess.run([compiler, *FLAGS, str(src), "-o", str(tmp_lib), "-lm"], check=True, timeout=120,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except (OSError, subprocess.SubprocessError):
             return None
@@ -159,8 +196,8 @@ def _build(folder: Path) -> Path | None:
     return lib
 
 
-def lora_kernel(cache_dir: Path | None = None):
-    """The compiled `lora_delta` function, or None (no compiler, or switched off with ASSISTANT_KERNELS=0)."""
+def _library(cache_dir: Path | None = None):
+    """The compiled library with argument types set, or None (no compiler, or ASSISTANT_KERNELS=0)."""
     if os.environ.get("ASSISTANT_KERNELS", "1") == "0":
         return None
     from .settings import default_cache_dir
@@ -168,15 +205,29 @@ def lora_kernel(cache_dir: Path | None = None):
     with _lock:
         key = str(folder)
         if key not in _loaded:
-            fn = None
+            lib = None
             try:
-                lib = _build(folder)
-                if lib is not None:
-                    fn = ctypes.CDLL(str(lib)).lora_delta
+                path = _build(folder)
+                if path is not None:
+                    lib = ctypes.CDLL(str(path))
                     i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-                    fn.argtypes = [i64, i64, i64, i64, vp, i64, vp, i64, ci, vp, i64, ci, vp, vp, ci, vp, vp]
-                    fn.restype = ci
-            except OSError:
-                fn = None
-            _loaded[key] = fn
+                    lib.lora_delta.argtypes = [i64, i64, i64, i64, vp, i64, vp, i64, ci, vp, i64, ci, vp, vp, ci, vp, vp]
+                    lib.lora_delta.restype = ci
+                    lib.rms_norm.argtypes = [i64, i64, vp, vp, vp, ci, ctypes.c_float]
+                    lib.rms_norm.restype = ci
+            except (OSError, AttributeError):
+                lib = None
+            _loaded[key] = lib
         return _loaded[key]
+
+
+def lora_kernel(cache_dir: Path | None = None):
+    """The compiled `lora_delta` function, or None: the caller then uses torch matmuls."""
+    lib = _library(cache_dir)
+    return None if lib is None else lib.lora_delta
+
+
+def rms_kernel(cache_dir: Path | None = None):
+    """The compiled `rms_norm` function, or None: the caller then uses torch ops."""
+    lib = _library(cache_dir)
+    return None if lib is None else lib.rms_norm

@@ -102,17 +102,19 @@ def run(base_model: str = "embedded") -> dict:
         with running_server(Path(home), "--base-model", base_model) as (url, _):
             api_stream(url, n=8, repeat=1)
             api_rate, api_ttft = api_stream(url)
-    # the engine alone again, now that the server is gone, so both sides saw the same machine state
+    # The engine alone again, right after the server is gone and with as many tries as the API had:
+    # the API is compared with this measurement, the one nearest to it in time.
     engine = Engine(base)
+    engine_decode(engine, ids, n=8, repeat=1)
     eng_rate2, eng_ttft2 = engine_decode(engine, ids)
     engine.close()
-    eng_rate, eng_ttft = max(eng_rate, eng_rate2), min(eng_ttft, eng_ttft2)
     ratios = {
         "engine_vs_generate": round(eng_rate / gen_rate, 3),
         "engine_vs_bandwidth_floor": round(statistics.median(floor_ratios), 3),
-        "stream_vs_engine": round(api_rate / eng_rate, 3),
-        "ttft_overhead_ms": round((api_ttft - eng_ttft) * 1000, 1),
+        "stream_vs_engine": round(api_rate / eng_rate2, 3),
+        "ttft_overhead_ms": round((api_ttft - eng_ttft2) * 1000, 1),
     }
+    eng_rate, eng_ttft = max(eng_rate, eng_rate2), min(eng_ttft, eng_ttft2)
     print_table(f"engine ({base.name}, {base.dtype}, {base.device})", [
         ("engine decode", f"{eng_rate:.1f} tok/s"),
         ("transformers generate", f"{gen_rate:.1f} tok/s"),
@@ -121,8 +123,8 @@ def run(base_model: str = "embedded") -> dict:
         ("weights read per token", f"{base.weights_bytes / 2**20:.0f} MiB"),
         ("bandwidth floor (median)", f"{floor:.1f} tok/s"),
         ("floor ratio (per round)", ", ".join(f"{x:.2f}" for x in floor_ratios)),
-        ("API stream", f"{api_rate:.1f} tok/s"),
-        ("engine TTFT / API TTFT", f"{eng_ttft * 1000:.0f} ms / {api_ttft * 1000:.0f} ms"),
+        ("API stream / engine right after", f"{api_rate:.1f} / {eng_rate2:.1f} tok/s"),
+        ("engine TTFT / API TTFT", f"{eng_ttft2 * 1000:.0f} ms / {api_ttft * 1000:.0f} ms"),
         *[(k, str(v)) for k, v in ratios.items()],
     ])
     return ratios

@@ -86,3 +86,25 @@ def test_a_row_does_not_depend_on_its_batch(tmp_path):
     batch_out = torch.cat([torch.randn(2, 256, generator=g), base, torch.randn(1, 256, generator=g)]).to(torch.bfloat16)
     bank.delta(0, 0, batch_h, torch.tensor([1, 3, 2, 0]), None, batch_out)
     assert torch.equal(batch_out[2:3], alone)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_matches_transformers(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from assistant.engine import _c_rms, _rms
+    assert _c_rms() is not None
+    g = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576, generator=g) + 0.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(5, 576, generator=g) * 3).to(dtype)
+    got, want = _rms(x, norm.weight.detach(), 1e-5), norm(x).detach()
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:   # a different summation order may move a value that sits on a rounding boundary by one step
+        assert (got != want).float().mean() < 0.01
+        torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
