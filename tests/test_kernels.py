@@ -14,7 +14,7 @@ GROUPS = [Group("qkv", 64, (("q_proj", 64), ("k_proj", 32), ("v_proj", 32))),
           Group("down", 96, (("down_proj", 64),))]
 PARTS = {p: (g, i) for g in GROUPS for i, (p, _) in enumerate(g.parts)}
 
-needs_kernel = pytest.mark.skipif(lora_kernel() is None, reason="no C compiler here: the torch path serves")
+needs_kernel = pytest.mark.skipif(lora_kernel() is None, reason="no C kernel (no compiler, or ASSISTANT_KERNELS=0): the torch path serves")
 
 
 def _adapter(folder, rank: int, seed: int, layers: int = 2):
