@@ -134,9 +134,9 @@ def build_api(service) -> APIRouter:
             loop=loop, user=body.get("user") if isinstance(body.get("user"), str) else user)
         asyncio.create_task(_watch_disconnect(call, request))
         if stream:
-            return StreamingResponse(_stream(service, call, include_usage, request), media_type="text/event-stream",
+            return StreamingResponse(_stream(call, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(service, call, request)
+        return await _complete(call, request)
 
     # Feedback and data -------------------------------------------------------------------------
     @r.post("/api/feedback", status_code=201)
@@ -255,7 +255,9 @@ def _usage(call) -> dict:
 
 
 async def _watch_disconnect(call, request: Request):
-    """Cancel generation when the client goes away, even while the response is blocked in send()."""
+    """Cancel generation when the client goes away, even while the response is blocked in send(). The
+    engine then ends the request with finish_reason "cancelled". (Checked here, a few times a second, not
+    once per token in the stream: that would take the GIL from the decode loop.)"""
     while not call.handle.done.is_set():
         await asyncio.sleep(DISCONNECT_POLL_S)
         if await request.is_disconnected():
@@ -263,18 +265,10 @@ async def _watch_disconnect(call, request: Request):
             return
 
 
-async def _events(call, request: Request):
-    """The handle's events up to the last one. A client that goes away is noticed by `_watch_disconnect`
-    (not here, once per token: that costs the decode loop the GIL), which cancels generation; the engine
-    then ends the request with finish_reason "cancelled"."""
-    async for ev in call.handle.aiter():
-        yield ev
-
-
-async def _stream(service, call, include_usage: bool, request: Request):
+async def _stream(call, include_usage: bool):
     try:
         yield _chunk(call, {"role": "assistant", "content": ""})
-        async for ev in _events(call, request):
+        async for ev in call.handle.aiter():
             if ev.kind == "token":
                 yield _chunk(call, {"content": ev.text})
             elif ev.kind == "error":
@@ -292,11 +286,11 @@ async def _stream(service, call, include_usage: bool, request: Request):
         call.handle.cancel()  # a client that went away stops generation at the next step
 
 
-async def _complete(service, call, request: Request):
+async def _complete(call, request: Request):
     parts = []
 
     async def collect():
-        async for ev in _events(call, request):
+        async for ev in call.handle.aiter():
             if ev.kind == "token":
                 parts.append(ev.text)
             elif ev.kind == "error":

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from .threads import cores
+from .threads import use_all_cores
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -109,8 +109,7 @@ def cmd_train(args) -> int:
     registry.get_domain(args.domain)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.learning_rate),
                                    ("rank", args.rank)) if v is not None}
-    import torch
-    torch.set_num_threads(cores())   # this command only trains: all cores (see assistant/threads.py)
+    use_all_cores()   # this command only trains (see assistant/threads.py)
     job = jobs.run_job_inline(s, store, registry, args.domain, overrides)
     print(json.dumps({k: job.get(k) for k in ("job_id", "status", "adapter_version", "promoted", "metrics", "error")},
                      indent=1, default=str))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import AssistantError, Busy, ContextTooLong
-from .kernels import rms_kernel
+from .kernels import KERNEL_DTYPES, rms_kernel
 from .lora import Group, LoraBank
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
 from .threads import claim_cores
@@ -164,24 +164,14 @@ class FusedLinear:
 
 
 def _rms(x, w, eps):
-    """Llama's RMSNorm: normalised in float32, rounded to the input's dtype, then scaled."""
-    if (x.device.type == "cpu" and x.dtype in _C_DTYPES and w.dtype == x.dtype and x.dim() == 2
-            and x.is_contiguous() and (c_rms := _c_rms()) is not None):
+    """Llama's RMSNorm: normalised in float32, rounded to the input's dtype, then scaled. On CPU one C
+    call (assistant/kernels.py) instead of seven ops."""
+    if (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and w.dtype == x.dtype and x.dim() == 2
+            and x.is_contiguous() and (c_rms := rms_kernel()) is not None):
         out = torch.empty_like(x)
         c_rms(x.shape[0], x.shape[1], x.data_ptr(), w.data_ptr(), out.data_ptr(), x.dtype == torch.bfloat16, eps)
         return out
     return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * w
-
-
-_C_DTYPES = (torch.bfloat16, torch.float32)
-_c_rms_fn: list = []
-
-
-def _c_rms():
-    """One C call instead of seven ops (assistant/kernels.py), built on first use; None: the torch ops."""
-    if not _c_rms_fn:
-        _c_rms_fn.append(rms_kernel())
-    return _c_rms_fn[0]
 
 
 def _rotate(x, cos, sin_signed):

@@ -27,7 +27,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import AssistantError, DatasetTooSmall
-from .threads import cores
+from .threads import use_all_cores
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear
@@ -317,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     settings = _settings_from_json(settings_json)
     store, registry = Store(settings.db_path), Registry(settings.adapters_path)
-    import torch
-    torch.set_num_threads(cores())   # this process only trains: all cores (see assistant/threads.py)
+    use_all_cores()   # this process only trains (see assistant/threads.py)
     job = run_job(settings, store, registry, job_id)
     return 0 if job["status"] == "succeeded" else 1
 

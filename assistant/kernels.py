@@ -6,20 +6,23 @@ block-diagonal B of a fused group (q|k|v, gate|up) makes them read zeros. The ke
 call, reads only B's diagonal blocks, and gives every row the same arithmetic whatever the batch holds
 (a row's answer does not depend on which adapters its neighbours use).
 
-If there is no compiler, or ASSISTANT_KERNELS=0, `lora_kernel()` returns None and the torch path runs.
+If there is no compiler, or ASSISTANT_KERNELS=0, `lora_kernel()` and `rms_kernel()` return None and the
+torch path runs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
+
+import torch
 
 _HEADER = r"""
 #include <stdint.h>
@@ -160,8 +163,7 @@ SOURCE = (_HEADER
           + _ENTRY + _RMS)
 
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"]
-_lock = threading.Lock()
-_loaded: dict[str, object] = {}
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)   # what the kernels take for activations
 
 
 def _machine_key() -> str:
@@ -177,12 +179,12 @@ def _build(folder: Path) -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         return None
-    lib = folder / f"lora_{_machine_key()}.so"
+    lib = folder / f"kernels_{_machine_key()}.so"
     if lib.exists():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src, tmp_lib = Path(tmp) / "lora.c", Path(tmp) / "lora.so"
+        src, tmp_lib = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
         src.write_text(SOURCE)
         try:
             subprocess.run([compiler, *FLAGS, str(src), "-o", str(tmp_lib), "-lm"], check=True, timeout=120,
@@ -190,44 +192,43 @@ def _build(folder: Path) -> Path | None:
         except (OSError, subprocess.SubprocessError):
             return None
         os.replace(tmp_lib, lib)   # atomic: a concurrent builder finds a whole library or none
-    for old in folder.glob("lora_*.so"):   # builds of other versions of the source
+    for old in folder.glob("kernels_*.so"):   # builds of other versions of the source
         if old != lib:
             old.unlink(missing_ok=True)
     return lib
 
 
-def _library(cache_dir: Path | None = None):
-    """The compiled library with argument types set, or None (no compiler, or ASSISTANT_KERNELS=0)."""
+@functools.cache
+def _library():
+    """The compiled library with argument types set, or None (no compiler, or ASSISTANT_KERNELS=0).
+    Once per process; concurrent first calls may both build, and the atomic rename keeps that safe."""
     if os.environ.get("ASSISTANT_KERNELS", "1") == "0":
         return None
     from .settings import default_cache_dir
-    folder = Path(cache_dir or default_cache_dir()) / "kernels"
-    with _lock:
-        key = str(folder)
-        if key not in _loaded:
-            lib = None
-            try:
-                path = _build(folder)
-                if path is not None:
-                    lib = ctypes.CDLL(str(path))
-                    i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-                    lib.lora_delta.argtypes = [i64, i64, i64, i64, vp, i64, vp, i64, ci, vp, i64, ci, vp, vp, ci, vp, vp]
-                    lib.lora_delta.restype = ci
-                    lib.rms_norm.argtypes = [i64, i64, vp, vp, vp, ci, ctypes.c_float]
-                    lib.rms_norm.restype = ci
-            except (OSError, AttributeError):
-                lib = None
-            _loaded[key] = lib
-        return _loaded[key]
+    try:
+        path = _build(default_cache_dir() / "kernels")
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))
+        i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.lora_delta.argtypes = [i64, i64, i64, i64, vp, i64, vp, i64, ci, vp, i64, ci, vp, vp, ci, vp, vp]
+        lib.lora_delta.restype = ci
+        lib.rms_norm.argtypes = [i64, i64, vp, vp, vp, ci, ctypes.c_float]
+        lib.rms_norm.restype = ci
+        return lib
+    except (OSError, AttributeError):
+        return None
 
 
-def lora_kernel(cache_dir: Path | None = None):
+@functools.cache
+def lora_kernel():
     """The compiled `lora_delta` function, or None: the caller then uses torch matmuls."""
-    lib = _library(cache_dir)
+    lib = _library()
     return None if lib is None else lib.lora_delta
 
 
-def rms_kernel(cache_dir: Path | None = None):
+@functools.cache
+def rms_kernel():
     """The compiled `rms_norm` function, or None: the caller then uses torch ops."""
-    lib = _library(cache_dir)
+    lib = _library()
     return None if lib is None else lib.rms_norm

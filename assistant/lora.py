@@ -7,7 +7,8 @@ mix adapters freely. Slot 0 is all zeros: the base model.
 Per projection group (qkv, o, gate_up, down) and layer we keep
     A[slot]:  [R_total, in]   (the A matrices of the group's modules, stacked)
     Bt[slot]: [R_total, out]  (block-diagonal B^T, with PEFT's scale alpha/r folded in)
-so a group's delta for rows of one slot is two small matmuls, and for mixed rows two bmm's.
+so a group's delta is two small matmuls (two bmm's when rows use different slots). On CPU, decode steps
+run it as one call into a C kernel instead (assistant/kernels.py).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidAdapter
+from .kernels import KERNEL_DTYPES, lora_kernel
 
 
 KERNEL_MAX_ROWS = 64   # decode batches use the C kernel; a long prompt's rows go to the BLAS matmuls
-_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,7 @@ class LoraBank:
         # The weights are kept in float32 too, except with the C kernel on a bfloat16 base: then they are
         # stored like the base (half the bytes to read per token) and widened to float32 as they are read.
         cpu = str(device).startswith("cpu")
-        self.kernel = None
-        if cpu:
-            from .kernels import lora_kernel
-            self.kernel = lora_kernel()
+        self.kernel = lora_kernel() if cpu else None
         self.compute_dtype = torch.float32 if cpu else dtype
         if cpu and not (self.kernel is not None and dtype == torch.bfloat16):
             dtype = torch.float32
@@ -65,7 +63,6 @@ class LoraBank:
         self.slots: OrderedDict[str, int] = OrderedDict()  # key -> slot, in LRU order
         self.in_use: dict[int, int] = {}                  # slot -> rows using it
         self.stamp: dict[str, float] = {}
-        # On CPU, decode steps (a few rows) go through one C call per group (assistant/kernels.py).
         self._parts = [(ctypes.c_int64 * len(g.parts))(*(o for _, o in g.parts)) for g in groups]
         self._alloc()
 
@@ -79,12 +76,12 @@ class LoraBank:
         # Per-slot views, made once: indexing a tensor per call costs a dispatch, a list lookup does not.
         self.A_of = [[list(a.unbind(0)) for a in layer] for layer in self.A]
         self.B_of = [[list(b.unbind(0)) for b in layer] for layer in self.Bt]
-        # The kernel's per-group arguments that only change when the storage does.
+        # The C kernel's per-group arguments that only change when the storage does.
         self._kargs = [(g.in_features, self.rank, len(g.parts), ctypes.addressof(self._parts[gi]), g.out_features)
                        for gi, g in enumerate(self.groups)]
         # Scratch space for one row (input, t, output), used by the one thread that decodes.
-        self._scratch_t = torch.empty(max(g.in_features for g in self.groups) + self.rank * max(len(g.parts) for g in self.groups)
-                                      + max(g.out_features for g in self.groups), dtype=torch.float32)
+        floats = max(g.in_features + self.rank * len(g.parts) + g.out_features for g in self.groups)
+        self._scratch_t = torch.empty(floats, dtype=torch.float32)
         self._scratch = self._scratch_t.data_ptr()
         self._kptrs = [[(a.data_ptr(), b.data_ptr(), a.dtype == torch.bfloat16) for a, b in zip(la, lb)]
                        for la, lb in zip(self.A, self.Bt)]
@@ -196,8 +193,8 @@ class LoraBank:
         if uniform == 0:
             return
         N = h.shape[0]
-        if (self.kernel is not None and N <= KERNEL_MAX_ROWS and h.dtype in _KERNEL_DTYPES
-                and out.dtype in _KERNEL_DTYPES and h.stride(-1) == 1 and out.stride(-1) == 1):
+        if (self.kernel is not None and N <= KERNEL_MAX_ROWS and h.dtype in KERNEL_DTYPES
+                and out.dtype in KERNEL_DTYPES and h.stride(-1) == 1 and out.stride(-1) == 1):
             shape, weights = self._kargs[group], self._kptrs[layer][group]
             if self.kernel(N, *shape, h.data_ptr(), h.stride(0), h.dtype == torch.bfloat16, out.data_ptr(),
                            out.stride(0), out.dtype == torch.bfloat16, *weights, rows.data_ptr(), self._scratch):

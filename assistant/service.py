@@ -347,7 +347,6 @@ class Service:
         return {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
                 "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}
 
-
     # Training jobs (jobs.py), review and monitoring: thin calls for the API, UI and CLI ----------
     def start_training(self, domain: str, train_settings: dict | None = None) -> str:
         from . import jobs

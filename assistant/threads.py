@@ -44,6 +44,14 @@ def _default() -> int:
         return 1
 
 
+def use_all_cores() -> int:
+    """For a process (or command) that only does batch work, like a training job: all cores, every thread."""
+    import torch
+    n = cores()
+    torch.set_num_threads(n)
+    return n
+
+
 def claim_cores() -> int:
     """Give the calling (long-lived) thread all cores, leaving the default for threads that start later.
 

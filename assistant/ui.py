@@ -283,13 +283,10 @@ def _last(messages, role) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == role), "")
 
 
-_export: list[Path] = []
-
-
+@functools.cache
 def _export_dir() -> Path:
-    if not _export:
-        _export.append(Path(tempfile.mkdtemp(prefix="assistant-export-")))
-    return _export[0]
+    """One folder per process for snapshot downloads, outside the state dir (Gradio never serves that)."""
+    return Path(tempfile.mkdtemp(prefix="assistant-export-"))
 
 
 def data_view(service, domain):

@@ -76,7 +76,7 @@ def run(base_model: str = "embedded") -> dict:
 
     base = load_base(Settings(base_model=base_model), verbose=False)
     ids = None
-    # Memory bandwidth on these shared machines drifts (16-25 GB/s within minutes), so the floor ratio is
+    # Memory bandwidth on these shared machines drifts (15-27 GB/s within minutes), so the floor ratio is
     # taken per round from a decode measurement and a copy measurement made right after it, and the
     # median round is reported. The engine is closed before each copy: its thread pool would slow it.
     rounds = []

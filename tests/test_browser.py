@@ -76,7 +76,7 @@ def _ask(page, question: str, served_by: str) -> str:
 def test_feedback_to_retrained_answer_in_the_browser(tmp_path, embedded_path):
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     question, answer, key, paraphrase = FACTS[0]
     seeds = tmp_path / "seeds.jsonl"
