@@ -1,11 +1,12 @@
-"""The C kernel for LoRA deltas (assistant/kernels.py) against the torch path it replaces on CPU."""
+"""The C kernels (assistant/kernels.c): the LoRA delta, RMSNorm and the whole decode step, each against the
+torch path it replaces on CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from assistant.kernels import lora_kernel
+from assistant.kernels import lora_kernel, step_kernel
 from assistant.lora import Group, LoraBank
 
 GROUPS = [Group("qkv", 64, (("q_proj", 64), ("k_proj", 32), ("v_proj", 32))),
@@ -93,8 +94,8 @@ def test_a_row_does_not_depend_on_its_batch(tmp_path):
 def test_rms_norm_kernel_matches_transformers(dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from assistant.engine import _rms
     from assistant.kernels import rms_kernel
+    from assistant.runner import _rms
     assert rms_kernel() is not None
     g = torch.Generator().manual_seed(0)
     norm = LlamaRMSNorm(576, eps=1e-5)
@@ -109,3 +110,88 @@ def test_rms_norm_kernel_matches_transformers(dtype):
     else:   # a different summation order may move a value that sits on a rounding boundary by one step
         assert (got != want).float().mean() < 0.01
         torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
+
+
+# --- the whole decode step ---------------------------------------------------------------------------
+
+needs_step = pytest.mark.skipif(step_kernel() is None, reason="no C decode step (no compiler, no shared OpenMP, or ASSISTANT_KERNELS=0): torch ops serve")
+
+
+def _tiny_decoder(arch: str, dtype):
+    """A 2-layer decoder of random weights with GROUPS' shapes: llama, qwen2 (q/k/v biases), qwen3 (q/k norms)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    config = cls(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.2,
+                 tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():   # norms and biases away from their neutral initial values
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.3)
+    return model.to(dtype).eval()
+
+
+def _runner(tmp_path, arch, dtype):
+    from assistant.runner import LlamaRunner
+    runner = LlamaRunner(_tiny_decoder(arch, dtype), max_slots=3, max_batch=4, device="cpu")
+    for s, (rank, seed) in enumerate(((8, 1), (16, 2))):
+        runner.bank.load(f"a{s}", _adapter(tmp_path / f"{arch}-{dtype}-{s}", rank, seed))
+    return runner
+
+
+def _steps(runner, kernel: bool, rows, n_steps=6):
+    """Prefill each (prompt, slot) row, then greedy decode steps with the C step or torch ops:
+    -> (logits of every step, the KV cache after the last)."""
+    step = runner.step
+    runner.step = step if kernel else None
+    try:
+        toks = [int(runner.prefill(i, ids, slot).argmax()) for i, (ids, slot) in enumerate(rows)]
+        pos = [len(ids) for ids, _ in rows]
+        out = []
+        for _ in range(n_steps):
+            logits = runner.decode(toks, pos, [slot for _, slot in rows])
+            out.append(logits)
+            toks = logits.argmax(-1).tolist()
+            pos = [p + 1 for p in pos]
+        return torch.stack(out), [k.clone() for k in runner.k]
+    finally:
+        runner.step = step
+
+
+ROWS = [(list(range(3, 40)), 1), (list(range(50, 61)), 0), (list(range(100, 123)), 2)]   # mixed adapters
+
+
+@needs_step
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_decode_step_matches_torch_ops_float32(tmp_path, arch):
+    runner = _runner(tmp_path, arch, torch.float32)
+    assert runner.step is not None
+    fast, fast_k = _steps(runner, True, ROWS)
+    slow, slow_k = _steps(runner, False, ROWS)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    for a, b in zip(fast_k, slow_k):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fast[:, 0], fast[:, 1], atol=1e-2)   # the rows really differ
+
+
+@needs_step
+def test_decode_step_matches_torch_ops_bfloat16(tmp_path):
+    runner = _runner(tmp_path, "llama", torch.bfloat16)
+    assert runner.step is not None and runner.bank.dtype == torch.bfloat16
+    fast, _ = _steps(runner, True, ROWS)
+    slow, _ = _steps(runner, False, ROWS)
+    # Both round to bfloat16 at the same places; sums in another order may land one rounding step apart.
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+    scale = slow.abs().amax(-1, keepdim=True)
+    assert ((fast - slow).abs() / scale).max() < 0.05
+
+
+@needs_step
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_row_does_not_depend_on_its_batch(tmp_path, dtype):
+    runner = _runner(tmp_path, "llama", dtype)
+    alone, _ = _steps(runner, True, ROWS[2:], n_steps=3)
+    batch, _ = _steps(runner, True, ROWS, n_steps=3)
+    assert torch.equal(alone[:, 0], batch[:, 2])
