@@ -17,8 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define HAVE_DPBF16 1
 #endif
 
@@ -199,7 +201,7 @@ int rms_norm(int64_t N, int64_t D, const void *x, const void *w, void *out, int 
 
 /* params[]: the model's dimensions and modes */
 enum { P_HIDDEN, P_HEADS, P_KV_HEADS, P_HEAD_DIM, P_INTER, P_LAYERS, P_VOCAB, P_CAP, P_RANK, P_MAX_ROWS,
-       P_BF16, P_LORA_BF16, P_COUNT };
+       P_BF16, P_LORA_BF16, P_KV_BF16, P_COUNT };
 /* table[]: per layer, these addresses (0 where absent). Projection groups: 0 qkv, 1 o, 2 gate|up, 3 down. */
 enum { T_NORM1, T_NORM2, T_QNORM, T_KNORM, T_W, T_BIAS = T_W + 4, T_LORA_A = T_BIAS + 4, T_LORA_B = T_LORA_A + 4,
        T_KCACHE = T_LORA_B + 4, T_VCACHE, T_COUNT };
@@ -333,6 +335,112 @@ INLINE void head_norm(int64_t HD, float *v, const void *w, int bf, float eps) {
         v[d] = bf ? round_bf16(ld(w, d, 1) * round_bf16(v[d] * r)) : ld(w, d, 0) * (v[d] * r);
 }
 
+#if defined(__AVX512F__)
+/* 16 floats from element i of a bfloat16 (bf != 0) or float32 array */
+INLINE __m512 load16(const void *p, int64_t i, int bf) {
+    if (bf)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+#endif
+
+/* Attention of GH query heads that share one KV head, over n cached positions (K, V: [n, HD] float32):
+ * o[h] = softmax(q[h].K^T * scale) V, left unnormalised; sums[h] gets the softmax's denominator. K and V
+ * are read once for the GH heads; each head's arithmetic is the same whatever GH is. */
+INLINE void attend_heads(const int GH, const int kvbf, int64_t HD, int64_t n, const float *q, const void *K,
+                         const void *V, float scale, float *scores, float *o, float *sums) {
+#if defined(__AVX512F__)
+    if (HD % 16 == 0 && HD <= 256) {
+        const int64_t nc = HD / 16;
+        for (int64_t t = 0; t < n; t++) {
+            __m512 acc[4];
+            const __m512 k0 = load16(K, t * HD, kvbf);
+            for (int h = 0; h < GH; h++) acc[h] = _mm512_mul_ps(_mm512_loadu_ps(q + h * HD), k0);
+            for (int64_t c = 1; c < nc; c++) {
+                const __m512 kc = load16(K, t * HD + 16 * c, kvbf);
+                for (int h = 0; h < GH; h++) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * HD + 16 * c), kc, acc[h]);
+            }
+            for (int h = 0; h < GH; h++) scores[h * n + t] = _mm512_reduce_add_ps(acc[h]) * scale;
+        }
+    } else
+#endif
+    {
+        for (int h = 0; h < GH; h++)
+            for (int64_t t = 0; t < n; t++) {
+                float lane[16] = {0};
+                int64_t d = 0;
+                for (; d + 16 <= HD; d += 16)
+                    for (int k = 0; k < 16; k++) lane[k] += q[h * HD + d + k] * ld(K, t * HD + d + k, kvbf);
+                for (; d < HD; d++) lane[d & 15] += q[h * HD + d] * ld(K, t * HD + d, kvbf);
+                for (int w = 8; w >= 1; w >>= 1)
+                    for (int k = 0; k < w; k++) lane[k] += lane[k + w];
+                scores[h * n + t] = lane[0] * scale;
+            }
+    }
+    for (int h = 0; h < GH; h++) {
+        float *sc = scores + h * n;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+        for (int64_t t = 0; t < n; t++) sc[t] = exp_approx(sc[t] - mx);
+        float lane[16] = {0};             /* the denominator, in 16 lanes (vectorized, fixed order) */
+        int64_t t = 0;
+        for (; t + 16 <= n; t += 16)
+            for (int k = 0; k < 16; k++) lane[k] += sc[t + k];
+        for (; t < n; t++) lane[t & 15] += sc[t];
+        for (int w = 8; w >= 1; w >>= 1)
+            for (int k = 0; k < w; k++) lane[k] += lane[k + w];
+        sums[h] = lane[0];
+    }
+    memset(o, 0, (size_t)(GH * HD) * sizeof(float));
+    int64_t d0 = 0;
+#if defined(__AVX512F__)
+    for (; d0 + 64 <= HD; d0 += 64) {     /* 64 columns of V, widened once per position for all GH heads */
+        __m512 acc[4][4];
+        for (int h = 0; h < GH; h++)
+            for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            __m512 vv[4];
+            for (int c = 0; c < 4; c++) vv[c] = load16(V, t * HD + d0 + 16 * c, kvbf);
+            for (int h = 0; h < GH; h++) {
+                const __m512 w = _mm512_set1_ps(scores[h * n + t]);
+                for (int c = 0; c < 4; c++) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
+            }
+        }
+        for (int h = 0; h < GH; h++)
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + h * HD + d0 + 16 * c, acc[h][c]);
+    }
+#endif
+    for (; d0 < HD; d0 += 64) {
+        const int64_t dn = HD - d0 < 64 ? HD - d0 : 64;
+        for (int64_t t = 0; t < n; t++)
+            for (int h = 0; h < GH; h++) {
+                const float w = scores[h * n + t];
+                float *oh = o + h * HD + d0;
+                for (int64_t d = 0; d < dn; d++) oh[d] += w * ld(V, t * HD + d0 + d, kvbf);
+            }
+    }
+}
+
+static void attend_group(int gh, int kvbf, int64_t HD, int64_t n, const float *q, const void *K, const void *V,
+                         float scale, float *scores, float *o, float *sums) {
+    if (kvbf) {
+        switch (gh) {
+        case 1: attend_heads(1, 1, HD, n, q, K, V, scale, scores, o, sums); break;
+        case 2: attend_heads(2, 1, HD, n, q, K, V, scale, scores, o, sums); break;
+        case 3: attend_heads(3, 1, HD, n, q, K, V, scale, scores, o, sums); break;
+        default: attend_heads(4, 1, HD, n, q, K, V, scale, scores, o, sums);
+        }
+    } else {
+        switch (gh) {
+        case 1: attend_heads(1, 0, HD, n, q, K, V, scale, scores, o, sums); break;
+        case 2: attend_heads(2, 0, HD, n, q, K, V, scale, scores, o, sums); break;
+        case 3: attend_heads(3, 0, HD, n, q, K, V, scale, scores, o, sums); break;
+        default: attend_heads(4, 0, HD, n, q, K, V, scale, scores, o, sums);
+        }
+    }
+}
+
 /* One decode step for rows 0..B-1 of the KV cache: token embeddings emb [B, hidden] (model dtype) at
  * positions pos [B], rotary cos/sin [B, head_dim] (float32), LoRA slots [B] (used when lora != 0).
  * Writes each row's K/V at its position and logits [B, vocab] (float32). Returns 0. */
@@ -341,7 +449,7 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
                 int lora, const float *cosv, const float *sinv, float *scratch, float *logits) {
     const int64_t hid = p[P_HIDDEN], H = p[P_HEADS], KH = p[P_KV_HEADS], HD = p[P_HEAD_DIM], I = p[P_INTER];
     const int64_t L = p[P_LAYERS], V = p[P_VOCAB], cap = p[P_CAP], R = p[P_RANK], M = p[P_MAX_ROWS];
-    const int bf = (int)p[P_BF16], lbf = (int)p[P_LORA_BF16];
+    const int bf = (int)p[P_BF16], lbf = (int)p[P_LORA_BF16], kvbf = (int)p[P_KV_BF16];
     const int64_t nqkv = (H + 2 * KH) * HD, group = H / KH;
     const int64_t max_in = max64(max64(hid, H * HD), I);
     const int64_t parts_qkv[3] = {H * HD, KH * HD, KH * HD}, parts_o[1] = {hid}, parts_gu[2] = {I, I},
@@ -352,13 +460,16 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
     float *GU = QKV + M * nqkv;                /* [B, 2I] */
     float *OUT = GU + M * 2 * I;               /* o_proj / down_proj output [B, hid] */
     float *T = OUT + M * hid;                  /* LoRA intermediates [B, 3R] */
+    enum { GQ = 4 };                                 /* query heads per attention item, at most */
+    const int64_t chunks = (group + GQ - 1) / GQ;      /* items per KV head */
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) longest = max64(longest, pos[b] + 1);
     if (B > M || longest > cap) return 1;
 
 #pragma omp parallel
     {
-        float *scores = malloc((size_t)longest * sizeof(float));
+        float *scores = malloc((size_t)(longest * GQ) * sizeof(float));
+        float *attn_out = malloc((size_t)(HD * GQ) * sizeof(float));
         float *tmp = malloc((size_t)HD * 2 * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * hid; i++) X[i] = ld(emb, i, bf);
@@ -370,7 +481,7 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
                 Wt[g] = (const void *)tb[T_W + g]; Bs[g] = (const void *)tb[T_BIAS + g];
                 LA[g] = (const void *)tb[T_LORA_A + g]; LB[g] = (const void *)tb[T_LORA_B + g];
             }
-            float *Kc = (float *)tb[T_KCACHE], *Vc = (float *)tb[T_VCACHE];
+            void *Kc = (void *)tb[T_KCACHE], *Vc = (void *)tb[T_VCACHE];   /* [rows, KH, cap, HD] */
             const void *qn = (const void *)tb[T_QNORM], *kn = (const void *)tb[T_KNORM];
 
             /* residual add of the previous layer's down_proj, then input norm */
@@ -397,39 +508,23 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
                 }
                 if (hh >= H) {
                     const int64_t g = hh < H + KH ? hh - H : hh - H - KH;
-                    float *dst = (hh < H + KH ? Kc : Vc) + ((b * KH + g) * cap + pos[b]) * HD;
-                    memcpy(dst, v, (size_t)HD * sizeof(float));
+                    void *dst = hh < H + KH ? Kc : Vc;
+                    const int64_t at = ((b * KH + g) * cap + pos[b]) * HD;
+                    for (int64_t d = 0; d < HD; d++) st(dst, at + d, v[d], kvbf);
                 }
             }
-            /* attention of each (row, head) over the row's positions 0..pos[b] */
+            /* attention over each row's positions 0..pos[b], for chunks of up to GQ heads sharing a KV head */
 #pragma omp for schedule(static)
-            for (int64_t idx = 0; idx < B * H; idx++) {
-                const int64_t b = idx / H, h = idx % H, g = h / group, n = pos[b] + 1;
-                const float *q = QKV + b * nqkv + h * HD;
-                const float *K = Kc + (b * KH + g) * cap * HD, *Vh = Vc + (b * KH + g) * cap * HD;
-                float mx = -INFINITY;
-                for (int64_t t = 0; t < n; t++) {
-                    float lane[16] = {0};
-                    int64_t d = 0;
-                    for (; d + 16 <= HD; d += 16)
-                        for (int k = 0; k < 16; k++) lane[k] += q[d + k] * K[t * HD + d + k];
-                    for (; d < HD; d++) lane[d & 15] += q[d] * K[t * HD + d];
-                    for (int w = 8; w >= 1; w >>= 1)
-                        for (int k = 0; k < w; k++) lane[k] += lane[k + w];
-                    scores[t] = lane[0] * scale;
-                    mx = scores[t] > mx ? scores[t] : mx;
-                }
-                float sum = 0.0f;
-                for (int64_t t = 0; t < n; t++) scores[t] = exp_approx(scores[t] - mx);
-                for (int64_t t = 0; t < n; t++) sum += scores[t];
-                float *o = tmp;
-                memset(o, 0, (size_t)HD * sizeof(float));
-                for (int64_t t = 0; t < n; t++) {
-                    const float w = scores[t];
-                    for (int64_t d = 0; d < HD; d++) o[d] += w * Vh[t * HD + d];
-                }
-                const float inv = 1.0f / sum;
-                for (int64_t d = 0; d < HD; d++) st(IN, b * H * HD + h * HD + d, o[d] * inv, bf);
+            for (int64_t idx = 0; idx < B * KH * chunks; idx++) {
+                const int64_t b = idx / (KH * chunks), g = (idx / chunks) % KH, h0 = g * group + (idx % chunks) * GQ;
+                const int gh = (int)(group - (h0 - g * group) < GQ ? group - (h0 - g * group) : GQ);
+                const size_t head = (size_t)((b * KH + g) * cap * HD) * (kvbf ? 2 : 4);
+                float sums[GQ];
+                attend_group(gh, kvbf, HD, pos[b] + 1, QKV + b * nqkv + h0 * HD, (const char *)Kc + head,
+                             (const char *)Vc + head, scale, scores, attn_out, sums);
+                for (int h = 0; h < gh; h++)
+                    for (int64_t d = 0; d < HD; d++)
+                        st(IN, b * H * HD + (h0 + h) * HD + d, attn_out[h * HD + d] * (1.0f / sums[h]), bf);
             }
             gemv(B, H * HD, hid, IN, Wt[1], Bs[1], bf, OUT, hid);
             if (lora) lora_group(B, H * HD, R, 1, parts_o, hid, IN, bf, OUT, LA[1], LB[1], lbf, slots, T);
@@ -468,6 +563,7 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
         }
         gemv(B, hid, V, IN, lm_head, NULL, bf, logits, V);
         free(scores);
+        free(attn_out);
         free(tmp);
     }
     return 0;

@@ -117,13 +117,16 @@ class LlamaRunner:
         self.bank = LoraBank(len(self.layers), groups, "model.layers", max_slots=max_slots,
                              dtype=self.dtype, device=device)
         self.max_batch = max_batch
-        # The KV cache and attention run in float32 on CPU: there, bf16 attention kernels are several
-        # times slower than float32 ones (0.18 vs 0.04 ms per layer for one row, 1.2 vs 0.17 ms for eight).
-        self.kv_dtype = torch.float32 if device == "cpu" else self.dtype
+        self.step = KernelStep.build(self)   # None: decode runs op by op in torch
+        # Attention runs in float32 on CPU: there, torch's bf16 attention kernels are several times slower
+        # (0.18 vs 0.04 ms per layer for one row, 1.2 vs 0.17 ms for eight). The KV cache is float32 too,
+        # except under the C step with a bfloat16 model: then it holds the bfloat16 k and v as they are
+        # (no rounding), and a long context reads half the bytes per token.
+        self.attn_dtype = torch.float32 if device == "cpu" else self.dtype
+        self.kv_dtype = self.dtype if self.step is not None and self.dtype == torch.bfloat16 else self.attn_dtype
         self.cap = 0
         self.k = self.v = None
         self._alloc(INITIAL_CACHE_TOKENS)
-        self.step = KernelStep.build(self)   # None: decode runs op by op in torch
 
     def module_shapes(self) -> dict:
         return {n: (m.in_features, m.out_features) for n, m in self.model.named_modules()
@@ -194,12 +197,13 @@ class LlamaRunner:
         t = torch.tensor(ids, device=self.device)
         pos = torch.arange(L, device=self.device)
 
-        def attend(li, q, k, v):
-            K, V = self.k[li][row, :, :L], self.v[li][row, :, :L]
-            K.copy_(k.transpose(0, 1))
-            V.copy_(v.transpose(0, 1))
-            o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0).to(K.dtype), K.unsqueeze(0),
-                                               V.unsqueeze(0), is_causal=True,
+        def attend(li, q, k, v):   # the whole prompt is here: attention reads k and v, not the cache
+            kt, vt = k.transpose(0, 1), v.transpose(0, 1)
+            self.k[li][row, :, :L].copy_(kt)
+            self.v[li][row, :, :L].copy_(vt)
+            ad = self.attn_dtype
+            o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0).to(ad), kt.unsqueeze(0).to(ad),
+                                               vt.unsqueeze(0).to(ad), is_causal=True,
                                                enable_gqa=self.KH != self.H, scale=self.scale)
             return o[0].transpose(0, 1).reshape(L, self.H * self.D).to(q.dtype)
 
@@ -228,7 +232,8 @@ class LlamaRunner:
             K, V = self.k[li], self.v[li]
             K[ar, :, pos] = k.to(K.dtype)
             V[ar, :, pos] = v.to(V.dtype)
-            o = F.scaled_dot_product_attention(q.unsqueeze(2).to(K.dtype), K[:B, :, :Tc], V[:B, :, :Tc],
+            ad = self.attn_dtype
+            o = F.scaled_dot_product_attention(q.unsqueeze(2).to(ad), K[:B, :, :Tc].to(ad), V[:B, :, :Tc].to(ad),
                                                attn_mask=keep, enable_gqa=self.KH != self.H, scale=self.scale)
             return o.reshape(B, self.H * self.D).to(q.dtype)
 
@@ -244,7 +249,7 @@ class KernelStep:
 
     # The order of kernels.c's P_* and T_* enums.
     PARAMS = ("hidden", "heads", "kv_heads", "head_dim", "inter", "layers", "vocab", "cap", "rank", "max_rows",
-              "bf16", "lora_bf16")
+              "bf16", "lora_bf16", "kv_bf16")
     TABLE = ("norm1", "norm2", "q_norm", "k_norm", "w_qkv", "w_o", "w_gate_up", "w_down", "b_qkv", "b_o",
              "b_gate_up", "b_down", "lora_a_qkv", "lora_a_o", "lora_a_gate_up", "lora_a_down", "lora_b_qkv",
              "lora_b_o", "lora_b_gate_up", "lora_b_down", "k_cache", "v_cache")
@@ -288,7 +293,7 @@ class KernelStep:
         values = {"hidden": r.embed.weight.shape[1], "heads": r.H, "kv_heads": r.KH, "head_dim": r.D,
                   "inter": r.intermediate, "layers": len(r.layers), "vocab": self.vocab, "cap": r.cap,
                   "rank": bank.rank, "max_rows": r.max_batch, "bf16": int(r.dtype == torch.bfloat16),
-                  "lora_bf16": int(bank.dtype == torch.bfloat16)}
+                  "lora_bf16": int(bank.dtype == torch.bfloat16), "kv_bf16": int(r.kv_dtype == torch.bfloat16)}
         self.params = torch.tensor([values[k] for k in self.PARAMS], dtype=torch.int64)
 
         def ptr(t):

@@ -117,12 +117,12 @@ def test_rms_norm_kernel_matches_transformers(dtype):
 needs_step = pytest.mark.skipif(step_kernel() is None, reason="no C decode step (no compiler, no shared OpenMP, or ASSISTANT_KERNELS=0): torch ops serve")
 
 
-def _tiny_decoder(arch: str, dtype):
+def _tiny_decoder(arch: str, dtype, head_dim: int = 16):
     """A 2-layer decoder of random weights with GROUPS' shapes: llama, qwen2 (q/k/v biases), qwen3 (q/k norms)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
     config = cls(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.2,
+                 num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512, initializer_range=0.2,
                  tie_word_embeddings=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -195,3 +195,37 @@ def test_decode_step_row_does_not_depend_on_its_batch(tmp_path, dtype):
     alone, _ = _steps(runner, True, ROWS[2:], n_steps=3)
     batch, _ = _steps(runner, True, ROWS, n_steps=3)
     assert torch.equal(alone[:, 0], batch[:, 2])
+
+
+@needs_step
+@pytest.mark.parametrize("arch,head_dim,dtype", [("qwen3", 32, torch.float32), ("llama", 64, torch.float32),
+                                                 ("llama", 64, torch.bfloat16)])
+def test_decode_step_with_heads_wider_than_the_hidden_size(arch, head_dim, dtype):
+    """heads x head_dim (128, 256) is not the hidden size (64); a head_dim of 64 takes the vector paths."""
+    from assistant.runner import LlamaRunner
+    runner = LlamaRunner(_tiny_decoder(arch, dtype, head_dim=head_dim), max_slots=1, max_batch=4, device="cpu")
+    assert runner.kv_dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    rows = [(ids, 0) for ids, _ in ROWS]
+    fast, _ = _steps(runner, True, rows)
+    slow, _ = _steps(runner, False, rows)
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+        assert ((fast - slow).abs() / slow.abs().amax(-1, keepdim=True)).max() < 0.05
+
+
+@needs_step
+def test_the_engine_decodes_with_the_step(tiny_llama):
+    from assistant.engine import Engine, Request
+    from assistant.model import load_base
+    from assistant.settings import Settings
+    engine = Engine(load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False), max_batch=2)
+    try:
+        assert engine.runner.step is not None
+        ids = engine.encode_chat([{"role": "user", "content": "Hi"}])
+        h = engine.submit(Request(prompt_ids=ids, max_new_tokens=6, ignore_eos=True))
+        h.result()
+        assert len(h.req.generated) == 6 and engine.runner.step.key is not None   # the step ran
+    finally:
+        engine.close()
