@@ -48,22 +48,31 @@ def generate_decode(model, ids, n=N_TOKENS, repeat=3):
 
 
 def api_stream(url, model="base", n=N_TOKENS, repeat=3):
-    """(tokens/s through the streamed response, time to first content chunk in s)."""
+    """(tokens/s through the streamed response, time to first content chunk in s).
+
+    The client shares this machine's two cores with the server, so it does as little as it can: it counts
+    content chunks in the raw bytes as they arrive instead of decoding lines and JSON (httpx's line
+    iterator alone took 0.4 ms of CPU per token, time the server's decode threads lost)."""
     import httpx
     rates, ttfts = [], []
     body = {"model": model, "messages": LONG_PROMPT, "max_tokens": n, "stream": True, "temperature": 0,
             "ignore_eos": True}
+    marker = b'"delta": {"content": "'      # a token's chunk (the first chunk's delta starts with "role")
     for _ in range(repeat):
         t0 = time.perf_counter()
         first = last = None
         chunks = 0
+        tail = b""
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+            for data in r.iter_raw():
+                data = tail + data                  # a marker split between two reads is counted once
+                k = data.count(marker)
+                tail = data[-(len(marker) - 1):]
+                if k:
                     now = time.perf_counter()
                     first = first or now
                     last = now
-                    chunks += 1
+                    chunks += k
         rates.append((chunks - 1) / (last - first))
         ttfts.append(first - t0)
     return max(rates), min(ttfts)

@@ -135,3 +135,16 @@ def test_domain_without_adapter_answers_with_base_and_its_system_prompt(client, 
     assert json.loads(row["messages"])[0] == {"role": "system", "content": "You are a geography tutor."}
     listed = httpx.get(url + "/api/domains").json()
     assert [d for d in listed if d["name"] == "geo"][0]["active_version"] is None
+
+
+def test_a_token_chunk_is_the_json_of_a_chunk():
+    """The stream writes token chunks from a template made once per response: the same text as
+    serializing each chunk, for any text (quotes, newlines, non-ASCII)."""
+    from types import SimpleNamespace
+
+    from assistant.api import _chunk, _token_chunks
+    call = SimpleNamespace(id="chatcmpl-1", created=1, target=SimpleNamespace(model='support "x"', version="v2"))
+    token = _token_chunks(call)
+    for text in ("Paris", 'a "quoted"\nline', "é ü 中", "", "\\"):
+        assert token(text) == _chunk(call, {"content": text})
+        assert json.loads(token(text)[len("data: "):])["choices"][0]["delta"] == {"content": text}
