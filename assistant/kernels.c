@@ -4,7 +4,8 @@
  * rms_norm    Llama's RMSNorm in one call (used by the torch path);
  * decode_step a whole decode step of a Llama-family decoder for B rows: every layer, the final norm
  *             and the LM head in one call and one OpenMP team, so a token costs one Python call
- *             instead of ~35 torch ops per layer.
+ *             instead of ~35 torch ops per layer. Each row has its own position in its own row of
+ *             the KV cache (float32, or bfloat16 for a bfloat16 model) and its own LoRA slot.
  *
  * Numerics follow the torch path: math in float32, and in bfloat16 mode every value the torch path
  * stores as a bfloat16 tensor is rounded to bfloat16 at the same place (the projections' outputs, the
