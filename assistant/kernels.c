@@ -221,7 +221,8 @@ int64_t decode_scratch_floats(const int64_t *p) {
 }
 
 /* s[k] = x[k] . w for nb rows of x (n elements each, rows n apart), of bf16 or float32 type bf. */
-INLINE void dot_rows(const int nb, int64_t n, const void *x, const void *w, const int bf, float *s) {
+INLINE void dot_rows(const int nb, int64_t n, const void *x, const void *w, const int bf, float *s,
+                     const uint16_t *pf) {
 #ifdef HAVE_DPBF16
     if (bf) {
         const uint16_t *xw = (const uint16_t *)x, *ww = (const uint16_t *)w;
@@ -230,6 +231,10 @@ INLINE void dot_rows(const int nb, int64_t n, const void *x, const void *w, cons
         int64_t i = 0;
         for (; i + 64 <= n; i += 64) {
             const __m512bh w0 = (__m512bh)_mm512_loadu_si512(ww + i), w1 = (__m512bh)_mm512_loadu_si512(ww + i + 32);
+            if (pf) {
+                _mm_prefetch((const char *)(pf + i), _MM_HINT_T0);
+                _mm_prefetch((const char *)(pf + i + 32), _MM_HINT_T0);
+            }
             for (int k = 0; k < nb; k++) {
                 acc0[k] = _mm512_dpbf16_ps(acc0[k], (__m512bh)_mm512_loadu_si512(xw + k * n + i), w0);
                 acc1[k] = _mm512_dpbf16_ps(acc1[k], (__m512bh)_mm512_loadu_si512(xw + k * n + i + 32), w1);
@@ -245,6 +250,7 @@ INLINE void dot_rows(const int nb, int64_t n, const void *x, const void *w, cons
         return;
     }
 #endif
+    (void)pf;
     for (int k = 0; k < nb; k++)
         s[k] = bf ? dot_lanes(n, (const uint16_t *)x + k * n, 1, w, 1) : dot_lanes(n, (const float *)x + k * n, 0, w, 0);
 }
@@ -252,6 +258,8 @@ INLINE void dot_rows(const int nb, int64_t n, const void *x, const void *w, cons
 /* y[b, j] = x[b] . W[j] + bias[j] for b < B, j < n_out, stored as float32 (rounded to bf16 in bf16 mode).
  * x: B dense rows of n_in activations (bf16 or float32, like the weights). Output rows are split
  * between the team's threads; each weight row is read once for up to 4 rows of x. */
+enum { PREFETCH_ROWS = 8 };
+
 static void gemv(int64_t B, int64_t n_in, int64_t n_out, const void *x, const void *W, const void *bias, int bf,
                  float *y, int64_t y_stride) {
     const size_t es = bf ? 2 : 4;
@@ -263,15 +271,18 @@ static void gemv(int64_t B, int64_t n_in, int64_t n_out, const void *x, const vo
             const int nb = (int)(B - b0 < 4 ? B - b0 : 4);
             const char *xb = (const char *)x + (size_t)b0 * n_in * es;
             float s[4];
+            /* One row of x streams weights as fast as the hardware prefetcher does; several make each
+             * weight row take longer than it detects, so they fetch the row PREFETCH_ROWS ahead. */
+            const uint16_t *pf = (B > 1 && b0 == 0) ? (const uint16_t *)wj + PREFETCH_ROWS * n_in : NULL;
             if (bf) {
                 switch (nb) {
-                case 1: dot_rows(1, n_in, xb, wj, 1, s); break;
-                case 2: dot_rows(2, n_in, xb, wj, 1, s); break;
-                case 3: dot_rows(3, n_in, xb, wj, 1, s); break;
-                default: dot_rows(4, n_in, xb, wj, 1, s);
+                case 1: dot_rows(1, n_in, xb, wj, 1, s, pf); break;
+                case 2: dot_rows(2, n_in, xb, wj, 1, s, pf); break;
+                case 3: dot_rows(3, n_in, xb, wj, 1, s, pf); break;
+                default: dot_rows(4, n_in, xb, wj, 1, s, pf);
                 }
             } else {
-                for (int k = 0; k < nb; k++) dot_rows(1, n_in, xb + (size_t)k * n_in * es, wj, 0, s + k);
+                for (int k = 0; k < nb; k++) dot_rows(1, n_in, xb + (size_t)k * n_in * es, wj, 0, s + k, NULL);
             }
             for (int k = 0; k < nb; k++) {
                 const float v = s[k] + bj;
@@ -294,7 +305,7 @@ static void lora_group(int64_t B, int64_t n_in, int64_t R, int P, const int64_t 
         if (s <= 0) continue;
         const void *a = (const char *)A + (size_t)((s * RT + j) * n_in) * (lbf ? 2 : 4);
         const void *xb = (const char *)x + (size_t)b * n_in * xes;
-        if (bf && lbf) dot_rows(1, n_in, xb, a, 1, t + idx);
+        if (bf && lbf) dot_rows(1, n_in, xb, a, 1, t + idx, NULL);
         else t[idx] = dot_lanes(n_in, xb, bf, a, lbf);
     }
     /* blocks of up to 64 columns, each inside one part */

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 N_TOKENS = 128
 FLOOR_ROUNDS = 3
+STREAM_ROUNDS = 5
 
 
 def engine_decode(engine, ids, n=N_TOKENS, repeat=3):
@@ -103,25 +104,32 @@ def run(base_model: str = "embedded") -> dict:
     floor = bw / base.weights_bytes
     gen_rate = on_all_cores(generate_decode, base.model, ids)   # as the engine's loop, on all cores
 
-    # The API, served by a real `assistant serve` process.
+    # The API, served by a real `assistant serve` process, against the engine in this process, measured in
+    # turn: decode speed here drifts by a third within a minute, so the stream ratio is the median over
+    # rounds of the API's rate against the mean of the engine's rates just before and just after it.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import tempfile
     from helpers import running_server
+    engine = Engine(base)
+    engine_decode(engine, ids, n=8, repeat=1)
     with tempfile.TemporaryDirectory() as home:
         with running_server(Path(home), "--base-model", base_model) as (url, _):
             api_stream(url, n=8, repeat=1)
-            api_rate, api_ttft = api_stream(url)
-    # The engine alone again, right after the server is gone and with as many tries as the API had:
-    # the API is compared with this measurement, the one nearest to it in time.
-    engine = Engine(base)
-    engine_decode(engine, ids, n=8, repeat=1)
-    eng_rate2, eng_ttft2 = engine_decode(engine, ids)
+            eng = [engine_decode(engine, ids, repeat=1)]
+            api = []
+            for _ in range(STREAM_ROUNDS):
+                api.append(api_stream(url, repeat=1))
+                eng.append(engine_decode(engine, ids, repeat=1))
     engine.close()
+    stream_ratios = [a[0] / ((e0[0] + e1[0]) / 2) for a, e0, e1 in zip(api, eng, eng[1:])]
+    ttft_gaps = [a[1] - min(e0[1], e1[1]) for a, e0, e1 in zip(api, eng, eng[1:])]
+    api_rate, api_ttft = max(a[0] for a in api), min(a[1] for a in api)
+    eng_rate2, eng_ttft2 = max(e[0] for e in eng), min(e[1] for e in eng)
     ratios = {
         "engine_vs_generate": round(eng_rate / gen_rate, 3),
         "engine_vs_bandwidth_floor": round(statistics.median(floor_ratios), 3),
-        "stream_vs_engine": round(api_rate / eng_rate2, 3),
-        "ttft_overhead_ms": round((api_ttft - eng_ttft2) * 1000, 1),
+        "stream_vs_engine": round(statistics.median(stream_ratios), 3),
+        "ttft_overhead_ms": round(statistics.median(ttft_gaps) * 1000, 1),
     }
     eng_rate, eng_ttft = max(eng_rate, eng_rate2), min(eng_ttft, eng_ttft2)
     print_table(f"engine ({base.name}, {base.dtype}, {base.device})", [
@@ -132,8 +140,9 @@ def run(base_model: str = "embedded") -> dict:
         ("weights read per token", f"{base.weights_bytes / 2**20:.0f} MiB"),
         ("bandwidth floor (median)", f"{floor:.1f} tok/s"),
         ("floor ratio (per round)", ", ".join(f"{x:.2f}" for x in floor_ratios)),
-        ("API stream / engine right after", f"{api_rate:.1f} / {eng_rate2:.1f} tok/s"),
-        ("engine TTFT / API TTFT", f"{eng_ttft2 * 1000:.0f} ms / {api_ttft * 1000:.0f} ms"),
+        ("API stream / engine, in turn (best)", f"{api_rate:.1f} / {eng_rate2:.1f} tok/s"),
+        ("API stream / engine (rounds)", ", ".join(f"{x:.2f}" for x in stream_ratios)),
+        ("engine TTFT / API TTFT (best)", f"{eng_ttft2 * 1000:.0f} ms / {api_ttft * 1000:.0f} ms"),
         *[(k, str(v)) for k, v in ratios.items()],
     ])
     return ratios
