@@ -292,14 +292,16 @@ static void gemv(int64_t B, int64_t n_in, int64_t n_out, const void *x, const vo
     }
 }
 
-/* y[b] += LoRA delta of x[b] with row b's adapter (slots[b] > 0), for one projection group.
- * A: [S, R*P, n_in], Bt: [S, R*P, n_out] block-diagonal (part p's rows only feed part p's columns). */
-static void lora_group(int64_t B, int64_t n_in, int64_t R, int P, const int64_t *part_out, int64_t n_out,
-                       const void *x, int bf, float *y, const void *A, const void *Bt, int lbf,
-                       const int64_t *slots, float *t) {
-    const int64_t RT = R * P;
+/* A row b's LoRA delta for one projection group, with its adapter (slots[b] > 0), in two halves:
+ * lora_down  t[b] = A[s] x[b]                    A: [S, R*P, n_in]
+ * lora_up    y[b] += t[b] Bt[s]                  Bt: [S, R*P, n_out], block-diagonal: part p's rows of
+ *                                                 t only feed part p's columns, so only those are read.
+ * lora_down needs only the projection's input: it runs before the projection, without a barrier of
+ * its own (the projection's covers it). */
+static void lora_down(int64_t B, int64_t n_in, int64_t RT, const void *x, int bf, const void *A, int lbf,
+                      const int64_t *slots, float *t) {
     const size_t xes = bf ? 2 : 4;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t idx = 0; idx < B * RT; idx++) {
         const int64_t b = idx / RT, j = idx % RT, s = slots[b];
         if (s <= 0) continue;
@@ -308,18 +310,31 @@ static void lora_group(int64_t B, int64_t n_in, int64_t R, int P, const int64_t 
         if (bf && lbf) dot_rows(1, n_in, xb, a, 1, t + idx, NULL);
         else t[idx] = dot_lanes(n_in, xb, bf, a, lbf);
     }
-    /* blocks of up to 64 columns, each inside one part */
+}
+
+enum { LORA_COLS = 256 };
+
+static void lora_up(int64_t B, int64_t R, int P, const int64_t *part_out, int64_t n_out, int bf, float *y,
+                    const void *Bt, int lbf, const int64_t *slots, const float *t) {
+    const int64_t RT = R * P;
+    /* blocks of up to LORA_COLS columns, each inside one part: R row segments of Bt each, long enough
+     * to be read as streams rather than R scattered cache lines */
     int64_t blocks = 0;
-    for (int p = 0; p < P; p++) blocks += (part_out[p] + 63) / 64;
+    for (int p = 0; p < P; p++) blocks += (part_out[p] + LORA_COLS - 1) / LORA_COLS;
 #pragma omp for schedule(static)
     for (int64_t idx = 0; idx < B * blocks; idx++) {
         const int64_t b = idx / blocks, s = slots[b];
         if (s <= 0) continue;
         int64_t blk = idx % blocks, off = 0;
         int p = 0;
-        while (blk >= (part_out[p] + 63) / 64) { blk -= (part_out[p] + 63) / 64; off += part_out[p]; p++; }
-        const int64_t o0 = off + blk * 64, len = (off + part_out[p] - o0) < 64 ? (off + part_out[p] - o0) : 64;
-        float acc[64] = {0};
+        while (blk >= (part_out[p] + LORA_COLS - 1) / LORA_COLS) {
+            blk -= (part_out[p] + LORA_COLS - 1) / LORA_COLS;
+            off += part_out[p];
+            p++;
+        }
+        const int64_t o0 = off + blk * LORA_COLS;
+        const int64_t len = (off + part_out[p] - o0) < LORA_COLS ? (off + part_out[p] - o0) : LORA_COLS;
+        float acc[LORA_COLS] = {0};
         for (int64_t r = 0; r < R; r++) {
             const float tr = t[b * RT + p * R + r];
             const int64_t row = (s * RT + p * R + r) * n_out + o0;
@@ -504,8 +519,9 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
                     for (int64_t i = 0; i < hid; i++) x[i] = bf ? round_bf16(x[i] + OUT[b * hid + i]) : x[i] + OUT[b * hid + i];
                 rms_row(hid, x, 0, (const void *)tb[T_NORM1], (char *)IN + (size_t)b * hid * (bf ? 2 : 4), bf, eps);
             }
+            if (lora) lora_down(B, hid, 3 * R, IN, bf, LA[0], lbf, slots, T);
             gemv(B, hid, nqkv, IN, Wt[0], Bs[0], bf, QKV, nqkv);
-            if (lora) lora_group(B, hid, R, 3, parts_qkv, nqkv, IN, bf, QKV, LA[0], LB[0], lbf, slots, T);
+            if (lora) lora_up(B, R, 3, parts_qkv, nqkv, bf, QKV, LB[0], lbf, slots, T);
 
             /* q/k norms (if any) and rotary; k and v into the cache at each row's position */
 #pragma omp for schedule(static)
@@ -538,8 +554,9 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
                     for (int64_t d = 0; d < HD; d++)
                         st(IN, b * H * HD + (h0 + h) * HD + d, attn_out[h * HD + d] * (1.0f / sums[h]), bf);
             }
+            if (lora) lora_down(B, H * HD, R, IN, bf, LA[1], lbf, slots, T);
             gemv(B, H * HD, hid, IN, Wt[1], Bs[1], bf, OUT, hid);
-            if (lora) lora_group(B, H * HD, R, 1, parts_o, hid, IN, bf, OUT, LA[1], LB[1], lbf, slots, T);
+            if (lora) lora_up(B, R, 1, parts_o, hid, bf, OUT, LB[1], lbf, slots, T);
 
             /* residual add of o_proj, then post-attention norm */
 #pragma omp for schedule(static)
@@ -548,8 +565,9 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
                 for (int64_t i = 0; i < hid; i++) x[i] = bf ? round_bf16(x[i] + OUT[b * hid + i]) : x[i] + OUT[b * hid + i];
                 rms_row(hid, x, 0, (const void *)tb[T_NORM2], (char *)IN + (size_t)b * hid * (bf ? 2 : 4), bf, eps);
             }
+            if (lora) lora_down(B, hid, 2 * R, IN, bf, LA[2], lbf, slots, T);
             gemv(B, hid, 2 * I, IN, Wt[2], Bs[2], bf, GU, 2 * I);
-            if (lora) lora_group(B, hid, R, 2, parts_gu, 2 * I, IN, bf, GU, LA[2], LB[2], lbf, slots, T);
+            if (lora) lora_up(B, R, 2, parts_gu, 2 * I, bf, GU, LB[2], lbf, slots, T);
 
             /* silu(gate) * up, one row per iteration (a loop the compiler vectorizes) */
 #pragma omp for schedule(static)
@@ -563,8 +581,9 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
                     for (int64_t i = 0; i < I; i++) m[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
                 }
             }
+            if (lora) lora_down(B, I, R, IN, bf, LA[3], lbf, slots, T);
             gemv(B, I, hid, IN, Wt[3], Bs[3], bf, OUT, hid);
-            if (lora) lora_group(B, I, R, 1, parts_d, hid, IN, bf, OUT, LA[3], LB[3], lbf, slots, T);
+            if (lora) lora_up(B, R, 1, parts_d, hid, bf, OUT, LB[3], lbf, slots, T);
         }
 
 #pragma omp for schedule(static)
