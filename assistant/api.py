@@ -350,19 +350,5 @@ def build_app(service, *, with_ui: bool = True) -> FastAPI:
         gr.mount_gradio_app(app, blocks, path="/", auth=list(s.auth) or None,
                             blocked_paths=[str(s.state_path), str(s.adapters_path), str(s.cache_dir)],
                             show_error=True, ssr_mode=False)
-        _calm_ui_queue(blocks)
     return app
 
-
-UI_QUEUE_POLL_S = 0.01       # Gradio's default on Linux is 0.001: a thousand wake-ups a second
-UI_PROGRESS_POLL_S = 0.05    # and 0.01 for progress bars
-
-
-def _calm_ui_queue(blocks) -> None:
-    """Gradio's event queue polls the event loop when idle, 1000 times a second. On a small CPU machine
-    every wake-up takes a core from the decode threads for a moment, and it cost a tenth of the streamed
-    API's speed. A UI event now waits at most 10 ms to start, and progress bars update 20 times a second."""
-    q = getattr(blocks, "_queue", None)
-    if q is not None and hasattr(q, "sleep_when_free"):
-        q.sleep_when_free = max(q.sleep_when_free, UI_QUEUE_POLL_S)
-        q.progress_update_sleep_when_free = max(getattr(q, "progress_update_sleep_when_free", 0), UI_PROGRESS_POLL_S)

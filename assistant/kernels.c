@@ -44,6 +44,8 @@ INLINE float ld(const void *p, int64_t i, int bf) {
 INLINE void st(void *p, int64_t i, float v, int bf) {
     if (bf) ((uint16_t *)p)[i] = f32_to_bf16(v); else ((float *)p)[i] = v;
 }
+/* the address of element i of a bfloat16 (bf != 0) or float32 array */
+INLINE void *act(void *p, int64_t i, int bf) { return (char *)p + (size_t)i * (bf ? 2 : 4); }
 
 /* e^x to about 2 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial for e^r, 2^n from the
  * exponent bits). Plain arithmetic, so loops over it vectorize; libm's expf is one call per value. */
@@ -102,16 +104,8 @@ INLINE int delta_impl(int64_t N, int64_t in, int64_t R, int64_t P, const int64_t
         if (s <= 0) continue;
         const int64_t a0 = s * in * RT, b0 = s * RT * out_total;
         for (int64_t i = 0; i < in; i++) x[i] = ld(h, n * h_stride + i, h_bf16);
-        for (int64_t j = 0; j < RT; j++) {
-            float lane[64] = {0};
-            int64_t i = 0;
-            for (; i + 64 <= in; i += 64)
-                for (int k = 0; k < 64; k++) lane[k] += x[i + k] * ld(A, a0 + j * in + i + k, wbf);
-            for (; i < in; i++) lane[i & 63] += x[i] * ld(A, a0 + j * in + i, wbf);
-            for (int w = 32; w >= 1; w >>= 1)
-                for (int k = 0; k < w; k++) lane[k] += lane[k + w];
-            t[j] = lane[0];
-        }
+        for (int64_t j = 0; j < RT; j++)
+            t[j] = dot_lanes(in, x, 0, (const char *)A + (size_t)(a0 + j * in) * (wbf ? 2 : 4), wbf);
         memset(acc, 0, (size_t)out_total * sizeof(float));
         int64_t off = 0;
         for (int64_t p = 0; p < P; p++) {
@@ -138,28 +132,17 @@ INLINE int delta_impl(int64_t N, int64_t in, int64_t R, int64_t P, const int64_t
     return 0;
 }
 
-static int delta_bf16(int64_t N, int64_t in, int64_t R, int64_t P, const int64_t *po, int64_t ot, const void *h,
-                      int64_t hs, int hb, void *out, int64_t os, int ob, const void *A, const void *B,
-                      const int64_t *slots, float *scratch) {
-    if (hb && ob) return delta_impl(N, in, R, P, po, ot, h, hs, 1, out, os, 1, A, B, 1, slots, scratch);
-    return delta_impl(N, in, R, P, po, ot, h, hs, hb, out, os, ob, A, B, 1, slots, scratch);
-}
-static int delta_f32(int64_t N, int64_t in, int64_t R, int64_t P, const int64_t *po, int64_t ot, const void *h,
-                     int64_t hs, int hb, void *out, int64_t os, int ob, const void *A, const void *B,
-                     const int64_t *slots, float *scratch) {
-    if (!hb && !ob) return delta_impl(N, in, R, P, po, ot, h, hs, 0, out, os, 0, A, B, 0, slots, scratch);
-    return delta_impl(N, in, R, P, po, ot, h, hs, hb, out, os, ob, A, B, 0, slots, scratch);
-}
-
 int lora_delta(int64_t N, int64_t in, int64_t R, int64_t P, const int64_t *part_out, int64_t out_total,
                const void *h, int64_t h_stride, int h_bf16, void *out, int64_t out_stride, int out_bf16,
                const void *A, const void *B, int w_bf16, const int64_t *slots, float *scratch) {
-    /* scratch: in + R * P + out_total floats, owned by the caller (one buffer per calling thread) */
-    if (w_bf16)
-        return delta_bf16(N, in, R, P, part_out, out_total, h, h_stride, h_bf16, out, out_stride, out_bf16,
-                          A, B, slots, scratch);
-    return delta_f32(N, in, R, P, part_out, out_total, h, h_stride, h_bf16, out, out_stride, out_bf16,
-                     A, B, slots, scratch);
+    /* scratch: in + R * P + out_total floats, owned by the caller (one buffer per calling thread).
+     * Constant flags let the compiler specialize the usual case: activations of the weights' type. */
+    if (w_bf16 && h_bf16 && out_bf16)
+        return delta_impl(N, in, R, P, part_out, out_total, h, h_stride, 1, out, out_stride, 1, A, B, 1, slots, scratch);
+    if (!w_bf16 && !h_bf16 && !out_bf16)
+        return delta_impl(N, in, R, P, part_out, out_total, h, h_stride, 0, out, out_stride, 0, A, B, 0, slots, scratch);
+    return delta_impl(N, in, R, P, part_out, out_total, h, h_stride, h_bf16, out, out_stride, out_bf16, A, B, w_bf16,
+                      slots, scratch);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -186,6 +169,14 @@ INLINE void rms_row(int64_t D, const void *x, int xbf, const void *w, void *out,
     } else {
         for (int64_t j = 0; j < D; j++) ((float *)out)[j] = ld(w, j, 0) * (ld(x, j, xbf) * r);
     }
+}
+
+/* The residual stream x += add (rounded like the model's dtype; no add when add is NULL), then
+ * out = norm(x) * w: the step's seam between sublayers. */
+INLINE void add_norm(int64_t D, float *x, const float *add, const void *w, void *out, int bf, float eps) {
+    if (add)
+        for (int64_t i = 0; i < D; i++) x[i] = bf ? round_bf16(x[i] + add[i]) : x[i] + add[i];
+    rms_row(D, x, 0, w, out, bf, eps);
 }
 
 int rms_norm(int64_t N, int64_t D, const void *x, const void *w, void *out, int bf16, float eps) {
@@ -345,6 +336,17 @@ static void lora_up(int64_t B, int64_t R, int P, const int64_t *part_out, int64_
     }
 }
 
+/* What a step's projections need to add each row's LoRA delta (lora == 0: no row has an adapter). */
+typedef struct { int lora, lbf; int64_t R; const int64_t *slots; float *t; } Lora;
+
+/* y = x W^T + bias, plus each row's LoRA delta (A, Bt: this group's adapter weights, P parts). */
+static void project(int64_t B, int64_t n_in, int P, const int64_t *part_out, int64_t n_out, const void *x, int bf,
+                    const void *W, const void *bias, const void *A, const void *Bt, const Lora *lo, float *y) {
+    if (lo->lora) lora_down(B, n_in, P * lo->R, x, bf, A, lo->lbf, lo->slots, lo->t);
+    gemv(B, n_in, n_out, x, W, bias, bf, y, n_out);
+    if (lo->lora) lora_up(B, lo->R, P, part_out, n_out, bf, y, Bt, lo->lbf, lo->slots, lo->t);
+}
+
 /* Rotary embedding of one head in place: v*cos + rotate_half(v)*sin, rotate_half(v) = (-v2, v1). */
 INLINE void rotate(int64_t HD, float *v, const float *cs, const float *sn, int bf, float *tmp) {
     const int64_t half = HD / 2;
@@ -486,7 +488,7 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
     float *QKV = (float *)IN + M * max_in;     /* [B, nqkv] */
     float *GU = QKV + M * nqkv;                /* [B, 2I] */
     float *OUT = GU + M * 2 * I;               /* o_proj / down_proj output [B, hid] */
-    float *T = OUT + M * hid;                  /* LoRA intermediates [B, 3R] */
+    const Lora lo = {lora, lbf, R, slots, OUT + M * hid};   /* LoRA intermediates t: [B, 3R] */
     enum { GQ = 4 };                                 /* query heads per attention item, at most */
     const int64_t chunks = (group + GQ - 1) / GQ;      /* items per KV head */
     int64_t longest = 0;
@@ -497,7 +499,7 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
     {
         float *scores = malloc((size_t)(longest * GQ) * sizeof(float));
         float *attn_out = malloc((size_t)(HD * GQ) * sizeof(float));
-        float *tmp = malloc((size_t)HD * 2 * sizeof(float));
+        float *tmp = malloc((size_t)HD * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * hid; i++) X[i] = ld(emb, i, bf);
 
@@ -513,15 +515,10 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
 
             /* residual add of the previous layer's down_proj, then input norm */
 #pragma omp for schedule(static)
-            for (int64_t b = 0; b < B; b++) {
-                float *x = X + b * hid;
-                if (l > 0)
-                    for (int64_t i = 0; i < hid; i++) x[i] = bf ? round_bf16(x[i] + OUT[b * hid + i]) : x[i] + OUT[b * hid + i];
-                rms_row(hid, x, 0, (const void *)tb[T_NORM1], (char *)IN + (size_t)b * hid * (bf ? 2 : 4), bf, eps);
-            }
-            if (lora) lora_down(B, hid, 3 * R, IN, bf, LA[0], lbf, slots, T);
-            gemv(B, hid, nqkv, IN, Wt[0], Bs[0], bf, QKV, nqkv);
-            if (lora) lora_up(B, R, 3, parts_qkv, nqkv, bf, QKV, LB[0], lbf, slots, T);
+            for (int64_t b = 0; b < B; b++)
+                add_norm(hid, X + b * hid, l > 0 ? OUT + b * hid : NULL, (const void *)tb[T_NORM1], act(IN, b * hid, bf),
+                         bf, eps);
+            project(B, hid, 3, parts_qkv, nqkv, IN, bf, Wt[0], Bs[0], LA[0], LB[0], &lo, QKV);
 
             /* q/k norms (if any) and rotary; k and v into the cache at each row's position */
 #pragma omp for schedule(static)
@@ -554,20 +551,13 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
                     for (int64_t d = 0; d < HD; d++)
                         st(IN, b * H * HD + (h0 + h) * HD + d, attn_out[h * HD + d] * (1.0f / sums[h]), bf);
             }
-            if (lora) lora_down(B, H * HD, R, IN, bf, LA[1], lbf, slots, T);
-            gemv(B, H * HD, hid, IN, Wt[1], Bs[1], bf, OUT, hid);
-            if (lora) lora_up(B, R, 1, parts_o, hid, bf, OUT, LB[1], lbf, slots, T);
+            project(B, H * HD, 1, parts_o, hid, IN, bf, Wt[1], Bs[1], LA[1], LB[1], &lo, OUT);
 
             /* residual add of o_proj, then post-attention norm */
 #pragma omp for schedule(static)
-            for (int64_t b = 0; b < B; b++) {
-                float *x = X + b * hid;
-                for (int64_t i = 0; i < hid; i++) x[i] = bf ? round_bf16(x[i] + OUT[b * hid + i]) : x[i] + OUT[b * hid + i];
-                rms_row(hid, x, 0, (const void *)tb[T_NORM2], (char *)IN + (size_t)b * hid * (bf ? 2 : 4), bf, eps);
-            }
-            if (lora) lora_down(B, hid, 2 * R, IN, bf, LA[2], lbf, slots, T);
-            gemv(B, hid, 2 * I, IN, Wt[2], Bs[2], bf, GU, 2 * I);
-            if (lora) lora_up(B, R, 2, parts_gu, 2 * I, bf, GU, LB[2], lbf, slots, T);
+            for (int64_t b = 0; b < B; b++)
+                add_norm(hid, X + b * hid, OUT + b * hid, (const void *)tb[T_NORM2], act(IN, b * hid, bf), bf, eps);
+            project(B, hid, 2, parts_gu, 2 * I, IN, bf, Wt[2], Bs[2], LA[2], LB[2], &lo, GU);
 
             /* silu(gate) * up, one row per iteration (a loop the compiler vectorizes) */
 #pragma omp for schedule(static)
@@ -581,17 +571,12 @@ int decode_step(const int64_t *p, float eps, float scale, const int64_t *table, 
                     for (int64_t i = 0; i < I; i++) m[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
                 }
             }
-            if (lora) lora_down(B, I, R, IN, bf, LA[3], lbf, slots, T);
-            gemv(B, I, hid, IN, Wt[3], Bs[3], bf, OUT, hid);
-            if (lora) lora_up(B, R, 1, parts_d, hid, bf, OUT, LB[3], lbf, slots, T);
+            project(B, I, 1, parts_d, hid, IN, bf, Wt[3], Bs[3], LA[3], LB[3], &lo, OUT);
         }
 
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) {
-            float *x = X + b * hid;
-            for (int64_t i = 0; i < hid; i++) x[i] = bf ? round_bf16(x[i] + OUT[b * hid + i]) : x[i] + OUT[b * hid + i];
-            rms_row(hid, x, 0, final_norm, (char *)IN + (size_t)b * hid * (bf ? 2 : 4), bf, eps);
-        }
+        for (int64_t b = 0; b < B; b++)
+            add_norm(hid, X + b * hid, OUT + b * hid, final_norm, act(IN, b * hid, bf), bf, eps);
         gemv(B, hid, V, IN, lm_head, NULL, bf, logits, V);
         free(scores);
         free(attn_out);

@@ -7,8 +7,9 @@ mix adapters freely. Slot 0 is all zeros: the base model.
 Per projection group (qkv, o, gate_up, down) and layer we keep
     A[slot]:  [R_total, in]   (the A matrices of the group's modules, stacked)
     Bt[slot]: [R_total, out]  (block-diagonal B^T, with PEFT's scale alpha/r folded in)
-so a group's delta is two small matmuls (two bmm's when rows use different slots). On CPU, decode steps
-run it as one call into a C kernel instead (assistant/kernels.py).
+so a group's delta is two small matmuls (two bmm's when rows use different slots). On CPU the C decode
+step reads these tensors directly (runner.py `KernelStep`), and a few rows at a time elsewhere (short
+prompts, the torch decode path) go through one C call per group (kernels.c `lora_delta`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .errors import InvalidAdapter
 from .kernels import KERNEL_DTYPES, lora_kernel
 
 
-KERNEL_MAX_ROWS = 64   # decode batches use the C kernel; a long prompt's rows go to the BLAS matmuls
+KERNEL_MAX_ROWS = 64   # up to this many rows use the C call; a long prompt's rows go to the BLAS matmuls
 
 
 @dataclass(frozen=True)

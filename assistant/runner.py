@@ -86,6 +86,7 @@ class LlamaRunner:
 
     GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj"), "self_attn"), ("o", ("o_proj",), "self_attn"),
               ("gate_up", ("gate_proj", "up_proj"), "mlp"), ("down", ("down_proj",), "mlp"))
+    GROUP_NAMES = tuple(name for name, _, _ in GROUPS)   # also the order of the LoRA bank's groups
 
     def __init__(self, model, max_slots: int, max_batch: int, device: str):
         self.model = model
@@ -263,7 +264,7 @@ class KernelStep:
         if lib is None or lib.decode_table_count() != len(cls.TABLE) or lib.decode_params_count() != len(cls.PARAMS):
             return None
         dt = runner.dtype
-        linears = [ly[g] for ly in runner.layers for g in ("qkv", "o", "gate_up", "down")] + [runner.lm_head]
+        linears = [ly[g] for ly in runner.layers for g in LlamaRunner.GROUP_NAMES] + [runner.lm_head]
         if any(f.mode == "modules" or f.weight.dtype != dt or (f.bias is not None and f.bias.dtype != dt)
                for f in linears):
             return None
@@ -300,7 +301,7 @@ class KernelStep:
             return 0 if t is None else t.data_ptr()
         rows = []
         for li, ly in enumerate(r.layers):
-            groups = [ly[g] for g in ("qkv", "o", "gate_up", "down")]
+            groups = [ly[g] for g in r.GROUP_NAMES]
             rows.append([ptr(ly["n1"]), ptr(ly["n2"]),
                          ptr(ly["qn"].weight if ly["qn"] is not None else None),
                          ptr(ly["kn"].weight if ly["kn"] is not None else None),
