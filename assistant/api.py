@@ -1,24 +1,31 @@
-"""HTTP routes: the OpenAI-compatible endpoints and the REST API of API.md. Each route only parses,
-checks authorization, calls the Service, and turns domain errors into JSON errors."""
+"""HTTP routes: the OpenAI-compatible endpoints and the REST API (docs/API.md). Each route only parses,
+calls the Service, and turns domain errors into JSON errors. Authorization is not checked here: every
+request has passed `auth.AuthMiddleware` before it reaches a route."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
 import json
+import logging
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .errors import AssistantError
+from .auth import AuthMiddleware, Credentials
+from .errors import AssistantError, TooLarge
+from .lora import SlotsBusy
 from .registry import check_name, check_version
+from .service import ADAPTER_SLOT_WAIT_S
 from .settings import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
 
 DISCONNECT_POLL_S = 0.2
 LOG_WAIT_S = 10.0
+SLOT_RETRY_S = 0.05            # how often a request waiting for an adapter slot tries again
+RETRY_AFTER_S = 2              # the Retry-After a 503 suggests
+
+log = logging.getLogger(__name__)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None):
@@ -29,34 +36,13 @@ def error_response(e: AssistantError) -> JSONResponse:
     kind = "invalid_request_error" if e.status < 500 else "server_error"
     if e.status == 404:
         kind = "not_found_error" if e.code != "model_not_found" else "invalid_request_error"
-    return JSONResponse(error_body(e.message, kind, e.code, e.param), status_code=e.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+    return JSONResponse(error_body(e.message, kind, e.code, e.param), status_code=e.status, headers=headers)
 
 
-class Unauthorized(AssistantError):
-    status = 401
-    code = "invalid_api_key"
-
-
-def check_auth(request: Request) -> str | None:
-    """Authorization for the API: `Bearer <api key>` or HTTP Basic with one of the --auth users.
-    Open only when neither --api-key nor --auth is set. Returns the user name (or None)."""
-    settings = request.app.state.service.settings
-    if not settings.api_key and not settings.auth:
-        return None
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and settings.api_key and hmac.compare_digest(value.strip(), settings.api_key):
-        return "api-key"
-    if scheme.lower() == "basic" and settings.auth:
-        try:
-            user, _, password = base64.b64decode(value.strip()).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            user = password = ""
-        for u, p in settings.auth:
-            if hmac.compare_digest(user, u) and hmac.compare_digest(password, p):
-                return user
-    raise Unauthorized("missing or wrong credentials: send 'Authorization: Bearer <api key>' "
-                       "(or HTTP Basic with a --auth user)")
+def current_user(request: Request) -> str | None:
+    """The user the auth middleware let in (None when the app is open)."""
+    return getattr(request.state, "user", None)
 
 
 async def read_json(request: Request, limit: int = MAX_REQUEST_BYTES) -> dict:
@@ -85,11 +71,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class TooLarge(AssistantError):
-    status = 413
-    code = "request_too_large"
-
-
 def _opt(body: dict, key: str, types, default=None):
     v = body.get(key, default)
     if v is not None and not isinstance(v, types):
@@ -106,12 +87,11 @@ def build_api(service) -> APIRouter:
     # OpenAI-compatible -------------------------------------------------------------------------
     @r.get("/v1/models")
     async def models(request: Request):
-        check_auth(request)
         return {"object": "list", "data": service.models()}
 
     @r.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        user = check_auth(request)
+        user = current_user(request)
         body = await read_json(request)
         if _opt(body, "n", int, 1) != 1:
             raise AssistantError("only n=1 is supported", param="n")
@@ -127,11 +107,19 @@ def build_api(service) -> APIRouter:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise AssistantError("seed must be an integer", param="seed")
         loop = asyncio.get_running_loop()
-        call = await asyncio.to_thread(
-            service.start_chat, ignore_eos=body.get("ignore_eos") is True, model=body.get("model"),
-            messages=body.get("messages"), max_tokens=max_tokens,
-            temperature=body.get("temperature"), top_p=body.get("top_p"), seed=seed, stop=body.get("stop"),
-            loop=loop, user=body.get("user") if isinstance(body.get("user"), str) else user)
+        deadline = loop.time() + ADAPTER_SLOT_WAIT_S
+        while True:   # waiting for an adapter slot happens here, asleep, not in a worker thread
+            try:
+                call = await asyncio.to_thread(
+                    service.start_chat, ignore_eos=body.get("ignore_eos") is True, model=body.get("model"),
+                    messages=body.get("messages"), max_tokens=max_tokens,
+                    temperature=body.get("temperature"), top_p=body.get("top_p"), seed=seed, stop=body.get("stop"),
+                    loop=loop, user=body.get("user") if isinstance(body.get("user"), str) else user, slot_wait_s=0)
+                break
+            except SlotsBusy:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(SLOT_RETRY_S)
         asyncio.create_task(_watch_disconnect(call, request))
         if stream:
             return StreamingResponse(_stream(call, include_usage), media_type="text/event-stream",
@@ -141,7 +129,7 @@ def build_api(service) -> APIRouter:
     # Feedback and data -------------------------------------------------------------------------
     @r.post("/api/feedback", status_code=201)
     async def feedback(request: Request):
-        user = check_auth(request)
+        user = current_user(request)
         body = await read_json(request)
         rid = body.get("response_id")
         if not isinstance(rid, str) or not rid:
@@ -152,7 +140,6 @@ def build_api(service) -> APIRouter:
 
     @r.post("/api/domains", status_code=201)
     async def create_domain(request: Request):
-        check_auth(request)
         body = await read_json(request)
         d = await asyncio.to_thread(service.create_domain, body.get("name"), body.get("system_prompt", ""),
                                     body.get("description", ""))
@@ -160,12 +147,11 @@ def build_api(service) -> APIRouter:
 
     @r.get("/api/domains")
     async def list_domains(request: Request):
-        check_auth(request)
         return await asyncio.to_thread(service.list_domains)
 
     @r.post("/api/domains/{name}/examples", status_code=201)
     async def add_examples(name: str, request: Request):
-        user = check_auth(request)
+        user = current_user(request)
         check_name(name)
         body = await read_json(request)
         res = await asyncio.to_thread(service.add_examples, name, body.get("examples"), user)
@@ -173,14 +159,12 @@ def build_api(service) -> APIRouter:
 
     @r.get("/api/domains/{name}/dataset")
     async def dataset(name: str, request: Request):
-        check_auth(request)
         check_name(name)
         snap = await asyncio.to_thread(service.curate, name)
         return snap.report
 
     @r.get("/api/domains/{name}/dataset/export")
     async def export(name: str, request: Request):
-        check_auth(request)
         check_name(name)
         snap = await asyncio.to_thread(service.curate, name)
         return Response(Path(snap.path).read_bytes(), media_type="application/x-ndjson",
@@ -189,13 +173,11 @@ def build_api(service) -> APIRouter:
     # Adapters ----------------------------------------------------------------------------------
     @r.get("/api/domains/{name}/adapters")
     async def adapters(name: str, request: Request):
-        check_auth(request)
         check_name(name)
         return await asyncio.to_thread(service.adapters, name)
 
     @r.post("/api/domains/{name}/adapters/{version}/activate")
     async def activate(name: str, version: str, request: Request):
-        check_auth(request)
         check_name(name)
         check_version(version)
         return await asyncio.to_thread(service.activate, name, version)
@@ -203,7 +185,6 @@ def build_api(service) -> APIRouter:
     @r.post("/api/domains/{name}/adapters", status_code=201)
     async def import_adapter(name: str, request: Request):
         """Upload a zipped PEFT LoRA folder as the body (application/zip); ?activate=true to make it live."""
-        check_auth(request)
         check_name(name)
         data = await read_body(request, MAX_UPLOAD_BYTES)
         import tempfile
@@ -217,7 +198,6 @@ def build_api(service) -> APIRouter:
     # Training jobs -----------------------------------------------------------------------------
     @r.post("/api/domains/{name}/train", status_code=202)
     async def train(name: str, request: Request):
-        check_auth(request)
         check_name(name)
         body = await read_json(request)
         job_id = await asyncio.to_thread(service.start_training, name, body)
@@ -225,17 +205,29 @@ def build_api(service) -> APIRouter:
 
     @r.get("/api/jobs/{job_id}")
     async def job(job_id: str, request: Request):
-        check_auth(request)
         return await asyncio.to_thread(service.job, job_id)
 
     @r.delete("/api/jobs/{job_id}")
     async def cancel(job_id: str, request: Request):
-        check_auth(request)
         return await asyncio.to_thread(service.cancel_job, job_id)
 
     @r.get("/api/health")
-    async def health():
+    async def health(request: Request):
+        """Public: a bare "ok" for load balancers; the base model's details for signed-in callers."""
+        if request.app.state.credentials.enabled and current_user(request) is None:
+            return {"status": "ok"}
         return {"status": "ok", **service.status()}
+
+    # Monitoring --------------------------------------------------------------------------------
+    @r.get("/api/domains/{name}/metrics")
+    async def metrics(name: str, request: Request):
+        check_name(name)
+        return await asyncio.to_thread(service.metrics, name)
+
+    @r.get("/metrics")
+    async def prometheus(request: Request):
+        text = await asyncio.to_thread(service.prometheus_text)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return r
 
@@ -324,31 +316,38 @@ async def _complete(call, request: Request):
 
 
 def build_app(service, *, with_ui: bool = True) -> FastAPI:
-    """The one FastAPI app: the API routes, and the Gradio UI mounted at /."""
+    """The one FastAPI app: the API routes, and the Gradio UI mounted at /, all behind one auth check."""
     app = FastAPI(title="domain-assistant", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+    s = service.settings
     app.state.service = service
+    app.state.credentials = Credentials(s.api_key, s.auth)
 
     @app.exception_handler(AssistantError)
     async def on_error(request: Request, e: AssistantError):
+        if e.status >= 500:
+            log.error("%s %s -> %d %s: %s", request.method, request.url.path, e.status, e.code, e.message)
         return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError):
-        return JSONResponse(error_body(f"invalid request: {e.errors()[:3]}"), status_code=422)
+        where = ", ".join(".".join(str(x) for x in err.get("loc", ())) for err in e.errors()[:3])
+        return JSONResponse(error_body(f"invalid request at {where}: check the field's type and value"),
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, e: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(error_body("the server failed on this request (the error is in the server log): retry, "
+                                       "and tell the operator if it persists", "server_error", "internal_error"),
+                            status_code=500)
 
     app.include_router(build_api(service))
-    try:
-        from .monitoring import build_metrics_routes
-        app.include_router(build_metrics_routes(service))
-    except ImportError:
-        pass
     if with_ui:
         import gradio as gr
         from .ui import build_ui
-        blocks = build_ui(service)
-        s = service.settings
-        gr.mount_gradio_app(app, blocks, path="/", auth=list(s.auth) or None,
+        blocks = build_ui(service, app.state.credentials)
+        gr.mount_gradio_app(app, blocks, path="/",
                             blocked_paths=[str(s.state_path), str(s.adapters_path), str(s.cache_dir)],
-                            show_error=True, ssr_mode=False)
+                            show_error=False, ssr_mode=False)
+    app.add_middleware(AuthMiddleware, credentials=app.state.credentials)
     return app
-

@@ -157,6 +157,8 @@ def cmd_eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="assistant", description="One base LLM, many domain assistants.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="what the server and commands log to stderr (default info)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     sp = sub.add_parser("serve", help="run the UI and the API on one port")
@@ -220,8 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    """The one place logging is configured: the library only logs through per-module loggers."""
+    import logging
+    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
+    for noisy in ("httpx", "httpcore", "urllib3", "sentence_transformers", "faiss"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
     from .errors import AssistantError
     try:
         return args.fn(args) or 0

@@ -13,6 +13,7 @@ one request at a time, without adapters.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -21,17 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import AssistantError, Busy, ContextTooLong
+from .errors import AssistantError, Busy, ContextTooLong, GenerationFailed
 from .runner import FAST_ARCHS, LlamaRunner
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
 from .threads import claim_cores
 
 MAX_CONTEXT_TOKENS = 8192      # cap on prompt + answer, whatever the model claims
 
-
-class AdapterEvicted(AssistantError):
-    status = 503
-    code = "adapter_not_loaded"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -168,12 +166,25 @@ class Engine:
     def adapter_slot(self, key: str) -> int | None:
         return self.runner.bank.slot_of(key) if self.runner else None
 
-    def load_adapter(self, key: str, folder) -> int:
+    def pin_adapter(self, key: str) -> int | None:
+        """The resident slot of `key` pinned for one request (unpinned when that request ends), or None."""
+        return self.runner.bank.pin(key) if self.runner else None
+
+    def load_adapter(self, key: str, folder, *, pin: bool = False) -> int:
+        """Load a validated adapter folder into a slot; with `pin`, the slot comes back pinned."""
         if self.runner is None:
             raise AssistantError(f"adapters need a Llama-family base ({', '.join(FAST_ARCHS)}); "
                                  f"this base is {self.model.config.model_type}")
         with self.lock:  # never while a step is running
-            return self.runner.bank.load(key, folder)
+            return self.runner.bank.load(key, folder, pin=pin)
+
+    def unpin(self, slot: int) -> None:
+        if self.runner and slot:
+            self.runner.bank.release(slot)
+
+    def wait_for_free_slot(self, timeout: float) -> None:
+        if self.runner:
+            self.runner.bank.wait_for_release(timeout)
 
     def evict_adapter(self, key: str) -> None:
         if self.runner:
@@ -190,6 +201,16 @@ class Engine:
 
     # Submission --------------------------------------------------------------------------------
     def submit(self, req: Request, loop=None, on_finish=None) -> Handle:
+        """Queue a request. A request with an adapter comes with `req.slot` already pinned (`pin_adapter` or
+        `load_adapter(pin=True)`); the engine unpins it when the request ends, or here if it is refused."""
+        try:
+            return self._submit(req, loop, on_finish)
+        except BaseException:
+            self.unpin(req.slot)
+            req.slot = 0
+            raise
+
+    def _submit(self, req: Request, loop, on_finish) -> Handle:
         n = len(req.prompt_ids)
         if n >= self.max_context:
             raise ContextTooLong(f"the conversation is {n} tokens and this model reads at most {self.max_context} "
@@ -197,12 +218,8 @@ class Engine:
         req.max_new_tokens = max(1, min(req.max_new_tokens, self.max_context - n))
         if self.pending.qsize() >= self.max_queue:
             raise Busy(f"the server is busy ({self.max_queue} requests waiting): retry in a few seconds")
-        if req.adapter is not None:
-            slot = self.adapter_slot(req.adapter)
-            if slot is None:
-                raise AdapterEvicted(f"adapter {req.adapter} is not loaded: load it first")
-            req.slot = slot
-            self.runner.bank.acquire(slot)
+        if req.adapter is not None and not req.slot:
+            raise AssistantError(f"adapter {req.adapter} has no pinned slot: pin or load it first")
         req.t_submit = time.perf_counter()
         req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
                                                       else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
@@ -212,9 +229,16 @@ class Engine:
         self.wake.set()
         return h
 
-    def generate(self, messages: list[dict] | None = None, *, prompt_ids: list[int] | None = None, **kw) -> str:
+    def generate(self, messages: list[dict] | None = None, *, prompt_ids: list[int] | None = None,
+                 adapter: str | None = None, **kw) -> str:
+        """Blocking generation; `adapter` names a resident adapter (pinned for this request)."""
         ids = prompt_ids if prompt_ids is not None else self.encode_chat(messages)
-        return self.submit(Request(prompt_ids=ids, **kw)).result()[0]
+        slot = 0
+        if adapter is not None:
+            slot = self.pin_adapter(adapter)
+            if slot is None:
+                raise AssistantError(f"adapter {adapter} is not loaded: load it first")
+        return self.submit(Request(prompt_ids=ids, adapter=adapter, slot=slot, **kw)).result()[0]
 
     def close(self):
         self.stopping = True
@@ -234,9 +258,10 @@ class Engine:
                     self._admit()
                     if self.active:
                         self._step()
-            except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
-                err = AssistantError(f"generation failed: {type(e).__name__}: {e}")
-                err.status = 500
+            except Exception:  # noqa: BLE001 - fail the requests, keep serving
+                log.exception("decode step failed for %d request(s)", len(self.active))
+                err = GenerationFailed("generation failed on the server (the error is in the server log): "
+                                       "retry, and tell the operator if it persists")
                 for req, h in self.active:
                     self._finish(req, h, None, error=err)
                 self.active.clear()
@@ -258,9 +283,10 @@ class Engine:
                     logits = self.runner.prefill(row, req.prompt_ids, req.slot)
                 else:
                     logits = self._hf_prefill(req)
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                err = AssistantError(f"generation failed while reading the prompt: {type(e).__name__}: {e}")
-                err.status = 500
+            except Exception:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("prefill failed for request %s (%d prompt tokens)", req.id, len(req.prompt_ids))
+                err = GenerationFailed("generation failed on the server while reading the prompt (the error is "
+                                       "in the server log): retry, and tell the operator if it persists")
                 self._finish(req, h, None, error=err)
                 continue
             self.active.append((req, h))
@@ -356,8 +382,8 @@ class Engine:
         if h.on_finish is not None:
             try:
                 h.on_finish()
-            except Exception:  # noqa: BLE001 - logging must never break generation
-                pass
+            except Exception:  # noqa: BLE001 - a failing callback must never stop generation for others
+                log.exception("the finish callback of request %s failed: its response may not be logged", req.id)
         if error is not None:
             h.put(Event("error", error=error, finish_reason="error"))
             return

@@ -58,3 +58,20 @@ class Busy(AssistantError):
 class ModelLoadError(AssistantError):
     status = 500
     code = "model_load_error"
+
+
+class DomainBroken(AssistantError):
+    """The domain exists but cannot serve: its active version is missing, or its settings are unreadable."""
+    status = 503
+    code = "domain_broken"
+
+
+class GenerationFailed(AssistantError):
+    """The model failed on the server; the traceback is in the server log, never in the client's message."""
+    status = 500
+    code = "generation_failed"
+
+
+class TooLarge(AssistantError):
+    status = 413
+    code = "request_too_large"

@@ -263,7 +263,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         version = registry.publish(domain, staging, card)
         staging = None
         if promote:
-            registry.activate(domain, version)
+            _activate(registry, domain, version, result)
         store.update_job(job_id, status="succeeded", progress=1.0, adapter_version=version, promoted=promote,
                          finished_at=time.time(),
                          log=f"published {domain}@{version}" + (" and activated it\n" if promote else
@@ -283,6 +283,26 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return store.get_job(job_id)
+
+
+def _activate(registry, domain: str, version: str, result) -> None:
+    """Make the published version live through the registry's one activation path: it is validated against
+    the base the job trained on and its weights are read back before the pointer moves."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .registry import ADAPTER_WEIGHTS, validate_adapter
+
+    base = result.model.get_base_model() if hasattr(result.model, "get_base_model") else result.model
+    shapes = {name.removesuffix(".base_layer"): (m.in_features, m.out_features)
+              for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def load(name: str, v: str) -> None:
+        folder = registry.version_path(name, v)
+        validate_adapter(folder, result.fingerprint, shapes)
+        load_file(str(folder / ADAPTER_WEIGHTS), device="cpu")
+
+    registry.activate(domain, version, load=load)
 
 
 def run_job_inline(settings, store, registry, domain: str, train_settings: dict | None = None) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -34,6 +35,10 @@ SOURCE = (Path(__file__).with_name("kernels.c")).read_text()
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"]
 OPENMP = ["-fopenmp"]   # dropped when the compiler has no OpenMP: then only the single-thread kernels serve
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)   # what the kernels take for activations
+COMPILE_TIMEOUT_S = 120
+COMPILER_ERROR_CHARS = 2000                       # of the compiler's message, in the log
+
+log = logging.getLogger(__name__)
 
 
 def _machine_key() -> str:
@@ -48,6 +53,7 @@ def _machine_key() -> str:
 def _build(folder: Path) -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
+        log.warning("no C compiler found (set CC or install gcc): the decode step runs on slower torch ops")
         return None
     lib = folder / f"kernels_{_machine_key()}.so"
     if lib.exists():
@@ -56,14 +62,22 @@ def _build(folder: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src, tmp_lib = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
         src.write_text(SOURCE)
+        errors = []
         for extra in (OPENMP, []):
             try:
                 subprocess.run([compiler, *FLAGS, *extra, str(src), "-o", str(tmp_lib), "-lm"], check=True,
-                               timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               timeout=COMPILE_TIMEOUT_S, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                if errors:
+                    log.warning("the C kernels built without OpenMP (%s): decode steps run on one thread",
+                                errors[-1][:COMPILER_ERROR_CHARS])
                 break
-            except (OSError, subprocess.SubprocessError):
-                continue
+            except subprocess.CalledProcessError as e:
+                errors.append(e.stderr.decode(errors="replace").strip())
+            except (OSError, subprocess.SubprocessError) as e:
+                errors.append(str(e))
         else:
+            log.error("building the C kernels with %s failed; the slower torch path serves instead:\n%s",
+                      compiler, errors[-1][:COMPILER_ERROR_CHARS])
             return None
         os.replace(tmp_lib, lib)   # atomic: a concurrent builder finds a whole library or none
     for old in folder.glob("kernels_*.so"):   # builds of other versions of the source
@@ -94,7 +108,8 @@ def _library():
         lib.decode_scratch_floats.argtypes = [vp]
         lib.decode_scratch_floats.restype = i64
         return lib
-    except (OSError, AttributeError):
+    except (OSError, AttributeError) as e:
+        log.error("loading the C kernels failed (%s); the slower torch path serves instead", e)
         return None
 
 

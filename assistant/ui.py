@@ -53,8 +53,13 @@ def _err(e: Exception) -> str:
     return f"Error: {getattr(e, 'message', None) or e}"
 
 
+_credentials = None   # set by build_ui: the server's credentials, to name the signed-in user
+
+
 def _user(request: gr.Request | None) -> str | None:
-    return getattr(request, "username", None) if request is not None else None
+    """The signed-in user (the auth middleware has checked the request before it got here)."""
+    from .auth import user_from_headers
+    return user_from_headers(_credentials, getattr(request, "headers", None)) if request is not None else None
 
 
 # Choices ---------------------------------------------------------------------------------------------
@@ -120,7 +125,7 @@ def respond(service, message, history, meta, model, system, temperature, max_tok
                 break
     finally:
         call.handle.cancel()
-        service.finish_chat(call)
+        service.finish_chat(call)   # waits until the response-log thread has logged it
         _calls.pop(session, None)
     version = call.target.version or BASE
     meta[str(len(history) - 1)] = {"response_id": call.id, "model": call.target.model,
@@ -522,7 +527,9 @@ def _bind(fn, *bound):
     return wrapper
 
 
-def build_ui(service) -> gr.Blocks:
+def build_ui(service, credentials=None) -> gr.Blocks:
+    global _credentials
+    _credentials = credentials
     P = _bind
     with gr.Blocks(title="domain-assistant") as demo:
         gr.Markdown("# domain-assistant\nOne base model, many domain assistants that get better from your feedback.")

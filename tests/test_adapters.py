@@ -88,8 +88,8 @@ def test_engine_lora_matches_peft(svc, fact_adapters, tiny_llama):
         want = peft.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0][len(ids):].tolist()
     from assistant.engine import Request
-    svc.resolve("legal")
-    h = svc.engine.submit(Request(prompt_ids=ids, max_new_tokens=12, adapter="legal@v1"))
+    slot = svc.pin_adapter("legal", "v1")   # loaded and pinned until the request ends
+    h = svc.engine.submit(Request(prompt_ids=ids, max_new_tokens=12, adapter="legal@v1", slot=slot))
     h.result()
     assert h.req.generated == want[:len(h.req.generated)]
 

@@ -145,7 +145,7 @@ def test_sigkill_at_random_points_keeps_the_active_version(world):
     first = _wait(store, jobs.start_job(settings, store, registry, "atlas", FAST))
     duration = time.monotonic() - t0
     assert first["status"] == "succeeded", first["error"]
-    registry.activate("atlas", "v1")
+    registry.activate("atlas", "v1", load=registry.version_path)   # setting up: the version exists
     rng = random.Random(5)
     for _ in range(10):
         job_id = jobs.start_job(settings, store, registry, "atlas", FAST)

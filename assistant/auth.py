@@ -1,0 +1,193 @@
+"""Who may use the app: one authorization check in front of every route, declared once as ASGI middleware.
+
+The API routes, the OpenAI routes, `/metrics` and the mounted Gradio UI (its pages, queue, upload and
+file routes) all pass through `AuthMiddleware`; no route checks credentials itself. When neither
+`--api-key` nor `--auth` is set the app is open (a local tool); otherwise a request needs one of:
+- `Authorization: Bearer <api key>` (API clients);
+- HTTP Basic with a `--auth` user, or with any user name and the API key as the password;
+- the session cookie that the `/login` page sets after the same check (browsers).
+Only the login page itself and a bare health check are public. A browser asking for a page without
+credentials is sent to `/login`; anything else gets 401 with a JSON error.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import json
+import logging
+import secrets
+import time
+from urllib.parse import parse_qs, quote
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "assistant_session"
+SESSION_SECONDS = 12 * 3600          # a browser login lasts this long (and until the server restarts)
+MAX_LOGIN_BODY_BYTES = 4096
+LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH = "/login", "/logout", "/api/health"
+PUBLIC_PATHS = (LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH)
+API_KEY_USER = "api-key"
+UNAUTHORIZED = ("missing or wrong credentials: send 'Authorization: Bearer <api key>' (or HTTP Basic with a "
+                "--auth user), or sign in at /login")
+
+
+class Credentials:
+    """The accepted credentials of one server, and the session cookies it signs."""
+
+    def __init__(self, api_key: str | None, users: tuple[tuple[str, str], ...]):
+        self.api_key = api_key
+        self.users = tuple(users)
+        self.secret = secrets.token_bytes(32)   # per process: a restart signs everyone out
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_key or self.users)
+
+    def check_password(self, user: str, password: str) -> str | None:
+        """The user name when (user, password) is a --auth pair, or when password is the API key."""
+        ok = None
+        for u, p in self.users:   # compare against every pair: the time taken says nothing
+            if hmac.compare_digest(user.encode(), u.encode()) & hmac.compare_digest(password.encode(), p.encode()):
+                ok = u
+        if ok is None and self.api_key and hmac.compare_digest(password.encode(), self.api_key.encode()):
+            ok = user or API_KEY_USER
+        return ok
+
+    def sign(self, user: str, now: float | None = None) -> str:
+        expires = int((now or time.time()) + SESSION_SECONDS)
+        payload = base64.urlsafe_b64encode(json.dumps([user, expires]).encode()).decode()
+        mac = hmac.new(self.secret, payload.encode(), hashlib.sha256).hexdigest()
+        return f"{payload}.{mac}"
+
+    def session_user(self, cookie: str | None) -> str | None:
+        if not cookie or "." not in cookie:
+            return None
+        payload, _, mac = cookie.rpartition(".")
+        if not hmac.compare_digest(mac, hmac.new(self.secret, payload.encode(), hashlib.sha256).hexdigest()):
+            return None
+        try:
+            user, expires = json.loads(base64.urlsafe_b64decode(payload.encode()))
+        except (ValueError, TypeError):
+            return None
+        return user if isinstance(user, str) and expires > time.time() else None
+
+    def user_of(self, headers: dict[str, str], cookies: dict[str, str]) -> str | None:
+        """The caller's user name from an Authorization header or the session cookie, or None."""
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        scheme, value = scheme.lower(), value.strip()
+        if scheme == "bearer" and self.api_key and hmac.compare_digest(value.encode(), self.api_key.encode()):
+            return API_KEY_USER
+        if scheme == "basic":
+            try:
+                user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return self.check_password(user, password)
+        return self.session_user(cookies.get(SESSION_COOKIE))
+
+
+def _headers(scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _cookies(headers: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for part in headers.get("cookie", "").split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep:
+            out[name] = value
+    return out
+
+
+def user_from_headers(credentials: Credentials | None, headers) -> str | None:
+    """For handlers that only see headers (the UI): who is calling. The middleware has already let them in."""
+    if credentials is None or not credentials.enabled:
+        return None
+    h = {str(k).lower(): str(v) for k, v in dict(headers or {}).items()}
+    return credentials.user_of(h, _cookies(h))
+
+
+async def _send(send, status: int, body: bytes, content_type: str, extra: list | None = None) -> None:
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store"), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _login_page(error: str = "", next_path: str = "/") -> bytes:
+    note = f'<p class="err">{html.escape(error)}</p>' if error else ""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>Sign in · domain-assistant</title><style>
+body{{font-family:system-ui,sans-serif;display:flex;justify-content:center;padding-top:12vh;background:#f6f7f9}}
+form{{background:#fff;padding:2rem;border-radius:12px;box-shadow:0 2px 12px #0002;width:min(340px,90vw)}}
+input{{width:100%;padding:.6rem;margin:.3rem 0 1rem;box-sizing:border-box;border:1px solid #ccd;border-radius:6px}}
+button{{width:100%;padding:.7rem;border:0;border-radius:6px;background:#f97316;color:#fff;font-size:1rem}}
+.err{{color:#b91c1c}} p.hint{{color:#667;font-size:.85rem}}</style></head><body>
+<form method="post" action="{LOGIN_PATH}"><h2>domain-assistant</h2>{note}
+<input type="hidden" name="next" value="{html.escape(next_path)}">
+<label>User<input name="username" id="username" autocomplete="username" required></label>
+<label>Password<input name="password" id="password" type="password" autocomplete="current-password" required></label>
+<button type="submit" id="login">Sign in</button>
+<p class="hint">A user given with --auth, or any name with the API key as the password.</p></form></body></html>""".encode()
+
+
+def _safe_next(value: str) -> str:
+    """Only same-site paths: never redirect a login to another host."""
+    return value if value.startswith("/") and not value.startswith("//") and "\\" not in value else "/"
+
+
+class AuthMiddleware:
+    """The one check every request passes (see the module docstring)."""
+
+    def __init__(self, app, credentials: Credentials):
+        self.app = app
+        self.credentials = credentials
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or not self.credentials.enabled:
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = _headers(scope)
+        if scope["type"] == "http" and path == LOGIN_PATH:
+            return await self._login(scope, receive, send, headers)
+        if scope["type"] == "http" and path == LOGOUT_PATH:
+            return await _send(send, 303, b"", "text/plain", [(b"location", LOGIN_PATH.encode()), (
+                b"set-cookie", f"{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict".encode())])
+        user = self.credentials.user_of(headers, _cookies(headers))
+        if user is None and path != HEALTH_PATH:
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            if scope.get("method") == "GET" and "text/html" in headers.get("accept", ""):
+                target = f"{LOGIN_PATH}?next={quote(path)}"
+                return await _send(send, 303, b"", "text/plain", [(b"location", target.encode())])
+            body = json.dumps({"error": {"message": UNAUTHORIZED, "type": "invalid_request_error",
+                                         "param": None, "code": "invalid_api_key"}}).encode()
+            return await _send(send, 401, body, "application/json",
+                               [(b"www-authenticate", b'Bearer realm="domain-assistant"')])
+        scope.setdefault("state", {})["user"] = user
+        return await self.app(scope, receive, send)
+
+    async def _login(self, scope, receive, send, headers):
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if scope.get("method") != "POST":
+            page = _login_page(next_path=_safe_next(query.get("next", ["/"])[0]))
+            return await _send(send, 200, page, "text/html; charset=utf-8")
+        body, more = b"", True
+        while more and len(body) <= MAX_LOGIN_BODY_BYTES:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        form = parse_qs(body[:MAX_LOGIN_BODY_BYTES].decode("utf-8", "replace"))
+        user = self.credentials.check_password(form.get("username", [""])[0], form.get("password", [""])[0])
+        next_path = _safe_next(form.get("next", ["/"])[0])
+        if user is None:
+            log.warning("failed sign-in for user %r", form.get("username", [""])[0][:64])
+            return await _send(send, 401, _login_page("wrong user or password", next_path), "text/html; charset=utf-8")
+        secure = "; Secure" if scope.get("scheme") == "https" or headers.get("x-forwarded-proto") == "https" else ""
+        cookie = (f"{SESSION_COOKIE}={self.credentials.sign(user)}; Path=/; Max-Age={SESSION_SECONDS}; HttpOnly; "
+                  f"SameSite=Lax{secure}")
+        return await _send(send, 303, b"", "text/plain", [(b"location", next_path.encode()),
+                                                         (b"set-cookie", cookie.encode())])
