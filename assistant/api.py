@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -71,10 +72,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _opt(body: dict, key: str, types, default=None):
+TYPE_NAMES = {bool: "true or false", int: "a whole number", dict: "an object", str: "text", list: "a list"}
+
+
+def _opt(body: dict, key: str, kind, default=None):
+    """body[key] when it is of `kind` (bools are not numbers), else an error naming the field."""
     v = body.get(key, default)
-    if v is not None and not isinstance(v, types):
-        raise AssistantError(f"{key} has the wrong type", param=key)
+    if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
+        raise AssistantError(f"{key} must be {TYPE_NAMES.get(kind, kind.__name__)}", param=key)
     return v
 
 
@@ -94,18 +99,25 @@ def build_api(service) -> APIRouter:
         user = current_user(request)
         body = await read_json(request)
         if _opt(body, "n", int, 1) != 1:
-            raise AssistantError("only n=1 is supported", param="n")
-        stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+            raise AssistantError("n must be 1: one answer per request", param="n")
+        stream = _opt(body, "stream", bool, False)
+        options = _opt(body, "stream_options", dict, {}) or {}
+        include_usage = bool(options.get("include_usage")) if stream else False
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
-            raise AssistantError("max_tokens must be an integer", param="max_tokens")
+            raise AssistantError("max_tokens must be a whole number", param="max_tokens")
         for key in ("temperature", "top_p"):
-            if body.get(key) is not None and (isinstance(body[key], bool) or not isinstance(body[key], (int, float))):
-                raise AssistantError(f"{key} must be a number", param=key)
+            value = body.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise AssistantError(f"{key} must be a finite number", param=key)
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise AssistantError("seed must be an integer", param="seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2 ** 63):
+            raise AssistantError("seed must be a whole number (64-bit)", param="seed")
+        stop = body.get("stop")
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+            raise AssistantError("stop must be a string or a list of strings", param="stop")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ADAPTER_SLOT_WAIT_S
         while True:   # waiting for an adapter slot happens here, asleep, not in a worker thread

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import Conflict, InvalidAdapter, InvalidName, NotFound
+from .errors import AssistantError, Conflict, InvalidAdapter, InvalidName, NotFound
 from .settings import BASE, MAX_LORA_RANK, NAME_RE
 
 VERSION_RE = re.compile(r"^v[1-9][0-9]{0,8}$")
@@ -39,17 +39,17 @@ log = logging.getLogger(__name__)
 
 
 def check_name(name: object) -> str:
-    """A domain name per API.md, or InvalidName that says the rule. Checked before any path is built."""
+    """A domain name per docs/API.md, or InvalidName that says the rule. Checked before any path is built."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == BASE:
         shown = repr(name)[:80]
         raise InvalidName(f"domain name {shown} is not allowed: use 1-64 lowercase letters, digits, '-' or '_', "
-                          f"starting with a letter or digit (and not {BASE!r})")
+                          f"starting with a letter or digit (and not {BASE!r})", param="name")
     return name
 
 
 def check_version(version: object) -> str:
     if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
-        raise InvalidName(f"version {repr(version)[:40]} is not allowed: versions look like v1, v2, ...")
+        raise InvalidName(f"version {repr(version)[:40]} is not allowed: versions look like v1, v2, ...", param="version")
     return version
 
 
@@ -118,9 +118,11 @@ class Registry:
     def create_domain(self, name: str, system_prompt: str = "", description: str = "") -> Domain:
         check_name(name)
         if not isinstance(system_prompt, str) or len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
-            raise InvalidName(f"system_prompt must be text of at most {MAX_SYSTEM_PROMPT_CHARS} characters")
+            raise AssistantError(f"system_prompt must be text of at most {MAX_SYSTEM_PROMPT_CHARS} characters",
+                                 param="system_prompt")
         if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
-            raise InvalidName(f"description must be text of at most {MAX_DESCRIPTION_CHARS} characters")
+            raise AssistantError(f"description must be text of at most {MAX_DESCRIPTION_CHARS} characters",
+                                 param="description")
         d = self.domain_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         toml = d / "domain.toml"

@@ -311,9 +311,15 @@ class Service:
 
     def add_examples(self, domain: str, examples, user: str | None = None) -> dict:
         self.require_domain(domain)
-        if not isinstance(examples, list):
-            raise AssistantError("examples must be a list of {messages: [...]}", param="examples")
+        if not isinstance(examples, list) or not examples:
+            raise AssistantError("examples must be a non-empty list of {\"messages\": [...]} objects",
+                                 param="examples")
         added, rejected = self.store.add_examples(domain, examples, source="seed", user=user)
+        if not added:   # nothing usable: a client error, and nothing was written
+            first = rejected[0]
+            raise AssistantError(f"no example was added: examples[{first['index']}]: {first['reason']}"
+                                 + (f" (and {len(rejected) - 1} more rejected)" if len(rejected) > 1 else ""),
+                                 param="examples")
         return {"added": added, "rejected": rejected}
 
     # Domains and adapters ----------------------------------------------------------------------
@@ -323,8 +329,9 @@ class Service:
             raise NotFound(f"no domain {name!r}: create it first (POST /api/domains or the Adapters tab)")
         return self.registry.get_domain(name)
 
-    def create_domain(self, name: str, system_prompt: str = "", description: str = "") -> dict:
-        return self.registry.create_domain(name, system_prompt or "", description or "").as_dict()
+    def create_domain(self, name: str, system_prompt: str | None = "", description: str | None = "") -> dict:
+        return self.registry.create_domain(name, "" if system_prompt is None else system_prompt,
+                                           "" if description is None else description).as_dict()
 
     def list_domains(self) -> list[dict]:
         out = []

@@ -120,3 +120,48 @@ def parse_auth(values: list[str] | None, auth_file: str | None = None) -> tuple[
 
 def setting_help() -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in fields(Settings)}
+
+
+def checked_values(cls, values: dict, what: str) -> dict:
+    """`values` for the dataclass `cls`, each checked against its field's type, with a message that names the
+    field, the type it takes and what was sent: `{"epochs": "lots"}` never reaches a comparison. Numbers must
+    be finite; booleans are not numbers; ints are accepted where floats are; lists where tuples are."""
+    import math
+    import typing
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {unknown}: use {sorted(known)}")
+    out = {}
+    for name, value in values.items():
+        hint = hints[name]
+        args = typing.get_args(hint)
+        allowed = [a for a in args if a is not type(None)] if args and typing.get_origin(hint) is not tuple else [hint]
+        if value is None and type(None) in args:
+            out[name] = None
+            continue
+        kind = allowed[0] if len(allowed) == 1 else None
+        ok = False
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            value = float(value) if ok else value
+        elif kind is str:
+            ok = isinstance(value, str)
+        elif typing.get_origin(kind) is tuple:
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            value = tuple(value) if ok else value
+        else:
+            ok = isinstance(value, tuple(allowed)) if all(isinstance(a, type) for a in allowed) else True
+        if not ok:
+            wanted = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}.get(
+                kind, "a list of names" if typing.get_origin(kind) is tuple else "a value of the right type")
+            shown = repr(value)[:40]
+            raise ValueError(f"{what} setting {name} must be {wanted}" + (" or null" if type(None) in args else "")
+                             + f", not {shown}")
+        out[name] = value
+    return out

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from .settings import MAX_LORA_RANK
+
 # Limits and recipe constants have names (STYLE.md #11).
 MIN_EXAMPLES = 8               # curated examples needed before a domain can be trained (422 below this)
 IGNORE_INDEX = -100            # label of a position that carries no loss
@@ -47,6 +49,11 @@ REPLAY_MAX_NEW_TOKENS = 64
 # Surface variants of the last user message, so a fact is learned from more than one wording of its question.
 QUESTION_VARIANTS = ("Question: {q}", "{lower}", "Please tell me: {q}", "{q} Answer briefly.",
                      "I'd like to know: {lower}?")
+
+
+MAX_EPOCHS = 100          # more passes than this over a dataset is a typo, not a plan
+MAX_BATCH_SIZE = 256
+MAX_SEQ_LEN = 8192
 
 
 @dataclass(frozen=True)
@@ -76,15 +83,16 @@ class TrainSettings:
         if isinstance(self.target_modules, (list, str)):
             mods = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
             object.__setattr__(self, "target_modules", tuple(mods))
-        checks = [(self.rank >= 1, "rank must be at least 1"),
+        checks = [(1 <= self.rank <= MAX_LORA_RANK, f"rank must be between 1 and {MAX_LORA_RANK}"),
                   (self.alpha > 0, "alpha must be positive"),
                   (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
                   (0.0 < self.learning_rate < 1.0, "learning_rate must be in (0, 1)"),
-                  (self.epochs is None or self.epochs >= 1, "epochs must be at least 1 (or None for auto)"),
+                  (self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS,
+                   f"epochs must be between 1 and {MAX_EPOCHS} (or null for auto)"),
                   (0 <= self.augment <= len(QUESTION_VARIANTS), f"augment must be in 0..{len(QUESTION_VARIANTS)}"),
                   (0 <= self.replay <= len(REPLAY_PROMPTS), f"replay must be in 0..{len(REPLAY_PROMPTS)}"),
-                  (self.batch_size >= 1, "batch_size must be at least 1"),
-                  (self.max_seq_len >= 16, "max_seq_len must be at least 16"),
+                  (1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch_size must be between 1 and {MAX_BATCH_SIZE}"),
+                  (16 <= self.max_seq_len <= MAX_SEQ_LEN, f"max_seq_len must be between 16 and {MAX_SEQ_LEN}"),
                   (bool(self.target_modules), "target_modules must name at least one module"),
                   (self.gradient_checkpointing in ("auto", "on", "off"), "gradient_checkpointing: auto, on or off")]
         for ok, message in checks:
@@ -94,12 +102,10 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainSettings":
         """From an API body / CLI flags: unknown keys are refused with the list of known ones."""
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}: use {sorted(known)}")
-        return cls(**d)
+        from .settings import checked_values
+        if d is not None and not isinstance(d, dict):
+            raise ValueError("training settings must be an object of name: value pairs")
+        return cls(**checked_values(cls, dict(d or {}), "training"))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -42,7 +42,7 @@ def protected(tmp_path_factory, tiny_llama):
 
 def test_every_mutating_endpoint_refuses_unauthenticated_calls(protected):
     c = httpx.Client(base_url=protected, timeout=30)
-    routes = _mutating_routes(c.get("/api/openapi.json").json())
+    routes = _mutating_routes(c.get("/api/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}).json())
     must = {("POST", "/v1/chat/completions"), ("POST", "/api/feedback"), ("POST", "/api/domains"),
             ("POST", "/api/domains/support/examples"), ("POST", "/api/domains/support/train"),
             ("POST", "/api/domains/support/adapters"), ("POST", "/api/domains/support/adapters/v1/activate"),
@@ -150,3 +150,75 @@ def test_file_routes_never_serve_state_or_adapters(tmp_path, tiny_llama):
         up = httpx.post(url + "/gradio_api/upload", files={"files": ("note.txt", b"hello upload")}, timeout=15)
         assert up.status_code == 200, up.text
         assert httpx.get(url + "/gradio_api/file=" + up.json()[0], timeout=15).content == b"hello upload"
+
+
+def _all_routes(app) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves, the mounted Gradio UI's included."""
+    from starlette.routing import Mount
+    out = []
+
+    def walk(routes, prefix=""):
+        for r in routes:
+            if isinstance(r, Mount):
+                walk(getattr(r.app, "routes", None) or r.routes, prefix + r.path)
+            elif hasattr(r, "original_router"):        # FastAPI's included routers
+                walk(r.original_router.routes, prefix)
+            elif hasattr(r, "path"):
+                for m in sorted(getattr(r, "methods", None) or ["GET"]):
+                    out.append((m, prefix + r.path))
+    walk(app.routes)
+    return out
+
+
+def _fill(path: str) -> str:
+    import re
+    return re.sub(r"\{[^}]+\}", lambda m: PATH_VALUES.get(m.group(0)[1:-1].split(":")[0], "x"), path)
+
+
+def test_every_route_of_the_app_and_its_ui_needs_credentials(tmp_path, tiny_llama):
+    """--api-key alone (no --auth) protects the UI too: one check in front of every route."""
+    from assistant.api import build_app
+    from assistant.auth import PUBLIC_PATHS
+    from assistant.service import Service
+    from assistant.settings import Settings
+    svc = Service(Settings(home=tmp_path / "walk", base_model=str(tiny_llama), dtype="float32", api_key=API_KEY),
+                  start_jobs=False)
+    try:
+        routes = _all_routes(build_app(svc))
+    finally:
+        svc.close()
+    paths = {p for _, p in routes}
+    assert {"/gradio_api/queue/join", "/gradio_api/upload", "/config", "/v1/chat/completions", "/metrics",
+            "/api/domains/{name}/train"} <= paths, sorted(paths)   # the walk really reaches the UI's routes
+    home = tmp_path / "home"
+    home.mkdir()
+    with running_server(home, "--base-model", str(tiny_llama), "--dtype", "float32", "--api-key", API_KEY) as (url, _):
+        c = httpx.Client(base_url=url, timeout=30, follow_redirects=False)
+        wrong = [{}, {"Authorization": "Bearer wrong"},
+                 {"Authorization": "Basic " + base64.b64encode(b"anyone:wrong").decode()},
+                 {"Cookie": "assistant_session=eyJ4Ijp9.00"}]
+        checked = 0
+        for method, path in routes:
+            if path.rstrip("/") in PUBLIC_PATHS:
+                continue
+            for headers in wrong:
+                r = c.request(method, _fill(path), headers={"Accept": "application/json", **headers},
+                              json={"model": "base", "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 401, (method, path, headers, r.status_code, r.text[:200])
+                if method != "HEAD":
+                    assert "credentials" in r.json()["error"]["message"]
+                checked += 1
+        assert checked >= 4 * 80
+        # public: the health check says only "ok"; the sign-in page
+        assert c.get("/api/health").json() == {"status": "ok"}
+        assert c.get("/", headers={"Accept": "text/html"}).headers["location"].startswith("/login")
+        assert c.post("/login", data={"username": "x", "password": "wrong"}).status_code == 401
+        # a browser signs in with the API key and then reaches the UI; an API client with the bearer key
+        r = c.post("/login", data={"username": "alice", "password": API_KEY, "next": "/"})
+        assert r.status_code == 303 and "assistant_session=" in r.headers["set-cookie"]
+        session = httpx.Client(base_url=url, timeout=30, cookies=r.cookies)
+        assert session.get("/").status_code == 200
+        assert session.get("/config").status_code == 200
+        assert c.get("/api/domains", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert c.post("/login", data={"username": "a", "password": API_KEY, "next": "//evil.example"}
+                      ).headers["location"] == "/"
