@@ -175,7 +175,7 @@ def build_api(service) -> APIRouter:
     async def dataset(name: str, request: Request):
         check_auth(request)
         check_name(name)
-        snap = await asyncio.to_thread(service.curate, name)
+        snap = await asyncio.to_thread(service.preview, name)
         return snap.report
 
     @r.get("/api/domains/{name}/dataset/export")

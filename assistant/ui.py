@@ -9,7 +9,6 @@ import functools
 import html
 import inspect
 import json
-import shutil
 import tempfile
 import time
 from datetime import datetime
@@ -296,7 +295,7 @@ def data_view(service, domain):
     if not domain:
         return [], [], [], "create a domain first", None
     try:
-        snap = service.curate(domain)
+        snap = service.preview(domain)
     except AssistantError as e:
         return [], [], [], _err(e), None
     items = sorted(snap.items, key=lambda it: -(it.get("created_at") or 0))
@@ -319,8 +318,9 @@ def data_view(service, domain):
     summary = (f"snapshot `{r['snapshot']}`: {r['candidates']} candidates → **{r['kept']} kept** "
                f"({r['train']} train / {r['eval']} eval)")
     out = _export_dir() / f"{domain}-{snap.hash[:12]}.jsonl"
-    if not out.exists():   # a copy outside the state dir: Gradio never serves the state dir
-        shutil.copyfile(snap.path, out)
+    if not out.exists():   # written outside the state dir: Gradio never serves the state dir
+        out.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in snap.rows),
+                       encoding="utf-8")
     slim = [{"key": it["key"], "messages": it["messages"]} for it in items]
     return rows, slim, report, summary, str(out)
 
@@ -420,7 +420,7 @@ def train_view(service, domain, model):
                 *_job_outputs(service, None, model))
     from .training import MIN_EXAMPLES
     try:
-        report = service.curate(domain).report
+        report = service.preview(domain).report
         d = service.require_domain(domain)
         jobs = service.jobs(domain)
     except AssistantError as e:
