@@ -11,6 +11,7 @@ curation can do, and keeping one redundant row costs almost nothing.
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ yourselves please sure ok okay well yes yeah hi hello thanks thank certainly cou
 s t d ll m re ve get got go goes going use using tell know like want need answer question
 """.split()) - {"no", "not", "nor"}      # negations carry meaning
 STEM_MIN_LEN = 4                 # words shorter than this are not stemmed
+TEMPLATE_MIN_SHARED = 0.5        # questions sharing this share of their words in order are one template
 _WORD = re.compile(r"[^\W_]+(?:[.,:/'][^\W_]+)*", re.UNICODE)   # keeps 2.50, 7:30, 1,200, it's together
 _SENTENCE_END = re.compile(r"[.!?:;]\s*$")
 
@@ -36,26 +38,36 @@ def _fold(text: str) -> str:
 
 
 def _stem(word: str) -> str:
-    """A light, deterministic stem: plural and possessive endings only (days/day, city's/city)."""
+    """A light, deterministic stem: possessive, plural, -ed / -ing and a final e (serves, served, serving,
+    serve -> serv), so that answers that differ only in grammar compare equal."""
     if word.endswith("'s"):
         word = word[:-2]
     if len(word) < STEM_MIN_LEN or any(c.isdigit() for c in word):
         return word
     if word.endswith("ies"):
-        return word[:-3] + "y"
-    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    return word
+        word = word[:-3] + "y"
+    elif word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    for suffix in ("ing", "ed"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= STEM_MIN_LEN - 1:
+            word = word[:-len(suffix)]
+            break
+    return word[:-1] if word.endswith("e") and len(word) > STEM_MIN_LEN else word
+
+
+def content_words(text: str) -> dict[str, str]:
+    """Content words of `text`: stem -> the first word (case-folded) with that stem. Numbers are kept
+    whole ("2.50", "7:30")."""
+    out: dict[str, str] = {}
+    for w in _WORD.findall(_fold(text).replace("\u2019", "'").casefold()):
+        if w not in STOPWORDS:
+            out.setdefault(_stem(w), w)
+    return out
 
 
 def content_tokens(text: str) -> frozenset[str]:
-    """Content words of `text`, case-folded and lightly stemmed, numbers kept whole ("2.50", "7:30")."""
-    out = set()
-    for w in _WORD.findall(_fold(text).replace("\u2019", "'").casefold()):
-        if w in STOPWORDS:
-            continue
-        out.add(_stem(w))
-    return frozenset(out)
+    """Content words of `text`, case-folded and lightly stemmed."""
+    return frozenset(content_words(text))
 
 
 def entity_tokens(text: str) -> frozenset[str]:
@@ -91,6 +103,32 @@ class Comparison:
         return f"questions name different things ({', '.join(self.question_entities_differ[:8])})"
 
 
+def _words(text: str) -> list[str]:
+    return _WORD.findall(_fold(text).replace("\u2019", "'").casefold())
+
+
+def template_swap(qa: str, qb: str) -> tuple[str, ...]:
+    """Content words swapped between two questions of one template ("... of the Lisbon kitchen?" /
+    "... of the Porto kitchen?"): the questions differ only by replaced words, share at least
+    TEMPLATE_MIN_SHARED of their words in order, and a replaced span holds content words on both sides.
+    -> the swapped content words (empty for paraphrases and re-asks)."""
+    wa, wb = _words(qa), _words(qb)
+    if not wa or not wb:
+        return ()
+    matcher = difflib.SequenceMatcher(None, wa, wb, autojunk=False)
+    ops = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    shared = sum(i2 - i1 for tag, i1, i2, _, _ in matcher.get_opcodes() if tag == "equal")
+    if not ops or any(op[0] != "replace" for op in ops) or shared < TEMPLATE_MIN_SHARED * max(len(wa), len(wb)):
+        return ()
+    swapped = set()
+    for _, i1, i2, j1, j2 in ops:
+        ca = {_stem(w) for w in wa[i1:i2] if w not in STOPWORDS}
+        cb = {_stem(w) for w in wb[j1:j2] if w not in STOPWORDS}
+        if ca and cb and ca != cb:
+            swapped |= ca ^ cb
+    return tuple(sorted(swapped))
+
+
 def last(messages: list[dict], role: str) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == role), "")
 
@@ -98,14 +136,15 @@ def last(messages: list[dict], role: str) -> str:
 def compare(a: list[dict], b: list[dict]) -> Comparison:
     """The lexical check of two conversations: same answer content, and questions naming the same
     entities (their other words may differ: paraphrases)."""
-    ta, tb = content_tokens(last(a, "assistant")), content_tokens(last(b, "assistant"))
+    wa, wb = content_words(last(a, "assistant")), content_words(last(b, "assistant"))
+    ta, tb = set(wa), set(wb)
     qa, qb = entity_tokens(last(a, "user")), entity_tokens(last(b, "user"))
     ea, eb = entity_tokens(last(a, "assistant")), entity_tokens(last(b, "assistant"))
     # an entity named in one question and answered in the other (Lisbon? -> "In Lisbon, ...") is no conflict
-    q_differ = (qa - qb - eb) | (qb - qa - ea)
+    q_differ = (qa - qb - eb) | (qb - qa - ea) | set(template_swap(last(a, "user"), last(b, "user")))
     same = ta == tb and not q_differ
-    return Comparison(same, tuple(sorted(ta & tb)), tuple(sorted(ta - tb)), tuple(sorted(tb - ta)),
-                      tuple(sorted(q_differ)))
+    return Comparison(same, tuple(sorted(wa[t] for t in ta & tb)), tuple(sorted(wa[t] for t in ta - tb)),
+                      tuple(sorted(wb[t] for t in tb - ta)), tuple(sorted(q_differ)))
 
 
 def same_question(a: list[dict], b: list[dict]) -> bool:
@@ -125,3 +164,21 @@ class ReadOnlyCache:
 
     def put_embeddings(self, model: str, vectors: dict[str, bytes]) -> None:
         return None
+
+
+def merge_quality(items: list[dict], group_of: dict[str, int]) -> dict:
+    """Score near-duplicate merges against known groups (`group_of`: item key -> group id; items of one
+    group carry the same information). -> precision and recall of the merges (an item removed as a near
+    or exact duplicate of an item of its own group is a correct merge), and the groups left with no item
+    at all (facts lost)."""
+    merged = [it for it in items if it["removed"] in ("near_duplicate", "exact_duplicate")]
+    correct = sum(group_of.get(it["key"]) == group_of.get(it.get("near_duplicate_of")) for it in merged)
+    sizes: dict[int, int] = {}
+    for g in group_of.values():
+        sizes[g] = sizes.get(g, 0) + 1
+    possible = sum(n - 1 for n in sizes.values())
+    kept_groups = {group_of[it["key"]] for it in items if it["removed"] is None and it["key"] in group_of}
+    return {"merges": len(merged), "correct": correct, "possible": possible,
+            "precision": correct / len(merged) if merged else 1.0,
+            "recall": correct / possible if possible else 1.0,
+            "groups": len(sizes), "groups_lost": len(set(sizes) - kept_groups)}

@@ -17,6 +17,7 @@ BENCHES = {
     "engine": "bench_engine",        # issue 2
     "adapters": "bench_adapters",    # issue 3
     "curation": "bench_curation",    # issue 4
+    "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",    # issue 5
 }
 
