@@ -185,25 +185,6 @@ def _cheap_filters(item: dict, opts: CurationSettings, removed: dict) -> str | N
     return None
 
 
-def _supersede(items: list[dict]) -> None:
-    """The same question asked again with another answer: a correction replaces what came before it.
-
-    `items` are sorted by priority (newest correction first): any later item whose question is the same as
-    a correction's is removed as its near duplicate, with the reason said."""
-    corrections: list[dict] = []
-    for item in items:
-        if item["removed"] is not None:
-            continue
-        winner = next((c for c in corrections if dedup.same_question(c["messages"], item["messages"])), None)
-        if winner is not None:
-            cmp = dedup.compare(item["messages"], winner["messages"])
-            item.update(removed="near_duplicate", near_duplicate_of=winner["key"], similarity=None,
-                        shared_answer_tokens=list(cmp.shared_answer_tokens),
-                        why="the same question, answered by a newer correction")
-        elif item.get("source") == "correction":
-            corrections.append(item)
-
-
 def _greedy_dedup(items: list[dict], vectors: np.ndarray, opts: CurationSettings) -> None:
     """Walk items best-first; an item merges into its most similar kept predecessor whose cosine is >= the
     threshold AND that carries the same information (`dedup.compare`). Different facts never merge.
@@ -286,19 +267,6 @@ def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> Non
         kept[i]["split"] = "eval"
 
 
-def _removed_entry(it: dict, by_key: dict[str, dict]) -> dict:
-    """One removed item in the report: what it was, the filter, and for duplicates the item kept instead
-    and why (similarity, shared answer tokens). Texts only for rows that passed the PII filter."""
-    entry = {"key": it["key"], "source": it["source"], "filter": it["removed"],
-             "duplicate_of": it.get("near_duplicate_of"), "similarity": it.get("similarity"),
-             "shared_answer_tokens": it.get("shared_answer_tokens") or [], "why": it.get("why") or it["removed"]}
-    if it["removed"] in ("near_duplicate", "exact_duplicate", "user_cap"):
-        entry["question"] = dedup.last(it["messages"], "user")[:REPORT_TEXT_CHARS]
-        kept = by_key.get(it.get("near_duplicate_of") or "")
-        entry["duplicate_question"] = dedup.last(kept["messages"], "user")[:REPORT_TEXT_CHARS] if kept else None
-    return entry
-
-
 def run(store, domain: str, embedder, opts: CurationSettings, *,
         read_only: bool = False) -> tuple[list[dict], list[dict], dict, np.ndarray]:
     """Candidates -> (items with decisions, kept items in snapshot order, report, kept prompt vectors).
@@ -321,7 +289,7 @@ def run(store, domain: str, embedder, opts: CurationSettings, *,
             it["removed"], it["near_duplicate_of"], it["similarity"] = "exact_duplicate", first["key"], 1.0
             it["why"] = "the same question and answer (case, spacing and punctuation aside)"
     survivors = [it for it in survivors if it["removed"] is None]
-    _supersede(survivors)
+    dedup.supersede(survivors)
 
     vectors = np.zeros((0, 384), np.float32)
     if survivors:
@@ -349,8 +317,8 @@ def run(store, domain: str, embedder, opts: CurationSettings, *,
               "train": sum(it["split"] == "train" for it in kept), "eval": sum(it["split"] == "eval" for it in kept),
               "sources": {ROW_SOURCE[src]: sum(it["source"] == src for it in kept) for src in ROW_SOURCE},
               "holdout_min_items": MIN_ITEMS_FOR_HOLDOUT,
-              "removed_items": [_removed_entry(it, by_key) for it in sorted(items, key=lambda it: it["key"])
-                                if it["removed"]]}
+              "removed_items": [dedup.removed_entry(it, by_key, REPORT_TEXT_CHARS)
+                                for it in sorted(items, key=lambda it: it["key"]) if it["removed"]]}
     return items, kept, report, kept_vectors
 
 

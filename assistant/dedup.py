@@ -153,6 +153,39 @@ def same_question(a: list[dict], b: list[dict]) -> bool:
     return norm(last(a, "user")) == norm(last(b, "user")) != ""
 
 
+# Decisions on curation items (dicts of `curation.run`) ----------------------------------------------
+def supersede(items: list[dict]) -> None:
+    """The same question asked again with another answer: a correction replaces what came before it.
+
+    `items` are sorted by priority (newest correction first): any later item whose question is the same as
+    a correction's is removed as its near duplicate, with the reason said."""
+    corrections: list[dict] = []
+    for item in items:
+        if item["removed"] is not None:
+            continue
+        winner = next((c for c in corrections if same_question(c["messages"], item["messages"])), None)
+        if winner is not None:
+            cmp = compare(item["messages"], winner["messages"])
+            item.update(removed="near_duplicate", near_duplicate_of=winner["key"], similarity=None,
+                        shared_answer_tokens=list(cmp.shared_answer_tokens),
+                        why="the same question, answered by a newer correction")
+        elif item.get("source") == "correction":
+            corrections.append(item)
+
+
+def removed_entry(it: dict, by_key: dict[str, dict], text_chars: int) -> dict:
+    """One removed item in the report: what it was, the filter, and for duplicates the item kept instead
+    and why (similarity, shared answer tokens). Texts only for rows that passed the PII filter."""
+    entry = {"key": it["key"], "source": it["source"], "filter": it["removed"],
+             "duplicate_of": it.get("near_duplicate_of"), "similarity": it.get("similarity"),
+             "shared_answer_tokens": it.get("shared_answer_tokens") or [], "why": it.get("why") or it["removed"]}
+    if it["removed"] in ("near_duplicate", "exact_duplicate", "user_cap"):
+        entry["question"] = last(it["messages"], "user")[:text_chars]
+        kept = by_key.get(it.get("near_duplicate_of") or "")
+        entry["duplicate_question"] = last(kept["messages"], "user")[:text_chars] if kept else None
+    return entry
+
+
 class ReadOnlyCache:
     """An embedding cache that reads from `cache` and never writes (curation for display)."""
 
