@@ -154,6 +154,21 @@ def answer_all(engine, conversations: list[list[dict]], adapters: list[str | Non
     return answers
 
 
+def serving_base(base):
+    """The base as serving runs it: training keeps float32 weights on CPU, serving decodes in the device's
+    default dtype (bfloat16 where the CPU has it), so answers are generated on a copy in that dtype."""
+    import copy
+    import dataclasses
+
+    from .model import resolve_dtype
+    want = resolve_dtype("auto", base.device)
+    current = next(base.model.parameters()).dtype
+    if base.quantization not in ("none", None) or current == want or not current.is_floating_point:
+        return base
+    model = copy.deepcopy(base.model).to(want).eval()
+    return dataclasses.replace(base, model=model, dtype=str(want).removeprefix("torch."))
+
+
 def _score(answers: list[str], rows: list[dict]) -> float | None:
     return _mean(rouge_l(a, split_prompt(r)[1]) for a, r in zip(answers, rows))
 
@@ -180,7 +195,7 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
             progress(done[0], total)
 
     t0 = time.perf_counter()
-    engine = Engine(base, max_batch=EVAL_MAX_BATCH, max_queue=2 * len(convs) + 1)
+    engine = Engine(serving_base(base), max_batch=EVAL_MAX_BATCH, max_queue=2 * len(convs) + 1)
     try:
         engine.load_adapter(ADAPTER_KEY, adapter_dir)
         answers = answer_all(engine, convs + convs, [None] * len(convs) + [ADAPTER_KEY] * len(convs),

@@ -8,9 +8,10 @@ A check whose data is missing (no corrections, no holdout) is left out, and said
 
 Forgetting is measured twice, both tolerant of rewording: the loss (NLL per token) of the base model's own
 answers to general prompts under the adapter vs under the base (a ratio), and the MiniLM cosine between
-the base's and the adapter's answers to those prompts. The bounds were set on the embedded SmolLM2
-(tests/test_gate_calibration.py): an adapter taught 10-20 distinct facts passes, one that answers
-everything with one fixed sentence fails.
+the base's and the adapter's answers to those prompts. The bounds were set on the embedded SmolLM2: an
+adapter taught 10 distinct facts (default recipe) measured NLL ratio 1.32 and similarity 0.86; one that
+answers everything with one fixed sentence measured 18.6 and 0.05. The slow tests
+(tests/test_gate_calibration.py, tests/test_retrain_e2e.py) check both sides.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ class GateSettings:
         "help": "the adapter's held-out loss may be at most this times the base's (only with a holdout)"})
     max_eval_match_drop: float = field(default=0.05, metadata={
         "help": "the held-out answer-match may fall by at most this much (only with a holdout)"})
-    max_general_nll_ratio: float = field(default=1.6, metadata={
+    max_general_nll_ratio: float = field(default=2.0, metadata={
         "help": "the loss per token of the base's own answers to general prompts, under the adapter, may be "
                 "at most this times the base's (forgetting; rewording the answers does not move it)"})
-    min_general_embedding_similarity: float = field(default=0.55, metadata={
+    min_general_embedding_similarity: float = field(default=0.6, metadata={
         "help": "mean MiniLM cosine between the base's and the adapter's answers to general prompts"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens per greedy answer during evaluation"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row for the losses"})

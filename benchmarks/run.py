@@ -19,6 +19,7 @@ BENCHES = {
     "curation": "bench_curation",    # issue 4
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",    # issue 5
+    "eval": "bench_eval",            # eval_vs_train_time of one job
 }
 
 
