@@ -94,7 +94,7 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
     feedback_ids = sorted({fid for it in snap.items if it.get("removed") is None
                            for fid in it.get("feedback_ids") or []})
     return {"training": ts.to_dict(), "requested": dict(train_settings or {}), "snapshot": snap.hash,
-            "snapshot_path": str(snap.path), "feedback_ids": feedback_ids, "n_train": n_train,
+            "feedback_ids": feedback_ids, "n_train": n_train,
             "n_eval": snap.report.get("eval", 0), "curate_seconds": round(curate_seconds, 2),
             "n_corrections": snap.report.get("sources", {}).get("correction", 0)}
 
@@ -231,8 +231,12 @@ def recover_orphans(settings, store, registry) -> list[str]:
 # The job itself (in the child, or inline for the CLI)
 # ---------------------------------------------------------------------------------------------
 
-def _read_rows(record: dict, store, domain: str) -> list[dict]:
+def _read_rows(settings, record: dict, store, domain: str) -> list[dict]:
+    """The job's snapshot rows. Its path is derived from the hash (the job record, which users see, holds
+    no server path); records of older jobs may still carry `snapshot_path`."""
     path = record.get("snapshot_path") or (store.latest_snapshot(domain) or {}).get("path")
+    if record.get("snapshot"):
+        path = Path(settings.state_path) / "snapshots" / domain / f"{record['snapshot']}.jsonl"
     if not path or not Path(path).is_file():
         raise AssistantError(f"the dataset snapshot of {domain!r} is missing: curate it again and retrain")
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -263,7 +267,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
     tracker = StageTracker(store, job_id, job["stages"])
     store.update_job(job_id, status="running", pid=os.getpid(), started_at=time.time(), log="started\n")
     try:
-        rows = _read_rows(record, store, domain)
+        rows = _read_rows(settings, record, store, domain)
         system_prompt = registry.get_domain(domain).system_prompt
         ts = TrainSettings.from_dict(record.get("training"))
         tracker.start("train")

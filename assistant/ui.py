@@ -380,7 +380,11 @@ def _progress_html(job: dict | None) -> str:
         p = 1.0
     color = {"failed": "#d33", "cancelled": "#999", "succeeded": "#2a2"}.get(job["status"], "#36c")
     loss = f" · loss {job['loss']:.3f}" if job.get("loss") is not None else ""
-    text = f"{job['status']} · step {job.get('step') or 0}/{job.get('total_steps') or '?'}{loss} · {p:.0%}"
+    stage = next((st for st in job.get("stages") or [] if st["name"] == job.get("stage")), None)
+    where = (f" · {stage['name']} {stage['done']}/{stage['total'] or '?'}"
+             + (f", about {stage['eta_s']:.0f} s left" if stage.get("eta_s") else "")) if stage else ""
+    text = (f"{job['status']}{where} · step {job.get('step') or 0}/{job.get('total_steps') or '?'}{loss} · "
+            f"{p:.0%}")
     return (f'<div id="train-progress-bar" data-status="{job["status"]}" data-progress="{p:.3f}" '
             f'data-version="{html.escape(job.get("adapter_version") or "")}">'
             f'<div style="background:#eee;border-radius:6px;height:18px;overflow:hidden">'
@@ -407,7 +411,9 @@ def _job_outputs(service, job: dict | None, model):
         summary = (f"**{job['status']}**" + (f": published {job['domain']}@{v}" if v else "")
                    + (" and activated (passed the gate)" if job.get("promoted") else
                       (" (not activated: activate it below if you want it)" if v else "")))
-        summary += "".join(f"\n- {r}" for r in (metrics.get("gate") or {}).get("reasons", []))
+        gate = metrics.get("gate") or {}
+        summary += f"\n\n{gate['summary']}" if gate.get("summary") else ""
+        summary += "".join(f"\n- {r}" for r in gate.get("reasons", []))
     running = bool(job) and job["status"] not in TERMINAL
     return (_progress_html(job), losses, log, table, summary, gr.Timer(active=running),
             refresh_models(service, model))
