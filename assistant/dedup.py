@@ -12,9 +12,12 @@ curation can do, and keeping one redundant row costs almost nothing.
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 import unicodedata
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 # Function words: a difference in these alone is "only wording". Content words are everything else.
 STOPWORDS = frozenset("""

@@ -169,6 +169,19 @@ def serving_base(base):
     return dataclasses.replace(base, model=model, dtype=str(want).removeprefix("torch."))
 
 
+def _answers_without_engine(base, adapter_dir, convs: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Base then adapter answers with transformers' generate (bases the engine cannot adapt)."""
+    from peft import PeftModel
+    peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    try:
+        peft_model.eval()
+        with peft_model.disable_adapter():
+            plain = generate(peft_model, base.tokenizer, convs, max_new_tokens)
+        return plain + generate(peft_model, base.tokenizer, convs, max_new_tokens)
+    finally:
+        peft_model.unload()
+
+
 def _score(answers: list[str], rows: list[dict]) -> float | None:
     return _mean(rouge_l(a, split_prompt(r)[1]) for a, r in zip(answers, rows))
 
@@ -180,6 +193,7 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
     from peft import PeftModel
 
     from .engine import Engine
+    from .runner import FAST_ARCHS
     s = settings or GateSettings()
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     cats = {"corrections": correction_rows(rows), "taught": taught_rows(rows),
@@ -195,13 +209,17 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
             progress(done[0], total)
 
     t0 = time.perf_counter()
-    engine = Engine(serving_base(base), max_batch=EVAL_MAX_BATCH, max_queue=2 * len(convs) + 1)
-    try:
-        engine.load_adapter(ADAPTER_KEY, adapter_dir)
-        answers = answer_all(engine, convs + convs, [None] * len(convs) + [ADAPTER_KEY] * len(convs),
-                             s.max_new_tokens, tick)
-    finally:
-        engine.close()
+    if getattr(base.model.config, "model_type", "") in FAST_ARCHS:
+        engine = Engine(serving_base(base), max_batch=EVAL_MAX_BATCH, max_queue=2 * len(convs) + 1)
+        try:
+            engine.load_adapter(ADAPTER_KEY, adapter_dir)
+            answers = answer_all(engine, convs + convs, [None] * len(convs) + [ADAPTER_KEY] * len(convs),
+                                 s.max_new_tokens, tick)
+        finally:
+            engine.close()
+    else:   # other architectures serve without adapters (engine.py); transformers' generate answers here
+        answers = _answers_without_engine(base, adapter_dir, convs, s.max_new_tokens)
+        tick(2 * len(convs))
     gen_seconds = time.perf_counter() - t0
     before, after = {}, {}
     for m, ans in ((before, answers[:len(convs)]), (after, answers[len(convs):])):
