@@ -34,7 +34,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import AssistantError, DatasetTooSmall
-from .stages import StageTracker, pending_stages
+from .stages import StageTracker, overall_progress, pending_stages
 from .threads import use_all_cores
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def _watch(store, registry, job_id: str, proc) -> None:
     hint = " (out of memory? try a smaller batch_size or max_seq_len)" if code == -signal.SIGKILL else ""
     _remove_staging(registry.root, job)
     store.update_job(job_id, status="failed", error=f"the training process ended unexpectedly: {why}{hint}",
+                     stage=None, stages=_stages_ended(job),
                      finished_at=time.time())
 
 
@@ -175,11 +176,16 @@ def _remove_staging(adapters_root, job: dict) -> None:
     shutil.rmtree(staging_path(adapters_root, job), ignore_errors=True)
 
 
+def _stages_ended(job: dict) -> list[dict]:
+    """A job's stages after it ended early (killed, cancelled, orphaned): the running stage failed."""
+    return [{**st, "status": "failed", "eta_s": None} if st["status"] == "running" else st
+            for st in job.get("stages") or pending_stages()]
+
+
 def _curated(store, job_id: str, record: dict) -> None:
     """The curate stage ran in the server before the job existed: record it as done."""
     stages = pending_stages()
     stages[0].update(status="done", progress=1.0, elapsed_s=record.get("curate_seconds", 0.0), eta_s=0.0)
-    from .stages import overall_progress
     store.update_job(job_id, stage=None, stages=stages, progress=overall_progress(stages))
 
 
@@ -197,7 +203,9 @@ def cancel_job(settings, store, job_id: str) -> dict:
         store.update_job(job_id, status="cancelled", finished_at=time.time(), log="cancelled by request\n")
         if _is_job_process(job.get("pid"), job_id) or job.get("pid") and _is_own_child(job["pid"]):
             _kill_group(job["pid"])
-        _remove_staging(settings.adapters_path, store.get_job(job_id))
+        job = store.get_job(job_id)           # after the kill: the child's last progress write is in
+        store.update_job(job_id, stage=None, stages=_stages_ended(job))
+        _remove_staging(settings.adapters_path, job)
     finally:
         _cancelling.discard(job_id)
     return store.get_job(job_id)
@@ -220,7 +228,8 @@ def recover_orphans(settings, store, registry) -> list[str]:
         if _is_job_process(job.get("pid"), job["job_id"]):
             _kill_group(job["pid"])
         _remove_staging(registry.root, job)
-        store.update_job(job["job_id"], status="failed", finished_at=time.time(),
+        store.update_job(job["job_id"], status="failed", finished_at=time.time(), stage=None,
+                         stages=_stages_ended(job),
                          error="the server restarted while this job ran: start training again")
         failed.append(job["job_id"])
     registry.cleanup_staging()
