@@ -148,6 +148,9 @@ def test_cancel_kills_the_process_group(world):
     assert job["status"] == "cancelled" and not _alive(pid)
     time.sleep(0.5)
     assert store.get_job(job_id)["status"] == "cancelled"  # the watcher does not turn it into "failed"
+    stages = {st["name"]: st["status"] for st in store.get_job(job_id)["stages"]}
+    assert stages == {"curate": "done", "train": "failed", "evaluate": "pending", "publish": "pending",
+                      "activate": "pending"} and store.get_job(job_id)["stage"] is None
     assert registry.versions("atlas") == []
     assert not list((settings.adapters_path / "atlas").glob(".staging-*"))
     # the next job may start at once
