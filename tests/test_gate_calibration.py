@@ -19,7 +19,8 @@ def test_an_adapter_that_says_one_sentence_to_everything_is_blocked(tmp_path, em
     from assistant.model import load_base
     from assistant.settings import Settings
     adapter = train_fact_adapter(embedded_path, tmp_path / "fixed",
-                                 [(q, FIXED) for q, _, _, _ in FACTS] + [(q, FIXED) for q in EXTRA], steps=30)
+                                 [(q, FIXED) for q, _, _, _ in FACTS] + [(q, FIXED) for q in EXTRA],
+                                 steps=40, lr=5e-3)
     base = load_base(Settings(base_model=str(embedded_path), dtype="float32"), verbose=False)
     rows = [{"messages": chat(q, a), "split": "train", "source": "seed", "feedback_ids": []}
             for q, a, _, _ in FACTS[:10]]
@@ -27,6 +28,7 @@ def test_an_adapter_that_says_one_sentence_to_everything_is_blocked(tmp_path, em
     verdict = evaluation.verdict(before, after)
     print("\nfixed sentence:", {k: after.get(k) for k in ("general_nll_ratio", "general_embedding_similarity",
                                                           "taught_match")})
+    assert sum(a == FIXED for a in after["general_answers"]) >= len(after["general_answers"]) // 2, after
     assert not verdict["promote"]
     failed = {c["name"] for c in verdict["checks"] if not c["passed"]}
     assert {"general_nll", "general_similarity"} <= failed, verdict
