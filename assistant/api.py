@@ -172,14 +172,15 @@ def build_api(service) -> APIRouter:
     @r.get("/api/domains/{name}/dataset")
     async def dataset(name: str, request: Request):
         check_name(name)
-        snap = await asyncio.to_thread(service.curate, name)
+        snap = await asyncio.to_thread(service.preview, name)
         return snap.report
 
     @r.get("/api/domains/{name}/dataset/export")
     async def export(name: str, request: Request):
         check_name(name)
-        snap = await asyncio.to_thread(service.curate, name)
-        return Response(Path(snap.path).read_bytes(), media_type="application/x-ndjson",
+        snap = await asyncio.to_thread(service.preview, name)   # a GET writes nothing: the rows, not a file
+        from .curation import snapshot_bytes
+        return Response(snapshot_bytes(snap.rows), media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="{name}-{snap.hash[:12]}.jsonl"'})
 
     # Adapters ----------------------------------------------------------------------------------

@@ -3,10 +3,18 @@
 Cheap checks first, each counting what it removed: review rejections, empty / too short / too long,
 garbage, prompt-injection markers, PII (scrubbed and counted, or dropped), exact duplicates (normalized
 text hash), near duplicates (MiniLM prompt embeddings + FAISS, cosine >= a threshold; the newest
-correction wins, then the best rated), a cap on any one user's share. Then a deterministic train/eval
-split by content hash, with no eval item near-duplicate of a train item. The snapshot is JSON Lines
-`{"messages": [...], "split": "train"|"eval"}` at `<state>/snapshots/<domain>/<hash>.jsonl`, the hash
-being of that content: the same candidates give the same hash, and curating twice changes nothing.
+correction wins, then the best rated), a cap on any one user's share. Two items are near duplicates only
+when they carry the same information: the embedding match must be confirmed by `dedup.compare` (same
+answer content tokens, questions naming the same entities), so templated facts with different names,
+numbers or places are all kept. The same question asked again with a different answer is replaced by a
+newer correction of it. Then a train/eval split by content hash (only on datasets of
+MIN_ITEMS_FOR_HOLDOUT+ items; below that everything the user taught is trained on), with no eval item
+near-duplicate of a train item. The snapshot is JSON Lines `{"messages", "split", "source", "key",
+"feedback_ids"}` at `<state>/snapshots/<domain>/<hash>.jsonl`, the hash being of that content: the same
+candidates give the same hash, and curating twice changes nothing.
+
+`Curator.preview(domain)` is the read-only report (it writes nothing: no snapshot, no database row, no
+embedding cache row, no index file); `Curator.snapshot(domain)` writes it, for a job or an export.
 
 `Curator.check_new(domain, item)` is the insert-time check of one new item against the domain's
 persisted index of kept rows.
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -25,12 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import pii
+from . import dedup, pii
+
+log = logging.getLogger(__name__)
 
 # Report keys, in the order the filters run. `pii_scrubbed` counts rows kept after scrubbing.
 FILTERS = ("rejected", "empty", "too_short", "too_long", "garbage", "injection", "pii", "pii_scrubbed",
            "exact_duplicate", "near_duplicate", "user_cap")
-MIN_ROWS_FOR_EVAL = 10           # below this many kept rows everything is train
+MIN_ITEMS_FOR_HOLDOUT = 50       # below this many kept rows everything is train (a holdout of 2 means nothing)
+MIN_ROWS_FOR_EVAL = MIN_ITEMS_FOR_HOLDOUT   # the former name
+REPORT_TEXT_CHARS = 120          # characters of a question shown per removed item in the report
+SNAPSHOT_FIELDS = ("messages", "split", "source", "key", "feedback_ids")
+ROW_SOURCE = {"seed": "seed", "up": "thumbs_up", "correction": "correction"}   # candidate source -> row source
 GARBAGE_MIN_CHARS = 12           # shorter texts are judged by too_short, not by the garbage ratios
 GARBAGE_MIN_WORDCHAR_RATIO = 0.5  # letters+digits over non-space characters
 GARBAGE_MIN_UNIQUE_WORDS = 0.25  # distinct/total words, for texts of GARBAGE_REPEAT_WORDS+ words
@@ -52,10 +67,11 @@ CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 
 @dataclass(frozen=True)
 class CurationSettings:
-    near_dup_threshold: float = field(default=0.70, metadata={
-        "help": "cosine of MiniLM embeddings of the conversation text at or above which two candidates are "
-                "near duplicates (0.70: recall 0.97, precision 0.99 on the hand-written paraphrase groups of "
-                "tests/test_curation.py; 0.75 drops recall to 0.90, 0.65 starts merging related questions)"})
+    near_dup_threshold: float = field(default=0.65, metadata={
+        "help": "cosine of MiniLM embeddings of the conversation text at or above which two candidates may be "
+                "near duplicates; they merge only if their answers also carry the same content tokens "
+                "(0.65: on tests/dedup_calibration.py precision 1.00, recall 0.93, no fact lost; chosen there "
+                "by benchmarks/bench_dedup.py, and checked on tests/dedup_testset.py)"})
     split_threshold: float = field(default=0.65, metadata={
         "help": "an eval row must be below this cosine to every train row"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of rows held out for evaluation"})
@@ -84,9 +100,9 @@ class CurationSettings:
 @dataclass
 class Snapshot:
     hash: str
-    path: Path
+    path: Path | None               # None for a preview (nothing written)
     report: dict
-    rows: list[dict]                 # what training sees: {"messages", "split"}
+    rows: list[dict]                 # what training sees: {"messages", "split", "source", "key", "feedback_ids"}
     items: list[dict] = field(default_factory=list)   # per candidate: decision, near-duplicate info
 
 
@@ -170,7 +186,8 @@ def _cheap_filters(item: dict, opts: CurationSettings, removed: dict) -> str | N
 
 
 def _greedy_dedup(items: list[dict], vectors: np.ndarray, opts: CurationSettings) -> None:
-    """Walk items best-first; one whose nearest kept predecessor is >= threshold is a near duplicate.
+    """Walk items best-first; an item merges into its most similar kept predecessor whose cosine is >= the
+    threshold AND that carries the same information (`dedup.compare`). Different facts never merge.
 
     `items` are sorted by priority. kNN via `VectorIndex` (exact, or HNSW past its threshold): O(n log n)."""
     from .embeddings import VectorIndex
@@ -179,19 +196,23 @@ def _greedy_dedup(items: list[dict], vectors: np.ndarray, opts: CurationSettings
     k = min(opts.neighbours + 1, len(items))
     sims, ids = index.search_ids(vectors, k)
     for i, item in enumerate(items):
-        nearest, nearest_sim, dup_of, dup_sim = None, -1.0, None, -1.0
-        for j, s in zip(ids[i], sims[i]):
+        nearest, nearest_sim, dup_of, dup_sim, dup_cmp = None, -1.0, None, -1.0, None
+        for j, s in sorted(zip(ids[i], sims[i]), key=lambda p: -p[1]):
             if j < 0 or j == i:
                 continue
             if s > nearest_sim:
                 nearest, nearest_sim = j, float(s)
-            if j < i and items[j]["removed"] is None and s >= opts.near_dup_threshold and s > dup_sim:
-                dup_of, dup_sim = j, float(s)
+            if item["removed"] is None and dup_of is None and j < i and items[j]["removed"] is None \
+                    and s >= opts.near_dup_threshold:
+                cmp = dedup.compare(item["messages"], items[j]["messages"])
+                if cmp.same:
+                    dup_of, dup_sim, dup_cmp = j, float(s), cmp
         if nearest is not None:
             item["nearest"], item["nearest_similarity"] = items[nearest]["key"], round(nearest_sim, 4)
         if dup_of is not None:
-            item["removed"] = "near_duplicate"
-            item["near_duplicate_of"], item["similarity"] = items[dup_of]["key"], round(dup_sim, 4)
+            item.update(removed="near_duplicate", near_duplicate_of=items[dup_of]["key"],
+                        similarity=round(dup_sim, 4), shared_answer_tokens=list(dup_cmp.shared_answer_tokens),
+                        why=dup_cmp.why(dup_sim))
 
 
 def _user_cap(kept: list[dict], opts: CurationSettings) -> None:
@@ -218,7 +239,7 @@ def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> Non
     """Hash-based eval pick among non-corrections, then move to train any eval row too close to a train row."""
     for it in kept:
         it["split"] = "train"
-    if len(kept) < MIN_ROWS_FOR_EVAL or opts.eval_fraction <= 0:
+    if len(kept) < MIN_ITEMS_FOR_HOLDOUT or opts.eval_fraction <= 0:
         return
     scores = [int(it["row_hash"][:12], 16) / 16 ** 12 for it in kept]
     # Corrections always train: a user who corrected an answer expects that answer to be learned
@@ -246,13 +267,15 @@ def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> Non
         kept[i]["split"] = "eval"
 
 
-def run(store, domain: str, embedder, opts: CurationSettings) -> tuple[list[dict], list[dict], dict, np.ndarray]:
-    """Candidates -> (items with decisions, kept items in snapshot order, report, kept prompt vectors)."""
+def run(store, domain: str, embedder, opts: CurationSettings, *,
+        read_only: bool = False) -> tuple[list[dict], list[dict], dict, np.ndarray]:
+    """Candidates -> (items with decisions, kept items in snapshot order, report, kept prompt vectors).
+    `read_only`: embeddings missing from the cache are computed in memory and not stored."""
     items = []
     for cand in store.candidates(domain):
         items.append({**cand, "messages": [dict(m) for m in cand["messages"]], "removed": None,
                       "near_duplicate_of": None, "similarity": None, "nearest": None,
-                      "nearest_similarity": None, "split": None})
+                      "nearest_similarity": None, "split": None, "shared_answer_tokens": None, "why": None})
     removed = {name: 0 for name in FILTERS}
     for it in items:
         it["removed"] = _cheap_filters(it, opts, removed)
@@ -264,11 +287,14 @@ def run(store, domain: str, embedder, opts: CurationSettings) -> tuple[list[dict
         first = seen.setdefault(hashlib.sha256(norm.encode()).hexdigest(), it)
         if first is not it:
             it["removed"], it["near_duplicate_of"], it["similarity"] = "exact_duplicate", first["key"], 1.0
+            it["why"] = "the same question and answer (case, spacing and punctuation aside)"
     survivors = [it for it in survivors if it["removed"] is None]
+    dedup.supersede(survivors)
 
     vectors = np.zeros((0, 384), np.float32)
     if survivors:
-        vectors = embedder.embed([dedup_text(it["messages"]) for it in survivors], cache=store)
+        cache = dedup.ReadOnlyCache(store) if read_only else store
+        vectors = embedder.embed([dedup_text(it["messages"]) for it in survivors], cache=cache)
         _greedy_dedup(survivors, vectors, opts)
     _user_cap([it for it in survivors if it["removed"] is None], opts)
     keep_mask = [it["removed"] is None for it in survivors]
@@ -279,18 +305,35 @@ def run(store, domain: str, embedder, opts: CurationSettings) -> tuple[list[dict
     _split(kept, kept_vectors, opts)
 
     for it in items:
+        if it["removed"] == "user_cap":
+            it["why"] = f"one user's share of the dataset is capped at {opts.max_user_share:.0%}"
         if it["removed"] and it["removed"] in removed:
             removed[it["removed"]] += 1
+    by_key = {it["key"]: it for it in items}
     order = sorted(range(len(kept)), key=lambda i: (kept[i]["split"] != "train", kept[i]["row_hash"]))
     kept = [kept[i] for i in order]
     kept_vectors = kept_vectors[order] if len(order) else kept_vectors
     report = {"snapshot": None, "candidates": len(items), "removed": removed, "kept": len(kept),
-              "train": sum(it["split"] == "train" for it in kept), "eval": sum(it["split"] == "eval" for it in kept)}
+              "train": sum(it["split"] == "train" for it in kept), "eval": sum(it["split"] == "eval" for it in kept),
+              "sources": {ROW_SOURCE[src]: sum(it["source"] == src for it in kept) for src in ROW_SOURCE},
+              "holdout_min_items": MIN_ITEMS_FOR_HOLDOUT,
+              "removed_items": [dedup.removed_entry(it, by_key, REPORT_TEXT_CHARS)
+                                for it in sorted(items, key=lambda it: it["key"]) if it["removed"]]}
     return items, kept, report, kept_vectors
 
 
+def snapshot_rows(kept: list[dict]) -> list[dict]:
+    """What training sees, one row per kept item: messages, split, source, key and feedback ids."""
+    return [{"messages": it["messages"], "split": it["split"], "source": ROW_SOURCE.get(it["source"], it["source"]),
+             "key": it["key"], "feedback_ids": list(it.get("feedback_ids") or [])} for it in kept]
+
+
+def snapshot_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+
+
 def _write_snapshot(folder: Path, rows: list[dict]) -> tuple[str, Path]:
-    data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+    data = snapshot_bytes(rows)
     digest = hashlib.sha256(data).hexdigest()[:16]
     path = folder / f"{digest}.jsonl"
     if not path.exists():                    # immutable: never rewritten once published
@@ -337,19 +380,34 @@ class Curator:
     def index_path(self, domain: str) -> Path:
         return self.state_dir / "index" / domain
 
-    def curate(self, domain: str) -> Snapshot:
+    def preview(self, domain: str) -> Snapshot:
+        """The curation report and rows as `snapshot` would make them, writing nothing at all (no file,
+        no database row, no embedding cache row, no index). `path` is None; `hash` is what the snapshot
+        file would be named."""
+        items, kept, report, _ = run(self.store, domain, self._embedder(), self.options, read_only=True)
+        rows = snapshot_rows(kept)
+        digest = hashlib.sha256(snapshot_bytes(rows)).hexdigest()[:16]
+        report["snapshot"] = digest
+        return Snapshot(digest, None, report, rows, items)
+
+    def snapshot(self, domain: str) -> Snapshot:
+        """Curate and write: the immutable snapshot file, its database row, the insert-time index. For a
+        job taking the data or a user exporting it; display uses `preview`."""
         items, kept, report, vectors = run(self.store, domain, self._embedder(), self.options)
-        rows = [{"messages": it["messages"], "split": it["split"]} for it in kept]
+        rows = snapshot_rows(kept)
         digest, path = _write_snapshot(self.state_dir / "snapshots" / domain, rows)
         report["snapshot"] = digest
         self.store.save_snapshot(domain, digest, report, str(path))
         self._save_index(domain, [it["key"] for it in kept], vectors)
         return Snapshot(digest, path, report, rows, items)
 
+    curate = snapshot     # the former name
+
     def review_queue(self, domain: str) -> list[dict]:
         """Every candidate with its decision: key, source, messages, rating, user, review_status, removed
-        (filter name or None), near_duplicate_of + similarity, nearest + nearest_similarity, split."""
-        items, _, _, _ = run(self.store, domain, self._embedder(), self.options)
+        (filter name or None), near_duplicate_of + similarity + why, nearest + nearest_similarity, split.
+        Read-only."""
+        items, _, _, _ = run(self.store, domain, self._embedder(), self.options, read_only=True)
         return sorted(items, key=lambda it: -(it.get("created_at") or 0))
 
     # Insert-time check ---------------------------------------------------------------------------
@@ -413,7 +471,12 @@ class Curator:
 def curate(store, domain: str, settings, embedder=None, options: CurationSettings | None = None) -> Snapshot:
     """Curate `domain` now: write (or reuse) its snapshot and record it as the latest. `settings` is the
     app `Settings` (or a state dir path)."""
-    return Curator(store, settings, embedder, options).curate(domain)
+    return Curator(store, settings, embedder, options).snapshot(domain)
+
+
+def preview(store, domain: str, settings, embedder=None, options: CurationSettings | None = None) -> Snapshot:
+    """The curation report of `domain` without writing anything (see `Curator.preview`)."""
+    return Curator(store, settings, embedder, options).preview(domain)
 
 
 def curation_help() -> dict[str, str]:

@@ -1,11 +1,17 @@
 """Training jobs: the training recipe run in a child process, so a crash or an out-of-memory kill can't take
 the server down and chat keeps answering while it trains.
 
-    start_job   (server)  curate -> size check (422) -> store.create_job (409 if one is active) -> spawn
-    run_job     (child)   running -> snapshot rows -> train into a staging folder -> evaluate -> publish
-                          -> activate if the gate passes -> succeeded, with metrics
+    start_job   (server)  curate (writes the snapshot) -> size check (422) -> store.create_job (409 if one
+                          is active) -> spawn
+    run_job     (child)   running -> snapshot rows -> train into a staging folder -> evaluate (the serving
+                          engine, gate.py's verdict) -> publish -> activate if the gate passes -> succeeded
     cancel_job  (server)  SIGKILL the child's process group -> cancelled, staging removed
     recover_orphans       at server start: jobs left queued/running by a dead server -> failed, staging removed
+
+The job record shows its stages (curate -> train -> evaluate -> publish -> activate), each with its own
+progress and time estimate (stages.py). Log lines are shown to users: they never name a server path. The
+staging folder is named after the job (`<adapters>/<domain>/.staging-job-<id>`), so cleanup needs no path
+from the log.
 
 The child is `python -m assistant.jobs JOB_ID SETTINGS_JSON` in its own session (its own process group).
 The database enforces one active job; status, progress and the loss history live there, so they survive
@@ -16,6 +22,7 @@ point leaves either a complete new version or a `.staging-*` folder that is neve
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -27,12 +34,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import AssistantError, DatasetTooSmall
+from .stages import StageTracker, overall_progress, pending_stages
 from .threads import use_all_cores
+
+log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear
-TRAIN_SHARE = 0.8               # of the progress bar: training; evaluation and publishing take the rest
-STAGING_TAG = "staging "        # log line naming the job's staging folder (for cleanup after a kill)
+STAGING_PREFIX = ".staging-job-"   # + job id: the job's staging folder in its domain's adapter folder
 JOB_LOG_DIR = "jobs"            # <state>/jobs/<job_id>.log : the child's stdout and stderr
 JOB_NICENESS = 10               # the child yields the CPU to the server, so chat stays responsive
 
@@ -75,7 +84,9 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
         from .errors import Conflict
         raise Conflict(f"job {active['job_id']} ({active['domain']}) is already training: wait for it to "
                        "finish or cancel it")
+    t0 = time.monotonic()
     snap = curate(store, domain, settings)
+    curate_seconds = time.monotonic() - t0
     n_train = snap.report.get("train", 0)
     if snap.report.get("kept", 0) < MIN_EXAMPLES:
         raise DatasetTooSmall(f"domain {domain!r} has {snap.report.get('kept', 0)} usable examples after curation; "
@@ -83,8 +94,9 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
     feedback_ids = sorted({fid for it in snap.items if it.get("removed") is None
                            for fid in it.get("feedback_ids") or []})
     return {"training": ts.to_dict(), "requested": dict(train_settings or {}), "snapshot": snap.hash,
-            "snapshot_path": str(snap.path), "feedback_ids": feedback_ids, "n_train": n_train,
-            "n_eval": snap.report.get("eval", 0)}
+            "feedback_ids": feedback_ids, "n_train": n_train,
+            "n_eval": snap.report.get("eval", 0), "curate_seconds": round(curate_seconds, 2),
+            "n_corrections": snap.report.get("sources", {}).get("correction", 0)}
 
 
 def start_job(settings, store, registry, domain: str, train_settings: dict | None = None) -> str:
@@ -92,6 +104,7 @@ def start_job(settings, store, registry, domain: str, train_settings: dict | Non
     Raises DatasetTooSmall (422), Conflict (409, another job is active) or AssistantError (bad settings)."""
     record = _prepare(settings, store, registry, domain, train_settings)
     job_id = store.create_job(domain, record)
+    _curated(store, job_id, record)
     log_dir = Path(settings.state_path) / JOB_LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
@@ -116,8 +129,9 @@ def _watch(store, registry, job_id: str, proc) -> None:
         return
     why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     hint = " (out of memory? try a smaller batch_size or max_seq_len)" if code == -signal.SIGKILL else ""
-    _remove_staging(job)
+    _remove_staging(registry.root, job)
     store.update_job(job_id, status="failed", error=f"the training process ended unexpectedly: {why}{hint}",
+                     stage=None, stages=_stages_ended(job),
                      finished_at=time.time())
 
 
@@ -153,15 +167,26 @@ def _kill_group(pid: int | None) -> None:
         time.sleep(0.05)
 
 
-def _staging_of(job: dict) -> list[Path]:
-    return [Path(line[len(STAGING_TAG):].strip()) for line in (job.get("log") or "").splitlines()
-            if line.startswith(STAGING_TAG)]
+def staging_path(adapters_root, job: dict) -> Path:
+    """The job's staging folder, derived from its id (never logged: log lines are shown to users)."""
+    return Path(adapters_root) / job["domain"] / f"{STAGING_PREFIX}{job['job_id']}"
 
 
-def _remove_staging(job: dict) -> None:
-    for path in _staging_of(job):
-        if path.name.startswith(".staging-"):
-            shutil.rmtree(path, ignore_errors=True)
+def _remove_staging(adapters_root, job: dict) -> None:
+    shutil.rmtree(staging_path(adapters_root, job), ignore_errors=True)
+
+
+def _stages_ended(job: dict) -> list[dict]:
+    """A job's stages after it ended early (killed, cancelled, orphaned): the running stage failed."""
+    return [{**st, "status": "failed", "eta_s": None} if st["status"] == "running" else st
+            for st in job.get("stages") or pending_stages()]
+
+
+def _curated(store, job_id: str, record: dict) -> None:
+    """The curate stage ran in the server before the job existed: record it as done."""
+    stages = pending_stages()
+    stages[0].update(status="done", progress=1.0, elapsed_s=record.get("curate_seconds", 0.0), eta_s=0.0)
+    store.update_job(job_id, stage=None, stages=stages, progress=overall_progress(stages))
 
 
 def cancel_job(settings, store, job_id: str) -> dict:
@@ -178,8 +203,9 @@ def cancel_job(settings, store, job_id: str) -> dict:
         store.update_job(job_id, status="cancelled", finished_at=time.time(), log="cancelled by request\n")
         if _is_job_process(job.get("pid"), job_id) or job.get("pid") and _is_own_child(job["pid"]):
             _kill_group(job["pid"])
-        job = store.get_job(job_id)
-        _remove_staging(job)
+        job = store.get_job(job_id)           # after the kill: the child's last progress write is in
+        store.update_job(job_id, stage=None, stages=_stages_ended(job))
+        _remove_staging(settings.adapters_path, job)
     finally:
         _cancelling.discard(job_id)
     return store.get_job(job_id)
@@ -201,8 +227,9 @@ def recover_orphans(settings, store, registry) -> list[str]:
             continue
         if _is_job_process(job.get("pid"), job["job_id"]):
             _kill_group(job["pid"])
-        _remove_staging(job)
-        store.update_job(job["job_id"], status="failed", finished_at=time.time(),
+        _remove_staging(registry.root, job)
+        store.update_job(job["job_id"], status="failed", finished_at=time.time(), stage=None,
+                         stages=_stages_ended(job),
                          error="the server restarted while this job ran: start training again")
         failed.append(job["job_id"])
     registry.cleanup_staging()
@@ -213,11 +240,24 @@ def recover_orphans(settings, store, registry) -> list[str]:
 # The job itself (in the child, or inline for the CLI)
 # ---------------------------------------------------------------------------------------------
 
-def _read_rows(record: dict, store, domain: str) -> list[dict]:
+def _read_rows(settings, record: dict, store, domain: str) -> list[dict]:
+    """The job's snapshot rows. Its path is derived from the hash (the job record, which users see, holds
+    no server path); records of older jobs may still carry `snapshot_path`."""
     path = record.get("snapshot_path") or (store.latest_snapshot(domain) or {}).get("path")
+    if record.get("snapshot"):
+        path = Path(settings.state_path) / "snapshots" / domain / f"{record['snapshot']}.jsonl"
     if not path or not Path(path).is_file():
         raise AssistantError(f"the dataset snapshot of {domain!r} is missing: curate it again and retrain")
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _user_text(text: str, settings) -> str:
+    """`text` with the server's folders taken out (job logs and errors are shown to users)."""
+    for folder in sorted({str(settings.adapters_path), str(settings.state_path), str(settings.home)}, key=len,
+                         reverse=True):
+        if folder and folder != ".":
+            text = text.replace(folder, "<server folder>")
+    return text
 
 
 def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
@@ -228,19 +268,21 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
     job = store.get_job(job_id)
     domain, record = job["domain"], job["settings"]
     staging = None
+    tracker = StageTracker(store, job_id, job["stages"])
     store.update_job(job_id, status="running", pid=os.getpid(), started_at=time.time(), log="started\n")
     try:
-        rows = _read_rows(record, store, domain)
+        rows = _read_rows(settings, record, store, domain)
         system_prompt = registry.get_domain(domain).system_prompt
-        staging = registry.new_staging(domain)
-        store.update_job(job_id, log=f"{STAGING_TAG}{staging}\n")
+        ts = TrainSettings.from_dict(record.get("training"))
+        tracker.start("train")
+        staging = registry.new_staging(domain, tag=f"job-{job_id}")
         base = _load(settings)
         store.update_job(job_id, log=f"loaded {base.describe()}\n")
-        ts = TrainSettings.from_dict(record.get("training"))
 
         def progress(step, total, loss):
-            store.update_job(job_id, step=step, total_steps=total, loss=loss, progress=TRAIN_SHARE * step / total)
+            store.update_job(job_id, step=step, total_steps=total, loss=loss)
             store.add_job_loss(job_id, step, loss)
+            tracker.advance("train", step, total)
             if on_step is not None:
                 on_step(step, total, loss)
 
@@ -248,44 +290,68 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
             return store.get_job(job_id)["status"] == "cancelled"
 
         result = train_adapter(base, rows, staging, ts, progress=progress, should_stop=stopped)
-        store.update_job(job_id, log=f"trained: {json.dumps(result.summary())}\n", progress=TRAIN_SHARE)
+        tracker.finish("train")
+        store.update_job(job_id, log=f"trained: {json.dumps(result.summary())}\n")
+        result.model.unload()            # LoRA layers out: the engine loads the adapter from its folder
+        base.model.eval()
+
+        tracker.start("evaluate")
         gate_settings = evaluation.GateSettings()
-        before, after = evaluation.before_after(result.model, result.tokenizer, rows, gate_settings, system_prompt)
-        promote, reasons = evaluation.gate(before, after, gate_settings)
+        before, after = evaluation.evaluate_adapter(
+            base, staging, rows, gate_settings, system_prompt,
+            progress=lambda done, total: tracker.advance("evaluate", done, total))
+        verdict = evaluation.verdict(before, after, gate_settings)
+        promote = verdict["promote"]
         metrics = {"train": result.summary(), "before": evaluation.summary(before),
-                   "after": evaluation.summary(after), "gate": {"promote": promote, "reasons": reasons}}
-        store.update_job(job_id, progress=0.95, metrics=metrics, log="evaluated: " + "; ".join(reasons) + "\n")
+                   "after": evaluation.summary(after), "gate": verdict,
+                   "eval_vs_train_time": round(after["eval_seconds"] / result.seconds, 3) if result.seconds else None}
+        tracker.finish("evaluate")
+        store.update_job(job_id, metrics=metrics, log=f"evaluated: {verdict['summary']}\n")
         card = {"base_fingerprint": result.fingerprint, "dataset_snapshot": record.get("snapshot"),
                 "feedback_ids": record.get("feedback_ids", []), "training_settings": result.settings,
                 "metrics": metrics, "job_id": job_id, "domain": domain}
         if stopped():
             raise TrainingStopped("cancelled before publishing")
+        tracker.start("publish")
         version = registry.publish(domain, staging, card)
         staging = None
+        tracker.finish("publish")
+        store.update_job(job_id, adapter_version=version, log=f"published {domain}@{version}\n")
         if promote:
-            _activate(registry, domain, version, result)
-        store.update_job(job_id, status="succeeded", progress=1.0, adapter_version=version, promoted=promote,
-                         finished_at=time.time(),
-                         log=f"published {domain}@{version}" + (" and activated it\n" if promote else
-                                                                 " (not activated: see the gate)\n"))
+            tracker.start("activate")
+            _activate(registry, domain, version, base.model, result.fingerprint)
+            tracker.finish("activate")
+            end = f"{domain}@{version} is live\n"
+        else:
+            tracker.finish("activate", status="skipped")
+            end = f"{domain}@{version} was not activated: {verdict['summary']}\n"
+        tracker.close()
+        store.update_job(job_id, status="succeeded", progress=1.0, stage=None, stages=tracker.snapshot(),
+                         promoted=promote, finished_at=time.time(), log=end)
     except TrainingStopped as e:
+        tracker.close()
         store.update_job(job_id, log=f"stopped: {e}\n")
     except KeyboardInterrupt:
+        tracker.close()
         store.update_job(job_id, status="cancelled", finished_at=time.time(), log="interrupted\n")
         raise
     except BaseException as e:  # noqa: BLE001 - any failure ends the job, with its message
+        tracker.fail_running()
+        tracker.close()
+        log.exception("job %s failed", job_id)
         if store.get_job(job_id)["status"] not in TERMINAL:
             message = e.message if isinstance(e, AssistantError) else f"{type(e).__name__}: {e}"
-            store.update_job(job_id, status="failed", error=message, finished_at=time.time())
+            store.update_job(job_id, status="failed", error=_user_text(message, settings), finished_at=time.time())
         if not isinstance(e, Exception):
             raise
     finally:
+        tracker.close()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return store.get_job(job_id)
 
 
-def _activate(registry, domain: str, version: str, result) -> None:
+def _activate(registry, domain: str, version: str, model, fingerprint: dict) -> None:
     """Make the published version live through the registry's one activation path: it is validated against
     the base the job trained on and its weights are read back before the pointer moves."""
     import torch
@@ -293,13 +359,12 @@ def _activate(registry, domain: str, version: str, result) -> None:
 
     from .registry import ADAPTER_WEIGHTS, validate_adapter
 
-    base = result.model.get_base_model() if hasattr(result.model, "get_base_model") else result.model
     shapes = {name.removesuffix(".base_layer"): (m.in_features, m.out_features)
-              for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+              for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
     def load(name: str, v: str) -> None:
         folder = registry.version_path(name, v)
-        validate_adapter(folder, result.fingerprint, shapes)
+        validate_adapter(folder, fingerprint, shapes)
         load_file(str(folder / ADAPTER_WEIGHTS), device="cpu")
 
     registry.activate(domain, version, load=load)
@@ -310,6 +375,7 @@ def run_job_inline(settings, store, registry, domain: str, train_settings: dict 
     from tqdm import tqdm
     record = _prepare(settings, store, registry, domain, train_settings)
     job_id = store.create_job(domain, record)
+    _curated(store, job_id, record)
     bar = tqdm(total=None, desc=f"training {domain}", unit="step")
 
     def on_step(step, total, loss):

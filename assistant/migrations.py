@@ -119,6 +119,10 @@ MIGRATIONS: list[Migration] = [
             PRIMARY KEY (model, content_hash)
         ) WITHOUT ROWID""",
     )),
+    Migration("m008_job_stages", (
+        "ALTER TABLE jobs ADD COLUMN stage TEXT",                          # the current stage's name
+        "ALTER TABLE jobs ADD COLUMN stages TEXT NOT NULL DEFAULT '[]'",   # JSON: see assistant/stages.py
+    )),
 ]
 
 

@@ -245,10 +245,12 @@ class Registry:
         return [{"version": v, "active": v == active, "card": self.read_card(name, v)} for v in self.versions(name)]
 
     # Publishing -------------------------------------------------------------------------------
-    def new_staging(self, name: str) -> Path:
+    def new_staging(self, name: str, tag: str | None = None) -> Path:
+        """A fresh `.staging-<tag>` folder (a random tag by default) in the domain's folder."""
         if not self.exists(name):
             raise NotFound(f"no domain {name!r}: create it first")
-        p = self.domain_dir(name) / f".staging-{uuid.uuid4().hex}"
+        p = self.domain_dir(name) / f".staging-{tag or uuid.uuid4().hex}"
+        shutil.rmtree(p, ignore_errors=True)     # a leftover of the same job (a named tag only)
         p.mkdir()
         return p
 

@@ -306,8 +306,14 @@ class Service:
         return self._curator
 
     def curate(self, domain: str):
+        """Curate and write the snapshot (a job taking the data, an export)."""
         self.require_domain(domain)
-        return self.curator().curate(domain)
+        return self.curator().snapshot(domain)
+
+    def preview(self, domain: str):
+        """The curation report without writing anything (the Data tab, GET .../dataset)."""
+        self.require_domain(domain)
+        return self.curator().preview(domain)
 
     def add_examples(self, domain: str, examples, user: str | None = None) -> dict:
         self.require_domain(domain)

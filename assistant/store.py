@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import migrations
+from .stages import pending_stages
 from .errors import Busy, Conflict, NotFound
 
 BUSY_TIMEOUT_MS = 10_000        # sqlite waits this long for a lock before reporting busy
@@ -32,7 +33,7 @@ ROLES = ("system", "user", "assistant")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_JOB_STATUSES = ("queued", "running")
 JOB_FIELDS = {"status", "progress", "step", "total_steps", "loss", "adapter_version", "promoted", "metrics",
-              "error", "pid", "started_at", "finished_at", "log", "settings"}
+              "error", "pid", "started_at", "finished_at", "log", "settings", "stage", "stages"}
 
 
 def _dumps(value) -> str:
@@ -339,6 +340,8 @@ class Store:
                 sets.append(f"{name} = ?")
                 if name in ("metrics", "settings"):
                     value = _dumps(value or {})
+                elif name == "stages":
+                    value = _dumps(value or [])
                 elif name == "promoted":
                     value = int(bool(value))
             params.append(value)
@@ -365,6 +368,7 @@ class Store:
         d["settings"] = json.loads(d["settings"])
         d["metrics"] = json.loads(d["metrics"])
         d["promoted"] = bool(d["promoted"])
+        d["stages"] = json.loads(d.get("stages") or "[]") or pending_stages()
         return d
 
     def get_job(self, job_id: str) -> dict | None:

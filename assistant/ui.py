@@ -9,7 +9,6 @@ import functools
 import html
 import inspect
 import json
-import shutil
 import tempfile
 import time
 from datetime import datetime
@@ -301,7 +300,7 @@ def data_view(service, domain):
     if not domain:
         return [], [], [], "create a domain first", None
     try:
-        snap = service.curate(domain)
+        snap = service.preview(domain)
     except AssistantError as e:
         return [], [], [], _err(e), None
     items = sorted(snap.items, key=lambda it: -(it.get("created_at") or 0))
@@ -324,8 +323,9 @@ def data_view(service, domain):
     summary = (f"snapshot `{r['snapshot']}`: {r['candidates']} candidates → **{r['kept']} kept** "
                f"({r['train']} train / {r['eval']} eval)")
     out = _export_dir() / f"{domain}-{snap.hash[:12]}.jsonl"
-    if not out.exists():   # a copy outside the state dir: Gradio never serves the state dir
-        shutil.copyfile(snap.path, out)
+    if not out.exists():   # written outside the state dir: Gradio never serves the state dir
+        out.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in snap.rows),
+                       encoding="utf-8")
     slim = [{"key": it["key"], "messages": it["messages"]} for it in items]
     return rows, slim, report, summary, str(out)
 
@@ -385,7 +385,11 @@ def _progress_html(job: dict | None) -> str:
         p = 1.0
     color = {"failed": "#d33", "cancelled": "#999", "succeeded": "#2a2"}.get(job["status"], "#36c")
     loss = f" · loss {job['loss']:.3f}" if job.get("loss") is not None else ""
-    text = f"{job['status']} · step {job.get('step') or 0}/{job.get('total_steps') or '?'}{loss} · {p:.0%}"
+    stage = next((st for st in job.get("stages") or [] if st["name"] == job.get("stage")), None)
+    where = (f" · {stage['name']} {stage['done']}/{stage['total'] or '?'}"
+             + (f", about {stage['eta_s']:.0f} s left" if stage.get("eta_s") else "")) if stage else ""
+    text = (f"{job['status']}{where} · step {job.get('step') or 0}/{job.get('total_steps') or '?'}{loss} · "
+            f"{p:.0%}")
     return (f'<div id="train-progress-bar" data-status="{job["status"]}" data-progress="{p:.3f}" '
             f'data-version="{html.escape(job.get("adapter_version") or "")}">'
             f'<div style="background:#eee;border-radius:6px;height:18px;overflow:hidden">'
@@ -412,7 +416,9 @@ def _job_outputs(service, job: dict | None, model):
         summary = (f"**{job['status']}**" + (f": published {job['domain']}@{v}" if v else "")
                    + (" and activated (passed the gate)" if job.get("promoted") else
                       (" (not activated: activate it below if you want it)" if v else "")))
-        summary += "".join(f"\n- {r}" for r in (metrics.get("gate") or {}).get("reasons", []))
+        gate = metrics.get("gate") or {}
+        summary += f"\n\n{gate['summary']}" if gate.get("summary") else ""
+        summary += "".join(f"\n- {r}" for r in gate.get("reasons", []))
     running = bool(job) and job["status"] not in TERMINAL
     return (_progress_html(job), losses, log, table, summary, gr.Timer(active=running),
             refresh_models(service, model))
@@ -425,7 +431,7 @@ def train_view(service, domain, model):
                 *_job_outputs(service, None, model))
     from .training import MIN_EXAMPLES
     try:
-        report = service.curate(domain).report
+        report = service.preview(domain).report
         d = service.require_domain(domain)
         jobs = service.jobs(domain)
     except AssistantError as e:

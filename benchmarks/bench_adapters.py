@@ -53,7 +53,8 @@ def concurrent(engine, ids, adapters: list[str | None], n=N_TOKENS) -> float:
     """Aggregate tokens/s of len(adapters) requests submitted together."""
     from assistant.engine import Request
     t = time.perf_counter()
-    hs = [engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True, adapter=a)) for a in adapters]
+    hs = [engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True, adapter=a,
+                                slot=engine.pin_adapter(a) if a else 0)) for a in adapters]
     for h in hs:
         h.result()
     return sum(len(h.req.generated) for h in hs) / (time.perf_counter() - t)
@@ -64,7 +65,8 @@ def serial(engine, ids, adapters, n=N_TOKENS) -> float:
     t = time.perf_counter()
     total = 0
     for a in adapters:
-        h = engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True, adapter=a))
+        h = engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True, adapter=a,
+                                slot=engine.pin_adapter(a) if a else 0))
         h.result()
         total += len(h.req.generated)
     return total / (time.perf_counter() - t)
@@ -74,7 +76,8 @@ def decode_rate(engine, ids, adapter, n=N_TOKENS, repeat=3) -> float:
     from assistant.engine import Request
     best = 0.0
     for _ in range(repeat):
-        h = engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True, adapter=adapter))
+        h = engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True, adapter=adapter,
+                                slot=engine.pin_adapter(adapter) if adapter else 0))
         h.result()
         best = max(best, (len(h.req.generated) - 1) / (h.req.t_done - h.req.t_first))
     return best

@@ -17,7 +17,9 @@ BENCHES = {
     "engine": "bench_engine",        # issue 2
     "adapters": "bench_adapters",    # issue 3
     "curation": "bench_curation",    # issue 4
+    "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",    # issue 5
+    "eval": "bench_eval",            # eval_vs_train_time of one job
 }
 
 

@@ -37,7 +37,8 @@ def test_domain_seed_curate_export_and_chat(home, tiny_llama):
     out = home / "snap.jsonl"
     cli(home, "export", "--domain", "support", "-o", str(out))
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(lines) == report["kept"] and all(set(x) == {"messages", "split"} for x in lines)
+    assert len(lines) == report["kept"]
+    assert all(set(x) == {"messages", "split", "source", "key", "feedback_ids"} for x in lines)
     r = cli(home, "chat", "Hello", "--model", "support", "--max-tokens", "5", "--base-model", str(tiny_llama),
             "--dtype", "float32")
     assert "adapter=none" in r.stderr and r.stdout.strip()

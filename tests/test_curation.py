@@ -1,8 +1,9 @@
-"""Curation on real components (SQLite file, MiniLM, FAISS), including issue 4's planted-data test.
+"""Curation on real components (SQLite file, MiniLM, FAISS), including a planted-data test.
 
 The planted data is written by hand: 30 support questions with 4 paraphrases each (varied wording,
 same intent, same answer), unrelated questions on nearby topics (hard negatives), rows with PII, an
-injection row. The near-duplicate threshold default was chosen by measuring on it.
+injection row. The near-duplicate threshold was chosen on tests/dedup_calibration.py (a hotel); this data
+and tests/dedup_testset.py (a restaurant: rosters of people, times, prices) only check it.
 """
 
 import json
@@ -276,8 +277,8 @@ def test_planted_data_report_is_exactly_what_was_planted(tmp_path, embedder):
     true_pos = sum(1 for it in dups if question(it) in group_of
                    and group_of.get(question(by_key[it["near_duplicate_of"]])) == group_of[question(it)])
     recall, precision = true_pos / planted_near, true_pos / max(len(dups), 1)
-    assert recall >= 0.9 and precision >= 0.95, (recall, precision, len(dups))
-    assert all(it["similarity"] >= 0.70 for it in dups)
+    assert recall >= 0.85 and precision >= 0.95, (recall, precision, len(dups))
+    assert all(it["similarity"] >= CurationSettings().near_dup_threshold for it in dups)
 
     # No PII in what training sees; placeholders instead.
     text = snap.path.read_text()
@@ -286,7 +287,8 @@ def test_planted_data_report_is_exactly_what_was_planted(tmp_path, embedder):
     assert "[EMAIL]" in text and "[CARD]" in text and "[IBAN]" in text
     lines = [json.loads(line) for line in text.splitlines()]
     assert len(lines) == report["kept"] and {l["split"] for l in lines} == {"train", "eval"}
-    assert all(set(l) == {"messages", "split"} for l in lines)
+    assert all(set(l) == {"messages", "split", "source", "key", "feedback_ids"} for l in lines)
+    assert {l["source"] for l in lines} == {"seed"}
 
     # No eval row is a near duplicate of a train row.
     vecs = embedder.embed([dedup_text(l["messages"]) for l in lines])
@@ -413,3 +415,107 @@ def test_empty_domain_gives_an_empty_snapshot(tmp_path, embedder):
     snap = curate(store, "nothing", tmp_path, embedder)
     assert snap.report["candidates"] == 0 and snap.report["kept"] == 0 and snap.path.read_text() == ""
     assert Curator(store, tmp_path, embedder).check_new("nothing", "hello") == (None, 0.0)
+
+
+# Facts are never merged away ---------------------------------------------------------------------
+def _store_of_groups(folder, groups):
+    """Seed every item of `groups` -> (store, key -> group id, kind per group id)."""
+    store = Store(folder / "assistant.db")
+    examples, gids = [], []
+    for g, (_, items) in enumerate(groups):
+        for q, a in items:
+            examples.append(_ex(q, a))
+            gids.append(g)
+    store.add_examples("d", examples)
+    return store, dict(zip([c["key"] for c in store.candidates("d")], gids)), [k for k, _ in groups]
+
+
+def test_templated_facts_are_all_kept_and_paraphrases_merge_on_the_test_set(tmp_path, embedder):
+    """The restaurant test set (never used for calibration): every roster fact (people, times, prices,
+    quantities, same answer for different subjects) is kept; paraphrase groups and re-asks merge."""
+    import dedup_testset
+    from assistant import dedup
+    groups = dedup_testset.groups()
+    store, group_of, kinds = _store_of_groups(tmp_path, groups)
+    snap = Curator(store, tmp_path, embedder).preview("d")
+    quality = dedup.merge_quality(snap.items, group_of)
+    print(f"\nmerge precision {quality['precision']:.3f} recall {quality['recall']:.3f} "
+          f"({quality['correct']}/{quality['possible']}), facts lost {quality['groups_lost']} of {quality['groups']}")
+    assert quality["groups_lost"] == 0 and quality["precision"] == 1.0
+    kept = {it["key"] for it in snap.items if it["removed"] is None}
+    for kind in ("paraphrase", "reask"):
+        sub = {k: g for k, g in group_of.items() if kinds[g] == kind}
+        assert dedup.merge_quality([it for it in snap.items if it["key"] in sub], sub)["recall"] >= 0.8, kind
+    reasks = {k for k, g in group_of.items() if kinds[g] == "reask"}
+    assert len(reasks & kept) == sum(kind == "reask" for kind in kinds)      # one per re-asked question
+    # The old rule (the embedding alone, at its old 0.70) loses roster facts on this very data.
+    settings = CurationSettings(near_dup_threshold=0.70)
+    sims = [it["nearest_similarity"] for it in snap.items if group_of[it["key"]] < len(groups)
+            and kinds[group_of[it["key"]]] == "roster"]
+    assert sum(s >= settings.near_dup_threshold for s in sims) >= 10
+
+
+def test_removed_items_say_what_they_duplicate_and_why(tmp_path, embedder):
+    store = Store(tmp_path / "db")
+    store.add_examples("d", [_ex("How far is the beach?", "The beach is a 5 minute walk from the lobby."),
+                             _ex("how far away is the beach?", "The beach is a 5 minute walk from the lobby."),
+                             _ex("Who runs the grill station?", "Marco."), _ex("Who runs the fish station?", "Ivan.")])
+    report = Curator(store, tmp_path, embedder).preview("d").report
+    assert report["kept"] == 3 and len(report["removed_items"]) == 1
+    entry = report["removed_items"][0]
+    assert entry["filter"] == "near_duplicate" and entry["duplicate_of"].startswith("example:")
+    assert entry["similarity"] >= CurationSettings().near_dup_threshold
+    assert {"beach", "5", "minute", "walk", "lobby"} <= set(entry["shared_answer_tokens"])
+    assert "similarity" in entry["why"] and entry["question"] and entry["duplicate_question"]
+
+
+def _tree_digest(folder):
+    """Every file under `folder` with its bytes' hash (SQLite's shared-memory index aside: readers mark it)."""
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith("-shm")}
+
+
+def test_preview_and_review_queue_write_nothing(tmp_path, embedder):
+    from assistant.embeddings import Embedder
+    state = tmp_path / "state"
+    store = planted_store(state)
+    fresh = Embedder()                      # nothing cached in memory: every vector is computed
+    before = _tree_digest(state)
+    curator = Curator(store, state, fresh)
+    snap = curator.preview("support")
+    queue = curator.review_queue("support")
+    assert _tree_digest(state) == before and fresh.computed > 0
+    assert snap.path is None and snap.report["kept"] > 0 and len(queue) == snap.report["candidates"]
+    assert store.latest_snapshot("support") is None
+    assert store.get_embeddings("all-MiniLM-L6-v2", [__import__("hashlib").sha256(b"x").hexdigest()]) == {}
+    written = curator.snapshot("support")            # the writing path, for jobs and exports
+    assert written.hash == snap.hash and written.report == snap.report and written.path.is_file()
+    assert _tree_digest(state) != before
+
+
+def test_snapshot_rows_keep_source_and_feedback_ids(tmp_path, embedder):
+    store = Store(tmp_path / "db")
+    store.add_examples("d", [_ex(q, a) for q, a in UNRELATED[:4]])
+    _respond(store, "r1", "How do I reset my password?", "Passwords cannot be reset.")
+    fid = store.add_feedback(response_id="r1", rating="down", correction="Use Settings > Security > Reset password.")
+    _respond(store, "r2", "Do you have a mobile app?", "Yes, on the App Store and Google Play.")
+    up = store.add_feedback(response_id="r2", rating="up")
+    rows = curate(store, "d", tmp_path, embedder).rows
+    by_source = {}
+    for r in rows:
+        by_source.setdefault(r["source"], []).append(r)
+    assert len(by_source["seed"]) == 4 and all(r["feedback_ids"] == [] for r in by_source["seed"])
+    assert [r["feedback_ids"] for r in by_source["correction"]] == [[fid]]
+    assert [r["feedback_ids"] for r in by_source["thumbs_up"]] == [[up]]
+    assert all(r["key"] for r in rows)
+
+
+def test_small_datasets_train_on_everything(tmp_path, embedder):
+    from assistant.curation import MIN_ITEMS_FOR_HOLDOUT
+    import dedup_testset
+    store = Store(tmp_path / "db")
+    rows = [_ex(q, a) for q, a in dedup_testset.ROSTER_PEOPLE + dedup_testset.ROSTER_PRICES][:14]
+    store.add_examples("d", rows)
+    report = curate(store, "d", tmp_path, embedder).report
+    assert report["kept"] == 14 < MIN_ITEMS_FOR_HOLDOUT and report["train"] == 14 and report["eval"] == 0

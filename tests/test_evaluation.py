@@ -1,5 +1,6 @@
 """Evaluation and the promotion gate: the answer-match score, before/after on a tiny Llama with a real
-adapter, and the gate's decisions with reasons that name the threshold."""
+adapter (through the serving engine), and the gate's verdict: checks with a meaning and advice, reasons
+that name the bound, a summary for a person."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 from invented_facts import FACTS, chat
 
-from assistant.evaluation import GateSettings, gate, rouge_l
+from assistant.evaluation import GENERAL_PROMPTS, GateSettings, gate, rouge_l, verdict
 
 
 def test_rouge_l():
@@ -20,78 +21,94 @@ def test_rouge_l():
 
 
 def _metrics(**kw):
-    base = {"eval_loss": 2.0, "eval_match": 0.3, "corrections_match": 0.1, "general_similarity": 1.0,
-            "general_loss": 0.5, "general_loss_max_increase": 0.0}
+    base = {"eval_loss": 2.0, "eval_match": 0.3, "corrections_match": 0.1, "n_corrections": 2, "taught_match": 0.1,
+            "n_taught": 10, "general_nll": 0.5, "general_embedding_similarity": 1.0}
     return {**base, **kw}
 
 
+GOOD = dict(eval_loss=1.5, eval_match=0.5, corrections_match=0.9, taught_match=0.9, general_nll=0.6,
+            general_embedding_similarity=0.8)
+
+
 def test_gate_promotes_an_improvement():
-    ok, reasons = gate(_metrics(), _metrics(eval_loss=1.5, eval_match=0.5, corrections_match=0.9,
-                                            general_similarity=0.8))
-    assert ok and all(r.startswith(("ok:", "skipped:")) for r in reasons)
+    v = verdict(_metrics(), _metrics(**GOOD))
+    assert v["promote"] and all(r.startswith(("ok:", "skipped:")) for r in v["reasons"])
+    assert {c["name"] for c in v["checks"]} == {"corrections", "taught", "heldout_loss", "heldout_match",
+                                                "general_nll", "general_similarity"}
+    assert all(c["passed"] for c in v["checks"]) and "goes live" in v["summary"]
+    assert gate(_metrics(), _metrics(**GOOD)) == (True, v["reasons"])
 
 
-@pytest.mark.parametrize("after, blocked", [
-    (dict(corrections_match=0.3), "corrections match 0.30"),
-    (dict(eval_loss=2.5), "held-out loss 2.500"),
-    (dict(eval_match=0.1), "held-out match 0.10"),
-    (dict(general_similarity=0.2), "general answers similarity to base 0.20"),
-    (dict(general_loss_max_increase=2.0), "largest rise in the loss of the base's answer to a general prompt 2.000"),
+@pytest.mark.parametrize("after, name, blocked", [
+    (dict(corrections_match=0.3), "corrections", "answer-match on the 2 corrected answers 0.30"),
+    (dict(taught_match=0.2), "taught", "answer-match on 10 taught examples 0.20"),
+    (dict(eval_loss=2.5), "heldout_loss", "held-out loss vs base 1.25"),
+    (dict(eval_match=0.1), "heldout_match", "held-out answer-match 0.10"),
+    (dict(general_nll=1.5), "general_nll", "loss of the base's general answers, adapter / base 3.00"),
+    (dict(general_embedding_similarity=0.2), "general_similarity", "similarity of general answers to the base's 0.20"),
 ])
-def test_gate_blocks_with_a_reason(after, blocked):
-    good = dict(eval_loss=1.5, eval_match=0.5, corrections_match=0.9, general_similarity=0.8)
-    ok, reasons = gate(_metrics(), _metrics(**{**good, **after}))
-    assert not ok
-    assert reasons[0].startswith("blocked: ") and blocked in reasons[0], reasons
+def test_gate_blocks_with_a_reason_a_meaning_and_advice(after, name, blocked):
+    v = verdict(_metrics(), _metrics(**{**GOOD, **after}))
+    assert not v["promote"]
+    assert v["reasons"][0].startswith("blocked: ") and blocked in v["reasons"][0], v["reasons"]
+    failed = [c for c in v["checks"] if not c["passed"]]
+    assert [c["name"] for c in failed] == [name]
+    assert failed[0]["meaning"] and failed[0]["advice"] and failed[0]["bound"]
+    assert failed[0]["meaning"] in v["summary"] and "activate this version anyway" in v["summary"]
 
 
 def test_gate_thresholds_are_settings():
-    after = _metrics(eval_loss=1.5, corrections_match=0.5, general_similarity=0.8)
+    after = _metrics(**{**GOOD, "corrections_match": 0.5})
     assert not gate(_metrics(), after)[0]
     assert gate(_metrics(), after, GateSettings(min_corrections_match=0.4))[0]
     with pytest.raises(ValueError, match="min_match"):
         GateSettings.from_dict({"min_match": 1})
 
 
-def test_gate_without_eval_split_skips_loss():
-    ok, reasons = gate(_metrics(eval_loss=None, eval_match=None),
-                       _metrics(eval_loss=None, eval_match=None, corrections_match=0.9, general_similarity=0.9))
-    assert ok and any("skipped: held-out loss" in r for r in reasons)
+def test_gate_without_holdout_or_corrections_skips_them_and_says_so():
+    none = dict(eval_loss=None, eval_match=None, corrections_match=None, n_corrections=0)
+    v = verdict(_metrics(**none), _metrics(**{**GOOD, **none}))
+    assert v["promote"] and any("skipped: held-out loss" in r for r in v["reasons"])
+    assert any("skipped: corrections" in r for r in v["reasons"])
+    empty = dict(none, taught_match=None)
+    assert not verdict(_metrics(**empty), _metrics(**{**GOOD, **empty}))["promote"]
 
 
-def test_before_after_on_a_trained_tiny_adapter(tiny_llama, tmp_path):
+def test_evaluation_scores_exactly_the_corrections_on_a_trained_tiny_adapter(tiny_llama, tmp_path):
+    """Corrections planted among seed rows are found by their source: the correction score is computed on
+    exactly those (their feedback ids are listed), through the serving engine."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from assistant.evaluation import before_after, evaluate_adapter, generate
+    from assistant.evaluation import evaluate_adapter, generate
     from assistant.model import load_base
     from assistant.settings import Settings
     from assistant.training import TrainSettings, train_adapter
 
-    rows = [{"messages": chat(q, a), "split": "train"} for q, a, _, _ in FACTS[:6]] + \
-           [{"messages": chat(q, a), "split": "eval"} for q, a, _, _ in FACTS[6:8]]
-    result = train_adapter(tiny_llama, rows, tmp_path / "a",
-                           TrainSettings(rank=4, alpha=8, learning_rate=2e-2, epochs=3, batch_size=4))
-    settings = GateSettings(max_new_tokens=8)
-    before, after = before_after(result.model, result.tokenizer, rows, settings)
+    rows = [{"messages": chat(q, a), "split": "train", "source": "seed", "feedback_ids": []}
+            for q, a, _, _ in FACTS[:6]]
+    planted = {2: [41], 4: [57, 58]}
+    for i, ids in planted.items():
+        rows[i] = {**rows[i], "source": "correction", "feedback_ids": ids}
+    rows += [{"messages": chat(q, a), "split": "eval", "source": "seed", "feedback_ids": []}
+             for q, a, _, _ in FACTS[6:8]]
+    train_adapter(tiny_llama, rows, tmp_path / "a",
+                  TrainSettings(rank=4, alpha=8, learning_rate=2e-2, epochs=3, batch_size=4, replay=0))
+    base = load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False)
+    ticks = []
+    before, after = evaluate_adapter(base, tmp_path / "a", rows, GateSettings(max_new_tokens=8),
+                                     progress=lambda done, total: ticks.append((done, total)))
     for m in (before, after):
-        assert m["n_eval"] == 2 and m["n_corrections"] == 6
-        assert m["eval_loss"] > 0 and 0 <= m["eval_match"] <= 1 and 0 <= m["corrections_match"] <= 1
-        assert len(m["general_answers"]) == 4
-    assert before["general_similarity"] == 1.0 and 0 <= after["general_similarity"] <= 1
-    assert before["general_loss"] > 0 and after["general_loss"] != before["general_loss"]
-    assert len(after["general_losses"]) == 4 and after["general_loss_max_increase"] == pytest.approx(
-        max(a - b for a, b in zip(after["general_losses"], before["general_losses"])))
-    assert after["eval_loss"] != before["eval_loss"]          # the adapter is really on in "after"
+        assert m["n_corrections"] == 2 and m["n_taught"] == 4 and m["n_eval"] == 2
+        assert len(m["corrections_answers"]) == 2 and len(m["general_answers"]) == len(GENERAL_PROMPTS)
+        assert m["eval_loss"] > 0 and 0 <= m["corrections_match"] <= 1 and m["general_nll"] > 0
+    assert after["corrections_feedback_ids"] == [41, 57, 58]
+    assert after["eval_loss"] != before["eval_loss"]            # the adapter is really on in "after"
+    assert 0 <= after["general_embedding_similarity"] <= 1.0001 and before["general_embedding_similarity"] == 1.0
+    assert ticks[-1][0] == ticks[-1][1] and [d for d, _ in ticks] == sorted(d for d, _ in ticks)
 
-    # "before" is the plain base: same greedy answers as a model without any adapter
+    # "before" is the plain base: the same greedy answers as transformers' generate without any adapter
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     plain = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
-    assert generate(plain, tok, [chat(FACTS[0][0])], 8) == before["corrections_answers"][:1]
-
-    # the same numbers from the saved folder, and the base is left without LoRA layers afterwards
-    base = load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False)
-    before2, after2 = evaluate_adapter(base, tmp_path / "a", rows, settings)
-    assert before2["eval_loss"] == pytest.approx(before["eval_loss"], rel=1e-4)
-    assert after2["eval_loss"] == pytest.approx(after["eval_loss"], rel=1e-4)
+    assert generate(plain, tok, [rows[2]["messages"][:-1]], 8) == before["corrections_answers"][:1]
     assert not any("lora" in name for name, _ in base.model.named_parameters())

@@ -73,9 +73,26 @@ def test_job_runs_in_a_child_and_publishes(world):
     card = registry.read_card("atlas", "v1")
     assert card["dataset_snapshot"] == job["settings"]["snapshot"] == store.latest_snapshot("atlas")["hash"]
     assert card["base_fingerprint"]["config_hash"] and card["training_settings"]["rank"] == 4
-    assert card["metrics"]["after"]["n_corrections"] > 0 and "created_at" in card
+    # seeds are not corrections: the table counts what it says
+    assert card["metrics"]["after"]["n_corrections"] == 0 and card["metrics"]["after"]["n_taught"] == len(FACTS)
+    assert "created_at" in card
     _listed_versions_are_complete(registry, "atlas")
     assert not list((settings.adapters_path / "atlas").glob(".staging-*"))
+    # stages, in order, each with its own progress; the gate's verdict written for a person
+    from assistant.stages import STAGES
+    assert [st["name"] for st in job["stages"]] == list(STAGES) and job["stage"] is None
+    assert all(st["status"] == "done" for st in job["stages"][:4])
+    assert job["stages"][4]["status"] == ("done" if job["promoted"] else "skipped")
+    train, evaluate = job["stages"][1], job["stages"][2]
+    assert train["done"] == train["total"] == job["total_steps"] and train["progress"] == 1.0
+    assert evaluate["total"] > 0 and evaluate["done"] == evaluate["total"] and evaluate["elapsed_s"] > 0
+    gate = job["metrics"]["gate"]
+    assert isinstance(gate["summary"], str) and gate["reasons"] and gate["checks"]
+    for check in gate["checks"]:
+        assert set(check) >= {"name", "passed", "value", "bound", "meaning", "advice"}
+    # log lines are shown to users: no server paths
+    for folder in (settings.adapters_path, settings.state_path, settings.home):
+        assert str(folder) not in job["log"]
 
 
 def test_too_small_dataset_says_how_many(tiny_settings):
@@ -131,6 +148,9 @@ def test_cancel_kills_the_process_group(world):
     assert job["status"] == "cancelled" and not _alive(pid)
     time.sleep(0.5)
     assert store.get_job(job_id)["status"] == "cancelled"  # the watcher does not turn it into "failed"
+    stages = {st["name"]: st["status"] for st in store.get_job(job_id)["stages"]}
+    assert stages == {"curate": "done", "train": "failed", "evaluate": "pending", "publish": "pending",
+                      "activate": "pending"} and store.get_job(job_id)["stage"] is None
     assert registry.versions("atlas") == []
     assert not list((settings.adapters_path / "atlas").glob(".staging-*"))
     # the next job may start at once

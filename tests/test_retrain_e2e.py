@@ -79,3 +79,61 @@ def test_corrections_train_a_new_version_that_answers_them(tmp_path, embedded_pa
         card = adapters[0]["card"]
         assert adapters[0]["active"] and card["dataset_snapshot"] == report["snapshot"]
         assert len(card["feedback_ids"]) == 20 and card["base_fingerprint"]["name"] == "SmolLM2-135M-Instruct"
+
+
+def test_ten_seeded_facts_one_click_go_live_and_are_answered(home, embedded_path):
+    """A new user's first retrain through the real job code path (child process, default recipe): ten
+    distinct seeded facts, one click, the gate passes honestly, the new version goes live and answers all
+    ten (greedy, through the serving engine). The job reports its stages and never sits silent."""
+    from invented_facts import chat
+
+    from assistant import jobs
+    from assistant.engine import Engine
+    from assistant.model import load_base
+    from assistant.registry import Registry
+    from assistant.settings import Settings
+    from assistant.stages import HEARTBEAT_S, STAGES
+    from assistant.store import Store
+
+    settings = Settings(home=home).ensure_dirs()
+    store, registry = Store(settings.db_path), Registry(settings.adapters_path)
+    registry.create_domain("atlas", SYSTEM_PROMPT, "invented places")
+    store.add_examples("atlas", [{"messages": chat(q, a)} for q, a, _, _ in FACTS[:10]])
+
+    job_id = jobs.start_job(settings, store, registry, "atlas", {})
+    seen, last_change, gaps, t0 = [], None, [], time.monotonic()
+    while True:
+        job = store.get_job(job_id)
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        state = json.dumps([job["stages"], job["progress"], job["step"], job["log"]])
+        now = time.monotonic()
+        if job["status"] == "running" and job["stage"] in ("train", "evaluate"):
+            if not seen or seen[-1][1] != state:
+                if last_change is not None and seen and seen[-1][0] == job["stage"]:
+                    gaps.append((job["stage"], now - last_change))
+                last_change = now
+                seen.append((job["stage"], state))
+        assert now - t0 < JOB_TIMEOUT_S, job
+        time.sleep(0.25)
+    print("\njob:", json.dumps({"seconds": round(time.monotonic() - t0, 1), "stages": job["stages"],
+                                 "gate": job["metrics"].get("gate"),
+                                 "eval_vs_train_time": job["metrics"].get("eval_vs_train_time")})[:3000])
+    assert job["status"] == "succeeded", (job["error"], job["log"])
+    assert job["promoted"] is True, job["metrics"]["gate"]
+    assert registry.active_version("atlas") == job["adapter_version"] == "v1"
+    assert [st["name"] for st in job["stages"]] == list(STAGES)
+    assert all(st["status"] == "done" for st in job["stages"]), job["stages"]
+    assert {s for s, _ in seen} >= {"train", "evaluate"}
+    assert max(g for _, g in gaps) <= 3 * HEARTBEAT_S, gaps          # never silent
+    assert "is live" in job["log"] and str(settings.adapters_path) not in job["log"]
+
+    base = load_base(settings, verbose=False)
+    engine = Engine(base)
+    try:
+        engine.load_adapter("atlas@v1", registry.version_path("atlas", "v1"))
+        answers = [engine.generate(chat(q), adapter="atlas@v1", max_new_tokens=40, temperature=0.0)
+                   for q, _, _, _ in FACTS[:10]]
+    finally:
+        engine.close()
+    assert sum(key.lower() in a.lower() for a, (_, _, key, _) in zip(answers, FACTS)) == 10, answers

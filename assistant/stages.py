@@ -1,0 +1,135 @@
+"""The stages of a training job, as the job record shows them: curate -> train -> evaluate -> publish ->
+activate, each with its own progress, elapsed time and an estimate of the time left.
+
+`get_job` returns `stage` (the current stage's name) and `stages`: a list, in order, of
+    {"name", "status": "pending"|"running"|"done"|"failed"|"skipped", "done", "total", "progress" (0..1),
+     "elapsed_s", "eta_s"}
+and `progress` is the whole job's (stage weights below). `StageTracker` keeps them in the job row; a
+heartbeat thread rewrites them every HEARTBEAT_S while a stage runs, so a job never sits silent (the
+elapsed time and the estimate move even while one long step or one batch of answers runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+STAGES = ("curate", "train", "evaluate", "publish", "activate")
+STAGE_STATUSES = ("pending", "running", "done", "failed", "skipped")
+# Share of the whole job's progress bar per stage (about their share of the time on the embedded model).
+STAGE_WEIGHTS = {"curate": 0.02, "train": 0.76, "evaluate": 0.18, "publish": 0.03, "activate": 0.01}
+HEARTBEAT_S = 2.0               # the job row is rewritten at least this often while a stage runs
+MIN_WRITE_INTERVAL_S = 0.5      # progress callbacks write no more often than this
+
+
+def pending_stages() -> list[dict]:
+    return [{"name": n, "status": "pending", "done": 0, "total": 0, "progress": 0.0, "elapsed_s": 0.0,
+             "eta_s": None} for n in STAGES]
+
+
+def overall_progress(stages: list[dict]) -> float:
+    """The whole job's progress: each stage's weight times its own progress (done or skipped count 1)."""
+    total = 0.0
+    for st in stages:
+        share = 1.0 if st["status"] in ("done", "skipped") else st["progress"]
+        total += STAGE_WEIGHTS.get(st["name"], 0.0) * share
+    return round(min(1.0, total), 4)
+
+
+class StageTracker:
+    """Progress of one job's stages, written to its row (`store.update_job(stage=, stages=, progress=)`)."""
+
+    def __init__(self, store, job_id: str, stages: list[dict] | None = None):
+        self.store, self.job_id = store, job_id
+        self.stages = {st["name"]: dict(st) for st in (stages or pending_stages())}
+        self.current: str | None = None
+        self._t0: dict[str, float] = {}
+        self._last_write = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name=f"stages-{job_id}", daemon=True)
+        self._beat.start()
+
+    # Changes -----------------------------------------------------------------------------------
+    def start(self, name: str, total: int = 0) -> None:
+        with self._lock:
+            self.current = name
+            self._t0[name] = time.monotonic()
+            self.stages[name].update(status="running", done=0, total=int(total), progress=0.0, elapsed_s=0.0,
+                                     eta_s=None)
+        self.write(force=True)
+
+    def advance(self, name: str, done: int, total: int | None = None) -> None:
+        with self._lock:
+            st = self.stages[name]
+            if total is not None:
+                st["total"] = int(total)
+            st["done"] = int(done)
+            st["progress"] = round(min(1.0, done / st["total"]), 4) if st["total"] else 0.0
+            self._times(name)
+        self.write()
+
+    def finish(self, name: str, status: str = "done", elapsed_s: float | None = None) -> None:
+        with self._lock:
+            st = self.stages[name]
+            if status == "done":
+                st.update(progress=1.0, done=max(st["done"], st["total"]))
+            if elapsed_s is not None:
+                st["elapsed_s"] = round(elapsed_s, 1)
+            elif name in self._t0:
+                st["elapsed_s"] = round(time.monotonic() - self._t0[name], 1)
+            st.update(status=status, eta_s=0.0 if status == "done" else None)
+            if self.current == name:
+                self.current = None
+        self.write(force=True)
+
+    def fail_running(self) -> None:
+        """The job ended badly: the running stage failed, the ones after it never ran."""
+        with self._lock:
+            for st in self.stages.values():
+                if st["status"] == "running":
+                    st.update(status="failed", eta_s=None)
+                    if st["name"] in self._t0:
+                        st["elapsed_s"] = round(time.monotonic() - self._t0[st["name"]], 1)
+            self.current = None
+        self.write(force=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._beat.join(timeout=HEARTBEAT_S * 2)
+
+    # Times and writes --------------------------------------------------------------------------
+    def _times(self, name: str) -> None:
+        st = self.stages[name]
+        if name not in self._t0:
+            return
+        elapsed = time.monotonic() - self._t0[name]
+        st["elapsed_s"] = round(elapsed, 1)
+        st["eta_s"] = round(elapsed * (1 - st["progress"]) / st["progress"], 1) if st["progress"] > 0 else None
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return [dict(self.stages[n]) for n in STAGES]
+
+    def write(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_write < MIN_WRITE_INTERVAL_S:
+            return
+        self._last_write = now
+        stages = self.snapshot()
+        try:
+            self.store.update_job(self.job_id, stage=self.current, stages=stages,
+                                  progress=overall_progress(stages))
+        except Exception as e:  # noqa: BLE001 - progress is best effort; the job goes on
+            log.warning("could not record the stages of job %s: %s", self.job_id, e)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with self._lock:
+                if self.current is not None:
+                    self._times(self.current)
+            if self.current is not None:
+                self.write(force=True)
