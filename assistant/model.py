@@ -26,6 +26,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 MANIFEST = "manifest.json"
 # Config keys that define the shapes an adapter must match.
+BNB_REQUIREMENT = "bitsandbytes>=0.50"   # tested with 0.50, which has CPU kernels for NF4 and int8 (as pyproject.toml)
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 
@@ -182,28 +183,48 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def resolve_quantization(quantization: str, device: str) -> str:
+    """`auto` is NF4 on CUDA and none on CPU: bitsandbytes' CPU kernels trade speed for memory (they
+    dequantize every weight on every call), so on CPU NF4 and int8 are there when memory is the limit."""
     if quantization == "auto":
         return "nf4" if device.startswith("cuda") else "none"
-    if quantization in ("nf4", "int8") and not device.startswith("cuda"):
-        raise ModelLoadError(f"--quantization {quantization} needs a CUDA GPU (bitsandbytes); "
-                             "on this machine use --quantization none (or auto)")
     return quantization
+
+
+def _import_bitsandbytes(quantization: str):
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ModelLoadError(f"--quantization {quantization} needs bitsandbytes, which is not installed (or does "
+                             f"not import): run `pip install '{BNB_REQUIREMENT}'`, or use --quantization none") from None
+    return bitsandbytes
 
 
 def quantization_config(quantization: str, compute_dtype):
     """The BitsAndBytesConfig for `nf4`/`int8`, or None. bitsandbytes is imported only here."""
     if quantization == "none":
         return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise ModelLoadError(f"--quantization {quantization} needs bitsandbytes: "
-                             "pip install 'domain-assistant[gpu]'") from e
+    _import_bitsandbytes(quantization)
     from transformers import BitsAndBytesConfig
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute_dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def weights_bytes(model) -> int:
+    """Bytes the model's weights take where they live: parameters and buffers, plus the quantization state
+    of 4-bit weights (block scales and the code book, which bitsandbytes keeps outside the parameters)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None and not isinstance(state, (list, tuple)):
+            for name in ("absmax", "code", "offset"):
+                t = getattr(state, name, None)
+                if hasattr(t, "element_size"):
+                    total += t.numel() * t.element_size()
+            state = getattr(state, "state2", None)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +313,7 @@ def load_base(settings, *, verbose: bool = True) -> Base:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(f"{name} has no chat template: use an instruct/chat model")
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    weights = weights_bytes(model)
     max_ctx = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
