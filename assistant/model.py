@@ -211,6 +211,27 @@ def quantization_config(quantization: str, compute_dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def trainable_4bit(model) -> int:
+    """Make a model's 4-bit layers differentiable again on CPU; returns how many were changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time it runs in eval
+    mode without gradients (a faster inference layout), and from then on runs it through a kernel that
+    autograd cannot backpropagate through: gradients to earlier layers would silently be lost. QLoRA needs
+    the plain layout, so training turns the repacking off and undoes any already done."""
+    changed = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+            changed += 1
+    return changed
+
+
 def weights_bytes(model) -> int:
     """Bytes the model's weights take where they live: parameters and buffers, plus the quantization state
     of 4-bit weights (block scales and the code book, which bitsandbytes keeps outside the parameters)."""
