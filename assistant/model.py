@@ -237,12 +237,14 @@ def weights_bytes(model) -> int:
     of 4-bit weights (block scales and the code book, which bitsandbytes keeps outside the parameters)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for b in model.buffers())
+    seen = set()   # code books may be shared between layers
     for p in model.parameters():
         state = getattr(p, "quant_state", None)
         while state is not None and not isinstance(state, (list, tuple)):
             for name in ("absmax", "code", "offset"):
                 t = getattr(state, name, None)
-                if hasattr(t, "element_size"):
+                if hasattr(t, "element_size") and (t.data_ptr(), t.numel()) not in seen:
+                    seen.add((t.data_ptr(), t.numel()))
                     total += t.numel() * t.element_size()
             state = getattr(state, "state2", None)
     return total
