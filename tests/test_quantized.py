@@ -233,8 +233,7 @@ def test_qlora_job_over_http_on_an_nf4_base(tiny_llama, tmp_path):
         health = httpx.get(url + "/api/health").json()
         assert health["quantization"] == "nf4" and health["fingerprint"] == dense.fingerprint
         assert httpx.post(url + "/api/domains", json={"name": "atlas", "system_prompt": SYSTEM_PROMPT}).status_code == 201
-        examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                    for q, a, _, _ in FACTS[:10]]
+        examples = [{"messages": chat(q, a)} for q, a, _, _ in FACTS[:10]]   # with the domain's system prompt
         assert httpx.post(url + "/api/domains/atlas/examples", json={"examples": examples}).status_code == 201
         snapshot = httpx.get(url + "/api/domains/atlas/dataset/export", timeout=120).text.splitlines()
         trained = [json.loads(line) for line in snapshot if json.loads(line).get("split") == "train"]
@@ -258,3 +257,18 @@ def test_qlora_job_over_http_on_an_nf4_base(tiny_llama, tmp_path):
         after = httpx.post(url + "/v1/chat/completions", json=question, timeout=60).json()
         assert after["adapter_version"] == "v1"
         assert key in after["choices"][0]["message"]["content"], (after, job["metrics"]["train"])
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu():
+    """benchmarks/gpu.py --tiny: the GPU benchmark's code on a 2-layer model on CPU, so it never rots."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--tiny"], capture_output=True,
+                          text=True, timeout=300, cwd=str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("machine: CPU") and "flags:" in lines[0]
+    ratios = json.loads(lines[-1])
+    assert set(ratios) == {"gpu_decode_vs_floor_bf16", "gpu_decode_vs_floor_nf4", "nf4_vs_bf16_weights_mem",
+                           "gpu_mixed_vs_single_adapter", "qlora_vs_lora_peak_mem", "qlora_step_vs_lora_step"}
+    assert all(isinstance(v, float) and 0 < v < 1e3 for v in ratios.values()), ratios
+    assert ratios["nf4_vs_bf16_weights_mem"] < 1 and ratios["qlora_vs_lora_peak_mem"] < 1
