@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 MANIFEST = "manifest.json"
 # Config keys that define the shapes an adapter must match.
 BNB_REQUIREMENT = "bitsandbytes>=0.50"   # tested with 0.50, which has CPU kernels for NF4 and int8 (as pyproject.toml)
+BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 
@@ -190,7 +192,24 @@ def resolve_quantization(quantization: str, device: str) -> str:
     return quantization
 
 
+class _FirstOnly(logging.Filter):
+    """Lets each message template through once: bitsandbytes' int8 matmul warns at every call that it
+    casts its input to float16, which would be a log line per layer per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first = record.msg not in self.seen
+        self.seen.add(record.msg)
+        return first
+
+
 def _import_bitsandbytes(quantization: str):
+    matmul_log = logging.getLogger(BNB_MATMUL_LOGGER)
+    if not any(isinstance(f, _FirstOnly) for f in matmul_log.filters):
+        matmul_log.addFilter(_FirstOnly())
     try:
         import bitsandbytes
     except ImportError:
