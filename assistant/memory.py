@@ -130,9 +130,12 @@ def base_shape(settings) -> ModelShape | None:
     """The shapes of the configured base, read from its config (no weights loaded); None if unreadable."""
     from transformers import AutoConfig
 
-    from .model import resolve_source
+    from .model import ensure_embedded, resolve_source
     try:
-        _, source, gguf_file = resolve_source(settings.base_model, settings.cache_dir)
+        if settings.base_model == "embedded":   # the cached folder as it is: no checksum pass before each job
+            source, gguf_file = str(ensure_embedded(settings.cache_dir, verify=False)), None
+        else:
+            _, source, gguf_file = resolve_source(settings.base_model, settings.cache_dir)
         config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
         return ModelShape.from_config(config)
     except (OSError, ValueError, KeyError, AssistantError) as e:

@@ -185,8 +185,9 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def resolve_quantization(quantization: str, device: str) -> str:
-    """`auto` is NF4 on CUDA and none on CPU: bitsandbytes' CPU kernels trade speed for memory (they
-    dequantize every weight on every call), so on CPU NF4 and int8 are there when memory is the limit."""
+    """`auto` is NF4 on CUDA and none on CPU, where bitsandbytes' kernels trade speed for memory (they unpack
+    every weight at every call, and the C decode step is dense-only): NF4 and int8 are there when memory
+    is the limit."""
     if quantization == "auto":
         return "nf4" if device.startswith("cuda") else "none"
     return quantization
