@@ -1,11 +1,11 @@
 """Decode steps of a LlamaRunner with static shapes, replayed from CUDA graphs on a GPU.
 
 Op by op, a decode step on a GPU is ~30 small kernels per layer, each launched from Python: an 8B model
-in bf16 decodes at 45 tok/s that way on an H200, a sixth of what its memory bandwidth allows. Here a
+in bf16 was measured at 45 tok/s that way on an H200, a sixth of what its memory bandwidth allows. Here a
 step has static shapes, so it can be captured once as a CUDA graph and replayed with one launch:
 
-- rows are padded up to a bucket (1, 2, 4, 8, 16, ...); padded rows read token 0 at position 0 with no
-  adapter and write only cache rows that no request holds (the engine keeps its rows 0..B-1);
+- rows are padded up to a bucket (1, 2, 4, 8, 16, ...); padded rows read token 0 at position 0, write
+  only cache rows that no request holds (the engine keeps its rows 0..B-1), and their logits are dropped;
 - attention reads the first `context` positions of the (static) KV cache, a power of two of at least
   MIN_CONTEXT, with a mask per row, instead of exactly as many positions as the longest row;
 - LoRA runs in one of three forms: none (every row on the base), one slot for all rows (that slot's
