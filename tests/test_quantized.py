@@ -94,7 +94,9 @@ def test_int8_loads_and_answers(tiny_llama):
     from assistant.engine import Engine
     base = _load(tiny_llama, "int8")
     assert isinstance(base.model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+    # one fingerprint whatever the load: float32, bfloat16, NF4 (the other tests), int8
     assert base.quantization == "int8" and base.fingerprint == _load(tiny_llama, "none").fingerprint
+    assert base.fingerprint == _load(tiny_llama, "none", "bfloat16").fingerprint
     engine = Engine(base)
     try:
         ids = engine.encode_chat([{"role": "user", "content": QUESTION}])
