@@ -124,7 +124,8 @@ class StaticStep:
                 self._forward(rows, context, form, slot)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: other threads of the server (the embedder, adapter uploads) may use CUDA meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self._forward(rows, context, form, slot)
             self.pool = graph.pool()
         except RuntimeError as e:   # an op that cannot be captured: decode eagerly from now on
