@@ -237,6 +237,8 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv=None) -> int:
+    from .threads import defaults
+    defaults()   # before torch is imported: one OpenMP pool per process (see assistant/threads.py)
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     from .errors import AssistantError

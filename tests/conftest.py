@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from assistant.threads import defaults
+
+defaults()   # the thread policy the CLI applies, before torch is imported (see assistant/threads.py)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -107,8 +107,13 @@ def test_evaluation_scores_exactly_the_corrections_on_a_trained_tiny_adapter(tin
     assert 0 <= after["general_embedding_similarity"] <= 1.0001 and before["general_embedding_similarity"] == 1.0
     assert ticks[-1][0] == ticks[-1][1] and [d for d, _ in ticks] == sorted(d for d, _ in ticks)
 
-    # "before" is the plain base: the same greedy answers as transformers' generate without any adapter
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
-    plain = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
-    assert generate(plain, tok, [rows[2]["messages"][:-1]], 8) == before["corrections_answers"][:1]
+    # "before" is the plain base: the serving engine's greedy answers on it, with no adapter loaded at all
+    from assistant.engine import Engine
+    from assistant.evaluation import serving_base
+    plain = Engine(serving_base(load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False)))
+    try:
+        want = plain.generate(rows[2]["messages"][:-1], max_new_tokens=8).strip()
+    finally:
+        plain.close()
+    assert [want] == before["corrections_answers"][:1]
     assert not any("lora" in name for name, _ in base.model.named_parameters())
