@@ -343,12 +343,7 @@ def build_app(service, *, with_ui: bool = True) -> FastAPI:
     except ImportError:
         pass
     if with_ui:
-        import gradio as gr
-        from .ui import build_ui
-        blocks = build_ui(service)
-        s = service.settings
-        gr.mount_gradio_app(app, blocks, path="/", auth=list(s.auth) or None,
-                            blocked_paths=[str(s.state_path), str(s.adapters_path), str(s.cache_dir)],
-                            show_error=True, ssr_mode=False)
+        from .ui import mount_ui
+        mount_ui(app, service)
     return app
 

@@ -31,10 +31,8 @@ def serve(settings) -> int:
 def _share(settings) -> None:
     """A public link through Gradio's share servers (auth is enforced by Settings)."""
     try:
-        import secrets
-        from gradio import networking
-        url = networking.setup_tunnel(settings.host if settings.host != "0.0.0.0" else "127.0.0.1", settings.port,
-                                      secrets.token_urlsafe(32), None, None)
+        from .ui import share_tunnel
+        url = share_tunnel(settings.host if settings.host != "0.0.0.0" else "127.0.0.1", settings.port)
         print(f"public link (behind --auth): {url}", file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001 - no network is a normal case here
         print(f"could not create a share link ({e}); serving locally only", file=sys.stderr, flush=True)
