@@ -33,8 +33,9 @@ def _num(v):
 def gate_verdict(card: dict) -> str:
     gate = (card.get("metrics") or {}).get("gate") or {}
     if card.get("imported") and not gate:
-        return "imported (no gate)"
-    verdict = "passed" if gate.get("promote") else ("blocked" if gate else "–")
+        verdict = "imported (no gate)"
+    else:
+        verdict = "passed" if gate.get("promote") else ("blocked" if gate else "–")
     override = card.get("manual_override")
     if override:
         verdict += f" · activated anyway by {override.get('by') or 'anonymous'}"

@@ -16,6 +16,7 @@ from .common import NEW_DOMAIN, err, field_error, model_choices, public, served_
 log = logging.getLogger(__name__)
 
 STREAM_UPDATE_S = 0.05        # at most this often a streamed answer is pushed to the browser
+LOG_WAIT_S = 10.0             # an answer's feedback buttons work once it is logged: wait this long at most
 DEFAULT_TEMPERATURE = 0.7     # the UI samples a little; the API's default is greedy
 FEEDBACK_REASONS = ["wrong fact", "incomplete", "off topic", "outdated", "tone or style", "unsafe", "other"]
 FEEDBACK_HINT = "Press thumbs up or down on an answer to give feedback on it."
@@ -131,6 +132,7 @@ def respond(service, message, history, meta, model, system, temperature, max_tok
     finally:
         call.handle.cancel()
         service.finish_chat(call)
+        call.logged_event.wait(LOG_WAIT_S)   # the log thread may be the one writing it: feedback needs the row
         _calls.pop(session, None)
     if not started:
         history.append({"role": "assistant", "content": "(no answer)"})
