@@ -250,7 +250,7 @@ def build(service, P):
     target = gr.State(None)      # the answer the feedback panel is about
     gr.Markdown(demo_note(service), elem_id="demo-note")
     model = gr.Dropdown(model_choices(service), value=BASE, label="Model or domain", elem_id="model-select")
-    with gr.Group(visible=False, elem_id="chat-new-domain") as new_form:
+    with gr.Column(visible=False, variant="panel", elem_id="chat-new-domain") as new_form:
         gr.Markdown("**New domain**: a name, and the system prompt its answers start from.")
         n_name = gr.Textbox(label="Name (a-z, 0-9, - and _)", elem_id="chat-domain-name")
         n_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="chat-domain-prompt")
@@ -269,7 +269,7 @@ def build(service, P):
         retry_btn = gr.Button("Retry", elem_id="retry-btn")
         clear_btn = gr.Button("Clear", elem_id="clear-btn")
     status = gr.Markdown("", elem_id="chat-status")
-    with gr.Group(visible=False, elem_id="feedback-panel") as panel:
+    with gr.Column(visible=False, variant="panel", elem_id="feedback-panel") as panel:
         fb_head = gr.Markdown("", elem_id="fb-target")
         with gr.Row():
             fb_reason = gr.Dropdown(FEEDBACK_REASONS, value=None, label="Reason", elem_id="fb-reason")
