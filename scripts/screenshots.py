@@ -19,6 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 WIDE = {"width": 1400, "height": 900}
 PHONE = {"width": 390, "height": 844}
+SETTLE_MS = 600
 
 
 def main() -> int:
@@ -37,12 +38,13 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     def shot(page, name: str) -> None:
+        page.wait_for_timeout(SETTLE_MS)          # menus fade out, plots draw
         page.screenshot(path=str(args.out / f"{name}.png"), full_page=True)
         page.set_viewport_size(PHONE)
-        page.wait_for_timeout(300)            # let the layout settle
+        page.wait_for_timeout(SETTLE_MS)          # the layout settles
         page.screenshot(path=str(args.out / f"{name}-phone.png"), full_page=True)
         page.set_viewport_size(WIDE)
-        page.wait_for_timeout(300)
+        page.wait_for_timeout(SETTLE_MS)
         print(f"wrote {name}.png and {name}-phone.png", file=sys.stderr)
 
     embedded = ensure_embedded(default_cache_dir(), verify=False)

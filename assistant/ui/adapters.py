@@ -60,29 +60,27 @@ def card_markdown(domain: str, version: str | None, card: dict) -> str:
     if not card:
         return f"**{domain}@{version}** has no card: it was added without one."
     m = card.get("metrics") or {}
-    out = [f"### {domain}@{version}", f"Created {_when(card.get('created_at')) or 'at an unknown time'}"
-           + (" · imported from a PEFT folder" if card.get("imported") else
-              f" · trained by job `{card.get('job_id', '?')}`")]
+    origin = " · imported from a PEFT folder" if card.get("imported") else f" · trained by job `{card.get('job_id', '?')}`"
+    sections = [f"### {domain}@{version}\n\nCreated {_when(card.get('created_at')) or 'at an unknown time'}{origin}"]
     ts = card.get("training_settings") or {}
     if ts:
-        out += ["**Training**", f"rank {ts.get('rank')}, learning rate {ts.get('learning_rate')}, "
-                                f"{(m.get('train') or {}).get('epochs', ts.get('epochs') or 'auto')} epochs, "
-                                f"max length {ts.get('max_seq_len')} tokens"]
+        epochs = (m.get("train") or {}).get("epochs", ts.get("epochs") or "auto")
+        sections.append(f"**Training**: rank {ts.get('rank')}, learning rate {ts.get('learning_rate')}, {epochs} epochs, "
+                        f"max length {ts.get('max_seq_len')} tokens")
     snap = card.get("dataset_snapshot")
     if snap or m.get("train"):
-        out += ["**Data**", f"{dataset_size(card)} training rows from snapshot `{str(snap or '?')[:12]}`, "
-                            f"{len(card.get('feedback_ids') or [])} feedback items"]
+        sections.append(f"**Data**: {dataset_size(card)} training rows from snapshot `{str(snap or '?')[:12]}`, "
+                        f"{len(card.get('feedback_ids') or [])} feedback items")
     before, after = m.get("before") or {}, m.get("after") or {}
     keys = [k for k in dict.fromkeys([*before, *after]) if not isinstance(after.get(k, before.get(k)), (dict, list))]
     if keys:
-        out += ["**Evaluation** (before → after)", "| metric | before | after |", "|---|---|---|"]
-        out += [f"| {k} | {_num(before.get(k))} | {_num(after.get(k))} |" for k in keys]
+        sections.append("\n".join(["**Evaluation** (before → after)", "", "| metric | before | after |",
+                                   "|---|---|---|", *(f"| {k} | {_num(before.get(k))} | {_num(after.get(k))} |"
+                                                      for k in keys)]))
     gate = m.get("gate") or {}
-    if gate:
-        out += [f"**Gate: {gate_verdict(card)}**"] + [f"- {r}" for r in gate.get("reasons", [])]
-    elif card.get("manual_override"):
-        out += [f"**Activated anyway** by {card['manual_override'].get('by')}"]
-    return "\n\n".join(out[:2]) + "\n\n" + "\n".join(out[2:])
+    if gate or card.get("manual_override"):
+        sections.append("\n".join([f"**Gate**: {gate_verdict(card)}", ""] + [f"- {r}" for r in gate.get("reasons", [])]))
+    return "\n\n".join(sections)
 
 
 def adapters_view(service, domain, version=None):

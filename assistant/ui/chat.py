@@ -19,6 +19,7 @@ STREAM_UPDATE_S = 0.05        # at most this often a streamed answer is pushed t
 LOG_WAIT_S = 10.0             # an answer's feedback buttons work once it is logged: wait this long at most
 DEFAULT_TEMPERATURE = 0.7     # the UI samples a little; the API's default is greedy
 FEEDBACK_REASONS = ["wrong fact", "incomplete", "off topic", "outdated", "tone or style", "unsafe", "other"]
+BUTTON_MIN_PX = 64            # the chat's four buttons stay on one row on a phone
 FEEDBACK_HINT = "Press thumbs up or down on an answer to give feedback on it."
 
 _calls: dict[str, object] = {}   # session -> the chat call in flight (for Stop)
@@ -264,10 +265,10 @@ def build(service, P):
     msg = gr.Textbox(placeholder="Ask something…", show_label=False, elem_id="chat-input", lines=1)
     tokens = gr.Markdown("", elem_id="chat-tokens")
     with gr.Row():
-        send = gr.Button("Send", variant="primary", elem_id="send-btn")
-        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-        retry_btn = gr.Button("Retry", elem_id="retry-btn")
-        clear_btn = gr.Button("Clear", elem_id="clear-btn")
+        send = gr.Button("Send", variant="primary", elem_id="send-btn", min_width=BUTTON_MIN_PX)
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", min_width=BUTTON_MIN_PX)
+        retry_btn = gr.Button("Retry", elem_id="retry-btn", min_width=BUTTON_MIN_PX)
+        clear_btn = gr.Button("Clear", elem_id="clear-btn", min_width=BUTTON_MIN_PX)
     status = gr.Markdown("", elem_id="chat-status")
     with gr.Column(visible=False, variant="panel", elem_id="feedback-panel") as panel:
         fb_head = gr.Markdown("", elem_id="fb-target")

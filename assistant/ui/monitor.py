@@ -13,7 +13,7 @@ from .common import domain_names, err
 
 log = logging.getLogger(__name__)
 
-DAY_S = 86400
+DAY_S = 86400                 # time buckets are labelled (evenly spaced, one per bucket), never a continuous axis
 RATE_DIGITS = 2               # rates are shown as 0.25, never 0.250000
 VERSION_HEADERS = ["version", "answers", "up rate", "down rate", "correction rate", "p50 ms", "p90 ms", "p99 ms"]
 NO_DOMAINS = "No domains yet: create one in the Adapters tab, or from the Chat tab's model picker (New domain…)."
@@ -34,7 +34,8 @@ def headline(m: dict) -> str:
         head = "### Retrain suggested\n" + "\n".join(f"- {r}" for r in rec["reasons"]) + \
             "\n\nReview the new questions and corrections in the Data tab, then press Retrain in the Train tab."
     elif rec.get("ratings_needed"):
-        head = f"### Not enough ratings yet\n{rec['reason']}."
+        why = rec["reason"].removeprefix("not enough ratings yet: ")
+        head = f"### Not enough ratings yet\n{why[:1].upper() + why[1:]}."
     else:
         head = "### No retrain needed\nRatings and questions are within the thresholds."
     lat = m["latency_ms"]
@@ -70,10 +71,10 @@ def monitor_view(service, domain):
     bucket = m["bucket_seconds"]
     answers = pd.DataFrame([{"time": _label(r["bucket_start"], bucket), "value": r["answers"],
                              "series": r["adapter_version"]} for r in m["timeline"]]) if m["timeline"] else empty
-    rates = pd.DataFrame([{"time": datetime.fromtimestamp(r["bucket_start"]), "value": _rate(r[f"{k}_rate"]),
+    rates = pd.DataFrame([{"time": _label(r["bucket_start"], bucket), "value": _rate(r[f"{k}_rate"]),
                            "series": f"{r['adapter_version']} {k}"}
                           for r in m["timeline"] for k in ("up", "down", "correction")]) if m["timeline"] else empty
-    drift = pd.DataFrame([{"time": datetime.fromtimestamp(r["bucket_start"]), "value": _rate(r[k]), "series": k}
+    drift = pd.DataFrame([{"time": _label(r["bucket_start"], bucket), "value": _rate(r[k]), "series": k}
                           for r in m["drift"]["timeline"] for k in ("ood_rate", "centroid_shift")
                           if r[k] is not None]) if m["drift"]["timeline"] else empty
     return headline(m), versions, answers, rates, drift, m
@@ -90,12 +91,13 @@ def build(service, P):
     table = gr.Dataframe(headers=VERSION_HEADERS, interactive=False, elem_id="monitor-versions")
     with gr.Row():
         answers = gr.BarPlot(x="time", y="value", color="series", title="Answers served", x_title="time",
-                             y_title="answers", elem_id="monitor-answers", height=240)
+                             y_title="answers", y_axis_format="d", elem_id="monitor-answers", height=240)
         rates = gr.ScatterPlot(x="time", y="value", color="series", title="Up / down / correction rate",
                                x_title="time", y_title="share of answers", elem_id="monitor-rates", height=240,
-                               y_lim=[0, 1])
+                               y_lim=[0, 1], y_axis_format=".0%")
     drift = gr.ScatterPlot(x="time", y="value", color="series", title="Drift from the training data",
-                           x_title="time", y_title="share / shift", elem_id="monitor-drift", height=240)
+                           x_title="time", y_title="share / shift", elem_id="monitor-drift", height=240,
+                           y_axis_format=".2f")
     with gr.Accordion("Raw metrics (GET /api/domains/{name}/metrics)", open=False):
         raw = gr.JSON(elem_id="monitor-json")
     out = [head, table, answers, rates, drift, raw]

@@ -199,7 +199,7 @@ def build(service, P, model):
     anyway = gr.Button("Activate anyway", visible=False, elem_id="train-activate-anyway")
     with gr.Row():
         loss = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="loss-plot", height=260,
-                           x_title="optimizer step", y_title="loss")
+                           x_title="optimizer step", y_title="loss", x_axis_format="d", y_axis_format=".2f")
         metrics = gr.Dataframe(headers=["metric", "before", "after"], label="Before / after", interactive=False,
                                elem_id="job-metrics")
     job_log = gr.Textbox(label="Job log", lines=6, max_lines=16, elem_id="job-log", interactive=False)
