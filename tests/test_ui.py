@@ -145,3 +145,26 @@ def test_activate_anyway_is_recorded_and_rollback_goes_back(service, tiny_llama,
     assert "atlas@v1 is now active" in msg and service.active_version("atlas") == "v1"
     assert adapters.rollback(service, "atlas", "atlas", None)[0].startswith("Error: atlas has no version older")
 
+
+
+def test_seed_files_review_edits_and_export_go_through_the_library(service, tmp_path):
+    from assistant.seeds import parse_jsonl
+    from assistant.ui import adapters, data
+    rows, problems = parse_jsonl('{"messages": []}\n\nnot json\n')
+    assert len(rows) == 1 and problems == ['line 3: not JSON (each line must be one {"messages": [...]} object)']
+    adapters.create_domain(service, "atlas", "", "")
+    good = '{"messages": [{"role": "user", "content": "Who made the glimmerphone?"}, ' \
+           '{"role": "assistant", "content": "Orla Brannick made it."}]}'
+    res = service.import_seed_jsonl("atlas", good + "\nnot json\n" + '{"messages": [{"role": "user", "content": "x"}]}')
+    assert res["added"] == 1 and len(res["problems"]) == 2
+    assert res["message"].startswith("imported 1 examples; rejected 2: line 2: not JSON")
+    key = service.store.candidates("atlas")[0]["key"]
+    assert data.review(service, "edit", "atlas", key, "Who made the glimmerphone?", "") \
+        .startswith("Error: answer is empty")
+    assert data.review(service, "edit", "atlas", key, "Who invented the glimmerphone?", "Orla Brannick.") \
+        == f"{key}: approved with your edit"
+    [item] = service.store.candidates("atlas")
+    assert item["review_status"] == "approved" and item["messages"][-1]["content"] == "Orla Brannick."
+    assert data.review(service, "approved", "atlas", None, "", "").startswith("Error: Review queue")
+    path = service.export_dataset("atlas", tmp_path)
+    assert path.parent == tmp_path and path.name.startswith("atlas-") and "Orla Brannick." in path.read_text()

@@ -43,6 +43,11 @@ def create_from_chat(service, name, system_prompt, description, model):
     return (msg, *_created(service, new, model, select=True), gr.update(visible=new is None))
 
 
+def clear_status() -> str:
+    """An action's message belongs to the moment it was done: a tab opened later starts without it."""
+    return ""
+
+
 def build_ui(service) -> gr.Blocks:
     P = bind
     with gr.Blocks(title="domain-assistant") as demo:
@@ -63,7 +68,7 @@ def build_ui(service) -> gr.Blocks:
         # Opening a tab refreshes its domain picker, then shows the domain (reads only).
         chat_tab.select(P(refresh_models, service), [model], [model])
         adapters_tab.select(P(refresh_domain, service), [a["domain"]], [a["domain"]], **DOMAINS).then(
-            P(adapters.adapters_view, service), [a["domain"]], a["out"])
+            P(adapters.adapters_view, service), [a["domain"]], a["out"]).then(P(clear_status), None, [a["status"]])
         data_tab.select(P(refresh_domain, service), [d["domain"]], [d["domain"]], **DOMAINS).then(
             P(data.data_view, service), [d["domain"]], d["out"])
         train_tab.select(P(refresh_domain, service), [t["domain"]], [t["domain"]], **DOMAINS).then(

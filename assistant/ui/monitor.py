@@ -14,6 +14,7 @@ from .common import domain_names, err
 log = logging.getLogger(__name__)
 
 DAY_S = 86400                 # time buckets are labelled (evenly spaced, one per bucket), never a continuous axis
+COUNT_FORMAT = ".1~f"         # axis ticks of counts: 0, 0.5, 1 (not 1.000000, not 0 1 1)
 RATE_DIGITS = 2               # rates are shown as 0.25, never 0.250000
 VERSION_HEADERS = ["version", "answers", "up rate", "down rate", "correction rate", "p50 ms", "p90 ms", "p99 ms"]
 NO_DOMAINS = "No domains yet: create one in the Adapters tab, or from the Chat tab's model picker (New domain…)."
@@ -91,7 +92,7 @@ def build(service, P):
     table = gr.Dataframe(headers=VERSION_HEADERS, interactive=False, elem_id="monitor-versions")
     with gr.Row():
         answers = gr.BarPlot(x="time", y="value", color="series", title="Answers served", x_title="time",
-                             y_title="answers", y_axis_format="d", elem_id="monitor-answers", height=240)
+                             y_title="answers", y_axis_format=COUNT_FORMAT, elem_id="monitor-answers", height=240)
         rates = gr.ScatterPlot(x="time", y="value", color="series", title="Up / down / correction rate",
                                x_title="time", y_title="share of answers", elem_id="monitor-rates", height=240,
                                y_lim=[0, 1], y_axis_format=".0%")
