@@ -214,9 +214,13 @@ class Service:
     def count_tokens(self, model: str, messages) -> int:
         """Tokens of a conversation as `start_chat` would send it (with the domain's system prompt)."""
         messages = check_messages(messages)
-        target = self.resolve(model)
-        if target.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": target.system_prompt}] + messages
+        try:
+            domain, _ = parse_model_name(model)
+        except InvalidName:
+            raise ModelNotFound(f"the model {model!r} does not exist: use 'base' or a domain name") from None
+        prompt = self.require_domain(domain).system_prompt if domain else ""   # no adapter is loaded to count
+        if prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": prompt}] + messages
         return len(self.engine.encode_chat(messages))
 
     def finish_chat(self, call: Call) -> None:

@@ -78,7 +78,7 @@ def _ask(page, question: str, served_by: str) -> str:
     page.click("#clear-btn")
     expect(page.locator("#chat-status")).not_to_contain_text("answered by")
     page.fill("#chat-input textarea", question)
-    expect(page.locator("#chat-tokens")).to_contain_text("tokens")      # the count against the context
+    expect(page.locator("#chat-tokens")).to_contain_text("tokens", timeout=ANSWER_TIMEOUT_MS)   # against the context
     page.click("#send-btn")
     expect(page.locator("#chat-status")).to_contain_text(f"answered by {served_by}", timeout=ANSWER_TIMEOUT_MS)
     return page.locator("#chatbot .bot").last.inner_text()
