@@ -356,11 +356,7 @@ def build_app(service, *, with_ui: bool = True) -> FastAPI:
 
     app.include_router(build_api(service))
     if with_ui:
-        import gradio as gr
-        from .ui import build_ui
-        blocks = build_ui(service, app.state.credentials)
-        gr.mount_gradio_app(app, blocks, path="/",
-                            blocked_paths=[str(s.state_path), str(s.adapters_path), str(s.cache_dir)],
-                            show_error=False, ssr_mode=False)
+        from .ui import mount_ui
+        mount_ui(app, service, app.state.credentials)
     app.add_middleware(AuthMiddleware, credentials=app.state.credentials)
     return app

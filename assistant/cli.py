@@ -81,11 +81,11 @@ def cmd_curate(args) -> int:
     s, store, registry = _store_and_registry(args)
     registry.get_domain(args.domain)
     if args.examples:
-        rows = [json.loads(line) for line in open(args.examples) if line.strip()]
-        added, rejected = store.add_examples(args.domain, rows, source="seed")
-        print(f"imported {added} examples, rejected {len(rejected)}", file=sys.stderr)
-        for r in rejected[:10]:
-            print(f"  line {r['index'] + 1}: {r['reason']}", file=sys.stderr)
+        from .seeds import parse_jsonl, summary
+        rows, problems = parse_jsonl(open(args.examples, encoding="utf-8", errors="replace").read())
+        added, rejected = store.add_examples(args.domain, rows, source="seed") if rows else (0, [])
+        problems += [f"example {r['index'] + 1}: {r['reason']}" for r in rejected]
+        print(summary(added, problems), file=sys.stderr)
     snap = Curator(store, s).curate(args.domain)
     print(json.dumps(snap.report, indent=1))
     return 0

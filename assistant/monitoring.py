@@ -269,11 +269,18 @@ def _recommend(quality: dict, drift: dict, settings: MonitorSettings) -> dict:
         if cur["centroid_shift"] >= settings.centroid_shift_threshold:
             reasons.append(f"the questions moved away from the training data (centroid shift "
                            f"{cur['centroid_shift']:.2f} >= {settings.centroid_shift_threshold})")
+    needed = max(0, settings.min_feedback - quality["rated"])
     if reasons:
-        return {"retrain": True, "reasons": reasons,
+        return {"retrain": True, "reasons": reasons, "ratings_needed": needed,
                 "reason": "retrain recommended: " + "; ".join(reasons) +
                           ". Review the new questions and corrections in the Data tab, then retrain."}
-    return {"retrain": False, "reasons": [], "reason": "no retrain needed: ratings and questions are within thresholds"}
+    if needed:
+        rate = "" if quality["bad_rate"] is None else f" (bad-answer rate so far {quality['bad_rate']:.0%})"
+        return {"retrain": False, "reasons": [], "ratings_needed": needed,
+                "reason": f"not enough ratings yet: {quality['rated']} of {quality['adapter_version']}'s answers "
+                          f"are rated{rate}; {needed} more needed before the bad-answer rate counts"}
+    return {"retrain": False, "reasons": [], "ratings_needed": 0,
+            "reason": "no retrain needed: ratings and questions are within thresholds"}
 
 
 # Prometheus ------------------------------------------------------------------------------------------

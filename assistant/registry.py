@@ -240,6 +240,22 @@ class Registry:
         _write_atomic(self.domain_dir(name) / "active", version + "\n")
         log.info("activated %s@%s", name, version)
 
+    def record_override(self, name: str, version: str, user: str | None) -> dict:
+        """Note in the version's card that a person activated it against the gate's verdict."""
+        card = self.read_card(name, version)
+        card["manual_override"] = {"by": user or "anonymous", "at": time.time()}
+        _write_atomic(self.version_path(name, version) / CARD, json.dumps(card, indent=1, sort_keys=True))
+        return card
+
+    def previous_version(self, name: str) -> str:
+        """The version a rollback goes to: the newest one older than the active version."""
+        active = self.active_version(name)
+        older = [v for v in self.versions(name) if active and version_key(v) < version_key(active)]
+        if not older:
+            raise NotFound(f"{name} has no version older than {active or 'the base weights'} to roll back to",
+                           param="version")
+        return older[-1]
+
     def adapters(self, name: str) -> list[dict]:
         active = self.active_version(name)
         return [{"version": v, "active": v == active, "card": self.read_card(name, v)} for v in self.versions(name)]

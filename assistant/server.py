@@ -33,10 +33,8 @@ def serve(settings) -> int:
 def _share(settings) -> None:
     """A public link through Gradio's share servers (auth is enforced by Settings)."""
     try:
-        import secrets
-        from gradio import networking
-        url = networking.setup_tunnel(settings.host if settings.host != "0.0.0.0" else "127.0.0.1", settings.port,
-                                      secrets.token_urlsafe(32), None, None)
+        from .ui import share_tunnel
+        url = share_tunnel(settings.host if settings.host != "0.0.0.0" else "127.0.0.1", settings.port)
         log.info("public link (behind --auth): %s", url)
     except Exception as e:  # noqa: BLE001 - no network is a normal case here
         log.warning("could not create a share link (%s); serving locally only", e)

@@ -22,6 +22,7 @@ from .settings import (BASE, DEFAULT_MAX_NEW_TOKENS, MAX_LORA_RANK, MAX_MESSAGE_
                        MAX_NEW_TOKENS_CAP, MAX_UPLOAD_BYTES, Settings)
 
 ROLES = ("system", "user", "assistant")
+SNAPSHOT_NAME_CHARS = 12     # hash characters in an exported snapshot's file name
 MAX_STOP_STRINGS = 4
 ADAPTER_SLOT_WAIT_S = 10.0   # how long a request waits for a free adapter slot before 503 server_busy
 LOG_WAIT_S = 10.0            # how long a caller waits for a finished response to reach the log
@@ -229,6 +230,23 @@ class Service:
             raise
         return call
 
+    @property
+    def context_tokens(self) -> int:
+        """The most tokens one conversation may hold here (question and answer together)."""
+        return self.engine.max_context
+
+    def count_tokens(self, model: str, messages) -> int:
+        """Tokens of a conversation as `start_chat` would send it (with the domain's system prompt)."""
+        messages = check_messages(messages)
+        try:
+            domain, _ = parse_model_name(model)
+        except InvalidName:
+            raise ModelNotFound(f"the model {model!r} does not exist: use 'base' or a domain name") from None
+        prompt = self.require_domain(domain).system_prompt if domain else ""   # no adapter is loaded to count
+        if prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": prompt}] + messages
+        return len(self.engine.encode_chat(messages))
+
     def finish_chat(self, call: Call, timeout: float = LOG_WAIT_S) -> bool:
         """Wait until the call's response is logged (the response-log thread logs each call exactly once,
         also partial answers: stopped by the user or a disconnect). True when it is."""
@@ -315,6 +333,39 @@ class Service:
         self.require_domain(domain)
         return self.curator().preview(domain)
 
+    def export_dataset(self, domain: str, folder: Path | None = None):
+        """The user exports the dataset: the snapshot is written (and recorded); with `folder`, also a copy
+        named `<domain>-<hash>.jsonl` there (outside the state folder) -> its path."""
+        snap = self.curate(domain)
+        if folder is None:
+            return snap
+        out = Path(folder) / f"{domain}-{snap.hash[:SNAPSHOT_NAME_CHARS]}.jsonl"
+        if not out.exists():
+            shutil.copyfile(snap.path, out)
+        return out
+
+    def import_seed_jsonl(self, domain: str, text: str, user: str | None = None) -> dict:
+        """Seed examples from JSON Lines text -> {added, problems: [line/example messages], message}."""
+        from .seeds import parse_jsonl, summary
+        self.require_domain(domain)
+        examples, problems = parse_jsonl(text)
+        res = self.add_examples(domain, examples, user=user) if examples else {"added": 0, "rejected": []}
+        problems += [f"example {r['index'] + 1}: {r['reason']}" for r in res["rejected"]]
+        return {"added": res["added"], "problems": problems, "message": summary(res["added"], problems)}
+
+    def edit_item(self, domain: str, key: str, prompt: str, answer: str) -> None:
+        """A reviewer's edit of a candidate's last question and answer; the edited item is approved."""
+        item = next((c for c in self.store.candidates(self.require_domain(domain).name) if c["key"] == key), None)
+        if item is None:
+            raise NotFound("that item is no longer in the review queue: refresh it", param="key")
+        messages = [dict(m) for m in item["messages"]]
+        for role, text, field_name in (("user", prompt, "prompt"), ("assistant", answer, "answer")):
+            if not (text or "").strip():
+                raise AssistantError(f"{field_name} is empty: write the text or reject the item", param=field_name)
+            idx = max(i for i, m in enumerate(messages) if m["role"] == role)
+            messages[idx]["content"] = text
+        self.review(domain, key, "approved", messages)
+
     def add_examples(self, domain: str, examples, user: str | None = None) -> dict:
         self.require_domain(domain)
         if not isinstance(examples, list) or not examples:
@@ -351,14 +402,22 @@ class Service:
         self.require_domain(domain)
         return self.registry.adapters(domain)
 
-    def activate(self, domain: str, version: str) -> dict:
+    def activate(self, domain: str, version: str, *, user: str | None = None, override: bool = False) -> dict:
         """Promote or roll back: the version is validated and loaded before the pointer moves, so a
-        broken adapter never replaces the one serving."""
+        broken adapter never replaces the one serving. `override`: a person activates a version the
+        gate did not promote; the card records who and when."""
         self.require_domain(domain)
         check_version(version)
         self.registry.activate(domain, version, load=self.ensure_loaded)
+        if override:
+            self.registry.record_override(domain, version, user)
         self._active.pop(domain, None)
         return {"domain": domain, "active_version": version}
+
+    def rollback(self, domain: str, user: str | None = None) -> dict:
+        """Activate the newest version older than the active one."""
+        self.require_domain(domain)
+        return self.activate(domain, self.registry.previous_version(domain), user=user)
 
     def import_adapter(self, domain: str, upload: Path, *, activate: bool = False) -> str:
         """A zip (or folder) holding a PEFT LoRA adapter -> validated -> the domain's next version."""

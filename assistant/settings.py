@@ -19,6 +19,7 @@ MAX_MESSAGE_CHARS = 32_000          # one chat message
 MAX_MESSAGES = 200                  # messages in one request
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # any HTTP body (adapter uploads have their own cap)
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # an imported adapter zip
+MAX_UI_PROMPT_TOKENS = 2048        # the conversation the UI's chat box accepts (the API takes up to the context)
 MAX_NEW_TOKENS_CAP = 4096           # the largest max_tokens a request may ask for
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_BATCH = 16                      # rows decoded together by the engine

@@ -173,20 +173,31 @@ class Store:
     # Feedback ------------------------------------------------------------------------------------
     def add_feedback(self, *, response_id: str, rating: str, correction: str | None = None,
                      reason: str | None = None, user: str | None = None) -> int:
-        """Record a rating (and the answer the user wanted); durable on disk when this returns."""
+        """Record a rating (and the answer the user wanted); durable on disk when this returns.
+
+        One record per answer and user: a second call for the same (response_id, user) updates that
+        record in place and returns its id. The rating is replaced; a correction or reason replaces the
+        stored one only when given, so adding a reason after a thumbs down keeps the thumbs down."""
         if rating not in RATINGS:
             raise ValueError(f"rating={rating!r}: use 'up' or 'down'")
         if correction is not None and not correction.strip():
             correction = None
 
-        def insert(c):
+        def upsert(c):
             if not c.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone():
                 raise NotFound(f"no response with id {response_id!r}: send feedback for an id that "
                                "/v1/chat/completions returned", param="response_id")
+            row = c.execute("SELECT id FROM feedback WHERE response_id = ? AND user IS ? ORDER BY id DESC LIMIT 1",
+                            (response_id, user)).fetchone()
+            if row is not None:
+                c.execute("UPDATE feedback SET rating = ?, correction = COALESCE(?, correction), "
+                          "reason = COALESCE(?, reason), created_at = ? WHERE id = ?",
+                          (rating, correction, reason, time.time(), row["id"]))
+                return row["id"]
             cur = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, created_at) "
                             "VALUES (?,?,?,?,?,?)", (response_id, rating, correction, reason, user, time.time()))
             return cur.lastrowid
-        return self._write(insert)
+        return self._write(upsert)
 
     def list_feedback(self, domain: str | None = None) -> list[dict]:
         sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.user AS response_user "

@@ -121,6 +121,9 @@ def test_feedback_is_attached_to_the_response(client, server):
     assert ok.status_code == 201 and isinstance(ok.json()["id"], int)
     assert httpx.post(url + "/api/feedback", json={"response_id": "nope", "rating": "up"}).status_code == 404
     assert httpx.post(url + "/api/feedback", json={"response_id": r.id, "rating": "meh"}).status_code == 400
+    again = httpx.post(url + "/api/feedback", json={"response_id": r.id, "rating": "down",
+                                                    "correction": "Paris."})
+    assert again.status_code == 201 and again.json()["id"] == ok.json()["id"]   # updated in place
 
 
 def test_domain_without_adapter_answers_with_base_and_its_system_prompt(client, server):

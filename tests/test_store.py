@@ -64,6 +64,23 @@ def test_feedback(tmp_path):
     assert store.list_feedback("other") == [] and len(store.list_feedback()) == 1
 
 
+def test_feedback_is_one_record_per_answer_and_user(tmp_path):
+    store = Store(tmp_path / "s.db")
+    _log(store, "r1")
+    down = store.add_feedback(response_id="r1", rating="down", user="ann")           # the thumbs down
+    again = store.add_feedback(response_id="r1", rating="down", reason="wrong fact", user="ann")
+    fixed = store.add_feedback(response_id="r1", rating="down", correction="Reset it in Settings.", user="ann")
+    assert down == again == fixed
+    [fb] = store.list_feedback("d")
+    assert (fb["rating"], fb["reason"], fb["correction"]) == ("down", "wrong fact", "Reset it in Settings.")
+    store.add_feedback(response_id="r1", rating="up", user="ann")                      # changed her mind
+    [fb] = store.list_feedback("d")
+    assert (fb["id"], fb["rating"], fb["correction"]) == (down, "up", "Reset it in Settings.")
+    bob = store.add_feedback(response_id="r1", rating="up", user="bob")                # another user: his own
+    assert bob != down and len(store.list_feedback("d")) == 2
+    assert len([c for c in store.candidates("d") if c["source"] == "correction"]) == 1
+
+
 def test_examples_validation(tmp_path):
     store = Store(tmp_path / "s.db")
     ok = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}

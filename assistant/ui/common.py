@@ -1,0 +1,122 @@
+"""What every tab shares: binding handlers to the service, the error edge, model and domain choices.
+
+No handler lets an exception reach the page: `bind` turns an `AssistantError` its handler did not catch
+into a Gradio message (the error's own words), and any other exception into one generic line, logged
+with its traceback on the server. Messages shown to users never carry server file paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+
+import gradio as gr
+
+from ..errors import AssistantError
+from ..settings import BASE
+
+log = logging.getLogger(__name__)
+
+NEW_DOMAIN = "__new_domain__"     # the model picker's "New domain…" entry
+# Events that rewrite the domain dropdowns run one at a time, in the order they were sent: a tab's refresh
+# that started before "Create domain" can then never land after it and blank the new domain.
+DOMAINS = {"concurrency_id": "domain-dropdowns", "concurrency_limit": 1}
+UNEXPECTED = "Something went wrong on the server (details are in its log). Try again; if it persists, reload."
+_PATH = re.compile(r"(?<![\w.])(?:/[\w.@+-]+){2,}/?")
+
+
+def public(text: str) -> str:
+    """A text for the page: server file paths replaced by a placeholder."""
+    return _PATH.sub("(server path)", text or "")
+
+
+def err(e: Exception) -> str:
+    """An error as a status line: the domain error's message, or the generic line for anything else."""
+    if isinstance(e, AssistantError):
+        return "Error: " + public(e.message)
+    log.error("unexpected error in the UI", exc_info=e)
+    return "Error: " + UNEXPECTED
+
+
+def field_error(field: str, problem: str) -> AssistantError:
+    """An error naming the UI field the user can fix."""
+    return AssistantError(f"{field}: {problem}", param=field)
+
+
+CREDENTIALS: list = [None]   # the server's credentials (set by mount_ui), to name the signed-in user
+
+
+def user_of(request: gr.Request | None) -> str | None:
+    """The signed-in user. The auth middleware has checked the request before any handler runs."""
+    from ..auth import user_from_headers
+    return user_from_headers(CREDENTIALS[0], getattr(request, "headers", None)) if request is not None else None
+
+
+def bind(fn, *bound):
+    """`fn` with its first arguments bound, and the error edge. Unlike functools.partial, the result keeps
+    the remaining signature and type hints, which Gradio reads to pass gr.Request / gr.LikeData."""
+    def edge(e: Exception):
+        if isinstance(e, AssistantError):
+            raise gr.Error(public(e.message)) from None
+        log.error("unexpected error in %s", fn.__name__, exc_info=e)
+        raise gr.Error(UNEXPECTED) from None
+
+    if inspect.isgeneratorfunction(fn):
+        def wrapper(*args, **kwargs):
+            try:
+                yield from fn(*bound, *args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - the edge: nothing raw reaches the page
+                edge(e)
+    else:
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*bound, *args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - the edge: nothing raw reaches the page
+                edge(e)
+    functools.update_wrapper(wrapper, fn)
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())[len(bound):]
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k in {p.name for p in params}}
+    return wrapper
+
+
+# Choices ---------------------------------------------------------------------------------------------
+def model_choices(service) -> list[tuple[str, str]]:
+    out = [("base (no adapter)", BASE)]
+    for d in service.list_domains():
+        active = d["active_version"]
+        out.append((f"{d['name']} (active: {active or 'base weights'})", d["name"]))
+        for v in reversed(d["versions"]):
+            out.append((f"{d['name']}@{v}" + ("  (active)" if v == active else ""), f"{d['name']}@{v}"))
+    return out + [("New domain…", NEW_DOMAIN)]
+
+
+def domain_names(service) -> list[str]:
+    return [d["name"] for d in service.list_domains()]
+
+
+def pick(value, choices):
+    values = [c[1] if isinstance(c, tuple) else c for c in choices]
+    values = [v for v in values if v != NEW_DOMAIN]
+    return value if value in values else (values[0] if values else None)
+
+
+def refresh_models(service, current):
+    choices = model_choices(service)
+    return gr.update(choices=choices, value=pick(current, choices))
+
+
+def refresh_domain(service, current):
+    names = domain_names(service)
+    return gr.update(choices=names, value=pick(current, names))
+
+
+def served_by(domain: str, version: str | None) -> str:
+    return f"{domain}@{version}" if version and version != BASE else f"{domain} (base weights)"

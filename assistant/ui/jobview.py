@@ -1,0 +1,169 @@
+"""A training job record as the Train tab shows it: the stages curate → train → evaluate → publish →
+activate with a bar each, the gate's verdict in words, a log without server paths.
+
+Job records that carry `stages` (and `metrics.gate.checks`) are rendered as they are; older records,
+with only `progress`, `log` and `metrics.gate.reasons`, get their stages derived from those."""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+
+from .common import public
+
+log = logging.getLogger(__name__)
+
+STAGES = ("curate", "train", "evaluate", "publish", "activate")
+STAGE_STATUSES = ("pending", "running", "done", "failed", "skipped")
+TERMINAL = ("succeeded", "failed", "cancelled")
+STATUS_COLORS = {"done": "#2a2", "running": "#36c", "failed": "#d33", "skipped": "#bbb", "pending": "#ddd"}
+# Records written before jobs reported stages: training was the first 80% of `progress`, and the log
+# named the staging folder on a line of its own.
+LEGACY_TRAIN_SHARE = 0.8
+LEGACY_STAGING_TAG = "staging "
+RAW_EXCEPTION = re.compile(r"^[A-Z]\w*(Error|Exception|Interrupt)\b")
+
+
+def derived_stages(job: dict) -> list[dict]:
+    """Stages for a record written before jobs reported them, from its progress, log and outcome."""
+    text, status = job.get("log") or "", job["status"]
+    trained = "trained:" in text or float(job.get("progress") or 0) >= LEGACY_TRAIN_SHARE
+    evaluated = "evaluated:" in text or bool((job.get("metrics") or {}).get("gate"))
+    published = bool(job.get("adapter_version"))
+    done = [True, trained, evaluated, published, bool(job.get("promoted"))]
+    out, current_found = [], False
+    for name, finished in zip(STAGES, done):
+        st = {"name": name, "status": "done" if finished else "pending", "done": None, "total": None,
+              "progress": 1.0 if finished else 0.0, "elapsed_s": None, "eta_s": None}
+        if not finished and not current_found:
+            current_found = True
+            if status in ("queued", "running"):
+                st["status"] = "running"
+            elif status == "succeeded":
+                st["status"] = "skipped"            # published, not activated: the gate blocked it
+            else:
+                st["status"] = "failed"
+        elif not finished and status in TERMINAL:
+            st["status"] = "skipped" if status == "succeeded" else "pending"
+        if name == "train" and job.get("total_steps"):
+            st["done"], st["total"] = job.get("step") or 0, job["total_steps"]
+            st["progress"] = 1.0 if finished else (st["done"] / st["total"])
+        out.append(st)
+    return out
+
+
+def stages_of(job: dict | None) -> list[dict]:
+    if not job:
+        return []
+    stages = job.get("stages")
+    if isinstance(stages, list) and stages and all(isinstance(s, dict) and "name" in s for s in stages):
+        return stages
+    return derived_stages(job)
+
+
+def _seconds(s) -> str:
+    if not isinstance(s, (int, float)):
+        return ""
+    s = int(round(s))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def stages_html(job: dict | None) -> str:
+    if not job:
+        return ('<div id="train-stages" data-stage="">No training run yet: press Retrain to run curate → train → '
+                'evaluate → publish → activate.</div>')
+    stages = stages_of(job)
+    current = job.get("stage") or next((s["name"] for s in stages if s.get("status") == "running"), "")
+    items = []
+    for s in stages:
+        st = s.get("status") if s.get("status") in STAGE_STATUSES else "pending"
+        p = max(0.0, min(1.0, float(s.get("progress") or (1.0 if st == "done" else 0.0))))
+        count = f" · {s['done']}/{s['total']}" if s.get("total") else ""
+        timing = "".join(x for x in (f" · {_seconds(s.get('elapsed_s'))}" if s.get("elapsed_s") else "",
+                                     f" · about {_seconds(s.get('eta_s'))} left" if st == "running" and s.get("eta_s")
+                                     else ""))
+        items.append(
+            f'<li data-name="{html.escape(str(s["name"]))}" data-status="{st}" data-progress="{p:.3f}" '
+            f'style="margin:4px 0;list-style:none">'
+            f'<div style="display:flex;gap:8px;align-items:center"><span style="width:90px">{html.escape(str(s["name"]))}'
+            f'</span><div style="flex:1;background:#eee;border-radius:5px;height:12px;overflow:hidden">'
+            f'<div style="background:{STATUS_COLORS[st]};width:{p * 100:.1f}%;height:100%"></div></div>'
+            f'<span style="width:230px;font-size:90%">{st}{count}{timing}</span></div></li>')
+    return (f'<ol id="train-stages" data-stage="{html.escape(str(current))}" style="padding:0;margin:0">'
+            + "".join(items) + "</ol>")
+
+
+def progress_html(job: dict | None) -> str:
+    """The overall bar; its data attributes are what scripts and tests read."""
+    if not job:
+        return '<div id="train-progress-bar" data-status="none" data-progress="0"></div>'
+    p = 1.0 if job["status"] == "succeeded" else max(0.0, min(1.0, float(job.get("progress") or 0)))
+    loss = f" · loss {job['loss']:.3f}" if job.get("loss") is not None else ""
+    text = f"{job['status']} · step {job.get('step') or 0}/{job.get('total_steps') or '?'}{loss} · {p:.0%} overall"
+    return (f'<div id="train-progress-bar" data-status="{job["status"]}" data-progress="{p:.3f}" '
+            f'data-version="{html.escape(job.get("adapter_version") or "")}">{html.escape(text)}</div>')
+
+
+def public_log(job: dict | None) -> str:
+    """The job's log for the page: no staging folders or other server paths, no raw exception text."""
+    if not job:
+        return ""
+    lines = [public(line) for line in (job.get("log") or "").splitlines() if not line.startswith(LEGACY_STAGING_TAG)]
+    if job.get("error"):
+        lines.append("ERROR: " + public_error(job["error"]))
+    return "\n".join(lines)
+
+
+def public_error(error: str) -> str:
+    if RAW_EXCEPTION.match(error or ""):
+        log.info("job error hidden from the page: %s", error)
+        return "the training process failed unexpectedly (details are in the server log): try again"
+    return public(error)
+
+
+def gate_markdown(job: dict | None) -> str:
+    """The run's outcome and the gate's verdict in words (checks when the record has them)."""
+    if not job or job["status"] not in TERMINAL:
+        return ""
+    if job["status"] != "succeeded":
+        why = public_error(job.get("error") or "") if job["status"] == "failed" else "cancelled"
+        return f"**{job['status']}**: {why}"
+    v, domain = job.get("adapter_version"), job["domain"]
+    gate = (job.get("metrics") or {}).get("gate") or {}
+    if job.get("promoted"):
+        out = [f"**Gate passed: {domain}@{v} is published and active.**"]
+    else:
+        out = [f"**Gate blocked {domain}@{v}**: it is published but not active. Activate anyway if you judge it "
+               "better; the override is recorded in its card."]
+    if gate.get("summary"):
+        out.append(public(str(gate["summary"])))
+    checks = gate.get("checks")
+    if isinstance(checks, list) and checks:
+        out += ["| check | result | value | bound | meaning |", "|---|---|---|---|---|"]
+        for c in checks:
+            result = "passed" if c.get("passed") else "failed" + (f": {c['advice']}" if c.get("advice") else "")
+            out.append(f"| {c.get('name', '')} | {result} | {_fmt(c.get('value'))} | {_fmt(c.get('bound'))} | "
+                       f"{c.get('meaning', '')} |")
+    else:
+        out += [f"- {r}" for r in gate.get("reasons", [])]
+    return "\n".join(out[:1] + [""] + out[1:])
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def metrics_table(job: dict | None) -> list[list]:
+    metrics = (job or {}).get("metrics") or {}
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    return [[k, _fmt(before.get(k)), _fmt(after.get(k))] for k in dict.fromkeys([*before, *after])
+            if not isinstance(before.get(k, after.get(k)), (dict, list))]
+
+
+def stamp(job: dict | None):
+    """What changes when the job moves: the Train tab re-renders only then."""
+    if job is None:
+        return None
+    return [job["status"], job.get("step"), round(float(job.get("progress") or 0), 3), job.get("stage"),
+            len(job.get("log") or "")]

@@ -1,0 +1,225 @@
+"""The Train tab: the dataset's size, training settings as form fields (validated, naming the field), one
+Retrain button, the run's stages with a bar each, the loss curve, before/after metrics, the gate's verdict
+with Activate anyway, and activate / roll back of versions."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import gradio as gr
+
+from ..errors import AssistantError
+from ..settings import MAX_LORA_RANK
+from ..training import MIN_EXAMPLES, TrainSettings
+from . import jobview
+from .adapters import activate, activate_anyway, rollback
+from .common import domain_names, err, field_error, pick, refresh_models
+
+log = logging.getLogger(__name__)
+
+JOB_POLL_S = 2.0              # the Train tab's polling period while a job runs
+METHODS = ("lora", "qlora")
+DEFAULTS = TrainSettings()    # the recipe's defaults, shown in the form
+MIN_SEQ_LEN = 16
+NO_DOMAINS = "No domains yet: create one in the Adapters tab, or from the Chat tab's model picker (New domain…)."
+
+
+def default_method(service) -> str:
+    return "qlora" if getattr(service.base, "quantization", None) == "nf4" else "lora"
+
+
+def _int(label: str, value, low: int, high: int | None = None, *, optional: bool = False):
+    if value is None or value == "":
+        if optional:
+            return None
+        raise field_error(label, "required")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise field_error(label, "must be a whole number") from None
+    if number != int(number) or number < low or (high is not None and number > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise field_error(label, f"must be a whole number {bounds} (got {value})")
+    return int(number)
+
+
+def train_settings(service, epochs, learning_rate, rank, method, max_len, advanced) -> dict:
+    """The form -> training settings for `Service.start_training`; errors name the field."""
+    out = {}
+    epochs = _int("Epochs", epochs, 1, optional=True)
+    if epochs is not None:
+        out["epochs"] = epochs
+    try:
+        lr = float(learning_rate)
+    except (TypeError, ValueError):
+        raise field_error("Learning rate", f"must be a number between 0 and 1, e.g. {DEFAULTS.learning_rate}") from None
+    if not 0 < lr < 1:
+        raise field_error("Learning rate", f"must be between 0 and 1 (got {learning_rate})")
+    out["learning_rate"] = lr
+    out["rank"] = _int("Rank", rank, 1, MAX_LORA_RANK)
+    out["max_seq_len"] = _int("Max length (tokens)", max_len, MIN_SEQ_LEN)
+    if method not in METHODS:
+        raise field_error("Method", f"pick one of {', '.join(METHODS)}")
+    if method != default_method(service):
+        raise field_error("Method", f"this server's base trains with {default_method(service)}: qlora needs a "
+                                    "4-bit (nf4) base on a CUDA GPU, lora a base that is not 4-bit")
+    text = (advanced or "").strip()
+    if text:
+        try:
+            extra = json.loads(text)
+        except ValueError:
+            raise field_error("Advanced settings", 'must be a JSON object, e.g. {"batch_size": 4}') from None
+        if not isinstance(extra, dict):
+            raise field_error("Advanced settings", 'must be a JSON object, e.g. {"batch_size": 4}')
+        out.update(extra)
+    try:
+        TrainSettings.from_dict(out)
+    except (TypeError, ValueError) as e:
+        raise field_error("Training settings", str(e).removeprefix("training setting ")) from None
+    return out
+
+
+def _job_outputs(service, job: dict | None, model):
+    """-> stages, bar, loss plot, log, metrics, gate verdict, Activate anyway, timer, model picker."""
+    import pandas as pd
+    losses = pd.DataFrame((job or {}).get("losses") or [], columns=["step", "loss"]).astype(
+        {"step": "int64", "loss": "float64"})   # typed, or an empty first frame makes the axes nominal
+    blocked = bool(job) and job["status"] == "succeeded" and not job.get("promoted") and bool(job.get("adapter_version"))
+    running = bool(job) and job["status"] not in jobview.TERMINAL
+    return (jobview.stages_html(job), jobview.progress_html(job), losses, jobview.public_log(job),
+            jobview.metrics_table(job), jobview.gate_markdown(job), gr.update(visible=blocked),
+            gr.Timer(active=running), refresh_models(service, model))
+
+
+def train_view(service, domain, model):
+    """Dataset size, latest job (also after a reload or a restart) and versions of a domain."""
+    if not domain:
+        text = NO_DOMAINS if not domain_names(service) else "Pick a domain."
+        return (text, None, gr.update(choices=[], value=None), *_job_outputs(service, None, model))
+    try:
+        report = service.preview(domain).report
+        d = service.require_domain(domain)
+        jobs = service.jobs(domain)
+    except AssistantError as e:
+        return (err(e), None, gr.update(), *_job_outputs(service, None, model))
+    size = (f"**{report['kept']}** curated examples ({report['train']} train / {report['eval']} eval) · training "
+            f"needs at least {MIN_EXAMPLES} · active version: **{d.active_version or 'none'}**")
+    if report["kept"] < MIN_EXAMPLES:
+        size += (f"\n\nAdd {MIN_EXAMPLES - report['kept']} more: import seed examples in the Data tab, or correct "
+                 f"answers of {domain} in the Chat tab.")
+    job = service.job(jobs[0]["job_id"]) if jobs else None
+    versions = gr.update(choices=d.versions, value=d.active_version or (d.versions[-1] if d.versions else None))
+    return (size, job["job_id"] if job else None, versions, *_job_outputs(service, job, model))
+
+
+def retrain(service, domain, epochs, learning_rate, rank, method, max_len, advanced, model):
+    try:
+        if not domain:
+            raise field_error("Domain", "pick a domain")
+        settings = train_settings(service, epochs, learning_rate, rank, method, max_len, advanced)
+        job_id = service.start_training(domain, settings)
+    except AssistantError as e:
+        return (err(e), None, *_job_outputs(service, None, model))
+    return (f"training job `{job_id}` started: keep chatting, the stages below follow it", job_id,
+            *_job_outputs(service, service.job(job_id), model))
+
+
+def poll_job(service, job_id, model, seen):
+    """One timer tick: re-render only when the job moved (the browser redraws the plot otherwise)."""
+    try:
+        job = service.job(job_id) if job_id else None
+    except AssistantError:
+        job = None
+    now = jobview.stamp(job)
+    if now is not None and now == seen:
+        return (*(gr.skip() for _ in range(9)), seen)
+    return (*_job_outputs(service, job, model), now)
+
+
+def cancel(service, job_id, model):
+    try:
+        if not job_id:
+            raise field_error("Job", "no training job to cancel")
+        job = service.cancel_job(job_id)
+    except AssistantError as e:
+        return err(e), *_job_outputs(service, None, model)
+    return f"job `{job_id}`: {job['status']}", *_job_outputs(service, job, model)
+
+
+def versions(service, domain, current=None):
+    if not domain:
+        return gr.update(choices=[], value=None)
+    try:
+        d = service.require_domain(domain)
+    except AssistantError:
+        return gr.update(choices=[], value=None)
+    return gr.update(choices=d.versions, value=d.active_version or pick(current, d.versions))
+
+
+def published(job_id, service):
+    """The version the last job published (for Activate anyway)."""
+    try:
+        return service.job(job_id).get("adapter_version") if job_id else None
+    except AssistantError:
+        return None
+
+
+def activate_published(service, domain, job_id, model, request: gr.Request):
+    return activate_anyway(service, domain, published(job_id, service), model, request)
+
+
+def build(service, P, model):
+    """The Train tab's widgets and its own events."""
+    job_id = gr.State(None)
+    seen = gr.State(None)       # what the last timer tick rendered
+    timer = gr.Timer(JOB_POLL_S, active=False)
+    names = domain_names(service)
+    domain = gr.Dropdown(names, value=names[0] if names else None, label="Domain", elem_id="train-domain")
+    size = gr.Markdown(NO_DOMAINS if not names else "", elem_id="train-dataset")
+    with gr.Row():
+        epochs = gr.Number(None, label="Epochs (empty = auto)", precision=0, minimum=1, elem_id="train-epochs")
+        lr = gr.Number(DEFAULTS.learning_rate, label="Learning rate", elem_id="train-lr")
+        rank = gr.Number(DEFAULTS.rank, label="Rank", precision=0, minimum=1, maximum=MAX_LORA_RANK,
+                         elem_id="train-rank")
+        max_len = gr.Number(DEFAULTS.max_seq_len, label="Max length (tokens)", precision=0, minimum=MIN_SEQ_LEN,
+                            elem_id="train-max-len")
+        method = gr.Radio(list(METHODS), value=default_method(service), label="Method", elem_id="train-method")
+    with gr.Accordion("Advanced (JSON: batch_size, augment, replay, alpha, dropout, seed…)", open=False,
+                      elem_id="train-advanced-box"):
+        advanced = gr.Textbox("", label="More settings as a JSON object", placeholder='{"batch_size": 4}',
+                              elem_id="train-advanced")
+    with gr.Row():
+        go = gr.Button("Retrain", variant="primary", elem_id="retrain-btn")
+        cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-job-btn")
+    status = gr.Markdown("", elem_id="train-status")
+    stages = gr.HTML(jobview.stages_html(None), elem_id="train-stages-box")
+    bar = gr.HTML(jobview.progress_html(None), elem_id="train-progress")
+    verdict = gr.Markdown("", elem_id="train-summary")
+    anyway = gr.Button("Activate anyway", visible=False, elem_id="train-activate-anyway")
+    with gr.Row():
+        loss = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="loss-plot", height=260,
+                           x_title="optimizer step", y_title="loss", x_axis_format="d", y_axis_format=".2f")
+        metrics = gr.Dataframe(headers=["metric", "before", "after"], label="Before / after", interactive=False,
+                               elem_id="job-metrics")
+    job_log = gr.Textbox(label="Job log", lines=6, max_lines=16, elem_id="job-log", interactive=False)
+    with gr.Row():
+        version = gr.Dropdown([], label="Version", elem_id="train-version")
+        act = gr.Button("Activate", elem_id="train-activate-btn")
+        back = gr.Button("Roll back to previous", elem_id="rollback-btn")
+    vstatus = gr.Markdown("", elem_id="train-version-status")
+
+    job_out = [stages, bar, loss, job_log, metrics, verdict, anyway, timer, model]
+    view_out = [size, job_id, version, *job_out]
+    domain.change(P(train_view, service), [domain, model], view_out)
+    go.click(P(retrain, service), [domain, epochs, lr, rank, method, max_len, advanced, model],
+             [status, job_id, *job_out])
+    cancel_btn.click(P(cancel, service), [job_id, model], [status, *job_out])
+    timer.tick(P(poll_job, service), [job_id, model, seen], [*job_out, seen], concurrency_limit=None)
+    verdict.change(P(versions, service), [domain, version], [version])
+    anyway.click(P(activate_published, service), [domain, job_id, model], [vstatus, model]).then(
+        P(versions, service), [domain], [version])
+    act.click(P(activate, service), [domain, version, model], [vstatus, model]).then(
+        P(versions, service), [domain, version], [version])
+    back.click(P(rollback, service), [domain, model], [vstatus, model]).then(P(versions, service), [domain], [version])
+    return dict(domain=domain, view_out=view_out)
