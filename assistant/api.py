@@ -193,7 +193,9 @@ def build_api(service) -> APIRouter:
     async def activate(name: str, version: str, request: Request):
         check_name(name)
         check_version(version)
-        return await asyncio.to_thread(service.activate, name, version)
+        body = await read_json(request)
+        override = _opt(body, "override", bool, False)
+        return await asyncio.to_thread(service.activate, name, version, user=current_user(request), override=override)
 
     @r.post("/api/domains/{name}/adapters", status_code=201)
     async def import_adapter(name: str, request: Request):

@@ -189,7 +189,9 @@ def _stages_ended(job: dict) -> list[dict]:
 def _curated(store, job_id: str, record: dict) -> None:
     """The curate stage ran in the server before the job existed: record it as done."""
     stages = pending_stages()
-    stages[0].update(status="done", progress=1.0, elapsed_s=record.get("curate_seconds", 0.0), eta_s=0.0)
+    now, took = time.time(), record.get("curate_seconds", 0.0)
+    stages[0].update(status="done", progress=1.0, elapsed_s=took, eta_s=0.0, started_at=round(now - took, 3),
+                     finished_at=round(now, 3))
     store.update_job(job_id, stage=None, stages=stages, progress=overall_progress(stages))
 
 

@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound, NotFound
+from .errors import AssistantError, Busy, Conflict, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound, NotFound
 from .registry import Registry, check_name, check_version, parse_model_name, validate_adapter
 from .settings import (BASE, DEFAULT_MAX_NEW_TOKENS, MAX_LORA_RANK, MAX_MESSAGE_CHARS, MAX_MESSAGES,
                        MAX_NEW_TOKENS_CAP, MAX_UPLOAD_BYTES, Settings)
@@ -408,6 +408,12 @@ class Service:
         gate did not promote; the card records who and when."""
         self.require_domain(domain)
         check_version(version)
+        gate = (self.registry.read_card(domain, version).get("metrics") or {}).get("gate") or {}
+        if gate.get("promote") is False and not override:
+            raise Conflict(f"the gate did not promote {domain}@{version}: {gate.get('summary') or 'see its card'}. "
+                           "Activate it anyway with override (the Activate anyway button, or "
+                           '{"override": true} in the request body); the card records who did it',
+                           param="override")
         self.registry.activate(domain, version, load=self.ensure_loaded)
         if override:
             self.registry.record_override(domain, version, user)

@@ -3,7 +3,7 @@ activate, each with its own progress, elapsed time and an estimate of the time l
 
 `get_job` returns `stage` (the current stage's name) and `stages`: a list, in order, of
     {"name", "status": "pending"|"running"|"done"|"failed"|"skipped", "done", "total", "progress" (0..1),
-     "elapsed_s", "eta_s"}
+     "elapsed_s", "eta_s", "started_at", "finished_at" (epoch seconds or null)}
 and `progress` is the whole job's (stage weights below). `StageTracker` keeps them in the job row; a
 heartbeat thread rewrites them every HEARTBEAT_S while a stage runs, so a job never sits silent (the
 elapsed time and the estimate move even while one long step or one batch of answers runs).
@@ -27,7 +27,7 @@ MIN_WRITE_INTERVAL_S = 0.5      # progress callbacks write no more often than th
 
 def pending_stages() -> list[dict]:
     return [{"name": n, "status": "pending", "done": 0, "total": 0, "progress": 0.0, "elapsed_s": 0.0,
-             "eta_s": None} for n in STAGES]
+             "eta_s": None, "started_at": None, "finished_at": None} for n in STAGES]
 
 
 def overall_progress(stages: list[dict]) -> float:
@@ -59,7 +59,7 @@ class StageTracker:
             self.current = name
             self._t0[name] = time.monotonic()
             self.stages[name].update(status="running", done=0, total=int(total), progress=0.0, elapsed_s=0.0,
-                                     eta_s=None)
+                                     eta_s=None, started_at=round(time.time(), 3), finished_at=None)
         self.write(force=True)
 
     def advance(self, name: str, done: int, total: int | None = None) -> None:
@@ -81,7 +81,7 @@ class StageTracker:
                 st["elapsed_s"] = round(elapsed_s, 1)
             elif name in self._t0:
                 st["elapsed_s"] = round(time.monotonic() - self._t0[name], 1)
-            st.update(status=status, eta_s=0.0 if status == "done" else None)
+            st.update(status=status, eta_s=0.0 if status == "done" else None, finished_at=round(time.time(), 3))
             if self.current == name:
                 self.current = None
         self.write(force=True)
@@ -91,7 +91,7 @@ class StageTracker:
         with self._lock:
             for st in self.stages.values():
                 if st["status"] == "running":
-                    st.update(status="failed", eta_s=None)
+                    st.update(status="failed", eta_s=None, finished_at=round(time.time(), 3))
                     if st["name"] in self._t0:
                         st["elapsed_s"] = round(time.monotonic() - self._t0[st["name"]], 1)
             self.current = None
@@ -133,3 +133,19 @@ class StageTracker:
                     self._times(self.current)
             if self.current is not None:
                 self.write(force=True)
+
+
+def public_gate(metrics: dict | None) -> dict | None:
+    """The gate's verdict as the job record shows it at its top level: {"passed", "summary", "checks":
+    [{"name", "passed", "value", "bound", "explanation"}]} (the full verdict stays in metrics.gate)."""
+    gate = (metrics or {}).get("gate")
+    if not isinstance(gate, dict) or "promote" not in gate:
+        return None
+    checks = []
+    for c in gate.get("checks") or []:
+        if isinstance(c, dict):
+            words = [w for w in (c.get("meaning"), c.get("advice")) if w and not c.get("passed")]
+            checks.append({"name": c.get("name"), "passed": bool(c.get("passed")), "value": c.get("value"),
+                           "bound": c.get("bound"), "explanation": " ".join(words) or c.get("label") or ""})
+    return {"passed": bool(gate["promote"]), "summary": gate.get("summary") or "; ".join(gate.get("reasons") or []),
+            "checks": checks}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import migrations
-from .stages import pending_stages
+from .stages import pending_stages, public_gate
 from .errors import Busy, Conflict, NotFound
 
 BUSY_TIMEOUT_MS = 10_000        # sqlite waits this long for a lock before reporting busy
@@ -379,7 +379,9 @@ class Store:
         d["settings"] = json.loads(d["settings"])
         d["metrics"] = json.loads(d["metrics"])
         d["promoted"] = bool(d["promoted"])
-        d["stages"] = json.loads(d.get("stages") or "[]") or pending_stages()
+        d["stages"] = [{"started_at": None, "finished_at": None, **st}
+                       for st in json.loads(d.get("stages") or "[]") or pending_stages()]
+        d["gate"] = public_gate(d["metrics"])
         return d
 
     def get_job(self, job_id: str) -> dict | None:

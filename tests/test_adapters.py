@@ -236,3 +236,18 @@ def test_models_lists_domains_and_activation_over_http(live):
     r = httpx.post(live + "/api/domains", json={"name": "../evil"})
     assert r.status_code == 422 and "not allowed" in r.json()["error"]["message"]
     assert httpx.post(live + "/api/domains", json={"name": "support"}).status_code == 409
+
+
+def test_a_version_the_gate_blocked_needs_an_override_and_the_card_says_who(svc, fact_adapters):
+    v = svc.import_adapter("support", fact_adapters["cherry"])
+    card_path = svc.registry.version_path("support", v) / "card.json"
+    card = json.loads(card_path.read_text())
+    card["metrics"] = {"gate": {"promote": False, "summary": "answers to general questions changed a lot"}}
+    card_path.write_text(json.dumps(card))   # as a training job publishes a version its gate blocked
+    with pytest.raises(AssistantError) as e:
+        svc.activate("support", v)
+    assert e.value.status == 409 and "override" in e.value.message and "general questions" in e.value.message
+    assert svc.registry.active_version("support") == "v1"
+    svc.activate("support", v, user="alice", override=True)
+    assert svc.registry.active_version("support") == v and "cherry" in ask(svc, "support")
+    assert svc.registry.read_card("support", v)["manual_override"]["by"] == "alice"

@@ -90,6 +90,12 @@ def test_job_runs_in_a_child_and_publishes(world):
     assert isinstance(gate["summary"], str) and gate["reasons"] and gate["checks"]
     for check in gate["checks"]:
         assert set(check) >= {"name", "passed", "value", "bound", "meaning", "advice"}
+    # the record's own short form of the verdict, and when each stage ran
+    assert job["gate"]["passed"] == job["promoted"] and job["gate"]["summary"] == gate["summary"]
+    assert [c["name"] for c in job["gate"]["checks"]] == [c["name"] for c in gate["checks"]]
+    assert all(set(c) == {"name", "passed", "value", "bound", "explanation"} for c in job["gate"]["checks"])
+    for st in job["stages"][:4]:
+        assert st["started_at"] <= st["finished_at"] <= job["finished_at"]
     # log lines are shown to users: no server paths
     for folder in (settings.adapters_path, settings.state_path, settings.home):
         assert str(folder) not in job["log"]
