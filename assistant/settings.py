@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-# Limits have names (STYLE.md #11).
+# Limits have names.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MAX_MESSAGE_CHARS = 32_000          # one chat message
 MAX_MESSAGES = 200                  # messages in one request

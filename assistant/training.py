@@ -25,7 +25,7 @@ from typing import Callable
 
 from .settings import MAX_LORA_RANK
 
-# Limits and recipe constants have names (STYLE.md #11).
+# Limits and recipe constants have names.
 MIN_EXAMPLES = 8               # curated examples needed before a domain can be trained (422 below this)
 IGNORE_INDEX = -100            # label of a position that carries no loss
 TARGET_EXAMPLES_SEEN = 240     # epochs=None: enough passes that the recipe sees about this many examples...

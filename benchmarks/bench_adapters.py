@@ -1,4 +1,4 @@
-"""Issue 3: what adapters cost on one resident base: selecting one, loading one from disk, decoding
+"""What adapters cost on one resident base: selecting one, loading one from disk, decoding
 with one, and serving concurrent requests that mix them."""
 
 from __future__ import annotations

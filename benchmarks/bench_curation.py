@@ -3,7 +3,7 @@ recall@10 of the approximate FAISS index against exact search at 100k vectors, a
 near-duplicate check per item.
 
 `run()` prints a table and returns {"dedup_cost_10k_vs_1k", "ann_recall", "insert_check_ms", ...}.
-Targets (issue 4): dedup_cost_10k_vs_1k <= 1.5, ann_recall >= 0.95, insert_check_ms <= 50.
+Targets: dedup_cost_10k_vs_1k <= 1.5, ann_recall >= 0.95, insert_check_ms <= 50.
 """
 
 from __future__ import annotations

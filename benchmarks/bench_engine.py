@@ -1,4 +1,4 @@
-"""Issue 2: decode speed of our engine against transformers' generate and the memory-bandwidth floor,
+"""Decode speed of our engine against transformers' generate and the memory-bandwidth floor,
 and the cost of going through the HTTP API (streaming throughput, time to first token)."""
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 BENCHES = {
-    "engine": "bench_engine",        # issue 2
-    "adapters": "bench_adapters",    # issue 3
-    "curation": "bench_curation",    # issue 4
+    "engine": "bench_engine",
+    "adapters": "bench_adapters",
+    "curation": "bench_curation",
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
-    "training": "bench_training",    # issue 5
+    "training": "bench_training",
     "eval": "bench_eval",            # eval_vs_train_time of one job
 }
 

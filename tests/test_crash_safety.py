@@ -1,4 +1,4 @@
-"""Crash safety of the store behind a live server (issue 4): `kill -9` a server that is taking feedback,
+"""Crash safety of the store behind a live server: `kill -9` a server that is taking feedback,
 20 times at random moments, and every feedback the API acknowledged (201) is in the database afterwards,
 exactly as sent, with `PRAGMA integrity_check` ok; and 8 concurrent writers through the API never see
 "database is locked".
