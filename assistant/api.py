@@ -141,11 +141,12 @@ def build_api(service) -> APIRouter:
     # Feedback and data -------------------------------------------------------------------------
     @r.post("/api/feedback", status_code=201)
     async def feedback(request: Request):
-        user = current_user(request)
         body = await read_json(request)
         rid = body.get("response_id")
         if not isinstance(rid, str) or not rid:
             raise AssistantError("response_id is required", param="response_id")
+        # like chat's `user`: an app in front of many people names who rated; else the signed-in user
+        user = _opt(body, "user", str) or current_user(request)
         fid = await asyncio.to_thread(service.feedback, rid, body.get("rating"), body.get("correction"),
                                       body.get("reason"), user)
         return JSONResponse({"id": fid}, status_code=201)

@@ -152,7 +152,8 @@ def compare(a: list[dict], b: list[dict]) -> Comparison:
 
 def same_question(a: list[dict], b: list[dict]) -> bool:
     """The same question asked again (case, spacing and punctuation aside)."""
-    norm = lambda t: " ".join(_WORD.findall(_fold(t).casefold()))   # noqa: E731
+    def norm(t):
+        return " ".join(_WORD.findall(_fold(t).casefold()))
     return norm(last(a, "user")) == norm(last(b, "user")) != ""
 
 

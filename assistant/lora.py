@@ -27,7 +27,6 @@ import torch
 from .errors import Busy, InvalidAdapter
 from .kernels import KERNEL_DTYPES, lora_kernel
 
-
 KERNEL_MAX_ROWS = 64   # up to this many rows use the C call; a long prompt's rows go to the BLAS matmuls
 
 

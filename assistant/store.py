@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import migrations
-from .stages import pending_stages, public_gate
 from .errors import Busy, Conflict, NotFound
+from .stages import pending_stages, public_gate
 
 BUSY_TIMEOUT_MS = 10_000        # sqlite waits this long for a lock before reporting busy
 WRITE_ATTEMPTS = 8              # retries of a whole transaction that still found the database busy

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LONG_PROMPT, best_of, print_table  # noqa: E402
+from common import LONG_PROMPT, best_of, print_table  # noqa: E402 - after the sys.path line and the thread policy
 
 N_TOKENS = 64
 N_ADAPTERS = 4

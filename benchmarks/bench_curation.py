@@ -59,6 +59,7 @@ def _dedup(embedder, texts: list[str]) -> tuple[float, int]:
 
 def _ann_recall() -> tuple[float, float]:
     import faiss
+
     from assistant.embeddings import DIM, VectorIndex
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((ANN_CLUSTERS, DIM)).astype(np.float32)

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LONG_PROMPT, copy_bandwidth, on_all_cores, print_table  # noqa: E402  (before torch)
+import torch  # noqa: E402 - after the sys.path line and the thread policy
 
-import torch  # noqa: E402
+from common import LONG_PROMPT, copy_bandwidth, on_all_cores, print_table  # noqa: E402  (before torch)
 
 N_TOKENS = 128
 FLOOR_ROUNDS = 3
@@ -109,6 +109,7 @@ def run(base_model: str = "embedded") -> dict:
     # rounds of the API's rate against the mean of the engine's rates just before and just after it.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import tempfile
+
     from helpers import running_server
     engine = Engine(base)
     engine_decode(engine, ids, n=8, repeat=1)

@@ -26,12 +26,12 @@ def cpu_flags() -> str:
 
 
 def _run() -> dict:
-    from invented_facts import FACTS, SYSTEM_PROMPT, chat
-
     from assistant import evaluation
     from assistant.model import ensure_embedded
     from assistant.settings import Settings, default_cache_dir
     from assistant.training import TrainSettings, _load, train_adapter
+
+    from invented_facts import FACTS, SYSTEM_PROMPT, chat
     path = ensure_embedded(default_cache_dir(), verify=False)
     base = _load(Settings(base_model=str(path)))
     rows = [{"messages": chat(q, a), "split": "train", "source": "seed", "feedback_ids": []}

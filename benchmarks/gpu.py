@@ -27,11 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from assistant.threads import defaults  # noqa: E402
+from assistant.threads import defaults  # noqa: E402 - after the sys.path line and the thread policy
 
 defaults()   # before torch: the CPU thread policy the CLI applies (assistant/threads.py)
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the sys.path line and the thread policy
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)

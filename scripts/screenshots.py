@@ -26,14 +26,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     args = ap.parse_args()
+    import browser_story
     import httpx
     from playwright.sync_api import sync_playwright
+    from test_browser import cancel_active
 
-    import browser_story
     from assistant.model import ensure_embedded
     from assistant.settings import default_cache_dir
+
     from helpers import running_server
-    from test_browser import cancel_active
 
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -4,10 +4,10 @@ repository: scripts/screenshots.py runs the same story to photograph it for the 
 
 from __future__ import annotations
 
+import browser_story
 import httpx
 import pytest
 
-import browser_story
 from helpers import running_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

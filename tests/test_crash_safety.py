@@ -46,7 +46,7 @@ tiny = sys.argv[1]
 import tqdm
 tqdm.tqdm.monitor_interval = 0                      # no monitor thread: nothing may hold a lock at fork
 import gradio, uvicorn, fastapi                     # noqa: F401 - the slow imports, done once
-import assistant.cli, assistant.server, assistant.service, assistant.api, assistant.ui  # noqa: F401
+import assistant.cli, assistant.server, assistant.service, assistant.api, assistant.ui  # noqa: F401 - importing is the check
 from assistant.model import load_base
 from assistant.settings import Settings
 with tempfile.TemporaryDirectory() as d:            # warms transformers' lazy imports; no database here
@@ -178,7 +178,8 @@ class FeedbackLoad:
                 rid = rng.choice(self.response_ids)
                 rating = rng.choice(("up", "down"))
                 correction = f"corrected answer {token}" if rng.random() < 0.5 else None
-                body = {"response_id": rid, "rating": rating, "correction": correction, "reason": token}
+                body = {"response_id": rid, "rating": rating, "correction": correction, "reason": token,
+                        "user": token}   # one person per post: each is a record of its own
                 try:
                     r = client.post(self.url + "/api/feedback", json=body)
                 except httpx.ConnectError:
@@ -353,7 +354,8 @@ def test_eight_concurrent_writers_never_see_database_is_locked(home, tiny_llama)
                     if op == "feedback":
                         r = c.post(url + "/api/feedback", json={
                             "response_id": rng.choice(rids), "rating": rng.choice(("up", "down")),
-                            "correction": f"writer {k} op {i}", "reason": "concurrency"})
+                            "correction": f"writer {k} op {i}", "reason": "concurrency",
+                            "user": f"writer {k} op {i}"})   # one person per post: a record each
                         mine["feedback"] += r.status_code == 201
                     elif op == "domain":
                         r = c.post(url + "/api/domains", json={"name": f"w{k}-{i}", "description": f"writer {k}"})

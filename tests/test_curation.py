@@ -272,7 +272,10 @@ def test_planted_data_report_is_exactly_what_was_planted(tmp_path, embedder):
     # Near duplicates, scored against the paraphrase groups.
     group_of = {q: g for g, (_, qs) in enumerate(PARAPHRASES) for q in qs}
     by_key = {it["key"]: it for it in snap.items}
-    question = lambda it: it["messages"][-2]["content"]
+
+    def question(it):
+        return it["messages"][-2]["content"]
+
     dups = [it for it in snap.items if it["removed"] == "near_duplicate"]
     true_pos = sum(1 for it in dups if question(it) in group_of
                    and group_of.get(question(by_key[it["near_duplicate_of"]])) == group_of[question(it)])
@@ -434,6 +437,7 @@ def test_templated_facts_are_all_kept_and_paraphrases_merge_on_the_test_set(tmp_
     """The restaurant test set (never used for calibration): every roster fact (people, times, prices,
     quantities, same answer for different subjects) is kept; paraphrase groups and re-asks merge."""
     import dedup_testset
+
     from assistant import dedup
     groups = dedup_testset.groups()
     store, group_of, kinds = _store_of_groups(tmp_path, groups)
@@ -512,8 +516,9 @@ def test_snapshot_rows_keep_source_and_feedback_ids(tmp_path, embedder):
 
 
 def test_small_datasets_train_on_everything(tmp_path, embedder):
-    from assistant.curation import MIN_ITEMS_FOR_HOLDOUT
     import dedup_testset
+
+    from assistant.curation import MIN_ITEMS_FOR_HOLDOUT
     store = Store(tmp_path / "db")
     rows = [_ex(q, a) for q, a in dedup_testset.ROSTER_PEOPLE + dedup_testset.ROSTER_PRICES][:14]
     store.add_examples("d", rows)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from invented_facts import FACTS, chat
-
 from assistant.evaluation import GENERAL_PROMPTS, GateSettings, gate, rouge_l, verdict
+
+from invented_facts import FACTS, chat
 
 
 def test_rouge_l():
@@ -77,10 +77,8 @@ def test_gate_without_holdout_or_corrections_skips_them_and_says_so():
 def test_evaluation_scores_exactly_the_corrections_on_a_trained_tiny_adapter(tiny_llama, tmp_path):
     """Corrections planted among seed rows are found by their source: the correction score is computed on
     exactly those (their feedback ids are listed), through the serving engine."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from assistant.evaluation import evaluate_adapter, generate
+    from assistant.evaluation import evaluate_adapter
     from assistant.model import load_base
     from assistant.settings import Settings
     from assistant.training import TrainSettings, train_adapter

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import train_fact_adapter
-
 from assistant.settings import Settings
+
+from helpers import train_fact_adapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = ([5, 17, 99, 3], [8, 2, 41, 7, 66, 12, 9], [31, 4])

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import train_fact_adapter
-
 from assistant.settings import Settings
+
+from helpers import train_fact_adapter
 
 PROMPTS = ([5, 17, 99, 3], [8, 2, 41, 7, 66, 12, 9], [31, 4])
 STEPS = 4

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from invented_facts import FACTS, SYSTEM_PROMPT, chat
-
 from assistant.errors import AssistantError, Conflict, DatasetTooSmall
+
+from invented_facts import FACTS, SYSTEM_PROMPT, chat
 
 JOB_TIMEOUT = 300
 FAST = {"rank": 4, "alpha": 8, "learning_rate": 0.02, "epochs": 2, "batch_size": 4, "max_seq_len": 128}

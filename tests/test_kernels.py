@@ -15,7 +15,8 @@ GROUPS = [Group("qkv", 64, (("q_proj", 64), ("k_proj", 32), ("v_proj", 32))),
           Group("down", 96, (("down_proj", 64),))]
 PARTS = {p: (g, i) for g in GROUPS for i, (p, _) in enumerate(g.parts)}
 
-needs_kernel = pytest.mark.skipif(lora_kernel() is None, reason="no C kernel (no compiler, or ASSISTANT_KERNELS=0): the torch path serves")
+needs_kernel = pytest.mark.skipif(lora_kernel() is None,
+                                  reason="no C kernel (no compiler, or ASSISTANT_KERNELS=0): the torch path serves")
 
 
 def _adapter(folder, rank: int, seed: int, layers: int = 2):
@@ -26,7 +27,7 @@ def _adapter(folder, rank: int, seed: int, layers: int = 2):
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for li in range(layers):
-        for part, (grp, i) in PARTS.items():
+        for part, (grp, _i) in PARTS.items():
             out = dict(grp.parts)[part]
             owner = "self_attn" if grp.name in ("qkv", "o") else "mlp"
             base = f"base_model.model.model.layers.{li}.{owner}.{part}"
@@ -114,7 +115,8 @@ def test_rms_norm_kernel_matches_transformers(dtype):
 
 # --- the whole decode step ---------------------------------------------------------------------------
 
-needs_step = pytest.mark.skipif(step_kernel() is None, reason="no C decode step (no compiler, no shared OpenMP, or ASSISTANT_KERNELS=0): torch ops serve")
+needs_step = pytest.mark.skipif(
+    step_kernel() is None, reason="no C decode step (no compiler, no shared OpenMP, or ASSISTANT_KERNELS=0): torch ops serve")
 
 
 def _tiny_decoder(arch: str, dtype, head_dim: int = 16):

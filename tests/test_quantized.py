@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from assistant.settings import Settings
+
 from helpers import free_port, running_server, train_fact_adapter
 from invented_facts import FACTS, SYSTEM_PROMPT, chat
-
-from assistant.settings import Settings
 
 QUESTION = "What is the capital of Zorbania?"
 STEPS = 6

@@ -85,8 +85,6 @@ def test_ten_seeded_facts_one_click_go_live_and_are_answered(home, embedded_path
     """A new user's first retrain through the real job code path (child process, default recipe): ten
     distinct seeded facts, one click, the gate passes honestly, the new version goes live and answers all
     ten (greedy, through the serving engine). The job reports its stages and never sits silent."""
-    from invented_facts import chat
-
     from assistant import jobs
     from assistant.engine import Engine
     from assistant.model import load_base
@@ -94,6 +92,8 @@ def test_ten_seeded_facts_one_click_go_live_and_are_answered(home, embedded_path
     from assistant.settings import Settings
     from assistant.stages import HEARTBEAT_S, STAGES
     from assistant.store import Store
+
+    from invented_facts import chat
 
     settings = Settings(home=home).ensure_dirs()
     store, registry = Store(settings.db_path), Registry(settings.adapters_path)

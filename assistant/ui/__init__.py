@@ -101,6 +101,7 @@ def mount_ui(app, service, credentials=None) -> None:
 def share_tunnel(host: str, port: int) -> str:
     """A public link to the local server through Gradio's share servers -> its URL."""
     import secrets
+
     from gradio import networking
     return networking.setup_tunnel(host, port, secrets.token_urlsafe(32), None, None)
 
