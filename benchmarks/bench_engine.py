@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402 - after the sys.path line and the thread policy
 
 from common import LONG_PROMPT, copy_bandwidth, on_all_cores, print_table  # noqa: E402  (before torch)
+
+# isort: split
+import torch  # noqa: E402 - only after common.py has applied the thread policy
 
 N_TOKENS = 128
 FLOOR_ROUNDS = 3
