@@ -92,33 +92,11 @@ def taught_rows(rows: list[dict]) -> list[dict]:
 # Model calls
 # ---------------------------------------------------------------------------------------------
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48,
-             batch_size: int = 16) -> list[str]:
-    """Greedy answers, batched with left padding."""
-    import torch
-    answers = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                     for c in conversations[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return [a.strip() for a in answers]
-
-
 def heldout_loss(model, tokenizer, rows: list[dict], max_seq_len: int = 512) -> float | None:
     """Mean cross-entropy on the assistant tokens of `rows` (token-weighted), or None without rows."""
     import torch
 
-    from .training import IGNORE_INDEX, causal_lm_loss, collate, encode_chat
+    from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -172,6 +150,8 @@ def serving_base(base):
 def _answers_without_engine(base, adapter_dir, convs: list[list[dict]], max_new_tokens: int) -> list[str]:
     """Base then adapter answers with transformers' generate (bases the engine cannot adapt)."""
     from peft import PeftModel
+
+    from .lm import generate
     peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir))
     try:
         peft_model.eval()

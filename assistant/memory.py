@@ -20,7 +20,8 @@ import logging
 from dataclasses import dataclass
 
 from .errors import AssistantError
-from .training import LOSS_CHUNK_TOKENS, QUANTIZED
+from .lm import LOSS_CHUNK_TOKENS
+from .training import QUANTIZED
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import struct
 import time
 import tomllib
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -444,3 +445,29 @@ def validate_adapter(folder: Path, base_fingerprint: dict, module_shapes: dict[s
         if (m, "A") not in seen or (m, "B") not in seen:
             raise InvalidAdapter(f"{m} has only one of its LoRA A/B weights: export the adapter again")
     return config
+
+
+def safe_unzip(zpath: Path, dest: Path, max_bytes: int) -> None:
+    """Extract only the adapter files, flattening folders; refuse links, absolute paths and '..'."""
+    dest.mkdir(parents=True)
+    try:
+        with zipfile.ZipFile(zpath) as z:
+            total = 0
+            for info in z.infolist():
+                if info.is_dir():
+                    continue
+                name = info.filename.replace("\\", "/")
+                if name.startswith("/") or ".." in name.split("/") or "\x00" in name:
+                    raise InvalidAdapter(f"refused zip entry {name!r}: paths must stay inside the archive")
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith(".") or base.startswith("__MACOSX"):
+                    continue
+                total += info.file_size
+                if total > max_bytes:
+                    raise InvalidAdapter("the zip expands past the upload limit")
+                if (dest / base).exists():
+                    raise InvalidAdapter(f"the zip holds two files named {base}: zip one adapter folder")
+                with z.open(info) as src, open(dest / base, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except zipfile.BadZipFile as e:
+        raise InvalidAdapter(f"not a valid zip file ({e}): zip the adapter folder and upload again") from None

@@ -12,12 +12,11 @@ import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AssistantError, Busy, Conflict, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound, NotFound
-from .registry import Registry, check_name, check_version, parse_model_name, validate_adapter
+from .registry import Registry, check_name, check_version, parse_model_name, safe_unzip, validate_adapter
 from .settings import (
     BASE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -443,7 +442,7 @@ class Service:
                 if upload.stat().st_size > MAX_UPLOAD_BYTES:
                     raise InvalidAdapter(f"the upload is over {MAX_UPLOAD_BYTES >> 20} MiB: is it an adapter?")
                 folder = Path(tmp) / "adapter"
-                _safe_unzip(upload, folder)
+                safe_unzip(upload, folder, MAX_UPLOAD_BYTES)
             shapes = self.engine.module_shapes()
             version = self.registry.import_folder(domain, folder, self.base.fingerprint, shapes)
         try:
@@ -504,29 +503,3 @@ class Service:
         if domain is not None:
             self.require_domain(domain)
         return self.store.list_jobs(domain)
-
-
-def _safe_unzip(zpath: Path, dest: Path) -> None:
-    """Extract only the adapter files, flattening folders; refuse links, absolute paths and '..'."""
-    dest.mkdir(parents=True)
-    try:
-        with zipfile.ZipFile(zpath) as z:
-            total = 0
-            for info in z.infolist():
-                if info.is_dir():
-                    continue
-                name = info.filename.replace("\\", "/")
-                if name.startswith("/") or ".." in name.split("/") or "\x00" in name:
-                    raise InvalidAdapter(f"refused zip entry {name!r}: paths must stay inside the archive")
-                base = name.rsplit("/", 1)[-1]
-                if base.startswith(".") or base.startswith("__MACOSX"):
-                    continue
-                total += info.file_size
-                if total > MAX_UPLOAD_BYTES:
-                    raise InvalidAdapter("the zip expands past the upload limit")
-                if (dest / base).exists():
-                    raise InvalidAdapter(f"the zip holds two files named {base}: zip one adapter folder")
-                with z.open(info) as src, open(dest / base, "wb") as out:
-                    shutil.copyfileobj(src, out)
-    except zipfile.BadZipFile as e:
-        raise InvalidAdapter(f"not a valid zip file ({e}): zip the adapter folder and upload again") from None

@@ -23,14 +23,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat, generate
 from .settings import MAX_LORA_RANK
 
 # Limits and recipe constants have names.
 MIN_EXAMPLES = 8               # curated examples needed before a domain can be trained (422 below this)
-IGNORE_INDEX = -100            # label of a position that carries no loss
 TARGET_EXAMPLES_SEEN = 240     # epochs=None: enough passes that the recipe sees about this many examples...
 MAX_AUTO_EPOCHS = 12           # ...but never more passes than this (a few dozen corrections -> ~12 epochs)
-LOSS_CHUNK_TOKENS = 1024       # labelled positions projected onto the vocabulary at a time
 WARMUP_FRACTION = 0.1          # of the optimizer steps, linear warm-up then linear decay to 10%
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTIZED = ("nf4", "int8")   # bases trained as QLoRA (k-bit preparation, gradient checkpointing by default)
@@ -157,28 +156,6 @@ class TrainingStopped(Exception):
 # Data: chat rows -> token ids and labels
 # ---------------------------------------------------------------------------------------------
 
-def encode_chat(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation; labels are IGNORE_INDEX except on assistant replies
-    (their content and end-of-turn token). Spans are found by rendering each prefix of the conversation
-    with the chat template and mapping character offsets to tokens, which is exact for any template
-    that renders prefixes as prefixes."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip()
-        if not (text.startswith(upto) and upto.startswith(prompt)):
-            raise ValueError("the chat template does not render conversation prefixes as prefixes; "
-                             "cannot mask the loss to assistant tokens")
-        spans.append((len(prompt), len(upto)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX for tok, (a, _) in zip(ids, offsets)]
-    return ids[:max_seq_len], labels[:max_seq_len]
-
-
 def augment_rows(rows: list[dict], copies: int, rng: random.Random) -> list[dict]:
     """`rows` plus `copies` variants of each, with the last user message re-worded by a template."""
     out = list(rows)
@@ -199,7 +176,6 @@ def augment_rows(rows: list[dict], copies: int, rng: random.Random) -> list[dict
 
 def replay_rows(model, tokenizer, system_prompt: str | None, n: int, rng: random.Random) -> list[dict]:
     """`n` general prompts answered greedily by the base itself (cut to whole sentences), as train rows."""
-    from .evaluation import generate
     if n == 0:
         return []
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -221,50 +197,6 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
-    import torch
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, (ids, lab) in enumerate(examples):
-        input_ids[r, :len(ids)] = torch.tensor(ids)
-        labels[r, :len(lab)] = torch.tensor(lab)
-        mask[r, :len(ids)] = 1
-    return input_ids, labels, mask
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss: hidden states at labelled positions only, vocabulary projection in chunks
-# ---------------------------------------------------------------------------------------------
-
-def _chunk_loss_sum(hidden, head, targets):
-    import torch.nn.functional as F
-    logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def causal_lm_loss(causal_lm, input_ids, labels, attention_mask, *, checkpoint_chunks: bool = False):
-    """Mean next-token cross-entropy over labelled positions. `causal_lm` is the (LoRA-wrapped) HF model."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state          # [B, T, H]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX                                                # [B, T-1]
-    h = hidden[:, :-1][keep]                                                      # [N, H]
-    y = targets[keep]                                                             # [N]
-    head = causal_lm.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], LOSS_CHUNK_TOKENS):
-        hc, yc = h[i:i + LOSS_CHUNK_TOKENS], y[i:i + LOSS_CHUNK_TOKENS]
-        if checkpoint_chunks and hc.requires_grad:
-            total = total + checkpoint(_chunk_loss_sum, hc, head, yc, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(hc, head, yc)
-    return total / max(int(y.numel()), 1), int(y.numel())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""Language-model helpers shared by training and evaluation: a conversation's token ids with loss labels on
+the assistant's replies, batching them, the loss over labelled positions, and greedy batched answers with
+transformers' generate. torch is imported inside the functions, so importing this module stays cheap."""
+
+from __future__ import annotations
+
+IGNORE_INDEX = -100            # label of a position that carries no loss
+LOSS_CHUNK_TOKENS = 1024       # labelled positions projected onto the vocabulary at a time
+
+
+def encode_chat(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation; labels are IGNORE_INDEX except on assistant replies
+    (their content and end-of-turn token). Spans are found by rendering each prefix of the conversation
+    with the chat template and mapping character offsets to tokens, which is exact for any template
+    that renders prefixes as prefixes."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip()
+        if not (text.startswith(upto) and upto.startswith(prompt)):
+            raise ValueError("the chat template does not render conversation prefixes as prefixes; "
+                             "cannot mask the loss to assistant tokens")
+        spans.append((len(prompt), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX for tok, (a, _) in zip(ids, offsets)]
+    return ids[:max_seq_len], labels[:max_seq_len]
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, (ids, lab) in enumerate(examples):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        labels[r, :len(lab)] = torch.tensor(lab)
+        mask[r, :len(ids)] = 1
+    return input_ids, labels, mask
+
+
+def _chunk_loss_sum(hidden, head, targets):
+    import torch.nn.functional as F
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def causal_lm_loss(causal_lm, input_ids, labels, attention_mask, *, checkpoint_chunks: bool = False):
+    """Mean next-token cross-entropy over labelled positions. `causal_lm` is the (LoRA-wrapped) HF model."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state          # [B, T, H]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX                                                # [B, T-1]
+    h = hidden[:, :-1][keep]                                                      # [N, H]
+    y = targets[keep]                                                             # [N]
+    head = causal_lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], LOSS_CHUNK_TOKENS):
+        hc, yc = h[i:i + LOSS_CHUNK_TOKENS], y[i:i + LOSS_CHUNK_TOKENS]
+        if checkpoint_chunks and hc.requires_grad:
+            total = total + checkpoint(_chunk_loss_sum, hc, head, yc, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(hc, head, yc)
+    return total / max(int(y.numel()), 1), int(y.numel())
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48,
+             batch_size: int = 16) -> list[str]:
+    """Greedy answers, batched with left padding."""
+    import torch
+    answers = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(conversations), batch_size):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                     for c in conversations[i:i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]

@@ -1,0 +1,72 @@
+"""The package's shape, read with `ast`: no import cycles, gradio only under assistant/ui/, no module far
+past 500 lines. (What the imports say, not what runs: cheap, and it fails the moment a cycle appears.)"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "assistant"
+MAX_MODULE_LINES = 520   # about 500: a module past it is asking to be split
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in PKG.rglob("*.py"):
+        parts = f.with_suffix("").relative_to(PKG.parent).parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's own modules that `name` imports (a `from . import x` names the submodule x)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            subs = {f"{target}.{a.name}" for a in node.names} & modules.keys()
+            found |= subs or ({target} & modules.keys())
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names} & modules.keys()
+    return found - {name}
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {n: _imports(n, p, modules) for n, p in modules.items()}
+    cycles = []
+
+    def visit(node, path):
+        for nxt in graph[node]:
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif len(path) < len(graph):
+                visit(nxt, path + [nxt])
+
+    for start in graph:
+        visit(start, [start])
+    assert not cycles, cycles[:5]
+    assert "assistant.lm" in graph["assistant.training"] and "assistant.lm" in graph["assistant.evaluation"]
+
+
+def test_gradio_is_imported_only_under_the_ui_package():
+    outside = []
+    for name, path in _modules().items():
+        if name.startswith("assistant.ui"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] == "gradio" for n in names):
+                outside.append(name)
+    assert not outside, outside
+
+
+def test_no_module_is_far_past_500_lines():
+    long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
+    assert not {n: c for n, c in long.items() if c > MAX_MODULE_LINES}, long
