@@ -29,7 +29,7 @@ import os
 import re
 import threading
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -486,9 +486,5 @@ def curation_help() -> dict[str, str]:
 
 def options_from(values: dict | None) -> CurationSettings:
     """CurationSettings from a dict (API body / CLI), naming any unknown setting."""
-    values = dict(values or {})
-    known = set(asdict(CurationSettings()))
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown curation settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
-    return CurationSettings(**values)
+    from .settings import checked_values
+    return CurationSettings(**checked_values(CurationSettings, dict(values or {}), "curation"))

@@ -17,7 +17,7 @@ answers everything with one fixed sentence measured 18.6 and 0.05. The slow test
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,8 @@ class GateSettings:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "GateSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d or {}) - known)
-        if unknown:
-            raise ValueError(f"unknown gate setting(s) {unknown}: use {sorted(known)}")
-        return cls(**(d or {}))
+        from .settings import checked_values
+        return cls(**checked_values(cls, dict(d or {}), "gate"))
 
 
 MEANING = {

@@ -10,13 +10,12 @@ import html
 import logging
 import re
 
+from ..jobs import TERMINAL
+from ..stages import STAGE_STATUSES, STAGES
 from .common import public
 
 log = logging.getLogger(__name__)
 
-STAGES = ("curate", "train", "evaluate", "publish", "activate")
-STAGE_STATUSES = ("pending", "running", "done", "failed", "skipped")
-TERMINAL = ("succeeded", "failed", "cancelled")
 STATUS_COLORS = {"done": "#2a2", "running": "#36c", "failed": "#d33", "skipped": "#bbb", "pending": "#ddd"}
 # Records written before jobs reported stages: training was the first 80% of `progress`, and the log
 # named the staging folder on a line of its own.
