@@ -1,5 +1,5 @@
 """HTTP routes: the OpenAI-compatible endpoints and the REST API (docs/API.md). Each route only parses,
-calls the Service, and turns domain errors into JSON errors. Authorization is not checked here: every
+calls the Workspace or the Serving, and turns domain errors into JSON errors. Authorization is not checked here: every
 request has passed `auth.AuthMiddleware` before it reaches a route."""
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .auth import AuthMiddleware, Credentials
-from .errors import AssistantError, TooLarge
-from .lora import SlotsBusy
-from .registry import check_name, check_version
-from .service import ADAPTER_SLOT_WAIT_S
+from .errors import AssistantError, SlotsBusy, TooLarge
+from .serving import ADAPTER_SLOT_WAIT_S, LOG_WAIT_S, Serving
 from .settings import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
+from .workspace import Workspace
 
 DISCONNECT_POLL_S = 0.2
-LOG_WAIT_S = 10.0
 SLOT_RETRY_S = 0.05            # how often a request waiting for an adapter slot tries again
 RETRY_AFTER_S = 2              # the Retry-After a 503 suggests
 
@@ -83,16 +80,13 @@ def _opt(body: dict, key: str, kind, default=None):
     return v
 
 
-def build_api(service) -> APIRouter:
+def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
     r = APIRouter()
-
-    def svc(request: Request):
-        return request.app.state.service
 
     # OpenAI-compatible -------------------------------------------------------------------------
     @r.get("/v1/models")
     async def models(request: Request):
-        return {"object": "list", "data": service.models()}
+        return {"object": "list", "data": serving.models()}
 
     @r.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -123,7 +117,7 @@ def build_api(service) -> APIRouter:
         while True:   # waiting for an adapter slot happens here, asleep, not in a worker thread
             try:
                 call = await asyncio.to_thread(
-                    service.start_chat, ignore_eos=body.get("ignore_eos") is True, model=body.get("model"),
+                    serving.start_chat, ignore_eos=body.get("ignore_eos") is True, model=body.get("model"),
                     messages=body.get("messages"), max_tokens=max_tokens,
                     temperature=body.get("temperature"), top_p=body.get("top_p"), seed=seed, stop=body.get("stop"),
                     loop=loop, user=body.get("user") if isinstance(body.get("user"), str) else user, slot_wait_s=0)
@@ -147,102 +141,92 @@ def build_api(service) -> APIRouter:
             raise AssistantError("response_id is required", param="response_id")
         # like chat's `user`: an app in front of many people names who rated; else the signed-in user
         user = _opt(body, "user", str) or current_user(request)
-        fid = await asyncio.to_thread(service.feedback, rid, body.get("rating"), body.get("correction"),
+        fid = await asyncio.to_thread(serving.feedback, rid, body.get("rating"), body.get("correction"),
                                       body.get("reason"), user)
         return JSONResponse({"id": fid}, status_code=201)
 
     @r.post("/api/domains", status_code=201)
     async def create_domain(request: Request):
         body = await read_json(request)
-        d = await asyncio.to_thread(service.create_domain, body.get("name"), body.get("system_prompt", ""),
+        d = await asyncio.to_thread(workspace.create_domain, body.get("name"), body.get("system_prompt", ""),
                                     body.get("description", ""))
         return JSONResponse(d, status_code=201)
 
     @r.get("/api/domains")
     async def list_domains(request: Request):
-        return await asyncio.to_thread(service.list_domains)
+        return await asyncio.to_thread(workspace.list_domains)
 
     @r.post("/api/domains/{name}/examples", status_code=201)
     async def add_examples(name: str, request: Request):
         user = current_user(request)
-        check_name(name)
         body = await read_json(request)
-        res = await asyncio.to_thread(service.add_examples, name, body.get("examples"), user)
+        res = await asyncio.to_thread(workspace.add_examples, name, body.get("examples"), user)
         return JSONResponse(res, status_code=201)
 
     @r.get("/api/domains/{name}/dataset")
     async def dataset(name: str, request: Request):
-        check_name(name)
-        snap = await asyncio.to_thread(service.preview, name)
+        snap = await asyncio.to_thread(workspace.preview, name)
         return snap.report
 
     @r.get("/api/domains/{name}/dataset/export")
     async def export(name: str, request: Request):
-        check_name(name)
-        snap = await asyncio.to_thread(service.preview, name)   # a GET writes nothing: the rows, not a file
-        from .curation import snapshot_bytes
-        return Response(snapshot_bytes(snap.rows), media_type="application/x-ndjson",
-                        headers={"Content-Disposition": f'attachment; filename="{name}-{snap.hash[:12]}.jsonl"'})
+        data, filename = await asyncio.to_thread(workspace.dataset_file, name)   # a GET writes nothing
+        return Response(data, media_type="application/x-ndjson",
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     # Adapters ----------------------------------------------------------------------------------
     @r.get("/api/domains/{name}/adapters")
     async def adapters(name: str, request: Request):
-        check_name(name)
-        return await asyncio.to_thread(service.adapters, name)
+        return await asyncio.to_thread(workspace.adapters, name)
 
     @r.post("/api/domains/{name}/adapters/{version}/activate")
     async def activate(name: str, version: str, request: Request):
-        check_name(name)
-        check_version(version)
         body = await read_json(request)
         override = _opt(body, "override", bool, False)
-        return await asyncio.to_thread(service.activate, name, version, user=current_user(request), override=override)
+        return await asyncio.to_thread(serving.activate, name, version, user=current_user(request), override=override)
 
     @r.post("/api/domains/{name}/adapters", status_code=201)
     async def import_adapter(name: str, request: Request):
         """Upload a zipped PEFT LoRA folder as the body (application/zip); ?activate=true to make it live."""
-        check_name(name)
         data = await read_body(request, MAX_UPLOAD_BYTES)
         import tempfile
-        with tempfile.NamedTemporaryFile(suffix=".zip", dir=service.settings.state_path) as f:
+        with tempfile.NamedTemporaryFile(suffix=".zip", dir=workspace.settings.state_path) as f:
             f.write(data)
             f.flush()
-            version = await asyncio.to_thread(service.import_adapter, name, Path(f.name),
+            version = await asyncio.to_thread(serving.import_adapter, name, Path(f.name),
                                               activate=request.query_params.get("activate") == "true")
         return JSONResponse({"domain": name, "version": version}, status_code=201)
 
     # Training jobs -----------------------------------------------------------------------------
     @r.post("/api/domains/{name}/train", status_code=202)
     async def train(name: str, request: Request):
-        check_name(name)
         body = await read_json(request)
-        job_id = await asyncio.to_thread(service.start_training, name, body)
+        job_id = await asyncio.to_thread(workspace.start_training, name, body)
         return JSONResponse({"job_id": job_id}, status_code=202)
 
     @r.get("/api/jobs/{job_id}")
     async def job(job_id: str, request: Request):
-        return await asyncio.to_thread(service.job, job_id)
+        return await asyncio.to_thread(workspace.job, job_id)
 
     @r.delete("/api/jobs/{job_id}")
     async def cancel(job_id: str, request: Request):
-        return await asyncio.to_thread(service.cancel_job, job_id)
+        return await asyncio.to_thread(workspace.cancel_job, job_id)
 
     @r.get("/api/health")
     async def health(request: Request):
         """Public: a bare "ok" for load balancers; the base model's details for signed-in callers."""
         if request.app.state.credentials.enabled and current_user(request) is None:
             return {"status": "ok"}
-        return {"status": "ok", **service.status()}
+        return {"status": "ok", **serving.status()}
 
     # Monitoring --------------------------------------------------------------------------------
     @r.get("/api/domains/{name}/metrics")
     async def metrics(name: str, request: Request):
-        check_name(name)
-        return await asyncio.to_thread(service.metrics, name)
+        return await asyncio.to_thread(workspace.metrics, name)
 
     @r.get("/metrics")
     async def prometheus(request: Request):
-        text = await asyncio.to_thread(service.prometheus_text)
+        text = await asyncio.to_thread(serving.prometheus_text)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return r
@@ -331,12 +315,9 @@ async def _complete(call, request: Request):
             "usage": _usage(call)}
 
 
-def build_app(service, *, with_ui: bool = True) -> FastAPI:
-    """The one FastAPI app: the API routes, and the Gradio UI mounted at /, all behind one auth check."""
-    app = FastAPI(title="domain-assistant", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
-    s = service.settings
-    app.state.service = service
-    app.state.credentials = Credentials(s.api_key, s.auth)
+def install_error_handlers(app: FastAPI) -> None:
+    """Errors become JSON messages at the edge: a domain error says what to do; anything else is logged with
+    its traceback and the client sees no exception text and no server path."""
 
     @app.exception_handler(AssistantError)
     async def on_error(request: Request, e: AssistantError):
@@ -356,10 +337,3 @@ def build_app(service, *, with_ui: bool = True) -> FastAPI:
         return JSONResponse(error_body("the server failed on this request (the error is in the server log): retry, "
                                        "and tell the operator if it persists", "server_error", "internal_error"),
                             status_code=500)
-
-    app.include_router(build_api(service))
-    if with_ui:
-        from .ui import mount_ui
-        mount_ui(app, service, app.state.credentials)
-    app.add_middleware(AuthMiddleware, credentials=app.state.credentials)
-    return app

@@ -1,161 +1,189 @@
-"""The command line: `assistant serve | chat | curate | train | adapters | eval | export`.
-Each command parses its flags into Settings and calls the same functions the UI and the API call."""
+"""The command line: `assistant serve | chat | curate | export | train | eval | adapters | feedback | logs`.
+
+Each command parses its flags into Settings (flags.py generates them from the settings dataclasses) and
+calls the same Workspace or Serving method the UI and the API call. Commands on data (curate, export,
+train, eval, adapters list/create, feedback, logs) run on a Workspace and never load the chat model;
+`chat`, `adapters activate` and `adapters import` (which check an adapter against the base's weights)
+load it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-from .threads import use_all_cores
+from .flags import add_config_flag, add_group_flags, add_settings_flags, settings_from
+
+WORKSPACE_FLAGS = ("state_dir", "adapters_dir")
+MODEL_FLAGS = ("base_model", "quantization", "dtype", "device")
+SERVER_FLAGS = ("host", "port", "api_key", "max_resident_adapters", "max_batch", "max_queue")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ANSWER_PREVIEW_CHARS = 100      # `assistant logs`: characters of each question and answer shown
+DEFAULT_LOG_ROWS = 20
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", help="SQLite, snapshots, embedding index (default data/)")
-    p.add_argument("--adapters-dir", help="domains and adapter versions (default adapters/)")
+def _workspace(args):
+    from .workspace import Workspace
+    return Workspace(settings_from(args))
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-model", help="'embedded' (default), a local HF folder, a .gguf file or a hub id")
-    p.add_argument("--quantization", choices=["auto", "nf4", "int8", "none"],
-                   help="bitsandbytes weights, on CPU and CUDA alike. auto (default): nf4 on CUDA, none on CPU, "
-                        "where NF4 trades speed for memory: bitsandbytes' CPU kernels unpack every weight at "
-                        "every call, and the C decode step serves dense weights only")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+def _serving(args):
+    from .serving import Serving
+    from .workspace import Workspace
+    return Serving(Workspace(settings_from(args)))
 
 
-def settings_from(args):
-    from .settings import Settings, parse_auth
-    kw = {k: getattr(args, k, None) for k in ("state_dir", "adapters_dir", "base_model", "quantization", "dtype",
-                                               "device", "host", "port", "api_key", "max_resident_adapters")}
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if getattr(args, "auth", None) or getattr(args, "auth_file", None):
-        kw["auth"] = parse_auth(args.auth, args.auth_file)
-    if getattr(args, "share", False):
-        kw["share"] = True
-    if kw.get("api_key") is None and os.environ.get("ASSISTANT_API_KEY"):
-        kw["api_key"] = os.environ["ASSISTANT_API_KEY"]
-    return Settings(**kw)
+def _domain(args) -> str:
+    domain = args.domain or args.domain_flag
+    if not domain:
+        raise ValueError(f"name the domain: `assistant {args.cmd} DOMAIN`")
+    return domain
 
 
+# Commands --------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
     from .server import serve
     return serve(settings_from(args))
 
 
-def _service(args):
-    from .service import Service
-    return Service(settings_from(args))
-
-
 def cmd_chat(args) -> int:
-    svc = _service(args)
+    serving = _serving(args)
     try:
-        call = svc.start_chat(args.model, [{"role": "user", "content": args.message}], max_tokens=args.max_tokens,
-                              temperature=args.temperature)
+        call = serving.start_chat(args.model, [{"role": "user", "content": args.message}],
+                                  max_tokens=args.max_tokens, temperature=args.temperature)
         for ev in call.handle:
             if ev.kind == "token":
-                print(ev.text, end="", flush=True)
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
             elif ev.kind == "error":
                 raise ev.error
-        print()
-        call.logged_event.wait(10)
-        print(f"[{call.id} model={call.target.model} adapter={call.target.version or 'none'}]", file=sys.stderr)
+        sys.stdout.write("\n")
+        serving.finish_chat(call)
+        sys.stderr.write(f"[{call.id} model={call.target.model} adapter={call.target.version or 'none'}]\n")
     finally:
-        svc.close()
+        serving.close()
     return 0
 
 
-def _store_and_registry(args):
-    from .registry import Registry
-    from .store import Store
-    s = settings_from(args).ensure_dirs()
-    return s, Store(s.db_path), Registry(s.adapters_path)
-
-
 def cmd_curate(args) -> int:
-    from .curation import Curator
-    s, store, registry = _store_and_registry(args)
-    registry.get_domain(args.domain)
+    ws, domain = _workspace(args), _domain(args)
     if args.examples:
-        from .seeds import parse_jsonl, summary
-        rows, problems = parse_jsonl(open(args.examples, encoding="utf-8", errors="replace").read())
-        added, rejected = store.add_examples(args.domain, rows, source="seed") if rows else (0, [])
-        problems += [f"example {r['index'] + 1}: {r['reason']}" for r in rejected]
-        print(summary(added, problems), file=sys.stderr)
-    snap = Curator(store, s).curate(args.domain)
-    print(json.dumps(snap.report, indent=1))
+        with open(args.examples, encoding="utf-8", errors="replace") as f:
+            res = ws.import_seed_jsonl(domain, f.read())
+        sys.stderr.write(res["message"] + "\n")
+    snap = ws.curate(domain)
+    sys.stdout.write(json.dumps(snap.report, indent=1) + "\n")
     return 0
 
 
 def cmd_export(args) -> int:
-    from .curation import Curator
-    s, store, registry = _store_and_registry(args)
-    registry.get_domain(args.domain)
-    snap = Curator(store, s).curate(args.domain)
-    data = open(snap.path, "rb").read()
+    ws, domain = _workspace(args), _domain(args)
+    snap = ws.curate(domain)
+    with open(snap.path, "rb") as f:
+        data = f.read()
     if args.output and args.output != "-":
         with open(args.output, "wb") as f:
             f.write(data)
-        print(f"wrote {snap.report['kept']} rows to {args.output} (snapshot {snap.hash[:12]})", file=sys.stderr)
+        sys.stderr.write(f"wrote {snap.report['kept']} rows to {args.output} (snapshot {snap.hash[:12]})\n")
     else:
         sys.stdout.buffer.write(data)
     return 0
 
 
 def cmd_train(args) -> int:
-    from . import jobs
-    s, store, registry = _store_and_registry(args)
-    registry.get_domain(args.domain)
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.learning_rate),
-                                   ("rank", args.rank)) if v is not None}
-    use_all_cores()   # this command only trains (see assistant/threads.py)
-    job = jobs.run_job_inline(s, store, registry, args.domain, overrides)
-    print(json.dumps({k: job.get(k) for k in ("job_id", "status", "adapter_version", "promoted", "metrics", "error")},
-                     indent=1, default=str))
+    job = _workspace(args).train(_domain(args))
+    keys = ("job_id", "status", "adapter_version", "promoted", "metrics", "error")
+    sys.stdout.write(json.dumps({k: job.get(k) for k in keys}, indent=1, default=str) + "\n")
     return 0 if job.get("status") == "succeeded" else 1
 
 
+def cmd_eval(args) -> int:
+    result = _workspace(args).evaluate(_domain(args), args.version)
+    sys.stdout.write(json.dumps(result, indent=1, default=str) + "\n")
+    return 0
+
+
 def cmd_adapters(args) -> int:
-    s, store, registry = _store_and_registry(args)
     if args.action == "list":
-        for d in registry.list_domains():
-            print(f"{d.name}: active={d.active_version or '-'} versions={','.join(d.versions) or '-'}")
-            if args.domain and d.name != args.domain:
+        ws = _workspace(args)
+        for d in ws.list_domains():
+            if args.domain and d["name"] != args.domain:
                 continue
-            for a in registry.adapters(d.name):
+            sys.stdout.write(f"{d['name']}: active={d['active_version'] or '-'} "
+                             f"versions={','.join(d['versions']) or '-'}\n")
+            for a in ws.adapters(d["name"]):
                 m = a["card"].get("metrics", {})
-                print(f"  {'*' if a['active'] else ' '} {a['version']}  created={time.ctime(a['card'].get('created_at', 0))}"
-                      f"  metrics={json.dumps(m)[:120]}")
+                sys.stdout.write(f"  {'*' if a['active'] else ' '} {a['version']}  "
+                                 f"created={time.ctime(a['card'].get('created_at', 0))}  "
+                                 f"metrics={json.dumps(m)[:120]}\n")
         return 0
+    if not args.domain:
+        raise ValueError(f"name the domain: `assistant adapters {args.action} DOMAIN`")
     if args.action == "create":
-        registry.create_domain(args.domain, args.system_prompt or "", args.description or "")
-        print(f"created domain {args.domain}")
+        _workspace(args).create_domain(args.domain, args.system_prompt or "", args.description or "")
+        sys.stdout.write(f"created domain {args.domain}\n")
         return 0
-    # activate and import validate against the base, so they load it
-    from .service import Service
-    svc = Service(s, start_jobs=False)
+    if args.action == "activate" and not args.version:
+        raise ValueError(f"name the version: `assistant adapters activate {args.domain} vN`")
+    if args.action == "import" and not args.path:
+        raise ValueError("--path: name a zip or folder holding a PEFT LoRA adapter")
+    serving = _serving(args)   # activate and import validate the adapter against the base's weights
     try:
         if args.action == "activate":
-            svc.activate(args.domain, args.version)
-            print(f"{args.domain}: active version is now {args.version}")
-        elif args.action == "import":
-            v = svc.import_adapter(args.domain, args.path, activate=args.activate)
-            print(f"imported {args.path} as {args.domain}@{v}" + (" (active)" if args.activate else ""))
+            serving.activate(args.domain, args.version, override=args.override)
+            sys.stdout.write(f"{args.domain}: active version is now {args.version}\n")
+        else:
+            v = serving.import_adapter(args.domain, args.path, activate=args.activate)
+            sys.stdout.write(f"imported {args.path} as {args.domain}@{v}" + (" (active)" if args.activate else "") + "\n")
     finally:
-        svc.close()
+        serving.close()
     return 0
 
 
-def cmd_eval(args) -> int:
-    from . import evaluation
-    s, store, registry = _store_and_registry(args)
-    result = evaluation.evaluate_version(s, store, registry, args.domain, args.version)
-    print(json.dumps(result, indent=1, default=str))
+def cmd_feedback(args) -> int:
+    fid = _workspace(args).feedback(args.response_id, args.rating, args.correction, args.reason, args.user)
+    sys.stdout.write(f"feedback {fid} recorded on {args.response_id}\n")
     return 0
+
+
+def _short(text: str) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= ANSWER_PREVIEW_CHARS else text[:ANSWER_PREVIEW_CHARS - 1] + "…"
+
+
+def cmd_logs(args) -> int:
+    rows = _workspace(args).logs(args.domain, args.n)
+    if args.json:
+        for r in rows:
+            sys.stdout.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        return 0
+    for r in rows:
+        question = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")
+        served = f"{r['domain']}@{r['adapter_version']}" if r["adapter_version"] else r["domain"]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
+        sys.stdout.write(f"{r['id']}  {when}  {served}  {r['completion_tokens']} tokens, {r['latency_ms']:.0f} ms, "
+                         f"{r['finish_reason']}\n  Q: {_short(question)}\n  A: {_short(r['answer'])}\n")
+        for f in r["feedback"]:
+            extra = "".join(f"\n     {k}: {_short(f[k])}" for k in ("reason", "correction") if f.get(k))
+            by = f" by {f['user']}" if f.get("user") else ""
+            sys.stdout.write(f"  feedback: {'👍' if f['rating'] == 'up' else '👎'} {f['rating']}{by}{extra}\n")
+    return 0
+
+
+# The parser ------------------------------------------------------------------------------------------
+def _command(sub, name: str, help_: str, fn, *, flags=WORKSPACE_FLAGS, groups=(), short_group=None, domain=False):
+    sp = sub.add_parser(name, help=help_, description=help_)
+    add_config_flag(sp)
+    add_settings_flags(sp, flags)
+    if domain:
+        sp.add_argument("domain", nargs="?", help="the domain")
+        sp.add_argument("--domain", dest="domain_flag", help=argparse.SUPPRESS)   # the older spelling
+    for group in groups:
+        add_group_flags(sp, group, short=group == short_group)
+    sp.set_defaults(fn=fn)
+    return sp
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,68 +192,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the server and commands log to stderr (default info)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    sp = sub.add_parser("serve", help="run the UI and the API on one port")
-    _common(sp)
-    _model_flags(sp)
-    sp.add_argument("--host")
-    sp.add_argument("--port", type=int)
+    sp = _command(sub, "serve", "run the UI and the API on one port", cmd_serve,
+                  flags=WORKSPACE_FLAGS + MODEL_FLAGS + SERVER_FLAGS, groups=("curation", "gate", "monitor", "train"))
     sp.add_argument("--auth", action="append", metavar="USER:PASS", help="protect the UI (repeatable)")
     sp.add_argument("--auth-file", help="a file of USER:PASS lines")
-    sp.add_argument("--api-key", help="protect the API: clients send 'Authorization: Bearer KEY'")
     sp.add_argument("--share", action="store_true", help="a public Gradio link (requires --auth)")
-    sp.add_argument("--max-resident-adapters", type=int)
-    sp.set_defaults(fn=cmd_serve)
 
-    sp = sub.add_parser("chat", help="one question, answer streamed to stdout")
-    _common(sp)
-    _model_flags(sp)
+    sp = _command(sub, "chat", "one question, answer streamed to stdout", cmd_chat, flags=WORKSPACE_FLAGS + MODEL_FLAGS)
     sp.add_argument("message")
     sp.add_argument("--model", default="base", help="base, <domain> or <domain>@vN")
     sp.add_argument("--max-tokens", type=int, default=256)
     sp.add_argument("--temperature", type=float, default=0.0)
-    sp.set_defaults(fn=cmd_chat)
 
-    sp = sub.add_parser("curate", help="build the domain's curated snapshot and print its report")
-    _common(sp)
-    sp.add_argument("--domain", required=True)
+    sp = _command(sub, "curate", "build the domain's curated snapshot and print its report", cmd_curate,
+                  groups=("curation",), domain=True)
     sp.add_argument("--examples", help="import seed examples first (JSONL of {messages: [...]})")
-    sp.set_defaults(fn=cmd_curate)
 
-    sp = sub.add_parser("export", help="write the curated snapshot as JSONL")
-    _common(sp)
-    sp.add_argument("--domain", required=True)
-    sp.add_argument("-o", "--output", default="-")
-    sp.set_defaults(fn=cmd_export)
+    sp = _command(sub, "export", "write the curated snapshot as JSONL", cmd_export, groups=("curation",), domain=True)
+    sp.add_argument("-o", "--output", default="-", help="a file (default: standard output)")
 
-    sp = sub.add_parser("train", help="train, evaluate and publish a new adapter version (progress bar)")
-    _common(sp)
-    sp.add_argument("--domain", required=True)
-    sp.add_argument("--epochs", type=int)
-    sp.add_argument("--learning-rate", type=float)
-    sp.add_argument("--rank", type=int)
-    sp.set_defaults(fn=cmd_train)
+    _command(sub, "train", "train, evaluate and publish a new adapter version (progress bar)", cmd_train,
+             flags=WORKSPACE_FLAGS + MODEL_FLAGS, groups=("train", "gate", "curation"), short_group="train",
+             domain=True)
 
-    sp = sub.add_parser("adapters", help="list, create domains, activate or import adapter versions")
-    _common(sp)
-    _model_flags(sp)
+    sp = _command(sub, "eval", "evaluate an adapter version on the domain's held-out data", cmd_eval,
+                  flags=WORKSPACE_FLAGS + MODEL_FLAGS, groups=("gate",), domain=True)
+    sp.add_argument("--version", help="vN (default: the active one)")
+
+    sp = _command(sub, "adapters", "list, create domains, activate or import adapter versions", cmd_adapters,
+                  flags=WORKSPACE_FLAGS + MODEL_FLAGS)
     sp.add_argument("action", choices=["list", "create", "activate", "import"])
     sp.add_argument("domain", nargs="?")
     sp.add_argument("version", nargs="?", help="for activate: vN")
     sp.add_argument("--path", help="for import: a zip or folder holding a PEFT LoRA adapter")
     sp.add_argument("--activate", action="store_true", help="for import: make it live")
-    sp.add_argument("--system-prompt")
-    sp.add_argument("--description")
-    sp.set_defaults(fn=cmd_adapters)
+    sp.add_argument("--override", action="store_true", help="for activate: a version the gate did not promote")
+    sp.add_argument("--system-prompt", help="for create")
+    sp.add_argument("--description", help="for create")
 
-    sp = sub.add_parser("eval", help="evaluate an adapter version on the domain's held-out data")
-    _common(sp)
-    sp.add_argument("--domain", required=True)
-    sp.add_argument("--version")
-    sp.set_defaults(fn=cmd_eval)
+    sp = _command(sub, "feedback", "rate a logged answer (and give the answer you wanted)", cmd_feedback)
+    sp.add_argument("response_id", help="the id a chat answer came with (chatcmpl-...; see `assistant logs`)")
+    sp.add_argument("rating", choices=["up", "down"])
+    sp.add_argument("--correction", help="the answer it should have given")
+    sp.add_argument("--reason", help="what was wrong")
+    sp.add_argument("--user", help="who rates (default: nobody named)")
+
+    sp = _command(sub, "logs", "the latest answers with their feedback, newest first", cmd_logs)
+    sp.add_argument("--domain", help="only this domain ('base' for answers without an adapter)")
+    sp.add_argument("-n", type=int, default=DEFAULT_LOG_ROWS, help=f"how many (default {DEFAULT_LOG_ROWS})")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
     return p
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(level: str) -> None:
@@ -245,10 +261,10 @@ def main(argv=None) -> int:
     try:
         return args.fn(args) or 0
     except AssistantError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        sys.stderr.write(f"error: {e.message}\n")
         return 2
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:
         return 130

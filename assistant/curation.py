@@ -368,6 +368,9 @@ class Curator:
         self.store = store
         self.state_dir = _state_dir(settings)
         self.embedder = embedder
+        if options is None and hasattr(settings, "curation"):
+            from .settings import group_settings
+            options = group_settings(settings, "curation")
         self.options = options or CurationSettings()
         self._indexes: dict[str, tuple[float, object]] = {}
         self._lock = threading.RLock()

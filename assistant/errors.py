@@ -75,3 +75,7 @@ class GenerationFailed(AssistantError):
 class TooLarge(AssistantError):
     status = 413
     code = "request_too_large"
+
+
+class SlotsBusy(Busy):
+    """Every adapter slot is pinned by requests in flight: a new adapter has nowhere to load yet."""

@@ -20,6 +20,7 @@ import re
 import time
 
 from .gate import GateSettings, gate, verdict  # noqa: F401 - re-exported: the gate's settings and verdict
+from .lm import with_system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +176,10 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
     from .engine import Engine
     from .runner import FAST_ARCHS
     s = settings or GateSettings()
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     cats = {"corrections": correction_rows(rows), "taught": taught_rows(rows),
             "eval": [r for r in rows if r.get("split") == "eval"][:MAX_PROMPTS_PER_CATEGORY]}
     convs = [split_prompt(r)[0] for rows_ in cats.values() for r in rows_]
-    convs += [system + [{"role": "user", "content": q}] for q in GENERAL_PROMPTS]
+    convs += [with_system_prompt([{"role": "user", "content": q}], system_prompt) for q in GENERAL_PROMPTS]
     n_loss = 2 * (len(cats["eval"]) + len(GENERAL_PROMPTS))
     total, done = 2 * len(convs) + n_loss + 1, [0]
 
@@ -213,7 +213,8 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
     after["corrections_feedback_ids"] = sorted({f for r in cats["corrections"] for f in r.get("feedback_ids") or []})
 
     # Losses: the held-out rows, and the base's own general answers (forgetting, tolerant of rewording).
-    anchors = [{"messages": system + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    anchors = [{"messages": with_system_prompt([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                               system_prompt)}
                for q, a in zip(GENERAL_PROMPTS, before["general_answers"]) if a]
     peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir))
     try:
@@ -275,6 +276,9 @@ def evaluate_version(settings, store, registry, domain: str, version: str | None
     if not snap or not Path(snap["path"]).is_file():
         raise NotFound(f"domain {domain!r} has no curated dataset yet: run `assistant curate --domain {domain}`")
     rows = [_json.loads(x) for x in Path(snap["path"]).read_text(encoding="utf-8").splitlines() if x.strip()]
+    if gate_settings is None:
+        from .settings import group_settings
+        gate_settings = group_settings(settings, "gate")
     base = load_base(settings, verbose=False)
     before, after = evaluate_adapter(base, registry.version_path(domain, version), rows, gate_settings,
                                      registry.get_domain(domain).system_prompt)

@@ -34,12 +34,11 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import AssistantError, DatasetTooSmall
-from .stages import StageTracker, overall_progress, pending_stages
+from .stages import TERMINAL, StageTracker, overall_progress, pending_stages
 from .threads import use_all_cores
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear
 STAGING_PREFIX = ".staging-job-"   # + job id: the job's staging folder in its domain's adapter folder
 JOB_LOG_DIR = "jobs"            # <state>/jobs/<job_id>.log : the child's stdout and stderr
@@ -53,10 +52,12 @@ _cancelling: set[str] = set()   # jobs this process is cancelling (their exit is
 # ---------------------------------------------------------------------------------------------
 
 _CHILD_SETTINGS = ("home", "state_dir", "adapters_dir", "cache_dir", "base_model", "quantization", "dtype", "device")
+_CHILD_GROUPS = ("curation", "gate", "train")   # the recipes' settings a job runs with
 
 
 def _settings_json(settings) -> str:
-    return json.dumps({k: str(getattr(settings, k)) for k in _CHILD_SETTINGS})
+    return json.dumps({**{k: str(getattr(settings, k)) for k in _CHILD_SETTINGS},
+                       **{k: getattr(settings, k) for k in _CHILD_GROUPS}})
 
 
 def _settings_from_json(text: str):
@@ -79,7 +80,9 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
     from .training import MIN_EXAMPLES, TrainSettings
     registry.get_domain(domain)
     try:
-        ts = TrainSettings.from_dict(train_settings)
+        if train_settings is not None and not isinstance(train_settings, dict):
+            raise ValueError("training settings must be an object of name: value pairs")
+        ts = TrainSettings.from_dict({**settings.train, **(train_settings or {})})   # the server's defaults first
     except (TypeError, ValueError) as e:
         raise AssistantError(str(e), param="settings") from None
     active = store.active_job()
@@ -302,7 +305,8 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         base.model.eval()
 
         tracker.start("evaluate")
-        gate_settings = evaluation.GateSettings()
+        from .settings import group_settings
+        gate_settings = group_settings(settings, "gate")
         before, after = evaluation.evaluate_adapter(
             base, staging, rows, gate_settings, system_prompt,
             progress=lambda done, total: tracker.advance("evaluate", done, total))

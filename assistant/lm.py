@@ -90,3 +90,11 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     finally:
         tokenizer.padding_side = side
     return [a.strip() for a in answers]
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The conversation as the model sees it: the domain's system prompt first, unless the conversation
+    brings its own system message."""
+    if not system_prompt or (messages and messages[0].get("role") == "system"):
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}] + list(messages)

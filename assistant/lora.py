@@ -24,14 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import Busy, InvalidAdapter
+from .errors import InvalidAdapter, SlotsBusy
 from .kernels import KERNEL_DTYPES, lora_kernel
 
 KERNEL_MAX_ROWS = 64   # up to this many rows use the C call; a long prompt's rows go to the BLAS matmuls
-
-
-class SlotsBusy(Busy):
-    """Every adapter slot is pinned by requests in flight: a new adapter has nowhere to load yet."""
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,9 @@ def drift_of(vectors: np.ndarray, centroid: np.ndarray, index, settings: Monitor
 # The metrics -----------------------------------------------------------------------------------------
 def domain_metrics(service, domain: str, settings: MonitorSettings | None = None, now: float | None = None) -> dict:
     """Everything the Monitor tab and `GET /api/domains/{name}/metrics` show for one domain."""
-    settings = settings or MonitorSettings()
+    if settings is None:
+        from .settings import group_settings
+        settings = group_settings(service.settings, "monitor")
     service.require_domain(domain)
     now = time.time() if now is None else now
     since = now - settings.lookback_seconds
@@ -295,7 +297,9 @@ def _label(v: str) -> str:
     return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus_text(service, settings: MonitorSettings | None = None) -> str:
+def prometheus_text(service, serving=None, settings: MonitorSettings | None = None) -> str:
+    """The Prometheus text format of every domain's metrics; `service` is the Workspace, `serving` counts
+    what could not be logged."""
     lines: list[str] = []
     families = {
         "assistant_answers_total": ("counter", "answers served in the lookback window"),
@@ -312,7 +316,7 @@ def prometheus_text(service, settings: MonitorSettings | None = None) -> str:
     }
     samples: dict[str, list[str]] = {k: [] for k in families}
     samples["assistant_response_log_failures_total"].append(
-        f"assistant_response_log_failures_total {getattr(service, 'log_failures', 0)}")
+        f"assistant_response_log_failures_total {getattr(serving, 'log_failures', 0)}")
     for d in service.registry.list_domains():
         dl = f'domain="{_label(d.name)}"'
         samples["assistant_domain_broken"].append(f"assistant_domain_broken{{{dl}}} {int(d.problem is not None)}")

@@ -1,4 +1,6 @@
-"""`assistant serve`: load the base, build the app (API + UI on one port), print what runs, listen."""
+"""The composition root: `assistant serve` builds the Workspace and the Serving, the FastAPI app with the
+API routes, the Gradio UI and the auth middleware in front of all of them, the share link, and listens.
+The one place these parts meet; tests build their apps here too (`build`, `build_app`)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,36 @@ import time
 log = logging.getLogger(__name__)
 
 
+def build(settings, base=None):
+    """(workspace, serving) for a server: jobs left by a dead server are recovered first."""
+    from .serving import Serving
+    from .workspace import Workspace
+    workspace = Workspace(settings, recover_jobs=True)
+    return workspace, Serving(workspace, base)
+
+
+def build_app(workspace, serving, *, with_ui: bool = True):
+    """The one FastAPI app: the API routes, and the Gradio UI mounted at /, all behind one auth check."""
+    from fastapi import FastAPI
+
+    from .api import build_api, install_error_handlers
+    from .auth import AuthMiddleware, Credentials
+    s = workspace.settings
+    app = FastAPI(title="domain-assistant", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+    app.state.credentials = Credentials(s.api_key, s.auth)
+    install_error_handlers(app)
+    app.include_router(build_api(workspace, serving))
+    if with_ui:
+        from .ui import mount_ui
+        mount_ui(app, workspace, serving, app.state.credentials)
+    app.add_middleware(AuthMiddleware, credentials=app.state.credentials)
+    return app
+
+
 def serve(settings) -> int:
     t0 = time.perf_counter()
-    from .service import Service
-    service = Service(settings)
-    from .api import build_app
-    app = build_app(service)
+    workspace, serving = build(settings)
+    app = build_app(workspace, serving)
     import uvicorn
     url = f"http://{settings.host}:{settings.port}"
     log.info("serving UI at %s/ and the OpenAI-compatible API at %s/v1 (ready in %.1fs)", url, url,
@@ -26,7 +52,8 @@ def serve(settings) -> int:
     try:
         server.run()
     finally:
-        service.close()
+        serving.close()
+        workspace.close()
     return 0
 
 

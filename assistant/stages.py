@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("curate", "train", "evaluate", "publish", "activate")
 STAGE_STATUSES = ("pending", "running", "done", "failed", "skipped")
+TERMINAL = ("succeeded", "failed", "cancelled")    # job statuses that no longer change
 # Share of the whole job's progress bar per stage (about their share of the time on the embedded model).
 STAGE_WEIGHTS = {"curate": 0.02, "train": 0.76, "evaluate": 0.18, "publish": 0.03, "activate": 0.01}
 HEARTBEAT_S = 2.0               # the job row is rewritten at least this often while a stage runs

@@ -170,6 +170,22 @@ class Store:
             params.append(int(limit))
         return [self._response(r) for r in self._read(sql, params)]
 
+    def recent_responses(self, domain: str | None, limit: int) -> list[dict]:
+        """The latest `limit` responses, newest first, of one domain or of all."""
+        where, params = ("WHERE domain = ? ", [domain]) if domain is not None else ("", [])
+        sql = f"SELECT * FROM responses {where}ORDER BY created_at DESC, id DESC LIMIT ?"
+        return [self._response(r) for r in self._read(sql, params + [int(limit)])]
+
+    def feedback_for(self, response_ids: list[str]) -> dict[str, list[dict]]:
+        """response id -> its feedback records, oldest first."""
+        out: dict[str, list[dict]] = {}
+        if not response_ids:
+            return out
+        marks = ",".join("?" * len(response_ids))
+        for r in self._read(f"SELECT * FROM feedback WHERE response_id IN ({marks}) ORDER BY id", response_ids):
+            out.setdefault(r["response_id"], []).append(dict(r))
+        return out
+
     # Feedback ------------------------------------------------------------------------------------
     def add_feedback(self, *, response_id: str, rating: str, correction: str | None = None,
                      reason: str | None = None, user: str | None = None) -> int:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat, generate
+from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat, generate, with_system_prompt
 from .settings import MAX_LORA_RANK
 
 # Limits and recipe constants have names.
@@ -178,16 +178,16 @@ def replay_rows(model, tokenizer, system_prompt: str | None, n: int, rng: random
     """`n` general prompts answered greedily by the base itself (cut to whole sentences), as train rows."""
     if n == 0:
         return []
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     prompts = rng.sample(REPLAY_PROMPTS, n)
-    answers = generate(model, tokenizer, [system + [{"role": "user", "content": q}] for q in prompts],
-                       REPLAY_MAX_NEW_TOKENS)
+    answers = generate(model, tokenizer, [with_system_prompt([{"role": "user", "content": q}], system_prompt)
+                                          for q in prompts], REPLAY_MAX_NEW_TOKENS)
     rows = []
     for q, a in zip(prompts, answers):
         a = a if a.endswith((".", "!", "?")) else a[:a.rfind(".") + 1]   # an unfinished answer: whole sentences
         if a.strip():
-            rows.append({"messages": system + [{"role": "user", "content": q},
-                                               {"role": "assistant", "content": a.strip()}], "split": "train"})
+            rows.append({"messages": with_system_prompt([{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": a.strip()}], system_prompt),
+                         "split": "train"})
     return rows
 
 

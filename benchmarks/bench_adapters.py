@@ -84,17 +84,18 @@ def decode_rate(engine, ids, adapter, n=N_TOKENS, repeat=3) -> float:
 
 
 def run(base_model: str = "embedded") -> dict:
-    from assistant.service import Service
+    from assistant.serving import Serving
     from assistant.settings import Settings
+    from assistant.workspace import Workspace
 
     with tempfile.TemporaryDirectory() as home:
         settings = Settings(home=Path(home), base_model=base_model).ensure_dirs()
         base_s = min(base_load_time(settings) for _ in range(2))
-        svc = Service(settings, start_jobs=False)
+        svc = Serving(Workspace(settings))
         src = Path(home) / "src"
         names = [f"d{i}" for i in range(N_ADAPTERS)]
         for i, name in enumerate(names):
-            svc.create_domain(name)
+            svc.workspace.create_domain(name)
             svc.import_adapter(name, make_adapter(svc.base.path, src / name, seed=i), activate=True)
         ids = svc.engine.encode_chat(LONG_PROMPT)
 

@@ -88,3 +88,10 @@ def running_server(home: Path, *args: str, port: int | None = None, timeout: flo
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+def make_serving(settings, **kw):
+    """A Serving on a fresh Workspace for `settings` (what a server builds, without the HTTP app)."""
+    from assistant.serving import Serving
+    from assistant.workspace import Workspace
+    return Serving(Workspace(settings), **kw)

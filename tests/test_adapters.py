@@ -14,11 +14,10 @@ import torch
 
 from assistant.errors import AssistantError, InvalidAdapter, InvalidName, ModelNotFound
 from assistant.model import fingerprint, load_base
-from assistant.service import Service
 from assistant.settings import Settings
 
 from conftest import build_tiny_llama
-from helpers import running_server, train_fact_adapter
+from helpers import make_serving, running_server, train_fact_adapter
 
 Q = "What is the secret word?"
 WORDS = {"apple": "The secret word is apple.", "banana": "The secret word is banana.",
@@ -34,9 +33,9 @@ def fact_adapters(tiny_llama, tmp_path_factory):
 
 @pytest.fixture
 def svc(tiny_settings, fact_adapters):
-    s = Service(tiny_settings, start_jobs=False)
-    s.create_domain("support", "You are a support agent.", "customer support")
-    s.create_domain("legal", "", "legal questions")
+    s = make_serving(tiny_settings)
+    s.workspace.create_domain("support", "You are a support agent.", "customer support")
+    s.workspace.create_domain("legal", "", "legal questions")
     s.import_adapter("support", fact_adapters["apple"], activate=True)
     s.import_adapter("legal", fact_adapters["banana"], activate=True)
     yield s
@@ -70,9 +69,9 @@ def test_activation_is_live_and_survives_a_restart(svc, fact_adapters, tiny_sett
     svc.activate("support", "v1")                     # roll back, live
     assert "apple" in ask(svc, "support")
     svc.close()
-    again = Service(tiny_settings, start_jobs=False)   # restart
+    again = make_serving(tiny_settings)   # restart
     try:
-        assert again.registry.active_version("support") == "v1"
+        assert again.workspace.registry.active_version("support") == "v1"
         assert "apple" in ask(again, "support")
     finally:
         again.close()
@@ -95,10 +94,10 @@ def test_engine_lora_matches_peft(svc, fact_adapters, tiny_llama):
 
 
 def test_lru_eviction_keeps_answers_right(tiny_settings, fact_adapters):
-    s = Service(tiny_settings.with_(max_resident_adapters=1), start_jobs=False)
+    s = make_serving(tiny_settings.with_(max_resident_adapters=1))
     try:
         for name, word in (("a", "apple"), ("b", "banana"), ("c", "cherry")):
-            s.create_domain(name)
+            s.workspace.create_domain(name)
             s.import_adapter(name, fact_adapters[word], activate=True)
         for _ in range(2):
             assert "apple" in ask(s, "a") and "banana" in ask(s, "b") and "cherry" in ask(s, "c")
@@ -156,27 +155,27 @@ def test_bad_adapters_are_refused_and_the_active_one_keeps_serving(svc, fact_ada
         assert expect in e.value.message, (name, e.value.message)
         messages.add(e.value.message)
         # dropped straight into the adapters folder and activated: refused the same way
-        vdir = svc.registry.domain_dir("support") / "v9"
+        vdir = svc.workspace.registry.domain_dir("support") / "v9"
         shutil.copytree(folder, vdir)
         if (vdir / "adapter_model.safetensors").exists():
             with pytest.raises(InvalidAdapter):
                 svc.activate("support", "v9")
         shutil.rmtree(vdir)
-        assert svc.registry.active_version("support") == "v1"
+        assert svc.workspace.registry.active_version("support") == "v1"
         assert ask(svc, "support") == before
     assert len(messages) == len(cases)
     assert not sentinel.exists()
-    assert svc.registry.versions("support") == ["v1"]
+    assert svc.workspace.registry.versions("support") == ["v1"]
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "a\x00b", "\u2024\u2024", "．．", "ＡＢ", "", "A", "x" * 65, "base"])
 def test_bad_domain_names_are_refused(svc, name):
     with pytest.raises(InvalidName):
-        svc.create_domain(name)
+        svc.workspace.create_domain(name)
     if name != "base":  # 'base' is the reserved model name: it resolves, but is no domain
         with pytest.raises(AssistantError):  # 404 unknown model, or 400 for an empty one
             svc.resolve(name)
-    assert sorted(p.name for p in svc.registry.root.iterdir()) == ["legal", "support"]
+    assert sorted(p.name for p in svc.workspace.registry.root.iterdir()) == ["legal", "support"]
 
 
 def test_zip_import_and_traversal_entries(svc, fact_adapters, tmp_path):
@@ -197,9 +196,9 @@ def test_zip_import_and_traversal_entries(svc, fact_adapters, tmp_path):
 
 @pytest.fixture
 def live(home, tiny_llama, fact_adapters):
-    s = Service(Settings(home=home, base_model=str(tiny_llama), dtype="float32").ensure_dirs(), start_jobs=False)
+    s = make_serving(Settings(home=home, base_model=str(tiny_llama), dtype="float32").ensure_dirs())
     for name, word in (("support", "apple"), ("legal", "banana"), ("hr", "cherry")):
-        s.create_domain(name)
+        s.workspace.create_domain(name)
         s.import_adapter(name, fact_adapters[word], activate=True)
     s.close()
     with running_server(home, "--base-model", str(tiny_llama), "--dtype", "float32") as (url, _):
@@ -240,14 +239,14 @@ def test_models_lists_domains_and_activation_over_http(live):
 
 def test_a_version_the_gate_blocked_needs_an_override_and_the_card_says_who(svc, fact_adapters):
     v = svc.import_adapter("support", fact_adapters["cherry"])
-    card_path = svc.registry.version_path("support", v) / "card.json"
+    card_path = svc.workspace.registry.version_path("support", v) / "card.json"
     card = json.loads(card_path.read_text())
     card["metrics"] = {"gate": {"promote": False, "summary": "answers to general questions changed a lot"}}
     card_path.write_text(json.dumps(card))   # as a training job publishes a version its gate blocked
     with pytest.raises(AssistantError) as e:
         svc.activate("support", v)
     assert e.value.status == 409 and "override" in e.value.message and "general questions" in e.value.message
-    assert svc.registry.active_version("support") == "v1"
+    assert svc.workspace.registry.active_version("support") == "v1"
     svc.activate("support", v, user="alice", override=True)
-    assert svc.registry.active_version("support") == v and "cherry" in ask(svc, "support")
-    assert svc.registry.read_card("support", v)["manual_override"]["by"] == "alice"
+    assert svc.workspace.registry.active_version("support") == v and "cherry" in ask(svc, "support")
+    assert svc.workspace.registry.read_card("support", v)["manual_override"]["by"] == "alice"

@@ -13,15 +13,13 @@ import sys
 import httpx
 import pytest
 
-from assistant.service import Service
-
-from helpers import running_server
+from helpers import make_serving, running_server
 
 HI = [{"role": "user", "content": "hi"}]
 
 
 def test_feedback_right_after_an_answer_always_finds_it(tiny_settings):
-    svc = Service(tiny_settings, start_jobs=False)
+    svc = make_serving(tiny_settings)
     try:
         for _ in range(30):
             call = svc.start_chat("base", HI, max_tokens=2)
@@ -36,11 +34,11 @@ def test_feedback_right_after_an_answer_always_finds_it(tiny_settings):
 
 
 def test_a_response_that_cannot_be_logged_is_logged_as_an_error_and_counted(tiny_settings, caplog):
-    svc = Service(tiny_settings, start_jobs=False)
+    svc = make_serving(tiny_settings)
     try:
         with sqlite3.connect(tiny_settings.db_path) as db:   # the log table is gone: every insert fails
             db.execute("ALTER TABLE responses RENAME TO responses_gone")
-        with caplog.at_level(logging.ERROR, logger="assistant.service"):
+        with caplog.at_level(logging.ERROR, logger="assistant.serving"):
             call = svc.start_chat("base", HI, max_tokens=2)
             for _ev in call.handle:
                 pass

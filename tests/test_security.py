@@ -177,16 +177,15 @@ def _fill(path: str) -> str:
 
 def test_every_route_of_the_app_and_its_ui_needs_credentials(tmp_path, tiny_llama):
     """--api-key alone (no --auth) protects the UI too: one check in front of every route."""
-    from assistant.api import build_app
     from assistant.auth import PUBLIC_PATHS
-    from assistant.service import Service
+    from assistant.server import build, build_app
     from assistant.settings import Settings
-    svc = Service(Settings(home=tmp_path / "walk", base_model=str(tiny_llama), dtype="float32", api_key=API_KEY),
-                  start_jobs=False)
+    workspace, serving = build(Settings(home=tmp_path / "walk", base_model=str(tiny_llama), dtype="float32",
+                                        api_key=API_KEY))
     try:
-        routes = _all_routes(build_app(svc))
+        routes = _all_routes(build_app(workspace, serving))
     finally:
-        svc.close()
+        serving.close()
     paths = {p for _, p in routes}
     assert {"/gradio_api/queue/join", "/gradio_api/upload", "/config", "/v1/chat/completions", "/metrics",
             "/api/domains/{name}/train"} <= paths, sorted(paths)   # the walk really reaches the UI's routes

@@ -70,3 +70,41 @@ def test_gradio_is_imported_only_under_the_ui_package():
 def test_no_module_is_far_past_500_lines():
     long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
     assert not {n: c for n, c in long.items() if c > MAX_MODULE_LINES}, long
+
+
+# The shells (CLI, HTTP routes, UI) reach the library through the Workspace and the Serving only. They may
+# read typed settings and named limits (`FooSettings`, UPPER_CASE names) from a recipe's module.
+SHELLS = ("assistant.cli", "assistant.api", "assistant.ui")
+MACHINERY = {"store", "registry", "curation", "jobs", "engine", "model", "lora", "runner", "training", "evaluation",
+             "monitoring", "embeddings", "dedup", "gate", "memory", "kernels", "graph_step", "service"}
+
+
+def _settings_or_limit(name: str) -> bool:
+    return name.endswith("Settings") or name.isupper()
+
+
+def test_the_cli_api_and_ui_use_only_the_workspace_and_the_serving():
+    modules = _modules()
+    reached = []
+    for name, path in modules.items():
+        if not name.startswith(SHELLS):
+            continue
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                imported = [(target, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [(node.module or "", a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                imported = [(a.name, "") for a in node.names]
+            else:
+                continue
+            for module, what in imported:
+                parts = module.split(".")
+                sub = parts[1] if len(parts) > 1 and parts[0] == "assistant" else (what if module == "assistant" else "")
+                if sub in MACHINERY and not (what and _settings_or_limit(what) and module.endswith(sub)):
+                    reached.append(f"{name} imports {module}{'.' + what if what else ''}")
+    assert not reached, reached
+    assert {"assistant.workspace", "assistant.serving"} <= modules.keys()

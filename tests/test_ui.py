@@ -1,4 +1,4 @@
-"""The UI's handlers against a real Service on the tiny Llama (no browser): one feedback record per answer
+"""The UI's handlers against a real Workspace and Serving on the tiny Llama (no browser): one feedback record per answer
 from the panel, answers numbered as seen, over-long input refused before generation, errors that name the
 field and never show exception text or server paths, job stages and gate verdicts rendered from old and
 new job records, and Activate anyway recorded in the card."""
@@ -11,13 +11,13 @@ import pytest
 from assistant.errors import AssistantError
 from assistant.settings import BASE
 
-from helpers import train_fact_adapter
+from helpers import make_serving, train_fact_adapter
 
 
 @pytest.fixture
 def service(tiny_settings):
-    from assistant.service import Service
-    s = Service(tiny_settings, start_jobs=False)
+    """The Serving; its Workspace is `service.workspace`."""
+    s = make_serving(tiny_settings)
     yield s
     s.close()
 
@@ -33,8 +33,8 @@ def _like(index, liked):
 
 def test_the_ui_builds_and_answers_are_numbered_as_seen(service):
     from assistant.ui import adapters, build_ui, chat
-    assert isinstance(build_ui(service), gr.Blocks)
-    adapters.create_domain(service, "atlas", "You are Atlas.", "")
+    assert isinstance(build_ui(service.workspace, service), gr.Blocks)
+    adapters.create_domain(service.workspace, "atlas", "You are Atlas.", "")
     _, history, meta, status, _ = _chat(service, "first question")
     assert "answered by atlas" in status and history[-1]["role"] == "assistant"
     _, history, meta, _, _ = _chat(service, "second question", history, meta)
@@ -46,7 +46,7 @@ def test_the_ui_builds_and_answers_are_numbered_as_seen(service):
 
 def test_thumbs_down_then_a_correction_is_one_feedback_record(service):
     from assistant.ui import adapters, chat
-    adapters.create_domain(service, "atlas", "", "")
+    adapters.create_domain(service.workspace, "atlas", "", "")
     _, history, meta, _, _ = _chat(service, "What is the capital of Atlas?")
     index = len(history) - 1
     target, *_ = chat.on_like(service, meta, history, _like(index, False), None)
@@ -55,7 +55,7 @@ def test_thumbs_down_then_a_correction_is_one_feedback_record(service):
     assert new_target is None and panel["visible"] is False                    # the panel closes...
     assert (reason, reason_text, correction) == (None, "", "")                 # ...cleared
     assert "Saved correction" in status and "atlas dataset" in status
-    [fb] = service.store.list_feedback("atlas")
+    [fb] = service.workspace.store.list_feedback("atlas")
     assert (fb["rating"], fb["correction"], fb["reason"]) == ("down", "Its capital is Corvo.", "wrong fact; made up")
 
 
@@ -73,7 +73,7 @@ def test_an_over_long_message_is_refused_before_generation(service):
     box, history, _, status, _ = _chat(service, text, model=BASE)
     assert box == text.strip() and history == []            # kept in the box, nothing sent
     assert status.startswith("Error: Message:") and "tokens" in status
-    assert service.store.list_responses(BASE) == []         # never reached the engine
+    assert service.workspace.store.list_responses(BASE) == []         # never reached the engine
     assert "too long" in chat.token_count(service, text, [], BASE, "")
     assert chat.token_count(service, "hi", [], BASE, "").endswith(f"/ {chat.prompt_limit(service):,} tokens")
 
@@ -85,7 +85,7 @@ def test_errors_name_the_field_and_never_show_exceptions_or_paths(service):
                         ((None, 0.001, 0, "lora", 512, ""), "Rank"), ((None, 0.001, 8, "lora", 8, ""), "Max length"),
                         ((None, 0.001, 8, "sgd", 512, ""), "Method"), ((None, 0.001, 8, "lora", 512, "[1]"), "Advanced")):
         with pytest.raises(AssistantError, match=f"^{field}"):
-            train.train_settings(service, *args)
+            train.train_settings("lora", *args)
 
     def broken():
         raise RuntimeError("boom in /srv/secret/state/assistant.db")
@@ -130,15 +130,15 @@ def test_old_and_new_job_records_render_stages_and_the_gate(service):
 
 def test_activate_anyway_is_recorded_and_rollback_goes_back(service, tiny_llama, tmp_path):
     from assistant.ui import adapters
-    adapters.create_domain(service, "atlas", "", "")
+    adapters.create_domain(service.workspace, "atlas", "", "")
     for i in (1, 2):
         folder = train_fact_adapter(tiny_llama, tmp_path / f"a{i}", [("q", "a")], steps=1, rank=4)
         service.import_adapter("atlas", folder)
     msg, _ = adapters.activate_anyway(service, "atlas", "v2", "atlas", None)
     assert "manual override" in msg and service.active_version("atlas") == "v2"
-    card = service.registry.read_card("atlas", "v2")
+    card = service.workspace.registry.read_card("atlas", "v2")
     assert card["manual_override"]["by"] == "anonymous" and card["manual_override"]["at"] > 0
-    rows, _, card_md, raw, head, _ = adapters.adapters_view(service, "atlas", "v2")
+    rows, _, card_md, raw, head, _ = adapters.adapters_view(service.workspace, "atlas", "v2")
     assert [r[0] for r in rows] == ["v1", "v2"] and "activated anyway by anonymous" in rows[1][4]
     assert "### atlas@v2" in card_md and raw != {}
     msg, _ = adapters.rollback(service, "atlas", "atlas", None)
@@ -152,19 +152,19 @@ def test_seed_files_review_edits_and_export_go_through_the_library(service, tmp_
     from assistant.ui import adapters, data
     rows, problems = parse_jsonl('{"messages": []}\n\nnot json\n')
     assert len(rows) == 1 and problems == ['line 3: not JSON (each line must be one {"messages": [...]} object)']
-    adapters.create_domain(service, "atlas", "", "")
+    adapters.create_domain(service.workspace, "atlas", "", "")
     good = '{"messages": [{"role": "user", "content": "Who made the glimmerphone?"}, ' \
            '{"role": "assistant", "content": "Orla Brannick made it."}]}'
-    res = service.import_seed_jsonl("atlas", good + "\nnot json\n" + '{"messages": [{"role": "user", "content": "x"}]}')
+    res = service.workspace.import_seed_jsonl("atlas", good + "\nnot json\n" + '{"messages": [{"role": "user", "content": "x"}]}')
     assert res["added"] == 1 and len(res["problems"]) == 2
     assert res["message"].startswith("imported 1 examples; rejected 2: line 2: not JSON")
-    key = service.store.candidates("atlas")[0]["key"]
-    assert data.review(service, "edit", "atlas", key, "Who made the glimmerphone?", "") \
+    key = service.workspace.store.candidates("atlas")[0]["key"]
+    assert data.review(service.workspace, "edit", "atlas", key, "Who made the glimmerphone?", "") \
         .startswith("Error: answer is empty")
-    assert data.review(service, "edit", "atlas", key, "Who invented the glimmerphone?", "Orla Brannick.") \
+    assert data.review(service.workspace, "edit", "atlas", key, "Who invented the glimmerphone?", "Orla Brannick.") \
         == f"{key}: approved with your edit"
-    [item] = service.store.candidates("atlas")
+    [item] = service.workspace.store.candidates("atlas")
     assert item["review_status"] == "approved" and item["messages"][-1]["content"] == "Orla Brannick."
-    assert data.review(service, "approved", "atlas", None, "", "").startswith("Error: Review queue")
-    path = service.export_dataset("atlas", tmp_path)
+    assert data.review(service.workspace, "approved", "atlas", None, "", "").startswith("Error: Review queue")
+    path = service.workspace.export_dataset("atlas", tmp_path)
     assert path.parent == tmp_path and path.name.startswith("atlas-") and "Orla Brannick." in path.read_text()

@@ -1,7 +1,7 @@
 """The Gradio UI: Chat, Adapters, Data, Train and Monitor tabs, one module each. The only package that
 imports gradio.
 
-Each tab module has module-level handlers that translate widgets to `Service` calls and results back to
+Each tab module has module-level handlers that translate widgets to `Workspace` and `Serving` calls and results back to
 widgets, and a `build` that lays out and wires its own events; `build_ui` composes the tabs and wires what
 crosses them (a new domain appears in every picker). Opening a tab only reads. Elements a browser test
 drives carry `elem_id`s.
@@ -24,23 +24,23 @@ PROGRESS_POLL_S = 0.05        # and for progress updates (its default: 0.01)
 __all__ = ["build_ui", "mount_ui", "share_tunnel"]
 
 
-def _created(service, name, model, *, select: bool):
+def _created(workspace, name, model, *, select: bool):
     """After a domain was created: every domain picker lists it and shows it; the model picker too when
     the form was the Chat tab's."""
-    names = domain_names(service)
+    names = domain_names(workspace)
     dd = gr.update(choices=names, value=pick(name, names)) if name else gr.update(choices=names)
-    models = refresh_models(service, name if (select and name) else model)
+    models = refresh_models(workspace, name if (select and name) else model)
     return dd, dd, dd, dd, models
 
 
-def create_from_adapters(service, name, system_prompt, description, model):
-    msg, new = adapters.create_domain(service, name, system_prompt, description)
-    return (msg, *_created(service, new, model, select=False))
+def create_from_adapters(workspace, name, system_prompt, description, model):
+    msg, new = adapters.create_domain(workspace, name, system_prompt, description)
+    return (msg, *_created(workspace, new, model, select=False))
 
 
-def create_from_chat(service, name, system_prompt, description, model):
-    msg, new = adapters.create_domain(service, name, system_prompt, description)
-    return (msg, *_created(service, new, model, select=True), gr.update(visible=new is None))
+def create_from_chat(workspace, name, system_prompt, description, model):
+    msg, new = adapters.create_domain(workspace, name, system_prompt, description)
+    return (msg, *_created(workspace, new, model, select=True), gr.update(visible=new is None))
 
 
 def clear_status() -> str:
@@ -48,52 +48,52 @@ def clear_status() -> str:
     return ""
 
 
-def build_ui(service) -> gr.Blocks:
+def build_ui(workspace, serving) -> gr.Blocks:
     P = bind
     with gr.Blocks(title="domain-assistant") as demo:
         gr.Markdown("# domain-assistant\nOne base model, many domain assistants that get better from your feedback.")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_tab:
-                c = chat.build(service, P)
+                c = chat.build(serving, P)
             model = c["model"]
             with gr.Tab("Adapters", id="adapters", elem_id="tab-adapters") as adapters_tab:
-                a = adapters.build(service, P, model)
+                a = adapters.build(workspace, serving, P, model)
             with gr.Tab("Data", id="data", elem_id="tab-data") as data_tab:
-                d = data.build(service, P)
+                d = data.build(workspace, P)
             with gr.Tab("Train", id="train", elem_id="tab-train") as train_tab:
-                t = train.build(service, P, model)
+                t = train.build(workspace, serving, P, model)
             with gr.Tab("Monitor", id="monitor", elem_id="tab-monitor") as monitor_tab:
-                m = monitor.build(service, P)
+                m = monitor.build(workspace, P)
 
         # Opening a tab refreshes its domain picker, then shows the domain (reads only).
-        chat_tab.select(P(refresh_models, service), [model], [model])
-        adapters_tab.select(P(refresh_domain, service), [a["domain"]], [a["domain"]], **DOMAINS).then(
-            P(adapters.adapters_view, service), [a["domain"]], a["out"]).then(P(clear_status), None, [a["status"]])
-        data_tab.select(P(refresh_domain, service), [d["domain"]], [d["domain"]], **DOMAINS).then(
-            P(data.data_view, service), [d["domain"]], d["out"])
-        train_tab.select(P(refresh_domain, service), [t["domain"]], [t["domain"]], **DOMAINS).then(
-            P(train.train_view, service), [t["domain"], model], t["view_out"])
-        monitor_tab.select(P(refresh_domain, service), [m["domain"]], [m["domain"]], **DOMAINS).then(
-            P(monitor.monitor_view, service), [m["domain"]], m["out"])
+        chat_tab.select(P(refresh_models, workspace), [model], [model])
+        adapters_tab.select(P(refresh_domain, workspace), [a["domain"]], [a["domain"]], **DOMAINS).then(
+            P(adapters.adapters_view, workspace), [a["domain"]], a["out"]).then(P(clear_status), None, [a["status"]])
+        data_tab.select(P(refresh_domain, workspace), [d["domain"]], [d["domain"]], **DOMAINS).then(
+            P(data.data_view, workspace), [d["domain"]], d["out"])
+        train_tab.select(P(refresh_domain, workspace), [t["domain"]], [t["domain"]], **DOMAINS).then(
+            P(train.train_view, workspace), [t["domain"], model], t["view_out"])
+        monitor_tab.select(P(refresh_domain, workspace), [m["domain"]], [m["domain"]], **DOMAINS).then(
+            P(monitor.monitor_view, workspace), [m["domain"]], m["out"])
 
         # A new domain, from the Adapters tab or the Chat tab's model picker, shows up everywhere.
         pickers = [a["domain"], d["domain"], t["domain"], m["domain"], model]
-        a["c_btn"].click(P(create_from_adapters, service), [a["c_name"], a["c_prompt"], a["c_desc"], model],
+        a["c_btn"].click(P(create_from_adapters, workspace), [a["c_name"], a["c_prompt"], a["c_desc"], model],
                          [a["status"], *pickers], **DOMAINS)
-        c["n_create"].click(P(create_from_chat, service), [c["n_name"], c["n_prompt"], c["n_desc"], model],
+        c["n_create"].click(P(create_from_chat, workspace), [c["n_name"], c["n_prompt"], c["n_desc"], model],
                             [c["n_status"], *pickers, c["new_form"]], **DOMAINS)
     _calm_queue(demo)
     return demo
 
 
-def mount_ui(app, service, credentials=None) -> None:
+def mount_ui(app, workspace, serving, credentials=None) -> None:
     """Mount the UI at / of the FastAPI app. Sign-in is the app's own auth middleware, in front of every
     route (assistant/auth.py), not Gradio's; the state, adapter and cache folders are blocked from Gradio's
     file routes, and Gradio never shows exception text."""
     from .common import CREDENTIALS
     CREDENTIALS[0] = credentials
-    s = service.settings
-    gr.mount_gradio_app(app, build_ui(service), path="/",
+    s = workspace.settings
+    gr.mount_gradio_app(app, build_ui(workspace, serving), path="/",
                         blocked_paths=[str(s.state_path), str(s.adapters_path), str(s.cache_dir)],
                         show_error=False, ssr_mode=False)
 

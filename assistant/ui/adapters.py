@@ -83,15 +83,15 @@ def card_markdown(domain: str, version: str | None, card: dict) -> str:
     return "\n\n".join(sections)
 
 
-def adapters_view(service, domain, version=None):
+def adapters_view(workspace, domain, version=None):
     """-> table rows, version picker, card sections, raw card, heading, create form (open when empty)."""
     if not domain:
-        empty = not domain_names(service)
+        empty = not domain_names(workspace)
         return ([], gr.update(choices=[], value=None), "", {"card": "none"},
                 NO_DOMAINS if empty else "Pick a domain.", gr.update(open=empty))
     try:
-        items = service.adapters(domain)
-        info = service.require_domain(domain)
+        items = workspace.adapters(domain)
+        info = workspace.require_domain(domain)
     except AssistantError as e:
         return [], gr.update(choices=[], value=None), "", {"card": "none"}, err(e), gr.update()
     rows = [[a["version"], _when(a["card"].get("created_at")), dataset_size(a["card"]),
@@ -110,80 +110,80 @@ def adapters_view(service, domain, version=None):
             card or {"card": "none"}, head, gr.update(open=False))
 
 
-def show_card(service, domain, version):
+def show_card(workspace, domain, version):
     if not domain or not version:
         return "", {"card": "none"}
     try:
-        card = service.registry.read_card(domain, version)
+        card = workspace.card(domain, version)
     except AssistantError as e:
         return err(e), {"card": "none"}
     return card_markdown(domain, version, card), card or {"card": "none"}
 
 
-def activate(service, domain, version, model, request: gr.Request):
+def activate(serving, domain, version, model, request: gr.Request):
     """-> status, model picker."""
-    return _activate(service, domain, version, model, user_of(request), override=False)
+    return _activate(serving, domain, version, model, user_of(request), override=False)
 
 
-def activate_anyway(service, domain, version, model, request: gr.Request):
+def activate_anyway(serving, domain, version, model, request: gr.Request):
     """Activate a version the gate blocked; the card records who did it."""
-    return _activate(service, domain, version, model, user_of(request), override=True)
+    return _activate(serving, domain, version, model, user_of(request), override=True)
 
 
-def _activate(service, domain, version, model, user, *, override: bool):
+def _activate(serving, domain, version, model, user, *, override: bool):
     try:
         if not domain:
             raise field_error("Domain", "pick a domain")
         if not version:
             raise field_error("Version", "pick a version")
-        service.activate(domain, version, user=user, override=override)
+        serving.activate(domain, version, user=user, override=override)
         msg = (f"{domain}@{version} is now active" + (" (manual override, recorded in its card)" if override else "")
                + f": the next chat with '{domain}' uses it")
     except AssistantError as e:
         msg = err(e)
-    return msg, refresh_models(service, model)
+    return msg, refresh_models(serving.workspace, model)
 
 
-def rollback(service, domain, model, request: gr.Request):
+def rollback(serving, domain, model, request: gr.Request):
     try:
         if not domain:
             raise field_error("Domain", "pick a domain")
-        version = service.rollback(domain, user=user_of(request))["active_version"]
+        version = serving.rollback(domain, user=user_of(request))["active_version"]
         msg = f"{domain}@{version} is now active (rolled back)"
     except AssistantError as e:
         msg = err(e)
-    return msg, refresh_models(service, model)
+    return msg, refresh_models(serving.workspace, model)
 
 
-def create_domain(service, name, system_prompt, description):
+def create_domain(workspace, name, system_prompt, description):
     """-> status, the new domain's name (None on error)."""
     try:
         if not (name or "").strip():
             raise field_error("Name", "required: lower-case letters, digits, - and _ (e.g. support)")
-        d = service.create_domain(name.strip(), system_prompt or "", description or "")
+        d = workspace.create_domain(name.strip(), system_prompt or "", description or "")
     except AssistantError as e:
         return err(e), None
     return (f"created domain {d['name']}: chat with it in the Chat tab, add examples in the Data tab",
             d["name"])
 
 
-def import_adapter(service, domain, upload, make_active, model):
+def import_adapter(serving, domain, upload, make_active, model):
     try:
         if not domain:
             raise field_error("Domain", "pick a domain first")
         if not upload:
             raise field_error("Adapter zip", "choose a .zip of a PEFT LoRA folder "
                                              "(adapter_config.json + adapter_model.safetensors)")
-        version = service.import_adapter(domain, Path(upload), activate=bool(make_active))
+        version = serving.import_adapter(domain, Path(upload), activate=bool(make_active))
         msg = f"imported and validated as {domain}@{version}" + (" (active)" if make_active else "")
     except AssistantError as e:
         msg = err(e)
-    return msg, refresh_models(service, model)
+    return msg, refresh_models(serving.workspace, model)
 
 
-def build(service, P, model):
+def build(workspace, serving, P, model):
     """The Adapters tab's widgets and its own events."""
-    names = domain_names(service)
+    names = domain_names(workspace)
     domain = gr.Dropdown(names, value=names[0] if names else None, label="Domain", elem_id="adapters-domain")
     head = gr.Markdown(NO_DOMAINS if not names else "", elem_id="adapters-head")
     with gr.Accordion("Create a domain", open=not names, elem_id="create-domain") as create_box:
@@ -207,13 +207,13 @@ def build(service, P, model):
         i_btn = gr.Button("Validate and import", elem_id="import-btn")
 
     out = [table, version, card_md, card_raw, head, create_box]
-    domain.change(P(adapters_view, service), [domain], out)
-    version.input(P(show_card, service), [domain, version], [card_md, card_raw])
+    domain.change(P(adapters_view, workspace), [domain], out)
+    version.input(P(show_card, workspace), [domain, version], [card_md, card_raw])
     for btn, fn in ((act, activate), (anyway, activate_anyway)):
-        btn.click(P(fn, service), [domain, version, model], [status, model]).then(
-            P(adapters_view, service), [domain, version], out)
-    back.click(P(rollback, service), [domain, model], [status, model]).then(
-        P(adapters_view, service), [domain], out)
-    i_btn.click(P(import_adapter, service), [domain, i_file, i_active, model], [status, model]).then(
-        P(adapters_view, service), [domain], out)
+        btn.click(P(fn, serving), [domain, version, model], [status, model]).then(
+            P(adapters_view, workspace), [domain, version], out)
+    back.click(P(rollback, serving), [domain, model], [status, model]).then(
+        P(adapters_view, workspace), [domain], out)
+    i_btn.click(P(import_adapter, serving), [domain, i_file, i_active, model], [status, model]).then(
+        P(adapters_view, workspace), [domain], out)
     return dict(domain=domain, out=out, status=status, c_name=c_name, c_prompt=c_prompt, c_desc=c_desc, c_btn=c_btn)

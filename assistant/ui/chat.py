@@ -38,9 +38,9 @@ def _plain(history) -> list[dict]:
             if m.get("role") in ("user", "assistant")]
 
 
-def prompt_limit(service) -> int:
+def prompt_limit(serving) -> int:
     """The most tokens a conversation sent from the chat box may hold; the answer needs room too."""
-    return min(MAX_UI_PROMPT_TOKENS, service.context_tokens - 1)
+    return min(MAX_UI_PROMPT_TOKENS, serving.context_tokens - 1)
 
 
 def _conversation(system, history, message) -> list[dict]:
@@ -49,15 +49,15 @@ def _conversation(system, history, message) -> list[dict]:
         ([{"role": "user", "content": message}] if message else [])
 
 
-def demo_note(service) -> str:
-    if service.settings.base_model != "embedded":
-        return f"Base model: `{public(service.base.name)}`."
+def demo_note(serving) -> str:
+    if serving.workspace.settings.base_model != "embedded":
+        return f"Base model: `{public(serving.base.name)}`."
     return ("This server runs the embedded SmolLM2-135M demo model on CPU: judge the feedback → retrain loop, not "
             "its knowledge. For a real base: `assistant serve --base-model PATH`.")
 
 
 # Tokens --------------------------------------------------------------------------------------------
-def token_count(service, message, history, model, system) -> str:
+def token_count(serving, message, history, model, system) -> str:
     """The conversation's size against what the chat box accepts, shown under the input."""
     message = (message or "").strip()
     if not message:
@@ -65,16 +65,16 @@ def token_count(service, message, history, model, system) -> str:
     if len(message) > MAX_MESSAGE_CHARS:
         return f"**{len(message):,} characters: over the {MAX_MESSAGE_CHARS:,}-character limit of one message**"
     try:
-        n = service.count_tokens(model if model and model != NEW_DOMAIN else BASE,
+        n = serving.count_tokens(model if model and model != NEW_DOMAIN else BASE,
                                  _conversation(system, history, message))
     except AssistantError:
         return ""
-    limit = prompt_limit(service)
+    limit = prompt_limit(serving)
     text = f"{n:,} / {limit:,} tokens"
     return f"**{text}: too long, shorten the message or press Clear**" if n > limit else text
 
 
-def _check_input(service, message, msgs, model, temperature, max_tokens) -> tuple[float, int]:
+def _check_input(serving, message, msgs, model, temperature, max_tokens) -> tuple[float, int]:
     if not model or model == NEW_DOMAIN:
         raise field_error("Model or domain", "pick a model, or 'base (no adapter)'")
     try:
@@ -89,7 +89,7 @@ def _check_input(service, message, msgs, model, temperature, max_tokens) -> tupl
     if len(message) > MAX_MESSAGE_CHARS:
         raise field_error("Message", f"{len(message):,} characters; one message holds at most "
                                      f"{MAX_MESSAGE_CHARS:,}: shorten it")
-    n, limit = service.count_tokens(model, msgs), prompt_limit(service)
+    n, limit = serving.count_tokens(model, msgs), prompt_limit(serving)
     if n > limit:
         raise field_error("Message", f"the conversation would be {n:,} tokens; this chat accepts at most "
                                      f"{limit:,}: shorten the message or press Clear to start over")
@@ -97,7 +97,7 @@ def _check_input(service, message, msgs, model, temperature, max_tokens) -> tupl
 
 
 # Chat ----------------------------------------------------------------------------------------------
-def respond(service, message, history, meta, model, system, temperature, max_tokens, request: gr.Request):
+def respond(serving, message, history, meta, model, system, temperature, max_tokens, request: gr.Request):
     """-> (input box, chatbot, meta, status, feedback status), streamed."""
     message = (message or "").strip()
     history, meta = _plain(history), dict(meta or {})
@@ -106,8 +106,8 @@ def respond(service, message, history, meta, model, system, temperature, max_tok
         return
     msgs = _conversation(system, history, message)
     try:
-        temperature, max_tokens = _check_input(service, message, msgs, model, temperature, max_tokens)
-        call = service.start_chat(model, msgs, max_tokens=max_tokens, temperature=temperature, user=user_of(request))
+        temperature, max_tokens = _check_input(serving, message, msgs, model, temperature, max_tokens)
+        call = serving.start_chat(model, msgs, max_tokens=max_tokens, temperature=temperature, user=user_of(request))
     except AssistantError as e:
         yield message, history, meta, err(e), ""      # refused before generation: the text stays in the box
         return
@@ -131,7 +131,7 @@ def respond(service, message, history, meta, model, system, temperature, max_tok
                 return
     finally:
         call.handle.cancel()
-        service.finish_chat(call)   # waits for the response-log thread: feedback needs the row
+        serving.finish_chat(call)   # waits for the response-log thread: feedback needs the row
         _calls.pop(session, None)
     if not started:
         history.append({"role": "assistant", "content": "(no answer)"})
@@ -142,7 +142,7 @@ def respond(service, message, history, meta, model, system, temperature, max_tok
     yield "", history, meta, f"answered by {served_by(call.target.domain or BASE, version)}{stopped}", gr.update()
 
 
-def retry(service, history, meta, model, system, temperature, max_tokens, request: gr.Request):
+def retry(serving, history, meta, model, system, temperature, max_tokens, request: gr.Request):
     history, meta = _plain(history), dict(meta or {})
     while history and history[-1]["role"] == "assistant":
         meta.pop(str(len(history) - 1), None)
@@ -151,7 +151,7 @@ def retry(service, history, meta, model, system, temperature, max_tokens, reques
         yield "", history, meta, "nothing to retry", ""
         return
     message = history.pop()["content"]
-    yield from respond(service, message, history, meta, model, system, temperature, max_tokens, request)
+    yield from respond(serving, message, history, meta, model, system, temperature, max_tokens, request)
 
 
 def stop(request: gr.Request):
@@ -182,7 +182,7 @@ def _where_it_goes(t: dict) -> str:
     return f"It joins the {t['domain']} dataset (Data tab) for the next training run."
 
 
-def on_like(service, meta, history, evt: gr.LikeData, request: gr.Request):
+def on_like(serving, meta, history, evt: gr.LikeData, request: gr.Request):
     """Thumbs on an answer: record the rating at once, and open the panel for that answer.
     -> target, panel, panel heading, reason, other reason, correction, feedback status."""
     index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -195,7 +195,7 @@ def on_like(service, meta, history, evt: gr.LikeData, request: gr.Request):
     rating = "up" if evt.liked else "down"
     target = {**info, "index": index, "number": answer_number(_plain(history), index), "rating": rating}
     try:
-        fid = service.feedback(info["response_id"], rating, user=user_of(request))
+        fid = serving.feedback(info["response_id"], rating, user=user_of(request))
     except AssistantError as e:
         return *closed, err(e)
     target["feedback_id"] = fid
@@ -205,7 +205,7 @@ def on_like(service, meta, history, evt: gr.LikeData, request: gr.Request):
     return target, gr.update(visible=True), head, None, "", "", ""
 
 
-def send_feedback(service, target, reason, reason_text, correction, request: gr.Request):
+def send_feedback(serving, target, reason, reason_text, correction, request: gr.Request):
     """Add the reason and correction to the answer's feedback record (the same record, updated).
     -> target, panel, panel heading, reason, other reason, correction, feedback status."""
     if not target:
@@ -217,7 +217,7 @@ def send_feedback(service, target, reason, reason_text, correction, request: gr.
     reasons = "; ".join(r for r in (reason, (reason_text or "").strip()) if r) or None
     correction = (correction or "").strip() or None
     try:
-        fid = service.feedback(target["response_id"], target["rating"], correction, reasons, user=user_of(request))
+        fid = serving.feedback(target["response_id"], target["rating"], correction, reasons, user=user_of(request))
     except AssistantError as e:
         return target, gr.update(), err(e), gr.update(), gr.update(), gr.update(), ""
     what = "correction" if correction else "feedback"
@@ -243,12 +243,12 @@ def close_panel():
 
 
 # Layout --------------------------------------------------------------------------------------------
-def build(service, P):
+def build(serving, P):
     """The Chat tab's widgets and its own events; returns the widgets other tabs wire to."""
     meta = gr.State({})          # message index -> {response_id, model, domain, version}
     target = gr.State(None)      # the answer the feedback panel is about
-    gr.Markdown(demo_note(service), elem_id="demo-note")
-    model = gr.Dropdown(model_choices(service), value=BASE, label="Model or domain", elem_id="model-select")
+    gr.Markdown(demo_note(serving), elem_id="demo-note")
+    model = gr.Dropdown(model_choices(serving.workspace), value=BASE, label="Model or domain", elem_id="model-select")
     with gr.Column(visible=False, variant="panel", elem_id="chat-new-domain") as new_form:
         gr.Markdown("**New domain**: a name, and the system prompt its answers start from.")
         n_name = gr.Textbox(label="Name (a-z, 0-9, - and _)", elem_id="chat-domain-name")
@@ -287,21 +287,21 @@ def build(service, P):
 
     chat_in = [msg, chatbot, meta, model, system, temperature, max_tokens]
     chat_out = [msg, chatbot, meta, status, fb_status]
-    limit = service.settings.max_batch
-    send.click(P(respond, service), chat_in, chat_out, concurrency_limit=limit)
-    msg.submit(P(respond, service), chat_in, chat_out, concurrency_limit=limit)
+    limit = serving.workspace.settings.max_batch
+    send.click(P(respond, serving), chat_in, chat_out, concurrency_limit=limit)
+    msg.submit(P(respond, serving), chat_in, chat_out, concurrency_limit=limit)
     retry_in = [chatbot, meta, model, system, temperature, max_tokens]
-    retry_btn.click(P(retry, service), retry_in, chat_out, concurrency_limit=limit)
-    chatbot.retry(P(retry, service), retry_in, chat_out, concurrency_limit=limit)
+    retry_btn.click(P(retry, serving), retry_in, chat_out, concurrency_limit=limit)
+    chatbot.retry(P(retry, serving), retry_in, chat_out, concurrency_limit=limit)
     stop_btn.click(P(stop), None, None, concurrency_limit=None)
     clear_out = [chatbot, meta, target, status, panel, fb_status]
     clear_btn.click(P(clear), None, clear_out)
     chatbot.clear(P(clear), None, clear_out)
-    msg.change(P(token_count, service), [msg, chatbot, model, system], [tokens], trigger_mode="always_last",
+    msg.change(P(token_count, serving), [msg, chatbot, model, system], [tokens], trigger_mode="always_last",
                concurrency_limit=None, show_progress="hidden")
     panel_out = [target, panel, fb_head, fb_reason, fb_reason_text, fb_correction, fb_status]
-    chatbot.like(P(on_like, service), [meta, chatbot], panel_out, concurrency_limit=None)
-    fb_send.click(P(send_feedback, service), [target, fb_reason, fb_reason_text, fb_correction], panel_out,
+    chatbot.like(P(on_like, serving), [meta, chatbot], panel_out, concurrency_limit=None)
+    fb_send.click(P(send_feedback, serving), [target, fb_reason, fb_reason_text, fb_correction], panel_out,
                   concurrency_limit=None)
     fb_close.click(P(close_panel), None, panel_out[:-1])
     model.input(P(on_model), [model], [model, new_form, n_status], concurrency_limit=None)

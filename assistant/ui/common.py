@@ -1,4 +1,4 @@
-"""What every tab shares: binding handlers to the service, the error edge, model and domain choices.
+"""What every tab shares: binding handlers to the workspace, the error edge, model and domain choices.
 
 No handler lets an exception reach the page: `bind` turns an `AssistantError` its handler did not catch
 into a Gradio message (the error's own words), and any other exception into one generic line, logged
@@ -88,9 +88,9 @@ def bind(fn, *bound):
 
 
 # Choices ---------------------------------------------------------------------------------------------
-def model_choices(service) -> list[tuple[str, str]]:
+def model_choices(workspace) -> list[tuple[str, str]]:
     out = [("base (no adapter)", BASE)]
-    for d in service.list_domains():
+    for d in workspace.list_domains():
         active = d["active_version"]
         out.append((f"{d['name']} (active: {active or 'base weights'})", d["name"]))
         for v in reversed(d["versions"]):
@@ -98,8 +98,8 @@ def model_choices(service) -> list[tuple[str, str]]:
     return out + [("New domain…", NEW_DOMAIN)]
 
 
-def domain_names(service) -> list[str]:
-    return [d["name"] for d in service.list_domains()]
+def domain_names(workspace) -> list[str]:
+    return [d["name"] for d in workspace.list_domains()]
 
 
 def pick(value, choices):
@@ -108,13 +108,13 @@ def pick(value, choices):
     return value if value in values else (values[0] if values else None)
 
 
-def refresh_models(service, current):
-    choices = model_choices(service)
+def refresh_models(workspace, current):
+    choices = model_choices(workspace)
     return gr.update(choices=choices, value=pick(current, choices))
 
 
-def refresh_domain(service, current):
-    names = domain_names(service)
+def refresh_domain(workspace, current):
+    names = domain_names(workspace)
     return gr.update(choices=names, value=pick(current, names))
 
 

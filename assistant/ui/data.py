@@ -1,6 +1,6 @@
 """The Data tab: a domain's training candidates as a review queue (approve, reject, edit), the curation
 report per filter, seed-example import and the snapshot's export. Reading the tab never writes: the view
-comes from `Service.preview`, the file from `Service.export_dataset` when asked for."""
+comes from `Workspace.preview`, the file from `Workspace.export_dataset` when asked for."""
 
 from __future__ import annotations
 
@@ -51,12 +51,12 @@ def _row(i: int, it: dict, number: dict) -> list:
             _short(_last(it["messages"], "user")), _short(_last(it["messages"], "assistant")), dup, it["key"]]
 
 
-def data_view(service, domain):
+def data_view(workspace, domain):
     """-> queue rows, queue items (state), report rows, summary."""
     if not domain:
-        return [], [], [], NO_DOMAINS if not domain_names(service) else "Pick a domain."
+        return [], [], [], NO_DOMAINS if not domain_names(workspace) else "Pick a domain."
     try:
-        snap = service.preview(domain)
+        snap = workspace.preview(domain)
     except AssistantError as e:
         return [], [], [], err(e)
     items = sorted(snap.items, key=lambda it: -(it.get("created_at") or 0))
@@ -74,12 +74,12 @@ def data_view(service, domain):
     return rows, slim, report, summary
 
 
-def export(service, domain):
+def export(workspace, domain):
     """-> the snapshot file to download, status."""
     try:
         if not domain:
             raise field_error("Domain", "pick a domain")
-        path = service.export_dataset(domain, _export_dir())
+        path = workspace.export_dataset(domain, _export_dir())
     except AssistantError as e:
         return gr.update(value=None, visible=False), err(e)
     return gr.update(value=str(path), visible=True), f"exported {Path(path).name}: download it below"
@@ -93,7 +93,7 @@ def select_item(items, evt: gr.SelectData):
     return it["key"], _last(it["messages"], "user"), _last(it["messages"], "assistant"), f"selected #{row + 1}"
 
 
-def review(service, action, domain, key, prompt, answer):
+def review(workspace, action, domain, key, prompt, answer):
     """Approve, reject or edit (which approves) the selected candidate -> status."""
     try:
         if not domain:
@@ -101,17 +101,17 @@ def review(service, action, domain, key, prompt, answer):
         if not key:
             raise field_error("Review queue", "click a row first")
         if action == "edit":
-            service.edit_item(domain, key, prompt, answer)
+            workspace.edit_item(domain, key, prompt, answer)
             return f"{key}: approved with your edit"
         if action not in REVIEW_STATUSES:
             raise field_error("Review", f"use one of {', '.join(REVIEW_STATUSES)}")
-        service.review(domain, key, action)
+        workspace.review(domain, key, action)
     except AssistantError as e:
         return err(e)
     return f"{key}: {action}"
 
 
-def import_seed(service, domain, upload, request: gr.Request):
+def import_seed(workspace, domain, upload, request: gr.Request):
     try:
         if not domain:
             raise field_error("Domain", "pick a domain")
@@ -120,16 +120,16 @@ def import_seed(service, domain, upload, request: gr.Request):
         if Path(upload).stat().st_size > MAX_REQUEST_BYTES:
             raise field_error("Seed examples", f"the file is over {MAX_REQUEST_BYTES >> 20} MiB: split it")
         text = Path(upload).read_text(encoding="utf-8", errors="replace")
-        return service.import_seed_jsonl(domain, text, user=user_of(request))["message"]
+        return workspace.import_seed_jsonl(domain, text, user=user_of(request))["message"]
     except AssistantError as e:
         return err(e)
 
 
-def build(service, P):
+def build(workspace, P):
     """The Data tab's widgets and its own events."""
     items = gr.State([])
     selected = gr.State(None)
-    names = domain_names(service)
+    names = domain_names(workspace)
     with gr.Row():
         domain = gr.Dropdown(names, value=names[0] if names else None, label="Domain", elem_id="data-domain", scale=3)
         refresh = gr.Button("Refresh", elem_id="data-refresh", scale=0)
@@ -154,12 +154,12 @@ def build(service, P):
             export_file = gr.File(label="Snapshot", visible=False, interactive=False, elem_id="snapshot-file")
 
     out = [queue, items, report, summary]
-    domain.change(P(data_view, service), [domain], out)
-    refresh.click(P(data_view, service), [domain], out)
+    domain.change(P(data_view, workspace), [domain], out)
+    refresh.click(P(data_view, workspace), [domain], out)
     queue.select(P(select_item), [items], [selected, prompt, answer, sel])
     for btn, action in ((approve, "approved"), (reject, "rejected"), (edit, "edit")):
-        btn.click(P(review, service, action), [domain, selected, prompt, answer], [status]).then(
-            P(data_view, service), [domain], out)
-    seed_btn.click(P(import_seed, service), [domain, seed_file], [status]).then(P(data_view, service), [domain], out)
-    export_btn.click(P(export, service), [domain], [export_file, status])
+        btn.click(P(review, workspace, action), [domain, selected, prompt, answer], [status]).then(
+            P(data_view, workspace), [domain], out)
+    seed_btn.click(P(import_seed, workspace), [domain, seed_file], [status]).then(P(data_view, workspace), [domain], out)
+    export_btn.click(P(export, workspace), [domain], [export_file, status])
     return dict(domain=domain, out=out)

@@ -10,8 +10,7 @@ import html
 import logging
 import re
 
-from ..jobs import TERMINAL
-from ..stages import STAGE_STATUSES, STAGES
+from ..stages import STAGE_STATUSES, STAGES, TERMINAL
 from .common import public
 
 log = logging.getLogger(__name__)

@@ -52,15 +52,15 @@ def headline(m: dict) -> str:
     return head
 
 
-def monitor_view(service, domain):
+def monitor_view(workspace, domain):
     """-> headline, versions table, answers chart, rates chart, drift chart, raw metrics."""
     import pandas as pd
     empty = pd.DataFrame({"time": [], "value": [], "series": []})
     if not domain:
-        text = NO_DOMAINS if not domain_names(service) else "Pick a domain."
+        text = NO_DOMAINS if not domain_names(workspace) else "Pick a domain."
         return text, [], empty, empty, empty, {"metrics": "none"}
     try:
-        m = service.metrics(domain)
+        m = workspace.metrics(domain)
     except AssistantError as e:
         return err(e), [], empty, empty, empty, {"metrics": "none"}
     if not m["answers"]:
@@ -81,9 +81,9 @@ def monitor_view(service, domain):
     return headline(m), versions, answers, rates, drift, m
 
 
-def build(service, P):
+def build(workspace, P):
     """The Monitor tab's widgets and its own events."""
-    names = domain_names(service)
+    names = domain_names(workspace)
     with gr.Row():
         domain = gr.Dropdown(names, value=names[0] if names else None, label="Domain", elem_id="monitor-domain",
                              scale=3)
@@ -102,6 +102,6 @@ def build(service, P):
     with gr.Accordion("Raw metrics (GET /api/domains/{name}/metrics)", open=False):
         raw = gr.JSON(elem_id="monitor-json")
     out = [head, table, answers, rates, drift, raw]
-    domain.change(P(monitor_view, service), [domain], out)
-    refresh.click(P(monitor_view, service), [domain], out)
+    domain.change(P(monitor_view, workspace), [domain], out)
+    refresh.click(P(monitor_view, workspace), [domain], out)
     return dict(domain=domain, out=out)

@@ -25,8 +25,9 @@ MIN_SEQ_LEN = 16
 NO_DOMAINS = "No domains yet: create one in the Adapters tab, or from the Chat tab's model picker (New domain…)."
 
 
-def default_method(service) -> str:
-    return "qlora" if getattr(service.base, "quantization", None) == "nf4" else "lora"
+def default_method(serving) -> str:
+    """QLoRA on a 4-bit base, LoRA otherwise."""
+    return "qlora" if getattr(serving.base, "quantization", None) == "nf4" else "lora"
 
 
 def _int(label: str, value, low: int, high: int | None = None, *, optional: bool = False):
@@ -44,8 +45,8 @@ def _int(label: str, value, low: int, high: int | None = None, *, optional: bool
     return int(number)
 
 
-def train_settings(service, epochs, learning_rate, rank, method, max_len, advanced) -> dict:
-    """The form -> training settings for `Service.start_training`; errors name the field."""
+def train_settings(method_default: str, epochs, learning_rate, rank, method, max_len, advanced) -> dict:
+    """The form -> training settings for `Workspace.start_training`; errors name the field."""
     out = {}
     epochs = _int("Epochs", epochs, 1, optional=True)
     if epochs is not None:
@@ -61,8 +62,8 @@ def train_settings(service, epochs, learning_rate, rank, method, max_len, advanc
     out["max_seq_len"] = _int("Max length (tokens)", max_len, MIN_SEQ_LEN)
     if method not in METHODS:
         raise field_error("Method", f"pick one of {', '.join(METHODS)}")
-    if method != default_method(service):
-        raise field_error("Method", f"this server's base trains with {default_method(service)}: qlora needs a "
+    if method != method_default:
+        raise field_error("Method", f"this server's base trains with {method_default}: qlora needs a "
                                     "4-bit (nf4) base on a CUDA GPU, lora a base that is not 4-bit")
     text = (advanced or "").strip()
     if text:
@@ -80,7 +81,7 @@ def train_settings(service, epochs, learning_rate, rank, method, max_len, advanc
     return out
 
 
-def _job_outputs(service, job: dict | None, model):
+def _job_outputs(workspace, job: dict | None, model):
     """-> stages, bar, loss plot, log, metrics, gate verdict, Activate anyway, timer, model picker."""
     import pandas as pd
     losses = pd.DataFrame((job or {}).get("losses") or [], columns=["step", "loss"]).astype(
@@ -89,92 +90,92 @@ def _job_outputs(service, job: dict | None, model):
     running = bool(job) and job["status"] not in jobview.TERMINAL
     return (jobview.stages_html(job), jobview.progress_html(job), losses, jobview.public_log(job),
             jobview.metrics_table(job), jobview.gate_markdown(job), gr.update(visible=blocked),
-            gr.Timer(active=running), refresh_models(service, model))
+            gr.Timer(active=running), refresh_models(workspace, model))
 
 
-def train_view(service, domain, model):
+def train_view(workspace, domain, model):
     """Dataset size, latest job (also after a reload or a restart) and versions of a domain."""
     if not domain:
-        text = NO_DOMAINS if not domain_names(service) else "Pick a domain."
-        return (text, None, gr.update(choices=[], value=None), *_job_outputs(service, None, model))
+        text = NO_DOMAINS if not domain_names(workspace) else "Pick a domain."
+        return (text, None, gr.update(choices=[], value=None), *_job_outputs(workspace, None, model))
     try:
-        report = service.preview(domain).report
-        d = service.require_domain(domain)
-        jobs = service.jobs(domain)
+        report = workspace.preview(domain).report
+        d = workspace.require_domain(domain)
+        jobs = workspace.jobs(domain)
     except AssistantError as e:
-        return (err(e), None, gr.update(), *_job_outputs(service, None, model))
+        return (err(e), None, gr.update(), *_job_outputs(workspace, None, model))
     size = (f"**{report['kept']}** curated examples ({report['train']} train / {report['eval']} eval) · training "
             f"needs at least {MIN_EXAMPLES} · active version: **{d.active_version or 'none'}**")
     if report["kept"] < MIN_EXAMPLES:
         size += (f"\n\nAdd {MIN_EXAMPLES - report['kept']} more: import seed examples in the Data tab, or correct "
                  f"answers of {domain} in the Chat tab.")
-    job = service.job(jobs[0]["job_id"]) if jobs else None
+    job = workspace.job(jobs[0]["job_id"]) if jobs else None
     versions = gr.update(choices=d.versions, value=d.active_version or (d.versions[-1] if d.versions else None))
-    return (size, job["job_id"] if job else None, versions, *_job_outputs(service, job, model))
+    return (size, job["job_id"] if job else None, versions, *_job_outputs(workspace, job, model))
 
 
-def retrain(service, domain, epochs, learning_rate, rank, method, max_len, advanced, model):
+def retrain(workspace, method_default, domain, epochs, learning_rate, rank, method, max_len, advanced, model):
     try:
         if not domain:
             raise field_error("Domain", "pick a domain")
-        settings = train_settings(service, epochs, learning_rate, rank, method, max_len, advanced)
-        job_id = service.start_training(domain, settings)
+        settings = train_settings(method_default, epochs, learning_rate, rank, method, max_len, advanced)
+        job_id = workspace.start_training(domain, settings)
     except AssistantError as e:
-        return (err(e), None, *_job_outputs(service, None, model))
+        return (err(e), None, *_job_outputs(workspace, None, model))
     return (f"training job `{job_id}` started: keep chatting, the stages below follow it", job_id,
-            *_job_outputs(service, service.job(job_id), model))
+            *_job_outputs(workspace, workspace.job(job_id), model))
 
 
-def poll_job(service, job_id, model, seen):
+def poll_job(workspace, job_id, model, seen):
     """One timer tick: re-render only when the job moved (the browser redraws the plot otherwise)."""
     try:
-        job = service.job(job_id) if job_id else None
+        job = workspace.job(job_id) if job_id else None
     except AssistantError:
         job = None
     now = jobview.stamp(job)
     if now is not None and now == seen:
         return (*(gr.skip() for _ in range(9)), seen)
-    return (*_job_outputs(service, job, model), now)
+    return (*_job_outputs(workspace, job, model), now)
 
 
-def cancel(service, job_id, model):
+def cancel(workspace, job_id, model):
     try:
         if not job_id:
             raise field_error("Job", "no training job to cancel")
-        job = service.cancel_job(job_id)
+        job = workspace.cancel_job(job_id)
     except AssistantError as e:
-        return err(e), *_job_outputs(service, None, model)
-    return f"job `{job_id}`: {job['status']}", *_job_outputs(service, job, model)
+        return err(e), *_job_outputs(workspace, None, model)
+    return f"job `{job_id}`: {job['status']}", *_job_outputs(workspace, job, model)
 
 
-def versions(service, domain, current=None):
+def versions(workspace, domain, current=None):
     if not domain:
         return gr.update(choices=[], value=None)
     try:
-        d = service.require_domain(domain)
+        d = workspace.require_domain(domain)
     except AssistantError:
         return gr.update(choices=[], value=None)
     return gr.update(choices=d.versions, value=d.active_version or pick(current, d.versions))
 
 
-def published(job_id, service):
+def published(job_id, workspace):
     """The version the last job published (for Activate anyway)."""
     try:
-        return service.job(job_id).get("adapter_version") if job_id else None
+        return workspace.job(job_id).get("adapter_version") if job_id else None
     except AssistantError:
         return None
 
 
-def activate_published(service, domain, job_id, model, request: gr.Request):
-    return activate_anyway(service, domain, published(job_id, service), model, request)
+def activate_published(serving, domain, job_id, model, request: gr.Request):
+    return activate_anyway(serving, domain, published(job_id, serving.workspace), model, request)
 
 
-def build(service, P, model):
+def build(workspace, serving, P, model):
     """The Train tab's widgets and its own events."""
     job_id = gr.State(None)
     seen = gr.State(None)       # what the last timer tick rendered
     timer = gr.Timer(JOB_POLL_S, active=False)
-    names = domain_names(service)
+    names = domain_names(workspace)
     domain = gr.Dropdown(names, value=names[0] if names else None, label="Domain", elem_id="train-domain")
     size = gr.Markdown(NO_DOMAINS if not names else "", elem_id="train-dataset")
     with gr.Row():
@@ -184,7 +185,7 @@ def build(service, P, model):
                          elem_id="train-rank")
         max_len = gr.Number(DEFAULTS.max_seq_len, label="Max length (tokens)", precision=0, minimum=MIN_SEQ_LEN,
                             elem_id="train-max-len")
-        method = gr.Radio(list(METHODS), value=default_method(service), label="Method", elem_id="train-method")
+        method = gr.Radio(list(METHODS), value=default_method(serving), label="Method", elem_id="train-method")
     with gr.Accordion("Advanced (JSON: batch_size, augment, replay, alpha, dropout, seed…)", open=False,
                       elem_id="train-advanced-box"):
         advanced = gr.Textbox("", label="More settings as a JSON object", placeholder='{"batch_size": 4}',
@@ -211,15 +212,15 @@ def build(service, P, model):
 
     job_out = [stages, bar, loss, job_log, metrics, verdict, anyway, timer, model]
     view_out = [size, job_id, version, *job_out]
-    domain.change(P(train_view, service), [domain, model], view_out)
-    go.click(P(retrain, service), [domain, epochs, lr, rank, method, max_len, advanced, model],
+    domain.change(P(train_view, workspace), [domain, model], view_out)
+    go.click(P(retrain, workspace, default_method(serving)), [domain, epochs, lr, rank, method, max_len, advanced, model],
              [status, job_id, *job_out])
-    cancel_btn.click(P(cancel, service), [job_id, model], [status, *job_out])
-    timer.tick(P(poll_job, service), [job_id, model, seen], [*job_out, seen], concurrency_limit=None)
-    verdict.change(P(versions, service), [domain, version], [version])
-    anyway.click(P(activate_published, service), [domain, job_id, model], [vstatus, model]).then(
-        P(versions, service), [domain], [version])
-    act.click(P(activate, service), [domain, version, model], [vstatus, model]).then(
-        P(versions, service), [domain, version], [version])
-    back.click(P(rollback, service), [domain, model], [vstatus, model]).then(P(versions, service), [domain], [version])
+    cancel_btn.click(P(cancel, workspace), [job_id, model], [status, *job_out])
+    timer.tick(P(poll_job, workspace), [job_id, model, seen], [*job_out, seen], concurrency_limit=None)
+    verdict.change(P(versions, workspace), [domain, version], [version])
+    anyway.click(P(activate_published, serving), [domain, job_id, model], [vstatus, model]).then(
+        P(versions, workspace), [domain], [version])
+    act.click(P(activate, serving), [domain, version, model], [vstatus, model]).then(
+        P(versions, workspace), [domain, version], [version])
+    back.click(P(rollback, serving), [domain, model], [vstatus, model]).then(P(versions, workspace), [domain], [version])
     return dict(domain=domain, view_out=view_out)

@@ -1,0 +1,342 @@
+"""Serving: the resident base model, the engine with its adapter slots, chat, and the response log. It
+answers on top of a `Workspace` (workspace.py), which holds everything else.
+
+A request names a model: `base`, `<domain>` (its active version) or `<domain>@vN`. `start_chat` resolves
+it to one adapter version, pins that version's slot for the whole answer, and queues it; one thread logs
+every finished answer exactly once, under exactly that version, so feedback always finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
+from .lm import with_system_prompt
+from .registry import parse_model_name, safe_unzip, validate_adapter
+from .settings import (
+    BASE,
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_LORA_RANK,
+    MAX_MESSAGE_CHARS,
+    MAX_MESSAGES,
+    MAX_NEW_TOKENS_CAP,
+    MAX_UPLOAD_BYTES,
+)
+from .workspace import Workspace
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 4
+ADAPTER_SLOT_WAIT_S = 10.0   # how long a request waits for a free adapter slot before 503 server_busy
+LOG_WAIT_S = 10.0            # how long a caller waits for a finished response to reach the log
+SLOT_POLL_S = 0.5            # while every slot is pinned: how often a waiting load tries again
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    model: str                   # what the caller asked for
+    domain: str | None
+    version: str | None          # adapter version answering, None = base weights
+    adapter_key: str | None
+    system_prompt: str = ""
+
+
+@dataclass
+class Call:
+    """One chat generation in flight."""
+    id: str
+    target: Target
+    messages: list[dict]
+    handle: object
+    prompt_tokens: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    logged: bool = False
+    logged_event: threading.Event = field(default_factory=threading.Event)
+    user: str | None = None
+
+
+def check_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise AssistantError("messages must be a non-empty list of {role, content}", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise AssistantError(f"at most {MAX_MESSAGES} messages per request: drop older turns", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise AssistantError(f"messages[{i}].role must be one of {', '.join(ROLES)}", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise AssistantError(f"messages[{i}].content must be text", param="messages")
+        if len(content) > MAX_MESSAGE_CHARS:
+            raise AssistantError(f"messages[{i}] is {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}: "
+                                 "shorten it", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def check_sampling(max_tokens, temperature, top_p, stop) -> tuple[int, float, float, tuple[str, ...]]:
+    """The request's sampling fields, checked and defaulted."""
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_NEW_TOKENS
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS_CAP:
+        raise AssistantError(f"max_tokens must be between 1 and {MAX_NEW_TOKENS_CAP}", param="max_tokens")
+    temperature = 0.0 if temperature is None else float(temperature)
+    if not 0 <= temperature <= 2:
+        raise AssistantError("temperature must be between 0 and 2", param="temperature")
+    top_p = 1.0 if top_p is None else float(top_p)
+    if not 0 < top_p <= 1:
+        raise AssistantError("top_p must be in (0, 1]", param="top_p")
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = tuple(s for s in (stop or []) if isinstance(s, str) and s)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise AssistantError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+    return max_tokens, temperature, top_p, stop
+
+
+class Serving:
+    def __init__(self, workspace: Workspace, base=None, *, engine=None):
+        """`base`: a loaded `Base` (model.py), loaded from the workspace's settings when None. `engine`:
+        what generates (the in-process engine by default)."""
+        self.workspace = workspace
+        settings = workspace.settings
+        if engine is None:
+            from .engine import Engine
+            from .model import load_base
+            base = base if base is not None else load_base(settings)
+            engine = Engine(base, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                            max_resident_adapters=settings.max_resident_adapters)
+        self.base = base if base is not None else engine.base
+        self.engine = engine
+        self._active: dict[str, tuple[int, str | None]] = {}
+        self._load_lock = threading.Lock()
+        self._inflight: dict[str, Call] = {}   # response id -> call, until its response is logged
+        self.log_failures = 0                  # responses that could not be logged (counted in /metrics)
+        # Responses are logged by one thread as soon as generation ends, whatever the client does.
+        self._log_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._logger = threading.Thread(target=self._log_loop, name="response-log", daemon=True)
+        self._logger.start()
+
+    def close(self):
+        self.engine.close()
+        self._log_queue.put(None)
+        self._logger.join(timeout=LOG_WAIT_S)
+
+    def _log_loop(self):
+        """The one place responses are logged: each call exactly once, when its generation ends."""
+        while (call := self._log_queue.get()) is not None:
+            try:
+                self._log_response(call)
+                call.logged = True
+            except Exception:  # noqa: BLE001 - keep logging the next ones
+                self.log_failures += 1
+                log.exception("could not log response %s (domain %s, version %s): feedback on it will not "
+                              "find it", call.id, call.target.domain or BASE, call.target.version)
+            finally:
+                self._inflight.pop(call.id, None)
+                call.logged_event.set()
+
+    def _log_response(self, call: Call) -> None:
+        req = call.handle.req
+        now = time.perf_counter()
+        self.workspace.store.log_response(
+            id=call.id, domain=call.target.domain or BASE, adapter_version=call.target.version,
+            model=call.target.model, messages=call.messages, answer=req.text,
+            prompt_tokens=call.prompt_tokens, completion_tokens=len(req.generated),
+            latency_ms=((req.t_done or now) - req.t_submit) * 1000,
+            ttft_ms=((req.t_first - req.t_submit) * 1000) if req.t_first else None,
+            finish_reason=req.finish_reason or "cancelled", user=call.user)
+
+    # Models ------------------------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        created = int(self.base.load_seconds and time.time())
+        data = [{"id": BASE, "object": "model", "created": created, "owned_by": "domain-assistant",
+                 "base_model": self.base.name}]
+        for d in self.workspace.registry.list_domains():
+            data.append({"id": d.name, "object": "model", "created": created, "owned_by": "domain-assistant",
+                         "active_version": d.active_version, "versions": d.versions, "description": d.description})
+        return data
+
+    def active_version(self, domain: str) -> str | None:
+        """The domain's live version, re-read only when its pointer file changed."""
+        registry = self.workspace.registry
+        stamp = registry.active_stamp(domain)
+        cached = self._active.get(domain)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, registry.active_version(domain))
+            self._active[domain] = cached
+        return cached[1]
+
+    def resolve(self, model: str) -> Target:
+        if not isinstance(model, str) or not model:
+            raise AssistantError("model is required: 'base', '<domain>' or '<domain>@<version>'", param="model")
+        try:
+            domain, version = parse_model_name(model)
+        except InvalidName:
+            raise ModelNotFound(f"the model {model!r} does not exist: use 'base', a domain name from GET /v1/models, "
+                                "or '<domain>@v<N>'") from None
+        if domain is None:
+            return Target(model, None, None, None)
+        registry = self.workspace.registry
+        if not registry.exists(domain):
+            raise ModelNotFound(f"the model {model!r} does not exist: create the domain first or pick one of "
+                                f"{', '.join(m['id'] for m in self.models())}")
+        info = registry.get_domain(domain)
+        if info.problem:
+            log.warning("request for broken domain %s: %s", domain, info.problem)
+            raise DomainBroken(f"domain {domain!r} cannot answer: {info.problem}")
+        if version is None:
+            version = self.active_version(domain)
+        elif version not in registry.versions(domain):
+            raise ModelNotFound(f"{model!r} does not exist: {domain} has versions "
+                                f"{', '.join(registry.versions(domain)) or 'none yet'}")
+        key = f"{domain}@{version}" if version is not None else None
+        return Target(model, domain, version, key, info.system_prompt)
+
+    # Adapters ----------------------------------------------------------------------------------
+    def ensure_loaded(self, domain: str, version: str) -> None:
+        """Validate and load a version (activation and import check it this way); nothing stays pinned."""
+        self.engine.unpin(self.pin_adapter(domain, version, wait_s=ADAPTER_SLOT_WAIT_S))
+
+    def pin_adapter(self, domain: str, version: str, *, wait_s: float = ADAPTER_SLOT_WAIT_S) -> int:
+        """The slot serving domain@version, loaded if needed and pinned for one request: no other load can
+        evict it until `engine.unpin` (the engine unpins when the request ends). When every slot is pinned
+        by requests in flight, waits up to `wait_s` for one to free, then raises Busy (503)."""
+        key = f"{domain}@{version}"
+        deadline = time.monotonic() + wait_s
+        while True:
+            slot = self.engine.pin_adapter(key)
+            if slot is not None:
+                return slot
+            with self._load_lock:
+                slot = self.engine.pin_adapter(key)
+                if slot is not None:
+                    return slot
+                folder = self.workspace.registry.version_path(domain, version)
+                validate_adapter(folder, self.base.fingerprint, self.engine.module_shapes(), max_rank=MAX_LORA_RANK)
+                try:
+                    return self.engine.load_adapter(key, folder, pin=True)
+                except Busy:
+                    if time.monotonic() >= deadline:
+                        raise
+            self.engine.wait_for_free_slot(max(0.0, min(SLOT_POLL_S, deadline - time.monotonic())))
+
+    def activate(self, domain: str, version: str, *, user: str | None = None, override: bool = False) -> dict:
+        """Promote or roll back (Workspace.activate), loading the version here before the pointer moves."""
+        out = self.workspace.activate(domain, version, load=self.ensure_loaded, user=user, override=override)
+        self._active.pop(domain, None)
+        return out
+
+    def rollback(self, domain: str, user: str | None = None) -> dict:
+        out = self.workspace.rollback(domain, load=self.ensure_loaded, user=user)
+        self._active.pop(domain, None)
+        return out
+
+    def import_adapter(self, domain: str, upload: Path, *, activate: bool = False) -> str:
+        """A zip (or folder) holding a PEFT LoRA adapter -> validated against this base -> loaded once ->
+        the domain's next version."""
+        ws = self.workspace
+        ws.require_domain(domain)
+        upload = Path(upload)
+        with tempfile.TemporaryDirectory(dir=ws.settings.state_path) as tmp:
+            folder = upload
+            if upload.is_file():
+                if upload.stat().st_size > MAX_UPLOAD_BYTES:
+                    raise InvalidAdapter(f"the upload is over {MAX_UPLOAD_BYTES >> 20} MiB: is it an adapter?")
+                folder = Path(tmp) / "adapter"
+                safe_unzip(upload, folder, MAX_UPLOAD_BYTES)
+            version = ws.registry.import_folder(domain, folder, self.base.fingerprint, self.engine.module_shapes())
+        try:
+            self.ensure_loaded(domain, version)
+        except AssistantError:
+            shutil.rmtree(ws.registry.domain_dir(domain) / version, ignore_errors=True)
+            raise
+        if activate:
+            self.activate(domain, version)
+        return version
+
+    # Chat --------------------------------------------------------------------------------------
+    def start_chat(self, model: str, messages, *, max_tokens: int | None = None, temperature: float | None = None,
+                   top_p: float | None = None, seed: int | None = None, stop=None, loop=None,
+                   user: str | None = None, ignore_eos: bool = False, slot_wait_s: float = ADAPTER_SLOT_WAIT_S) -> Call:
+        """Check the request, pin the adapter it resolves to, and queue it. The answer is logged under
+        exactly that adapter version, which serves it from the first token to the last."""
+        from .engine import Request
+        messages = check_messages(messages)
+        target = self.resolve(model)
+        messages = with_system_prompt(messages, target.system_prompt)
+        max_tokens, temperature, top_p, stop = check_sampling(max_tokens, temperature, top_p, stop)
+        ids = self.engine.encode_chat(messages)
+        slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s) if target.version else 0
+        req = Request(prompt_ids=ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                      stop=stop, adapter=target.adapter_key, slot=slot, ignore_eos=bool(ignore_eos))
+        call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=None,
+                    prompt_tokens=len(ids), user=user)
+        self._inflight[call.id] = call
+        try:
+            call.handle = self.engine.submit(req, loop=loop, on_finish=lambda: self._log_queue.put(call))
+        except BaseException:
+            self._inflight.pop(call.id, None)
+            raise
+        return call
+
+    def finish_chat(self, call: Call, timeout: float = LOG_WAIT_S) -> bool:
+        """Wait until the call's response is logged (the response-log thread logs each call exactly once,
+        also partial answers: stopped by the user or a disconnect). True when it is."""
+        return call.logged_event.wait(timeout)
+
+    def chat(self, model: str, messages, **kw) -> dict:
+        """Blocking chat: returns {id, text, finish_reason, model, adapter_version, usage}."""
+        call = self.start_chat(model, messages, **kw)
+        try:
+            text, reason = call.handle.result()
+        finally:
+            call.handle.cancel()
+        self.finish_chat(call)
+        completion = len(call.handle.req.generated)
+        return {"id": call.id, "text": text, "finish_reason": reason, "model": call.target.model,
+                "domain": call.target.domain, "adapter_version": call.target.version,
+                "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": completion,
+                          "total_tokens": call.prompt_tokens + completion}}
+
+    @property
+    def context_tokens(self) -> int:
+        """The most tokens one conversation may hold here (question and answer together)."""
+        return self.engine.max_context
+
+    def count_tokens(self, model: str, messages) -> int:
+        """Tokens of a conversation as `start_chat` would send it (with the domain's system prompt)."""
+        messages = check_messages(messages)
+        try:
+            domain, _ = parse_model_name(model)
+        except InvalidName:
+            raise ModelNotFound(f"the model {model!r} does not exist: use 'base' or a domain name") from None
+        prompt = self.workspace.require_domain(domain).system_prompt if domain else ""   # nothing loads to count
+        return len(self.engine.encode_chat(with_system_prompt(messages, prompt)))
+
+    def feedback(self, response_id: str, rating: str, correction: str | None = None, reason: str | None = None,
+                 user: str | None = None) -> int:
+        """Workspace.feedback, after the answer's log entry is written when it has only just finished."""
+        call = self._inflight.get(response_id) if isinstance(response_id, str) else None
+        if call is not None:
+            call.logged_event.wait(LOG_WAIT_S)
+        return self.workspace.feedback(response_id, rating, correction, reason, user)
+
+    def status(self) -> dict:
+        return {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
+                "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}
+
+    def prometheus_text(self) -> str:
+        from .monitoring import prometheus_text
+        return prometheus_text(self.workspace, self)

@@ -1,0 +1,278 @@
+"""The workspace: everything the app keeps except the model. Domains, adapter versions and their cards,
+the response log and feedback, seed examples and review, curation and dataset snapshots, training jobs,
+evaluation and monitoring. Creating one is cheap (a SQLite file and two folders): the CLI's data commands
+run on a Workspace and never load the chat model; `Serving` (serving.py) adds the model on top of one.
+
+Every job the UI, the API and the CLI do on the data is one method here, so all three behave the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from .errors import AssistantError, Conflict, NotFound
+from .registry import Registry, check_name, check_version
+from .settings import BASE, MAX_MESSAGE_CHARS, Settings
+
+SNAPSHOT_NAME_CHARS = 12     # hash characters in an exported snapshot's file name
+DEFAULT_LOG_ROWS = 20        # `assistant logs` without -n
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str, str], None]   # (domain, version): validate and load, or raise
+
+
+class Workspace:
+    def __init__(self, settings: Settings, *, recover_jobs: bool = False):
+        """`recover_jobs`: mark jobs left running by a server that died as failed (the server does this
+        at start; one-shot commands do not, since a server may be running them)."""
+        from .store import Store
+        self.settings = settings.ensure_dirs()
+        self.store = Store(settings.db_path)
+        self.registry = Registry(settings.adapters_path)
+        self._curator = None
+        self._indexer = None
+        if recover_jobs:
+            self.registry.cleanup_staging()
+            from . import jobs
+            jobs.recover_orphans(self.settings, self.store, self.registry)
+
+    def close(self) -> None:
+        if self._indexer is not None:
+            self._indexer.shutdown(wait=True)
+
+    # Domains and adapter versions --------------------------------------------------------------
+    def require_domain(self, name: str):
+        check_name(name)
+        if not self.registry.exists(name):
+            raise NotFound(f"no domain {name!r}: create it first (POST /api/domains or the Adapters tab)")
+        return self.registry.get_domain(name)
+
+    def create_domain(self, name: str, system_prompt: str | None = "", description: str | None = "") -> dict:
+        return self.registry.create_domain(name, "" if system_prompt is None else system_prompt,
+                                           "" if description is None else description).as_dict()
+
+    def list_domains(self) -> list[dict]:
+        out = []
+        for d in self.registry.list_domains():
+            item = d.as_dict()
+            item["examples"] = self.store.count_examples(d.name)
+            out.append(item)
+        return out
+
+    def adapters(self, domain: str) -> list[dict]:
+        self.require_domain(domain)
+        return self.registry.adapters(domain)
+
+    def active_version(self, domain: str) -> str | None:
+        return self.registry.active_version(domain)
+
+    def card(self, domain: str, version: str) -> dict:
+        self.require_domain(domain)
+        check_version(version)
+        return self.registry.read_card(domain, version)
+
+    def activate(self, domain: str, version: str, *, load: Loader, user: str | None = None,
+                 override: bool = False) -> dict:
+        """Promote or roll back: `load` validates and loads the version before the pointer moves, so a
+        broken adapter never replaces the one serving. `override`: a person activates a version the gate
+        did not promote; the card records who and when."""
+        self.require_domain(domain)
+        check_version(version)
+        gate = (self.registry.read_card(domain, version).get("metrics") or {}).get("gate") or {}
+        if gate.get("promote") is False and not override:
+            raise Conflict(f"the gate did not promote {domain}@{version}: {gate.get('summary') or 'see its card'}. "
+                           "Activate it anyway with override (the Activate anyway button, or "
+                           '{"override": true} in the request body); the card records who did it',
+                           param="override")
+        self.registry.activate(domain, version, load=load)
+        if override:
+            self.registry.record_override(domain, version, user)
+        return {"domain": domain, "active_version": version}
+
+    def rollback(self, domain: str, *, load: Loader, user: str | None = None) -> dict:
+        """Activate the newest version older than the active one."""
+        self.require_domain(domain)
+        return self.activate(domain, self.registry.previous_version(domain), load=load, user=user)
+
+    # Feedback, examples and review -------------------------------------------------------------
+    def feedback(self, response_id: str, rating: str, correction: str | None = None, reason: str | None = None,
+                 user: str | None = None) -> int:
+        """A rating (and optionally a reason and a corrected answer) on a logged response -> its id."""
+        if rating not in ("up", "down"):
+            raise AssistantError("rating must be 'up' or 'down'", param="rating")
+        for name, value in (("correction", correction), ("reason", reason)):
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_MESSAGE_CHARS):
+                raise AssistantError(f"{name} must be text of at most {MAX_MESSAGE_CHARS} characters", param=name)
+        if correction is not None and not correction.strip():
+            correction = None
+        fid = self.store.add_feedback(response_id=response_id, rating=rating, correction=correction,
+                                      reason=reason, user=user)
+        self._check_new(response_id, correction, fid, rating)
+        return fid
+
+    def _check_new(self, response_id: str, correction: str | None, feedback_id: int, rating: str) -> None:
+        """Incremental near-duplicate check when an item arrives: in the background, so a feedback post
+        never waits for the embedder. Items that are not near-duplicates join the domain's index."""
+        if correction is None and rating != "up":
+            return
+        if self._indexer is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._indexer = ThreadPoolExecutor(1, thread_name_prefix="dedup-index")
+
+        def check():
+            try:
+                resp = self.store.get_response(response_id)
+                if not resp or resp["domain"] == BASE:
+                    return
+                item = resp["messages"] + [{"role": "assistant", "content": correction or resp["answer"]}]
+                curator = self.curator()
+                key, sim = curator.check_new(resp["domain"], item)
+                if key is None or sim < curator.options.near_dup_threshold:
+                    curator.add_to_index(resp["domain"], f"feedback:{feedback_id}", item)
+            except Exception:  # noqa: BLE001 - curation re-checks everything anyway
+                log.exception("near-duplicate check failed for feedback %s", feedback_id)
+        self._indexer.submit(check)
+
+    def logs(self, domain: str | None = None, limit: int = DEFAULT_LOG_ROWS) -> list[dict]:
+        """The latest responses, newest first, each with its feedback (`assistant logs`)."""
+        if domain is not None and domain != BASE:
+            self.require_domain(domain)
+        if not isinstance(limit, int) or limit < 1:
+            raise AssistantError("the number of responses must be a whole number of at least 1", param="limit")
+        rows = self.store.recent_responses(domain, limit)
+        feedback = self.store.feedback_for([r["id"] for r in rows])
+        for r in rows:
+            r["feedback"] = feedback.get(r["id"], [])
+        return rows
+
+    def add_examples(self, domain: str, examples, user: str | None = None) -> dict:
+        self.require_domain(domain)
+        if not isinstance(examples, list) or not examples:
+            raise AssistantError("examples must be a non-empty list of {\"messages\": [...]} objects",
+                                 param="examples")
+        added, rejected = self.store.add_examples(domain, examples, source="seed", user=user)
+        if not added:   # nothing usable: a client error, and nothing was written
+            first = rejected[0]
+            raise AssistantError(f"no example was added: examples[{first['index']}]: {first['reason']}"
+                                 + (f" (and {len(rejected) - 1} more rejected)" if len(rejected) > 1 else ""),
+                                 param="examples")
+        return {"added": added, "rejected": rejected}
+
+    def import_seed_jsonl(self, domain: str, text: str, user: str | None = None) -> dict:
+        """Seed examples from JSON Lines text -> {added, problems: [line/example messages], message}."""
+        from .seeds import parse_jsonl, summary
+        self.require_domain(domain)
+        examples, problems = parse_jsonl(text)
+        res = self.add_examples(domain, examples, user=user) if examples else {"added": 0, "rejected": []}
+        problems += [f"example {r['index'] + 1}: {r['reason']}" for r in res["rejected"]]
+        return {"added": res["added"], "problems": problems, "message": summary(res["added"], problems)}
+
+    def review_queue(self, domain: str) -> list[dict]:
+        self.require_domain(domain)
+        return self.curator().review_queue(domain)
+
+    def review(self, domain: str, key: str, status: str | None, messages: list | None = None) -> None:
+        """Approve / reject (status) a candidate, or replace its messages (an edit)."""
+        self.require_domain(domain)
+        if not isinstance(key, str) or not key.startswith(("example:", "feedback:")):
+            raise AssistantError("pick a row of the review queue first", param="key")
+        try:
+            self.store.set_review(domain, key, status, messages)
+        except ValueError as e:
+            raise AssistantError(str(e)) from None
+
+    def edit_item(self, domain: str, key: str, prompt: str, answer: str) -> None:
+        """A reviewer's edit of a candidate's last question and answer; the edited item is approved."""
+        item = next((c for c in self.store.candidates(self.require_domain(domain).name) if c["key"] == key), None)
+        if item is None:
+            raise NotFound("that item is no longer in the review queue: refresh it", param="key")
+        messages = [dict(m) for m in item["messages"]]
+        for role, text, field_name in (("user", prompt, "prompt"), ("assistant", answer, "answer")):
+            if not (text or "").strip():
+                raise AssistantError(f"{field_name} is empty: write the text or reject the item", param=field_name)
+            idx = max(i for i, m in enumerate(messages) if m["role"] == role)
+            messages[idx]["content"] = text
+        self.review(domain, key, "approved", messages)
+
+    # Curation ----------------------------------------------------------------------------------
+    def curator(self):
+        if self._curator is None:
+            from .curation import Curator
+            self._curator = Curator(self.store, self.settings)
+        return self._curator
+
+    def curate(self, domain: str):
+        """Curate and write the snapshot (a job taking the data, an export)."""
+        self.require_domain(domain)
+        return self.curator().snapshot(domain)
+
+    def preview(self, domain: str):
+        """The curation report without writing anything (the Data tab, GET .../dataset)."""
+        self.require_domain(domain)
+        return self.curator().preview(domain)
+
+    def export_dataset(self, domain: str, folder: Path | None = None):
+        """The user exports the dataset: the snapshot is written (and recorded); with `folder`, also a copy
+        named `<domain>-<hash>.jsonl` there (outside the state folder) -> its path."""
+        snap = self.curate(domain)
+        if folder is None:
+            return snap
+        out = Path(folder) / f"{domain}-{snap.hash[:SNAPSHOT_NAME_CHARS]}.jsonl"
+        if not out.exists():
+            shutil.copyfile(snap.path, out)
+        return out
+
+    def dataset_file(self, domain: str) -> tuple[bytes, str]:
+        """The curated rows as JSON Lines and a file name for them, without writing anything."""
+        from .curation import snapshot_bytes
+        snap = self.preview(domain)
+        return snapshot_bytes(snap.rows), f"{domain}-{snap.hash[:SNAPSHOT_NAME_CHARS]}.jsonl"
+
+    # Training, evaluation and monitoring -------------------------------------------------------
+    def start_training(self, domain: str, train_settings: dict | None = None) -> str:
+        """A background training job (its own process) -> the job id to follow."""
+        from . import jobs
+        self.require_domain(domain)
+        return jobs.start_job(self.settings, self.store, self.registry, domain, train_settings or {})
+
+    def train(self, domain: str, train_settings: dict | None = None) -> dict:
+        """The same job, blocking, in this process, with a progress bar (the CLI) -> the job record."""
+        from . import jobs
+        from .threads import use_all_cores
+        self.require_domain(domain)
+        use_all_cores()   # this process only trains (see assistant/threads.py)
+        return jobs.run_job_inline(self.settings, self.store, self.registry, domain, train_settings or {})
+
+    def evaluate(self, domain: str, version: str | None = None) -> dict:
+        """Before/after metrics and the gate's verdict for a version on the domain's held-out data."""
+        from . import evaluation
+        self.require_domain(domain)
+        if version is not None:
+            check_version(version)
+        return evaluation.evaluate_version(self.settings, self.store, self.registry, domain, version)
+
+    def job(self, job_id: str) -> dict:
+        job = self.store.get_job(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            raise NotFound(f"no job {str(job_id)[:64]!r}")
+        return job
+
+    def cancel_job(self, job_id: str) -> dict:
+        from . import jobs
+        self.job(job_id)
+        jobs.cancel_job(self.settings, self.store, job_id)
+        return self.job(job_id)
+
+    def jobs(self, domain: str | None = None) -> list[dict]:
+        if domain is not None:
+            self.require_domain(domain)
+        return self.store.list_jobs(domain)
+
+    def metrics(self, domain: str) -> dict:
+        from .monitoring import domain_metrics
+        self.require_domain(domain)
+        return domain_metrics(self, domain)
