@@ -16,10 +16,63 @@ def cli(home, *args, check=True):
     return r
 
 
-def test_help_is_fast_and_lists_commands(home):
+TORCH_FREE_SECONDS = 3.0   # `curate` and `export` on small data: no model, no torch
+
+
+def test_help_lists_every_command_and_every_settings_group_without_importing_torch(home):
     r = cli(home, "--help")
-    for cmd in ("serve", "chat", "curate", "train", "adapters", "eval", "export"):
+    for cmd in ("serve", "chat", "curate", "train", "adapters", "eval", "export", "feedback", "logs"):
         assert cmd in r.stdout
+    r = cli(home, "serve", "--help")
+    for flag in ("--train.epochs", "--curation.near-dup-threshold", "--gate.min-corrections-match",
+                 "--monitor.lookback-seconds", "--config", "--base-model", "--quantization"):
+        assert flag in r.stdout, flag
+    assert "peak AdamW learning rate" in r.stdout       # the field's own help text
+    probe = ("import sys, time; t = time.perf_counter(); from assistant.cli import build_parser; "
+             "build_parser().format_help(); print(time.perf_counter() - t, 'torch' in sys.modules)")
+    seconds, torch_loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                           check=True).stdout.split()
+    assert torch_loaded == "False" and float(seconds) < TORCH_FREE_SECONDS
+
+
+def _seed(home, n=6):
+    seed = home / "seed.jsonl"
+    seed.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Which port does service {i} listen on?"},
+        {"role": "assistant", "content": f"Service {i} listens on port {8000 + i}."}]}) for i in range(n)))
+    return seed
+
+
+def test_curate_and_export_run_without_torch_in_seconds(home):
+    cli(home, "adapters", "create", "ops")
+    r = cli(home, "curate", "ops", "--examples", str(_seed(home)))
+    assert json.loads(r.stdout)["kept"] == 6
+    runner = ("import sys, time, runpy; t = time.perf_counter(); sys.argv = ['assistant'] + sys.argv[1:]\n"
+              "from assistant.cli import main\ncode = main(sys.argv[1:])\n"
+              "sys.stderr.write(f'\\nRESULT {time.perf_counter() - t} {\"torch\" in sys.modules} {code}\\n')")
+    for args in (["curate", "ops"], ["export", "ops", "-o", str(home / "ops.jsonl")]):
+        r = subprocess.run([sys.executable, "-c", runner, *args], capture_output=True, text=True, cwd=str(home),
+                           env=dict(os.environ, ASSISTANT_HOME=str(home), HF_HUB_OFFLINE="1"), timeout=120)
+        seconds, torch_loaded, code = r.stderr.rsplit("RESULT ", 1)[1].split()
+        assert code == "0", r.stderr[-2000:]
+        assert torch_loaded == "False", f"{args[0]} imported torch"
+        assert float(seconds) < TORCH_FREE_SECONDS, f"{args[0]} took {seconds} s"
+    assert len((home / "ops.jsonl").read_text().splitlines()) == 6
+
+
+def test_settings_come_from_a_config_file_and_flags_win(home):
+    from assistant.flags import settings_from
+    from assistant.cli import build_parser
+    config = home / "assistant.toml"
+    config.write_text('state_dir = "elsewhere"\n[train]\nepochs = 4\nrank = 8\n[curation]\npii = "drop"\n')
+    args = build_parser().parse_args(["train", "ops", "--config", str(config), "--epochs", "2"])
+    s = settings_from(args)
+    assert s.train == {"epochs": 2, "rank": 8} and s.curation == {"pii": "drop"} and s.state_dir.name == "elsewhere"
+    config.write_text("[train]\nepochs = \"lots\"\n")
+    r = cli(home, "train", "ops", "--config", str(config), check=False)
+    assert r.returncode == 2 and "epochs must be a whole number" in r.stderr and "Traceback" not in r.stderr
+    r = cli(home, "curate", "ops", "--curation.near-dup-threshold", "high", check=False)
+    assert r.returncode == 2 and "--curation.near-dup-threshold" in r.stderr and "'high'" in r.stderr
 
 
 def test_domain_seed_curate_export_and_chat(home, tiny_llama):
@@ -53,3 +106,25 @@ def test_errors_are_one_clear_line(home):
     assert r.returncode == 2 and "create it first" in r.stderr
     r = cli(home, "serve", "--share", check=False)
     assert r.returncode == 2 and "--auth" in r.stderr
+
+
+def test_logs_show_answers_with_their_feedback_and_feedback_is_taken(home, tiny_settings):
+    from helpers import make_serving
+    serving = make_serving(tiny_settings)
+    try:
+        serving.workspace.create_domain("ops")
+        ids = [serving.chat(model, [{"role": "user", "content": q}], max_tokens=3)["id"]
+               for model, q in (("base", "first question"), ("ops", "which port?"))]
+    finally:
+        serving.close()
+    r = cli(home, "feedback", ids[1], "down", "--correction", "Port 8080.", "--reason", "wrong port")
+    assert "recorded" in r.stdout
+    r = cli(home, "logs", "--json")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["id"] for x in rows] == ids[::-1]                       # newest first
+    assert rows[0]["feedback"][0]["correction"] == "Port 8080." and rows[1]["feedback"] == []
+    r = cli(home, "logs", "--domain", "ops")
+    assert ids[1] in r.stdout and ids[0] not in r.stdout and "Q: which port?" in r.stdout
+    assert "correction: Port 8080." in r.stdout and "reason: wrong port" in r.stdout
+    r = cli(home, "feedback", "chatcmpl-nope", "up", check=False)
+    assert r.returncode == 2 and "no response with id" in r.stderr
