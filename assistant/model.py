@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 # Config keys that define the shapes an adapter must match.
 BNB_REQUIREMENT = "bitsandbytes>=0.50"   # tested with 0.50, which has CPU kernels for NF4 and int8 (as pyproject.toml)
 BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
+FINGERPRINT_SAMPLE = 2048   # values read from the start and the middle of each fingerprinted tensor
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 
@@ -298,7 +299,7 @@ def fingerprint(model, name: str) -> dict:
     picked = sorted(k for k, p in params.items() if "embed" in k or "norm" in k)
     for key in picked[:3] + picked[-2:]:
         flat = params[key].detach().reshape(-1)
-        sample = torch.cat([flat[:2048], flat[flat.numel() // 2:flat.numel() // 2 + 2048]])
+        sample = torch.cat([flat[:FINGERPRINT_SAMPLE], flat[flat.numel() // 2:flat.numel() // 2 + FINGERPRINT_SAMPLE]])
         h.update(key.encode())
         h.update(sample.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
     return {"name": name, "architecture": (model.config.architectures or [type(model).__name__])[0],
@@ -369,3 +370,74 @@ def load_base(settings, *, verbose: bool = True) -> Base:
     if verbose:
         log.info("loaded %s", base.describe())
     return base
+
+
+# ---------------------------------------------------------------------------------------------
+# A base described from its files (when another engine serves it)
+# ---------------------------------------------------------------------------------------------
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder.name} has no .safetensors weights: point --base-model at a Hugging Face "
+                             "model folder saved with safetensors")
+    return files
+
+
+def file_fingerprint(folder: Path, name: str) -> dict:
+    """`fingerprint` computed from the safetensors files, without building the model: the same dict for
+    the same weights (so adapters trained here are checked against a base that vLLM serves)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(str(folder))
+    shapes = config_shapes(config)
+    config_hash = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    where = {}
+    for f in _weight_files(folder):
+        with safe_open(str(f), framework="pt") as st:
+            where.update({k: f for k in st.keys()})
+    picked = sorted(k for k in where if ("embed" in k or "norm" in k) and not k.startswith("lm_head"))
+    h = hashlib.sha256()
+    for key in picked[:3] + picked[-2:]:
+        with safe_open(str(where[key]), framework="pt") as st:
+            flat = st.get_tensor(key).reshape(-1)
+        sample = torch.cat([flat[:FINGERPRINT_SAMPLE], flat[flat.numel() // 2:flat.numel() // 2 + FINGERPRINT_SAMPLE]])
+        h.update(key.encode())
+        h.update(sample.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
+    return {"name": name, "architecture": (config.architectures or [config.model_type])[0],
+            "shapes": shapes, "config_hash": config_hash, "weights_hash": h.hexdigest()[:16]}
+
+
+def file_module_shapes(folder: Path) -> dict[str, tuple[int, int]]:
+    """The decoder's linear modules and their (in_features, out_features), read from the weights' headers."""
+    from safetensors import safe_open
+    out = {}
+    for f in _weight_files(folder):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key.startswith("model.layers.") and key.endswith(".weight"):
+                    shape = st.get_slice(key).get_shape()
+                    if len(shape) == 2:
+                        out[key[: -len(".weight")]] = (shape[1], shape[0])
+    return out
+
+
+def describe_base(settings) -> Base:
+    """The base's identity (name, folder, tokenizer, fingerprint, context) without loading its weights:
+    what the app needs when vLLM servers hold the model."""
+    from transformers import AutoConfig, AutoTokenizer
+    t0 = time.perf_counter()
+    name, source, gguf_file = resolve_source(settings.base_model, settings.cache_dir)
+    folder = Path(source)
+    if gguf_file or not folder.is_dir():
+        raise ModelLoadError(f"--base-model {settings.base_model}: vLLM serving needs a local Hugging Face model "
+                             "folder (or 'embedded'), the same one the vLLM servers load")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source)
+    return Base(model=None, tokenizer=tokenizer, name=name, path=str(folder), device="vllm",
+                dtype=settings.dtype, quantization=settings.quantization,
+                fingerprint=file_fingerprint(folder, name), weights_bytes=0,
+                load_seconds=time.perf_counter() - t0,
+                max_context=int(getattr(config, "max_position_embeddings", 2048) or 2048),
+                extra={"module_shapes": file_module_shapes(folder)})

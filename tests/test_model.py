@@ -52,3 +52,13 @@ def test_missing_folder_and_bad_settings_have_clear_messages(tmp_path):
         Settings(share=True)
     with pytest.raises(ValueError, match="quantization"):
         Settings(quantization="fp3")
+
+
+def test_a_base_described_from_its_files_has_the_loaded_base_fingerprint_and_shapes(tiny_settings):
+    """vLLM serving checks adapters against a base it never loads: its files must say what loading says."""
+    from assistant.model import describe_base, load_base
+    from assistant.runner import LlamaRunner
+    loaded, described = load_base(tiny_settings, verbose=False), describe_base(tiny_settings)
+    assert described.model is None and described.fingerprint == loaded.fingerprint
+    runner = LlamaRunner(loaded.model, max_slots=1, max_batch=1, device="cpu")
+    assert described.extra["module_shapes"] == runner.module_shapes()
