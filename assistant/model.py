@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .files import fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +127,11 @@ def convert_gguf(gguf: Path, out: Path, *, progress: bool = True) -> Path:
     sizes = {name: (staging / name).stat().st_size for name in files}
     (staging / MANIFEST).write_text(json.dumps({"source": gguf.name, "source_size": gguf.stat().st_size,
                                                 "files": files, "sizes": sizes}, indent=1))
-    for p in staging.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    fsync_tree(staging)          # the folder is renamed into place whole: its files are on disk first
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
+    fsync_dir(out.parent)
     return out
 
 
