@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import unicodedata
@@ -330,6 +331,11 @@ def snapshot_rows(kept: list[dict]) -> list[dict]:
 
 def snapshot_bytes(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+
+
+def read_snapshot(path: str | os.PathLike) -> list[dict]:
+    """The rows of a snapshot file (JSON Lines of SNAPSHOT_FIELDS), in file order: the one reader of them."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _write_snapshot(folder: Path, rows: list[dict]) -> tuple[str, Path]:

@@ -263,9 +263,9 @@ def evaluate_version(settings, store, registry, domain: str, version: str | None
                      gate_settings: GateSettings | None = None) -> dict:
     """Before/after metrics and the gate's verdict for `domain@version` (default: the active one) on the
     domain's latest curated snapshot (the CLI's `assistant eval`)."""
-    import json as _json
     from pathlib import Path
 
+    from .curation import read_snapshot
     from .errors import NotFound
     from .model import load_base
     version = version or registry.active_version(domain)
@@ -274,7 +274,7 @@ def evaluate_version(settings, store, registry, domain: str, version: str | None
     snap = store.latest_snapshot(domain)
     if not snap or not Path(snap["path"]).is_file():
         raise NotFound(f"domain {domain!r} has no curated dataset yet: run `assistant curate --domain {domain}`")
-    rows = [_json.loads(x) for x in Path(snap["path"]).read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = read_snapshot(snap["path"])
     base = load_base(settings, verbose=False)
     before, after = evaluate_adapter(base, registry.version_path(domain, version), rows, gate_settings,
                                      registry.get_domain(domain).system_prompt)

@@ -254,7 +254,8 @@ def _read_rows(settings, record: dict, store, domain: str) -> list[dict]:
         path = Path(settings.state_path) / "snapshots" / domain / f"{record['snapshot']}.jsonl"
     if not path or not Path(path).is_file():
         raise AssistantError(f"the dataset snapshot of {domain!r} is missing: curate it again and retrain")
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from .curation import read_snapshot
+    return read_snapshot(path)
 
 
 def _user_text(text: str, settings) -> str:

@@ -16,7 +16,6 @@ the questions it gets still look like the data it was trained on.
 Prometheus text format (`GET /metrics`).
 """
 
-import json
 import math
 import threading
 import time
@@ -102,6 +101,7 @@ _ref_lock = threading.Lock()
 def _snapshot_for(service, domain: str) -> tuple[str | None, list[dict] | None]:
     """(hash, rows) of the snapshot the active adapter was trained on (from its card), else of the latest
     written one, else of the domain's data as curation would take it now (computed, nothing written)."""
+    from .curation import read_snapshot
     folder = service.settings.state_path / "snapshots" / domain
     active = service.registry.active_version(domain)
     if active:
@@ -111,16 +111,12 @@ def _snapshot_for(service, domain: str) -> tuple[str | None, list[dict] | None]:
             if isinstance(h, dict):
                 h = h.get("hash") or h.get("snapshot")
             if isinstance(h, str) and (folder / f"{h}.jsonl").is_file():
-                return h, _rows(folder / f"{h}.jsonl")
+                return h, read_snapshot(folder / f"{h}.jsonl")
     latest = service.store.latest_snapshot(domain)
     if latest and Path(latest["path"]).is_file():
-        return latest["hash"], _rows(Path(latest["path"]))
+        return latest["hash"], read_snapshot(latest["path"])
     preview = service.preview(domain)
     return (preview.hash, preview.rows) if preview.rows else (None, None)
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _read_only_cache(service):

@@ -6,13 +6,12 @@ injection row. The near-duplicate threshold was chosen on tests/dedup_calibratio
 and tests/dedup_testset.py (a restaurant: rosters of people, times, prices) only check it.
 """
 
-import json
 import time
 
 import numpy as np
 import pytest
 
-from assistant.curation import CurationSettings, Curator, curate, dedup_text, has_injection, is_garbage
+from assistant.curation import CurationSettings, Curator, curate, dedup_text, has_injection, is_garbage, read_snapshot
 from assistant.store import Store
 
 PARAPHRASES = [
@@ -288,7 +287,7 @@ def test_planted_data_report_is_exactly_what_was_planted(tmp_path, embedder):
     for _, secret, _ in PII_ROWS:
         assert secret not in text and secret.replace(" ", "") not in text, secret
     assert "[EMAIL]" in text and "[CARD]" in text and "[IBAN]" in text
-    lines = [json.loads(line) for line in text.splitlines()]
+    lines = read_snapshot(snap.path)
     assert len(lines) == report["kept"] and {l["split"] for l in lines} == {"train", "eval"}
     assert all(set(l) == {"messages", "split", "source", "key", "feedback_ids"} for l in lines)
     assert {l["source"] for l in lines} == {"seed"}
