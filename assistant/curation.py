@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 FILTERS = ("rejected", "empty", "too_short", "too_long", "garbage", "injection", "pii", "pii_scrubbed",
            "exact_duplicate", "near_duplicate", "user_cap")
 MIN_ITEMS_FOR_HOLDOUT = 50       # below this many kept rows everything is train (a holdout of 2 means nothing)
-MIN_ROWS_FOR_EVAL = MIN_ITEMS_FOR_HOLDOUT   # the former name
 REPORT_TEXT_CHARS = 120          # characters of a question shown per removed item in the report
 SNAPSHOT_FIELDS = ("messages", "split", "source", "key", "feedback_ids")
 ROW_SOURCE = {"seed": "seed", "up": "thumbs_up", "correction": "correction"}   # candidate source -> row source
@@ -478,14 +477,3 @@ def curate(store, domain: str, settings, embedder=None, options: CurationSetting
 def preview(store, domain: str, settings, embedder=None, options: CurationSettings | None = None) -> Snapshot:
     """The curation report of `domain` without writing anything (see `Curator.preview`)."""
     return Curator(store, settings, embedder, options).preview(domain)
-
-
-def curation_help() -> dict[str, str]:
-    from dataclasses import fields
-    return {f.name: f.metadata.get("help", "") for f in fields(CurationSettings)}
-
-
-def options_from(values: dict | None) -> CurationSettings:
-    """CurationSettings from a dict (API body / CLI), naming any unknown setting."""
-    from .settings import checked_values
-    return CurationSettings(**checked_values(CurationSettings, dict(values or {}), "curation"))

@@ -105,13 +105,9 @@ def _snapshot_for(service, domain: str) -> tuple[str | None, list[dict] | None]:
     folder = service.settings.state_path / "snapshots" / domain
     active = service.registry.active_version(domain)
     if active:
-        card = service.registry.read_card(domain, active)
-        for key in ("dataset_snapshot", "snapshot", "snapshot_hash", "dataset_hash", "dataset"):
-            h = card.get(key)
-            if isinstance(h, dict):
-                h = h.get("hash") or h.get("snapshot")
-            if isinstance(h, str) and (folder / f"{h}.jsonl").is_file():
-                return h, read_snapshot(folder / f"{h}.jsonl")
+        h = service.registry.read_card(domain, active).get("dataset_snapshot")   # written by jobs.run_job
+        if isinstance(h, str) and (folder / f"{h}.jsonl").is_file():
+            return h, read_snapshot(folder / f"{h}.jsonl")
     latest = service.store.latest_snapshot(domain)
     if latest and Path(latest["path"]).is_file():
         return latest["hash"], read_snapshot(latest["path"])

@@ -64,7 +64,6 @@ class Settings:
     max_resident_adapters: int = field(default=MAX_RESIDENT_ADAPTERS, metadata={"help": "adapters kept loaded"})
     max_batch: int = field(default=MAX_BATCH, metadata={"help": "rows decoded together"})
     max_queue: int = field(default=MAX_QUEUE, metadata={"help": "waiting requests before 'busy'"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
 
     def __post_init__(self):
         if self.quantization not in ("auto", "nf4", "int8", "none"):
@@ -118,10 +117,6 @@ def parse_auth(values: list[str] | None, auth_file: str | None = None) -> tuple[
             raise ValueError(f"--auth {item.split(':')[0]!r}...: write it as USER:PASS")
         pairs.append((user, password))
     return tuple(pairs)
-
-
-def setting_help() -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in fields(Settings)}
 
 
 def checked_values(cls, values: dict, what: str) -> dict:

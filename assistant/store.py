@@ -404,36 +404,6 @@ class Store:
         rows = self._read("SELECT id FROM jobs WHERE status IN ('queued','running')")
         return self.get_job(rows[0]["id"]) if rows else None
 
-    # Monitoring ----------------------------------------------------------------------------------
-    def response_stats(self, domain: str, bucket_seconds: float = 3600, since: float | None = None) -> list[dict]:
-        """Per time bucket and adapter version: responses, latency, and feedback on those responses.
-
-        -> [{bucket_start, adapter_version, responses, avg_latency_ms, avg_ttft_ms, feedback, up, down,
-        corrections}] ordered by bucket then version ('base' for no adapter)."""
-        rows = self._read(
-            "SELECT CAST(r.created_at / :b AS INTEGER) * :b AS bucket_start, "
-            "COALESCE(r.adapter_version, 'base') AS adapter_version, COUNT(*) AS responses, "
-            "AVG(r.latency_ms) AS avg_latency_ms, AVG(r.ttft_ms) AS avg_ttft_ms, "
-            "COALESCE(SUM(f.n), 0) AS feedback, COALESCE(SUM(f.up), 0) AS up, COALESCE(SUM(f.down), 0) AS down, "
-            "COALESCE(SUM(f.corrections), 0) AS corrections "
-            "FROM responses r LEFT JOIN (SELECT response_id, COUNT(*) AS n, SUM(rating = 'up') AS up, "
-            "  SUM(rating = 'down') AS down, SUM(correction IS NOT NULL) AS corrections "
-            "  FROM feedback GROUP BY response_id) f ON f.response_id = r.id "
-            "WHERE r.domain = :d AND r.created_at >= :s GROUP BY bucket_start, adapter_version "
-            "ORDER BY bucket_start, adapter_version",
-            {"b": float(bucket_seconds), "d": domain, "s": since if since is not None else float("-inf")})
-        return [dict(r) for r in rows]
-
-    def counts(self, domain: str) -> dict:
-        """Totals for a domain: responses, feedback, up, down, corrections, examples."""
-        r = self._read(
-            "SELECT (SELECT COUNT(*) FROM responses WHERE domain = :d) AS responses, "
-            "COUNT(f.id) AS feedback, COALESCE(SUM(f.rating = 'up'), 0) AS up, "
-            "COALESCE(SUM(f.rating = 'down'), 0) AS down, COALESCE(SUM(f.correction IS NOT NULL), 0) AS corrections, "
-            "(SELECT COUNT(*) FROM examples WHERE domain = :d) AS examples "
-            "FROM feedback f JOIN responses r ON r.id = f.response_id WHERE r.domain = :d", {"d": domain})[0]
-        return dict(r)
-
     # Embedding cache (used by embeddings.Embedder) -----------------------------------------------
     def get_embeddings(self, model: str, hashes: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -113,10 +113,6 @@ class TrainSettings:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
         return d
-
-
-def train_settings_help() -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in fields(TrainSettings)}
 
 
 @dataclass

@@ -158,19 +158,6 @@ def test_jobs(tmp_path):
     assert store.get_job("nope") is None
 
 
-def test_monitoring_stats(tmp_path):
-    store = Store(tmp_path / "s.db")
-    _log(store, "a", version="v1", created_at=10.0)
-    _log(store, "b", version="v1", created_at=20.0)
-    _log(store, "c", version=None, created_at=70.0)
-    store.add_feedback(response_id="a", rating="up")
-    store.add_feedback(response_id="b", rating="down", correction="better")
-    rows = store.response_stats("d", bucket_seconds=60)
-    assert [(r["bucket_start"], r["adapter_version"], r["responses"], r["up"], r["down"], r["corrections"])
-            for r in rows] == [(0, "v1", 2, 1, 1, 1), (60, "base", 1, 0, 0, 0)]
-    assert store.counts("d") == {"responses": 3, "feedback": 2, "up": 1, "down": 1, "corrections": 1, "examples": 0}
-
-
 def test_create_job_from_20_threads_gives_exactly_one(tmp_path):
     store = Store(tmp_path / "s.db")
     barrier = threading.Barrier(20)
