@@ -51,6 +51,9 @@ GARBAGE_MIN_WORDCHAR_RATIO = 0.5  # letters+digits over non-space characters
 GARBAGE_MIN_UNIQUE_WORDS = 0.25  # distinct/total words, for texts of GARBAGE_REPEAT_WORDS+ words
 GARBAGE_REPEAT_WORDS = 12
 SOURCE_RANK = {"correction": 0, "up": 1, "seed": 2}   # near-duplicate winner: corrections first
+SNAPSHOT_HASH_CHARS = 16         # hex characters of the content hash that name a snapshot file
+SPLIT_HASH_CHARS = 12            # hex characters of a row's hash that place it in [0, 1) for the eval pick
+SPLIT_BLOCK_ROWS = 4096          # train rows per similarity product in the split check (bounds its memory)
 
 INJECTION_RE = re.compile("|".join([
     r"\b(?:ignore|disregard|forget|override)\b[\w\s,]{0,30}?\b(?:previous|prior|above|earlier|preceding|all|your|the)\s+"
@@ -241,7 +244,7 @@ def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> Non
         it["split"] = "train"
     if len(kept) < MIN_ITEMS_FOR_HOLDOUT or opts.eval_fraction <= 0:
         return
-    scores = [int(it["row_hash"][:12], 16) / 16 ** 12 for it in kept]
+    scores = [int(it["row_hash"][:SPLIT_HASH_CHARS], 16) / 16 ** SPLIT_HASH_CHARS for it in kept]
     # Corrections always train: a user who corrected an answer expects that answer to be learned
     # (the gate checks every one of them); held-out rows come from seeds and thumbs-up answers.
     eligible = [i for i, it in enumerate(kept) if it.get("source") != "correction"]
@@ -256,8 +259,8 @@ def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> Non
         if not ev or not tr:
             break
         best = np.zeros(len(ev), np.float32) - 1
-        for start in range(0, len(tr), 4096):
-            block = vectors[tr[start:start + 4096]]
+        for start in range(0, len(tr), SPLIT_BLOCK_ROWS):
+            block = vectors[tr[start:start + SPLIT_BLOCK_ROWS]]
             best = np.maximum(best, (vectors[ev] @ block.T).max(axis=1))
         leaking = {e for e, s in zip(ev, best) if s >= opts.split_threshold}
         if not leaking:
@@ -291,7 +294,7 @@ def run(store, domain: str, embedder, opts: CurationSettings, *,
     survivors = [it for it in survivors if it["removed"] is None]
     dedup.supersede(survivors)
 
-    vectors = np.zeros((0, 384), np.float32)
+    vectors = np.zeros((0, embedder.dim), np.float32)
     if survivors:
         cache = dedup.ReadOnlyCache(store) if read_only else store
         vectors = embedder.embed([dedup_text(it["messages"]) for it in survivors], cache=cache)
@@ -339,7 +342,7 @@ def read_snapshot(path: str | os.PathLike) -> list[dict]:
 
 def _write_snapshot(folder: Path, rows: list[dict]) -> tuple[str, Path]:
     data = snapshot_bytes(rows)
-    digest = hashlib.sha256(data).hexdigest()[:16]
+    digest = hashlib.sha256(data).hexdigest()[:SNAPSHOT_HASH_CHARS]
     path = folder / f"{digest}.jsonl"
     if not path.exists():                    # immutable: never rewritten once published
         folder.mkdir(parents=True, exist_ok=True)
@@ -386,7 +389,7 @@ class Curator:
         file would be named."""
         items, kept, report, _ = run(self.store, domain, self._embedder(), self.options, read_only=True)
         rows = snapshot_rows(kept)
-        digest = hashlib.sha256(snapshot_bytes(rows)).hexdigest()[:16]
+        digest = hashlib.sha256(snapshot_bytes(rows)).hexdigest()[:SNAPSHOT_HASH_CHARS]
         report["snapshot"] = digest
         return Snapshot(digest, None, report, rows, items)
 
@@ -417,7 +420,7 @@ class Curator:
         current = self._load_index(domain)
         if current is not None and current.keys == keys:
             return                                  # unchanged: leave the files alone
-        index = VectorIndex(vectors.shape[1] if len(vectors) else 384)
+        index = VectorIndex(vectors.shape[1])   # (0, dim) when nothing was kept
         if len(keys):
             index.add(vectors, keys)
         with self._lock:

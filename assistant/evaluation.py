@@ -92,7 +92,7 @@ def taught_rows(rows: list[dict]) -> list[dict]:
 # Model calls
 # ---------------------------------------------------------------------------------------------
 
-def heldout_loss(model, tokenizer, rows: list[dict], max_seq_len: int = 512) -> float | None:
+def heldout_loss(model, tokenizer, rows: list[dict], max_seq_len: int) -> float | None:
     """Mean cross-entropy on the assistant tokens of `rows` (token-weighted), or None without rows."""
     import torch
 

@@ -40,7 +40,8 @@ from .threads import use_all_cores
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear
+KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear...
+KILL_POLL_SECONDS = 0.05        # ...checking this often
 STAGING_PREFIX = ".staging-job-"   # + job id: the job's staging folder in its domain's adapter folder
 JOB_LOG_DIR = "jobs"            # <state>/jobs/<job_id>.log : the child's stdout and stderr
 JOB_NICENESS = 10               # the child yields the CPU to the server, so chat stays responsive
@@ -168,7 +169,7 @@ def _kill_group(pid: int | None) -> None:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
-        time.sleep(0.05)
+        time.sleep(KILL_POLL_SECONDS)
 
 
 def staging_path(adapters_root, job: dict) -> Path:

@@ -27,6 +27,8 @@ from .stages import pending_stages, public_gate
 BUSY_TIMEOUT_MS = 10_000        # sqlite waits this long for a lock before reporting busy
 WRITE_ATTEMPTS = 8              # retries of a whole transaction that still found the database busy
 RETRY_BASE_S = 0.02             # first back-off; doubles each attempt, with jitter
+SQL_IN_CHUNK = 500              # values per `IN (...)` query: well under SQLite's limit on bound variables
+JOB_ID_CHARS = 16               # hex characters of a job id
 RATINGS = ("up", "down")
 REVIEW_STATUSES = ("approved", "rejected")
 ROLES = ("system", "user", "assistant")
@@ -321,7 +323,7 @@ class Store:
     # Training jobs -------------------------------------------------------------------------------
     def create_job(self, domain: str, settings: dict | None = None) -> str:
         """Queue a training job; `Conflict` while any job (any domain) is queued or running."""
-        job_id = uuid.uuid4().hex[:16]
+        job_id = uuid.uuid4().hex[:JOB_ID_CHARS]
 
         def insert(c):
             try:
@@ -407,8 +409,8 @@ class Store:
     # Embedding cache (used by embeddings.Embedder) -----------------------------------------------
     def get_embeddings(self, model: str, hashes: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
-        for i in range(0, len(hashes), 500):
-            chunk = hashes[i:i + 500]
+        for i in range(0, len(hashes), SQL_IN_CHUNK):
+            chunk = hashes[i:i + SQL_IN_CHUNK]
             rows = self._read(f"SELECT content_hash, vector FROM embeddings WHERE model = ? AND content_hash IN "
                               f"({','.join('?' * len(chunk))})", (model, *chunk))
             out.update({r[0]: r[1] for r in rows})
