@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import migrations
 from .errors import Busy, Conflict, NotFound
@@ -191,14 +191,19 @@ class Store:
                                "/v1/chat/completions returned", param="response_id")
             row = c.execute("SELECT id FROM feedback WHERE response_id = ? AND user IS ? ORDER BY id DESC LIMIT 1",
                             (response_id, user)).fetchone()
+            now = time.time()
             if row is not None:
                 c.execute("UPDATE feedback SET rating = ?, correction = COALESCE(?, correction), "
                           "reason = COALESCE(?, reason), created_at = ? WHERE id = ?",
-                          (rating, correction, reason, time.time(), row["id"]))
-                return row["id"]
-            cur = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, created_at) "
-                            "VALUES (?,?,?,?,?,?)", (response_id, rating, correction, reason, user, time.time()))
-            return cur.lastrowid
+                          (rating, correction, reason, now, row["id"]))
+                fid = row["id"]
+            else:
+                fid = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, created_at) "
+                                "VALUES (?,?,?,?,?,?)", (response_id, rating, correction, reason, user, now)).lastrowid
+            c.execute("INSERT INTO feedback_events (feedback_id, domain, adapter_version, rating, corrected, created_at) "
+                      "SELECT ?, domain, adapter_version, ?, ?, ? FROM responses WHERE id = ?",
+                      (fid, rating, correction is not None, now, response_id))
+            return fid
         return self._write(upsert)
 
     def list_feedback(self, domain: str | None = None) -> list[dict]:
@@ -405,6 +410,39 @@ class Store:
     def active_job(self) -> dict | None:
         rows = self._read("SELECT id FROM jobs WHERE status IN ('queued','running')")
         return self.get_job(rows[0]["id"]) if rows else None
+
+    # Serving totals (monitoring's Prometheus counters and histograms) ----------------------------------
+    def response_totals(self, after: int, latency_bounds_ms: Sequence[float],
+                        ttft_bounds_ms: Sequence[float]) -> tuple[int, list[dict]]:
+        """Responses logged after row `after` (0, or what a previous call returned), summed per domain and
+        adapter version -> (the last row summed, [{domain, adapter_version, answers, latency_ms_sum,
+        latency_le: [count at or under each bound], ttft_count, ttft_ms_sum, ttft_le}]). Responses are only ever
+        inserted, so the sums of successive calls are the totals, and reading only new rows keeps a call cheap."""
+        last = self._read("SELECT COALESCE(MAX(rowid), 0) FROM responses")[0][0]
+        if last <= after:
+            return after, []
+        bounds = [*latency_bounds_ms, *ttft_bounds_ms]
+        le = "".join(f", SUM({col} <= ?)" for col in ["latency_ms"] * len(latency_bounds_ms)
+                     + ["ttft_ms"] * len(ttft_bounds_ms))
+        rows = self._read("SELECT domain, adapter_version, COUNT(*), SUM(latency_ms), COUNT(ttft_ms), "
+                          f"COALESCE(SUM(ttft_ms), 0){le} FROM responses WHERE rowid > ? AND rowid <= ? "
+                          "GROUP BY domain, adapter_version", (*bounds, after, last))
+        n = len(latency_bounds_ms)
+        return last, [{"domain": r[0], "adapter_version": r[1], "answers": r[2], "latency_ms_sum": r[3],
+                       "ttft_count": r[4], "ttft_ms_sum": r[5], "latency_le": [v or 0 for v in r[6:6 + n]],
+                       "ttft_le": [v or 0 for v in r[6 + n:]]} for r in rows]
+
+    def feedback_totals(self, after: int) -> tuple[int, list[dict]]:
+        """Ratings given after event `after`, counted per domain, adapter version and rating -> (the last event
+        counted, [{domain, adapter_version, rating, ratings, corrections}]). Every rating is an event, also one
+        that replaces the same user's earlier rating: these counts only grow."""
+        last = self._read("SELECT COALESCE(MAX(id), 0) FROM feedback_events")[0][0]
+        if last <= after:
+            return after, []
+        rows = self._read("SELECT domain, adapter_version, rating, COUNT(*), SUM(corrected) FROM feedback_events "
+                          "WHERE id > ? AND id <= ? GROUP BY domain, adapter_version, rating", (after, last))
+        return last, [{"domain": r[0], "adapter_version": r[1], "rating": r[2], "ratings": r[3], "corrections": r[4]}
+                      for r in rows]
 
     # Embedding cache (used by embeddings.Embedder) -----------------------------------------------
     def get_embeddings(self, model: str, hashes: list[str]) -> dict[str, bytes]:

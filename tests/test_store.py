@@ -158,6 +158,29 @@ def test_jobs(tmp_path):
     assert store.get_job("nope") is None
 
 
+def test_serving_totals_add_up_from_any_mark_and_every_rating_counts(tmp_path):
+    store = Store(tmp_path / "s.db")
+    _log(store, "a", version="v1")
+    store.log_response(id="b", domain="d", adapter_version="v1", model="d", messages=[], answer="", prompt_tokens=1,
+                       completion_tokens=0, latency_ms=900.0, ttft_ms=None, finish_reason="cancelled")   # no token
+    mark, rows = store.response_totals(0, [10.0, 100.0], [5.0])
+    assert rows == [{"domain": "d", "adapter_version": "v1", "answers": 2, "latency_ms_sum": 912.5, "ttft_count": 1,
+                     "ttft_ms_sum": 3.0, "latency_le": [0, 1], "ttft_le": [1]}]
+    assert store.response_totals(mark, [10.0], [5.0]) == (mark, [])           # nothing new: nothing summed
+    _log(store, "c", version=None)
+    mark2, rows = store.response_totals(mark, [10.0], [])
+    assert mark2 > mark and [(r["adapter_version"], r["answers"], r["latency_le"]) for r in rows] == [(None, 1, [0])]
+
+    store.add_feedback(response_id="a", rating="up")
+    store.add_feedback(response_id="a", rating="down", correction="Better.")    # the same user changes it
+    store.add_feedback(response_id="c", rating="down", user="u2")
+    last, fb = store.feedback_totals(0)
+    assert sorted((r["adapter_version"] or "base", r["rating"], r["ratings"], r["corrections"]) for r in fb) == [
+        ("base", "down", 1, 0), ("v1", "down", 1, 1), ("v1", "up", 1, 0)]
+    assert [f["rating"] for f in store.list_feedback("d")] == ["down", "down"]   # the record itself is replaced
+    assert store.feedback_totals(last) == (last, [])
+
+
 def test_create_job_from_20_threads_gives_exactly_one(tmp_path):
     store = Store(tmp_path / "s.db")
     barrier = threading.Barrier(20)
