@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from assistant.errors import Conflict, NotFound
-from assistant.store import Store
+from assistant.store import BUSY_TIMEOUT_MS, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_pragmas_and_responses(tmp_path):
     conn = store._conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2          # FULL
-    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == BUSY_TIMEOUT_MS
     _log(store, "r1", created_at=100.0)
     _log(store, "r2", created_at=200.0, user="ann")
     _log(store, "r3", domain="other", created_at=150.0)
