@@ -386,7 +386,7 @@ def test_user_share_cap(tmp_path, embedder):
 def test_insert_time_check_and_review_queue(tmp_path, embedder):
     store = planted_store(tmp_path)
     curator = Curator(store, tmp_path, embedder)
-    snap = curator.curate("support")
+    snap = curator.snapshot("support")
     kept_keys = {it["key"] for it in snap.items if it["removed"] is None}
     answer, questions = PARAPHRASES[0]
     key, sim = curator.check_new("support", [{"role": "user", "content": "I can't remember my password, what now?"},
