@@ -226,7 +226,7 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
 
     @r.get("/metrics")
     async def prometheus(request: Request):
-        text = await asyncio.to_thread(serving.prometheus_text)
+        text = await asyncio.to_thread(workspace.prometheus_text)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return r

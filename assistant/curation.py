@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dedup, pii
+from .files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 FILTERS = ("rejected", "empty", "too_short", "too_long", "garbage", "injection", "pii", "pii_scrubbed",
            "exact_duplicate", "near_duplicate", "user_cap")
 MIN_ITEMS_FOR_HOLDOUT = 50       # below this many kept rows everything is train (a holdout of 2 means nothing)
-MIN_ROWS_FOR_EVAL = MIN_ITEMS_FOR_HOLDOUT   # the former name
 REPORT_TEXT_CHARS = 120          # characters of a question shown per removed item in the report
 SNAPSHOT_FIELDS = ("messages", "split", "source", "key", "feedback_ids")
 ROW_SOURCE = {"seed": "seed", "up": "thumbs_up", "correction": "correction"}   # candidate source -> row source
@@ -51,6 +51,9 @@ GARBAGE_MIN_WORDCHAR_RATIO = 0.5  # letters+digits over non-space characters
 GARBAGE_MIN_UNIQUE_WORDS = 0.25  # distinct/total words, for texts of GARBAGE_REPEAT_WORDS+ words
 GARBAGE_REPEAT_WORDS = 12
 SOURCE_RANK = {"correction": 0, "up": 1, "seed": 2}   # near-duplicate winner: corrections first
+SNAPSHOT_HASH_CHARS = 16         # hex characters of the content hash that name a snapshot file
+SPLIT_HASH_CHARS = 12            # hex characters of a row's hash that place it in [0, 1) for the eval pick
+SPLIT_BLOCK_ROWS = 4096          # train rows per similarity product in the split check (bounds its memory)
 
 INJECTION_RE = re.compile("|".join([
     r"\b(?:ignore|disregard|forget|override)\b[\w\s,]{0,30}?\b(?:previous|prior|above|earlier|preceding|all|your|the)\s+"
@@ -241,7 +244,7 @@ def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> Non
         it["split"] = "train"
     if len(kept) < MIN_ITEMS_FOR_HOLDOUT or opts.eval_fraction <= 0:
         return
-    scores = [int(it["row_hash"][:12], 16) / 16 ** 12 for it in kept]
+    scores = [int(it["row_hash"][:SPLIT_HASH_CHARS], 16) / 16 ** SPLIT_HASH_CHARS for it in kept]
     # Corrections always train: a user who corrected an answer expects that answer to be learned
     # (the gate checks every one of them); held-out rows come from seeds and thumbs-up answers.
     eligible = [i for i, it in enumerate(kept) if it.get("source") != "correction"]
@@ -256,8 +259,8 @@ def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> Non
         if not ev or not tr:
             break
         best = np.zeros(len(ev), np.float32) - 1
-        for start in range(0, len(tr), 4096):
-            block = vectors[tr[start:start + 4096]]
+        for start in range(0, len(tr), SPLIT_BLOCK_ROWS):
+            block = vectors[tr[start:start + SPLIT_BLOCK_ROWS]]
             best = np.maximum(best, (vectors[ev] @ block.T).max(axis=1))
         leaking = {e for e, s in zip(ev, best) if s >= opts.split_threshold}
         if not leaking:
@@ -291,7 +294,7 @@ def run(store, domain: str, embedder, opts: CurationSettings, *,
     survivors = [it for it in survivors if it["removed"] is None]
     dedup.supersede(survivors)
 
-    vectors = np.zeros((0, 384), np.float32)
+    vectors = np.zeros((0, embedder.dim), np.float32)
     if survivors:
         cache = dedup.ReadOnlyCache(store) if read_only else store
         vectors = embedder.embed([dedup_text(it["messages"]) for it in survivors], cache=cache)
@@ -332,18 +335,18 @@ def snapshot_bytes(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
 
 
+def read_snapshot(path: str | os.PathLike) -> list[dict]:
+    """The rows of a snapshot file (JSON Lines of SNAPSHOT_FIELDS), in file order: the one reader of them."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _write_snapshot(folder: Path, rows: list[dict]) -> tuple[str, Path]:
     data = snapshot_bytes(rows)
-    digest = hashlib.sha256(data).hexdigest()[:16]
+    digest = hashlib.sha256(data).hexdigest()[:SNAPSHOT_HASH_CHARS]
     path = folder / f"{digest}.jsonl"
     if not path.exists():                    # immutable: never rewritten once published
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     return digest, path
 
 
@@ -389,7 +392,7 @@ class Curator:
         file would be named."""
         items, kept, report, _ = run(self.store, domain, self._embedder(), self.options, read_only=True)
         rows = snapshot_rows(kept)
-        digest = hashlib.sha256(snapshot_bytes(rows)).hexdigest()[:16]
+        digest = hashlib.sha256(snapshot_bytes(rows)).hexdigest()[:SNAPSHOT_HASH_CHARS]
         report["snapshot"] = digest
         return Snapshot(digest, None, report, rows, items)
 
@@ -420,7 +423,7 @@ class Curator:
         current = self._load_index(domain)
         if current is not None and current.keys == keys:
             return                                  # unchanged: leave the files alone
-        index = VectorIndex(vectors.shape[1] if len(vectors) else 384)
+        index = VectorIndex(vectors.shape[1])   # (0, dim) when nothing was kept
         if len(keys):
             index.add(vectors, keys)
         with self._lock:
@@ -480,14 +483,3 @@ def curate(store, domain: str, settings, embedder=None, options: CurationSetting
 def preview(store, domain: str, settings, embedder=None, options: CurationSettings | None = None) -> Snapshot:
     """The curation report of `domain` without writing anything (see `Curator.preview`)."""
     return Curator(store, settings, embedder, options).preview(domain)
-
-
-def curation_help() -> dict[str, str]:
-    from dataclasses import fields
-    return {f.name: f.metadata.get("help", "") for f in fields(CurationSettings)}
-
-
-def options_from(values: dict | None) -> CurationSettings:
-    """CurationSettings from a dict (API body / CLI), naming any unknown setting."""
-    from .settings import checked_values
-    return CurationSettings(**checked_values(CurationSettings, dict(values or {}), "curation"))

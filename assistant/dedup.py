@@ -32,6 +32,7 @@ s t d ll m re ve get got go goes going use using tell know like want need answer
 """.split()) - {"no", "not", "nor"}      # negations carry meaning
 STEM_MIN_LEN = 4                 # words shorter than this are not stemmed
 TEMPLATE_MIN_SHARED = 0.5        # questions sharing this share of their words in order are one template
+WHY_MAX_WORDS = 8                # words named in a merge's explanation
 _WORD = re.compile(r"[^\W_]+(?:[.,:/'][^\W_]+)*", re.UNICODE)   # keeps 2.50, 7:30, 1,200, it's together
 _SENTENCE_END = re.compile(r"[.!?:;]\s*$")
 
@@ -97,13 +98,13 @@ class Comparison:
     question_entities_differ: tuple[str, ...]
 
     def why(self, similarity: float) -> str:
-        shared = ", ".join(self.shared_answer_tokens[:8]) or "none"
+        shared = ", ".join(self.shared_answer_tokens[:WHY_MAX_WORDS]) or "none"
         if self.same:
             return f"embedding similarity {similarity:.2f}; same answer content ({shared})"
         differ = sorted(set(self.answer_only_in_a) | set(self.answer_only_in_b))
         if differ:
-            return f"answers differ in {', '.join(differ[:8])}"
-        return f"questions name different things ({', '.join(self.question_entities_differ[:8])})"
+            return f"answers differ in {', '.join(differ[:WHY_MAX_WORDS])}"
+        return f"questions name different things ({', '.join(self.question_entities_differ[:WHY_MAX_WORDS])})"
 
 
 def _words(text: str) -> list[str]:

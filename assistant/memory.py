@@ -36,6 +36,7 @@ ACT_HIDDEN_PER_LAYER = 8
 ACT_KV_PER_LAYER = 2
 ACT_INTER_PER_LAYER = 5
 LOGIT_COPIES = 3                          # the chunk's float32 logits, their softmax and its gradient
+FLOAT32_BYTES = 4                         # the loss computes logits in float32 whatever the weights' dtype
 ALLOCATOR_SLACK = 0.10                    # fragmentation and caching allocator rounding
 CUDA_CONTEXT_BYTES = 600 * 2**20          # the job process's CUDA context and cuBLAS workspace
 TARGET_SHAPES = {  # module -> (in, out) as functions of (hidden, intermediate, q width, kv width)
@@ -110,7 +111,7 @@ def estimate_training_bytes(shape: ModelShape, *, quantization: str, dtype_bytes
     per_layer = (ACT_HIDDEN_PER_LAYER * shape.hidden + ACT_KV_PER_LAYER * shape.kv_heads * shape.head_dim
                  + ACT_INTER_PER_LAYER * shape.intermediate) * tokens * dtype_bytes
     kept = shape.layers * tokens * shape.hidden * dtype_bytes + per_layer if checkpointing else shape.layers * per_layer
-    logits = min(tokens, LOSS_CHUNK_TOKENS) * shape.vocab * 4 * LOGIT_COPIES
+    logits = min(tokens, LOSS_CHUNK_TOKENS) * shape.vocab * FLOAT32_BYTES * LOGIT_COPIES
     activations = kept + logits
     overhead = ALLOCATOR_SLACK * (weights + lora + activations) + (CUDA_CONTEXT_BYTES if cuda else 0)
     return MemoryEstimate(weights=weights, lora=lora, activations=activations, overhead=overhead)

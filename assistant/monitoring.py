@@ -1,35 +1,56 @@
 """Monitoring: what each domain and adapter version serves, how people rate it, how fast, and whether
 the questions it gets still look like the data it was trained on.
 
-`domain_metrics(service, domain)` computes, from the store:
+`domain_metrics(workspace, domain)` computes, from the store (the Monitor tab, `GET /api/domains/{name}/metrics`):
 - per adapter version: answers served, thumbs up / down and correction rates (per answer served, each
   answer counted once by its latest rating), latency and time-to-first-token percentiles;
 - the same rates per time bucket (a timeline to plot);
-- drift: the MiniLM embeddings of recent user questions against the questions of the training snapshot
-  (the one the active adapter's card names, else the domain's latest curated snapshot). Two numbers per
-  window: the centroid shift (1 - cosine between the two mean vectors) and the out-of-distribution rate
-  (share of questions whose nearest training question, by FAISS inner product, is below a cosine);
+- drift of the recent questions from the training questions (drift.py);
 - a retrain recommendation with its reasons, when the bad-answer rate of the active version or the drift
   of the latest questions crosses the thresholds of `MonitorSettings`.
 
-`build_metrics_routes(service)` serves it as JSON (`GET /api/domains/{name}/metrics`) and in the
-Prometheus text format (`GET /metrics`).
+`prometheus_text(workspace)` is `GET /metrics`, through the app's `Exporter` (prometheus_client): counters that
+only go up (answers, ratings, corrections, responses that could not be logged), latency and time to first
+token as histograms in seconds, and gauges for states (a broken domain, the active version, the bad-answer
+rate, drift, the retrain recommendation). A scrape never embeds a question: the drift and quality gauges
+come from a cache that a background thread refreshes.
 """
 
-import json
+import logging
 import math
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from .drift import domain_drift
+from .errors import NotFound
+from .registry import check_name, version_key
 from .settings import BASE
+
+log = logging.getLogger(__name__)
 
 PERCENTILES = (50, 90, 99)
 MAX_TIMELINE_BUCKETS = 48          # auto bucket size keeps a timeline at most this long
 NICE_BUCKETS_S = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400)
+EMPTY_SPAN_S = 3600.0              # the timeline span assumed when there are no answers yet
+# Prometheus histogram bucket bounds, in seconds: CPU answers take seconds, GPU ones a fraction.
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS_MS = tuple(b * 1000 for b in LATENCY_BUCKETS_S)   # the store logs milliseconds
+TTFT_BUCKETS_MS = tuple(b * 1000 for b in TTFT_BUCKETS_S)
+DRIFT_REFRESH_S = 60.0             # the drift and quality gauges are recomputed at least this often...
+REFRESH_MIN_GAP_S = 5.0            # ...and at most this often, when scrapes see new answers or ratings
+REFRESH_JOIN_S = 10.0              # how long closing waits for a refresh in progress
+CACHED_GAUGES = {                  # computed by Exporter.refresh, read by the scrape
+    "assistant_bad_answer_rate": "bad-answer rate of the active version (thumbs down or corrected)",
+    "assistant_drift_ood_rate": "share of the latest questions unlike the training data",
+    "assistant_drift_centroid_shift": "1 - cos(mean latest question, mean training question)",
+    "assistant_retrain_recommended": "1 when a retrain is recommended",
+    "assistant_monitor_refreshed_timestamp_seconds": "when the gauges above were computed (Unix time)",
+}
 
 
 @dataclass(frozen=True)
@@ -64,11 +85,6 @@ class MonitorSettings:
             raise ValueError("monitoring settings lookback_seconds and bucket_seconds must be positive")
 
 
-def _question(messages: list[dict]) -> str:
-    users = [m["content"] for m in messages if m.get("role") == "user"]
-    return users[-1].strip() if users else ""
-
-
 def _version(v) -> str:
     return v or BASE
 
@@ -94,91 +110,18 @@ def bucket_size(span_s: float, settings: MonitorSettings) -> float:
     return float(NICE_BUCKETS_S[-1])
 
 
-# Reference (training) questions --------------------------------------------------------------------
-_ref_cache: dict[tuple[str, str], tuple[np.ndarray, object]] = {}
-_ref_lock = threading.Lock()
-
-
-def _snapshot_for(service, domain: str) -> tuple[str | None, list[dict] | None]:
-    """(hash, rows) of the snapshot the active adapter was trained on (from its card), else of the latest
-    written one, else of the domain's data as curation would take it now (computed, nothing written)."""
-    folder = service.settings.state_path / "snapshots" / domain
-    active = service.registry.active_version(domain)
-    if active:
-        card = service.registry.read_card(domain, active)
-        for key in ("dataset_snapshot", "snapshot", "snapshot_hash", "dataset_hash", "dataset"):
-            h = card.get(key)
-            if isinstance(h, dict):
-                h = h.get("hash") or h.get("snapshot")
-            if isinstance(h, str) and (folder / f"{h}.jsonl").is_file():
-                return h, _rows(folder / f"{h}.jsonl")
-    latest = service.store.latest_snapshot(domain)
-    if latest and Path(latest["path"]).is_file():
-        return latest["hash"], _rows(Path(latest["path"]))
-    preview = service.preview(domain)
-    return (preview.hash, preview.rows) if preview.rows else (None, None)
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _read_only_cache(service):
-    """Embeddings already cached are reused; new ones are not stored: reading metrics writes nothing."""
-    from .dedup import ReadOnlyCache
-    return ReadOnlyCache(service.store)
-
-
-def _embedder():
-    from .curation import default_embedder
-    return default_embedder()
-
-
-def _reference(service, domain: str):
-    """(snapshot hash, centroid, FAISS index of the training questions) or (None, None, None)."""
-    h, rows = _snapshot_for(service, domain)
-    if h is None:
-        return None, None, None
-    with _ref_lock:
-        cached = _ref_cache.get((str(service.settings.state_path), domain))
-        if cached and cached[0] == h:
-            return h, cached[1], cached[2]
-    questions = [q for q in (_question(r["messages"]) for r in rows) if q]
-    if not questions:
-        return None, None, None
-    from .embeddings import VectorIndex
-    vecs = _embedder().embed(questions, cache=_read_only_cache(service))
-    index = VectorIndex(vecs.shape[1])
-    index.add(vecs)
-    centroid = vecs.mean(axis=0)
-    with _ref_lock:
-        _ref_cache[(str(service.settings.state_path), domain)] = (h, centroid, index)
-    return h, centroid, index
-
-
-def drift_of(vectors: np.ndarray, centroid: np.ndarray, index, settings: MonitorSettings) -> dict:
-    """Centroid shift and out-of-distribution rate of a set of question vectors against the reference."""
-    if len(vectors) == 0:
-        return {"questions": 0, "centroid_shift": None, "ood_rate": None}
-    mean = vectors.mean(axis=0)
-    denom = float(np.linalg.norm(mean) * np.linalg.norm(centroid)) or 1.0
-    shift = 1.0 - float(mean @ centroid) / denom
-    sims, _ = index.search(vectors, 1)
-    ood = float(np.mean(sims[:, 0] < settings.ood_similarity))
-    return {"questions": int(len(vectors)), "centroid_shift": round(shift, 4), "ood_rate": round(ood, 4)}
-
-
 # The metrics -----------------------------------------------------------------------------------------
-def domain_metrics(service, domain: str, settings: MonitorSettings | None = None, now: float | None = None) -> dict:
+def domain_metrics(workspace, domain: str, settings: MonitorSettings | None = None, now: float | None = None) -> dict:
     """Everything the Monitor tab and `GET /api/domains/{name}/metrics` show for one domain."""
     if settings is None:
         from .settings import group_settings
-        settings = group_settings(service.settings, "monitor")
-    service.require_domain(domain)
+        settings = group_settings(workspace.settings, "monitor")
+    if not workspace.registry.exists(check_name(domain)):
+        raise NotFound(f"no domain {domain!r}: create it first (POST /api/domains or the Adapters tab)")
     now = time.time() if now is None else now
     since = now - settings.lookback_seconds
-    responses = service.store.list_responses(domain, since=since)
-    feedback = service.store.list_feedback(domain)
+    responses = workspace.store.list_responses(domain, since=since)
+    feedback = workspace.store.list_feedback(domain)
     latest: dict[str, dict] = {}          # response id -> latest rating and whether it was ever corrected
     for f in feedback:                     # ordered by feedback id: the last one wins
         entry = latest.setdefault(f["response_id"], {"rating": None, "corrected": False, "at": 0.0})
@@ -186,7 +129,7 @@ def domain_metrics(service, domain: str, settings: MonitorSettings | None = None
         entry["corrected"] = entry["corrected"] or bool(f["correction"])
         entry["at"] = f["created_at"]
 
-    span = (now - responses[0]["created_at"]) if responses else 3600.0
+    span = (now - responses[0]["created_at"]) if responses else EMPTY_SPAN_S
     bucket = bucket_size(max(span, 1.0), settings)
 
     per_version: dict[str, dict] = {}
@@ -209,7 +152,7 @@ def domain_metrics(service, domain: str, settings: MonitorSettings | None = None
         pv["_ttft"].append(r["ttft_ms"])
 
     versions = []
-    for v in sorted(per_version, key=lambda x: (x != BASE, int(x[1:]) if x[1:].isdigit() else 0)):
+    for v in sorted(per_version, key=lambda x: (x != BASE, 0 if x == BASE else version_key(x))):
         pv = per_version[v]
         versions.append({"adapter_version": v, "answers": pv["answers"], "rated": pv["rated"], "up": pv["up"],
                          "down": pv["down"], "corrections": pv["corrections"],
@@ -221,8 +164,8 @@ def domain_metrics(service, domain: str, settings: MonitorSettings | None = None
         rows.append({**tb, "up_rate": _rate(tb["up"], tb["answers"]), "down_rate": _rate(tb["down"], tb["answers"]),
                      "correction_rate": _rate(tb["corrections"], tb["answers"])})
 
-    drift = _drift(service, domain, responses, bucket, settings)
-    active = service.active_version(domain)
+    drift = domain_drift(workspace, domain, responses, bucket, settings)
+    active = workspace.registry.active_version(domain)
     quality = _quality(responses, latest, active, settings)
     recommendation = _recommend(quality, drift, settings)
     return {"domain": domain, "generated_at": now, "active_version": active or None,
@@ -240,27 +183,6 @@ def _quality(responses: list[dict], latest: dict, active: str | None, settings: 
     bad = sum(latest[r["id"]]["rating"] == "down" or latest[r["id"]]["corrected"] for r in window)
     return {"adapter_version": _version(active), "rated": len(window), "bad": bad,
             "bad_rate": _rate(bad, len(window))}
-
-
-def _drift(service, domain: str, responses: list[dict], bucket: float, settings: MonitorSettings) -> dict:
-    snapshot, centroid, index = _reference(service, domain)
-    out = {"snapshot": snapshot, "reference_questions": len(index) if index is not None else 0,
-           "window_questions": settings.window_questions, "current": None, "timeline": []}
-    if snapshot is None:
-        out["note"] = "no curated training data yet: add examples or feedback, then curate"
-        return out
-    asked = [(r["created_at"], _question(r["messages"])) for r in responses]
-    asked = [(t, q) for t, q in asked if q]
-    if not asked:
-        return out
-    vecs = _embedder().embed([q for _, q in asked], cache=_read_only_cache(service))
-    out["current"] = drift_of(vecs[-settings.window_questions:], centroid, index, settings)
-    buckets: dict[float, list[int]] = {}
-    for i, (t, _) in enumerate(asked):
-        buckets.setdefault(math.floor(t / bucket) * bucket, []).append(i)
-    out["timeline"] = [{"bucket_start": b, **drift_of(vecs[idx], centroid, index, settings)}
-                       for b, idx in sorted(buckets.items())]
-    return out
 
 
 def _recommend(quality: dict, drift: dict, settings: MonitorSettings) -> dict:
@@ -293,55 +215,205 @@ def _recommend(quality: dict, drift: dict, settings: MonitorSettings) -> dict:
 
 
 # Prometheus ------------------------------------------------------------------------------------------
-def _label(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+@dataclass
+class _Served:
+    """Running totals of one (domain, version): answers, and latency and time-to-first-token histograms."""
+    answers: int = 0
+    latency_s: float = 0.0
+    latency_le: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_S))
+    ttft_count: int = 0
+    ttft_s: float = 0.0
+    ttft_le: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS_S))
 
 
-def prometheus_text(service, serving=None, settings: MonitorSettings | None = None) -> str:
-    """The Prometheus text format of every domain's metrics; `service` is the Workspace, `serving` counts
-    what could not be logged."""
-    lines: list[str] = []
-    families = {
-        "assistant_answers_total": ("counter", "answers served in the lookback window"),
-        "assistant_feedback_total": ("counter", "answers by latest rating"),
-        "assistant_corrections_total": ("counter", "answers with a correction"),
-        "assistant_latency_ms": ("gauge", "answer latency percentiles"),
-        "assistant_ttft_ms": ("gauge", "time to first token percentiles"),
-        "assistant_bad_answer_rate": ("gauge", "bad-answer rate of the active version"),
-        "assistant_drift_ood_rate": ("gauge", "share of recent questions unlike the training data"),
-        "assistant_drift_centroid_shift": ("gauge", "1 - cos(mean recent question, mean training question)"),
-        "assistant_retrain_recommended": ("gauge", "1 when a retrain is recommended"),
-        "assistant_domain_broken": ("gauge", "1 when the domain cannot serve (see GET /api/domains)"),
-        "assistant_response_log_failures_total": ("counter", "answers that could not be logged"),
-    }
-    samples: dict[str, list[str]] = {k: [] for k in families}
-    samples["assistant_response_log_failures_total"].append(
-        f"assistant_response_log_failures_total {getattr(serving, 'log_failures', 0)}")
-    for d in service.registry.list_domains():
-        dl = f'domain="{_label(d.name)}"'
-        samples["assistant_domain_broken"].append(f"assistant_domain_broken{{{dl}}} {int(d.problem is not None)}")
-        m = domain_metrics(service, d.name, settings)
-        for v in m["versions"]:
-            vl = f'{dl},version="{_label(v["adapter_version"])}"'
-            samples["assistant_answers_total"].append(f"assistant_answers_total{{{vl}}} {v['answers']}")
-            for rating in ("up", "down"):
-                samples["assistant_feedback_total"].append(
-                    f'assistant_feedback_total{{{vl},rating="{rating}"}} {v[rating]}')
-            samples["assistant_corrections_total"].append(f"assistant_corrections_total{{{vl}}} {v['corrections']}")
-            for key, fam in (("latency_ms", "assistant_latency_ms"), ("ttft_ms", "assistant_ttft_ms")):
-                for p in PERCENTILES:
-                    val = v[key][f"p{p}"]
-                    if val is not None:
-                        samples[fam].append(f'{fam}{{{vl},quantile="{p / 100:g}"}} {val}')
-        if m["quality"]["bad_rate"] is not None:
-            samples["assistant_bad_answer_rate"].append(f"assistant_bad_answer_rate{{{dl}}} {m['quality']['bad_rate']}")
-        cur = m["drift"].get("current")
-        if cur and cur["questions"]:
-            samples["assistant_drift_ood_rate"].append(f"assistant_drift_ood_rate{{{dl}}} {cur['ood_rate']}")
-            samples["assistant_drift_centroid_shift"].append(
-                f"assistant_drift_centroid_shift{{{dl}}} {cur['centroid_shift']}")
-        samples["assistant_retrain_recommended"].append(
-            f"assistant_retrain_recommended{{{dl}}} {int(m['recommendation']['retrain'])}")
-    for name, (kind, help_) in families.items():
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples[name]]
-    return "\n".join(lines) + "\n"
+def _buckets(bounds: tuple[float, ...], le: list[int], count: int) -> list[tuple[str, int]]:
+    return [(f"{b:g}", n) for b, n in zip(bounds, le)] + [("+Inf", count)]
+
+
+class Exporter:
+    """The Prometheus view of one app, in a `CollectorRegistry` of its own (several apps share a process in
+    tests). `workspace` is the app's Workspace (anything with `.store`, `.registry`, `.settings` and `.log_failures`)
+    (responses that could not be logged); it is held weakly.
+
+    A scrape (`text()`) reads: the counters and histograms from the store, summing only rows logged since the
+    previous scrape; domain states from the registry; the drift and quality gauges from a cache. It never
+    embeds a question. The cache is filled by `refresh()`, in a background thread every `refresh_s` seconds
+    (sooner when a scrape saw new answers or ratings, but at most once per REFRESH_MIN_GAP_S), and only for
+    domains with something new since their last computation. `refresh_s=None`: no thread (call `refresh`)."""
+
+    def __init__(self, workspace, settings: MonitorSettings | None = None, *,
+                 refresh_s: float | None = DRIFT_REFRESH_S):
+        from prometheus_client import CollectorRegistry
+        self.settings = settings or MonitorSettings()
+        self.refresh_s = refresh_s
+        self._workspace = weakref.ref(workspace, self._workspace_gone)
+        self._lock = threading.Lock()
+        self._served: dict[tuple[str, str], _Served] = {}
+        self._ratings: dict[tuple[str, str, str], list[int]] = {}   # (domain, version, rating) -> [ratings, corrections]
+        self._marks = (0, 0)                                           # last response row, last rating event summed
+        self._gauges: dict[str, tuple[tuple, dict]] = {}             # domain -> (activity key, gauge values)
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self._thread = None
+        if refresh_s is not None:
+            self._wake.set()                                           # the first refresh runs at once
+            self._thread = threading.Thread(target=self._loop, name="metrics-refresh", daemon=True)
+            self._thread.start()
+
+    def text(self) -> str:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry).decode("utf-8")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=REFRESH_JOIN_S)
+
+    def _workspace_gone(self, _ref) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.refresh_s)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the gauges keep their last values; the next round tries again
+                log.exception("refreshing the monitoring gauges failed")
+            self._stop.wait(REFRESH_MIN_GAP_S)
+
+    # Totals from the store ------------------------------------------------------------------------
+    def _sum_new(self, store) -> bool:
+        """Add the responses and ratings logged since the last call to the totals; True when there were any."""
+        with self._lock:
+            last_r, served = store.response_totals(self._marks[0], LATENCY_BUCKETS_MS, TTFT_BUCKETS_MS)
+            last_f, rated = store.feedback_totals(self._marks[1])
+            for r in served:
+                t = self._served.setdefault((r["domain"], _version(r["adapter_version"])), _Served())
+                t.answers += r["answers"]
+                t.latency_s += (r["latency_ms_sum"] or 0.0) / 1000
+                t.ttft_count += r["ttft_count"]
+                t.ttft_s += r["ttft_ms_sum"] / 1000
+                t.latency_le = [a + b for a, b in zip(t.latency_le, r["latency_le"])]
+                t.ttft_le = [a + b for a, b in zip(t.ttft_le, r["ttft_le"])]
+            for r in rated:
+                c = self._ratings.setdefault((r["domain"], _version(r["adapter_version"]), r["rating"]), [0, 0])
+                c[0] += r["ratings"]
+                c[1] += r["corrections"] or 0
+            new = (last_r, last_f) != self._marks
+            self._marks = (last_r, last_f)
+            return new
+
+    def _activity(self, workspace, domain) -> tuple:
+        """What changes when a domain's drift or quality can have changed."""
+        with self._lock:
+            answers = sum(t.answers for (d, _), t in self._served.items() if d == domain.name)
+            ratings = sum(c[0] for (d, _, _), c in self._ratings.items() if d == domain.name)
+        snapshot = (workspace.store.latest_snapshot(domain.name) or {}).get("hash")
+        return answers, ratings, domain.active_version, snapshot
+
+    def refresh(self) -> list[str]:
+        """Recompute the drift and quality gauges of every domain with new answers, ratings, active version or
+        training snapshot since its last computation (this embeds questions) -> the domains recomputed."""
+        workspace = self._workspace()
+        if workspace is None:
+            return []
+        self._sum_new(workspace.store)
+        done = []
+        for domain in workspace.registry.list_domains():
+            key = self._activity(workspace, domain)
+            with self._lock:
+                if self._gauges.get(domain.name, ((),))[0] == key:
+                    continue
+            try:
+                m = domain_metrics(workspace, domain.name, self.settings)
+            except Exception:  # noqa: BLE001 - one domain's failure leaves the others' gauges fresh
+                log.exception("monitoring %s failed: its gauges keep their last values", domain.name)
+                continue
+            cur = m["drift"].get("current") or {}
+            values = {"assistant_bad_answer_rate": m["quality"]["bad_rate"],
+                      "assistant_drift_ood_rate": cur.get("ood_rate"),
+                      "assistant_drift_centroid_shift": cur.get("centroid_shift"),
+                      "assistant_retrain_recommended": int(m["recommendation"]["retrain"]),
+                      "assistant_monitor_refreshed_timestamp_seconds": m["generated_at"]}
+            with self._lock:
+                self._gauges[domain.name] = (key, values)
+            done.append(domain.name)
+        return done
+
+    # The scrape -----------------------------------------------------------------------------------
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        workspace = self._workspace()
+        if workspace is None:
+            return
+        try:
+            if self._sum_new(workspace.store):
+                self._wake.set()                   # new answers or ratings: the refresher looks soon
+        except Exception:  # noqa: BLE001 - the rest still reports (log failures, broken domains); totals hold
+            log.exception("reading the serving totals for /metrics failed: they keep their last values")
+        dv = ["domain", "version"]
+        answers = CounterMetricFamily("assistant_answers", "answers served", labels=dv)
+        ratings = CounterMetricFamily("assistant_feedback", "ratings given (a changed rating counts again)",
+                                      labels=[*dv, "rating"])
+        corrections = CounterMetricFamily("assistant_corrections", "ratings that came with a correction", labels=dv)
+        latency = HistogramMetricFamily("assistant_latency_seconds", "time from request to last token", labels=dv)
+        ttft = HistogramMetricFamily("assistant_ttft_seconds", "time from request to first token", labels=dv)
+        with self._lock:
+            for (d, v), t in sorted(self._served.items()):
+                answers.add_metric([d, v], t.answers)
+                latency.add_metric([d, v], _buckets(LATENCY_BUCKETS_S, t.latency_le, t.answers), t.latency_s)
+                ttft.add_metric([d, v], _buckets(TTFT_BUCKETS_S, t.ttft_le, t.ttft_count), t.ttft_s)
+            per_version: dict[tuple[str, str], int] = {}
+            for (d, v, rating), (n, corrected) in sorted(self._ratings.items()):
+                ratings.add_metric([d, v, rating], n)
+                per_version[(d, v)] = per_version.get((d, v), 0) + corrected
+            for (d, v), n in sorted(per_version.items()):
+                corrections.add_metric([d, v], n)
+            cached = {d: values for d, (_, values) in self._gauges.items()}
+        yield from (answers, ratings, corrections, latency, ttft)
+        yield CounterMetricFamily("assistant_response_log_failures", "answers that could not be logged",
+                                  value=getattr(workspace, "log_failures", 0))
+        broken = GaugeMetricFamily("assistant_domain_broken", "1 when the domain cannot serve (see GET /api/domains)",
+                                   labels=["domain"])
+        active = GaugeMetricFamily("assistant_active_version", "number N of the active version vN (0: base weights)",
+                                   labels=["domain"])
+        states = {name: GaugeMetricFamily(name, help_, labels=["domain"]) for name, help_ in CACHED_GAUGES.items()}
+        for domain in workspace.registry.list_domains():
+            broken.add_metric([domain.name], int(domain.problem is not None))
+            active.add_metric([domain.name], version_key(domain.active_version) if domain.active_version else 0)
+            for name, value in cached.get(domain.name, {}).items():
+                if value is not None:
+                    states[name].add_metric([domain.name], value)
+        yield from (broken, active, *states.values())
+
+
+_exporters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_exporters_lock = threading.Lock()
+
+
+def exporter_for(workspace, settings: MonitorSettings | None = None) -> Exporter:
+    """The app's one `Exporter`, made on first use (`settings` count then); it goes with the workspace."""
+    with _exporters_lock:
+        exporter = _exporters.get(workspace)
+        if exporter is None:
+            exporter = _exporters[workspace] = Exporter(workspace, settings)
+        return exporter
+
+
+def prometheus_text(workspace, settings: MonitorSettings | None = None) -> str:
+    """`GET /metrics`: the Prometheus text exposition of the app's metrics (see `Exporter`)."""
+    return exporter_for(workspace, settings).text()
+
+
+def close_exporter(workspace) -> None:
+    """Stop the app's refresh thread (when the app closes); a later scrape starts a new one."""
+    with _exporters_lock:
+        exporter = _exporters.pop(workspace, None)
+    if exporter is not None:
+        exporter.close()

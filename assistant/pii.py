@@ -107,10 +107,6 @@ def find(text: str) -> list[Finding]:
     return sorted(found, key=lambda f: f.start)
 
 
-def contains_pii(text: str) -> bool:
-    return bool(find(text))
-
-
 def scrub(text: str) -> tuple[str, int]:
     """Replace each finding with `[KIND]` -> (scrubbed text, number replaced)."""
     findings = find(text)

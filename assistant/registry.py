@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AssistantError, Conflict, InvalidAdapter, InvalidName, NotFound
+from .files import TMP_SUFFIX, atomic_write_text, fsync_dir, fsync_tree
 from .settings import BASE, MAX_LORA_RANK, NAME_RE
 
 VERSION_RE = re.compile(r"^v[1-9][0-9]{0,8}$")
@@ -65,24 +66,6 @@ def parse_model_name(model: str) -> tuple[str | None, str | None]:
 
 def _toml_str(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 @dataclass
@@ -126,29 +109,13 @@ class Registry:
                                  param="description")
         d = self.domain_dir(name)
         d.mkdir(parents=True, exist_ok=True)
-        toml = d / "domain.toml"
-        # Write a temporary file, then link it into place: the link is atomic and fails if the name
-        # exists (409), so a crash never leaves a half-written domain.toml behind.
-        tmp = d / f".domain.toml.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"system_prompt = {_toml_str(system_prompt)}\ndescription = {_toml_str(description)}\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # Created exclusively (the link fails if the name exists: 409), so a crash never leaves a
+        # half-written domain.toml behind and two creators never both win.
         try:
-            os.link(tmp, toml)
+            atomic_write_text(d / "domain.toml", f"system_prompt = {_toml_str(system_prompt)}\n"
+                                                 f"description = {_toml_str(description)}\n", exclusive=True)
         except FileExistsError:
             raise Conflict(f"domain {name!r} already exists: pick another name or use it") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(d)
-        return self.get_domain(name)
-
-    def update_domain(self, name: str, *, system_prompt: str | None = None, description: str | None = None) -> Domain:
-        cur = self.get_domain(name)
-        sp = cur.system_prompt if system_prompt is None else system_prompt
-        ds = cur.description if description is None else description
-        _write_atomic(self.domain_dir(name) / "domain.toml",
-                      f"system_prompt = {_toml_str(sp)}\ndescription = {_toml_str(ds)}\n")
         return self.get_domain(name)
 
     def get_domain(self, name: str) -> Domain:
@@ -238,14 +205,14 @@ class Registry:
         only then is the pointer replaced, atomically. A version that cannot load never becomes active."""
         self.version_path(name, version)  # exists
         load(name, version)
-        _write_atomic(self.domain_dir(name) / "active", version + "\n")
+        atomic_write_text(self.domain_dir(name) / "active", version + "\n")
         log.info("activated %s@%s", name, version)
 
     def record_override(self, name: str, version: str, user: str | None) -> dict:
         """Note in the version's card that a person activated it against the gate's verdict."""
         card = self.read_card(name, version)
         card["manual_override"] = {"by": user or "anonymous", "at": time.time()}
-        _write_atomic(self.version_path(name, version) / CARD, json.dumps(card, indent=1, sort_keys=True))
+        atomic_write_text(self.version_path(name, version) / CARD, json.dumps(card, indent=1, sort_keys=True))
         return card
 
     def previous_version(self, name: str) -> str:
@@ -272,31 +239,27 @@ class Registry:
         return p
 
     def publish(self, name: str, staging: Path, card: dict) -> str:
-        """Write card.json, fsync every file, then rename the staging folder to the next vN.
+        """fsync every file, write card.json (durably), then rename the staging folder to the next vN.
 
         The rename is the commit point: a crash before it leaves only a .staging-* folder, which is
         never listed and is removed at the next start."""
         staging = Path(staging)
         card = dict(card)
         card.setdefault("created_at", time.time())
-        (staging / CARD).write_text(json.dumps(card, indent=1, sort_keys=True))
-        for p in staging.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(staging)
+        fsync_tree(staging)
         d = self.domain_dir(name)
         while True:
             existing = [version_key(p.name) for p in d.iterdir() if VERSION_RE.fullmatch(p.name)]
             version = f"v{max(existing, default=0) + 1}"
             card["version"] = version
-            (staging / CARD).write_text(json.dumps(card, indent=1, sort_keys=True))
+            atomic_write_text(staging / CARD, json.dumps(card, indent=1, sort_keys=True))
             try:
                 os.rename(staging, d / version)  # fails if vN appeared meanwhile (non-empty dir)
             except OSError:
                 if (d / version).exists():
                     continue
                 raise
-            _fsync_dir(d)
+            fsync_dir(d)
             return version
 
     def import_folder(self, name: str, folder: Path, base_fingerprint: dict, module_shapes: dict,
@@ -325,7 +288,7 @@ class Registry:
                 for s in d.glob(".staging-*"):
                     shutil.rmtree(s, ignore_errors=True)
                     n += 1
-                for t in d.glob(".*.tmp"):
+                for t in d.glob(f".*{TMP_SUFFIX}"):
                     t.unlink(missing_ok=True)
         return n
 

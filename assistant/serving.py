@@ -122,7 +122,6 @@ class Serving:
         self._active: dict[str, tuple[int, str | None]] = {}
         self._load_lock = threading.Lock()
         self._inflight: dict[str, Call] = {}   # response id -> call, until its response is logged
-        self.log_failures = 0                  # responses that could not be logged (counted in /metrics)
         # Responses are logged by one thread as soon as generation ends, whatever the client does.
         self._log_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._logger = threading.Thread(target=self._log_loop, name="response-log", daemon=True)
@@ -140,7 +139,7 @@ class Serving:
                 self._log_response(call)
                 call.logged = True
             except Exception:  # noqa: BLE001 - keep logging the next ones
-                self.log_failures += 1
+                self.workspace.log_failures += 1
                 log.exception("could not log response %s (domain %s, version %s): feedback on it will not "
                               "find it", call.id, call.target.domain or BASE, call.target.version)
             finally:
@@ -337,6 +336,7 @@ class Serving:
         return {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
                 "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}
 
-    def prometheus_text(self) -> str:
-        from .monitoring import prometheus_text
-        return prometheus_text(self.workspace, self)
+    @property
+    def log_failures(self) -> int:
+        """Answers the response log could not store."""
+        return self.workspace.log_failures

@@ -79,7 +79,6 @@ class Settings:
         "help": "adapters kept loaded on the base; the least recently used is evicted"})
     max_batch: int = field(default=MAX_BATCH, metadata={"help": "rows decoded together"})
     max_queue: int = field(default=MAX_QUEUE, metadata={"help": "waiting requests before 'busy'"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
     # Overrides of the recipes' settings, by group (see SETTINGS_GROUPS): {"near_dup_threshold": 0.7, ...}
     curation: dict = field(default_factory=dict, metadata={"help": "curation settings (CurationSettings)"})
     gate: dict = field(default_factory=dict, metadata={"help": "the evaluation gate's settings (GateSettings)"})
@@ -141,10 +140,6 @@ def parse_auth(values: list[str] | None, auth_file: str | None = None) -> tuple[
             raise ValueError(f"--auth {item.split(':')[0]!r}...: write it as USER:PASS")
         pairs.append((user, password))
     return tuple(pairs)
-
-
-def setting_help() -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in fields(Settings)}
 
 
 def checked_values(cls, values: dict, what: str) -> dict:

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import migrations
 from .errors import Busy, Conflict, NotFound
@@ -27,6 +27,8 @@ from .stages import pending_stages, public_gate
 BUSY_TIMEOUT_MS = 10_000        # sqlite waits this long for a lock before reporting busy
 WRITE_ATTEMPTS = 8              # retries of a whole transaction that still found the database busy
 RETRY_BASE_S = 0.02             # first back-off; doubles each attempt, with jitter
+SQL_IN_CHUNK = 500              # values per `IN (...)` query: well under SQLite's limit on bound variables
+JOB_ID_CHARS = 16               # hex characters of a job id
 RATINGS = ("up", "down")
 REVIEW_STATUSES = ("approved", "rejected")
 ROLES = ("system", "user", "assistant")
@@ -205,14 +207,19 @@ class Store:
                                "/v1/chat/completions returned", param="response_id")
             row = c.execute("SELECT id FROM feedback WHERE response_id = ? AND user IS ? ORDER BY id DESC LIMIT 1",
                             (response_id, user)).fetchone()
+            now = time.time()
             if row is not None:
                 c.execute("UPDATE feedback SET rating = ?, correction = COALESCE(?, correction), "
                           "reason = COALESCE(?, reason), created_at = ? WHERE id = ?",
-                          (rating, correction, reason, time.time(), row["id"]))
-                return row["id"]
-            cur = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, created_at) "
-                            "VALUES (?,?,?,?,?,?)", (response_id, rating, correction, reason, user, time.time()))
-            return cur.lastrowid
+                          (rating, correction, reason, now, row["id"]))
+                fid = row["id"]
+            else:
+                fid = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, created_at) "
+                                "VALUES (?,?,?,?,?,?)", (response_id, rating, correction, reason, user, now)).lastrowid
+            c.execute("INSERT INTO feedback_events (feedback_id, domain, adapter_version, rating, corrected, created_at) "
+                      "SELECT ?, domain, adapter_version, ?, ?, ? FROM responses WHERE id = ?",
+                      (fid, rating, correction is not None, now, response_id))
+            return fid
         return self._write(upsert)
 
     def list_feedback(self, domain: str | None = None) -> list[dict]:
@@ -337,7 +344,7 @@ class Store:
     # Training jobs -------------------------------------------------------------------------------
     def create_job(self, domain: str, settings: dict | None = None) -> str:
         """Queue a training job; `Conflict` while any job (any domain) is queued or running."""
-        job_id = uuid.uuid4().hex[:16]
+        job_id = uuid.uuid4().hex[:JOB_ID_CHARS]
 
         def insert(c):
             try:
@@ -420,41 +427,44 @@ class Store:
         rows = self._read("SELECT id FROM jobs WHERE status IN ('queued','running')")
         return self.get_job(rows[0]["id"]) if rows else None
 
-    # Monitoring ----------------------------------------------------------------------------------
-    def response_stats(self, domain: str, bucket_seconds: float = 3600, since: float | None = None) -> list[dict]:
-        """Per time bucket and adapter version: responses, latency, and feedback on those responses.
+    # Serving totals (monitoring's Prometheus counters and histograms) ----------------------------------
+    def response_totals(self, after: int, latency_bounds_ms: Sequence[float],
+                        ttft_bounds_ms: Sequence[float]) -> tuple[int, list[dict]]:
+        """Responses logged after row `after` (0, or what a previous call returned), summed per domain and
+        adapter version -> (the last row summed, [{domain, adapter_version, answers, latency_ms_sum,
+        latency_le: [count at or under each bound], ttft_count, ttft_ms_sum, ttft_le}]). Responses are only ever
+        inserted, so the sums of successive calls are the totals, and reading only new rows keeps a call cheap."""
+        last = self._read("SELECT COALESCE(MAX(rowid), 0) FROM responses")[0][0]
+        if last <= after:
+            return after, []
+        bounds = [*latency_bounds_ms, *ttft_bounds_ms]
+        le = "".join(f", SUM({col} <= ?)" for col in ["latency_ms"] * len(latency_bounds_ms)
+                     + ["ttft_ms"] * len(ttft_bounds_ms))
+        rows = self._read("SELECT domain, adapter_version, COUNT(*), SUM(latency_ms), COUNT(ttft_ms), "
+                          f"COALESCE(SUM(ttft_ms), 0){le} FROM responses WHERE rowid > ? AND rowid <= ? "
+                          "GROUP BY domain, adapter_version", (*bounds, after, last))
+        n = len(latency_bounds_ms)
+        return last, [{"domain": r[0], "adapter_version": r[1], "answers": r[2], "latency_ms_sum": r[3],
+                       "ttft_count": r[4], "ttft_ms_sum": r[5], "latency_le": [v or 0 for v in r[6:6 + n]],
+                       "ttft_le": [v or 0 for v in r[6 + n:]]} for r in rows]
 
-        -> [{bucket_start, adapter_version, responses, avg_latency_ms, avg_ttft_ms, feedback, up, down,
-        corrections}] ordered by bucket then version ('base' for no adapter)."""
-        rows = self._read(
-            "SELECT CAST(r.created_at / :b AS INTEGER) * :b AS bucket_start, "
-            "COALESCE(r.adapter_version, 'base') AS adapter_version, COUNT(*) AS responses, "
-            "AVG(r.latency_ms) AS avg_latency_ms, AVG(r.ttft_ms) AS avg_ttft_ms, "
-            "COALESCE(SUM(f.n), 0) AS feedback, COALESCE(SUM(f.up), 0) AS up, COALESCE(SUM(f.down), 0) AS down, "
-            "COALESCE(SUM(f.corrections), 0) AS corrections "
-            "FROM responses r LEFT JOIN (SELECT response_id, COUNT(*) AS n, SUM(rating = 'up') AS up, "
-            "  SUM(rating = 'down') AS down, SUM(correction IS NOT NULL) AS corrections "
-            "  FROM feedback GROUP BY response_id) f ON f.response_id = r.id "
-            "WHERE r.domain = :d AND r.created_at >= :s GROUP BY bucket_start, adapter_version "
-            "ORDER BY bucket_start, adapter_version",
-            {"b": float(bucket_seconds), "d": domain, "s": since if since is not None else float("-inf")})
-        return [dict(r) for r in rows]
-
-    def counts(self, domain: str) -> dict:
-        """Totals for a domain: responses, feedback, up, down, corrections, examples."""
-        r = self._read(
-            "SELECT (SELECT COUNT(*) FROM responses WHERE domain = :d) AS responses, "
-            "COUNT(f.id) AS feedback, COALESCE(SUM(f.rating = 'up'), 0) AS up, "
-            "COALESCE(SUM(f.rating = 'down'), 0) AS down, COALESCE(SUM(f.correction IS NOT NULL), 0) AS corrections, "
-            "(SELECT COUNT(*) FROM examples WHERE domain = :d) AS examples "
-            "FROM feedback f JOIN responses r ON r.id = f.response_id WHERE r.domain = :d", {"d": domain})[0]
-        return dict(r)
+    def feedback_totals(self, after: int) -> tuple[int, list[dict]]:
+        """Ratings given after event `after`, counted per domain, adapter version and rating -> (the last event
+        counted, [{domain, adapter_version, rating, ratings, corrections}]). Every rating is an event, also one
+        that replaces the same user's earlier rating: these counts only grow."""
+        last = self._read("SELECT COALESCE(MAX(id), 0) FROM feedback_events")[0][0]
+        if last <= after:
+            return after, []
+        rows = self._read("SELECT domain, adapter_version, rating, COUNT(*), SUM(corrected) FROM feedback_events "
+                          "WHERE id > ? AND id <= ? GROUP BY domain, adapter_version, rating", (after, last))
+        return last, [{"domain": r[0], "adapter_version": r[1], "rating": r[2], "ratings": r[3], "corrections": r[4]}
+                      for r in rows]
 
     # Embedding cache (used by embeddings.Embedder) -----------------------------------------------
     def get_embeddings(self, model: str, hashes: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
-        for i in range(0, len(hashes), 500):
-            chunk = hashes[i:i + 500]
+        for i in range(0, len(hashes), SQL_IN_CHUNK):
+            chunk = hashes[i:i + SQL_IN_CHUNK]
             rows = self._read(f"SELECT content_hash, vector FROM embeddings WHERE model = ? AND content_hash IN "
                               f"({','.join('?' * len(chunk))})", (model, *chunk))
             out.update({r[0]: r[1] for r in rows})

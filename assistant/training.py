@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,9 @@ from .settings import MAX_LORA_RANK
 MIN_EXAMPLES = 8               # curated examples needed before a domain can be trained (422 below this)
 TARGET_EXAMPLES_SEEN = 240     # epochs=None: enough passes that the recipe sees about this many examples...
 MAX_AUTO_EPOCHS = 12           # ...but never more passes than this (a few dozen corrections -> ~12 epochs)
-WARMUP_FRACTION = 0.1          # of the optimizer steps, linear warm-up then linear decay to 10%
+WARMUP_FRACTION = 0.1          # of the optimizer steps, linear warm-up then linear decay...
+FINAL_LR_FRACTION = 0.1        # ...to this share of the peak learning rate at the last step
+GRAD_CLIP_NORM = 1.0           # gradients are clipped to this global L2 norm before each step
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTIZED = ("nf4", "int8")   # bases trained as QLoRA (k-bit preparation, gradient checkpointing by default)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -54,6 +56,7 @@ QUESTION_VARIANTS = ("Question: {q}", "{lower}", "Please tell me: {q}", "{q} Ans
 
 MAX_EPOCHS = 100          # more passes than this over a dataset is a typo, not a plan
 MAX_BATCH_SIZE = 256
+MIN_SEQ_LEN = 16          # shorter rows hold no more than a chat template's markers
 MAX_SEQ_LEN = 8192
 
 
@@ -94,7 +97,8 @@ class TrainSettings:
                   (0 <= self.augment <= len(QUESTION_VARIANTS), f"augment must be in 0..{len(QUESTION_VARIANTS)}"),
                   (0 <= self.replay <= len(REPLAY_PROMPTS), f"replay must be in 0..{len(REPLAY_PROMPTS)}"),
                   (1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch_size must be between 1 and {MAX_BATCH_SIZE}"),
-                  (16 <= self.max_seq_len <= MAX_SEQ_LEN, f"max_seq_len must be between 16 and {MAX_SEQ_LEN}"),
+                  (MIN_SEQ_LEN <= self.max_seq_len <= MAX_SEQ_LEN,
+                   f"max_seq_len must be between {MIN_SEQ_LEN} and {MAX_SEQ_LEN}"),
                   (bool(self.target_modules), "target_modules must name at least one module"),
                   (self.gradient_checkpointing in ("auto", "on", "off"), "gradient_checkpointing: auto, on or off")]
         for ok, message in checks:
@@ -113,10 +117,6 @@ class TrainSettings:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
         return d
-
-
-def train_settings_help() -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in fields(TrainSettings)}
 
 
 @dataclass
@@ -307,10 +307,10 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     warmup = max(1, int(WARMUP_FRACTION * total_steps))
 
-    def lr_at(step: int) -> float:  # linear warm-up, then linear decay to 10% of the peak
+    def lr_at(step: int) -> float:  # linear warm-up, then linear decay to FINAL_LR_FRACTION of the peak
         if step < warmup:
             return (step + 1) / warmup
-        return 1.0 - 0.9 * (step - warmup) / max(1, total_steps - warmup)
+        return 1.0 - (1.0 - FINAL_LR_FRACTION) * (step - warmup) / max(1, total_steps - warmup)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
@@ -324,7 +324,7 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
         input_ids, labels, mask = (t.to(base.device) for t in collate([examples[i] for i in batch], pad_id))
         loss, n = causal_lm_loss(causal_lm, input_ids, labels, mask, checkpoint_chunks=checkpointing)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

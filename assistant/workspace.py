@@ -35,12 +35,15 @@ class Workspace:
         self.registry = Registry(settings.adapters_path)
         self._curator = None
         self._indexer = None
+        self.log_failures = 0   # answers the response log could not store (Serving counts them; /metrics shows them)
         if recover_jobs:
             self.registry.cleanup_staging()
             from . import jobs
             jobs.recover_orphans(self.settings, self.store, self.registry)
 
     def close(self) -> None:
+        from .monitoring import close_exporter
+        close_exporter(self)
         if self._indexer is not None:
             self._indexer.shutdown(wait=True)
 
@@ -276,3 +279,10 @@ class Workspace:
         from .monitoring import domain_metrics
         self.require_domain(domain)
         return domain_metrics(self, domain)
+
+    def prometheus_text(self) -> str:
+        """`GET /metrics`: counters and histograms from the store, drift from a cache refreshed in the
+        background (a scrape never embeds anything)."""
+        from .monitoring import prometheus_text
+        from .settings import group_settings
+        return prometheus_text(self, group_settings(self.settings, "monitor"))

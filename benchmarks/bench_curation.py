@@ -60,12 +60,13 @@ def _dedup(embedder, texts: list[str]) -> tuple[float, int]:
 def _ann_recall() -> tuple[float, float]:
     import faiss
 
-    from assistant.embeddings import DIM, VectorIndex
+    from assistant.embeddings import VectorIndex, embedding_dim
+    dim = embedding_dim()
     rng = np.random.default_rng(0)
-    centers = rng.standard_normal((ANN_CLUSTERS, DIM)).astype(np.float32)
+    centers = rng.standard_normal((ANN_CLUSTERS, dim)).astype(np.float32)
 
     def sample(n):   # clustered "random-ish" unit vectors: same-cluster cosine ~0.5, like topical text
-        v = centers[rng.integers(0, ANN_CLUSTERS, n)] + rng.standard_normal((n, DIM)).astype(np.float32)
+        v = centers[rng.integers(0, ANN_CLUSTERS, n)] + rng.standard_normal((n, dim)).astype(np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
     base, queries = sample(ANN_VECTORS), sample(ANN_QUERIES)
     start = time.perf_counter()
@@ -74,7 +75,7 @@ def _ann_recall() -> tuple[float, float]:
     build_s = time.perf_counter() - start
     assert index.approximate, "past APPROX_THRESHOLD the index must be approximate"
     _, approx = index.search_ids(queries, ANN_K)
-    exact_index = faiss.IndexFlatIP(DIM)
+    exact_index = faiss.IndexFlatIP(dim)
     exact_index.add(base)
     _, exact = exact_index.search(queries, ANN_K)
     recall = float(np.mean([len(set(a) & set(e)) / ANN_K for a, e in zip(approx, exact)]))

@@ -1,14 +1,25 @@
 """Shared fixtures: every test points all state at temporary folders, and models are local:
 a 2-layer Llama built from a config (with the embedded model's tokenizer), and the embedded SmolLM2
-for the few tests that need real language."""
+for the few tests that need real language.
+
+Caches: one folder per test run (RUN_DIR, removed at exit) holds the app's cache (the C kernels' build),
+the Hugging Face and sentence-transformers caches, Gradio's and matplotlib's files, and a default
+ASSISTANT_HOME for code that builds Settings without a home. Only the converted embedded model is shared
+between runs: the run's cache links its `models` folder to the machine's (converting it takes a while).
+Subprocesses (servers, the CLI) inherit all of it through the environment.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from assistant.settings import default_cache_dir
 from assistant.threads import defaults
 
 defaults()   # the thread policy the CLI applies, before torch is imported (see assistant/threads.py)
@@ -16,13 +27,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+SHARED_MODELS = default_cache_dir() / "models"      # the machine's converted models (before the override)
+RUN_DIR = Path(tempfile.mkdtemp(prefix="assistant-tests-"))
+atexit.register(shutil.rmtree, RUN_DIR, ignore_errors=True)
+SHARED_MODELS.mkdir(parents=True, exist_ok=True)
+(RUN_DIR / "cache").mkdir()
+(RUN_DIR / "cache" / "models").symlink_to(SHARED_MODELS, target_is_directory=True)
+for var, sub in (("ASSISTANT_CACHE", "cache"), ("ASSISTANT_HOME", "home"), ("HF_HOME", "hf"),
+                 ("SENTENCE_TRANSFORMERS_HOME", "sentence-transformers"), ("GRADIO_TEMP_DIR", "gradio"),
+                 ("MPLCONFIGDIR", "matplotlib"), ("TRITON_CACHE_DIR", "triton"),
+                 ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+    (RUN_DIR / sub).mkdir(exist_ok=True)
+    os.environ[var] = str(RUN_DIR / sub)
+
 
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
     """The cached safetensors folder of the embedded SmolLM2 (converted once per machine)."""
     from assistant.model import ensure_embedded
-    from assistant.settings import default_cache_dir
-    return ensure_embedded(default_cache_dir(), verify=False)
+    return ensure_embedded(default_cache_dir(), verify=False)   # in SHARED_MODELS, through the run's link
 
 
 def build_tiny_llama(folder: Path, tokenizer_from: Path, *, seed: int = 0, hidden: int = 64) -> Path:

@@ -61,8 +61,8 @@ def test_curate_and_export_run_without_torch_in_seconds(home):
 
 
 def test_settings_come_from_a_config_file_and_flags_win(home):
-    from assistant.flags import settings_from
     from assistant.cli import build_parser
+    from assistant.flags import settings_from
     config = home / "assistant.toml"
     config.write_text('state_dir = "elsewhere"\n[train]\nepochs = 4\nrank = 8\n[curation]\npii = "drop"\n')
     args = build_parser().parse_args(["train", "ops", "--config", str(config), "--epochs", "2"])

@@ -6,13 +6,12 @@ injection row. The near-duplicate threshold was chosen on tests/dedup_calibratio
 and tests/dedup_testset.py (a restaurant: rosters of people, times, prices) only check it.
 """
 
-import json
 import time
 
 import numpy as np
 import pytest
 
-from assistant.curation import CurationSettings, Curator, curate, dedup_text, has_injection, is_garbage
+from assistant.curation import CurationSettings, Curator, curate, dedup_text, has_injection, is_garbage, read_snapshot
 from assistant.store import Store
 
 PARAPHRASES = [
@@ -288,7 +287,7 @@ def test_planted_data_report_is_exactly_what_was_planted(tmp_path, embedder):
     for _, secret, _ in PII_ROWS:
         assert secret not in text and secret.replace(" ", "") not in text, secret
     assert "[EMAIL]" in text and "[CARD]" in text and "[IBAN]" in text
-    lines = [json.loads(line) for line in text.splitlines()]
+    lines = read_snapshot(snap.path)
     assert len(lines) == report["kept"] and {l["split"] for l in lines} == {"train", "eval"}
     assert all(set(l) == {"messages", "split", "source", "key", "feedback_ids"} for l in lines)
     assert {l["source"] for l in lines} == {"seed"}
@@ -368,7 +367,8 @@ def test_newest_correction_wins_over_thumbs_up_and_older_correction(tmp_path, em
                                                                             "Reset password and follow the emailed link.")
     snap = curate(store, "d", tmp_path, embedder)
     assert snap.report["kept"] == 1 and snap.report["removed"]["near_duplicate"] == 2
-    assert snap.rows[0]["messages"][-1]["content"].startswith("Reset it from Settings")
+    assert snap.rows[0]["messages"][-1]["content"] == ("Reset it from Settings > Security > Reset password and "
+                                                       "follow the emailed link.")
     winner = next(it for it in snap.items if it["removed"] is None)
     assert winner["key"] == f"feedback:{newest}" and winner["source"] == "correction"
 
@@ -386,7 +386,7 @@ def test_user_share_cap(tmp_path, embedder):
 def test_insert_time_check_and_review_queue(tmp_path, embedder):
     store = planted_store(tmp_path)
     curator = Curator(store, tmp_path, embedder)
-    snap = curator.curate("support")
+    snap = curator.snapshot("support")
     kept_keys = {it["key"] for it in snap.items if it["removed"] is None}
     answer, questions = PARAPHRASES[0]
     key, sim = curator.check_new("support", [{"role": "user", "content": "I can't remember my password, what now?"},

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from assistant.embeddings import DIM, Embedder, VectorIndex
+from assistant.embeddings import Embedder, VectorIndex, embedding_dim
 from assistant.store import Store
 
 
@@ -16,7 +16,8 @@ def embedder():
 def test_normalized_and_semantic(embedder):
     v = embedder.embed(["How do I reset my password?", "I forgot my password, how can I change it?",
                         "What is the capital of Australia?"])
-    assert v.shape == (3, DIM) and v.dtype == np.float32
+    assert v.shape == (3, embedding_dim()) and v.dtype == np.float32
+    assert embedding_dim() == embedder._load().get_sentence_embedding_dimension()   # the config names the model's size
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
     assert v[0] @ v[1] > 0.6 > v[0] @ v[2]
 
@@ -38,7 +39,7 @@ def test_known_texts_are_not_re_embedded(tmp_path, embedder):
 
 
 def _unit(n, seed=0):
-    v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    v = np.random.default_rng(seed).standard_normal((n, embedding_dim())).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 

@@ -24,9 +24,12 @@ def test_older_database_is_brought_up_to_date(tmp_path):
     assert migrations.migrate(conn, first) == [m.name for m in first]
     conn.execute("INSERT INTO responses (id, domain, model, messages, answer, created_at) "
                  "VALUES ('r1', 'd', 'd', '[]', 'hi', 0)")
+    conn.execute("INSERT INTO feedback (response_id, rating, correction, created_at) VALUES ('r1', 'down', 'Hello.', 1)")
     conn.close()
     store = Store(tmp_path / "m.db")                           # the store applies the rest on open
     assert store.get_response("r1")["answer"] == "hi"
+    assert store.feedback_totals(0)[1] == [{"domain": "d", "adapter_version": None, "rating": "down", "ratings": 1,
+                                            "corrections": 1}]   # an older rating is carried over as one event
     conn = sqlite3.connect(tmp_path / "m.db")
     assert migrations.applied(conn) == [m.name for m in migrations.MIGRATIONS]
 

@@ -3,12 +3,16 @@ the training snapshot and back, with the retrain recommendation following it; JS
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import running_server
 
 pytestmark = pytest.mark.slow
+REFRESH_WAIT_S = 60   # the drift gauges are refreshed in the background: REFRESH_MIN_GAP_S after the last round
 
 # The domain's training data: home-router support questions.
 TRAIN = [
@@ -51,6 +55,13 @@ def _ask(client, questions):
         assert r.status_code == 200, r.text
         ids.append(r.json()["id"])
     return ids
+
+
+def _prometheus(client) -> dict:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(r.text) for s in f.samples}
 
 
 def _drift(client):
@@ -109,13 +120,22 @@ def test_drift_and_recommendation_follow_the_questions(home, tiny_llama):
         assert v["down_rate"] == pytest.approx(6 / total, abs=1e-3)
         assert v["latency_ms"]["p50"] <= v["latency_ms"]["p90"] <= v["latency_ms"]["p99"]
         assert sum(b["answers"] for b in m["timeline"]) == total
+        final = m["drift"]["current"]
 
-        # Prometheus text on the same port.
-        text = c.get("/metrics").text
-        assert f'assistant_answers_total{{domain="support",version="base"}} {total}' in text
-        assert 'assistant_feedback_total{domain="support",version="base",rating="down"} 6' in text
-        assert 'assistant_retrain_recommended{domain="support"} 1' in text
-        assert "# TYPE assistant_latency_ms gauge" in text
+        # Prometheus text on the same port: the counters at once; the gauges once the background refresh ran.
+        support = (("domain", "support"),)
+        deadline = time.monotonic() + REFRESH_WAIT_S
+        while (p := _prometheus(c)).get(("assistant_retrain_recommended", support)) != 1:
+            assert time.monotonic() < deadline, p
+            time.sleep(0.5)
+        base = (*support, ("version", "base"))
+        assert p[("assistant_answers_total", base)] == total
+        assert p[("assistant_feedback_total", (*support, ("rating", "down"), ("version", "base")))] == 6
+        assert p[("assistant_corrections_total", base)] == 3
+        assert p[("assistant_latency_seconds_count", base)] == total
+        assert p[("assistant_latency_seconds_bucket", (*support, ("le", "+Inf"), ("version", "base")))] == total
+        assert p[("assistant_bad_answer_rate", support)] == 1.0
+        assert p[("assistant_drift_ood_rate", support)] == pytest.approx(final["ood_rate"])
 
         # Names are checked before anything else.
         assert c.get("/api/domains/..%2Fetc/metrics").status_code in (404, 422)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from assistant.errors import Conflict, NotFound
-from assistant.store import Store
+from assistant.store import BUSY_TIMEOUT_MS, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_pragmas_and_responses(tmp_path):
     conn = store._conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2          # FULL
-    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == BUSY_TIMEOUT_MS
     _log(store, "r1", created_at=100.0)
     _log(store, "r2", created_at=200.0, user="ann")
     _log(store, "r3", domain="other", created_at=150.0)
@@ -158,17 +158,27 @@ def test_jobs(tmp_path):
     assert store.get_job("nope") is None
 
 
-def test_monitoring_stats(tmp_path):
+def test_serving_totals_add_up_from_any_mark_and_every_rating_counts(tmp_path):
     store = Store(tmp_path / "s.db")
-    _log(store, "a", version="v1", created_at=10.0)
-    _log(store, "b", version="v1", created_at=20.0)
-    _log(store, "c", version=None, created_at=70.0)
+    _log(store, "a", version="v1")
+    store.log_response(id="b", domain="d", adapter_version="v1", model="d", messages=[], answer="", prompt_tokens=1,
+                       completion_tokens=0, latency_ms=900.0, ttft_ms=None, finish_reason="cancelled")   # no token
+    mark, rows = store.response_totals(0, [10.0, 100.0], [5.0])
+    assert rows == [{"domain": "d", "adapter_version": "v1", "answers": 2, "latency_ms_sum": 912.5, "ttft_count": 1,
+                     "ttft_ms_sum": 3.0, "latency_le": [0, 1], "ttft_le": [1]}]
+    assert store.response_totals(mark, [10.0], [5.0]) == (mark, [])           # nothing new: nothing summed
+    _log(store, "c", version=None)
+    mark2, rows = store.response_totals(mark, [10.0], [])
+    assert mark2 > mark and [(r["adapter_version"], r["answers"], r["latency_le"]) for r in rows] == [(None, 1, [0])]
+
     store.add_feedback(response_id="a", rating="up")
-    store.add_feedback(response_id="b", rating="down", correction="better")
-    rows = store.response_stats("d", bucket_seconds=60)
-    assert [(r["bucket_start"], r["adapter_version"], r["responses"], r["up"], r["down"], r["corrections"])
-            for r in rows] == [(0, "v1", 2, 1, 1, 1), (60, "base", 1, 0, 0, 0)]
-    assert store.counts("d") == {"responses": 3, "feedback": 2, "up": 1, "down": 1, "corrections": 1, "examples": 0}
+    store.add_feedback(response_id="a", rating="down", correction="Better.")    # the same user changes it
+    store.add_feedback(response_id="c", rating="down", user="u2")
+    last, fb = store.feedback_totals(0)
+    assert sorted((r["adapter_version"] or "base", r["rating"], r["ratings"], r["corrections"]) for r in fb) == [
+        ("base", "down", 1, 0), ("v1", "down", 1, 1), ("v1", "up", 1, 0)]
+    assert [f["rating"] for f in store.list_feedback("d")] == ["down", "down"]   # the record itself is replaced
+    assert store.feedback_totals(last) == (last, [])
 
 
 def test_create_job_from_20_threads_gives_exactly_one(tmp_path):

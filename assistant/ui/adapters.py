@@ -44,7 +44,7 @@ def gate_verdict(card: dict) -> str:
 
 def dataset_size(card: dict) -> str:
     train = (card.get("metrics") or {}).get("train") or {}
-    n = train.get("n_train", card.get("n_train"))
+    n = train.get("n_train")
     return "–" if n is None else str(n)
 
 
