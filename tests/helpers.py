@@ -50,6 +50,25 @@ def train_fact_adapter(base_path: Path, out_dir: Path, facts: list[tuple[str, st
     return Path(out_dir)
 
 
+def random_lora_adapter(base_path: Path, out_dir: Path, *, rank: int = 8, std: float = 0.2, seed: int = 1,
+                        targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """An untrained PEFT LoRA folder whose B matrices are random (PEFT starts them at zero), so it changes
+    the base's answers; saved as safetensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
