@@ -18,7 +18,8 @@ from .flags import add_config_flag, add_group_flags, add_settings_flags, setting
 
 WORKSPACE_FLAGS = ("state_dir", "adapters_dir")
 MODEL_FLAGS = ("base_model", "quantization", "dtype", "device")
-SERVER_FLAGS = ("host", "port", "api_key", "max_resident_adapters", "max_batch", "max_queue")
+SERVER_FLAGS = ("host", "port", "api_key", "max_resident_adapters", "max_batch", "max_queue", "engine", "vllm_url",
+                "vllm_adapters_path", "gpu_memory_utilization")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ANSWER_PREVIEW_CHARS = 100      # `assistant logs`: characters of each question and answer shown
 DEFAULT_LOG_ROWS = 20

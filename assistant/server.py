@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import time
 
+VLLM_MAX_LORA_RANK = 64    # the largest adapter rank a vLLM server started here accepts (it sizes its LoRA buffers)
+
 log = logging.getLogger(__name__)
 
 
@@ -15,7 +17,25 @@ def build(settings, base=None):
     from .serving import Serving
     from .workspace import Workspace
     workspace = Workspace(settings, recover_jobs=True)
-    return workspace, Serving(workspace, base)
+    engine = vllm_engine(settings, workspace) if settings.engine == "vllm" else None
+    return workspace, Serving(workspace, base, engine=engine)
+
+
+def vllm_engine(settings, workspace):
+    """The engine that drives vLLM servers: those of --vllm-url, or one started (and supervised) here."""
+    from .model import describe_base
+    from .vllm_engine import VllmEngine
+    from .vllm_server import ManagedVllm
+    base = describe_base(settings)
+    urls, managed = list(settings.vllm_url), None
+    if not urls:
+        managed = ManagedVllm(base.path, settings.state_path / "logs", served_name=base.name,
+                              max_loras=settings.max_resident_adapters, max_lora_rank=VLLM_MAX_LORA_RANK,
+                              dtype=settings.dtype, gpu_memory_utilization=settings.gpu_memory_utilization).start()
+        urls = [managed.url]
+    return VllmEngine(base, urls, adapters_root=settings.adapters_path,
+                      served_adapters_root=settings.vllm_adapters_path, live=workspace.live_versions,
+                      max_resident=settings.max_resident_adapters, managed=managed)
 
 
 def build_app(workspace, serving, *, with_ui: bool = True):

@@ -333,8 +333,11 @@ class Serving:
         return self.workspace.feedback(response_id, rating, correction, reason, user)
 
     def status(self) -> dict:
-        return {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
-                "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}
+        out = {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
+               "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}
+        if hasattr(self.engine, "servers"):   # vLLM: which servers answer, what they have loaded
+            out["engine"] = {"kind": "vllm", "servers": self.engine.status()}
+        return out
 
     @property
     def log_failures(self) -> int:

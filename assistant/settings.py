@@ -29,6 +29,7 @@ MAX_LORA_RANK = 256                 # adapters with a larger rank are refused
 BASE = "base"                       # the reserved model name meaning "no adapter"
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENGINES = ("local", "vllm")
 # The recipes' settings dataclasses, by the group name they have on the CLI (--train.epochs) and in a TOML
 # config file ([train] epochs = 3). Each is read where its recipe runs, from Settings.<group>.
 SETTINGS_GROUPS = {
@@ -79,6 +80,17 @@ class Settings:
         "help": "adapters kept loaded on the base; the least recently used is evicted"})
     max_batch: int = field(default=MAX_BATCH, metadata={"help": "rows decoded together"})
     max_queue: int = field(default=MAX_QUEUE, metadata={"help": "waiting requests before 'busy'"})
+    engine: str = field(default="local", metadata={
+        "choices": ENGINES, "help": "local: the embedded engine in this process; vllm: vLLM servers generate "
+                                    "(--vllm-url, or a local one this app starts and supervises)"})
+    vllm_url: tuple[str, ...] = field(default=(), metadata={
+        "metavar": "URL[,URL...]", "help": "vLLM OpenAI servers serving --base-model with LoRA enabled "
+                                           "(none: start one here)"})
+    vllm_adapters_path: str | None = field(default=None, metadata={
+        "help": "where the vLLM servers see --adapters-dir, when it is mounted at another path there"})
+    gpu_memory_utilization: float | None = field(default=None, metadata={
+        "help": "passed to the vLLM server this app starts: its share of GPU memory (leave room for a "
+                "QLoRA job on the same GPU)"})
     # Overrides of the recipes' settings, by group (see SETTINGS_GROUPS): {"near_dup_threshold": 0.7, ...}
     curation: dict = field(default_factory=dict, metadata={"help": "curation settings (CurationSettings)"})
     gate: dict = field(default_factory=dict, metadata={"help": "the evaluation gate's settings (GateSettings)"})
@@ -94,6 +106,12 @@ class Settings:
             raise ValueError(f"port={self.port}: use a number between 1 and 65535")
         if self.max_resident_adapters < 1:
             raise ValueError("max_resident_adapters must be at least 1")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.vllm_url and self.engine != "vllm":
+            raise ValueError("--vllm-url is for --engine vllm: add it, or drop the URLs")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization}: use a share in (0, 1]")
         for group in SETTINGS_GROUPS:
             if not isinstance(getattr(self, group), dict):
                 raise ValueError(f"{group} settings must be a table of name = value pairs")

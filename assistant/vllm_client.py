@@ -96,6 +96,7 @@ class StreamEvent:
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    token_ids: list[int] = field(default_factory=list)   # the delta's tokens (completions with return_token_ids)
 
 
 @dataclass(frozen=True)
@@ -343,12 +344,27 @@ class VllmClient:
         Raises VllmError for a refused request (HTTP 4xx/5xx, an error inside the stream) and
         VllmUnavailable when the server is unreachable, silent for STREAM_READ_TIMEOUT, or gone mid-stream.
         Closing the iterator early (client gone) closes the connection, which aborts the request in vLLM."""
-        what = f"chat with {model!r}"
         body = _chat_body(model, messages, max_tokens, temperature, top_p, seed, stop, ignore_eos, extra)
+        async for ev in self._stream(f"chat with {model!r}", "/v1/chat/completions", body):
+            yield ev
+
+    async def stream_completion(self, model: str, prompt_ids: list[int], *, max_tokens: int = 256,
+                                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                                stop: list[str] | tuple[str, ...] = (), ignore_eos: bool = False
+                                ) -> AsyncIterator[StreamEvent]:
+        """Like `stream_chat`, for a prompt that is already token ids (the app applied the chat template):
+        vLLM reads the ids as they are and returns each delta's token ids with its text."""
+        body = _chat_body(model, [], max_tokens, temperature, top_p, seed, stop, ignore_eos,
+                          {"prompt": list(prompt_ids), "return_token_ids": True})
+        del body["messages"]
+        async for ev in self._stream(f"completion with {model!r}", "/v1/completions", body):
+            yield ev
+
+    async def _stream(self, what: str, path: str, body: dict) -> AsyncIterator[StreamEvent]:
         timeout = httpx.Timeout(self.stream_read_timeout, connect=CONNECT_TIMEOUT)
         finish, usage = None, None
         try:
-            async with self._async().stream("POST", "/v1/chat/completions", json=body, timeout=timeout) as resp:
+            async with self._async().stream("POST", path, json=body, timeout=timeout) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     _raise_for(self.url, what, resp)
@@ -367,9 +383,10 @@ class VllmClient:
                         raise VllmError(self.url, f"{what} failed mid-answer", str(err.get("message", err))
                                         if isinstance(err, dict) else str(err))
                     for choice in chunk.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield StreamEvent("token", text)
+                        text = choice["text"] if "text" in choice else (choice.get("delta") or {}).get("content")
+                        ids = choice.get("token_ids") or ()
+                        if text or ids:
+                            yield StreamEvent("token", text or "", token_ids=list(ids))
                         finish = choice.get("finish_reason") or finish
                     if chunk.get("usage"):
                         u = chunk["usage"]

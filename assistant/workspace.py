@@ -70,6 +70,14 @@ class Workspace:
         self.require_domain(domain)
         return self.registry.adapters(domain)
 
+    def live_versions(self) -> dict[str, Path]:
+        """{"<domain>@vN": its folder} of every domain's active version: what must be loaded to serve."""
+        out = {}
+        for d in self.registry.list_domains():
+            if d.active_version and not d.problem:
+                out[f"{d.name}@{d.active_version}"] = self.registry.version_path(d.name, d.active_version)
+        return out
+
     def active_version(self, domain: str) -> str | None:
         return self.registry.active_version(domain)
 

@@ -1,0 +1,362 @@
+"""Generation on vLLM servers: the engine `Serving` uses when `--engine vllm`. The app stays the front door
+(API, response ids, the response log with the exact adapter version, feedback, auth, UI); the servers only
+generate.
+
+It speaks the engine's protocol (`submit`, `pin_adapter`, `load_adapter`, `unpin`, ...), so `Serving`
+does not know which engine it drives:
+
+- **Prompts are token ids.** The app applies the chat template once (the same tokenizer as the servers,
+  checked equal) and sends the ids to `/v1/completions`; text and token ids stream back chunk by chunk.
+- **Adapter versions** are loaded under the name `<domain>@vN` (a new name for every version, never a
+  reload under an old one: vLLM could serve stale prefix-cache entries). A version is loaded on every
+  reachable server before `load_adapter` returns, so activation moves the pointer only when all of them
+  serve it; if one refuses, the error names it and why, and the servers that took it drop it again.
+- **Pins.** A request pins its version from admission to its last chunk. A version that nothing pins and
+  that is not live is unloaded once more than `max_resident` versions are loaded.
+- **Reconciling.** At start and every RECONCILE_S the engine asks each server what it has loaded
+  (`GET /v1/models`) and loads the live versions it lacks, so a restarted server is brought back in line
+  without a person. A server is routed to only once it is reconciled.
+- **Routing.** Requests for the same adapter prefer the same server (its adapter stays warm), unless it has
+  ROUTE_SLACK more requests in flight than the least loaded; servers that fail are skipped until a health
+  check passes again. A server that dies mid-answer ends that answer with a clear error, logged as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .engine import MAX_CONTEXT_TOKENS, Event, Handle, Request
+from .errors import AssistantError, ContextTooLong, GenerationFailed, InvalidAdapter, ModelLoadError
+from .vllm_client import VllmClient, VllmError, VllmUnavailable
+
+RECONCILE_S = 15.0           # how often every server's health and loaded adapters are checked
+ROUTE_SLACK = 2              # affinity holds while the preferred server has at most this many more requests in flight
+START_WAIT_S = 30.0          # at start: how long to wait for a server that does not answer yet
+BASE_KEY = ""                # the affinity key of requests without an adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Server:
+    """One vLLM server as the app sees it."""
+    client: VllmClient
+    base_id: str = ""                 # the name it serves the base under
+    healthy: bool = False
+    ready: bool = False               # base checked and live adapters loaded: requests may go here
+    loaded: set[str] = field(default_factory=set)
+    inflight: int = 0
+    problem: str | None = None        # why it is not ready, for logs and status
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+
+class VllmEngine:
+    def __init__(self, base, urls: list[str], *, adapters_root: Path, served_adapters_root: str | None = None,
+                 live: Callable[[], dict[str, Path]] | None = None, max_resident: int = 8, managed=None):
+        """`base`: the described base (model.describe_base). `urls`: the servers. `adapters_root`: the app's
+        adapters folder; `served_adapters_root`: where the servers see that folder, when mounted elsewhere.
+        `live`: {adapter key: folder} that every server must have loaded (the domains' active versions).
+        `managed`: a ManagedVllm this engine started and stops."""
+        if not urls:
+            raise ModelLoadError("--engine vllm needs at least one server: --vllm-url URL[,URL...]")
+        self.base = base
+        self.tokenizer = base.tokenizer
+        self.max_context = min(base.max_context, MAX_CONTEXT_TOKENS)
+        self.adapters_root = Path(adapters_root).resolve()
+        self.served_adapters_root = served_adapters_root
+        self.live = live or dict
+        self.max_resident = max_resident
+        self.managed = managed
+        self.servers = [Server(VllmClient(u)) for u in urls]
+        self._lock = threading.RLock()
+        self._freed = threading.Condition(self._lock)
+        self._pins: dict[str, int] = {}
+        self._slots: dict[str, int] = {}          # adapter key -> the int a Request carries as its slot
+        self._keys: dict[int, str] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()   # adapter keys, least recently used first
+        self._affinity: dict[str, Server] = {}
+        self._stop = threading.Event()
+        self._loop = asyncio.new_event_loop()     # streams of callers without an event loop (CLI, UI) run here
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="vllm-streams", daemon=True)
+        self._loop_thread.start()
+        self._start()
+        self._reconciler = threading.Thread(target=self._reconcile_loop, name="vllm-reconcile", daemon=True)
+        self._reconciler.start()
+        if managed is not None:
+            managed.on_restart = self.reconcile
+
+    # Start and reconcile -----------------------------------------------------------------------
+    def _start(self) -> None:
+        """Every server must serve this base (one that serves another is refused, naming both); at least one
+        must answer now. The others are brought in by the reconciler when they do."""
+        deadline = time.monotonic() + START_WAIT_S
+        while True:
+            for s in self.servers:
+                if not s.ready:
+                    self._reconcile_one(s, at_start=True)
+            if any(s.ready for s in self.servers):
+                return
+            if time.monotonic() >= deadline:
+                problems = "; ".join(f"{s.url}: {s.problem}" for s in self.servers)
+                self.close()
+                raise ModelLoadError(f"no vLLM server answers ({problems}): start them, or check --vllm-url")
+            time.sleep(1.0)
+
+    def reconcile(self) -> None:
+        """Check every server now (also called when the managed server restarted)."""
+        for s in self.servers:
+            self._reconcile_one(s)
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(RECONCILE_S):
+            try:
+                self.reconcile()
+                self._evict()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("reconciling the vLLM servers failed")
+
+    def _reconcile_one(self, s: Server, *, at_start: bool = False) -> None:
+        c = s.client
+        try:
+            if not c.health_sync():
+                raise VllmUnavailable(s.url, "health check failed")
+            models = c.models_sync()
+            if not s.base_id:
+                check = c.check_base_sync(expected_path=self.base.path, expected_name=self.base.name)
+                if not check.ok:
+                    message = check.message(s.url)
+                    if at_start:
+                        self.close()
+                        raise ModelLoadError(f"{message}: start it with --model {self.base.path} (the same base "
+                                             "as --base-model), or leave it out of --vllm-url")
+                    s.problem, s.healthy, s.ready = message, False, False
+                    log.error("%s: not routing to it", message)
+                    return
+                s.base_id = models.base.id
+            s.healthy = True
+            loaded = set(models.loras)
+            for key, folder in self.live().items():
+                if key not in loaded:
+                    c.load_lora_sync(key, self._served_path(folder))
+                    loaded.add(key)
+                    log.info("reloaded %s on %s (it did not have it)", key, s.url)
+            with self._lock:
+                was_ready, s.loaded, s.ready, s.problem = s.ready, loaded, True, None
+            if not was_ready:
+                log.info("vLLM server %s ready (base %s, %d adapters loaded)", s.url, s.base_id, len(loaded))
+        except VllmError as e:
+            with self._lock:
+                if s.ready:
+                    log.warning("vLLM server %s is out of rotation: %s", s.url, e.message)
+                s.healthy = s.ready = False
+                s.problem = e.message
+
+    def _served_path(self, folder: Path) -> str:
+        folder = Path(folder).resolve()
+        if self.served_adapters_root is None:
+            return str(folder)
+        return f"{self.served_adapters_root.rstrip('/')}/{folder.relative_to(self.adapters_root).as_posix()}"
+
+    # The engine protocol: adapters -------------------------------------------------------------
+    def module_shapes(self) -> dict:
+        return self.base.extra["module_shapes"]
+
+    def _slot(self, key: str) -> int:
+        if key not in self._slots:
+            self._slots[key] = n = len(self._slots) + 1
+            self._keys[n] = key
+        return self._slots[key]
+
+    def pin_adapter(self, key: str) -> int | None:
+        """Pin `key` for one request when every ready server has it loaded; else None (load it first)."""
+        with self._lock:
+            ready = [s for s in self.servers if s.ready]
+            if not ready or any(key not in s.loaded for s in ready):
+                return None
+            self._pins[key] = self._pins.get(key, 0) + 1
+            self._recent.pop(key, None)
+            self._recent[key] = None
+            return self._slot(key)
+
+    def load_adapter(self, key: str, folder, *, pin: bool = False) -> int:
+        """Load a version on every reachable server under the name `key`. All or nothing: when one refuses,
+        the ones that took it drop it and the error names the server and its reason."""
+        path = self._served_path(folder)
+        targets = [s for s in self.servers if s.healthy]
+        if not targets:
+            raise VllmUnavailable(", ".join(s.url for s in self.servers), "no vLLM server is reachable to load "
+                                  f"{key}: retry when they are back")
+        took, refused = [], []
+        for s in targets:
+            if key in s.loaded:
+                continue
+            try:
+                s.client.load_lora_sync(key, path)
+                took.append(s)
+            except VllmError as e:
+                refused.append(e.message)
+        if refused:
+            for s in took:
+                try:
+                    s.client.unload_lora_sync(key)
+                except VllmError as e:
+                    log.warning("could not drop %s from %s after another server refused it: %s", key, s.url, e)
+            raise InvalidAdapter(f"{key} did not go live: " + "; ".join(refused))
+        with self._lock:
+            for s in took:
+                s.loaded.add(key)
+            self._recent.pop(key, None)
+            self._recent[key] = None
+            if pin:
+                self._pins[key] = self._pins.get(key, 0) + 1
+            return self._slot(key)
+
+    def unpin(self, slot: int) -> None:
+        if not slot:
+            return
+        with self._lock:
+            key = self._keys.get(slot)
+            if key is not None and self._pins.get(key, 0) > 0:
+                self._pins[key] -= 1
+            self._freed.notify_all()
+
+    def wait_for_free_slot(self, timeout: float) -> None:
+        """vLLM has no slot limit for loaded adapters (--max-loras caps one batch, not what is loaded)."""
+        with self._lock:
+            self._freed.wait(timeout)
+
+    def _evict(self) -> None:
+        """Unload versions past `max_resident` that nothing pins and that are not live, oldest first."""
+        live = set(self.live())
+        with self._lock:
+            extra = len(self._recent) - self.max_resident
+            victims = [k for k in self._recent if k not in live and not self._pins.get(k)][:max(0, extra)]
+            for k in victims:
+                self._recent.pop(k, None)
+        for key in victims:
+            for s in self.servers:
+                if key in s.loaded:
+                    try:
+                        s.client.unload_lora_sync(key)
+                        s.loaded.discard(key)
+                    except VllmError as e:
+                        log.warning("could not unload %s from %s: %s", key, s.url, e.message)
+            log.info("unloaded %s from the vLLM servers (not live, not in use)", key)
+
+    # The engine protocol: generation -----------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)
+        return list(out["input_ids"])
+
+    def _route(self, key: str | None) -> Server:
+        with self._lock:
+            ok = [s for s in self.servers if s.ready and (key is None or key in s.loaded)]
+            if not ok:
+                why = "; ".join(f"{s.url}: {s.problem or 'not ready'}" for s in self.servers)
+                raise VllmUnavailable(", ".join(s.url for s in self.servers),
+                                      "no vLLM server can answer now: retry in a moment", why)
+            least = min(ok, key=lambda s: s.inflight)
+            preferred = self._affinity.get(key or BASE_KEY)
+            chosen = preferred if preferred in ok and preferred.inflight <= least.inflight + ROUTE_SLACK else least
+            self._affinity[key or BASE_KEY] = chosen
+            chosen.inflight += 1
+            return chosen
+
+    def submit(self, req: Request, loop=None, on_finish=None) -> Handle:
+        """Send a request to a server. `req.slot` comes pinned for an adapter; it is unpinned when the
+        request ends, or here if it is refused."""
+        try:
+            n = len(req.prompt_ids)
+            if n >= self.max_context:
+                raise ContextTooLong(f"the conversation is {n} tokens and this model reads at most "
+                                     f"{self.max_context} (question and answer together): shorten it or start a new "
+                                     "conversation")
+            if req.adapter is not None and not req.slot:
+                raise AssistantError(f"adapter {req.adapter} has no pinned slot: pin or load it first")
+            req.max_new_tokens = max(1, min(req.max_new_tokens, self.max_context - n))
+            server = self._route(req.adapter)
+        except BaseException:
+            self.unpin(req.slot)
+            req.slot = 0
+            raise
+        req.t_submit = time.perf_counter()
+        h = Handle(req, loop)
+        h.on_finish = on_finish
+        asyncio.run_coroutine_threadsafe(self._run(h, server), loop or self._loop)
+        return h
+
+    async def _run(self, h: Handle, server: Server) -> None:
+        req, error = h.req, None
+        model = req.adapter or server.base_id
+        stream = server.client.stream_completion(model, req.prompt_ids, max_tokens=req.max_new_tokens,
+                                                 temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                                 stop=req.stop, ignore_eos=req.ignore_eos)
+        try:
+            async for ev in stream:
+                if h.cancelled.is_set():
+                    req.finish_reason = "cancelled"
+                    break
+                if ev.kind == "token":
+                    if req.t_first is None:
+                        req.t_first = time.perf_counter()
+                    req.generated.extend(ev.token_ids)
+                    if ev.text:
+                        req.text += ev.text
+                        h.put(Event("token", ev.text))
+                else:
+                    req.finish_reason = ev.finish_reason   # usage: the prompt is our ids, the answer's came back
+        except VllmError as e:
+            error = e
+            if isinstance(e, VllmUnavailable):
+                with self._lock:
+                    server.healthy = server.ready = False
+                    server.problem = e.message
+                log.error("vLLM server %s failed during an answer (%s): out of rotation until it answers again",
+                          server.url, e.message)
+                error = VllmUnavailable(server.url, "the answer stopped: the vLLM server serving it failed; retry")
+        except Exception:  # noqa: BLE001 - a broken stream must still end the request and be logged
+            log.exception("streaming from %s failed", server.url)
+            error = GenerationFailed("the answer stopped because of a server error: retry")
+        finally:
+            await stream.aclose()
+            with self._lock:
+                server.inflight -= 1
+        req.finish_reason = "error" if error is not None else (req.finish_reason or "cancelled")
+        req.t_done = time.perf_counter()
+        self.unpin(req.slot)
+        req.slot = 0
+        if h.on_finish is not None:
+            try:
+                h.on_finish()
+            except Exception:  # noqa: BLE001 - the caller's callback must not break the stream's end
+                log.exception("the finish callback of request %s failed: its response may not be logged", req.id)
+        if error is not None:
+            h.put(Event("error", error=error, finish_reason="error"))
+        else:
+            h.put(Event("done", finish_reason=req.finish_reason))
+
+    def status(self) -> list[dict]:
+        """Each server: url, ready, in flight, adapters loaded, problem."""
+        with self._lock:
+            return [{"url": s.url, "ready": s.ready, "inflight": s.inflight, "adapters": sorted(s.loaded),
+                     "problem": s.problem} for s in self.servers]
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.managed is not None:
+            self.managed.stop()
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        for s in self.servers:
+            s.client.close()
