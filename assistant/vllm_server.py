@@ -30,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .settings import default_cache_dir
 from .vllm_client import VllmClient
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,9 @@ class VllmStartError(ModelLoadError):
 
 
 def vllm_venv() -> Path:
-    return Path(os.environ.get("ASSISTANT_VLLM_VENV") or default_cache_dir() / "vllm-venv").expanduser()
+    """Where scripts/setup.sh --test puts vLLM's own virtual environment (ASSISTANT_VLLM_VENV): a user-wide
+    install, not a cache, so it does not move with ASSISTANT_CACHE."""
+    return Path(os.environ.get("ASSISTANT_VLLM_VENV") or Path.home() / ".cache" / "domain-assistant" / "vllm-venv")
 
 
 def vllm_venv_ready() -> bool:

@@ -20,15 +20,20 @@ BENCHES = {
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",
     "eval": "bench_eval",            # eval_vs_train_time of one job
+    "vllm": "bench_vllm",            # the app in front of a vLLM server (--engine vllm)
 }
+LOCAL = [name for name in BENCHES if name != "vllm"]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)}")
     p.add_argument("--base-model", default="embedded")
+    p.add_argument("--engine", choices=["local", "vllm"], default="local",
+                   help="vllm: the proxy benchmark against a vLLM server the app starts (needs the vLLM environment "
+                        "of scripts/setup.sh --test)")
     args = p.parse_args(argv)
-    names = args.only.split(",") if args.only else list(BENCHES)
+    names = args.only.split(",") if args.only else (["vllm"] if args.engine == "vllm" else LOCAL)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}: choose from {', '.join(BENCHES)}")

@@ -1,0 +1,213 @@
+"""The app in front of a REAL vLLM server (the CPU build `scripts/setup.sh --test` prepares), which the app
+starts and supervises (`assistant serve --engine vllm`), on the embedded SmolLM2 in float32 with short greedy
+answers:
+
+- base and two domains answer through the app's API exactly as the same requests sent to vLLM directly, and
+  as the app's own local engine;
+- activate v2 -> the next answer is v2's; roll back -> v1; a pinned @v1 keeps answering; retraining a domain
+  publishes a version vLLM serves without a restart; feedback is logged against the version that answered;
+- a server serving another base is refused at start, naming both;
+- killing the vLLM server: answers fail at once with a clear 503 (no hang), the app restarts it and puts the
+  live adapters back without a person.
+
+One app and one vLLM server for the file (a start costs about a minute on 2 cores); the kill runs last."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from assistant.vllm_server import vllm_venv, vllm_venv_ready
+
+from helpers import make_serving, random_lora_adapter, running_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+N_TOKENS = 10
+QUESTION = [{"role": "user", "content": "Name three colors."}]
+START_TIMEOUT_S = 420        # app + vLLM start on 2 busy cores
+RESTART_TIMEOUT_S = 420      # the supervisor's backoff plus a vLLM start
+TRAIN_TIMEOUT_S = 900
+
+
+def _zip(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in folder.iterdir():
+            z.write(f, f.name)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def adapters(embedded_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-adapters")
+    return {name: random_lora_adapter(embedded_path, root / name, seed=seed)
+            for name, seed in (("support1", 1), ("legal1", 2), ("support2", 3))}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, adapters):
+    if not vllm_venv_ready():
+        pytest.fail(f"vLLM is not installed in {vllm_venv()}: run `bash scripts/setup.sh --test` first")
+    home = tmp_path_factory.mktemp("vllm-app")
+    with running_server(home, "--engine", "vllm", "--dtype", "float32", "--max-resident-adapters", "4",
+                        timeout=START_TIMEOUT_S) as (url, proc):
+        for name in ("support", "legal"):
+            assert httpx.post(url + "/api/domains", json={"name": name}).status_code == 201
+        for domain, key in (("support", "support1"), ("legal", "legal1")):
+            r = httpx.post(f"{url}/api/domains/{domain}/adapters?activate=true", content=_zip(adapters[key]),
+                           headers={"Content-Type": "application/zip"}, timeout=120)
+            assert r.status_code == 201, r.text
+        health = httpx.get(url + "/api/health").json()
+        [server] = health["engine"]["servers"]
+        yield {"url": url, "home": home, "vllm": server["url"], "base_name": health["base_model"], "proc": proc}
+
+
+def ask(url: str, model: str, messages=QUESTION, **kw) -> dict:
+    r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
+        "model": model, "messages": messages, "temperature": 0, "max_tokens": N_TOKENS, **kw})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return {"id": body["id"], "text": body["choices"][0]["message"]["content"], "version": body["adapter_version"],
+            "usage": body["usage"]}
+
+
+def direct(vllm_url: str, model: str, messages=QUESTION) -> str:
+    r = httpx.post(vllm_url + "/v1/chat/completions", timeout=300, json={
+        "model": model, "messages": messages, "temperature": 0, "max_tokens": N_TOKENS})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_answers_through_the_app_equal_vllm_direct_and_the_local_engine(app, adapters, embedded_path, tmp_path):
+    url, vllm = app["url"], app["vllm"]
+    got = {m: ask(url, m) for m in ("base", "support", "legal")}
+    assert got["base"]["version"] is None and got["support"]["version"] == got["legal"]["version"] == "v1"
+    assert len({g["text"] for g in got.values()}) == 3, got          # three different answers
+    assert got["base"]["text"] == direct(vllm, app["base_name"])
+    assert got["support"]["text"] == direct(vllm, "support@v1") and got["legal"]["text"] == direct(vllm, "legal@v1")
+    assert got["base"]["usage"]["completion_tokens"] >= 1
+
+    from assistant.settings import Settings
+    local = make_serving(Settings(home=tmp_path, dtype="float32"))   # the embedded engine, same adapters
+    try:
+        for domain, key in (("support", "support1"), ("legal", "legal1")):
+            local.workspace.create_domain(domain)
+            local.import_adapter(domain, adapters[key], activate=True)
+        for model in ("base", "support", "legal"):
+            assert local.chat(model, QUESTION, max_tokens=N_TOKENS)["text"] == got[model]["text"], model
+    finally:
+        local.close()
+
+    # the official client, streaming: chunk by chunk, the same text
+    client = OpenAI(base_url=url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(model="support", messages=QUESTION, max_tokens=N_TOKENS, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = [c for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == got["support"]["text"] and chunks[-1].usage.completion_tokens >= 1
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2
+
+
+def test_activate_roll_back_pin_and_feedback_on_vllm_served_versions(app, adapters):
+    url, vllm = app["url"], app["vllm"]
+    v1 = ask(url, "support")
+    r = httpx.post(url + "/api/domains/support/adapters", content=_zip(adapters["support2"]),
+                   headers={"Content-Type": "application/zip"}, timeout=120)
+    assert r.status_code == 201 and r.json()["version"] == "v2", r.text
+    assert ask(url, "support")["version"] == "v1"                     # imported, not live yet
+    r = httpx.post(url + "/api/domains/support/adapters/v2/activate", json={}, timeout=120)
+    assert r.status_code == 200, r.text
+    v2 = ask(url, "support")
+    assert v2["version"] == "v2" and v2["text"] == direct(vllm, "support@v2") and v2["text"] != v1["text"]
+    pinned = ask(url, "support@v1")
+    assert pinned["version"] == "v1" and pinned["text"] == v1["text"]
+    models = httpx.get(vllm + "/v1/models").json()["data"]
+    assert {"support@v1", "support@v2", "legal@v1"} <= {m["id"] for m in models}   # a new name per version
+
+    r = httpx.post(url + "/api/feedback", json={"response_id": v2["id"], "rating": "down",
+                                               "correction": "Red, green and blue."})
+    assert r.status_code == 201
+    import sqlite3
+    with sqlite3.connect(app["home"] / "data" / "assistant.db") as db:
+        row = db.execute("SELECT r.adapter_version, f.correction FROM feedback f JOIN responses r "
+                         "ON r.id = f.response_id WHERE r.id = ?", (v2["id"],)).fetchone()
+    assert row == ("v2", "Red, green and blue.")
+
+    r = httpx.post(url + "/api/domains/support/adapters/v1/activate", json={}, timeout=120)   # roll back
+    assert r.status_code == 200
+    back = ask(url, "support")
+    assert back["version"] == "v1" and back["text"] == v1["text"]
+
+
+def test_a_retrained_version_is_served_by_vllm_without_a_restart(app):
+    url, vllm = app["url"], app["vllm"]
+    examples = [{"messages": [{"role": "user", "content": f"What is the code of locker {i}?"},
+                              {"role": "assistant", "content": f"Locker {i} opens with code {1000 + 7 * i}."}]}
+                for i in range(10)]
+    assert httpx.post(url + "/api/domains/legal/examples", json={"examples": examples}).status_code == 201
+    r = httpx.post(url + "/api/domains/legal/train", json={"epochs": 1, "replay": 0, "augment": 0}, timeout=120)
+    assert r.status_code == 202, r.text
+    job_id, t0 = r.json()["job_id"], time.time()
+    while (job := httpx.get(f"{url}/api/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.time() - t0 < TRAIN_TIMEOUT_S, job
+        time.sleep(2)
+    assert job["status"] == "succeeded", job.get("error")
+    version = job["adapter_version"]
+    assert version == "v2"
+    got = ask(url, f"legal@{version}")
+    assert got["version"] == version and got["text"] == direct(vllm, f"legal@{version}")
+
+
+def test_a_server_serving_another_base_is_refused_at_start(app, tiny_llama, tmp_path):
+    from assistant.errors import ModelLoadError
+    from assistant.server import build
+    from assistant.settings import Settings
+    settings = Settings(home=tmp_path, base_model=str(tiny_llama), engine="vllm", vllm_url=(app["vllm"],))
+    with pytest.raises(ModelLoadError) as e:
+        build(settings)
+    message = e.value.message
+    assert app["vllm"] in message and Path(str(tiny_llama)).name in message, message
+
+
+def _vllm_group(vllm_url: str) -> int:
+    """The process group of the vLLM server listening on that URL's port (the app started it)."""
+    port = vllm_url.rsplit(":", 1)[1].encode()
+    for pid in os.popen("pgrep -f vllm.entrypoints.openai.api_server").read().split():
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"--port" in cmd and cmd[cmd.index(b"--port") + 1] == port:
+            return os.getpgid(int(pid))
+    raise AssertionError(f"no vLLM server process on port {port.decode()}")
+
+
+def test_killing_vllm_gives_a_clear_503_then_it_comes_back_with_the_live_adapters(app):
+    url = app["url"]
+    live_before = ask(url, "support")
+    os.killpg(_vllm_group(app["vllm"]), signal.SIGKILL)
+    t0 = time.time()
+    while True:
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "support", "messages": QUESTION, "temperature": 0, "max_tokens": N_TOKENS})
+        if r.status_code == 503:
+            break
+        assert time.time() - t0 < 30, r.text                           # the failure shows within seconds
+    assert time.time() - t0 < 30
+    assert "vLLM" in r.json()["error"]["message"] and "Traceback" not in r.text
+    deadline = time.time() + RESTART_TIMEOUT_S
+    while True:
+        r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
+            "model": "support", "messages": QUESTION, "temperature": 0, "max_tokens": N_TOKENS})
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and time.time() < deadline, r.text
+        time.sleep(3)
+    assert r.json()["choices"][0]["message"]["content"] == live_before["text"]   # same adapter, reloaded
+    assert r.json()["adapter_version"] == "v1"
