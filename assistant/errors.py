@@ -79,3 +79,42 @@ class TooLarge(AssistantError):
 
 class SlotsBusy(Busy):
     """Every adapter slot is pinned by requests in flight: a new adapter has nowhere to load yet."""
+
+
+class InsufficientMemory(AssistantError):
+    """A training job would not fit in the device's memory; the message names the numbers and what to lower."""
+    status = 422
+    code = "insufficient_memory"
+
+
+class TrainingStopped(Exception):
+    """`should_stop()` returned True during training: nothing was saved (a cancelled job)."""
+
+
+class VllmStartError(ModelLoadError):
+    """The vLLM server exited or did not become healthy in time; the message has its log's tail."""
+    code = "engine_start_failed"
+
+
+class VllmError(AssistantError):
+    """vLLM refused or failed a request. `url` is the server, `http_status` and `vllm_type` what vLLM said
+    (None when it said nothing), `vllm_message` its message."""
+
+    status = 502
+    code = "engine_error"
+
+    def __init__(self, url: str, what: str, vllm_message: str = "", *, http_status: int | None = None,
+                 vllm_type: str | None = None):
+        msg = f"vLLM server {url}: {what}" + (f": {vllm_message}" if vllm_message else "")
+        super().__init__(msg)
+        self.url = url
+        self.http_status = http_status
+        self.vllm_type = vllm_type
+        self.vllm_message = vllm_message
+
+
+class VllmUnavailable(VllmError):
+    """The server cannot be reached, timed out, or closed the connection mid-answer."""
+
+    status = 503
+    code = "engine_unavailable"

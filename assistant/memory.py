@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .errors import AssistantError
+from .errors import AssistantError, InsufficientMemory
 from .lm import LOSS_CHUNK_TOKENS
 from .training import QUANTIZED
 
@@ -45,11 +45,6 @@ TARGET_SHAPES = {  # module -> (in, out) as functions of (hidden, intermediate, 
     "gate_proj": lambda h, i, q, kv: (h, i), "up_proj": lambda h, i, q, kv: (h, i),
     "down_proj": lambda h, i, q, kv: (i, h),
 }
-
-
-class InsufficientMemory(AssistantError):
-    status = 422
-    code = "insufficient_memory"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .errors import TrainingStopped
 from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat, generate, with_system_prompt
 from .settings import MAX_LORA_RANK
 
@@ -146,10 +147,6 @@ class TrainResult:
                 "label_tokens": self.label_tokens, "train_seconds": round(self.seconds, 2),
                 "tokens_per_second": round(self.tokens_per_second, 1), "n_train": self.n_train,
                 "n_examples": self.n_examples, "n_dropped": self.n_dropped}
-
-
-class TrainingStopped(Exception):
-    """`should_stop()` returned True: nothing was saved."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from .errors import AssistantError
+from .errors import VllmError, VllmUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +42,6 @@ HEALTH_TIMEOUT = 2.0         # s: the whole /health call
 CONTROL_TIMEOUT = 60.0       # s: /v1/models, loading and unloading adapters (a large adapter on a busy server)
 STREAM_READ_TIMEOUT = 120.0  # s: the longest silence between two chunks of a stream (a long prefill on CPU)
 SAMPLE_BYTES = 1 << 20       # bytes hashed at each of 3 offsets per weights file to tell two bases apart
-
-
-class VllmError(AssistantError):
-    """vLLM refused or failed a request. `url` is the server, `http_status` and `vllm_type` what vLLM said
-    (None when it said nothing), `vllm_message` its message."""
-
-    status = 502
-    code = "engine_error"
-
-    def __init__(self, url: str, what: str, vllm_message: str = "", *, http_status: int | None = None,
-                 vllm_type: str | None = None):
-        msg = f"vLLM server {url}: {what}" + (f": {vllm_message}" if vllm_message else "")
-        super().__init__(msg)
-        self.url = url
-        self.http_status = http_status
-        self.vllm_type = vllm_type
-        self.vllm_message = vllm_message
-
-
-class VllmUnavailable(VllmError):
-    """The server cannot be reached, timed out, or closed the connection mid-answer."""
-
-    status = 503
-    code = "engine_unavailable"
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,16 @@ from pathlib import Path
 from typing import Callable
 
 from .engine import MAX_CONTEXT_TOKENS, Event, Handle, Request
-from .errors import AssistantError, ContextTooLong, GenerationFailed, InvalidAdapter, ModelLoadError
-from .vllm_client import VllmClient, VllmError, VllmUnavailable
+from .errors import (
+    AssistantError,
+    ContextTooLong,
+    GenerationFailed,
+    InvalidAdapter,
+    ModelLoadError,
+    VllmError,
+    VllmUnavailable,
+)
+from .vllm_client import VllmClient
 
 RECONCILE_S = 15.0           # how often every server's health and loaded adapters are checked
 ROUTE_SLACK = 2              # affinity holds while the preferred server has at most this many more requests in flight

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import VllmStartError
 from .vllm_client import VllmClient
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,6 @@ RESTART_BACKOFF = (1.0, 5.0, 15.0, 30.0, 60.0)   # s before restart attempt n (t
 LOG_TAIL_CHARS = 4000          # of the server log, in the error raised when it fails to start
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30   # KV cache without a GPU: 23k tokens of the embedded model in fp32
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the --max-lora-rank values vLLM accepts
-
-
-class VllmStartError(ModelLoadError):
-    """The vLLM server exited or did not become healthy in time; the message has its log's tail."""
-    code = "engine_start_failed"
 
 
 def vllm_venv() -> Path:

@@ -209,7 +209,7 @@ def test_memory_estimate_for_an_8b_model_in_numbers():
 
 def test_a_job_that_cannot_fit_is_refused_with_numbers(tiny_settings):
     from assistant import jobs
-    from assistant.memory import InsufficientMemory
+    from assistant.errors import InsufficientMemory
     from assistant.registry import Registry
     from assistant.store import Store
     store, registry = Store(tiny_settings.db_path), Registry(tiny_settings.adapters_path)

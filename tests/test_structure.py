@@ -108,3 +108,22 @@ def test_the_cli_api_and_ui_use_only_the_workspace_and_the_serving():
                     reached.append(f"{name} imports {module}{'.' + what if what else ''}")
     assert not reached, reached
     assert {"assistant.workspace", "assistant.serving"} <= modules.keys()
+
+
+def test_errors_live_in_errors_py():
+    """Every exception class of the package is defined in assistant/errors.py, and none is changed in place."""
+    elsewhere, mutated = [], []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and name != "assistant.errors" and any(
+                    isinstance(b, (ast.Name, ast.Attribute)) and (getattr(b, "id", None) or getattr(b, "attr", ""))
+                    .endswith(("Error", "Exception", "Busy", "Stopped", "Failed", "Unavailable", "Memory"))
+                    for b in node.bases):
+                elsewhere.append(f"{name}.{node.name}")
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr in ("status", "code")
+                                                    and not (isinstance(t.value, ast.Name) and t.value.id == "self")
+                                                    for t in node.targets):
+                mutated.append(f"{name}:{node.lineno}")
+    assert not elsewhere, elsewhere
+    assert not mutated, mutated

@@ -127,7 +127,8 @@ def test_augment_rewords_the_question_only():
 
 
 def test_should_stop_saves_nothing(tiny_llama, tmp_path):
-    from assistant.training import TrainingStopped, TrainSettings, train_adapter
+    from assistant.errors import TrainingStopped
+    from assistant.training import TrainSettings, train_adapter
     calls = []
     with pytest.raises(TrainingStopped):
         train_adapter(tiny_llama, _tiny_rows(), tmp_path / "a", TrainSettings(**TINY),
