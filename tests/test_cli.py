@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 
 def cli(home, *args, check=True):
@@ -44,6 +45,31 @@ def test_domain_seed_curate_export_and_chat(home, tiny_llama):
     assert "adapter=none" in r.stderr and r.stdout.strip()
     r = cli(home, "adapters", "list")
     assert "support: active=-" in r.stdout
+
+
+# Runs the CLI like `python -m assistant.cli`, then says on stderr whether torch was imported.
+_PROBE = ("import sys; from assistant.cli import main; rc = main(sys.argv[1:]); "
+          "print('torch imported:', 'torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+
+
+def test_curate_and_export_do_not_import_torch(home):
+    cli(home, "adapters", "create", "support")
+    seed = home / "seed.jsonl"
+    seed.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"How do I change the delivery address of order {i}?"},
+        {"role": "assistant", "content": f"Open order {i}, choose Edit address and save before it ships."}]})
+        for i in range(5)))
+    env = dict(os.environ, ASSISTANT_HOME=str(home), HF_HUB_OFFLINE="1")
+    for args in (("curate", "--domain", "support", "--examples", str(seed)), ("curate", "--domain", "support"),
+                 ("export", "--domain", "support", "-o", str(home / "snap.jsonl"))):
+        start = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, env=env,
+                           cwd=str(home), timeout=120)
+        elapsed = time.perf_counter() - start
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "torch imported: False" in r.stderr, (args, r.stderr[-2000:])
+        assert elapsed < 3, f"{args[0]} took {elapsed:.1f} s"
+    assert len((home / "snap.jsonl").read_text().splitlines()) == 5
 
 
 def test_errors_are_one_clear_line(home):
