@@ -4,7 +4,8 @@ The caller (training.train_adapter, in a job's process or the CLI's) has loaded 
 examples and the batch schedule, replay answers included, so every rank trains on the same data.
 `train_ranks` hands them to N rank processes (ddp_rank.py) and follows them:
 
-    plan.json (examples, schedule, settings, the base to load) -> a TCP store here for the rendezvous
+    plan.json (examples, schedule, settings, the base to load) in a work folder inside out_dir (a job's
+    staging folder, removed with it if the job is killed) -> a TCP store here for the rendezvous
     (no port to guess) -> N ranks `python -m assistant.ddp_rank WORKDIR` in this process's group, so
     cancelling a job (SIGKILL to its group) ends them too, and each rank dies with this process ->
     rank 0's progress lines on a pipe -> progress() and should_stop() here -> rank 0's adapter, moved
@@ -33,6 +34,7 @@ from .errors import AssistantError
 
 log = logging.getLogger(__name__)
 
+WORK_PREFIX = ".ddp-"            # the run's work folder, in out_dir (a job's staging folder) until it ends
 PLAN_FILE = "plan.json"          # in the work folder: what every rank trains on
 ADAPTER_DIR = "adapter"          # rank 0 saves here, in the work folder
 FD_VAR = "ASSISTANT_DDP_FD"      # rank 0's end of the progress pipe
@@ -73,9 +75,12 @@ def train_ranks(base, examples: list, schedule: list[list[int]], settings: dict,
     adapter saved in `out_dir`, or {"stopped_at": step} when should_stop() said so (nothing saved)."""
     import torch.distributed as dist
     env = {**os.environ, **rank_env(base.device, processes)}
-    work = Path(tempfile.mkdtemp(prefix="assistant-ddp-"))
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=out_dir))   # goes with a job's staging folder
     procs: list[subprocess.Popen] = []
     read_fd = write_fd = None
+    saved = False
     try:
         plan = {"base_model": base.extra.get("load_from", base.path), "dtype": base.dtype,
                 "quantization": base.quantization, "cpu": not base.device.startswith("cuda"),
@@ -101,9 +106,9 @@ def train_ranks(base, examples: list, schedule: list[list[int]], settings: dict,
         write_fd = None
         result = _follow(procs, read_fd, work, progress, should_stop)
         if "stopped_at" not in result:
-            out_dir.mkdir(parents=True, exist_ok=True)
             for f in sorted((work / ADAPTER_DIR).iterdir()):
-                shutil.move(str(f), str(out_dir / f.name))
+                os.replace(f, out_dir / f.name)
+            saved = True
             for r in result["ranks"]:
                 log.info("rank %d of %d (pid %d, %s) trained on %d tokens", r["rank"], result["world_size"],
                          r["pid"], r["device"], r["tokens"])
@@ -117,7 +122,7 @@ def train_ranks(base, examples: list, schedule: list[list[int]], settings: dict,
         for fd in (read_fd, write_fd):
             if fd is not None:
                 os.close(fd)
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work if saved or not created else out_dir, ignore_errors=True)
 
 
 def _follow(procs: list, fd: int, work: Path, progress, should_stop) -> dict:

@@ -143,3 +143,4 @@ def test_a_two_process_job_publishes_and_cancel_kills_its_ranks(tiny_settings):
     psutil.wait_procs(ranks, timeout=10)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
     assert registry.versions("atlas") == ["v1"]
+    assert not list((settings.adapters_path / "atlas").glob(".staging-*"))   # the ranks' work folder with it
