@@ -52,12 +52,14 @@ _cancelling: set[str] = set()   # jobs this process is cancelling (their exit is
 # Settings across the process boundary
 # ---------------------------------------------------------------------------------------------
 
-_CHILD_SETTINGS = ("home", "state_dir", "adapters_dir", "cache_dir", "base_model", "quantization", "dtype", "device")
+_CHILD_SETTINGS = ("home", "state_dir", "adapters_dir", "cache_dir", "base_model", "quantization", "dtype", "device",
+                   "train_device", "train_gpus")
 _CHILD_GROUPS = ("curation", "gate", "train")   # the recipes' settings a job runs with
 
 
 def _settings_json(settings) -> str:
-    return json.dumps({**{k: str(getattr(settings, k)) for k in _CHILD_SETTINGS},
+    plain = {k: getattr(settings, k) for k in _CHILD_SETTINGS}
+    return json.dumps({**{k: str(v) if isinstance(v, Path) else v for k, v in plain.items()},
                        **{k: getattr(settings, k) for k in _CHILD_GROUPS}})
 
 
@@ -300,7 +302,10 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         def stopped():
             return store.get_job(job_id)["status"] == "cancelled"
 
-        result = train_adapter(base, rows, staging, ts, progress=progress, should_stop=stopped)
+        if settings.train_gpus > 1:
+            store.update_job(job_id, log=f"training in {settings.train_gpus} processes\n")
+        result = train_adapter(base, rows, staging, ts, progress=progress, should_stop=stopped,
+                               processes=settings.train_gpus)
         tracker.finish("train")
         store.update_job(job_id, log=f"trained: {json.dumps(result.summary())}\n")
         result.model.unload()            # LoRA layers out: the engine loads the adapter from its folder

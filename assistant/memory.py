@@ -146,7 +146,7 @@ def check_job_memory(settings, train_settings, free_bytes: float | None = None) 
     little; a job killed for memory is reported as such by jobs.py). Returns the estimate, or None."""
     from .model import resolve_device, resolve_dtype, resolve_quantization
     from .training import training_base_settings
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.train_device or settings.device)
     cuda = device.startswith("cuda")
     if free_bytes is None and not cuda:
         return None

@@ -370,7 +370,8 @@ def load_base(settings, *, verbose: bool = True) -> Base:
     base = Base(model=model, tokenizer=tokenizer, name=name, path=source, device=device,
                 dtype=str(dtype).replace("torch.", ""), quantization=quant,
                 fingerprint=fingerprint(model, name), weights_bytes=weights,
-                load_seconds=time.perf_counter() - t0, max_context=max_ctx)
+                load_seconds=time.perf_counter() - t0, max_context=max_ctx,
+                extra={"load_from": str(Path(source) / gguf_file) if gguf_file else source})   # a --base-model
     if verbose:
         log.info("loaded %s", base.describe())
     return base

@@ -26,6 +26,7 @@ MAX_BATCH = 16                      # rows decoded together by the engine
 MAX_QUEUE = 64                      # requests waiting for the engine before "busy"
 MAX_RESIDENT_ADAPTERS = 8           # adapters kept on the base; least recently used is evicted
 MAX_LORA_RANK = 256                 # adapters with a larger rank are refused
+MAX_TRAIN_GPUS = 64                 # processes one training job may run as
 BASE = "base"                       # the reserved model name meaning "no adapter"
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -91,6 +92,15 @@ class Settings:
     gpu_memory_utilization: float | None = field(default=None, metadata={
         "help": "passed to the vLLM server this app starts: its share of GPU memory (leave room for a "
                 "QLoRA job on the same GPU)"})
+    train_device: str | None = field(default=None, metadata={
+        "help": "where training jobs load their base and train: cpu | cuda | cuda:N (default: --device), "
+                "e.g. cuda:1 beside a vLLM server on cuda:0; the job evaluates its adapter there too"})
+    train_gpus: int = field(default=1, metadata={
+        "help": "processes a training job trains in, data-parallel through accelerate (each takes its share of "
+                "every batch; gradients are averaged, so the adapter is the one a single process trains). "
+                "On CUDA one GPU each, from --train-device's index K: cuda:K..cuda:K+N-1, NCCL; on CPU N "
+                "processes (gloo). The job keeps its own copy of the base on --train-device (replay answers, "
+                "evaluation) beside rank 0's"})
     # Overrides of the recipes' settings, by group (see SETTINGS_GROUPS): {"near_dup_threshold": 0.7, ...}
     curation: dict = field(default_factory=dict, metadata={"help": "curation settings (CurationSettings)"})
     gate: dict = field(default_factory=dict, metadata={"help": "the evaluation gate's settings (GateSettings)"})
@@ -112,6 +122,8 @@ class Settings:
             raise ValueError("--vllm-url is for --engine vllm: add it, or drop the URLs")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization}: use a share in (0, 1]")
+        if not 1 <= self.train_gpus <= MAX_TRAIN_GPUS:
+            raise ValueError(f"train_gpus={self.train_gpus}: use a number between 1 and {MAX_TRAIN_GPUS}")
         for group in SETTINGS_GROUPS:
             if not isinstance(getattr(self, group), dict):
                 raise ValueError(f"{group} settings must be a table of name = value pairs")

@@ -11,7 +11,8 @@ checkpointing, LoRA weights in float32. The loss never builds the full [batch, s
 logits: the decoder's hidden states are gathered at the positions that carry a label (assistant
 tokens), and the vocabulary projection + cross-entropy run in chunks of those positions (each chunk
 recomputed in backward when checkpointing is on). That saves memory at the peak on GPU and time on CPU,
-where prompt and padding positions are most of every batch.
+where prompt and padding positions are most of every batch. With `processes` > 1 (--train-gpus) the
+batches prepared here are trained data-parallel by that many processes (ddp.py), with the same result.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class TrainResult:
     n_dropped: int                # sequences with nothing to learn after truncation
     settings: dict
     fingerprint: dict
+    world_size: int = 1           # processes that trained it together (train_gpus)
     model: object = field(default=None, repr=False)      # the trained PeftModel (not serialised)
     tokenizer: object = field(default=None, repr=False)
 
@@ -146,7 +148,8 @@ class TrainResult:
                 "train_loss_last": self.losses[-1] if self.losses else None, "tokens": self.tokens,
                 "label_tokens": self.label_tokens, "train_seconds": round(self.seconds, 2),
                 "tokens_per_second": round(self.tokens_per_second, 1), "n_train": self.n_train,
-                "n_examples": self.n_examples, "n_dropped": self.n_dropped}
+                "n_examples": self.n_examples, "n_dropped": self.n_dropped,
+                **({"world_size": self.world_size} if self.world_size > 1 else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +206,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
 def training_base_settings(settings):
     """The settings a job loads its base with: NF4 on CUDA (QLoRA) and float32 on CPU (training in bf16
     weights loses the small LoRA updates). An explicit --quantization nf4/int8 trains on the quantized
-    weights on CPU too (QLoRA, float32 compute)."""
+    weights on CPU too (QLoRA, float32 compute). A job trains on --train-device (default: --device)."""
     from .model import resolve_device
+    settings = settings.with_(device=settings.train_device)
     if resolve_device(settings.device).startswith("cuda"):
         return settings.with_(quantization="nf4" if settings.quantization == "auto" else settings.quantization)
     return settings.with_(dtype="float32",
@@ -242,17 +246,57 @@ def auto_epochs(n_train: int) -> int:
     return max(1, min(MAX_AUTO_EPOCHS, math.ceil(TARGET_EXAMPLES_SEEN / max(n_train, 1))))
 
 
+def wrap_lora(model, settings: TrainSettings, *, quantized: bool, checkpointing: bool):
+    """The base wrapped in LoRA, seeded (the A matrices are random), in train mode:
+    (peft_model, the causal LM inside it, the trainable parameters)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(settings.seed)
+    if quantized:   # QLoRA: LoRA in float32 (PEFT's default) on frozen 4-bit (or 8-bit) weights
+        model = prepare_quantized(model, checkpointing)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    # HF applies gradient checkpointing only in train mode: train() is what makes it really apply.
+    peft_model.train()
+    return peft_model, peft_model.get_base_model(), [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def make_optimizer(params, settings: TrainSettings, total_steps: int):
+    """AdamW with a linear warm-up, then a linear decay to FINAL_LR_FRACTION of the peak: (optimizer, scheduler)."""
+    import torch
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 1.0 - (1.0 - FINAL_LR_FRACTION) * (step - warmup) / max(1, total_steps - warmup)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+
+def save_adapter(peft_model, out_dir: Path) -> None:
+    """A standard PEFT folder (safetensors only) in `out_dir`."""
+    peft_model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    for extra in out_dir.iterdir():
+        if extra.name not in ADAPTER_FILES and extra.is_file():
+            extra.unlink()  # the generated README.md model card: card.json is ours
+
+
 def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settings: TrainSettings | None = None,
                   progress: Callable[[int, int, float], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> TrainResult:
+                  should_stop: Callable[[], bool] | None = None, *, processes: int = 1) -> TrainResult:
     """Train a LoRA adapter on the `train` rows and save it as a PEFT folder in `out_dir`.
 
     `rows`: [{"messages": [{"role", "content"}, ...], "split": "train" | "eval"}]; rows without a split
     count as train. `progress(step, total_steps, loss)` is called after every optimizer step;
-    `should_stop()` is polled before each step and stops the run with `TrainingStopped`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
+    `should_stop()` is polled before each step and stops the run with `TrainingStopped`. `processes` > 1
+    trains data-parallel in that many processes (ddp.py) on the batches prepared here."""
     from .errors import DatasetTooSmall
     from .model import trainable_4bit
 
@@ -288,32 +332,38 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
                                                                           settings.batch_size, rng)]
     total_steps = len(schedule)
 
+    # 3-5. LoRA, the loop, the saved folder: here, or in `processes` processes that share each batch.
+    if processes > 1:
+        from peft import PeftModel
+
+        from .ddp import train_ranks
+        run = train_ranks(base, examples, schedule, settings.to_dict(), out_dir, processes,
+                          checkpointing=checkpointing, progress=progress, should_stop=should_stop)
+        if "stopped_at" in run:
+            raise TrainingStopped(f"stopped at step {run['stopped_at']}/{total_steps}")
+        peft_model = PeftModel.from_pretrained(model, str(out_dir)).eval()   # what the ranks trained, here
+    else:
+        peft_model, run = _train_here(base, examples, schedule, settings, out_dir, quantized=quantized,
+                                      checkpointing=checkpointing, progress=progress, should_stop=should_stop)
+    return TrainResult(adapter_dir=out_dir, steps=total_steps, epochs=epochs, losses=run["losses"],
+                       tokens=run["tokens"], label_tokens=run["label_tokens"], seconds=run["seconds"],
+                       n_train=n_rows, n_examples=len(examples), n_dropped=len(encoded) - len(examples),
+                       settings=settings.to_dict(), fingerprint=base.fingerprint,
+                       world_size=run.get("world_size", 1), model=peft_model, tokenizer=tok)
+
+
+def _train_here(base, examples, schedule, settings: TrainSettings, out_dir: Path, *, quantized: bool,
+                checkpointing: bool, progress, should_stop):
+    """Steps 3-5 in this process: (the trained PeftModel, {losses, tokens, label_tokens, seconds})."""
+    import torch
+    total_steps = len(schedule)
     # 3. LoRA (seeded: the A matrices are random).
-    torch.manual_seed(settings.seed)
-    if quantized:   # QLoRA: LoRA in float32 (PEFT's default) on frozen 4-bit (or 8-bit) weights
-        model = prepare_quantized(model, checkpointing)
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
-    causal_lm = peft_model.get_base_model()
-    # HF applies gradient checkpointing only in train mode: train() is what makes it really apply.
-    peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    warmup = max(1, int(WARMUP_FRACTION * total_steps))
-
-    def lr_at(step: int) -> float:  # linear warm-up, then linear decay to FINAL_LR_FRACTION of the peak
-        if step < warmup:
-            return (step + 1) / warmup
-        return 1.0 - (1.0 - FINAL_LR_FRACTION) * (step - warmup) / max(1, total_steps - warmup)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    peft_model, causal_lm, params = wrap_lora(base.model, settings, quantized=quantized, checkpointing=checkpointing)
+    optimizer, scheduler = make_optimizer(params, settings, total_steps)
 
     # 4. The loop.
     losses, tokens, label_tokens = [], 0, 0
-    pad_id = tok.pad_token_id
+    pad_id = base.tokenizer.pad_token_id
     t0 = time.perf_counter()
     for step, batch in enumerate(schedule, start=1):
         if should_stop is not None and should_stop():
@@ -333,13 +383,5 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     seconds = time.perf_counter() - t0
 
     # 5. Save a standard PEFT folder (safetensors only).
-    peft_model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    for extra in out_dir.iterdir():
-        if extra.name not in ADAPTER_FILES and extra.is_file():
-            extra.unlink()  # the generated README.md model card: card.json is ours
-    return TrainResult(adapter_dir=out_dir, steps=total_steps, epochs=epochs, losses=losses, tokens=tokens,
-                       label_tokens=label_tokens, seconds=seconds, n_train=n_rows, n_examples=len(examples),
-                       n_dropped=len(encoded) - len(examples), settings=settings.to_dict(),
-                       fingerprint=base.fingerprint, model=peft_model, tokenizer=tok)
+    save_adapter(peft_model, out_dir)
+    return peft_model, {"losses": losses, "tokens": tokens, "label_tokens": label_tokens, "seconds": seconds}
