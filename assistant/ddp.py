@@ -30,7 +30,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from .errors import AssistantError
+from .errors import AssistantError, RankFailed
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ RENDEZVOUS_TIMEOUT_S = 600       # ranks that have not all joined by then fail (
 POLL_SECONDS = 0.2               # how often should_stop() and the ranks' exits are checked
 PIPE_READ_BYTES = 65536
 LOG_TAIL_LINES = 20              # of a failed rank's log, logged here
-
-
-class RankFailed(RuntimeError):
-    """A training process ended badly; the others were stopped."""
 
 
 def rank_env(device: str, processes: int) -> dict:

@@ -118,3 +118,7 @@ class VllmUnavailable(VllmError):
 
     status = 503
     code = "engine_unavailable"
+
+
+class RankFailed(RuntimeError):
+    """A data-parallel training process ended badly; the others were stopped (the job fails with this)."""

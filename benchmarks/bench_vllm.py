@@ -12,6 +12,7 @@ small share; on a GPU server the same two numbers say the same thing with tokens
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -61,14 +62,14 @@ def _stream(url: str, model: str) -> tuple[float, float]:
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                 continue
-            if '"content":"' in line and '"content":""' not in line:
+            chunk = json.loads(line[5:])
+            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or ()):
                 last = time.perf_counter()
                 first = first or last
-            if '"usage":{' in line and '"completion_tokens"' in line:
-                import json
-                tokens = json.loads(line[5:])["usage"]["completion_tokens"]
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
     return first - t0, (tokens - 1) / (last - first)
 
 

@@ -74,7 +74,7 @@ def test_stopping_two_processes_kills_them_and_saves_nothing(tiny_llama, tmp_pat
 
 
 def test_a_failed_rank_fails_the_run_with_its_message(tiny_llama, tmp_path, monkeypatch):
-    from assistant.ddp import RankFailed
+    from assistant.errors import RankFailed
     from assistant.training import TrainSettings, train_adapter
 
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
