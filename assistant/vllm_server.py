@@ -47,6 +47,15 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30   # KV cache without a GPU: 23k tokens of t
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the --max-lora-rank values vLLM accepts
 
 
+def _die_with_parent() -> None:
+    """In the vLLM child, before exec: SIGTERM it when the app dies, even by SIGKILL (Linux), so a killed
+    app never leaves a server holding the GPU."""
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def vllm_venv() -> Path:
     """Where scripts/setup.sh --test puts vLLM's own virtual environment (ASSISTANT_VLLM_VENV): a user-wide
     install, not a cache, so it does not move with ASSISTANT_CACHE."""
@@ -202,7 +211,7 @@ class ManagedVllm:
             out.flush()
             self.proc = subprocess.Popen([self.python, *self.args], stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env(), cwd=str(self.log_dir),
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
 
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         try:
