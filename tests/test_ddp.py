@@ -22,6 +22,7 @@ def _rows(n=7):
     return [{"messages": chat(q, a), "split": "train"} for q, a, _, _ in FACTS[:n]]
 
 
+@pytest.mark.slow   # two training processes, each importing peft: 15-35 s here
 def test_two_processes_train_the_adapter_one_process_trains(tiny_llama, tmp_path, caplog):
     import torch
     from safetensors.torch import load_file

@@ -59,6 +59,7 @@ def _listed_versions_are_complete(registry, domain):
         assert json.loads((folder / "card.json").read_text())["dataset_snapshot"]
 
 
+@pytest.mark.slow   # a job process that loads a model and trains: 20 s here
 def test_job_runs_in_a_child_and_publishes(world):
     from assistant import jobs
     settings, store, registry = world
@@ -141,6 +142,7 @@ def test_twenty_concurrent_starts_give_one_job(world):
     jobs.cancel_job(settings, store, ids[0])
 
 
+@pytest.mark.slow   # a job process started and killed: 10 s here
 def test_cancel_kills_the_process_group(world):
     from assistant import jobs
     settings, store, registry = world
