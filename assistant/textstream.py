@@ -83,8 +83,13 @@ class TextStream:
         self._tokenizer = tokenizer
         if self.backend is not None:
             self._decoder = DecodeStream(skip_special_tokens=skip_special_tokens)
+            special = [i for i, t in self.backend.get_added_tokens_decoder().items() if t.special]
         else:
             self._decoder = WindowDecoder(self._decode)
+            special = getattr(tokenizer, "all_special_ids", None) or []
+        # Decoding drops skipped special tokens before anything else, so they need not reach the decoder (a
+        # run of them, e.g. past the end of sequence under ignore_eos, would widen its window).
+        self._skip = frozenset(special) if skip_special_tokens else frozenset()
         self._recent: list[int] = []    # the last few ids whose text is out: context to decode more from
         self._held: list[int] = []      # ids since, whose text is not out yet (part of a character)
         self._parts: list[str] = []     # text emitted so far, joined on demand
@@ -125,7 +130,7 @@ class TextStream:
 
     def push(self, tok: int) -> str:
         """The text that `tok` makes final ("" when none yet). After a stop string, ids are ignored."""
-        if self.stopped:
+        if self.stopped or tok in self._skip:
             return ""
         return self._take(self._step(tok))
 
