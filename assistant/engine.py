@@ -1,5 +1,7 @@
-"""The generation engine: chat template, continuous batching across adapters, streaming, stop strings,
-cancellation. Knows nothing of HTTP or Gradio.
+"""The generation engine: continuous batching across adapters, streaming, cancellation. Knows nothing of
+HTTP or Gradio, and little of text: requests carry prompt token ids, the core loop produces token ids and
+ends a request on an id (end of sequence, max_new_tokens); each request's ids become text in its
+`TextStream` (textstream.py: incremental detokenization at a constant cost per token, and stop strings).
 
 One thread owns the model. Each loop iteration admits waiting requests (prefill, one at a time),
 then runs ONE decode step for every active row together, each row with its own adapter slot
@@ -25,6 +27,7 @@ import torch
 from .errors import AssistantError, Busy, ContextTooLong, GenerationFailed
 from .runner import FAST_ARCHS, LlamaRunner
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
+from .textstream import TextStream, chat_prompt_ids
 from .threads import claim_cores
 
 MAX_CONTEXT_TOKENS = 8192      # cap on prompt + answer, whatever the model claims
@@ -54,13 +57,13 @@ class Request:
     # Runtime state, owned by the engine thread.
     slot: int = 0
     generated: list[int] = field(default_factory=list)
-    emitted: int = 0
-    text: str = ""
+    text: str = ""                      # the answer's text, set when the request ends
     finish_reason: str | None = None
     t_submit: float = 0.0
     t_first: float | None = None
     t_done: float | None = None
     generator: torch.Generator | None = None
+    stream: TextStream | None = None
 
 
 class Handle:
@@ -192,9 +195,7 @@ class Engine:
 
     # Prompts -----------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)
-        return list(out["input_ids"])
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -223,6 +224,7 @@ class Engine:
         req.t_submit = time.perf_counter()
         req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
                                                       else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
+        req.stream = TextStream(self.tokenizer, req.stop)
         h = Handle(req, loop)
         h.on_finish = on_finish
         self.pending.put(h)
@@ -316,11 +318,11 @@ class Engine:
         last = len(self.active) - 1
         if self.runner and i != last:
             req = self.active[last][0]
-            self.runner.move_row(last, i, len(req.prompt_ids) + len(req.generated))
+            self.runner.cache.move_row(last, i, len(req.prompt_ids) + len(req.generated))
         self.active[i] = self.active[last]
         self.active.pop()
 
-    # Sampling and text -------------------------------------------------------------------------
+    # Sampling ----------------------------------------------------------------------------------
     def _sample_rows(self, reqs, logits) -> list[int]:
         if all(r.temperature <= 0 for r in reqs):
             return logits.argmax(-1).tolist()
@@ -338,6 +340,8 @@ class Engine:
         return torch.multinomial(probs.cpu(), 1, generator=req.generator)[:, 0].tolist()
 
     def _accept(self, req: Request, h: Handle, tok: int):
+        """The next id of a request: it ends the request (cancelled, end of sequence, a stop string in its
+        text, max_new_tokens) or streams the text it completes."""
         if req.t_first is None:
             req.t_first = time.perf_counter()
         if h.cancelled.is_set():
@@ -345,32 +349,13 @@ class Engine:
         if tok in self.eos and not req.ignore_eos:
             return self._finish(req, h, "stop")
         req.generated.append(tok)
-        text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
-        if req.stop:
-            start = max(0, req.emitted - max(len(s) for s in req.stop))
-            cut = min((i for i in (text.find(s, start) for s in req.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                req.text = text[:cut]
-                return self._finish(req, h, "stop")
-        req.text = text
+        text = req.stream.push(tok)
+        if text:
+            h.put(Event("token", text))
+        if req.stream.stopped:
+            return self._finish(req, h, "stop")
         if len(req.generated) >= req.max_new_tokens:
             return self._finish(req, h, "length")
-        self._emit(req, h, final=False)
-
-    def _emit(self, req: Request, h: Handle, final: bool):
-        text = req.text
-        safe = len(text)
-        if not final:
-            if text.endswith("\ufffd"):   # half of a multi-byte character
-                return
-            for s in req.stop:            # hold back what may be the start of a stop string
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        safe = min(safe, len(text) - k)
-                        break
-        if safe > req.emitted:
-            h.put(Event("token", text[req.emitted:safe]))
-            req.emitted = safe
 
     def _finish(self, req: Request, h: Handle, reason: str | None, error: AssistantError | None = None):
         req.finish_reason = reason or "error"
@@ -378,7 +363,8 @@ class Engine:
         if self.runner and req.slot:
             self.runner.bank.release(req.slot)
             req.slot = 0
-        req.text = req.text.rstrip("\ufffd")
+        rest = req.stream.finish() if req.stream is not None else ""
+        req.text = req.stream.text if req.stream is not None else ""
         if h.on_finish is not None:
             try:
                 h.on_finish()
@@ -387,7 +373,8 @@ class Engine:
         if error is not None:
             h.put(Event("error", error=error, finish_reason="error"))
             return
-        self._emit(req, h, final=True)
+        if rest:
+            h.put(Event("token", rest))
         h.put(Event("done", finish_reason=req.finish_reason))
 
     # Fallback for other architectures: the model's own forward, one request at a time ----------

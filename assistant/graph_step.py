@@ -66,7 +66,7 @@ class StaticStep:
         keep = (self.ctx_ar[:context][None, :] <= pos[:, None]).view(rows, 1, 1, context)
 
         def attend(li, q, k, v):
-            K, V = r.k[li], r.v[li]
+            K, V = r.cache.layer(li)
             K[ar, :, pos] = k.to(K.dtype)
             V[ar, :, pos] = v.to(V.dtype)
             ad = r.attn_dtype
@@ -83,18 +83,18 @@ class StaticStep:
     def _fresh(self):
         """Graphs hold the addresses of the cache and the LoRA bank: drop them when either moves."""
         r = self.runner
-        key = (r.cap, r.bank.rank, id(r.bank.A), id(r.k))
+        key = (r.cache.version, r.bank.rank, id(r.bank.A))
         if key != self.key:
             self.captured.clear()
             self.key = key
-            self.ctx_ar = torch.arange(r.cap, device=r.device)
+            self.ctx_ar = torch.arange(r.cache.cap, device=r.device)
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         r = self.runner
         self._fresh()
         B = len(tokens)
         rows = min(_bucket(B), r.max_batch)
-        context = min(_bucket(max(positions) + 1, MIN_CONTEXT), r.cap)
+        context = min(_bucket(max(positions) + 1, MIN_CONTEXT), r.cache.cap)
         pad = rows - B
         self.io[:, :rows].copy_(torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [0] * pad]))
         if all(s == 0 for s in slots):

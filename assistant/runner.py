@@ -83,6 +83,58 @@ def _rms(x, w, eps):
     return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * w
 
 
+class KVCache:
+    """Keys and values of every layer for up to `rows` sequences: per layer, K and V tensors
+    [rows, kv_heads, cap, head_dim]. The engine keeps its active requests in rows 0..B-1 (a request that
+    leaves is replaced by the last row: `move_row`). `cap` starts at INITIAL_CACHE_TOKENS and doubles when
+    a sequence needs more (`ensure`); growing reallocates, and `version` counts reallocations, so users
+    of the tensors' addresses (the C step, CUDA graphs) know when to read them again."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, dtype, device: str,
+                 cap: int = INITIAL_CACHE_TOKENS):
+        self.layers, self.rows, self.kv_heads, self.head_dim = layers, rows, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.cap = 0
+        self.version = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._alloc(cap)
+
+    def _alloc(self, cap: int):
+        shape = (self.rows, self.kv_heads, cap, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        for old, new in ((self.k, new_k), (self.v, new_v)):
+            for o, n in zip(old, new):
+                n[:, :, :self.cap] = o
+        self.k, self.v, self.cap = new_k, new_v, cap
+        self.version += 1
+
+    def ensure(self, tokens: int):
+        """Room for `tokens` positions per row (doubling `cap`; what the rows hold is kept)."""
+        if tokens > self.cap:
+            cap = self.cap
+            while cap < tokens:
+                cap *= 2
+            self._alloc(cap)
+
+    def move_row(self, src: int, dst: int, length: int):
+        """Row `src`'s first `length` positions into row `dst`, in every layer."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def layer(self, li: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `li`'s whole K and V [rows, kv_heads, cap, head_dim] (views of the cache: writes land in it)."""
+        return self.k[li], self.v[li]
+
+    def fill(self, li: int, row: int, k: torch.Tensor, v: torch.Tensor):
+        """Layer `li`, row `row`: positions 0..L-1 from k and v [kv_heads, L, head_dim] (a prompt's)."""
+        L = k.shape[1]
+        self.k[li][row, :, :L].copy_(k)
+        self.v[li][row, :, :L].copy_(v)
+
+
 def _rotate(x, cos, sin_signed):
     """Rotary embedding of x [N, heads, D]: x*cos + rotate_half(x)*sin, where rotate_half(x) = (-x2, x1)
     is the halves swapped (a flip) times (-1, +1), folded into `sin_signed`. Three ops for q and k together."""
@@ -136,35 +188,11 @@ class LlamaRunner:
         # (no rounding), and a long context reads half the bytes per token.
         self.attn_dtype = torch.float32 if device == "cpu" else self.dtype
         self.kv_dtype = self.dtype if self.step is not None and self.dtype == torch.bfloat16 else self.attn_dtype
-        self.cap = 0
-        self.k = self.v = None
-        self._alloc(INITIAL_CACHE_TOKENS)
+        self.cache = KVCache(len(self.layers), max_batch, self.KH, self.D, self.kv_dtype, device)
 
     def module_shapes(self) -> dict:
         return {n: (m.in_features, m.out_features) for n, m in self.model.named_modules()
                 if hasattr(m, "in_features") and hasattr(m, "out_features") and n.startswith("model.layers.")}
-
-    def _alloc(self, cap: int):
-        shape = (self.max_batch, self.KH, cap, self.D)
-        new_k = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in self.layers]
-        new_v = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in self.layers]
-        if self.k is not None:
-            for i in range(len(self.layers)):
-                new_k[i][:, :, :self.cap] = self.k[i]
-                new_v[i][:, :, :self.cap] = self.v[i]
-        self.k, self.v, self.cap = new_k, new_v, cap
-
-    def ensure_capacity(self, tokens: int):
-        if tokens > self.cap:
-            cap = self.cap
-            while cap < tokens:
-                cap *= 2
-            self._alloc(cap)
-
-    def move_row(self, src: int, dst: int, length: int):
-        for i in range(len(self.layers)):
-            self.k[i][dst, :, :length] = self.k[i][src, :, :length]
-            self.v[i][dst, :, :length] = self.v[i][src, :, :length]
 
     def _layers(self, x, pos, slots, uniform, attend):
         """x [N, hidden] for N tokens at positions pos [N]; attend(layer, q, k, v) -> [N, H*D]."""
@@ -205,14 +233,13 @@ class LlamaRunner:
     @torch.inference_mode()
     def prefill(self, row: int, ids: list[int], slot: int) -> torch.Tensor:
         L = len(ids)
-        self.ensure_capacity(L + 1)
+        self.cache.ensure(L + 1)
         t = torch.tensor(ids, device=self.device)
         pos = torch.arange(L, device=self.device)
 
         def attend(li, q, k, v):   # the whole prompt is here: attention reads k and v, not the cache
             kt, vt = k.transpose(0, 1), v.transpose(0, 1)
-            self.k[li][row, :, :L].copy_(kt)
-            self.v[li][row, :, :L].copy_(vt)
+            self.cache.fill(li, row, kt, vt)
             ad = self.attn_dtype
             o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0).to(ad), kt.unsqueeze(0).to(ad),
                                                vt.unsqueeze(0).to(ad), is_causal=True,
@@ -228,7 +255,7 @@ class LlamaRunner:
         """One step for rows 0..B-1 of the cache. Returns logits [B, vocab]."""
         B = len(tokens)
         Tc = max(positions) + 1
-        self.ensure_capacity(Tc)
+        self.cache.ensure(Tc)
         if self.step is not None:
             return self.step(tokens, positions, slots)
         if self.graph_step is not None:
@@ -243,7 +270,7 @@ class LlamaRunner:
                 (torch.arange(Tc, device=self.device)[None, :] <= pos[:, None]).view(B, 1, 1, Tc))
 
         def attend(li, q, k, v):
-            K, V = self.k[li], self.v[li]
+            K, V = self.cache.layer(li)
             K[ar, :, pos] = k.to(K.dtype)
             V[ar, :, pos] = v.to(V.dtype)
             ad = self.attn_dtype
@@ -259,7 +286,7 @@ class KernelStep:
     """A whole decode step of a LlamaRunner as one call into kernels.c `decode_step` (CPU, float weights).
 
     The C side reads the runner's own tensors through a table of addresses (weights, norms, LoRA bank,
-    KV cache), rebuilt whenever the cache grows or the bank's rank does."""
+    KV cache), rebuilt whenever the cache is reallocated or the bank's rank grows."""
 
     # The order of kernels.c's P_* and T_* enums.
     PARAMS = ("hidden", "heads", "kv_heads", "head_dim", "inter", "layers", "vocab", "cap", "rank", "max_rows",
@@ -300,14 +327,14 @@ class KernelStep:
 
     def _refresh(self):
         """(Re)build the parameter block, the address table and the scratch space after a reallocation."""
-        r, bank = self.runner, self.runner.bank
-        key = (r.cap, bank.rank, id(bank.A), id(r.k))
+        r, bank, cache = self.runner, self.runner.bank, self.runner.cache
+        key = (cache.version, bank.rank, id(bank.A))
         if key == self.key:
             return
         values = {"hidden": r.embed.weight.shape[1], "heads": r.H, "kv_heads": r.KH, "head_dim": r.D,
-                  "inter": r.intermediate, "layers": len(r.layers), "vocab": self.vocab, "cap": r.cap,
+                  "inter": r.intermediate, "layers": len(r.layers), "vocab": self.vocab, "cap": cache.cap,
                   "rank": bank.rank, "max_rows": r.max_batch, "bf16": int(r.dtype == torch.bfloat16),
-                  "lora_bf16": int(bank.dtype == torch.bfloat16), "kv_bf16": int(r.kv_dtype == torch.bfloat16)}
+                  "lora_bf16": int(bank.dtype == torch.bfloat16), "kv_bf16": int(cache.dtype == torch.bfloat16)}
         self.params = torch.tensor([values[k] for k in self.PARAMS], dtype=torch.int64)
 
         def ptr(t):
@@ -320,7 +347,7 @@ class KernelStep:
                          ptr(ly["kn"].weight if ly["kn"] is not None else None),
                          *[ptr(f.weight) for f in groups], *[ptr(f.bias) for f in groups],
                          *[ptr(a) for a in bank.A[li]], *[ptr(b) for b in bank.Bt[li]],
-                         ptr(r.k[li]), ptr(r.v[li])])
+                         *map(ptr, cache.layer(li))])
         self.table = torch.tensor(rows, dtype=torch.int64).reshape(-1)
         self.scratch = torch.empty(self.lib.decode_scratch_floats(self.params.data_ptr()), dtype=torch.float32)
         self.key = key
@@ -340,5 +367,5 @@ class KernelStep:
                                   int(any(slots)), cos.data_ptr(), sin.data_ptr(), self.scratch.data_ptr(),
                                   logits.data_ptr())
         if rc:
-            raise RuntimeError(f"decode_step failed ({rc}): {B} rows, cache of {r.cap}")
+            raise RuntimeError(f"decode_step failed ({rc}): {B} rows, cache of {r.cache.cap}")
         return logits

@@ -94,6 +94,24 @@ def test_stop_string_cuts_answer(engine):
     assert stop not in "".join(streamed)
 
 
+def test_text_streamed_and_logged_equals_the_decode_of_the_ids(base, engine):
+    seen = {}
+    for q in PROMPTS[:4]:
+        req = Request(prompt_ids=ids_for(engine, q), max_new_tokens=40, temperature=1.0, seed=3)
+        h = engine.submit(req, on_finish=lambda req=req: seen.setdefault("text", req.text))
+        text, reason = h.result()
+        want = base.tokenizer.decode(h.req.generated, skip_special_tokens=True).rstrip("\ufffd")
+        assert text == h.req.text == seen.pop("text") == want
+        assert "\ufffd" not in text
+
+
+def test_stop_string_at_the_start_gives_nothing(engine):
+    ids = ids_for(engine, PROMPTS[1])
+    full = engine.generate(prompt_ids=ids, max_new_tokens=12)
+    h = engine.submit(Request(prompt_ids=ids, max_new_tokens=12, stop=(full[:2],)))
+    assert h.result() == ("", "stop") and h.req.text == ""
+
+
 def test_over_long_input_is_refused_with_a_message(engine):
     with pytest.raises(ContextTooLong, match="shorten"):
         engine.submit(Request(prompt_ids=[5] * (engine.max_context + 10)))

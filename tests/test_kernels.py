@@ -157,7 +157,7 @@ def _steps(runner, kernel: bool, rows, n_steps=6):
             out.append(logits)
             toks = logits.argmax(-1).tolist()
             pos = [p + 1 for p in pos]
-        return torch.stack(out), [k.clone() for k in runner.k]
+        return torch.stack(out), [k.clone() for k in runner.cache.k]
     finally:
         runner.step = step
 
