@@ -42,6 +42,7 @@ from .errors import (
     VllmError,
     VllmUnavailable,
 )
+from .textstream import chat_prompt_ids
 from .vllm_client import VllmClient
 
 RECONCILE_S = 15.0           # how often every server's health and loaded adapters are checked
@@ -263,9 +264,7 @@ class VllmEngine:
 
     # The engine protocol: generation -----------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)
-        return list(out["input_ids"])
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def _route(self, key: str | None) -> Server:
         with self._lock:
