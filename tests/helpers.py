@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -114,3 +116,12 @@ def make_serving(settings, **kw):
     from assistant.serving import Serving
     from assistant.workspace import Workspace
     return Serving(Workspace(settings), **kw)
+
+
+def zipped(folder: Path) -> bytes:
+    """A folder's files as a zip in memory (an adapter upload)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in folder.iterdir():
+            z.write(f, f.name)
+    return buf.getvalue()

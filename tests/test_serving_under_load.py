@@ -5,19 +5,17 @@ succeed at once (a live server, real HTTP, real PEFT adapters on the tiny Llama)
 
 from __future__ import annotations
 
-import io
 import random
 import sqlite3
 import threading
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from helpers import running_server
+from helpers import running_server, zipped
 
 pytestmark = pytest.mark.slow
 
@@ -44,14 +42,6 @@ def random_adapter(base: Path, out: Path, seed: int) -> Path:
                 p.normal_(0, 0.5)
     peft.save_pretrained(str(out), safe_serialization=True)
     return out
-
-
-def zipped(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in folder.iterdir():
-            z.write(f, f.name)
-    return buf.getvalue()
 
 
 def ask(c: httpx.Client, model: str) -> httpx.Response:

@@ -14,13 +14,11 @@ One app and one vLLM server for the file (a start costs about a minute on 2 core
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import sqlite3
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -29,7 +27,7 @@ from openai import OpenAI
 
 from assistant.vllm_server import vllm_venv, vllm_venv_ready
 
-from helpers import make_serving, random_lora_adapter, running_server
+from helpers import make_serving, random_lora_adapter, running_server, zipped
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -38,14 +36,6 @@ QUESTION = [{"role": "user", "content": "Name three colors."}]
 START_TIMEOUT_S = 420        # app + vLLM start on 2 busy cores
 RESTART_TIMEOUT_S = 420      # the supervisor's backoff plus a vLLM start
 TRAIN_TIMEOUT_S = 900
-
-
-def _zip(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in folder.iterdir():
-            z.write(f, f.name)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +55,7 @@ def app(tmp_path_factory, adapters):
         for name in ("support", "legal"):
             assert httpx.post(url + "/api/domains", json={"name": name}).status_code == 201
         for domain, key in (("support", "support1"), ("legal", "legal1")):
-            r = httpx.post(f"{url}/api/domains/{domain}/adapters?activate=true", content=_zip(adapters[key]),
+            r = httpx.post(f"{url}/api/domains/{domain}/adapters?activate=true", content=zipped(adapters[key]),
                            headers={"Content-Type": "application/zip"}, timeout=120)
             assert r.status_code == 201, r.text
         health = httpx.get(url + "/api/health").json()
@@ -122,7 +112,7 @@ def test_answers_through_the_app_equal_vllm_direct_and_the_local_engine(app, ada
 def test_activate_roll_back_pin_and_feedback_on_vllm_served_versions(app, adapters):
     url, vllm = app["url"], app["vllm"]
     v1 = ask(url, "support")
-    r = httpx.post(url + "/api/domains/support/adapters", content=_zip(adapters["support2"]),
+    r = httpx.post(url + "/api/domains/support/adapters", content=zipped(adapters["support2"]),
                    headers={"Content-Type": "application/zip"}, timeout=120)
     assert r.status_code == 201 and r.json()["version"] == "v2", r.text
     assert ask(url, "support")["version"] == "v1"                     # imported, not live yet
