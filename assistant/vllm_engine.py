@@ -62,6 +62,7 @@ class Server:
     ready: bool = False               # base checked and live adapters loaded: requests may go here
     loaded: set[str] = field(default_factory=set)
     inflight: int = 0
+    served: int = 0                   # answers sent here since the app started
     problem: str | None = None        # why it is not ready, for logs and status
 
     @property
@@ -213,6 +214,10 @@ class VllmEngine:
                 s.client.load_lora_sync(key, path)
                 took.append(s)
             except VllmError as e:
+                if _already_loaded(e):   # loaded by an earlier call that this process did not see end
+                    with self._lock:
+                        s.loaded.add(key)
+                    continue
                 refused.append(e.message)
         if refused:
             for s in took:
@@ -278,6 +283,7 @@ class VllmEngine:
             chosen = preferred if preferred in ok and preferred.inflight <= least.inflight + ROUTE_SLACK else least
             self._affinity[key or BASE_KEY] = chosen
             chosen.inflight += 1
+            chosen.served += 1
             return chosen
 
     def submit(self, req: Request, loop=None, on_finish=None) -> Handle:
@@ -356,8 +362,8 @@ class VllmEngine:
     def status(self) -> list[dict]:
         """Each server: url, ready, in flight, adapters loaded, problem."""
         with self._lock:
-            return [{"url": s.url, "ready": s.ready, "inflight": s.inflight, "adapters": sorted(s.loaded),
-                     "problem": s.problem} for s in self.servers]
+            return [{"url": s.url, "ready": s.ready, "inflight": s.inflight, "served": s.served,
+                     "adapters": sorted(s.loaded), "problem": s.problem} for s in self.servers]
 
     def close(self) -> None:
         self._stop.set()
@@ -367,3 +373,8 @@ class VllmEngine:
             self._loop.call_soon_threadsafe(self._loop.stop)
         for s in self.servers:
             s.client.close()
+
+
+def _already_loaded(e: VllmError) -> bool:
+    """vLLM's answer to loading a name it already has (400, "... has already been loaded")."""
+    return e.http_status == 400 and "already" in (e.vllm_message or "").lower()

@@ -169,6 +169,43 @@ def test_a_server_serving_another_base_is_refused_at_start(app, tiny_llama, tmp_
     assert app["vllm"] in message and Path(str(tiny_llama)).name in message, message
 
 
+def test_routing_keeps_an_adapter_on_one_server_spreads_load_and_skips_a_dead_one(app, tmp_path):
+    """Three URLs: the app's vLLM server under two names (two servers as far as routing can tell) and a port
+    where nothing listens. Start succeeds and says what is wrong with the dead one; answers in turn stick to
+    one server; answers at once spread over both; the dead one gets none."""
+    import threading
+
+    from assistant.server import build
+    from assistant.settings import Settings
+
+    from helpers import free_port
+    live = app["vllm"]
+    other_name = live.replace("127.0.0.1", "localhost")
+    dead = f"http://127.0.0.1:{free_port()}"
+    workspace, serving = build(Settings(home=tmp_path, engine="vllm", vllm_url=(live, other_name, dead)))
+    try:
+        servers = lambda: {s["url"]: s for s in serving.status()["engine"]["servers"]}   # noqa: E731
+        assert not servers()[dead]["ready"] and dead in servers()[dead]["problem"]
+        for _ in range(3):
+            serving.chat("base", QUESTION, max_tokens=2)
+        first = servers()
+        assert sorted(first[u]["served"] for u in (live, other_name)) == [0, 3]   # affinity: one server
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(serving.chat("base", QUESTION, max_tokens=N_TOKENS)))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert len(answers) == 6 and len({a["text"] for a in answers}) == 1
+        after = servers()
+        assert all(after[u]["served"] > first[u]["served"] for u in (live, other_name)), after   # both took some
+        assert after[dead]["served"] == 0
+    finally:
+        serving.close()
+        workspace.close()
+
+
 def _vllm_group(vllm_url: str) -> int:
     """The process group of the vLLM server listening on that URL's port (the app started it)."""
     port = vllm_url.rsplit(":", 1)[1].encode()
