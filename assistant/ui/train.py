@@ -48,8 +48,8 @@ def _int(label: str, value, low: int, high: int | None = None, *, optional: bool
 def train_settings(method_default: str, epochs, learning_rate, rank, method, max_len, advanced) -> dict:
     """The form -> training settings for `Workspace.start_training`; errors name the field."""
     out = {}
-    epochs = _int("Epochs", epochs, 1, optional=True)
-    if epochs is not None:
+    epochs = _int("Epochs", epochs, 0, optional=True)
+    if epochs:   # empty, or 0 (what the browser shows for an empty number field): sized to the dataset
         out["epochs"] = epochs
     try:
         lr = float(learning_rate)
@@ -179,7 +179,7 @@ def build(workspace, serving, P, model):
     domain = gr.Dropdown(names, value=names[0] if names else None, label="Domain", elem_id="train-domain")
     size = gr.Markdown(NO_DOMAINS if not names else "", elem_id="train-dataset")
     with gr.Row():
-        epochs = gr.Number(None, label="Epochs (empty = auto)", precision=0, minimum=1, elem_id="train-epochs")
+        epochs = gr.Number(None, label="Epochs (0 or empty = auto)", precision=0, minimum=0, elem_id="train-epochs")
         lr = gr.Number(DEFAULTS.learning_rate, label="Learning rate", elem_id="train-lr")
         rank = gr.Number(DEFAULTS.rank, label="Rank", precision=0, minimum=1, maximum=MAX_LORA_RANK,
                          elem_id="train-rank")
