@@ -89,7 +89,8 @@ def test_the_untouched_train_form_trains_with_automatic_epochs(service):
 def test_errors_name_the_field_and_never_show_exceptions_or_paths(service):
     from assistant.ui import train
     from assistant.ui.common import UNEXPECTED, bind
-    for args, field in (((-1, 0.001, 16, "lora", 512, ""), "Epochs"), ((1.5, 0.001, 16, "lora", 512, ""), "Epochs"), ((None, 2, 16, "lora", 512, ""), "Learning rate"),
+    for args, field in (((-1, 0.001, 16, "lora", 512, ""), "Epochs"),
+                        ((1.5, 0.001, 16, "lora", 512, ""), "Epochs"), ((None, 2, 16, "lora", 512, ""), "Learning rate"),
                         ((None, 0.001, 0, "lora", 512, ""), "Rank"), ((None, 0.001, 8, "lora", 8, ""), "Max length"),
                         ((None, 0.001, 8, "sgd", 512, ""), "Method"), ((None, 0.001, 8, "lora", 512, "[1]"), "Advanced")):
         with pytest.raises(AssistantError, match=f"^{field}"):
