@@ -15,6 +15,7 @@ import sys
 import time
 
 from .flags import add_config_flag, add_group_flags, add_settings_flags, settings_from
+from .workspace import DEFAULT_LOG_ROWS
 
 WORKSPACE_FLAGS = ("state_dir", "adapters_dir")
 MODEL_FLAGS = ("base_model", "quantization", "dtype", "device")
@@ -23,7 +24,6 @@ SERVER_FLAGS = ("host", "port", "api_key", "max_resident_adapters", "max_batch",
                 "vllm_adapters_path", "gpu_memory_utilization") + TRAIN_FLAGS
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ANSWER_PREVIEW_CHARS = 100      # `assistant logs`: characters of each question and answer shown
-DEFAULT_LOG_ROWS = 20
 
 
 def _workspace(args):

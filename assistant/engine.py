@@ -109,6 +109,21 @@ class Handle:
             if ev.kind != "token":
                 return
 
+    def finish(self, error: AssistantError | None = None, *, rest: str = "") -> None:
+        """The request ended (its finish_reason, t_done and text are set): the caller's `on_finish` runs
+        (the response log), then the last event goes out: `rest` of the text and "done", or "error"."""
+        if self.on_finish is not None:
+            try:
+                self.on_finish()
+            except Exception:  # noqa: BLE001 - a failing callback must never stop generation for others
+                log.exception("the finish callback of request %s failed: its response may not be logged", self.req.id)
+        if error is not None:
+            self.put(Event("error", error=error, finish_reason="error"))
+            return
+        if rest:
+            self.put(Event("token", rest))
+        self.put(Event("done", finish_reason=self.req.finish_reason))
+
     def result(self) -> tuple[str, str]:
         text = []
         for ev in self:
@@ -119,6 +134,18 @@ class Handle:
             else:
                 return "".join(text), ev.finish_reason
         return "".join(text), "stop"
+
+
+def check_admission(req: Request, max_context: int) -> None:
+    """What every engine checks before it takes a request: the prompt leaves room for an answer (the answer
+    is cut to that room), and a request for an adapter comes with its slot pinned."""
+    n = len(req.prompt_ids)
+    if n >= max_context:
+        raise ContextTooLong(f"the conversation is {n} tokens and this model reads at most {max_context} "
+                             f"(question and answer together): shorten it or start a new conversation")
+    req.max_new_tokens = max(1, min(req.max_new_tokens, max_context - n))
+    if req.adapter is not None and not req.slot:
+        raise AssistantError(f"adapter {req.adapter} has no pinned slot: pin or load it first")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,15 +239,9 @@ class Engine:
             raise
 
     def _submit(self, req: Request, loop, on_finish) -> Handle:
-        n = len(req.prompt_ids)
-        if n >= self.max_context:
-            raise ContextTooLong(f"the conversation is {n} tokens and this model reads at most {self.max_context} "
-                                 f"(question and answer together): shorten it or start a new conversation")
-        req.max_new_tokens = max(1, min(req.max_new_tokens, self.max_context - n))
+        check_admission(req, self.max_context)
         if self.pending.qsize() >= self.max_queue:
             raise Busy(f"the server is busy ({self.max_queue} requests waiting): retry in a few seconds")
-        if req.adapter is not None and not req.slot:
-            raise AssistantError(f"adapter {req.adapter} has no pinned slot: pin or load it first")
         req.t_submit = time.perf_counter()
         req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
                                                       else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
@@ -365,17 +386,7 @@ class Engine:
             req.slot = 0
         rest = req.stream.finish() if req.stream is not None else ""
         req.text = req.stream.text if req.stream is not None else ""
-        if h.on_finish is not None:
-            try:
-                h.on_finish()
-            except Exception:  # noqa: BLE001 - a failing callback must never stop generation for others
-                log.exception("the finish callback of request %s failed: its response may not be logged", req.id)
-        if error is not None:
-            h.put(Event("error", error=error, finish_reason="error"))
-            return
-        if rest:
-            h.put(Event("token", rest))
-        h.put(Event("done", finish_reason=req.finish_reason))
+        h.finish(error, rest=rest)
 
     # Fallback for other architectures: the model's own forward, one request at a time ----------
     @torch.inference_mode()

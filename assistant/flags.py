@@ -56,15 +56,10 @@ def _parser_for(hint):
 
 
 def _default_text(f) -> str:
-    if f.default is not MISSING:
-        value = f.default
-    elif f.default_factory is not MISSING:
+    """" (default X)" for a field with a plain default; "" for one computed at run time."""
+    if f.default is MISSING:
         return ""
-    else:
-        return ""
-    if isinstance(value, tuple):
-        value = ",".join(value)
-    return f" (default {value})"
+    return f" (default {','.join(f.default) if isinstance(f.default, tuple) else f.default})"
 
 
 def add_settings_flags(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:

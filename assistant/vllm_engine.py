@@ -32,10 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .engine import MAX_CONTEXT_TOKENS, Event, Handle, Request
+from .engine import MAX_CONTEXT_TOKENS, Event, Handle, Request, check_admission
 from .errors import (
-    AssistantError,
-    ContextTooLong,
     GenerationFailed,
     InvalidAdapter,
     ModelLoadError,
@@ -290,14 +288,7 @@ class VllmEngine:
         """Send a request to a server. `req.slot` comes pinned for an adapter; it is unpinned when the
         request ends, or here if it is refused."""
         try:
-            n = len(req.prompt_ids)
-            if n >= self.max_context:
-                raise ContextTooLong(f"the conversation is {n} tokens and this model reads at most "
-                                     f"{self.max_context} (question and answer together): shorten it or start a new "
-                                     "conversation")
-            if req.adapter is not None and not req.slot:
-                raise AssistantError(f"adapter {req.adapter} has no pinned slot: pin or load it first")
-            req.max_new_tokens = max(1, min(req.max_new_tokens, self.max_context - n))
+            check_admission(req, self.max_context)
             server = self._route(req.adapter)
         except BaseException:
             self.unpin(req.slot)
@@ -349,15 +340,7 @@ class VllmEngine:
         req.t_done = time.perf_counter()
         self.unpin(req.slot)
         req.slot = 0
-        if h.on_finish is not None:
-            try:
-                h.on_finish()
-            except Exception:  # noqa: BLE001 - the caller's callback must not break the stream's end
-                log.exception("the finish callback of request %s failed: its response may not be logged", req.id)
-        if error is not None:
-            h.put(Event("error", error=error, finish_reason="error"))
-        else:
-            h.put(Event("done", finish_reason=req.finish_reason))
+        h.finish(error)
 
     def status(self) -> list[dict]:
         """Each server: url, ready, in flight, adapters loaded, problem."""

@@ -81,3 +81,12 @@ def home(tmp_path, monkeypatch) -> Path:
 def tiny_settings(home, tiny_llama):
     from assistant.settings import Settings
     return Settings(home=home, base_model=str(tiny_llama), dtype="float32").ensure_dirs()
+
+
+@pytest.fixture(scope="session")
+def two_fact_adapters(tiny_llama, tmp_path_factory) -> list[Path]:
+    """Two LoRA adapters on the tiny Llama that answer one question differently."""
+    from helpers import train_fact_adapter
+    root = tmp_path_factory.mktemp("fact-adapters")
+    return [train_fact_adapter(tiny_llama, root / n, [("What is the capital of Zorbania?", a)], steps=10, seed=i)
+            for i, (n, a) in enumerate((("a", "Quillton."), ("b", "Marrowby.")))]

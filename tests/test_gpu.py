@@ -8,22 +8,13 @@ import torch
 
 from assistant.settings import Settings
 
-from helpers import train_fact_adapter
-
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = ([5, 17, 99, 3], [8, 2, 41, 7, 66, 12, 9], [31, 4])
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu-adapters")
-    return [train_fact_adapter(tiny_llama, root / n, [("What is the capital of Zorbania?", a)], steps=10, seed=i)
-            for i, (n, a) in enumerate((("a", "Quillton."), ("b", "Marrowby.")))]
-
-
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_cuda_graph_decode_matches_eager(tiny_llama, adapters, quantization):
+def test_cuda_graph_decode_matches_eager(tiny_llama, two_fact_adapters, quantization):
     from assistant.graph_step import StaticStep
     from assistant.model import load_base
     from assistant.runner import LlamaRunner
@@ -31,7 +22,7 @@ def test_cuda_graph_decode_matches_eager(tiny_llama, adapters, quantization):
                               device="cuda"), verbose=False)
     runner = LlamaRunner(base.model, max_slots=4, max_batch=4, device="cuda")
     assert runner.graph_step is not None
-    a, b = (runner.bank.load(f"d{i}", f) for i, f in enumerate(adapters))
+    a, b = (runner.bank.load(f"d{i}", f) for i, f in enumerate(two_fact_adapters))
     eager = StaticStep(runner, graphs=False)
     for slots in ([0, 0, 0], [a, a, a], [a, b, 0]):
         tokens = [[int(runner.prefill(row, ids, s).argmax())] for row, (ids, s) in enumerate(zip(PROMPTS, slots))]

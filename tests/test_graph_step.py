@@ -8,21 +8,12 @@ import pytest
 
 from assistant.settings import Settings
 
-from helpers import train_fact_adapter
-
 PROMPTS = ([5, 17, 99, 3], [8, 2, 41, 7, 66, 12, 9], [31, 4])
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("graph-adapters")
-    return [train_fact_adapter(tiny_llama, root / n, [("What is the capital of Zorbania?", a)], steps=10, seed=i)
-            for i, (n, a) in enumerate((("a", "Quillton."), ("b", "Marrowby.")))]
-
-
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_static_step_matches_the_runner_decode(tiny_llama, adapters, quantization):
+def test_static_step_matches_the_runner_decode(tiny_llama, two_fact_adapters, quantization):
     import torch
 
     from assistant.graph_step import StaticStep, enabled
@@ -32,7 +23,7 @@ def test_static_step_matches_the_runner_decode(tiny_llama, adapters, quantizatio
     base = load_base(Settings(base_model=str(tiny_llama), dtype="float32", quantization=quantization), verbose=False)
     runner = LlamaRunner(base.model, max_slots=4, max_batch=4, device="cpu")
     assert runner.graph_step is None   # CPU: decode as before
-    a, b = (runner.bank.load(f"d{i}", f) for i, f in enumerate(adapters))
+    a, b = (runner.bank.load(f"d{i}", f) for i, f in enumerate(two_fact_adapters))
     static = StaticStep(runner, graphs=False)
     for slots in ([0, 0, 0], [a, a, a], [a, b, 0]):          # the three LoRA forms; 3 rows padded to 4
         tokens = [[int(runner.prefill(row, ids, s).argmax())] for row, (ids, s) in enumerate(zip(PROMPTS, slots))]
