@@ -274,11 +274,12 @@ async def _stream(call, include_usage: bool):
         async for ev in call.handle.aiter():
             if ev.kind == "token":
                 yield token(ev.text)
-            elif ev.kind == "error":
+                continue
+            await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)   # ended, so logged: feedback may follow
+            if ev.kind == "error":
                 yield f"data: {json.dumps(error_body(ev.error.message, 'server_error', ev.error.code))}\n\n"
                 break
             else:
-                await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)
                 yield _chunk(call, {}, finish_reason=ev.finish_reason)
                 if include_usage:
                     body = {"id": call.id, "object": "chat.completion.chunk", "created": call.created,
@@ -297,6 +298,7 @@ async def _complete(call, request: Request):
             if ev.kind == "token":
                 parts.append(ev.text)
             elif ev.kind == "error":
+                await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)   # an error is logged before it is told
                 raise ev.error
             else:
                 return ev.finish_reason
