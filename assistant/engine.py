@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import sampling
 from .errors import AssistantError, Busy, ContextTooLong, GenerationFailed
 from .runner import FAST_ARCHS, LlamaRunner
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
@@ -64,6 +65,7 @@ class Request:
     t_done: float | None = None
     generator: torch.Generator | None = None
     stream: TextStream | None = None
+    finished: bool = False              # set once, by the engine's `_finish`
 
 
 class Handle:
@@ -281,7 +283,7 @@ class Engine:
                     self._admit()
                     if self.active:
                         self._step()
-            except Exception:  # noqa: BLE001 - fail the requests, keep serving
+            except Exception:  # noqa: BLE001 - the step failed: fail its rows once, keep serving
                 log.exception("decode step failed for %d request(s)", len(self.active))
                 err = GenerationFailed("generation failed on the server (the error is in the server log): "
                                        "retry, and tell the operator if it persists")
@@ -306,14 +308,12 @@ class Engine:
                     logits = self.runner.prefill(row, req.prompt_ids, req.slot)
                 else:
                     logits = self._hf_prefill(req)
-            except Exception:  # noqa: BLE001 - this request fails, the others go on
-                log.exception("prefill failed for request %s (%d prompt tokens)", req.id, len(req.prompt_ids))
-                err = GenerationFailed("generation failed on the server while reading the prompt (the error is "
-                                       "in the server log): retry, and tell the operator if it persists")
-                self._finish(req, h, None, error=err)
+                tok = self._sample(req, logits)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                self._fail(req, h, e, "while reading the prompt")
                 continue
             self.active.append((req, h))
-            self._accept(req, h, self._sample(req, logits[None])[0])
+            self._accept_guarded(req, h, tok)
             if req.finish_reason:
                 self._remove(row)
 
@@ -329,7 +329,10 @@ class Engine:
         nxt = self._sample_rows(reqs, logits)
         done = []
         for i, ((req, h), tok) in enumerate(zip(self.active, nxt)):
-            self._accept(req, h, tok)
+            if tok is None:   # its sampling failed: that request alone ends (already finished)
+                done.append(i)
+                continue
+            self._accept_guarded(req, h, tok)
             if req.finish_reason:
                 done.append(i)
         for i in reversed(done):
@@ -343,22 +346,42 @@ class Engine:
         self.active[i] = self.active[last]
         self.active.pop()
 
-    # Sampling ----------------------------------------------------------------------------------
-    def _sample_rows(self, reqs, logits) -> list[int]:
-        if all(r.temperature <= 0 for r in reqs):
-            return logits.argmax(-1).tolist()
-        return [self._sample(r, logits[i:i + 1])[0] for i, r in enumerate(reqs)]
+    # Sampling (sampling.py: numerically safe) ---------------------------------------------------
+    def _sample_rows(self, reqs, logits) -> list[int | None]:
+        """Each row's next token; None for a row whose own sampling failed (that request is finished)."""
+        if all(sampling.is_greedy(r.temperature) for r in reqs):
+            try:
+                return sampling.greedy(logits)
+            except sampling.SamplingError:
+                pass   # some row has no usable logits: find it below, one row at a time
+        out = []
+        for i, (req, h) in enumerate(self.active):
+            try:
+                out.append(self._sample(req, logits[i]))
+            except Exception as e:  # noqa: BLE001 - this request's failure ends it alone
+                self._fail(req, h, e, "while choosing the next token")
+                out.append(None)
+        return out
 
-    def _sample(self, req: Request, logits) -> list[int]:
-        if req.temperature <= 0:
-            return logits.argmax(-1).tolist()
-        probs = torch.softmax(logits.float() / req.temperature, dim=-1)
-        if req.top_p < 1.0:
-            sp, si = probs.sort(dim=-1, descending=True)
-            cut = sp.cumsum(-1) - sp > req.top_p
-            sp = sp.masked_fill(cut, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-        return torch.multinomial(probs.cpu(), 1, generator=req.generator)[:, 0].tolist()
+    def _sample(self, req: Request, logits) -> int:
+        if sampling.is_greedy(req.temperature):
+            return sampling.greedy(logits.reshape(1, -1))[0]
+        return sampling.sample(logits, req.temperature, req.top_p, req.generator)
+
+    def _fail(self, req: Request, h: Handle, e: BaseException, where: str) -> None:
+        """One request's own failure: logged once, with its reason, and it alone ends with "error"."""
+        log.error("request %s failed %s (%d prompt tokens, %d generated): %s: %s", req.id, where,
+                  len(req.prompt_ids), len(req.generated), type(e).__name__, e,
+                  exc_info=not isinstance(e, sampling.SamplingError))
+        self._finish(req, h, None, error=GenerationFailed(
+            f"generation failed on the server {where} (the error is in the server log): retry, and tell the "
+            "operator if it persists"))
+
+    def _accept_guarded(self, req: Request, h: Handle, tok: int) -> None:
+        try:
+            self._accept(req, h, tok)
+        except Exception as e:  # noqa: BLE001 - its stop strings or text: this request alone ends
+            self._fail(req, h, e, "while reading the answer")
 
     def _accept(self, req: Request, h: Handle, tok: int):
         """The next id of a request: it ends the request (cancelled, end of sequence, a stop string in its
@@ -379,13 +402,25 @@ class Engine:
             return self._finish(req, h, "length")
 
     def _finish(self, req: Request, h: Handle, reason: str | None, error: AssistantError | None = None):
+        """End a request: exactly once, whatever fails afterwards (a second call changes nothing)."""
+        if req.finished:
+            return
+        req.finished = True
         req.finish_reason = reason or "error"
         req.t_done = time.perf_counter()
         if self.runner and req.slot:
             self.runner.bank.release(req.slot)
             req.slot = 0
-        rest = req.stream.finish() if req.stream is not None else ""
-        req.text = req.stream.text if req.stream is not None else ""
+        rest = ""
+        try:
+            rest = req.stream.finish() if req.stream is not None else ""
+            req.text = req.stream.text if req.stream is not None else ""
+        except Exception:  # noqa: BLE001 - the request still ends (and is logged) with what it has
+            log.exception("the text of request %s could not be completed", req.id)
+            if error is None:
+                req.finish_reason = "error"
+                error = GenerationFailed("generation failed on the server while reading the answer (the error is "
+                                         "in the server log): retry, and tell the operator if it persists")
         h.finish(error, rest=rest)
 
     # Fallback for other architectures: the model's own forward, one request at a time ----------
