@@ -20,7 +20,9 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,8 +32,10 @@ from .runner import FAST_ARCHS, LlamaRunner
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
 from .textstream import TextStream, chat_prompt_ids
 from .threads import claim_cores
+from .waiting import MAX_QUEUE_WAIT_S, WaitingRoom
 
 MAX_CONTEXT_TOKENS = 8192      # cap on prompt + answer, whatever the model claims
+ROOM_POLL_S = 0.02             # while requests wait for a slot pinned elsewhere: how often the engine looks again
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,10 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    adapter: str | None = None          # key of a resident adapter, None for the base
+    adapter: str | None = None          # key of an adapter, None for the base
+    # Where the adapter's validated folder is, when the engine has to load it (the engine then pins its slot
+    # at admission, waiting for one if need be: waiting.py); None: `slot` comes pinned with the request.
+    adapter_folder: Callable[[], Path] | None = None
     ignore_eos: bool = False            # benchmarks: always generate max_new_tokens
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Runtime state, owned by the engine thread.
@@ -146,7 +153,7 @@ def check_admission(req: Request, max_context: int) -> None:
         raise ContextTooLong(f"the conversation is {n} tokens and this model reads at most {max_context} "
                              f"(question and answer together): shorten it or start a new conversation")
     req.max_new_tokens = max(1, min(req.max_new_tokens, max_context - n))
-    if req.adapter is not None and not req.slot:
+    if req.adapter is not None and not req.slot and req.adapter_folder is None:
         raise AssistantError(f"adapter {req.adapter} has no pinned slot: pin or load it first")
 
 
@@ -170,8 +177,10 @@ def eos_ids(tokenizer, model) -> set[int]:
 
 
 class Engine:
+    schedules_adapters = True   # requests may come with `adapter_folder` and wait here for a slot
+
     def __init__(self, base, *, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
-                 max_resident_adapters: int = MAX_RESIDENT_ADAPTERS):
+                 max_resident_adapters: int = MAX_RESIDENT_ADAPTERS, max_queue_s: float = MAX_QUEUE_WAIT_S):
         self.base = base
         self.model, self.tokenizer = base.model, base.tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -179,7 +188,8 @@ class Engine:
         arch = getattr(self.model.config, "model_type", "")
         self.runner = LlamaRunner(self.model, max_resident_adapters, max_batch, base.device) if arch in FAST_ARCHS else None
         self.eos = eos_ids(self.tokenizer, self.model)
-        self.pending: queue.Queue = queue.Queue()
+        self.pending: queue.Queue = queue.Queue()   # submitted, not yet in the waiting room
+        self.room = WaitingRoom(self.runner.bank if self.runner else None, max_queue_s)
         self.active: list[tuple[Request, Handle]] = []
         self.wake = threading.Event()
         self.stopping = False
@@ -213,6 +223,7 @@ class Engine:
     def unpin(self, slot: int) -> None:
         if self.runner and slot:
             self.runner.bank.release(slot)
+            self.wake.set()   # a request may be waiting for this slot
 
     def wait_for_free_slot(self, timeout: float) -> None:
         if self.runner:
@@ -242,7 +253,10 @@ class Engine:
 
     def _submit(self, req: Request, loop, on_finish) -> Handle:
         check_admission(req, self.max_context)
-        if self.pending.qsize() >= self.max_queue:
+        if req.adapter is not None and self.runner is None:
+            raise AssistantError(f"adapters need a Llama-family base ({', '.join(FAST_ARCHS)}); "
+                                 f"this base is {self.model.config.model_type}")
+        if self.pending.qsize() + len(self.room) >= self.max_queue:
             raise Busy(f"the server is busy ({self.max_queue} requests waiting): retry in a few seconds")
         req.t_submit = time.perf_counter()
         req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
@@ -275,9 +289,10 @@ class Engine:
         claim_cores()   # the one thread pool in this process that decodes (see assistant/threads.py)
         while not self.stopping:
             if not self.active and self.pending.empty():
-                self.wake.wait(0.5)
+                self.wake.wait(0.5 if not len(self.room) else ROOM_POLL_S)   # waiting for a slot: look again soon
                 self.wake.clear()
-                continue
+                if not len(self.room):
+                    continue
             try:
                 with self.lock:
                     self._admit()
@@ -293,14 +308,23 @@ class Engine:
 
     def _admit(self):
         limit = self.max_batch if self.runner else 1
-        while len(self.active) < limit:
+        while True:
             try:
-                h = self.pending.get_nowait()
+                self.room.add(self.pending.get_nowait())
             except queue.Empty:
+                break
+        while len(self.active) < limit:
+            item = self.room.pop_ready()
+            if item is None:
                 return
+            h, problem = item
             req = h.req
-            if h.cancelled.is_set():
+            if problem == "cancelled":
                 self._finish(req, h, "cancelled")
+                continue
+            if problem is not None:
+                log.warning("request %s refused: %s", req.id, problem.message)
+                self._finish(req, h, None, error=problem)
                 continue
             row = len(self.active)
             try:

@@ -8,6 +8,7 @@ every finished answer exactly once, under exactly that version, so feedback alwa
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import shutil
@@ -34,7 +35,7 @@ from .workspace import Workspace
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4
-ADAPTER_SLOT_WAIT_S = 10.0   # how long a request waits for a free adapter slot before 503 server_busy
+ADAPTER_SLOT_WAIT_S = 10.0   # engines without a waiting room (vLLM), activation: how long to wait for a slot
 LOG_WAIT_S = 10.0            # how long a caller waits for a finished response to reach the log
 SLOT_POLL_S = 0.5            # while every slot is pinned: how often a waiting load tries again
 
@@ -231,6 +232,12 @@ class Serving:
                         raise
             self.engine.wait_for_free_slot(max(0.0, min(SLOT_POLL_S, deadline - time.monotonic())))
 
+    def _adapter_folder(self, domain: str, version: str) -> Path:
+        """The version's folder, validated against this base (the engine calls this when it loads it)."""
+        folder = self.workspace.registry.version_path(domain, version)
+        validate_adapter(folder, self.base.fingerprint, self.engine.module_shapes(), max_rank=MAX_LORA_RANK)
+        return folder
+
     def activate(self, domain: str, version: str, *, user: str | None = None, override: bool = False) -> dict:
         """Promote or roll back (Workspace.activate), loading the version here before the pointer moves."""
         out = self.workspace.activate(domain, version, load=self.ensure_loaded, user=user, override=override)
@@ -277,9 +284,14 @@ class Serving:
         messages = with_system_prompt(messages, target.system_prompt)
         max_tokens, temperature, top_p, stop = check_sampling(max_tokens, temperature, top_p, stop)
         ids = self.engine.encode_chat(messages)
-        slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s) if target.version else 0
+        slot, folder = 0, None
+        if target.version and getattr(self.engine, "schedules_adapters", False):
+            folder = functools.partial(self._adapter_folder, target.domain, target.version)   # loaded when its turn comes
+        elif target.version:
+            slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s)
         req = Request(prompt_ids=ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      stop=stop, adapter=target.adapter_key, slot=slot, ignore_eos=bool(ignore_eos))
+                      stop=stop, adapter=target.adapter_key, slot=slot, ignore_eos=bool(ignore_eos),
+                      adapter_folder=folder)
         call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=None,
                     prompt_tokens=len(ids), user=user)
         self._inflight[call.id] = call
