@@ -64,7 +64,7 @@ def test_a_quiet_domain_is_not_starved_by_a_busy_one(base, adapters):
         quiet.result()
         for h in busy:
             h.result()
-        assert done.index("quiet") <= 8, f"the quiet domain waited for {done.index("quiet")} of 16 busy requests"
+        assert done.index("quiet") <= 8, f"the quiet domain waited for {done.index('quiet')} of 16 busy requests"
     finally:
         e.close()
 
