@@ -128,7 +128,13 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
                 await asyncio.sleep(SLOT_RETRY_S)
         asyncio.create_task(_watch_disconnect(call, request))
         if stream:
-            return StreamingResponse(_stream(call, include_usage), media_type="text/event-stream",
+            # The stream's status waits for the request's first event: one refused while it waited for the
+            # model (503 server_busy past the queue time) answers with that status, not a 200 and an error chunk.
+            first = await call.handle.aq.get()
+            if first.kind == "error":
+                await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)
+                raise first.error
+            return StreamingResponse(_stream(call, include_usage, first), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _complete(call, request)
 
@@ -267,11 +273,18 @@ async def _watch_disconnect(call, request: Request):
             return
 
 
-async def _stream(call, include_usage: bool):
+async def _events(call, first):
+    yield first
+    if first.kind == "token":
+        async for ev in call.handle.aiter():
+            yield ev
+
+
+async def _stream(call, include_usage: bool, first):
     try:
         yield _chunk(call, {"role": "assistant", "content": ""})
         token = _token_chunks(call)
-        async for ev in call.handle.aiter():
+        async for ev in _events(call, first):
             if ev.kind == "token":
                 yield token(ev.text)
                 continue
