@@ -11,7 +11,9 @@ Rules, applied at every engine step, oldest request first:
   request is admitted to a draining slot; when its rows finish, the waiting adapter takes it. So a busy
   domain cannot starve a quiet one: each adapter waiting for a slot gets one within the time its victim's
   answers take to finish;
-- a request that waited MAX_QUEUE_WAIT_S is refused with `Busy` (503 server_busy, Retry-After).
+- a request that waited MAX_QUEUE_WAIT_S for an adapter slot is refused with `Busy` (503 server_busy,
+  Retry-After). Waiting for a row of the batch has no deadline: rows are served in order, and the queue's
+  length (the engine's `max_queue`) bounds that wait; a job's evaluation queues all its questions at once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections import Counter
 
 from .errors import AssistantError, Busy, SlotsBusy
 
-MAX_QUEUE_WAIT_S = 120.0   # the longest a request waits for a row or an adapter slot before 503 server_busy
+MAX_QUEUE_WAIT_S = 120.0   # the longest a request waits for an adapter slot before 503 server_busy
 
 
 class WaitingRoom:
@@ -56,7 +58,7 @@ class WaitingRoom:
             req = h.req
             if h.cancelled.is_set():
                 return self._take(h, "cancelled")
-            if now - req.t_submit > self.max_wait_s:
+            if req.adapter is not None and not req.slot and now - req.t_submit > self.max_wait_s:
                 return self._take(h, Busy(f"the server is busy: this request waited {self.max_wait_s:.0f} s for "
                                           "the model (every adapter slot was serving other domains): retry in a "
                                           "few seconds"))
