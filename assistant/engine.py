@@ -147,7 +147,7 @@ class Handle:
 
 def check_admission(req: Request, max_context: int) -> None:
     """What every engine checks before it takes a request: the prompt leaves room for an answer (the answer
-    is cut to that room), and a request for an adapter comes with its slot pinned."""
+    is cut to that room), and a request for an adapter comes with its slot pinned or its folder to load."""
     n = len(req.prompt_ids)
     if n >= max_context:
         raise ContextTooLong(f"the conversation is {n} tokens and this model reads at most {max_context} "

@@ -18,10 +18,13 @@ Rules, applied at every engine step, oldest request first:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 
-from .errors import AssistantError, Busy, SlotsBusy
+from .errors import AssistantError, Busy, GenerationFailed, SlotsBusy
+
+log = logging.getLogger(__name__)
 
 MAX_QUEUE_WAIT_S = 120.0   # the longest a request waits for an adapter slot before 503 server_busy
 
@@ -69,6 +72,10 @@ class WaitingRoom:
                     return self._take(h, None)
             except AssistantError as e:   # its adapter cannot load: this request alone fails
                 return self._take(h, e)
+            except Exception:  # noqa: BLE001 - an unreadable folder, a bug: still this request alone
+                log.exception("loading adapter %s for request %s failed", req.adapter, req.id)
+                return self._take(h, GenerationFailed(f"the adapter {req.adapter} could not be loaded (the error is "
+                                                      "in the server log): tell the operator"))
         return None
 
     def _take(self, h, error):
