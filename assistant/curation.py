@@ -142,6 +142,17 @@ def _row_hash(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
+def mark_context(messages: list[dict], source: str) -> list[dict]:
+    """A row's messages with what it teaches marked: a rated or corrected answer teaches its last reply
+    only; the conversation's earlier replies (nobody confirmed them) get `"weight": 0`, context the loss
+    skips (lm.taught). Seed examples teach every reply their author wrote."""
+    if source == "seed":
+        return messages
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    return [{**m, "weight": 0} if m["role"] == "assistant" and i != last else
+            {k: v for k, v in m.items() if k != "weight"} for i, m in enumerate(messages)]
+
+
 def _priority(item: dict) -> tuple:
     """Sort key, best first: approved, then corrections (newest first), ups (most, newest), seeds."""
     return (item["review_status"] != "approved", SOURCE_RANK.get(item["source"], 3), -item.get("ups", 0),
@@ -178,7 +189,7 @@ def _cheap_filters(item: dict, opts: CurationSettings, removed: dict) -> str | N
     for m in messages:
         text, n = pii.scrub(m["content"])
         found += n
-        scrubbed.append({"role": m["role"], "content": text})
+        scrubbed.append({**m, "content": text})
     if found:
         if opts.pii == "drop":
             return "pii"
@@ -276,7 +287,8 @@ def run(store, domain: str, embedder, opts: CurationSettings, *,
     `read_only`: embeddings missing from the cache are computed in memory and not stored."""
     items = []
     for cand in store.candidates(domain):
-        items.append({**cand, "messages": [dict(m) for m in cand["messages"]], "removed": None,
+        items.append({**cand, "messages": mark_context([dict(m) for m in cand["messages"]], cand["source"]),
+                      "removed": None,
                       "near_duplicate_of": None, "similarity": None, "nearest": None,
                       "nearest_similarity": None, "split": None, "shared_answer_tokens": None, "why": None})
     removed = {name: 0 for name in FILTERS}
