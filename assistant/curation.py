@@ -6,12 +6,13 @@ text hash), near duplicates (MiniLM prompt embeddings + FAISS, cosine >= a thres
 correction wins, then the best rated), a cap on any one user's share. Two items are near duplicates only
 when they carry the same information: the embedding match must be confirmed by `dedup.compare` (same
 answer content tokens, questions naming the same entities), so templated facts with different names,
-numbers or places are all kept. The same question asked again with a different answer is replaced by a
-newer correction of it. Then a train/eval split by content hash (only on datasets of
-MIN_ITEMS_FOR_HOLDOUT+ items; below that everything the user taught is trained on), with no eval item
-near-duplicate of a train item. The snapshot is JSON Lines `{"messages", "split", "source", "key",
-"feedback_ids"}` at `<state>/snapshots/<domain>/<hash>.jsonl`, the hash being of that content: the same
-candidates give the same hash, and curating twice changes nothing.
+numbers or places are all kept. The same question asked again is `superseded` by its newest correction,
+whatever came before it (an older correction, a rated answer, a seed, approved or not). Then a train/eval
+split by content hash (only on datasets of MIN_ITEMS_FOR_HOLDOUT+ items; below that everything the user
+taught is trained on), with no eval item near-duplicate of a train item. The snapshot is JSON Lines
+`{"messages", "split", "source", "key", "feedback_ids"}` (a rated or corrected answer's earlier replies
+carry `"weight": 0`: context, not taught; see `mark_context`) at `<state>/snapshots/<domain>/<hash>.jsonl`,
+the hash being of that content: the same candidates give the same hash, and curating twice changes nothing.
 
 `Curator.preview(domain)` is the read-only report (it writes nothing: no snapshot, no database row, no
 embedding cache row, no index file); `Curator.snapshot(domain)` writes it, for a job or an export.
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Report keys, in the order the filters run. `pii_scrubbed` counts rows kept after scrubbing.
 FILTERS = ("rejected", "empty", "too_short", "too_long", "garbage", "injection", "pii", "pii_scrubbed",
-           "exact_duplicate", "near_duplicate", "user_cap")
+           "exact_duplicate", "superseded", "near_duplicate", "user_cap")
 MIN_ITEMS_FOR_HOLDOUT = 50       # below this many kept rows everything is train (a holdout of 2 means nothing)
 REPORT_TEXT_CHARS = 120          # characters of a question shown per removed item in the report
 SNAPSHOT_FIELDS = ("messages", "split", "source", "key", "feedback_ids")

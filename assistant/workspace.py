@@ -125,6 +125,15 @@ class Workspace:
         self._check_new(response_id, correction, fid, rating)
         return fid
 
+    def withdraw_feedback(self, response_id: str, user: str | None = None) -> bool:
+        """Undo a user's rating of an answer: it counts nowhere and its dataset row goes (the record keeps
+        it as history). -> whether there was a rating to undo."""
+        if not isinstance(response_id, str) or not response_id:
+            raise AssistantError("response_id is required", param="response_id")
+        if self.store.get_response(response_id) is None:
+            raise NotFound(f"no response with id {response_id[:64]!r}", param="response_id")
+        return self.store.withdraw_feedback(response_id=response_id, user=user)
+
     def _check_new(self, response_id: str, correction: str | None, feedback_id: int, rating: str) -> None:
         """Incremental near-duplicate check when an item arrives: in the background, so a feedback post
         never waits for the embedder. Items that are not near-duplicates join the domain's index."""

@@ -63,7 +63,9 @@ def _row(i: int, it: dict, number: dict) -> list:
     if it.get("review_status") and it.get("removed") and it["removed"] != "rejected":
         status += f" (removed: {it['removed']})"
     dup = ""
-    if it.get("near_duplicate_of"):
+    if it.get("removed") == "superseded":
+        dup = f"replaced by #{number.get(it['near_duplicate_of'], '?')}, a newer correction of the same question"
+    elif it.get("near_duplicate_of"):
         dup = f"near-duplicate of #{number.get(it['near_duplicate_of'], '?')} ({it.get('similarity') or 0:.2f})"
     elif it.get("nearest") and it.get("nearest_similarity") is not None:
         dup = f"nearest #{number.get(it['nearest'], '?')} ({it['nearest_similarity']:.2f})"
