@@ -1,0 +1,96 @@
+"""The Chat tab's handlers keep every question and every change of mind (no browser; a real Workspace and
+Serving on the tiny Llama): a question sent while an answer streams is queued, shown, and answered next on
+the conversation as it stands; Stop puts queued questions back in the box; a thumbs-up asks what was good,
+a thumbs-down what was wrong and the correction; pressing a thumb again undoes the rating and its row."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+
+from helpers import make_serving
+
+
+@pytest.fixture
+def service(tiny_settings):
+    s = make_serving(tiny_settings)
+    from assistant.ui import adapters
+    adapters.create_domain(s.workspace, "atlas", "You are Atlas.", "")
+    yield s
+    s.close()
+
+
+def _page(name="page-1"):
+    return SimpleNamespace(session_hash=name, headers={})
+
+
+def _respond(service, message, history=None, meta=None, page=None):
+    from assistant.ui import chat
+    return chat.respond(service, message, history or [], meta or {}, "atlas", "", 0, 8, page or _page())
+
+
+def _like(index, liked):
+    return gr.LikeData(None, {"index": index, "value": "", "liked": liked})
+
+
+def test_a_question_sent_while_an_answer_streams_is_queued_shown_and_answered_next(service):
+    first = _respond(service, "first question")
+    box, history, _, status, _ = next(first)                     # the first answer has started
+    assert box == "" and "answering" in status
+    # the same page sends two more: each is queued and shown, nothing is lost or answered out of turn
+    [queued] = list(_respond(service, "second question", history))
+    assert queued[0] == "" and "Queued (1)" in queued[3] and "second question" in queued[3]
+    assert isinstance(queued[1], type(gr.skip())) and isinstance(queued[2], type(gr.skip()))
+    [queued] = list(_respond(service, "third question", history))
+    assert "Queued (2)" in queued[3] and "third question" in queued[3]
+    # another page is not queued behind this one
+    other = list(_respond(service, "someone else", page=_page("page-2")))[-1]
+    assert "answered by atlas" in other[3] and [m["content"] for m in other[1]][0] == "someone else"
+    *_, last = list(first)
+    _, history, meta, status, _ = last
+    assert "answered by atlas" in status
+    assert [m["content"] for m in history if m["role"] == "user"] == ["first question", "second question",
+                                                                       "third question"]
+    assert [m["role"] for m in history] == ["user", "assistant"] * 3
+    assert sorted(meta) == ["1", "3", "5"]                        # every answer can be rated
+    logged = service.workspace.store.list_responses("atlas")
+    third = next(r for r in logged if r["messages"][-1]["content"] == "third question")
+    assert [m["content"] for m in third["messages"] if m["role"] == "user"] == \
+        ["first question", "second question", "third question"]  # answered on the conversation as it stands
+    # the page is free again: the next question is answered at once
+    assert "answered by atlas" in list(_respond(service, "fourth", history, meta))[-1][3]
+
+
+def test_stop_puts_queued_questions_back_in_the_box(service):
+    from assistant.ui import chat
+    first = _respond(service, "first question")
+    _, history, *_ = next(first)
+    list(_respond(service, "still to ask", history))
+    assert chat.stop(_page()) == "still to ask"
+    *_, last = list(first)
+    assert [m["content"] for m in last[1] if m["role"] == "user"] == ["first question"]
+    assert not isinstance(chat.stop(_page()), str)                  # nothing queued: the box is left alone
+
+
+def test_thumbs_up_asks_what_was_good_and_undo_removes_the_rating_and_its_row(service):
+    from assistant.ui import chat
+    _, history, meta, _, _ = list(_respond(service, "What is the capital of Atlas?"))[-1]
+    index = len(history) - 1
+    target, panel, head, reason, _, correction, _ = chat.on_like(service, meta, history, _like(index, True), None)
+    assert "What was good" in head and reason["choices"] and "correct" in reason["choices"]
+    assert correction["visible"] is False and "wrong fact" not in reason["choices"]
+    assert "Saved feedback" in chat.send_feedback(service, target, "clear", "", "", None)[-1]
+    target, panel, head, reason, _, correction, _ = chat.on_like(service, meta, history, _like(index, False), None)
+    assert "What was wrong" in head and correction["visible"] is True and "wrong fact" in reason["choices"]
+    chat.send_feedback(service, target, "wrong fact", "", "Its capital is Corvo.", None)
+    store = service.workspace.store
+    assert [r["messages"][-1]["content"] for r in service.workspace.preview("atlas").rows] == ["Its capital is Corvo."]
+    *_, status = chat.on_like(service, meta, history, _like(index, ""), None)    # the thumb pressed again
+    assert "undone" in status
+    assert store.list_feedback("atlas") == [] and service.workspace.preview("atlas").rows == []
+    [record] = store.feedback_for([meta[str(index)]["response_id"]])[meta[str(index)]["response_id"]]
+    # every step kept: up, up with its reason, down, down with its correction (then withdrawn)
+    assert [h["rating"] for h in record["history"]] == ["up", "up", "down", "down"]
+    assert record["history"][-1]["correction"] == "Its capital is Corvo." and record["withdrawn_at"]
