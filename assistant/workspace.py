@@ -90,8 +90,12 @@ class Workspace:
                  override: bool = False) -> dict:
         """Promote or roll back: `load` validates and loads the version before the pointer moves, so a
         broken adapter never replaces the one serving. `override`: a person activates a version the gate
-        did not promote; the card records who and when."""
+        did not promote; the card records who and when. `version` "base" goes back to the base weights
+        (the domain's system prompt alone)."""
         self.require_domain(domain)
+        if version == BASE:
+            self.registry.deactivate(domain)
+            return {"domain": domain, "active_version": None}
         check_version(version)
         gate = (self.registry.read_card(domain, version).get("metrics") or {}).get("gate") or {}
         if gate.get("promote") is False and not override:
@@ -105,7 +109,7 @@ class Workspace:
         return {"domain": domain, "active_version": version}
 
     def rollback(self, domain: str, *, load: Loader, user: str | None = None) -> dict:
-        """Activate the newest version older than the active one."""
+        """Activate the newest version older than the active one (from the oldest: the base weights)."""
         self.require_domain(domain)
         return self.activate(domain, self.registry.previous_version(domain), load=load, user=user)
 

@@ -94,3 +94,78 @@ def test_thumbs_up_asks_what_was_good_and_undo_removes_the_rating_and_its_row(se
     # every step kept: up, up with its reason, down, down with its correction (then withdrawn)
     assert [h["rating"] for h in record["history"]] == ["up", "up", "down", "down"]
     assert record["history"][-1]["correction"] == "Its capital is Corvo." and record["withdrawn_at"]
+
+
+class _Jobs:
+    """A store that keeps what a StageTracker writes."""
+    def __init__(self):
+        self.rows = []
+
+    def update_job(self, job_id, **fields):
+        self.rows.append(fields)
+
+
+def test_a_stage_says_its_sub_step_at_once_and_estimates_from_completed_steps_only(monkeypatch):
+    from assistant import stages
+    clock = [100.0]
+    monkeypatch.setattr(stages.time, "monotonic", lambda: clock[0])
+    store = _Jobs()
+    t = stages.StageTracker(store, "j1")
+    try:
+        t.start("train")
+        t.note("train", "loading the base model")
+        assert store.rows[-1]["stages"][1]["detail"] == "loading the base model"    # written at once
+        clock[0] += 120                         # two minutes of loading and warm-up: not a step's cost
+        t.advance("train", 1, 40)
+        clock[0] += 2
+        t.advance("train", 2, 40)
+        assert t.snapshot()[1]["eta_s"] is None                 # too few steps to say
+        clock[0] += 2
+        t.advance("train", 3, 40)
+        assert t.snapshot()[1]["eta_s"] == pytest.approx(37 * 2.0)   # 2 s a step since the first: 37 left
+        clock[0] += 2
+        t.advance("train", 4, 40)
+        assert t.snapshot()[1]["eta_s"] == pytest.approx(36 * 2.0)   # converges, no swing from the load
+        t.finish("train")
+        assert t.snapshot()[1]["detail"] == ""
+    finally:
+        t.close()
+
+
+def test_the_state_line_follows_the_job_to_its_end_and_cancel_with_it(service):
+    from assistant.ui import jobview, train
+    job = {"job_id": "j1", "domain": "atlas", "status": "running", "stage": "train", "progress": 0.1,
+           "stages": [{"name": "train", "status": "running", "detail": "tokenizing 12 rows"}], "metrics": {}}
+    text = jobview.state_text(job, None, "atlas")
+    assert "running: train (tokenizing 12 rows)" in text and "Keep chatting" in text
+    assert "atlas (base weights)" in text
+    out = train._job_outputs(service.workspace, job, "atlas")
+    assert out[1]["interactive"] is True                                     # Cancel while it runs
+    ended = {**job, "status": "succeeded", "promoted": True, "adapter_version": "v1", "stage": None,
+             "stages": [{"name": "train", "status": "done"}]}
+    out = train._job_outputs(service.workspace, ended, "atlas")
+    assert "finished: atlas@v1 passed the gate" in out[0] and "Keep chatting" not in out[0]
+    assert out[1]["interactive"] is False                                    # and not after its end
+    for status, words in (("failed", "failed"), ("cancelled", "cancelled")):
+        assert words in jobview.state_text({**job, "status": status, "error": "out of memory"}, "v1", "atlas")
+
+
+def test_a_passed_check_says_what_passing_means():
+    from assistant.gate import MEANING, MEANING_PASSED
+    from assistant.ui import jobview
+    job = {"job_id": "j1", "domain": "atlas", "status": "succeeded", "promoted": True, "adapter_version": "v1",
+           "metrics": {"gate": {"checks": [
+               {"name": "corrections", "passed": True, "value": 0.9, "bound": ">= 0.6", "meaning": MEANING["corrections"]},
+               {"name": "taught", "passed": False, "value": 0.1, "bound": ">= 0.5", "meaning": MEANING["taught"],
+                "advice": "train more"}]}}}
+    md = jobview.gate_markdown(job)
+    assert MEANING_PASSED["corrections"] in md and MEANING["corrections"] not in md and MEANING["taught"] in md
+
+
+def test_form_errors_name_the_field_in_place(service):
+    from assistant.ui import train
+    for epochs, rank, field in ((-3, 8, "Epochs"), (None, 0, "Rank")):
+        form_error, job_id, *rest = train.retrain(service.workspace, "lora", "atlas", epochs, 0.001, rank, "lora",
+                                                 512, "", "atlas")
+        assert form_error.startswith(f"Error: {field}:"), form_error
+        assert all(isinstance(x, type(gr.skip())) for x in [job_id, *rest])   # nothing else is touched
