@@ -169,3 +169,26 @@ def test_form_errors_name_the_field_in_place(service):
                                                  512, "", "atlas")
         assert form_error.startswith(f"Error: {field}:"), form_error
         assert all(isinstance(x, type(gr.skip())) for x in [job_id, *rest])   # nothing else is touched
+
+
+def test_monitor_does_not_suggest_a_retrain_already_running_and_reads_in_seconds(service):
+    import time
+
+    from assistant.monitoring import MonitorSettings
+    from assistant.ui import monitor
+    store = service.workspace.store
+    n = MonitorSettings().min_feedback
+    for i in range(n):
+        store.log_response(id=f"r{i}", domain="atlas", adapter_version=None, model="atlas",
+                           messages=[{"role": "user", "content": f"question {i}"}], answer="wrong", prompt_tokens=3,
+                           completion_tokens=3, latency_ms=18684.6, ttft_ms=500.0, finish_reason="stop",
+                           created_at=time.time())
+        store.add_feedback(response_id=f"r{i}", rating="down")
+    head, versions, answers, rates, *_ = monitor.monitor_view(service.workspace, "atlas")
+    assert "Retrain suggested" in head and "18.7 / 18.7 / 18.7 s" in head and "ms" not in head
+    assert versions[0][5:] == ["18.7", "18.7", "18.7"]
+    assert set(rates["series"]) <= {"up", "down", "correction"}           # one version's rates: a short legend
+    job_id = store.create_job("atlas")
+    head, *_ = monitor.monitor_view(service.workspace, "atlas")
+    assert "Retrain suggested" not in head and "Retraining now" in head and job_id in head
+    assert service.workspace.metrics("atlas")["recommendation"]["retrain"] is False
