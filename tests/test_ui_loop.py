@@ -194,3 +194,19 @@ def test_monitor_does_not_suggest_a_retrain_already_running_and_reads_in_seconds
     head, *_ = monitor.monitor_view(service.workspace, "atlas")
     assert "Retrain suggested" not in head and "Retraining now" in head and job_id in head
     assert service.workspace.metrics("atlas")["recommendation"]["retrain"] is False
+
+
+def test_the_review_queue_shows_a_rows_context_and_what_it_teaches(service):
+    from assistant.ui import chat, data
+    _, history, meta, _, _ = list(_respond(service, "What is the capital of Atlas?"))[-1]
+    _, history, meta, _, _ = list(_respond(service, "And its river?", history, meta))[-1]
+    target, *_ = chat.on_like(service, meta, history, _like(len(history) - 1, False), None)
+    chat.send_feedback(service, target, "wrong fact", "", "The Sarrow.", None)
+    rows, items, _, _ = data.data_view(service.workspace, "atlas")
+    [row] = rows
+    assert row[4] == "1 earlier turn" and row[5] == "And its river?" and row[6] == "The Sarrow."
+    *_, convo = data.select_item(items, gr.SelectData(None, {"index": [0, 5], "value": ""}))
+    lines = [line for line in convo.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in lines] == ["- system · context", "- user · context", "- assistant · context",
+                                                      "- user · context", "- assistant · **taught**"]
+    assert lines[-1].endswith("The Sarrow.")
