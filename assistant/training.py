@@ -290,13 +290,15 @@ def save_adapter(peft_model, out_dir: Path) -> None:
 
 def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settings: TrainSettings | None = None,
                   progress: Callable[[int, int, float], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None, *, processes: int = 1) -> TrainResult:
+                  should_stop: Callable[[], bool] | None = None, *, processes: int = 1,
+                  note: Callable[[str], None] | None = None) -> TrainResult:
     """Train a LoRA adapter on the `train` rows and save it as a PEFT folder in `out_dir`.
 
     `rows`: [{"messages": [{"role", "content"}, ...], "split": "train" | "eval"}]; rows without a split
     count as train. `progress(step, total_steps, loss)` is called after every optimizer step;
     `should_stop()` is polled before each step and stops the run with `TrainingStopped`. `processes` > 1
-    trains data-parallel in that many processes (ddp.py) on the batches prepared here."""
+    trains data-parallel in that many processes (ddp.py) on the batches prepared here. `note(text)` hears
+    each sub-step before the first optimizer step (replay answers, tokenizing, LoRA setup)."""
     from .errors import DatasetTooSmall
     from .model import trainable_4bit
 
@@ -322,7 +324,11 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     train_rows = augment_rows(train_rows, copies, rng)
     # Self-replay, with the system prompt the domain's rows use.
     system = next((r["messages"][0]["content"] for r in train_rows if r["messages"][0]["role"] == "system"), None)
+    note = note or (lambda _text: None)
+    if min(settings.replay, n_rows):
+        note(f"self-replay: the base answers {min(settings.replay, n_rows)} general prompts")
     train_rows += replay_rows(model, tok, system, min(settings.replay, n_rows), rng)
+    note(f"tokenizing {len(train_rows)} rows")
     encoded = [encode_chat(tok, r["messages"], settings.max_seq_len) for r in train_rows]
     examples = [e for e in encoded if any(label != IGNORE_INDEX for label in e[1][1:])]
     if len(examples) < 1:
@@ -331,6 +337,7 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     schedule = [b for _ in range(epochs) for b in length_grouped_batches([len(e[0]) for e in examples],
                                                                           settings.batch_size, rng)]
     total_steps = len(schedule)
+    note(f"LoRA setup and the first of {total_steps} steps")
 
     # 3-5. LoRA, the loop, the saved folder: here, or in `processes` processes that share each batch.
     if processes > 1:
