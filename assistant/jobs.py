@@ -89,6 +89,8 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
         ts = TrainSettings.from_dict({**settings.train, **(train_settings or {})})   # the server's defaults first
     except (TypeError, ValueError) as e:
         raise AssistantError(str(e), param="settings") from None
+    from .limits import engine_limits
+    engine_limits(settings).check(ts.rank, ts.target_modules, what="this training job's adapter")   # 422 now
     active = store.active_job()
     if active is not None:  # cheap early answer; create_job is what really enforces it
         from .errors import Conflict

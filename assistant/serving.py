@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import tempfile
 import threading
 import time
@@ -18,7 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
+from .errors import AdapterRefused, AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
+from .limits import check_adapter_folder, engine_limits
 from .lm import with_system_prompt
 from .registry import parse_model_name, safe_unzip, validate_adapter
 from .settings import (
@@ -119,6 +119,8 @@ class Serving:
                             max_resident_adapters=settings.max_resident_adapters)
         self.base = base if base is not None else engine.base
         self.engine = engine
+        if hasattr(engine, "refused"):   # vLLM: versions a server refused stay visible, and are not retried per request
+            workspace.engine_refusals = engine.refused
         self._active: dict[str, tuple[int, str | None]] = {}
         self._load_lock = threading.Lock()
         self._inflight: dict[str, Call] = {}   # response id -> call, until its response is logged
@@ -255,11 +257,13 @@ class Serving:
                     raise InvalidAdapter(f"the upload is over {MAX_UPLOAD_BYTES >> 20} MiB: is it an adapter?")
                 folder = Path(tmp) / "adapter"
                 safe_unzip(upload, folder, MAX_UPLOAD_BYTES)
+            check_adapter_folder(engine_limits(ws.settings), folder)   # 422 naming the limit and its flag
             version = ws.registry.import_folder(domain, folder, self.base.fingerprint, self.engine.module_shapes())
         try:
             self.ensure_loaded(domain, version)
         except AssistantError:
-            shutil.rmtree(ws.registry.domain_dir(domain) / version, ignore_errors=True)
+            ws.registry.retire(domain, version)   # out of the list; its number is never given again
+            getattr(self.engine, "forget", lambda key: None)(f"{domain}@{version}")
             raise
         if activate:
             self.activate(domain, version)
@@ -277,7 +281,10 @@ class Serving:
         messages = with_system_prompt(messages, target.system_prompt)
         max_tokens, temperature, top_p, stop = check_sampling(max_tokens, temperature, top_p, stop)
         ids = self.engine.encode_chat(messages)
-        slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s) if target.version else 0
+        try:
+            slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s) if target.version else 0
+        except AdapterRefused as e:   # this version only: base and the other domains keep answering
+            raise DomainBroken(f"domain {target.domain!r} cannot answer: {e.message}") from None
         req = Request(prompt_ids=ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       stop=stop, adapter=target.adapter_key, slot=slot, ignore_eos=bool(ignore_eos))
         call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=None,
