@@ -139,6 +139,11 @@ MIGRATIONS: list[Migration] = [
         "SELECT f.id, r.domain, r.adapter_version, f.rating, f.correction IS NOT NULL, f.created_at "
         "FROM feedback f JOIN responses r ON r.id = f.response_id ORDER BY f.id",
     )),
+    # who authenticated (an API key holder, a signed-in user), apart from the `user` a request declares
+    Migration("m010_principal_apart_from_user", (
+        "ALTER TABLE responses ADD COLUMN principal TEXT",
+        "ALTER TABLE feedback ADD COLUMN principal TEXT",
+    )),
 ]
 
 

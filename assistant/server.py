@@ -31,7 +31,8 @@ def vllm_engine(settings, workspace):
     if not urls:   # a random API key: no other local process can load or unload adapters on it
         managed = ManagedVllm(base.path, settings.state_path / "logs", served_name=base.name,
                               max_loras=settings.max_resident_adapters, max_lora_rank=engine_limits(settings).max_rank,
-                              dtype=settings.dtype, gpu_memory_utilization=settings.gpu_memory_utilization).start()
+                              dtype=settings.dtype, gpu_memory_utilization=settings.gpu_memory_utilization,
+                              api_key=settings.vllm_api_key).start()
         urls, api_key = [managed.url], managed.api_key
     return VllmEngine(base, urls, adapters_root=settings.adapters_path,
                       served_adapters_root=settings.vllm_adapters_path, live=workspace.live_versions,

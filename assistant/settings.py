@@ -28,6 +28,8 @@ MAX_RESIDENT_ADAPTERS = 8           # adapters kept on the base; least recently 
 MAX_LORA_RANK = 256                 # adapters with a larger rank are refused
 MAX_TRAIN_GPUS = 64                 # processes one training job may run as
 BASE = "base"                       # the reserved model name meaning "no adapter"
+API_KEY_PRINCIPAL = "api-key"       # the principal of a request authenticated by the API key (an app of many users)
+CONTROL_PRINCIPAL = "local"         # the principal of a local process holding the server file's control token
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("local", "vllm")
@@ -95,7 +97,7 @@ class Settings:
                 "default, 16). Training and imports above it are refused before they start"})
     vllm_api_key: str | None = field(default=None, metadata={
         "help": "the API key the --vllm-url servers expect (their --api-key); better in ASSISTANT_VLLM_API_KEY, "
-                "out of `ps`. The server this app starts gets a random key of its own"})
+                "out of `ps`. The server this app starts gets a random key unless this is set"})
     gpu_memory_utilization: float | None = field(default=None, metadata={
         "help": "passed to the vLLM server this app starts: its share of GPU memory (leave room for a "
                 "QLoRA job on the same GPU)"})

@@ -128,8 +128,9 @@ class Workspace:
 
     # Feedback, examples and review -------------------------------------------------------------
     def feedback(self, response_id: str, rating: str, correction: str | None = None, reason: str | None = None,
-                 user: str | None = None) -> int:
-        """A rating (and optionally a reason and a corrected answer) on a logged response -> its id."""
+                 user: str | None = None, principal: str | None = None) -> int:
+        """A rating (and optionally a reason and a corrected answer) on a logged response -> its id. `user`:
+        who rated, as the request names them; `principal`: who authenticated (kept apart)."""
         if rating not in ("up", "down"):
             raise AssistantError("rating must be 'up' or 'down'", param="rating")
         for name, value in (("correction", correction), ("reason", reason)):
@@ -138,7 +139,7 @@ class Workspace:
         if correction is not None and not correction.strip():
             correction = None
         fid = self.store.add_feedback(response_id=response_id, rating=rating, correction=correction,
-                                      reason=reason, user=user)
+                                      reason=reason, user=user, principal=principal)
         self._check_new(response_id, correction, fid, rating)
         return fid
 
