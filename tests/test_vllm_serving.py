@@ -276,6 +276,74 @@ def test_a_version_vllm_refuses_stays_broken_alone(app, embedded_path, tmp_path)
         workspace.close()
 
 
+def test_reconcile_keeps_a_load_made_meanwhile_and_eviction_never_unloads_a_pinned_version(app, embedded_path,
+                                                                                             tmp_path):
+    """Two races, made to happen by pausing the real HTTP calls at the bad moment: a version loaded while a
+    reconcile is between listing the server's adapters and writing them down stays known as loaded; a
+    request that pins a version while eviction unloads it waits, and then finds it gone (it loads it again)
+    instead of being sent to a name the server no longer has."""
+    import threading
+
+    from assistant.server import build
+    from assistant.settings import Settings
+    settings = Settings(home=tmp_path, engine="vllm", vllm_url=(app["vllm"],), vllm_api_key=VLLM_KEY,
+                        max_resident_adapters=1)
+    workspace, serving = build(settings)
+    engine = serving.engine
+    engine._stop.set()                 # no background reconcile or eviction: this test makes them happen
+    [server] = engine.servers
+    try:
+        workspace.create_domain("racedomain")
+        for seed in (11, 12):
+            serving.import_adapter("racedomain", random_lora_adapter(embedded_path, tmp_path / f"r{seed}", seed=seed))
+        serving.activate("racedomain", "v1")
+        key = "racedomain@v2"
+        real_models = server.client.models_sync
+        listed, go = threading.Event(), threading.Event()
+
+        def paused_models():
+            models = real_models()
+            listed.set()
+            go.wait(60)
+            return models
+        server.client.models_sync = paused_models
+        engine._evict()                                   # v2 (not live, not pinned) goes first
+        assert key not in server.loaded
+        reconcile = threading.Thread(target=engine.reconcile)
+        reconcile.start()
+        assert listed.wait(60)
+        serving.ensure_loaded("racedomain", "v2")        # loaded after the listing was read
+        go.set()
+        reconcile.join(60)
+        server.client.models_sync = real_models
+        assert key in server.loaded, "the reconcile erased a load made meanwhile"
+
+        real_unload, unloading, release = server.client.unload_lora_sync, threading.Event(), threading.Event()
+
+        def paused_unload(name):
+            unloading.set()
+            release.wait(60)
+            return real_unload(name)
+        server.client.unload_lora_sync = paused_unload
+        evict = threading.Thread(target=engine._evict)
+        evict.start()
+        assert unloading.wait(60)
+        pinned = []
+        pinner = threading.Thread(target=lambda: pinned.append(engine.pin_adapter(key)))
+        pinner.start()
+        pinner.join(0.5)
+        release.set()
+        evict.join(60)
+        pinner.join(60)
+        server.client.unload_lora_sync = real_unload
+        listed_now = {m["id"] for m in httpx.get(app["vllm"] + "/v1/models", headers=AUTH).json()["data"]}
+        assert pinned == [None] and key not in listed_now, (pinned, listed_now)   # not pinned to a gone version
+        assert serving.chat(key, QUESTION, max_tokens=2)["adapter_version"] == "v2"   # loaded again on demand
+    finally:
+        serving.close()
+        workspace.close()
+
+
 def app_adapter(tmp_path, embedded_path):
     return random_lora_adapter(embedded_path, tmp_path / "ok", rank=8, seed=7)
 
