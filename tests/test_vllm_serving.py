@@ -360,7 +360,8 @@ def test_a_server_serving_another_base_is_refused_at_start(app, tiny_llama, tmp_
     from assistant.errors import ModelLoadError
     from assistant.server import build
     from assistant.settings import Settings
-    settings = Settings(home=tmp_path, base_model=str(tiny_llama), engine="vllm", vllm_url=(app["vllm"],))
+    settings = Settings(home=tmp_path, base_model=str(tiny_llama), engine="vllm", vllm_url=(app["vllm"],),
+                        vllm_api_key=VLLM_KEY)
     with pytest.raises(ModelLoadError) as e:
         build(settings)
     message = e.value.message
@@ -380,7 +381,8 @@ def test_routing_keeps_an_adapter_on_one_server_spreads_load_and_skips_a_dead_on
     live = app["vllm"]
     other_name = live.replace("127.0.0.1", "localhost")
     dead = f"http://127.0.0.1:{free_port()}"
-    workspace, serving = build(Settings(home=tmp_path, engine="vllm", vllm_url=(live, other_name, dead)))
+    workspace, serving = build(Settings(home=tmp_path, engine="vllm", vllm_url=(live, other_name, dead),
+                                        vllm_api_key=VLLM_KEY))
     try:
         servers = lambda: {s["url"]: s for s in serving.status()["engine"]["servers"]}   # noqa: E731
         assert not servers()[dead]["ready"] and dead in servers()[dead]["problem"]
