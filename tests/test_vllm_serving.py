@@ -146,29 +146,64 @@ def test_activate_roll_back_pin_and_feedback_on_vllm_served_versions(app, adapte
     assert back["version"] == "v1" and back["text"] == v1["text"]
 
 
+def _watch_pointer(pointer: Path, vllm: str, key: str, version: str, seen: dict, stop):
+    """Poll the `active` pointer; the moment it reads `version`, note whether vLLM lists `key` already."""
+    while not stop.is_set():
+        if pointer.read_text().strip() == version:
+            listed = {m["id"] for m in httpx.get(vllm + "/v1/models", headers=AUTH, timeout=30).json()["data"]}
+            seen["listed_when_it_moved"] = key in listed
+            return
+        time.sleep(0.005)
+
+
+def test_a_job_activates_through_the_server_and_vllm_lists_the_version_before_the_pointer_moves(app, adapters):
+    """What a training job (or a worker) does once its version passes the gate, from another process on the
+    same state: remote.activate finds the server (its server.json) and asks it; the pointer moves only once
+    vLLM serves the version, and this process never moves it (its offline loader must not run)."""
+    import threading
+
+    from assistant import remote
+    from assistant.registry import Registry
+    from assistant.settings import Settings
+    url, vllm = app["url"], app["vllm"]
+    r = httpx.post(url + "/api/domains/legal/adapters", content=zipped(adapters["support2"]),
+                   headers={"Content-Type": "application/zip"}, timeout=120)
+    assert r.status_code == 201, r.text
+    version = r.json()["version"]
+    settings = Settings(home=app["home"])
+    seen, stop = {}, threading.Event()
+    watcher = threading.Thread(target=_watch_pointer, daemon=True, args=(
+        app["home"] / "adapters" / "legal" / "active", vllm, f"legal@{version}", version, seen, stop))
+    watcher.start()
+
+    def offline(*_):
+        raise AssertionError("a server runs: this process must not activate by itself")
+    where = remote.activate(settings, Registry(settings.adapters_path), "legal", version, offline_load=offline)
+    watcher.join(30)
+    stop.set()
+    assert where == url and seen == {"listed_when_it_moved": True}, (where, seen)
+    assert ask(url, "legal")["version"] == version
+    r = httpx.post(url + "/api/domains/legal/adapters/v1/activate", json={}, timeout=120)   # back as it was
+    assert r.status_code == 200, r.text
+
+
 TAUGHT = FACTS[:10]
 
 
 def test_a_retrain_goes_live_on_vllm_before_the_pointer_moves_and_answers_what_it_was_taught(app):
     """The job (the default recipe, which teaches these facts: test_retrain_e2e.py) passes its gate and asks
-    the server to activate: by the time the `active` pointer reads v2, vLLM already lists legal@v2 (watched
+    the server to activate: by the time the `active` pointer reads the new version, vLLM already lists it (watched
     from another thread, polling the pointer); then `legal` answers what it was taught, through vLLM."""
     import threading
     url, vllm = app["url"], app["vllm"]
     examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                 for q, a, _, _ in TAUGHT]
     assert httpx.post(url + "/api/domains/legal/examples", json={"examples": examples}).status_code == 201
-    pointer = app["home"] / "adapters" / "legal" / "active"
     seen, stop = {}, threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            if pointer.read_text().strip() == "v2":
-                listed = {m["id"] for m in httpx.get(vllm + "/v1/models", headers=AUTH, timeout=30).json()["data"]}
-                seen["listed_when_it_moved"] = "legal@v2" in listed
-                return
-            time.sleep(0.005)
-    watcher = threading.Thread(target=watch, daemon=True)
+    versions = httpx.get(url + "/api/domains/legal/adapters").json()
+    nxt = f"v{len(versions) + 1}"
+    watcher = threading.Thread(target=_watch_pointer, daemon=True, args=(
+        app["home"] / "adapters" / "legal" / "active", vllm, f"legal@{nxt}", nxt, seen, stop))
     watcher.start()
     r = httpx.post(url + "/api/domains/legal/train", json={}, timeout=120)
     assert r.status_code == 202, r.text
@@ -179,18 +214,18 @@ def test_a_retrain_goes_live_on_vllm_before_the_pointer_moves_and_answers_what_i
     watcher.join(30)
     stop.set()
     assert job["status"] == "succeeded", job.get("error")
-    assert job["adapter_version"] == "v2" and job["promoted"], job["metrics"]["gate"]["summary"]
-    assert "legal@v2 is live (activated by the server)" in job["log"], job["log"]
+    assert job["adapter_version"] == nxt and job["promoted"], job["metrics"]["gate"]["summary"]
+    assert f"legal@{nxt} is live (activated by the server)" in job["log"], job["log"]
     assert seen == {"listed_when_it_moved": True}, seen
     answers = []
     for q, _, _, _ in TAUGHT:
         r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
             "model": "legal", "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 40})
-        assert r.status_code == 200 and r.json()["adapter_version"] == "v2", r.text
+        assert r.status_code == 200 and r.json()["adapter_version"] == nxt, r.text
         answers.append(r.json()["choices"][0]["message"]["content"])
     assert score(answers) >= 8, answers
     first = [{"role": "user", "content": TAUGHT[0][0]}]
-    assert answers[0].startswith(direct(vllm, "legal@v2", first))        # vLLM itself serves that version
+    assert answers[0].startswith(direct(vllm, f"legal@{nxt}", first))        # vLLM itself serves that version
 
 
 def test_a_rank_above_the_servers_maximum_is_refused_up_front(app, embedded_path, tmp_path):
