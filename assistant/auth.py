@@ -22,6 +22,8 @@ import secrets
 import time
 from urllib.parse import parse_qs, quote
 
+from .settings import API_KEY_PRINCIPAL, CONTROL_PRINCIPAL
+
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "assistant_session"
@@ -29,7 +31,8 @@ SESSION_SECONDS = 12 * 3600          # a browser login lasts this long (and unti
 MAX_LOGIN_BODY_BYTES = 4096
 LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH = "/login", "/logout", "/api/health"
 PUBLIC_PATHS = (LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH)
-API_KEY_USER = "api-key"
+API_KEY_USER = API_KEY_PRINCIPAL
+CONTROL_USER = CONTROL_PRINCIPAL   # a process on this machine holding the server file's control token (remote.py)
 UNAUTHORIZED = ("missing or wrong credentials: send 'Authorization: Bearer <api key>' (or HTTP Basic with a "
                 "--auth user), or sign in at /login")
 
@@ -41,6 +44,7 @@ class Credentials:
         self.api_key = api_key
         self.users = tuple(users)
         self.secret = secrets.token_bytes(32)   # per process: a restart signs everyone out
+        self.control_token: str | None = None    # what local processes send (remote.py: the server file's token)
 
     @property
     def enabled(self) -> bool:
@@ -80,6 +84,8 @@ class Credentials:
         scheme, value = scheme.lower(), value.strip()
         if scheme == "bearer" and self.api_key and hmac.compare_digest(value.encode(), self.api_key.encode()):
             return API_KEY_USER
+        if scheme == "bearer" and self.control_token and hmac.compare_digest(value.encode(), self.control_token.encode()):
+            return CONTROL_USER
         if scheme == "basic":
             try:
                 user, _, password = base64.b64decode(value, validate=True).decode().partition(":")

@@ -40,6 +40,18 @@ class InvalidAdapter(AssistantError):
     code = "invalid_adapter"
 
 
+class AdapterRefused(InvalidAdapter):
+    """The serving engine (a vLLM server) refused to load an adapter version; the message has its reason."""
+    code = "adapter_refused"
+
+
+class EngineLimit(AssistantError):
+    """An adapter (to train or to import) is past what the serving engine accepts: the message names the
+    limit and the flag that raises it."""
+    status = 422
+    code = "engine_limit"
+
+
 class ContextTooLong(AssistantError):
     status = 400
     code = "context_length_exceeded"
@@ -127,3 +139,13 @@ class VllmUnavailable(VllmError):
 
 class RankFailed(RuntimeError):
     """A data-parallel training process ended badly; the others were stopped (the job fails with this)."""
+
+
+class ServerRefused(AssistantError):
+    """The running server answered another process's request (an activation, an import, a training job)
+    with an error: its message and HTTP status, passed on unchanged."""
+    code = "server_refused"
+
+    def __init__(self, message: str, *, status: int = 502, param: str | None = None):
+        super().__init__(message, param=param)
+        self.status = status

@@ -146,6 +146,11 @@ MIGRATIONS: list[Migration] = [
         "ALTER TABLE feedback ADD COLUMN history TEXT NOT NULL DEFAULT '[]'",
         "ALTER TABLE feedback ADD COLUMN withdrawn_at REAL",
     )),
+    # who authenticated (an API key holder, a signed-in user), apart from the `user` a request declares
+    Migration("m011_principal_apart_from_user", (
+        "ALTER TABLE responses ADD COLUMN principal TEXT",
+        "ALTER TABLE feedback ADD COLUMN principal TEXT",
+    )),
 ]
 
 

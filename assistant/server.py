@@ -5,9 +5,8 @@ The one place these parts meet; tests build their apps here too (`build`, `build
 from __future__ import annotations
 
 import logging
+import signal
 import time
-
-VLLM_MAX_LORA_RANK = 64    # the largest adapter rank a vLLM server started here accepts (it sizes its LoRA buffers)
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +22,21 @@ def build(settings, base=None):
 
 def vllm_engine(settings, workspace):
     """The engine that drives vLLM servers: those of --vllm-url, or one started (and supervised) here."""
+    from .limits import engine_limits
     from .model import describe_base
     from .vllm_engine import VllmEngine
     from .vllm_server import ManagedVllm
     base = describe_base(settings)
-    urls, managed = list(settings.vllm_url), None
-    if not urls:
+    urls, managed, api_key = list(settings.vllm_url), None, settings.vllm_api_key
+    if not urls:   # a random API key: no other local process can load or unload adapters on it
         managed = ManagedVllm(base.path, settings.state_path / "logs", served_name=base.name,
-                              max_loras=settings.max_resident_adapters, max_lora_rank=VLLM_MAX_LORA_RANK,
-                              dtype=settings.dtype, gpu_memory_utilization=settings.gpu_memory_utilization).start()
-        urls = [managed.url]
+                              max_loras=settings.max_resident_adapters, max_lora_rank=engine_limits(settings).max_rank,
+                              dtype=settings.dtype, gpu_memory_utilization=settings.gpu_memory_utilization,
+                              api_key=settings.vllm_api_key).start()
+        urls, api_key = [managed.url], managed.api_key
     return VllmEngine(base, urls, adapters_root=settings.adapters_path,
                       served_adapters_root=settings.vllm_adapters_path, live=workspace.live_versions,
-                      max_resident=settings.max_resident_adapters, managed=managed)
+                      max_resident=settings.max_resident_adapters, managed=managed, api_key=api_key)
 
 
 def build_app(workspace, serving, *, with_ui: bool = True):
@@ -69,12 +70,23 @@ def serve(settings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
+    from . import remote
+    # uvicorn re-raises the SIGTERM it caught once it has shut down: end through Python then, so the finally
+    # below runs (the server file removed, the engine and a managed vLLM server stopped)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    local = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    app.state.credentials.control_token = remote.announce(settings, local)   # jobs and the CLI find us here
     try:
         server.run()
     finally:
+        remote.withdraw(settings)
         serving.close()
         workspace.close()
     return 0
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _share(settings) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 from . import migrations
 from .errors import Busy, Conflict, NotFound
+from .settings import API_KEY_PRINCIPAL, CONTROL_PRINCIPAL
 from .stages import pending_stages, public_gate
 
 BUSY_TIMEOUT_MS = 10_000        # sqlite waits this long for a lock before reporting busy
@@ -50,6 +51,13 @@ def _state(row) -> dict:
 def _is_busy(err: sqlite3.OperationalError) -> bool:
     text = str(err).lower()
     return "locked" in text or "busy" in text
+
+
+def _counted(principal: str | None, user: str | None) -> str | None:
+    """Whose item it is for the per-user cap: the signed-in person when there is one (with per-person sign-in
+    a body's `user` cannot spread one person's data under many names), else the end user the request named
+    (an API-key holder speaks for many users)."""
+    return principal if principal and principal not in (API_KEY_PRINCIPAL, CONTROL_PRINCIPAL) else user
 
 
 def validate_messages(messages) -> str | None:
@@ -147,14 +155,16 @@ class Store:
     def log_response(self, *, id: str, domain: str, adapter_version: str | None, model: str,
                      messages: list[dict], answer: str, prompt_tokens: int, completion_tokens: int,
                      latency_ms: float, ttft_ms: float | None, finish_reason: str, user: str | None = None,
-                     created_at: float | None = None) -> None:
+                     created_at: float | None = None, principal: str | None = None) -> None:
+        """`user`: the end user the request names; `principal`: who authenticated (API key holder, signed-in
+        user, or None when the app is open)."""
         row = (id, domain, adapter_version, model, _dumps(messages), answer, int(prompt_tokens),
-               int(completion_tokens), float(latency_ms), ttft_ms, finish_reason, user,
+               int(completion_tokens), float(latency_ms), ttft_ms, finish_reason, user, principal,
                time.time() if created_at is None else created_at)
         self._write(lambda c: c.execute(
             "INSERT INTO responses (id, domain, adapter_version, model, messages, answer, prompt_tokens, "
-            "completion_tokens, latency_ms, ttft_ms, finish_reason, user, created_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row))
+            "completion_tokens, latency_ms, ttft_ms, finish_reason, user, principal, created_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row))
 
     @staticmethod
     def _response(row: sqlite3.Row) -> dict:
@@ -197,7 +207,7 @@ class Store:
 
     # Feedback ------------------------------------------------------------------------------------
     def add_feedback(self, *, response_id: str, rating: str, correction: str | None = None,
-                     reason: str | None = None, user: str | None = None) -> int:
+                     reason: str | None = None, user: str | None = None, principal: str | None = None) -> int:
         """Record a rating (and the answer the user wanted); durable on disk when this returns.
 
         One record per answer and user: a second call for the same (response_id, user) updates that
@@ -224,11 +234,13 @@ class Store:
                 if not fresh and new != (row["rating"], row["correction"], row["reason"]):
                     history.append(_state(row))
                 c.execute("UPDATE feedback SET rating = ?, correction = ?, reason = ?, created_at = ?, history = ?, "
-                          "withdrawn_at = NULL WHERE id = ?", (*new, now, _dumps(history), row["id"]))
+                          "withdrawn_at = NULL, principal = ? WHERE id = ?",
+                          (*new, now, _dumps(history), principal, row["id"]))
                 fid = row["id"]
             else:
-                fid = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, created_at) "
-                                "VALUES (?,?,?,?,?,?)", (response_id, rating, correction, reason, user, now)).lastrowid
+                fid = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, principal, "
+                                "created_at) VALUES (?,?,?,?,?,?,?)",
+                                (response_id, rating, correction, reason, user, principal, now)).lastrowid
             c.execute("INSERT INTO feedback_events (feedback_id, domain, adapter_version, rating, corrected, created_at) "
                       "SELECT ?, domain, adapter_version, ?, ?, ? FROM responses WHERE id = ?",
                       (fid, rating, correction is not None, now, response_id))
@@ -250,7 +262,8 @@ class Store:
         return self._write(withdraw)
 
     def list_feedback(self, domain: str | None = None) -> list[dict]:
-        sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.user AS response_user "
+        sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.user AS response_user, "
+               "r.principal AS response_principal "
                "FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.withdrawn_at IS NULL")
         params: list = []
         if domain is not None:
@@ -335,7 +348,9 @@ class Store:
                 continue
             out.append({"key": f"feedback:{chosen['id']}", "source": source,
                         "messages": prompt + [{"role": "assistant", "content": answer}],
-                        "created_at": chosen["created_at"], "user": chosen["user"] or first["response_user"],
+                        "created_at": chosen["created_at"],
+                        "user": _counted(chosen["principal"], chosen["user"])
+                        or _counted(first["response_principal"], first["response_user"]),
                         "rating": chosen["rating"], "ups": ups, "feedback_ids": [f["id"] for f in fbs],
                         "response_id": response_id, "adapter_version": first["adapter_version"]})
         decisions = self.reviews(domain)
