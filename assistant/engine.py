@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import logits as controls
 from .errors import AssistantError, Busy, ContextTooLong, GenerationFailed
 from .runner import FAST_ARCHS, LlamaRunner
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
@@ -41,6 +42,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None
     error: AssistantError | None = None
+    logprobs: list | None = None         # the TokenLogprobs of the ids this text completes (when asked)
 
 
 @dataclass
@@ -53,6 +55,12 @@ class Request:
     stop: tuple[str, ...] = ()
     adapter: str | None = None          # key of a resident adapter, None for the base
     ignore_eos: bool = False            # benchmarks: always generate max_new_tokens
+    logprobs: int | None = None         # None: none; k: each token's logprob and its k most likely rivals
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    structured: tuple | None = None     # ("json_object", None) | ("json_schema", schema): see `structure`
+    constraint: object | None = None    # a grammar.Constraint: masks the tokens its grammar does not allow
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Runtime state, owned by the engine thread.
     slot: int = 0
@@ -64,6 +72,9 @@ class Request:
     t_done: float | None = None
     generator: torch.Generator | None = None
     stream: TextStream | None = None
+    token_logprobs: list = field(default_factory=list)
+    pending_lp: torch.Tensor | None = None
+    lp_sent: int = 0                    # token_logprobs already sent with a text event
 
 
 class Handle:
@@ -120,8 +131,9 @@ class Handle:
         if error is not None:
             self.put(Event("error", error=error, finish_reason="error"))
             return
-        if rest:
-            self.put(Event("token", rest))
+        more = self.req.token_logprobs[self.req.lp_sent:] if self.req.logprobs is not None else None
+        if rest or more:
+            self.put(Event("token", rest, logprobs=more))
         self.put(Event("done", finish_reason=self.req.finish_reason))
 
     def result(self) -> tuple[str, str]:
@@ -178,6 +190,8 @@ class Engine:
         self.runner = LlamaRunner(self.model, max_resident_adapters, max_batch, base.device) if arch in FAST_ARCHS else None
         self.eos = eos_ids(self.tokenizer, self.model)
         self.pending: queue.Queue = queue.Queue()
+        self._waiting = None
+        self._grammars = None    # a group taken from `pending` that waits for enough free rows
         self.active: list[tuple[Request, Handle]] = []
         self.wake = threading.Event()
         self.stopping = False
@@ -221,8 +235,23 @@ class Engine:
             self.runner.bank.evict(key)
 
     # Prompts -----------------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, tools)
+
+    def encode_text(self, text: str) -> list[int]:
+        """A legacy completion's prompt: the text's ids, after the tokenizer's BOS when it adds one."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def structure(self, req: Request) -> None:
+        """A request's structured-output spec (`req.structured`: ("json_object"|"json_schema", schema)) as
+        the grammar constraint that masks its row (grammar.py)."""
+        if req.structured is None:
+            return
+        if self._grammars is None:
+            from .grammar import Grammars
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.eos)
+        kind, schema = req.structured
+        req.constraint = self._grammars.constraint(kind, schema)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -239,18 +268,40 @@ class Engine:
             raise
 
     def _submit(self, req: Request, loop, on_finish) -> Handle:
-        check_admission(req, self.max_context)
+        return self._queue([req], loop, [on_finish])[0]
+
+    def submit_group(self, reqs: list[Request], loop=None, on_finish=None) -> list[Handle]:
+        """Several answers to one prompt (OpenAI's `n`): the prompt is read once, into one row of the KV
+        cache, which is then copied to one row per answer; each row samples with its own generator. The
+        requests share prompt_ids and adapter slot (pinned once per request, unpinned as each ends)."""
+        try:
+            if len({tuple(r.prompt_ids) for r in reqs}) != 1 or len(reqs) > self.max_batch:
+                raise AssistantError(f"a group shares one prompt and fits in {self.max_batch} rows")
+            return self._queue(reqs, loop, list(on_finish or [None] * len(reqs)))
+        except BaseException:
+            for r in reqs:
+                self.unpin(r.slot)
+                r.slot = 0
+            raise
+
+    def _queue(self, reqs: list[Request], loop, on_finish: list) -> list[Handle]:
+        for req in reqs:
+            check_admission(req, self.max_context)
+            self.structure(req)
         if self.pending.qsize() >= self.max_queue:
             raise Busy(f"the server is busy ({self.max_queue} requests waiting): retry in a few seconds")
-        req.t_submit = time.perf_counter()
-        req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
-                                                      else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
-        req.stream = TextStream(self.tokenizer, req.stop)
-        h = Handle(req, loop)
-        h.on_finish = on_finish
-        self.pending.put(h)
+        handles = []
+        for req, done in zip(reqs, on_finish):
+            req.t_submit = time.perf_counter()
+            req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
+                                                          else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
+            req.stream = TextStream(self.tokenizer, req.stop)
+            h = Handle(req, loop)
+            h.on_finish = done
+            handles.append(h)
+        self.pending.put(handles if len(handles) > 1 else handles[0])
         self.wake.set()
-        return h
+        return handles
 
     def generate(self, messages: list[dict] | None = None, *, prompt_ids: list[int] | None = None,
                  adapter: str | None = None, **kw) -> str:
@@ -272,7 +323,7 @@ class Engine:
     def _loop(self):
         claim_cores()   # the one thread pool in this process that decodes (see assistant/threads.py)
         while not self.stopping:
-            if not self.active and self.pending.empty():
+            if not self.active and self.pending.empty() and self._waiting is None:
                 self.wake.wait(0.5)
                 self.wake.clear()
                 continue
@@ -292,30 +343,49 @@ class Engine:
     def _admit(self):
         limit = self.max_batch if self.runner else 1
         while len(self.active) < limit:
-            try:
-                h = self.pending.get_nowait()
-            except queue.Empty:
-                return
-            req = h.req
-            if h.cancelled.is_set():
-                self._finish(req, h, "cancelled")
+            if self._waiting is None:
+                try:
+                    self._waiting = self.pending.get_nowait()
+                except queue.Empty:
+                    return
+            group = self._waiting if isinstance(self._waiting, list) else [self._waiting]
+            if len(self.active) + len(group) > limit and self.active:
+                return   # a group waits until its rows are free together
+            self._waiting = None
+            live = []
+            for h in group:
+                if h.cancelled.is_set():
+                    self._finish(h.req, h, "cancelled")
+                else:
+                    live.append(h)
+            if not live:
                 continue
-            row = len(self.active)
+            if not self.runner and len(live) > 1:   # the fallback decodes one row: the rest queue again
+                self.pending.put(live[1:] if len(live) > 2 else live[1])
+                live = live[:1]
+            row, req = len(self.active), live[0].req
             try:
                 if self.runner:
                     logits = self.runner.prefill(row, req.prompt_ids, req.slot)
+                    for k in range(1, len(live)):   # one prefill: the prompt's keys and values are copied
+                        self.runner.cache.move_row(row, row + k, len(req.prompt_ids))
                 else:
                     logits = self._hf_prefill(req)
             except Exception:  # noqa: BLE001 - this request fails, the others go on
                 log.exception("prefill failed for request %s (%d prompt tokens)", req.id, len(req.prompt_ids))
                 err = GenerationFailed("generation failed on the server while reading the prompt (the error is "
                                        "in the server log): retry, and tell the operator if it persists")
-                self._finish(req, h, None, error=err)
+                for h in live:
+                    self._finish(h.req, h, None, error=err)
                 continue
-            self.active.append((req, h))
-            self._accept(req, h, self._sample(req, logits[None])[0])
-            if req.finish_reason:
-                self._remove(row)
+            self.active.extend((h.req, h) for h in live)
+            rows = [h.req for h in live]
+            firsts = self._sample_rows(rows, logits[None].expand(len(rows), -1))
+            for h, tok in zip(live, firsts):
+                self._accept(h.req, h, tok)
+            for i in reversed(range(row, row + len(live))):
+                if self.active[i][0].finish_reason:
+                    self._remove(i)
 
     def _step(self):
         reqs = [r for r, _ in self.active]
@@ -345,6 +415,7 @@ class Engine:
 
     # Sampling ----------------------------------------------------------------------------------
     def _sample_rows(self, reqs, logits) -> list[int]:
+        logits = controls.apply(reqs, logits)
         if all(r.temperature <= 0 for r in reqs):
             return logits.argmax(-1).tolist()
         return [self._sample(r, logits[i:i + 1])[0] for i, r in enumerate(reqs)]
@@ -370,9 +441,16 @@ class Engine:
         if tok in self.eos and not req.ignore_eos:
             return self._finish(req, h, "stop")
         req.generated.append(tok)
+        if req.constraint is not None:
+            req.constraint.accept(tok)
+        if req.logprobs is not None:
+            controls.record(req, tok)
         text = req.stream.push(tok)
         if text:
-            h.put(Event("token", text))
+            lps = None
+            if req.logprobs is not None:
+                lps, req.lp_sent = req.token_logprobs[req.lp_sent:], len(req.token_logprobs)
+            h.put(Event("token", text, logprobs=lps))
         if req.stream.stopped:
             return self._finish(req, h, "stop")
         if len(req.generated) >= req.max_new_tokens:

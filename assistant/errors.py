@@ -122,3 +122,14 @@ class VllmUnavailable(VllmError):
 
 class RankFailed(RuntimeError):
     """A data-parallel training process ended badly; the others were stopped (the job fails with this)."""
+
+
+class UnsupportedMediaType(AssistantError):
+    """A JSON route sent another content type (a cross-site form posts text/plain)."""
+    status = 415
+    code = "unsupported_media_type"
+
+
+class MethodNotAllowed(AssistantError):
+    status = 405
+    code = "method_not_allowed"
