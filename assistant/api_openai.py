@@ -218,18 +218,32 @@ def _chunk(call, delta: dict, index: int = 0, finish_reason=None, logprobs=None)
             "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
 
+def _token_chunks(call, index: int = 0):
+    """text -> the SSE line of a token, equal to `_sse(_chunk(call, {"content": text}, index))`: the fields that
+    never change within a response are serialized once, not once per token."""
+    head = _sse(_chunk(call, {"content": ""}, index))
+    before, after = head.split('"delta": {"content": ""}', 1)
+    before += '"delta": {"content": '
+    after = "}" + after
+    return lambda text: before + json.dumps(text, ensure_ascii=False) + after
+
+
 async def _stream_chat(serving: Serving, calls, include_usage: bool):
     """Chat chunks: a role chunk per choice, content deltas as they come (an answer that may carry tool calls
     is held until it ends, then sent as one tool_calls delta, as parsing needs the whole answer), a finish
     chunk per choice, the usage chunk when asked, and [DONE]."""
     head = calls[0]
     held = [[] for _ in calls]
+    token = [_token_chunks(head, i) for i in range(len(calls))]
     try:
         for i, _ in enumerate(calls):
             yield _sse(_chunk(head, {"role": "assistant", "content": ""}, i))
         async for i, ev in _events(calls):
             call = calls[i]
             if ev.kind == "token":
+                if not call.tools and not ev.logprobs:
+                    yield token[i](ev.text)
+                    continue
                 lp = {"content": _chat_logprobs(serving, ev.logprobs)} if ev.logprobs else None
                 if call.tools:
                     held[i].append(ev.text)
