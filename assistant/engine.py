@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import logits as controls
+from . import sampling
 from .errors import AssistantError, Busy, ContextTooLong, GenerationFailed
 from .runner import FAST_ARCHS, LlamaRunner
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
@@ -75,6 +76,7 @@ class Request:
     token_logprobs: list = field(default_factory=list)
     pending_lp: torch.Tensor | None = None
     lp_sent: int = 0                    # token_logprobs already sent with a text event
+    finished: bool = False              # set once, by the engine's `_finish`
 
 
 class Handle:
@@ -332,7 +334,7 @@ class Engine:
                     self._admit()
                     if self.active:
                         self._step()
-            except Exception:  # noqa: BLE001 - fail the requests, keep serving
+            except Exception:  # noqa: BLE001 - the step failed: fail its rows once, keep serving
                 log.exception("decode step failed for %d request(s)", len(self.active))
                 err = GenerationFailed("generation failed on the server (the error is in the server log): "
                                        "retry, and tell the operator if it persists")
@@ -371,18 +373,15 @@ class Engine:
                         self.runner.cache.move_row(row, row + k, len(req.prompt_ids))
                 else:
                     logits = self._hf_prefill(req)
-            except Exception:  # noqa: BLE001 - this request fails, the others go on
-                log.exception("prefill failed for request %s (%d prompt tokens)", req.id, len(req.prompt_ids))
-                err = GenerationFailed("generation failed on the server while reading the prompt (the error is "
-                                       "in the server log): retry, and tell the operator if it persists")
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                 for h in live:
-                    self._finish(h.req, h, None, error=err)
+                    self._fail(h.req, h, e, "while reading the prompt")
                 continue
-            self.active.extend((h.req, h) for h in live)
-            rows = [h.req for h in live]
-            firsts = self._sample_rows(rows, logits[None].expand(len(rows), -1))
-            for h, tok in zip(live, firsts):
-                self._accept(h.req, h, tok)
+            pairs = [(h.req, h) for h in live]
+            self.active.extend(pairs)
+            for (r, h), tok in zip(pairs, self._sample_rows(pairs, logits[None].expand(len(pairs), -1))):
+                if tok is not None:
+                    self._accept_guarded(r, h, tok)
             for i in reversed(range(row, row + len(live))):
                 if self.active[i][0].finish_reason:
                     self._remove(i)
@@ -396,10 +395,13 @@ class Engine:
         else:
             logits = self._hf_decode(reqs[0])
         self.steps += 1
-        nxt = self._sample_rows(reqs, logits)
+        nxt = self._sample_rows(self.active, logits)
         done = []
         for i, ((req, h), tok) in enumerate(zip(self.active, nxt)):
-            self._accept(req, h, tok)
+            if tok is None:   # its sampling failed: that request alone ends (already finished)
+                done.append(i)
+                continue
+            self._accept_guarded(req, h, tok)
             if req.finish_reason:
                 done.append(i)
         for i in reversed(done):
@@ -413,23 +415,44 @@ class Engine:
         self.active[i] = self.active[last]
         self.active.pop()
 
-    # Sampling ----------------------------------------------------------------------------------
-    def _sample_rows(self, reqs, logits) -> list[int]:
+    # Sampling (sampling.py: numerically safe; logits.py: each row's controls and logprobs) ---------
+    def _sample_rows(self, pairs, logits) -> list[int | None]:
+        """Each row's next token; None for a row whose own sampling failed (that request is finished)."""
+        reqs = [r for r, _ in pairs]
         logits = controls.apply(reqs, logits)
-        if all(r.temperature <= 0 for r in reqs):
-            return logits.argmax(-1).tolist()
-        return [self._sample(r, logits[i:i + 1])[0] for i, r in enumerate(reqs)]
+        if all(sampling.is_greedy(r.temperature) for r in reqs):
+            try:
+                return sampling.greedy(logits)
+            except sampling.SamplingError:
+                pass   # some row has no usable logits: find it below, one row at a time
+        out = []
+        for i, (req, h) in enumerate(pairs):
+            try:
+                out.append(self._sample(req, logits[i]))
+            except Exception as e:  # noqa: BLE001 - this request's failure ends it alone
+                self._fail(req, h, e, "while choosing the next token")
+                out.append(None)
+        return out
 
-    def _sample(self, req: Request, logits) -> list[int]:
-        if req.temperature <= 0:
-            return logits.argmax(-1).tolist()
-        probs = torch.softmax(logits.float() / req.temperature, dim=-1)
-        if req.top_p < 1.0:
-            sp, si = probs.sort(dim=-1, descending=True)
-            cut = sp.cumsum(-1) - sp > req.top_p
-            sp = sp.masked_fill(cut, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-        return torch.multinomial(probs.cpu(), 1, generator=req.generator)[:, 0].tolist()
+    def _sample(self, req: Request, logits) -> int:
+        if sampling.is_greedy(req.temperature):
+            return sampling.greedy(logits.reshape(1, -1))[0]
+        return sampling.sample(logits, req.temperature, req.top_p, req.generator)
+
+    def _fail(self, req: Request, h: Handle, e: BaseException, where: str) -> None:
+        """One request's own failure: logged once, with its reason, and it alone ends with "error"."""
+        log.error("request %s failed %s (%d prompt tokens, %d generated): %s: %s", req.id, where,
+                  len(req.prompt_ids), len(req.generated), type(e).__name__, e,
+                  exc_info=not isinstance(e, sampling.SamplingError))
+        self._finish(req, h, None, error=GenerationFailed(
+            f"generation failed on the server {where} (the error is in the server log): retry, and tell the "
+            "operator if it persists"))
+
+    def _accept_guarded(self, req: Request, h: Handle, tok: int) -> None:
+        try:
+            self._accept(req, h, tok)
+        except Exception as e:  # noqa: BLE001 - its stop strings or text: this request alone ends
+            self._fail(req, h, e, "while reading the answer")
 
     def _accept(self, req: Request, h: Handle, tok: int):
         """The next id of a request: it ends the request (cancelled, end of sequence, a stop string in its
@@ -457,13 +480,25 @@ class Engine:
             return self._finish(req, h, "length")
 
     def _finish(self, req: Request, h: Handle, reason: str | None, error: AssistantError | None = None):
+        """End a request: exactly once, whatever fails afterwards (a second call changes nothing)."""
+        if req.finished:
+            return
+        req.finished = True
         req.finish_reason = reason or "error"
         req.t_done = time.perf_counter()
         if self.runner and req.slot:
             self.runner.bank.release(req.slot)
             req.slot = 0
-        rest = req.stream.finish() if req.stream is not None else ""
-        req.text = req.stream.text if req.stream is not None else ""
+        rest = ""
+        try:
+            rest = req.stream.finish() if req.stream is not None else ""
+            req.text = req.stream.text if req.stream is not None else ""
+        except Exception:  # noqa: BLE001 - the request still ends (and is logged) with what it has
+            log.exception("the text of request %s could not be completed", req.id)
+            if error is None:
+                req.finish_reason = "error"
+                error = GenerationFailed("generation failed on the server while reading the answer (the error is "
+                                         "in the server log): retry, and tell the operator if it persists")
         h.finish(error, rest=rest)
 
     # Fallback for other architectures: the model's own forward, one request at a time ----------

@@ -81,6 +81,11 @@ class SlotsBusy(Busy):
     """Every adapter slot is pinned by requests in flight: a new adapter has nowhere to load yet."""
 
 
+class SamplingError(RuntimeError):
+    """A row's logits have no finite value to choose from (a numerical failure of the model, not the request's
+    fault): that request alone fails."""
+
+
 class InsufficientMemory(AssistantError):
     """A training job would not fit in the device's memory; the message names the numbers and what to lower."""
     status = 422

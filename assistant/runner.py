@@ -88,7 +88,11 @@ class KVCache:
     [rows, kv_heads, cap, head_dim]. The engine keeps its active requests in rows 0..B-1 (a request that
     leaves is replaced by the last row: `move_row`). `cap` starts at INITIAL_CACHE_TOKENS and doubles when
     a sequence needs more (`ensure`); growing reallocates, and `version` counts reallocations, so users
-    of the tensors' addresses (the C step, CUDA graphs) know when to read them again."""
+    of the tensors' addresses (the C step, CUDA graphs) know when to read them again.
+
+    Every method runs in inference mode, whatever mode its caller is in: tensors made in inference mode
+    cannot be written outside it (the engine moves rows between decode steps, outside the model's forward,
+    and growth happens inside it), so the cache's tensors are always inference tensors, written only there."""
 
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, dtype, device: str,
                  cap: int = INITIAL_CACHE_TOKENS):
@@ -100,6 +104,7 @@ class KVCache:
         self.v: list[torch.Tensor] = []
         self._alloc(cap)
 
+    @torch.inference_mode()
     def _alloc(self, cap: int):
         shape = (self.rows, self.kv_heads, cap, self.head_dim)
         new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
@@ -110,6 +115,7 @@ class KVCache:
         self.k, self.v, self.cap = new_k, new_v, cap
         self.version += 1
 
+    @torch.inference_mode()
     def ensure(self, tokens: int):
         """Room for `tokens` positions per row (doubling `cap`; what the rows hold is kept)."""
         if tokens > self.cap:
@@ -118,6 +124,7 @@ class KVCache:
                 cap *= 2
             self._alloc(cap)
 
+    @torch.inference_mode()
     def move_row(self, src: int, dst: int, length: int):
         """Row `src`'s first `length` positions into row `dst`, in every layer."""
         for k, v in zip(self.k, self.v):
@@ -128,6 +135,7 @@ class KVCache:
         """Layer `li`'s whole K and V [rows, kv_heads, cap, head_dim] (views of the cache: writes land in it)."""
         return self.k[li], self.v[li]
 
+    @torch.inference_mode()
     def fill(self, li: int, row: int, k: torch.Tensor, v: torch.Tensor):
         """Layer `li`, row `row`: positions 0..L-1 from k and v [kv_heads, L, head_dim] (a prompt's)."""
         L = k.shape[1]
