@@ -3,8 +3,10 @@ JSON object, compiled once per tokenizer and schema, and a `Constraint` per requ
 step of that request's row in the batch, the tokens the grammar does not allow. When the grammar is
 complete only an end-of-sequence token is allowed, so the answer ends there.
 
-Whitespace between JSON tokens is not allowed (`any_whitespace=False`): a small model given the freedom
-otherwise emits newlines and spaces until max_tokens."""
+Two bounds keep a small model from running to max_tokens inside a value it may make as long as it likes:
+whitespace between JSON tokens is not allowed (`any_whitespace=False`; it emits newlines and spaces
+forever otherwise), and an integer the schema leaves unbounded is bounded to JSON's safe integers,
+±(2^53 - 1), the range every JSON parser reads exactly (it wrote "1111..." for 80 tokens otherwise)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from .errors import AssistantError
 
 COMPILED_CACHE = 64            # compiled grammars kept per tokenizer (schemas repeat across requests)
+SAFE_INTEGER = 2 ** 53 - 1     # the bound an unbounded "integer" gets
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class Grammars:
 
     def constraint(self, kind: str, schema: dict | None = None, *, param: str = "response_format") -> Constraint:
         """A fresh matcher for one request: `kind` "json_object" (any object) or "json_schema" (`schema`)."""
-        text = json.dumps(schema or {})   # property order is the order the answer writes them
+        text = json.dumps(bounded(schema or {}))   # property order is the order the answer writes them
         try:
             with self._lock:
                 compiled = self._compile(kind, text)
@@ -51,6 +54,22 @@ class Grammars:
             raise AssistantError(f"the JSON schema cannot be used to constrain the answer: {reason}",
                                  param=param) from None
         return Constraint(self.xgr, compiled, self.vocab_size)
+
+
+def bounded(schema):
+    """The schema with every unbounded integer bounded to ±SAFE_INTEGER (a copy; the rest unchanged)."""
+    if isinstance(schema, list):
+        return [bounded(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
+    types = out.get("type")
+    if types == "integer" or (isinstance(types, list) and "integer" in types):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -SAFE_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = SAFE_INTEGER
+    return out
 
 
 class Constraint:
