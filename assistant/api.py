@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from .api_openai import build_openai, error_body
+from .api_openai import add_openai_routes, error_body
 from .errors import AssistantError, MethodNotAllowed, NotFound, TooLarge, UnsupportedMediaType
 from .openai_schema import ActivateRequest, DomainRequest, ExamplesRequest, FeedbackRequest
 from .serving import Serving
@@ -148,7 +148,7 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
     async def metrics(name: str, request: Request):
         return await asyncio.to_thread(workspace.metrics, name)
 
-    r.include_router(build_openai(serving))
+    add_openai_routes(r, serving)
 
     @r.get("/metrics")
     async def prometheus(request: Request):

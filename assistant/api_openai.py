@@ -24,8 +24,7 @@ def error_body(message: str, kind: str = "invalid_request_error", code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def build_openai(serving: Serving) -> APIRouter:
-    r = APIRouter()
+def add_openai_routes(r: APIRouter, serving: Serving) -> None:
 
     @r.get("/v1/models")
     async def models(request: Request):
@@ -85,8 +84,6 @@ def build_openai(serving: Serving) -> APIRouter:
         head = calls[0]
         return {"id": head.id, "object": "text_completion", "created": head.created, "model": head.target.model,
                 "system_fingerprint": head.target.version or "base", "choices": choices, "usage": _usage(calls)}
-
-    return r
 
 
 async def _start(serving: Serving, request: Request, body, **kw) -> list:

@@ -28,6 +28,7 @@ from .settings import (
     MAX_MESSAGES,
     MAX_UPLOAD_BYTES,
 )
+from .toolcalls import plain as plain_turns
 from .workspace import Workspace
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -270,8 +271,12 @@ class Serving:
         target = self.resolve(model)
         if prompt is None:
             messages = with_system_prompt(messages, target.system_prompt)
-            ids = self.engine.encode_chat(messages, tools if tool_choice != "none" else None)
-            logged = messages
+            offered = tools if tool_choice != "none" else None
+            ids = self.engine.encode_chat(messages, offered)
+            # logged (and so curated and trained on) as text turns: tool calls and results in the Hermes
+            # convention of toolcalls.py, the offered tools in the system message
+            turns = offered or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+            logged = plain_turns(messages, offered) if turns else messages
         else:
             ids, logged = self.engine.encode_text(prompt), [{"role": "user", "content": prompt}]
         reqs, mode = build_requests(ids, n, tools, tool_choice, response_format, adapter=target.adapter_key,

@@ -77,17 +77,28 @@ def test_required_and_named_tool_choice_always_call(client):
     assert named.choices[0].message.content is None
 
 
-def test_tool_round_trip(client):
+def test_tool_round_trip_and_its_feedback_reaches_the_dataset(client, server):
+    """Call, tool result, final answer, on a domain; a thumbs-up on the final answer becomes a dataset row
+    that keeps the tool turns."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(server + "/api/domains", json={"name": "weather"}, headers=auth).status_code == 201
     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
-    first = client.chat.completions.create(model="base", messages=msgs, tools=[WEATHER], max_tokens=60,
+    first = client.chat.completions.create(model="weather", messages=msgs, tools=[WEATHER], max_tokens=60,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
     message = first.choices[0].message
     call = message.tool_calls[0]
     msgs += [message.model_dump(exclude_none=True),
              {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"weather": "sunny", "celsius": 21})}]
-    final = client.chat.completions.create(model="base", messages=msgs, tools=[WEATHER], tool_choice="none",
+    final = client.chat.completions.create(model="weather", messages=msgs, tools=[WEATHER], tool_choice="none",
                                            max_tokens=40)
     assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    fb = httpx.post(server + "/api/feedback", headers=auth, json={"response_id": final.id, "rating": "down",
+                                                                  "correction": "It is sunny in Paris, 21 C."})
+    assert fb.status_code == 201
+    rows = [json.loads(line) for line in httpx.get(server + "/api/domains/weather/dataset/export",
+                                                    headers=auth).text.splitlines()]
+    turns = json.dumps([r["messages"] for r in rows])
+    assert "get_weather" in turns and "sunny" in turns and "<tool_response>" in turns, turns[:500]
 
 
 def test_streamed_tool_call_deltas_assemble(client):
@@ -201,8 +212,9 @@ def test_langchain_structured_output(server):
     for method in ("json_schema", "function_calling"):
         out = llm.with_structured_output(City, method=method).invoke("Describe Paris.")
         assert isinstance(out, City), method
-    as_json = llm.with_structured_output(CITY_SCHEMA | {"title": "city"}, method="json_mode").invoke(
-        "Describe Paris as a JSON object.")
+    # json_mode sends no schema (response_format json_object): any object is valid, so the prompt asks for one
+    as_json = llm.with_structured_output({"title": "cat", "type": "object"}, method="json_mode").invoke(
+        "Give the name and age of a cat as a JSON object.")
     assert isinstance(as_json, dict)
 
     @tool
