@@ -136,6 +136,11 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
     async def cancel(job_id: str, request: Request):
         return await asyncio.to_thread(workspace.cancel_job, job_id)
 
+    @r.post("/api/jobs/{job_id}/retry", status_code=202)
+    async def retry(job_id: str, request: Request):
+        """Retry a failed job from evaluation (its trained adapter was kept)."""
+        return JSONResponse(await asyncio.to_thread(workspace.retry_job, job_id), status_code=202)
+
     @r.get("/api/health")
     async def health(request: Request):
         """Public: a bare "ok" for load balancers; the base model's details for signed-in callers."""

@@ -48,8 +48,9 @@ def add_openai_routes(r: APIRouter, serving: Serving) -> None:
                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream_chat(serving, calls, include_usage), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            firsts = await _first_events(calls)
+            return StreamingResponse(_stream_chat(serving, calls, include_usage, firsts),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
         results = await _collect(calls, request)
         if results is None:
             return Response(status_code=499)
@@ -72,8 +73,10 @@ def add_openai_routes(r: APIRouter, serving: Serving) -> None:
                                   logprobs=body.logprobs)
         echo = {c.id: (p if body.echo else "") for c, p in zip(calls, [p for p in prompts for _ in range(body.n)])}
         if body.stream:
+            firsts = await _first_events(calls)
             return StreamingResponse(_stream_text(serving, calls, echo, body.logprobs is not None,
-                                                  bool(body.stream_options and body.stream_options.include_usage)),
+                                                  bool(body.stream_options and body.stream_options.include_usage),
+                                                  firsts),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         results = await _collect(calls, request)
         if results is None:
@@ -116,11 +119,28 @@ async def _watch_disconnect(calls, request: Request):
             return
 
 
-async def _events(calls):
-    """(choice index, event) of every answer, as they come."""
+async def _first_events(calls) -> list:
+    """Each answer's first event, before a stream's status is sent: a request refused while it waited for
+    the model (503 server_busy past the queue time) answers with that status, not a 200 and an error chunk."""
+    firsts = [await c.handle.aq.get() for c in calls]
+    for c, ev in zip(calls, firsts):
+        if ev.kind == "error":
+            for other in calls:
+                other.handle.cancel()
+            await asyncio.to_thread(c.logged_event.wait, LOG_WAIT_S)
+            raise ev.error
+    return firsts
+
+
+async def _events(calls, firsts=None):
+    """(choice index, event) of every answer, as they come (after `firsts`, already taken, when given)."""
     q: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, call):
+        if firsts is not None:
+            await q.put((i, firsts[i]))
+            if firsts[i].kind != "token":
+                return
         async for ev in call.handle.aiter():
             await q.put((i, ev))
 
@@ -225,7 +245,7 @@ def _token_chunks(call, index: int = 0):
     return lambda text: before + json.dumps(text, ensure_ascii=False) + after
 
 
-async def _stream_chat(serving: Serving, calls, include_usage: bool):
+async def _stream_chat(serving: Serving, calls, include_usage: bool, firsts):
     """Chat chunks: a role chunk per choice, content deltas as they come (an answer that may carry tool calls
     is held until it ends, then sent as one tool_calls delta, as parsing needs the whole answer), a finish
     chunk per choice, the usage chunk when asked, and [DONE]."""
@@ -235,7 +255,7 @@ async def _stream_chat(serving: Serving, calls, include_usage: bool):
     try:
         for i, _ in enumerate(calls):
             yield _sse(_chunk(head, {"role": "assistant", "content": ""}, i))
-        async for i, ev in _events(calls):
+        async for i, ev in _events(calls, firsts):
             call = calls[i]
             if ev.kind == "token":
                 if not call.tools and not ev.logprobs:
@@ -270,7 +290,7 @@ async def _stream_chat(serving: Serving, calls, include_usage: bool):
             c.handle.cancel()  # a client that went away stops generation at the next step
 
 
-async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool, include_usage: bool):
+async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool, include_usage: bool, firsts):
     head = calls[0]
 
     def chunk(i, text, reason=None, lps=None, offset=0):
@@ -283,7 +303,7 @@ async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool,
         for i, c in enumerate(calls):
             if echo[c.id]:
                 yield chunk(i, echo[c.id])
-        async for i, ev in _events(calls):
+        async for i, ev in _events(calls, firsts):
             if ev.kind == "token":
                 yield chunk(i, ev.text, lps=ev.logprobs, offset=offsets[i])
                 offsets[i] += len(ev.text)

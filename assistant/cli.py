@@ -101,6 +101,13 @@ def cmd_train(args) -> int:
     return 0 if job.get("status") == "succeeded" else 1
 
 
+def cmd_retry(args) -> int:
+    job = _workspace(args).retry_job(args.job_id, wait=True)
+    keys = ("job_id", "status", "adapter_version", "promoted", "metrics", "error")
+    sys.stdout.write(json.dumps({k: job.get(k) for k in keys}, indent=1, default=str) + "\n")
+    return 0 if job.get("status") == "succeeded" else 1
+
+
 def cmd_eval(args) -> int:
     result = _workspace(args).evaluate(_domain(args), args.version)
     sys.stdout.write(json.dumps(result, indent=1, default=str) + "\n")
@@ -216,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "train", "train, evaluate and publish a new adapter version (progress bar)", cmd_train,
              flags=WORKSPACE_FLAGS + MODEL_FLAGS + TRAIN_FLAGS, groups=("train", "gate", "curation"),
              short_group="train", domain=True)
+
+    sp = _command(sub, "retry", "retry a failed training job from evaluation (its trained adapter was kept)",
+                  cmd_retry, flags=WORKSPACE_FLAGS + MODEL_FLAGS, groups=("gate",))
+    sp.add_argument("job_id", help="the failed job (see GET /api/jobs/<id> or the Train tab)")
 
     sp = _command(sub, "eval", "evaluate an adapter version on the domain's held-out data", cmd_eval,
                   flags=WORKSPACE_FLAGS + MODEL_FLAGS, groups=("gate",), domain=True)

@@ -20,19 +20,24 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from . import choices, sampling
 from . import logits as controls
-from . import sampling
 from .errors import AssistantError, Busy, ContextTooLong, GenerationFailed
+from .grammar import Grammars
 from .runner import FAST_ARCHS, LlamaRunner
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
 from .textstream import TextStream, chat_prompt_ids
 from .threads import claim_cores
+from .waiting import MAX_QUEUE_WAIT_S, WaitingRoom
 
 MAX_CONTEXT_TOKENS = 8192      # cap on prompt + answer, whatever the model claims
+ROOM_POLL_S = 0.02             # while requests wait for a slot pinned elsewhere: how often the engine looks again
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,10 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    adapter: str | None = None          # key of a resident adapter, None for the base
+    adapter: str | None = None          # key of an adapter, None for the base
+    # Where the adapter's validated folder is, when the engine has to load it (the engine then pins its slot
+    # at admission, waiting for one if need be: waiting.py); None: `slot` comes pinned with the request.
+    adapter_folder: Callable[[], Path] | None = None
     ignore_eos: bool = False            # benchmarks: always generate max_new_tokens
     logprobs: int | None = None         # None: none; k: each token's logprob and its k most likely rivals
     frequency_penalty: float = 0.0
@@ -152,13 +160,13 @@ class Handle:
 
 def check_admission(req: Request, max_context: int) -> None:
     """What every engine checks before it takes a request: the prompt leaves room for an answer (the answer
-    is cut to that room), and a request for an adapter comes with its slot pinned."""
+    is cut to that room), and a request for an adapter comes with its slot pinned or its folder to load."""
     n = len(req.prompt_ids)
     if n >= max_context:
         raise ContextTooLong(f"the conversation is {n} tokens and this model reads at most {max_context} "
                              f"(question and answer together): shorten it or start a new conversation")
     req.max_new_tokens = max(1, min(req.max_new_tokens, max_context - n))
-    if req.adapter is not None and not req.slot:
+    if req.adapter is not None and not req.slot and req.adapter_folder is None:
         raise AssistantError(f"adapter {req.adapter} has no pinned slot: pin or load it first")
 
 
@@ -182,8 +190,10 @@ def eos_ids(tokenizer, model) -> set[int]:
 
 
 class Engine:
+    schedules_adapters = True   # requests may come with `adapter_folder` and wait here for a slot
+
     def __init__(self, base, *, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
-                 max_resident_adapters: int = MAX_RESIDENT_ADAPTERS):
+                 max_resident_adapters: int = MAX_RESIDENT_ADAPTERS, max_queue_s: float = MAX_QUEUE_WAIT_S):
         self.base = base
         self.model, self.tokenizer = base.model, base.tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -191,9 +201,9 @@ class Engine:
         arch = getattr(self.model.config, "model_type", "")
         self.runner = LlamaRunner(self.model, max_resident_adapters, max_batch, base.device) if arch in FAST_ARCHS else None
         self.eos = eos_ids(self.tokenizer, self.model)
-        self.pending: queue.Queue = queue.Queue()
-        self._waiting = None
-        self._grammars = None    # a group taken from `pending` that waits for enough free rows
+        self.pending: queue.Queue = queue.Queue()   # submitted, not yet in the waiting room
+        self.room = WaitingRoom(self.runner.bank if self.runner else None, max_queue_s)
+        self._grammars = None
         self.active: list[tuple[Request, Handle]] = []
         self.wake = threading.Event()
         self.stopping = False
@@ -227,6 +237,7 @@ class Engine:
     def unpin(self, slot: int) -> None:
         if self.runner and slot:
             self.runner.bank.release(slot)
+            self.wake.set()   # a request may be waiting for this slot
 
     def wait_for_free_slot(self, timeout: float) -> None:
         if self.runner:
@@ -245,15 +256,11 @@ class Engine:
         return list(self.tokenizer(text)["input_ids"])
 
     def structure(self, req: Request) -> None:
-        """A request's structured-output spec (`req.structured`: ("json_object"|"json_schema", schema)) as
-        the grammar constraint that masks its row (grammar.py)."""
-        if req.structured is None:
-            return
-        if self._grammars is None:
-            from .grammar import Grammars
-            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.eos)
-        kind, schema = req.structured
-        req.constraint = self._grammars.constraint(kind, schema)
+        """`req.structured` as the grammar constraint that masks its row (grammar.py)."""
+        if req.structured is not None:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.eos)
+            req.constraint = self._grammars.constraint(*req.structured)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -269,41 +276,32 @@ class Engine:
             req.slot = 0
             raise
 
-    def _submit(self, req: Request, loop, on_finish) -> Handle:
-        return self._queue([req], loop, [on_finish])[0]
+    def _submit(self, req: Request, loop, on_finish, followers=()) -> Handle:
+        check_admission(req, self.max_context)
+        self.structure(req)
+        if req.adapter is not None and self.runner is None:
+            raise AssistantError(f"adapters need a Llama-family base ({', '.join(FAST_ARCHS)}); "
+                                 f"this base is {self.model.config.model_type}")
+        if self.pending.qsize() + len(self.room) >= self.max_queue:
+            raise Busy(f"the server is busy ({self.max_queue} requests waiting): retry in a few seconds")
+        h = self._handle(req, loop, on_finish)
+        h.followers = list(followers)
+        self.pending.put(h)
+        self.wake.set()
+        return h
+
+    def _handle(self, req: Request, loop, on_finish) -> Handle:
+        req.t_submit = time.perf_counter()
+        req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
+                                                      else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
+        req.stream = TextStream(self.tokenizer, req.stop)
+        h = Handle(req, loop)
+        h.on_finish = on_finish
+        return h
 
     def submit_group(self, reqs: list[Request], loop=None, on_finish=None) -> list[Handle]:
-        """Several answers to one prompt (OpenAI's `n`): the prompt is read once, into one row of the KV
-        cache, which is then copied to one row per answer; each row samples with its own generator. The
-        requests share prompt_ids and adapter slot (pinned once per request, unpinned as each ends)."""
-        try:
-            if len({tuple(r.prompt_ids) for r in reqs}) != 1 or len(reqs) > self.max_batch:
-                raise AssistantError(f"a group shares one prompt and fits in {self.max_batch} rows")
-            return self._queue(reqs, loop, list(on_finish or [None] * len(reqs)))
-        except BaseException:
-            for r in reqs:
-                self.unpin(r.slot)
-                r.slot = 0
-            raise
-
-    def _queue(self, reqs: list[Request], loop, on_finish: list) -> list[Handle]:
-        for req in reqs:
-            check_admission(req, self.max_context)
-            self.structure(req)
-        if self.pending.qsize() >= self.max_queue:
-            raise Busy(f"the server is busy ({self.max_queue} requests waiting): retry in a few seconds")
-        handles = []
-        for req, done in zip(reqs, on_finish):
-            req.t_submit = time.perf_counter()
-            req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
-                                                          else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
-            req.stream = TextStream(self.tokenizer, req.stop)
-            h = Handle(req, loop)
-            h.on_finish = done
-            handles.append(h)
-        self.pending.put(handles if len(handles) > 1 else handles[0])
-        self.wake.set()
-        return handles
+        """Answers to one prompt (OpenAI's `n`), from one prefill: choices.py."""
+        return choices.submit_group(self, reqs, loop, on_finish)
 
     def generate(self, messages: list[dict] | None = None, *, prompt_ids: list[int] | None = None,
                  adapter: str | None = None, **kw) -> str:
@@ -325,10 +323,11 @@ class Engine:
     def _loop(self):
         claim_cores()   # the one thread pool in this process that decodes (see assistant/threads.py)
         while not self.stopping:
-            if not self.active and self.pending.empty() and self._waiting is None:
-                self.wake.wait(0.5)
+            if not self.active and self.pending.empty():
+                self.wake.wait(0.5 if not len(self.room) else ROOM_POLL_S)   # waiting for a slot: look again soon
                 self.wake.clear()
-                continue
+                if not len(self.room):
+                    continue
             try:
                 with self.lock:
                     self._admit()
@@ -344,44 +343,46 @@ class Engine:
 
     def _admit(self):
         limit = self.max_batch if self.runner else 1
+        while True:
+            try:
+                self.room.add(self.pending.get_nowait())
+            except queue.Empty:
+                break
         while len(self.active) < limit:
-            if self._waiting is None:
-                try:
-                    self._waiting = self.pending.get_nowait()
-                except queue.Empty:
-                    return
-            group = self._waiting if isinstance(self._waiting, list) else [self._waiting]
-            if len(self.active) + len(group) > limit and self.active:
-                return   # a group waits until its rows are free together
-            self._waiting = None
-            live = []
-            for h in group:
-                if h.cancelled.is_set():
-                    self._finish(h.req, h, "cancelled")
-                else:
-                    live.append(h)
-            if not live:
+            item = self.room.pop_ready()
+            if item is None:
+                return
+            h, problem = item
+            req = h.req
+            if problem == "cancelled":
+                self._finish(req, h, "cancelled")
+                for f in getattr(h, "followers", ()):
+                    self.pending.put(f)   # each follower is a request of its own from here
                 continue
-            if not self.runner and len(live) > 1:   # the fallback decodes one row: the rest queue again
-                self.pending.put(live[1:] if len(live) > 2 else live[1])
-                live = live[:1]
-            row, req = len(self.active), live[0].req
+            if problem is not None:
+                log.warning("request %s refused: %s", req.id, problem.message)
+                for f in [h, *getattr(h, "followers", ())]:
+                    self._finish(f.req, f, None, error=problem)
+                continue
+            row = len(self.active)
             try:
                 if self.runner:
                     logits = self.runner.prefill(row, req.prompt_ids, req.slot)
-                    for k in range(1, len(live)):   # one prefill: the prompt's keys and values are copied
-                        self.runner.cache.move_row(row, row + k, len(req.prompt_ids))
                 else:
                     logits = self._hf_prefill(req)
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                for h in live:
-                    self._fail(h.req, h, e, "while reading the prompt")
+                for f in [h, *getattr(h, "followers", ())]:
+                    self._fail(f.req, f, e, "while reading the prompt")
                 continue
-            pairs = [(h.req, h) for h in live]
+            live = [h, *(choices.admit_followers(self, h, row, limit) if self.runner else ())]
+            if not self.runner:
+                for f in getattr(h, "followers", ()):
+                    self.pending.put(f)   # the fallback decodes one row at a time
+            pairs = [(f.req, f) for f in live]
             self.active.extend(pairs)
-            for (r, h), tok in zip(pairs, self._sample_rows(pairs, logits[None].expand(len(pairs), -1))):
+            for (r, f), tok in zip(pairs, self._sample_rows(pairs, logits[None].expand(len(pairs), -1))):
                 if tok is not None:
-                    self._accept_guarded(r, h, tok)
+                    self._accept_guarded(r, f, tok)
             for i in reversed(range(row, row + len(live))):
                 if self.active[i][0].finish_reason:
                     self._remove(i)

@@ -30,15 +30,16 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import AssistantError, DatasetTooSmall
+from .errors import AssistantError, Conflict, DatasetTooSmall, NotFound
 from .stages import TERMINAL, StageTracker, overall_progress, pending_stages
 from .threads import use_all_cores
 
 log = logging.getLogger(__name__)
 
+RETRY_HINT = "; the trained adapter is kept: retry from evaluation"
 KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear...
 KILL_POLL_SECONDS = 0.05        # ...checking this often
 STAGING_PREFIX = ".staging-job-"   # + job id: the job's staging folder in its domain's adapter folder
@@ -115,20 +116,25 @@ def start_job(settings, store, registry, domain: str, train_settings: dict | Non
     record = _prepare(settings, store, registry, domain, train_settings)
     job_id = store.create_job(domain, record)
     _curated(store, job_id, record)
+    _spawn(settings, store, registry, job_id)
+    return job_id
+
+
+def _spawn(settings, store, registry, job_id: str, *extra: str) -> None:
+    """The job's child process (`extra`: its arguments after the settings, e.g. --resume evaluate)."""
     log_dir = Path(settings.state_path) / JOB_LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(log_dir / f"{job_id}.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "assistant.jobs", job_id, _settings_json(settings)],
+        proc = subprocess.Popen([sys.executable, "-m", "assistant.jobs", job_id, _settings_json(settings), *extra],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)   # its own process group: cancel kills it all
     store.update_job(job_id, pid=proc.pid)
     threading.Thread(target=_watch, args=(store, registry, job_id, proc), name=f"job-{job_id}", daemon=True).start()
     if store.get_job(job_id)["status"] == "cancelled":  # cancelled before its pid was recorded
         _kill_group(proc.pid)
-    return job_id
 
 
 def _watch(store, registry, job_id: str, proc) -> None:
@@ -139,7 +145,10 @@ def _watch(store, registry, job_id: str, proc) -> None:
         return
     why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     hint = " (out of memory? try a smaller batch_size or max_seq_len)" if code == -signal.SIGKILL else ""
-    _remove_staging(registry.root, job)
+    if resumable(job):
+        hint += RETRY_HINT
+    else:
+        _remove_staging(registry.root, job)
     store.update_job(job_id, status="failed", error=f"the training process ended unexpectedly: {why}{hint}",
                      stage=None, stages=_stages_ended(job),
                      finished_at=time.time())
@@ -180,6 +189,12 @@ def _kill_group(pid: int | None) -> None:
 def staging_path(adapters_root, job: dict) -> Path:
     """The job's staging folder, derived from its id (never logged: log lines are shown to users)."""
     return Path(adapters_root) / job["domain"] / f"{STAGING_PREFIX}{job['job_id']}"
+
+
+def resumable(job: dict) -> bool:
+    """True when the job's training finished (its adapter is in the staging folder): a failure after it
+    keeps that folder, and the job can retry from evaluation."""
+    return any(st["name"] == "train" and st["status"] == "done" for st in job.get("stages") or ())
 
 
 def _remove_staging(adapters_root, job: dict) -> None:
@@ -239,12 +254,15 @@ def recover_orphans(settings, store, registry) -> list[str]:
             continue
         if _is_job_process(job.get("pid"), job["job_id"]):
             _kill_group(job["pid"])
-        _remove_staging(registry.root, job)
+        keep = resumable(job)
+        if not keep:
+            _remove_staging(registry.root, job)
         store.update_job(job["job_id"], status="failed", finished_at=time.time(), stage=None,
                          stages=_stages_ended(job),
-                         error="the server restarted while this job ran: start training again")
+                         error="the server restarted while this job ran" + (RETRY_HINT if keep else ": start training again"))
         failed.append(job["job_id"])
-    registry.cleanup_staging()
+    kept = {staging_path(registry.root, j).name for j in store.list_jobs() if j["status"] == "failed" and resumable(j)}
+    registry.cleanup_staging(keep=kept)
     return failed
 
 
@@ -273,42 +291,35 @@ def _user_text(text: str, settings) -> str:
     return text
 
 
-def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
-    """Everything a job does, start to end; returns the job record. Errors mark the job failed."""
+def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str | None = None) -> dict:
+    """Everything a job does, start to end; returns the job record. Errors mark the job failed. With
+    `resume="evaluate"`, the adapter the job trained (kept in its staging folder) is evaluated and published."""
     from . import evaluation
-    from .training import TrainingStopped, TrainSettings, _load, train_adapter
+    from .training import TrainingStopped, _load
 
     job = store.get_job(job_id)
     domain, record = job["domain"], job["settings"]
     staging = None
+    trained = False      # once True, a later failure keeps the staging folder (retry from evaluation)
     tracker = StageTracker(store, job_id, job["stages"])
-    store.update_job(job_id, status="running", pid=os.getpid(), started_at=time.time(), log="started\n")
+    store.update_job(job_id, status="running", pid=os.getpid(), started_at=time.time(),
+                     log="retrying from evaluation\n" if resume else "started\n")
     try:
         rows = _read_rows(settings, record, store, domain)
         system_prompt = registry.get_domain(domain).system_prompt
-        ts = TrainSettings.from_dict(record.get("training"))
-        tracker.start("train")
-        staging = registry.new_staging(domain, tag=f"job-{job_id}")
-        base = _load(settings)
-        store.update_job(job_id, log=f"loaded {base.describe()}\n")
-
-        def progress(step, total, loss):
-            store.update_job(job_id, step=step, total_steps=total, loss=loss)
-            store.add_job_loss(job_id, step, loss)
-            tracker.advance("train", step, total)
-            if on_step is not None:
-                on_step(step, total, loss)
-
-        def stopped():
-            return store.get_job(job_id)["status"] == "cancelled"
-
-        if settings.train_gpus > 1:
-            store.update_job(job_id, log=f"training in {settings.train_gpus} processes\n")
-        result = train_adapter(base, rows, staging, ts, progress=progress, should_stop=stopped,
-                               processes=settings.train_gpus)
-        tracker.finish("train")
-        store.update_job(job_id, log=f"trained: {json.dumps(result.summary())}\n")
-        result.model.unload()            # LoRA layers out: the engine loads the adapter from its folder
+        if resume == "evaluate":
+            staging, trained = staging_path(registry.root, job), True
+            kept = (job.get("metrics") or {}).get("trained")
+            if not kept or not (staging / "adapter_model.safetensors").is_file():
+                trained = False
+                raise AssistantError("this job's trained adapter is no longer there: start training again")
+            base = _load(settings)
+            result = _Trained(**kept)
+        else:
+            staging = registry.new_staging(domain, tag=f"job-{job_id}")
+            base, result = _train(settings, store, job_id, rows, record, staging, tracker, on_step)
+            store.update_job(job_id, metrics={"train": result.summary(), "trained": _Trained.of(result).__dict__})
+            trained = True
         base.model.eval()
 
         tracker.start("evaluate")
@@ -321,13 +332,14 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         promote = verdict["promote"]
         metrics = {"train": result.summary(), "before": evaluation.summary(before),
                    "after": evaluation.summary(after), "gate": verdict,
-                   "eval_vs_train_time": round(after["eval_seconds"] / result.seconds, 3) if result.seconds else None}
+                   "eval_vs_train_time": round(after["eval_seconds"] / result.seconds, 3) if result.seconds else None,
+                   "trained": _Trained.of(result).__dict__}
         tracker.finish("evaluate")
         store.update_job(job_id, metrics=metrics, log=f"evaluated: {verdict['summary']}\n")
         card = {"base_fingerprint": result.fingerprint, "dataset_snapshot": record.get("snapshot"),
                 "feedback_ids": record.get("feedback_ids", []), "training_settings": result.settings,
                 "metrics": metrics, "job_id": job_id, "domain": domain}
-        if stopped():
+        if store.get_job(job_id)["status"] == "cancelled":
             raise TrainingStopped("cancelled before publishing")
         tracker.start("publish")
         version = registry.publish(domain, staging, card)
@@ -353,12 +365,18 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         store.update_job(job_id, status="cancelled", finished_at=time.time(), log="interrupted\n")
         raise
     except BaseException as e:  # noqa: BLE001 - any failure ends the job, with its message
+        stage = tracker.current
         tracker.fail_running()
         tracker.close()
         log.exception("job %s failed", job_id)
         if store.get_job(job_id)["status"] not in TERMINAL:
             message = e.message if isinstance(e, AssistantError) else f"{type(e).__name__}: {e}"
-            store.update_job(job_id, status="failed", error=_user_text(message, settings), finished_at=time.time())
+            where = f"{stage} failed: " if stage and trained else ""
+            keep = trained and isinstance(e, Exception) and staging is not None and staging.is_dir()
+            store.update_job(job_id, status="failed", finished_at=time.time(),
+                             error=_user_text(where + message, settings) + (RETRY_HINT if keep else ""))
+            if keep:
+                staging = None   # finished work is kept for "retry from evaluation"
         if not isinstance(e, Exception):
             raise
     finally:
@@ -366,6 +384,72 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return store.get_job(job_id)
+
+
+def _train(settings, store, job_id: str, rows, record: dict, staging: Path, tracker, on_step):
+    """The train stage: (the base, the TrainResult), the adapter saved in `staging`."""
+    from .training import TrainSettings, _load, train_adapter
+    ts = TrainSettings.from_dict(record.get("training"))
+    tracker.start("train")
+    base = _load(settings)
+    store.update_job(job_id, log=f"loaded {base.describe()}\n")
+
+    def progress(step, total, loss):
+        store.update_job(job_id, step=step, total_steps=total, loss=loss)
+        store.add_job_loss(job_id, step, loss)
+        tracker.advance("train", step, total)
+        if on_step is not None:
+            on_step(step, total, loss)
+
+    def stopped():
+        return store.get_job(job_id)["status"] == "cancelled"
+
+    if settings.train_gpus > 1:
+        store.update_job(job_id, log=f"training in {settings.train_gpus} processes\n")
+    result = train_adapter(base, rows, staging, ts, progress=progress, should_stop=stopped,
+                           processes=settings.train_gpus)
+    tracker.finish("train")
+    store.update_job(job_id, log=f"trained: {json.dumps(result.summary())}\n")
+    result.model.unload()            # LoRA layers out: the engine loads the adapter from its folder
+    return base, result
+
+
+@dataclass
+class _Trained:
+    """What evaluation and the version's card need of a TrainResult (kept in the job's metrics for a retry)."""
+    summary_: dict
+    settings: dict
+    fingerprint: dict
+    seconds: float
+
+    @classmethod
+    def of(cls, result) -> "_Trained":
+        return cls(result.summary(), result.settings, result.fingerprint, result.seconds)
+
+    def summary(self) -> dict:
+        return self.summary_
+
+
+def retry_job(settings, store, registry, job_id: str, *, inline: bool = False) -> None:
+    """Resume a failed job from evaluation, with the adapter its training left in the staging folder: in a
+    child process, or here and blocking with `inline` (the CLI)."""
+    job = store.get_job(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id[:64]!r}")
+    if job["status"] != "failed" or not resumable(job) or not (job.get("metrics") or {}).get("trained") \
+            or not (staging_path(registry.root, job) / "adapter_model.safetensors").is_file():
+        raise Conflict("only a failed job whose training finished (and whose adapter was kept) can retry from "
+                       "evaluation: start training again")
+    stages = [st if st["name"] in ("curate", "train") else {**st, "status": "pending", "done": 0, "total": 0,
+                                                                 "progress": 0.0, "eta_s": None, "started_at": None,
+                                                                 "finished_at": None, "elapsed_s": 0.0}
+              for st in job["stages"]]
+    store.update_job(job_id, status="queued", error=None, finished_at=None, stages=stages,
+                     progress=overall_progress(stages))   # Conflict (409) when another job is active
+    if inline:
+        run_job(settings, store, registry, job_id, resume="evaluate")
+    else:
+        _spawn(settings, store, registry, job_id, "--resume", "evaluate")
 
 
 def _activate(registry, domain: str, version: str, model, fingerprint: dict) -> None:
@@ -413,7 +497,9 @@ def run_job_inline(settings, store, registry, domain: str, train_settings: dict 
 def main(argv: list[str] | None = None) -> int:
     from .registry import Registry
     from .store import Store
-    job_id, settings_json = (argv or sys.argv[1:])[:2]
+    args = argv or sys.argv[1:]
+    job_id, settings_json = args[:2]
+    resume = args[3] if len(args) >= 4 and args[2] == "--resume" else None
     try:
         os.nice(JOB_NICENESS)
     except OSError:
@@ -421,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings_from_json(settings_json)
     store, registry = Store(settings.db_path), Registry(settings.adapters_path)
     use_all_cores()   # this process only trains (see assistant/threads.py)
-    job = run_job(settings, store, registry, job_id)
+    job = run_job(settings, store, registry, job_id, resume=resume)
     return 0 if job["status"] == "succeeded" else 1
 
 

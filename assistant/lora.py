@@ -112,6 +112,11 @@ class LoraBank:
                 self.slots.move_to_end(key)
             return s
 
+    def slot_of_quiet(self, key: str) -> int | None:
+        """The slot holding `key`, without counting as a use (LRU order unchanged)."""
+        with self.lock:
+            return self.slots.get(key)
+
     def pin(self, key: str) -> int | None:
         """The slot holding `key`, pinned for one request (lookup and pin are one step under the lock, so
         no load can evict it in between), or None when `key` is not resident. Unpin with `release`."""
@@ -122,9 +127,10 @@ class LoraBank:
                 self.in_use[s] = self.in_use.get(s, 0) + 1
             return s
 
-    def load(self, key: str, folder: Path, *, pin: bool = False) -> int:
-        """Read a validated PEFT folder into a free (or least recently used, idle) slot. With `pin`, the
-        slot comes back pinned for the caller's request. Raises SlotsBusy when every slot is pinned."""
+    def load(self, key: str, folder: Path, *, pin: bool = False, keep: frozenset = frozenset()) -> int:
+        """Read a validated PEFT folder into a free (or least recently used, idle) slot, evicting the keys in
+        `keep` (adapters requests are waiting for) only when no other idle slot is left. With `pin`, the slot
+        comes back pinned for the caller's request. Raises SlotsBusy when every slot is pinned."""
         from safetensors.torch import load_file
         folder = Path(folder)
         config = json.loads((folder / "adapter_config.json").read_text())
@@ -152,7 +158,7 @@ class LoraBank:
         with self.lock:
             if pin and (slot := self.pin(key)) is not None:   # another request loaded it meanwhile
                 return slot
-            slot = self._free_slot()   # first: a full bank must not reallocate its storage for nothing
+            slot = self._free_slot(keep)   # first: a full bank must not reallocate its storage for nothing
             if r > self.rank:
                 self._grow_rank(r)
             R = self.rank
@@ -173,17 +179,27 @@ class LoraBank:
                 self.in_use[slot] = self.in_use.get(slot, 0) + 1
             return slot
 
-    def _free_slot(self) -> int:
+    def _free_slot(self, keep: frozenset = frozenset()) -> int:
         used = set(self.slots.values())
         for s in range(1, self.max_slots + 1):
             if s not in used:
                 return s
-        for key, s in self.slots.items():  # least recently used first
-            if not self.in_use.get(s):
-                del self.slots[key]
-                return s
+        for spare in (False, True):   # idle slots nobody waits for first, then idle ones; least recently used first
+            for key, s in self.slots.items():
+                if not self.in_use.get(s) and (spare or key not in keep):
+                    del self.slots[key]
+                    return s
         raise SlotsBusy(f"all {self.max_slots} adapter slots are serving other domains' requests: retry in a "
                         "few seconds (or start the server with a larger --max-resident-adapters)")
+
+    def has_room(self) -> bool:
+        """True when a load would find a slot now (a free one, or one no request pins)."""
+        with self.lock:
+            return len(self.slots) < self.max_slots or any(not self.in_use.get(s) for s in self.slots.values())
+
+    def pins(self, slot: int) -> int:
+        with self.lock:
+            return self.in_use.get(slot, 0)
 
     def evict(self, key: str) -> None:
         with self.lock:

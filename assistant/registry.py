@@ -281,11 +281,14 @@ class Registry:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def cleanup_staging(self) -> int:
+    def cleanup_staging(self, keep: set[str] | frozenset = frozenset()) -> int:
+        """Remove leftover staging folders, except those named in `keep` (work a failed job can resume)."""
         n = 0
         for d in self.root.iterdir() if self.root.is_dir() else []:
             if d.is_dir():
                 for s in d.glob(".staging-*"):
+                    if s.name in keep:
+                        continue
                     shutil.rmtree(s, ignore_errors=True)
                     n += 1
                 for t in d.glob(f".*{TMP_SUFFIX}"):

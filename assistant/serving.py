@@ -8,6 +8,7 @@ every finished answer exactly once, under exactly that version, so feedback alwa
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import shutil
@@ -32,7 +33,7 @@ from .toolcalls import plain as plain_turns
 from .workspace import Workspace
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-ADAPTER_SLOT_WAIT_S = 10.0   # how long a request waits for a free adapter slot before 503 server_busy
+ADAPTER_SLOT_WAIT_S = 10.0   # engines without a waiting room (vLLM), activation: how long to wait for a slot
 LOG_WAIT_S = 10.0            # how long a caller waits for a finished response to reach the log
 SLOT_POLL_S = 0.5            # while every slot is pinned: how often a waiting load tries again
 
@@ -218,6 +219,12 @@ class Serving:
                         raise
             self.engine.wait_for_free_slot(max(0.0, min(SLOT_POLL_S, deadline - time.monotonic())))
 
+    def _adapter_folder(self, domain: str, version: str) -> Path:
+        """The version's folder, validated against this base (the engine calls this when it loads it)."""
+        folder = self.workspace.registry.version_path(domain, version)
+        validate_adapter(folder, self.base.fingerprint, self.engine.module_shapes(), max_rank=MAX_LORA_RANK)
+        return folder
+
     def activate(self, domain: str, version: str, *, user: str | None = None, override: bool = False) -> dict:
         """Promote or roll back (Workspace.activate), loading the version here before the pointer moves."""
         out = self.workspace.activate(domain, version, load=self.ensure_loaded, user=user, override=override)
@@ -283,7 +290,10 @@ class Serving:
                                     **sampling)
         try:
             for r in reqs:
-                r.slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s) if target.version else 0
+                if target.version and getattr(self.engine, "schedules_adapters", False):   # loaded when its turn comes
+                    r.adapter_folder = functools.partial(self._adapter_folder, target.domain, target.version)
+                elif target.version:
+                    r.slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s)
         except BaseException:
             for r in reqs:
                 self.engine.unpin(r.slot)

@@ -34,6 +34,7 @@ from typing import Callable
 
 from .engine import MAX_CONTEXT_TOKENS, Event, Handle, Request, check_admission
 from .errors import (
+    AssistantError,
     GenerationFailed,
     InvalidAdapter,
     ModelLoadError,
@@ -342,7 +343,9 @@ class VllmEngine:
                     req.finish_reason = ev.finish_reason   # usage: the prompt is our ids, the answer's came back
         except VllmError as e:
             error = e
-            if isinstance(e, VllmUnavailable):
+            if e.http_status in (400, 422):   # vLLM refused this request: the caller's 400, with vLLM's reason
+                error = AssistantError(f"the model server refused this request: {e.vllm_message or e.message}")
+            elif isinstance(e, VllmUnavailable):
                 with self._lock:
                     server.healthy = server.ready = False
                     server.problem = e.message

@@ -278,6 +278,14 @@ class Workspace:
         jobs.cancel_job(self.settings, self.store, job_id)
         return self.job(job_id)
 
+    def retry_job(self, job_id: str, *, wait: bool = False) -> dict:
+        """Resume a failed job from evaluation, with the adapter its training kept (409 when it cannot); with
+        `wait`, in this process until it ends."""
+        from . import jobs
+        self.job(job_id)
+        jobs.retry_job(self.settings, self.store, self.registry, job_id, inline=wait)
+        return self.job(job_id)
+
     def jobs(self, domain: str | None = None) -> list[dict]:
         if domain is not None:
             self.require_domain(domain)

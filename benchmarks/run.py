@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BENCHES = {
     "engine": "bench_engine",
     "adapters": "bench_adapters",
+    "scheduling": "bench_scheduling",  # oversubscribed_vs_fit: 4 domains on 2 adapter slots / on 4
     "curation": "bench_curation",
     "embeddings": "bench_embeddings",  # numpy MiniLM vs sentence-transformers on torch
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set

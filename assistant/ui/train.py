@@ -148,6 +148,17 @@ def cancel(workspace, job_id, model):
     return f"job `{job_id}`: {job['status']}", *_job_outputs(workspace, job, model)
 
 
+def retry(workspace, job_id, model):
+    """Retry a failed job from evaluation (its trained adapter was kept)."""
+    try:
+        if not job_id:
+            raise field_error("Job", "no training job to retry")
+        job = workspace.retry_job(job_id)
+    except AssistantError as e:
+        return err(e), *_job_outputs(workspace, None, model)
+    return f"job `{job_id}`: retrying from evaluation", *_job_outputs(workspace, job, model)
+
+
 def versions(workspace, domain, current=None):
     if not domain:
         return gr.update(choices=[], value=None)
@@ -193,6 +204,7 @@ def build(workspace, serving, P, model):
     with gr.Row():
         go = gr.Button("Retrain", variant="primary", elem_id="retrain-btn")
         cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-job-btn")
+        retry_btn = gr.Button("Retry from evaluation", elem_id="retry-job-btn")
     status = gr.Markdown("", elem_id="train-status")
     stages = gr.HTML(jobview.stages_html(None), elem_id="train-stages-box")
     bar = gr.HTML(jobview.progress_html(None), elem_id="train-progress")
@@ -216,6 +228,7 @@ def build(workspace, serving, P, model):
     go.click(P(retrain, workspace, default_method(serving)), [domain, epochs, lr, rank, method, max_len, advanced, model],
              [status, job_id, *job_out])
     cancel_btn.click(P(cancel, workspace), [job_id, model], [status, *job_out])
+    retry_btn.click(P(retry, workspace), [job_id, model], [status, *job_out])
     timer.tick(P(poll_job, workspace), [job_id, model, seen], [*job_out, seen], concurrency_limit=None)
     verdict.change(P(versions, workspace), [domain, version], [version])
     anyway.click(P(activate_published, serving), [domain, job_id, model], [vstatus, model]).then(
