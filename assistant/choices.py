@@ -7,17 +7,15 @@ alone. A follower that finds no free row goes back to the queue and reads the pr
 from __future__ import annotations
 
 
-def submit_group(engine, reqs: list, loop=None, on_finish=None) -> list:
+def submit_group(engine, reqs: list, loop, on_finish, check) -> list:
     """Answers to one prompt (OpenAI's `n`): the first request is queued, the others follow it. When it is
     admitted its prompt is read once, into one row of the KV cache, copied to a row per follower that fits
     (a follower that does not fit waits and reads the prompt itself); each row samples with its own
     generator. Followers carry the leader's prompt_ids, adapter and settings."""
-    from .engine import check_admission
     done = list(on_finish or [None] * len(reqs))
     try:
         for r in reqs[1:]:
-            check_admission(r, engine.max_context)
-            engine.structure(r)
+            check(r)   # what the engine checks of every request it takes
         followers = [engine._handle(r, loop, d) for r, d in zip(reqs[1:], done[1:])]
         return [engine._submit(reqs[0], loop, done[0], followers), *followers]
     except BaseException:

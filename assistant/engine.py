@@ -301,7 +301,8 @@ class Engine:
 
     def submit_group(self, reqs: list[Request], loop=None, on_finish=None) -> list[Handle]:
         """Answers to one prompt (OpenAI's `n`), from one prefill: choices.py."""
-        return choices.submit_group(self, reqs, loop, on_finish)
+        return choices.submit_group(self, reqs, loop, on_finish,
+                                    lambda r: (check_admission(r, self.max_context), self.structure(r)))
 
     def generate(self, messages: list[dict] | None = None, *, prompt_ids: list[int] | None = None,
                  adapter: str | None = None, **kw) -> str:
