@@ -182,7 +182,7 @@ def test_models_retrieve_and_error_shapes(client, server):
     form = httpx.post(server + "/api/domains", content=b'{"name": "evil"}', headers={**auth, "Content-Type":
                                                                                       "text/plain"})
     assert form.status_code == 415 and form.json()["error"]["code"] == "unsupported_media_type"
-    assert httpx.get(server + "/api/domains", headers=auth).json() == []   # nothing was created
+    assert "evil" not in [d["name"] for d in httpx.get(server + "/api/domains", headers=auth).json()]   # not created
     bad = httpx.post(server + "/v1/chat/completions", headers=auth,
                      json={"model": "base", "messages": FRANCE, "max_completion_tokens": "x"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_completion_tokens"
