@@ -336,6 +336,7 @@ class VllmEngine:
                     lps = vllm_logprobs(ev.logprobs, req.logprobs) if req.logprobs is not None else None
                     if lps:
                         req.token_logprobs += lps
+                        req.lp_sent = len(req.token_logprobs)
                     if ev.text or lps:
                         req.text += ev.text
                         h.put(Event("token", ev.text, logprobs=lps))
@@ -384,10 +385,13 @@ class VllmEngine:
 def vllm_options(req: Request) -> dict:
     """What a request asks beyond sampling, in vLLM's words: structured outputs (the same JSON constraint
     the local engine enforces with xgrammar; vLLM uses xgrammar too), logprobs, penalties, logit_bias."""
+    from .grammar import bounded
     out: dict = {}
     if req.structured is not None:
         kind, schema = req.structured
-        out["structured_outputs"] = {"json_object": True} if kind == "json_object" else {"json": schema}
+        # the same grammar as grammar.py: no free whitespace, unbounded integers bounded
+        out["structured_outputs"] = {**({"json_object": True} if kind == "json_object" else {"json": bounded(schema)}),
+                                     "disable_any_whitespace": True}
     if req.logprobs is not None:
         out.update(logprobs=req.logprobs, return_tokens_as_token_ids=True)
     if req.frequency_penalty:
