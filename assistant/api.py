@@ -1,33 +1,37 @@
-"""HTTP routes: the OpenAI-compatible endpoints and the REST API (docs/API.md). Each route only parses,
-calls the Workspace or the Serving, and turns domain errors into JSON errors. Authorization is not checked here: every
-request has passed `auth.AuthMiddleware` before it reaches a route."""
+"""HTTP routes: the REST API (docs/API.md), with the OpenAI-compatible routes of api_openai.py, and the edge
+every route shares: bodies are pydantic models (openai_schema.py), a JSON route takes only JSON (415 else:
+a cross-site form cannot post to it), bodies are capped, and every error, a wrong field, an unknown
+route or method included, is an OpenAI-shaped JSON body. Each route only parses, calls the Workspace or
+the Serving, and turns domain errors into JSON errors. Authorization is not checked here: every request
+has passed `auth.AuthMiddleware` before it reaches a route."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import math
+import re
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
-from .errors import AssistantError, SlotsBusy, TooLarge
-from .serving import ADAPTER_SLOT_WAIT_S, LOG_WAIT_S, Serving
+from .api_openai import add_openai_routes, error_body
+from .errors import AssistantError, MethodNotAllowed, NotFound, TooLarge, UnsupportedMediaType
+from .openai_schema import ActivateRequest, DomainRequest, ExamplesRequest, FeedbackRequest, WithdrawRequest
+from .serving import Serving
 from .settings import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
 from .workspace import Workspace
 
-DISCONNECT_POLL_S = 0.2
-SLOT_RETRY_S = 0.05            # how often a request waiting for an adapter slot tries again
 RETRY_AFTER_S = 2              # the Retry-After a 503 suggests
+UPLOAD_PATH = re.compile(r"^/api/domains/[^/]+/adapters$")   # takes a zip, not JSON
+GUARDED = ("/v1/", "/api/")
 
 log = logging.getLogger(__name__)
-
-
-def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None):
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(e: AssistantError) -> JSONResponse:
@@ -43,19 +47,6 @@ def current_user(request: Request) -> str | None:
     return getattr(request.state, "user", None)
 
 
-async def read_json(request: Request, limit: int = MAX_REQUEST_BYTES) -> dict:
-    body = await read_body(request, limit)
-    if not body:
-        return {}
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AssistantError(f"the body is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise AssistantError("the body must be a JSON object")
-    return data
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -69,103 +60,27 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-TYPE_NAMES = {bool: "true or false", int: "a whole number", dict: "an object", str: "text", list: "a list"}
-
-
-def _opt(body: dict, key: str, kind, default=None):
-    """body[key] when it is of `kind` (bools are not numbers), else an error naming the field."""
-    v = body.get(key, default)
-    if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
-        raise AssistantError(f"{key} must be {TYPE_NAMES.get(kind, kind.__name__)}", param=key)
-    return v
-
-
 def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
     r = APIRouter()
 
-    # OpenAI-compatible -------------------------------------------------------------------------
-    @r.get("/v1/models")
-    async def models(request: Request):
-        return {"object": "list", "data": serving.models()}
-
-    @r.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        user = current_user(request)
-        body = await read_json(request)
-        if _opt(body, "n", int, 1) != 1:
-            raise AssistantError("n must be 1: one answer per request", param="n")
-        stream = _opt(body, "stream", bool, False)
-        options = _opt(body, "stream_options", dict, {}) or {}
-        include_usage = bool(options.get("include_usage")) if stream else False
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
-            raise AssistantError("max_tokens must be a whole number", param="max_tokens")
-        for key in ("temperature", "top_p"):
-            value = body.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise AssistantError(f"{key} must be a finite number", param=key)
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2 ** 63):
-            raise AssistantError("seed must be a whole number (64-bit)", param="seed")
-        stop = body.get("stop")
-        if stop is not None and not isinstance(stop, str) and not (
-                isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
-            raise AssistantError("stop must be a string or a list of strings", param="stop")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ADAPTER_SLOT_WAIT_S
-        while True:   # waiting for an adapter slot happens here, asleep, not in a worker thread
-            try:
-                call = await asyncio.to_thread(
-                    serving.start_chat, ignore_eos=body.get("ignore_eos") is True, model=body.get("model"),
-                    messages=body.get("messages"), max_tokens=max_tokens,
-                    temperature=body.get("temperature"), top_p=body.get("top_p"), seed=seed, stop=body.get("stop"),
-                    loop=loop, user=body.get("user") if isinstance(body.get("user"), str) else user, slot_wait_s=0,
-                    principal=user)   # who authenticated, recorded apart from the `user` the body names
-                break
-            except SlotsBusy:
-                if loop.time() >= deadline:
-                    raise
-                await asyncio.sleep(SLOT_RETRY_S)
-        asyncio.create_task(_watch_disconnect(call, request))
-        if stream:
-            # The stream's status waits for the request's first event: one refused while it waited for the
-            # model (503 server_busy past the queue time) answers with that status, not a 200 and an error chunk.
-            first = await call.handle.aq.get()
-            if first.kind == "error":
-                await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)
-                raise first.error
-            return StreamingResponse(_stream(call, include_usage, first), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(call, request)
-
     # Feedback and data -------------------------------------------------------------------------
     @r.post("/api/feedback", status_code=201)
-    async def feedback(request: Request):
-        body = await read_json(request)
-        rid = body.get("response_id")
-        if not isinstance(rid, str) or not rid:
-            raise AssistantError("response_id is required", param="response_id")
+    async def feedback(body: FeedbackRequest, request: Request):
         # like chat's `user`: an app in front of many people names who rated; else the signed-in user
-        user = _opt(body, "user", str) or current_user(request)
-        fid = await asyncio.to_thread(serving.feedback, rid, body.get("rating"), body.get("correction"),
-                                      body.get("reason"), user, current_user(request))
+        user = body.user or current_user(request)
+        fid = await asyncio.to_thread(serving.feedback, body.response_id, body.rating, body.correction,
+                                      body.reason, user, current_user(request))
         return JSONResponse({"id": fid}, status_code=201)
 
     @r.post("/api/feedback/withdraw")
-    async def withdraw_feedback(request: Request):
-        body = await read_json(request)
-        rid = body.get("response_id")
-        if not isinstance(rid, str) or not rid:
-            raise AssistantError("response_id is required", param="response_id")
-        user = _opt(body, "user", str) or current_user(request)
-        return {"withdrawn": await asyncio.to_thread(serving.withdraw_feedback, rid, user)}
+    async def withdraw_feedback(body: WithdrawRequest, request: Request):
+        user = body.user or current_user(request)
+        return {"withdrawn": await asyncio.to_thread(serving.withdraw_feedback, body.response_id, user)}
 
     @r.post("/api/domains", status_code=201)
-    async def create_domain(request: Request):
-        body = await read_json(request)
-        d = await asyncio.to_thread(workspace.create_domain, body.get("name"), body.get("system_prompt", ""),
-                                    body.get("description", ""))
+    async def create_domain(body: DomainRequest, request: Request):
+        d = await asyncio.to_thread(workspace.create_domain, body.name, body.system_prompt or "",
+                                    body.description or "")
         return JSONResponse(d, status_code=201)
 
     @r.get("/api/domains")
@@ -173,10 +88,9 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
         return await asyncio.to_thread(workspace.list_domains)
 
     @r.post("/api/domains/{name}/examples", status_code=201)
-    async def add_examples(name: str, request: Request):
+    async def add_examples(name: str, body: ExamplesRequest, request: Request):
         user = current_user(request)
-        body = await read_json(request)
-        res = await asyncio.to_thread(workspace.add_examples, name, body.get("examples"), user)
+        res = await asyncio.to_thread(workspace.add_examples, name, body.examples, user)
         return JSONResponse(res, status_code=201)
 
     @r.get("/api/domains/{name}/dataset")
@@ -196,9 +110,8 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
         return await asyncio.to_thread(workspace.adapters, name)
 
     @r.post("/api/domains/{name}/adapters/{version}/activate")
-    async def activate(name: str, version: str, request: Request):
-        body = await read_json(request)
-        override = _opt(body, "override", bool, False)
+    async def activate(name: str, version: str, request: Request, body: ActivateRequest | None = None):
+        override = body.override if body is not None else False
         return await asyncio.to_thread(serving.activate, name, version, user=current_user(request), override=override)
 
     @r.post("/api/domains/{name}/adapters", status_code=201)
@@ -215,9 +128,9 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
 
     # Training jobs -----------------------------------------------------------------------------
     @r.post("/api/domains/{name}/train", status_code=202)
-    async def train(name: str, request: Request):
-        body = await read_json(request)
-        job_id = await asyncio.to_thread(workspace.start_training, name, body)
+    async def train(name: str, request: Request, body: dict[str, Any] | None = None):
+        """Training settings (docs/API.md), checked by the Workspace: each wrong one is named."""
+        job_id = await asyncio.to_thread(workspace.start_training, name, body or {})
         return JSONResponse({"job_id": job_id}, status_code=202)
 
     @r.get("/api/jobs/{job_id}")
@@ -245,104 +158,118 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
     async def metrics(name: str, request: Request):
         return await asyncio.to_thread(workspace.metrics, name)
 
+    add_openai_routes(r, serving)
+
     @r.get("/metrics")
     async def prometheus(request: Request):
         text = await asyncio.to_thread(workspace.prometheus_text)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+    @r.api_route("/v1/{rest:path}", methods=methods, include_in_schema=False)
+    @r.api_route("/api/{rest:path}", methods=methods, include_in_schema=False)
+    async def unknown(rest: str, request: Request):
+        """OpenAI's 404 for an unknown route, 405 (with Allow) for a known route and another method."""
+        allowed = set()
+        for route in _routes(r):
+            if getattr(route, "endpoint", None) is not unknown and route.matches(request.scope)[0] == Match.PARTIAL:
+                allowed |= getattr(route, "methods", set())
+        if allowed:
+            raise MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}: use "
+                                   f"{', '.join(sorted(allowed))}")
+        raise NotFound(f"no route {request.method} {request.url.path}: docs/API.md lists them (/api/docs)")
+
     return r
 
 
-def _chunk(call, delta: dict, finish_reason=None, usage=None) -> str:
-    body = {"id": call.id, "object": "chat.completion.chunk", "created": call.created, "model": call.target.model,
-            "system_fingerprint": call.target.version or "base",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
-    if usage is not None:
-        body["usage"] = usage
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+def _routes(router):
+    """Every route of a router, through the routers it includes."""
+    for route in router.routes:
+        inner = getattr(route, "original_router", None)
+        yield from (_routes(inner) if inner is not None else (route,))
 
 
-def _token_chunks(call):
-    """text -> the SSE line of a token, equal to `_chunk(call, {"content": text})`: the fields that never
-    change within a response are serialized once, not once per token."""
-    head = _chunk(call, {"content": ""})
-    before, after = head.split('"delta": {"content": ""}', 1)
-    before += '"delta": {"content": '
-    after = "}" + after
-    return lambda text: before + json.dumps(text, ensure_ascii=False) + after
+def _path_sent(body, loc, missing: bool) -> str:
+    """The field a validation error is about, as sent (messages[0].content), without pydantic's union tags."""
+    out, data = "", body
+    for i, key in enumerate(loc):
+        if isinstance(data, dict) and key in data:
+            out, data = (f"{out}.{key}" if out else str(key)), data[key]
+        elif isinstance(data, list) and isinstance(key, int) and key < len(data):
+            out, data = f"{out}[{key}]", data[key]
+        else:
+            if missing and i == len(loc) - 1:
+                out = f"{out}.{key}" if out else str(key)
+            break
+    return out
 
 
-def _usage(call) -> dict:
-    n = len(call.handle.req.generated)
-    return {"prompt_tokens": call.prompt_tokens, "completion_tokens": n, "total_tokens": call.prompt_tokens + n}
+def validation_error(e: RequestValidationError) -> AssistantError:
+    """A pydantic error as one message naming the field that was sent."""
+    err = e.errors()[0]
+    loc = tuple(err.get("loc", ()))
+    if loc[:1] == ("body",):
+        loc = loc[1:]
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return AssistantError(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
+    if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return AssistantError("the body must be a JSON object")
+    body = getattr(e, "body", None)
+    where = _path_sent(body, loc, kind == "missing") or ".".join(map(str, loc)) or "body"
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        msg = "this field is not supported here (docs/API.md lists the supported ones)"
+    return AssistantError(f"{where}: {msg}", param=where)
 
 
-async def _watch_disconnect(call, request: Request):
-    """Cancel generation when the client goes away, even while the response is blocked in send(). The
-    engine then ends the request with finish_reason "cancelled". (Checked here, a few times a second, not
-    once per token in the stream: that would take the GIL from the decode loop.)"""
-    while not call.handle.done.is_set():
-        await asyncio.sleep(DISCONNECT_POLL_S)
-        if await request.is_disconnected():
-            call.handle.cancel()
-            return
+class BodyGuard:
+    """POST/PUT/PATCH under /v1/ and /api/: JSON only (415 otherwise: a page on another site can post a
+    form as text/plain, never as application/json without the browser asking first), and at most
+    MAX_REQUEST_BYTES (413). The adapter upload takes its zip as the body and caps it itself."""
 
+    def __init__(self, app):
+        self.app = app
 
-async def _events(call, first):
-    yield first
-    if first.kind == "token":
-        async for ev in call.handle.aiter():
-            yield ev
-
-
-async def _stream(call, include_usage: bool, first):
-    try:
-        yield _chunk(call, {"role": "assistant", "content": ""})
-        token = _token_chunks(call)
-        async for ev in _events(call, first):
-            if ev.kind == "token":
-                yield token(ev.text)
-                continue
-            await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)   # ended, so logged: feedback may follow
-            if ev.kind == "error":
-                yield f"data: {json.dumps(error_body(ev.error.message, 'server_error', ev.error.code))}\n\n"
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH")
+                or not scope.get("path", "").startswith(GUARDED) or UPLOAD_PATH.match(scope.get("path", ""))):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        problem = None
+        if media and media != "application/json" and not media.endswith("+json"):
+            problem = UnsupportedMediaType(f"the body must be JSON, sent as Content-Type: application/json "
+                                           f"(not {media[:60]})")
+        declared = headers.get("content-length", "")
+        if problem is None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+            problem = TooLarge(f"the request body is {int(declared)} bytes; the limit is {MAX_REQUEST_BYTES}")
+        chunks, size, more = [], 0, problem is None
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > MAX_REQUEST_BYTES:
+                problem = TooLarge(f"the request body is over the limit of {MAX_REQUEST_BYTES} bytes")
                 break
-            else:
-                yield _chunk(call, {}, finish_reason=ev.finish_reason)
-                if include_usage:
-                    body = {"id": call.id, "object": "chat.completion.chunk", "created": call.created,
-                            "model": call.target.model, "choices": [], "usage": _usage(call)}
-                    yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        call.handle.cancel()  # a client that went away stops generation at the next step
+        if problem is not None:
+            body = json.dumps(error_body(problem.message, "invalid_request_error", problem.code)).encode()
+            await send({"type": "http.response.start", "status": problem.status,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            return await send({"type": "http.response.body", "body": body})
+        whole, sent = b"".join(chunks), False
 
-
-async def _complete(call, request: Request):
-    parts = []
-
-    async def collect():
-        async for ev in call.handle.aiter():
-            if ev.kind == "token":
-                parts.append(ev.text)
-            elif ev.kind == "error":
-                await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)   # an error is logged before it is told
-                raise ev.error
-            else:
-                return ev.finish_reason
-
-    try:
-        reason = await collect()
-        if reason == "cancelled" and await request.is_disconnected():  # the client went away
-            return Response(status_code=499)
-    finally:
-        call.handle.cancel()
-    await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)  # feedback may follow at once
-    return {"id": call.id, "object": "chat.completion", "created": call.created, "model": call.target.model,
-            "system_fingerprint": call.target.version or "base", "adapter_version": call.target.version,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": reason, "logprobs": None}],
-            "usage": _usage(call)}
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": whole, "more_body": False}
+            return await receive()
+        return await self.app(scope, replay, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -355,11 +282,17 @@ def install_error_handlers(app: FastAPI) -> None:
             log.error("%s %s -> %d %s: %s", request.method, request.url.path, e.status, e.code, e.message)
         return error_response(e)
 
+    app.add_middleware(BodyGuard)
+
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError):
-        where = ", ".join(".".join(str(x) for x in err.get("loc", ())) for err in e.errors()[:3])
-        return JSONResponse(error_body(f"invalid request at {where}: check the field's type and value"),
-                            status_code=422)
+        return error_response(validation_error(e))
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, e: HTTPException):   # Starlette's own 404/405 (e.g. /api/docs/x)
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind, None), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, e: Exception):

@@ -189,11 +189,17 @@ class AuthMiddleware:
         form = parse_qs(body[:MAX_LOGIN_BODY_BYTES].decode("utf-8", "replace"))
         user = self.credentials.check_password(form.get("username", [""])[0], form.get("password", [""])[0])
         next_path = _safe_next(form.get("next", ["/"])[0])
+        browser = "next" in form   # the sign-in page posts `next`; API clients (gradio_client) do not
         if user is None:
             log.warning("failed sign-in for user %r", form.get("username", [""])[0][:64])
+            if not browser:
+                return await _send(send, 401, json.dumps({"success": False, "error": "wrong user or password"})
+                                   .encode(), "application/json")
             return await _send(send, 401, _login_page("wrong user or password", next_path), "text/html; charset=utf-8")
         secure = "; Secure" if scope.get("scheme") == "https" or headers.get("x-forwarded-proto") == "https" else ""
         cookie = (f"{SESSION_COOKIE}={self.credentials.sign(user)}; Path=/; Max-Age={SESSION_SECONDS}; HttpOnly; "
                   f"SameSite=Lax{secure}")
+        if not browser:   # as Gradio's own /login answers: 200 with the cookie
+            return await _send(send, 200, b'{"success": true}', "application/json", [(b"set-cookie", cookie.encode())])
         return await _send(send, 303, b"", "text/plain", [(b"location", next_path.encode()),
                                                          (b"set-cookie", cookie.encode())])

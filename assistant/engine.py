@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import sampling
+from . import choices, sampling
+from . import logits as controls
 from .errors import AssistantError, Busy, ContextTooLong, GenerationFailed
+from .grammar import Grammars
 from .runner import FAST_ARCHS, LlamaRunner
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
 from .textstream import TextStream, chat_prompt_ids
@@ -46,6 +48,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None
     error: AssistantError | None = None
+    logprobs: list | None = None         # the TokenLogprobs of the ids this text completes (when asked)
 
 
 @dataclass
@@ -61,6 +64,12 @@ class Request:
     # at admission, waiting for one if need be: waiting.py); None: `slot` comes pinned with the request.
     adapter_folder: Callable[[], Path] | None = None
     ignore_eos: bool = False            # benchmarks: always generate max_new_tokens
+    logprobs: int | None = None         # None: none; k: each token's logprob and its k most likely rivals
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    structured: tuple | None = None     # ("json_object", None) | ("json_schema", schema): see `structure`
+    constraint: object | None = None    # a grammar.Constraint: masks the tokens its grammar does not allow
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Runtime state, owned by the engine thread.
     slot: int = 0
@@ -72,6 +81,9 @@ class Request:
     t_done: float | None = None
     generator: torch.Generator | None = None
     stream: TextStream | None = None
+    token_logprobs: list = field(default_factory=list)
+    pending_lp: torch.Tensor | None = None
+    lp_sent: int = 0                    # token_logprobs already sent with a text event
     finished: bool = False              # set once, by the engine's `_finish`
 
 
@@ -129,8 +141,9 @@ class Handle:
         if error is not None:
             self.put(Event("error", error=error, finish_reason="error"))
             return
-        if rest:
-            self.put(Event("token", rest))
+        more = self.req.token_logprobs[self.req.lp_sent:] if self.req.logprobs is not None else None
+        if rest or more:
+            self.put(Event("token", rest, logprobs=more))
         self.put(Event("done", finish_reason=self.req.finish_reason))
 
     def result(self) -> tuple[str, str]:
@@ -190,6 +203,7 @@ class Engine:
         self.eos = eos_ids(self.tokenizer, self.model)
         self.pending: queue.Queue = queue.Queue()   # submitted, not yet in the waiting room
         self.room = WaitingRoom(self.runner.bank if self.runner else None, max_queue_s)
+        self._grammars = None
         self.active: list[tuple[Request, Handle]] = []
         self.wake = threading.Event()
         self.stopping = False
@@ -234,8 +248,19 @@ class Engine:
             self.runner.bank.evict(key)
 
     # Prompts -----------------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, tools)
+
+    def encode_text(self, text: str) -> list[int]:
+        """A legacy completion's prompt: the text's ids, after the tokenizer's BOS when it adds one."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def structure(self, req: Request) -> None:
+        """`req.structured` as the grammar constraint that masks its row (grammar.py)."""
+        if req.structured is not None:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.eos)
+            req.constraint = self._grammars.constraint(*req.structured)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -251,22 +276,33 @@ class Engine:
             req.slot = 0
             raise
 
-    def _submit(self, req: Request, loop, on_finish) -> Handle:
+    def _submit(self, req: Request, loop, on_finish, followers=()) -> Handle:
         check_admission(req, self.max_context)
+        self.structure(req)
         if req.adapter is not None and self.runner is None:
             raise AssistantError(f"adapters need a Llama-family base ({', '.join(FAST_ARCHS)}); "
                                  f"this base is {self.model.config.model_type}")
         if self.pending.qsize() + len(self.room) >= self.max_queue:
             raise Busy(f"the server is busy ({self.max_queue} requests waiting): retry in a few seconds")
+        h = self._handle(req, loop, on_finish)
+        h.followers = list(followers)
+        self.pending.put(h)
+        self.wake.set()
+        return h
+
+    def _handle(self, req: Request, loop, on_finish) -> Handle:
         req.t_submit = time.perf_counter()
         req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
                                                       else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
         req.stream = TextStream(self.tokenizer, req.stop)
         h = Handle(req, loop)
         h.on_finish = on_finish
-        self.pending.put(h)
-        self.wake.set()
         return h
+
+    def submit_group(self, reqs: list[Request], loop=None, on_finish=None) -> list[Handle]:
+        """Answers to one prompt (OpenAI's `n`), from one prefill: choices.py."""
+        return choices.submit_group(self, reqs, loop, on_finish,
+                                    lambda r: (check_admission(r, self.max_context), self.structure(r)))
 
     def generate(self, messages: list[dict] | None = None, *, prompt_ids: list[int] | None = None,
                  adapter: str | None = None, **kw) -> str:
@@ -321,10 +357,13 @@ class Engine:
             req = h.req
             if problem == "cancelled":
                 self._finish(req, h, "cancelled")
+                for f in getattr(h, "followers", ()):
+                    self.pending.put(f)   # each follower is a request of its own from here
                 continue
             if problem is not None:
                 log.warning("request %s refused: %s", req.id, problem.message)
-                self._finish(req, h, None, error=problem)
+                for f in [h, *getattr(h, "followers", ())]:
+                    self._finish(f.req, f, None, error=problem)
                 continue
             row = len(self.active)
             try:
@@ -332,14 +371,22 @@ class Engine:
                     logits = self.runner.prefill(row, req.prompt_ids, req.slot)
                 else:
                     logits = self._hf_prefill(req)
-                tok = self._sample(req, logits)
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                self._fail(req, h, e, "while reading the prompt")
+                for f in [h, *getattr(h, "followers", ())]:
+                    self._fail(f.req, f, e, "while reading the prompt")
                 continue
-            self.active.append((req, h))
-            self._accept_guarded(req, h, tok)
-            if req.finish_reason:
-                self._remove(row)
+            live = [h, *(choices.admit_followers(self, h, row, limit) if self.runner else ())]
+            if not self.runner:
+                for f in getattr(h, "followers", ()):
+                    self.pending.put(f)   # the fallback decodes one row at a time
+            pairs = [(f.req, f) for f in live]
+            self.active.extend(pairs)
+            for (r, f), tok in zip(pairs, self._sample_rows(pairs, logits[None].expand(len(pairs), -1))):
+                if tok is not None:
+                    self._accept_guarded(r, f, tok)
+            for i in reversed(range(row, row + len(live))):
+                if self.active[i][0].finish_reason:
+                    self._remove(i)
 
     def _step(self):
         reqs = [r for r, _ in self.active]
@@ -350,7 +397,7 @@ class Engine:
         else:
             logits = self._hf_decode(reqs[0])
         self.steps += 1
-        nxt = self._sample_rows(reqs, logits)
+        nxt = self._sample_rows(self.active, logits)
         done = []
         for i, ((req, h), tok) in enumerate(zip(self.active, nxt)):
             if tok is None:   # its sampling failed: that request alone ends (already finished)
@@ -370,16 +417,18 @@ class Engine:
         self.active[i] = self.active[last]
         self.active.pop()
 
-    # Sampling (sampling.py: numerically safe) ---------------------------------------------------
-    def _sample_rows(self, reqs, logits) -> list[int | None]:
+    # Sampling (sampling.py: numerically safe; logits.py: each row's controls and logprobs) ---------
+    def _sample_rows(self, pairs, logits) -> list[int | None]:
         """Each row's next token; None for a row whose own sampling failed (that request is finished)."""
+        reqs = [r for r, _ in pairs]
+        logits = controls.apply(reqs, logits)
         if all(sampling.is_greedy(r.temperature) for r in reqs):
             try:
                 return sampling.greedy(logits)
             except sampling.SamplingError:
                 pass   # some row has no usable logits: find it below, one row at a time
         out = []
-        for i, (req, h) in enumerate(self.active):
+        for i, (req, h) in enumerate(pairs):
             try:
                 out.append(self._sample(req, logits[i]))
             except Exception as e:  # noqa: BLE001 - this request's failure ends it alone
@@ -417,9 +466,16 @@ class Engine:
         if tok in self.eos and not req.ignore_eos:
             return self._finish(req, h, "stop")
         req.generated.append(tok)
+        if req.constraint is not None:
+            req.constraint.accept(tok)
+        if req.logprobs is not None:
+            controls.record(req, tok)
         text = req.stream.push(tok)
         if text:
-            h.put(Event("token", text))
+            lps = None
+            if req.logprobs is not None:
+                lps, req.lp_sent = req.token_logprobs[req.lp_sent:], len(req.token_logprobs)
+            h.put(Event("token", text, logprobs=lps))
         if req.stream.stopped:
             return self._finish(req, h, "stop")
         if len(req.generated) >= req.max_new_tokens:

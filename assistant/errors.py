@@ -149,3 +149,14 @@ class ServerRefused(AssistantError):
     def __init__(self, message: str, *, status: int = 502, param: str | None = None):
         super().__init__(message, param=param)
         self.status = status
+
+
+class UnsupportedMediaType(AssistantError):
+    """A JSON route sent another content type (a cross-site form posts text/plain)."""
+    status = 415
+    code = "unsupported_media_type"
+
+
+class MethodNotAllowed(AssistantError):
+    status = 405
+    code = "method_not_allowed"

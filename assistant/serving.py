@@ -24,17 +24,15 @@ from .lm import with_system_prompt
 from .registry import parse_model_name, safe_unzip, validate_adapter
 from .settings import (
     BASE,
-    DEFAULT_MAX_NEW_TOKENS,
     MAX_LORA_RANK,
     MAX_MESSAGE_CHARS,
     MAX_MESSAGES,
-    MAX_NEW_TOKENS_CAP,
     MAX_UPLOAD_BYTES,
 )
+from .toolcalls import plain as plain_turns
 from .workspace import Workspace
 
-ROLES = ("system", "user", "assistant")
-MAX_STOP_STRINGS = 4
+ROLES = ("system", "developer", "user", "assistant", "tool")
 ADAPTER_SLOT_WAIT_S = 10.0   # engines without a waiting room (vLLM), activation: how long to wait for a slot
 LOG_WAIT_S = 10.0            # how long a caller waits for a finished response to reach the log
 SLOT_POLL_S = 0.5            # while every slot is pinned: how often a waiting load tries again
@@ -65,6 +63,9 @@ class Call:
     logged_event: threading.Event = field(default_factory=threading.Event)
     user: str | None = None        # the end user the request names
     principal: str | None = None   # who authenticated: the API key holder or the signed-in user
+    tools: str | None = None     # how the answer carries tool calls: "auto" (tags in text), "call" (JSON)
+    tool_names: frozenset = frozenset()
+    index: int = 0               # which of the request's n answers
 
 
 def check_messages(messages) -> list[dict]:
@@ -79,33 +80,19 @@ def check_messages(messages) -> list[dict]:
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str):
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if not isinstance(content, str) and not (content is None and calls):
             raise AssistantError(f"messages[{i}].content must be text", param="messages")
-        if len(content) > MAX_MESSAGE_CHARS:
+        if content is not None and len(content) > MAX_MESSAGE_CHARS:
             raise AssistantError(f"messages[{i}] is {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}: "
                                  "shorten it", param="messages")
-        out.append({"role": m["role"], "content": content})
+        item = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
+        if calls:
+            item["tool_calls"] = calls
+        if m["role"] == "tool":
+            item["tool_call_id"] = m.get("tool_call_id")
+        out.append(item)
     return out
-
-
-def check_sampling(max_tokens, temperature, top_p, stop) -> tuple[int, float, float, tuple[str, ...]]:
-    """The request's sampling fields, checked and defaulted."""
-    if max_tokens is None:
-        max_tokens = DEFAULT_MAX_NEW_TOKENS
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS_CAP:
-        raise AssistantError(f"max_tokens must be between 1 and {MAX_NEW_TOKENS_CAP}", param="max_tokens")
-    temperature = 0.0 if temperature is None else float(temperature)
-    if not 0 <= temperature <= 2:
-        raise AssistantError("temperature must be between 0 and 2", param="temperature")
-    top_p = 1.0 if top_p is None else float(top_p)
-    if not 0 < top_p <= 1:
-        raise AssistantError("top_p must be in (0, 1]", param="top_p")
-    if isinstance(stop, str):
-        stop = [stop]
-    stop = tuple(s for s in (stop or []) if isinstance(s, str) and s)
-    if len(stop) > MAX_STOP_STRINGS:
-        raise AssistantError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
-    return max_tokens, temperature, top_p, stop
 
 
 class Serving:
@@ -279,39 +266,69 @@ class Serving:
         return version
 
     # Chat --------------------------------------------------------------------------------------
-    def start_chat(self, model: str, messages, *, max_tokens: int | None = None, temperature: float | None = None,
-                   top_p: float | None = None, seed: int | None = None, stop=None, loop=None,
-                   user: str | None = None, ignore_eos: bool = False, slot_wait_s: float = ADAPTER_SLOT_WAIT_S,
-                   principal=SAME_AS_USER) -> Call:
+    def start_chat(self, model: str, messages, **kw) -> Call:
         """Check the request, pin the adapter it resolves to, and queue it. The answer is logged under
-        exactly that adapter version, which serves it from the first token to the last. `user`: the end user
-        the request names; `principal`: who authenticated (by default `user`: the UI, where they are one)."""
-        from .engine import Request
-        messages = check_messages(messages)
+        exactly that adapter version, which serves it from the first token to the last."""
+        return self.start_choices(model, messages, **kw)[0]
+
+    def start_choices(self, model: str, messages=None, *, prompt: str | None = None, n: int = 1,
+                      tools: list[dict] | None = None, tool_choice=None, response_format: dict | None = None,
+                      slot_wait_s: float = ADAPTER_SLOT_WAIT_S, loop=None, user: str | None = None,
+                      principal=SAME_AS_USER, **sampling) -> list[Call]:
+        """`n` answers to one conversation (or, for legacy completions, to one `prompt` text), read once and
+        decoded as n rows (chat_options.py says how tools and response_format constrain them). Each answer
+        is a Call, logged as its own response; the first's id is the request's. `user`: the end user the
+        request names; `principal`: who authenticated (by default `user`: the UI, where they are one)."""
+        from .chat_options import build_requests
+        if prompt is None:
+            messages = check_messages(messages)
         target = self.resolve(model)
-        messages = with_system_prompt(messages, target.system_prompt)
-        max_tokens, temperature, top_p, stop = check_sampling(max_tokens, temperature, top_p, stop)
-        ids = self.engine.encode_chat(messages)
-        slot, folder = 0, None
-        if target.version and getattr(self.engine, "schedules_adapters", False):
-            folder = functools.partial(self._adapter_folder, target.domain, target.version)   # loaded when its turn comes
-        elif target.version:
-            try:
-                slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s)
-            except AdapterRefused as e:   # this version only: base and the other domains keep answering
-                raise DomainBroken(f"domain {target.domain!r} cannot answer: {e.message}") from None
-        req = Request(prompt_ids=ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      stop=stop, adapter=target.adapter_key, slot=slot, ignore_eos=bool(ignore_eos),
-                      adapter_folder=folder)
-        call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=None,
-                    prompt_tokens=len(ids), user=user, principal=user if principal is SAME_AS_USER else principal)
-        self._inflight[call.id] = call
+        if prompt is None:
+            messages = with_system_prompt(messages, target.system_prompt)
+            offered = tools if tool_choice != "none" else None
+            ids = self.engine.encode_chat(messages, offered)
+            # logged (and so curated and trained on) as text turns: tool calls and results in the Hermes
+            # convention of toolcalls.py, the offered tools in the system message
+            turns = offered or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+            logged = plain_turns(messages, offered) if turns else messages
+        else:
+            ids, logged = self.engine.encode_text(prompt), [{"role": "user", "content": prompt}]
+        reqs, mode = build_requests(ids, n, tools, tool_choice, response_format, adapter=target.adapter_key,
+                                    **sampling)
         try:
-            call.handle = self.engine.submit(req, loop=loop, on_finish=lambda: self._log_queue.put(call))
+            for r in reqs:
+                if target.version and getattr(self.engine, "schedules_adapters", False):   # loaded when its turn comes
+                    r.adapter_folder = functools.partial(self._adapter_folder, target.domain, target.version)
+                elif target.version:
+                    r.slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s)
+        except AdapterRefused as e:   # this version only: base and the other domains keep answering
+            for r in reqs:
+                self.engine.unpin(r.slot)
+            raise DomainBroken(f"domain {target.domain!r} cannot answer: {e.message}") from None
         except BaseException:
-            self._inflight.pop(call.id, None)
+            for r in reqs:
+                self.engine.unpin(r.slot)
             raise
-        return call
+        base = f"{'cmpl' if prompt is not None else 'chatcmpl'}-{uuid.uuid4().hex}"
+        calls = [Call(id=base if i == 0 else f"{base}-{i}", target=target, messages=logged, handle=None,
+                      prompt_tokens=len(ids), user=user, tools=mode, index=i,
+                      principal=user if principal is SAME_AS_USER else principal,
+                      tool_names=frozenset(t["function"]["name"] for t in tools or ())) for i in range(n)]
+        for c in calls:
+            self._inflight[c.id] = c
+        finish = [lambda c=c: self._log_queue.put(c) for c in calls]
+        try:
+            if n == 1:
+                handles = [self.engine.submit(reqs[0], loop=loop, on_finish=finish[0])]
+            else:
+                handles = self.engine.submit_group(reqs, loop=loop, on_finish=finish)
+        except BaseException:
+            for c in calls:
+                self._inflight.pop(c.id, None)
+            raise
+        for c, h in zip(calls, handles):
+            c.handle = h
+        return calls
 
     def finish_chat(self, call: Call, timeout: float = LOG_WAIT_S) -> bool:
         """Wait until the call's response is logged (the response-log thread logs each call exactly once,
@@ -331,6 +348,11 @@ class Serving:
                 "domain": call.target.domain, "adapter_version": call.target.version,
                 "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": completion,
                           "total_tokens": call.prompt_tokens + completion}}
+
+    def token_texts(self, ids) -> dict[int, str]:
+        """Each token id's own text (logprobs name tokens by it)."""
+        tok = self.engine.tokenizer
+        return {i: tok.decode([i]) for i in ids}
 
     @property
     def context_tokens(self) -> int:

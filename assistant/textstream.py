@@ -29,10 +29,14 @@ REPLACEMENT = "\ufffd"      # what a decoder writes for bytes that are not (yet)
 WINDOW_CONTEXT_IDS = 8      # ids of context a fallback decoder starts from
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """The token ids of a conversation rendered by the chat template, ending with the assistant's turn opening
-    (what the model continues). lm.encode_chat renders whole conversations with loss labels, for training."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    (what the model continues); tools and tool turns as toolcalls.py renders them for this template.
+    lm.encode_chat renders whole conversations with loss labels, for training."""
+    from .toolcalls import for_template
+    messages, extra = for_template(tokenizer, messages, tools)
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        **extra)
     return list(out["input_ids"])
 
 

@@ -74,6 +74,7 @@ class StreamEvent:
     finish_reason: str | None = None
     usage: Usage | None = None
     token_ids: list[int] = field(default_factory=list)   # the delta's tokens (completions with return_token_ids)
+    logprobs: dict | None = None   # the delta's legacy-completions logprobs, when asked for
 
 
 @dataclass(frozen=True)
@@ -361,12 +362,12 @@ class VllmClient:
 
     async def stream_completion(self, model: str, prompt_ids: list[int], *, max_tokens: int = 256,
                                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                                stop: list[str] | tuple[str, ...] = (), ignore_eos: bool = False
-                                ) -> AsyncIterator[StreamEvent]:
+                                stop: list[str] | tuple[str, ...] = (), ignore_eos: bool = False,
+                                extra: dict | None = None) -> AsyncIterator[StreamEvent]:
         """Like `stream_chat`, for a prompt that is already token ids (the app applied the chat template):
         vLLM reads the ids as they are and returns each delta's token ids with its text."""
         body = _chat_body(model, [], max_tokens, temperature, top_p, seed, stop, ignore_eos,
-                          {"prompt": list(prompt_ids), "return_token_ids": True})
+                          {"prompt": list(prompt_ids), "return_token_ids": True, **(extra or {})})
         del body["messages"]
         async for ev in self._stream(f"completion with {model!r}", "/v1/completions", body):
             yield ev
@@ -397,7 +398,7 @@ class VllmClient:
                         text = choice["text"] if "text" in choice else (choice.get("delta") or {}).get("content")
                         ids = choice.get("token_ids") or ()
                         if text or ids:
-                            yield StreamEvent("token", text or "", token_ids=list(ids))
+                            yield StreamEvent("token", text or "", token_ids=list(ids), logprobs=choice.get("logprobs"))
                         finish = choice.get("finish_reason") or finish
                     if chunk.get("usage"):
                         u = chunk["usage"]

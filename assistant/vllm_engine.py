@@ -360,8 +360,25 @@ class VllmEngine:
             log.info("unloaded %s from the vLLM servers (not live, not in use)", key)
 
     # The engine protocol: generation -----------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, tools)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def submit_group(self, reqs: list[Request], loop=None, on_finish=None) -> list[Handle]:
+        """`n` answers: one request per answer (the servers' prefix cache reads the shared prompt once)."""
+        handles = []
+        for i, (req, done) in enumerate(zip(reqs, on_finish or [None] * len(reqs))):
+            try:
+                handles.append(self.submit(req, loop, done))
+            except BaseException:
+                for h in handles:
+                    h.cancel()
+                for r in reqs[i + 1:]:
+                    self.unpin(r.slot)
+                raise
+        return handles
 
     def _route(self, key: str | None) -> Server:
         with self._lock:
@@ -399,7 +416,7 @@ class VllmEngine:
         model = req.adapter or server.base_id
         stream = server.client.stream_completion(model, req.prompt_ids, max_tokens=req.max_new_tokens,
                                                  temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                                 stop=req.stop, ignore_eos=req.ignore_eos)
+                                                 stop=req.stop, ignore_eos=req.ignore_eos, extra=vllm_options(req))
         try:
             async for ev in stream:
                 if h.cancelled.is_set():
@@ -409,9 +426,13 @@ class VllmEngine:
                     if req.t_first is None:
                         req.t_first = time.perf_counter()
                     req.generated.extend(ev.token_ids)
-                    if ev.text:
+                    lps = vllm_logprobs(ev.logprobs, req.logprobs) if req.logprobs is not None else None
+                    if lps:
+                        req.token_logprobs += lps
+                        req.lp_sent = len(req.token_logprobs)
+                    if ev.text or lps:
                         req.text += ev.text
-                        h.put(Event("token", ev.text))
+                        h.put(Event("token", ev.text, logprobs=lps))
                 else:
                     req.finish_reason = ev.finish_reason   # usage: the prompt is our ids, the answer's came back
         except VllmError as e:
@@ -453,6 +474,42 @@ class VllmEngine:
             s.client.close()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def vllm_options(req: Request) -> dict:
+    """What a request asks beyond sampling, in vLLM's words: structured outputs (the same JSON constraint
+    the local engine enforces with xgrammar; vLLM uses xgrammar too), logprobs, penalties, logit_bias."""
+    from .grammar import bounded
+    out: dict = {}
+    if req.structured is not None:
+        kind, schema = req.structured
+        # the same grammar as grammar.py: no free whitespace, unbounded integers bounded
+        out["structured_outputs"] = {**({"json_object": True} if kind == "json_object" else {"json": bounded(schema)}),
+                                     "disable_any_whitespace": True}
+    if req.logprobs is not None:
+        out.update(logprobs=req.logprobs, return_tokens_as_token_ids=True)
+    if req.frequency_penalty:
+        out["frequency_penalty"] = req.frequency_penalty
+    if req.presence_penalty:
+        out["presence_penalty"] = req.presence_penalty
+    if req.logit_bias:
+        out["logit_bias"] = {str(k): v for k, v in req.logit_bias.items()}
+    return out
+
+
+def _token_id(name: str) -> int:
+    return int(name.rpartition(":")[2])   # "token_id:123" (return_tokens_as_token_ids)
+
+
+def vllm_logprobs(lp: dict | None, k: int) -> list:
+    """A completions chunk's logprobs as the engine's TokenLogprobs (the `k` most likely rivals each)."""
+    from .logits import TokenLogprob
+    if not lp:
+        return []
+    tops = lp.get("top_logprobs") or [None] * len(lp.get("tokens") or [])
+    return [TokenLogprob(_token_id(t), float(v), sorted(((_token_id(k), float(x)) for k, x in (top or {}).items()),
+                                                        key=lambda p: -p[1])[:k])
+            for t, v, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], tops)]
 
 
 def _already_loaded(e: VllmError) -> bool:

@@ -22,6 +22,7 @@ BENCHES = {
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",
     "eval": "bench_eval",            # eval_vs_train_time of one job
+    "structured": "bench_structured",  # constrained_vs_free_decode: JSON-schema decoding vs free
     "vllm": "bench_vllm",            # the app in front of a vLLM server (--engine vllm)
 }
 LOCAL = [name for name in BENCHES if name != "vllm"]

@@ -357,7 +357,8 @@ def build(serving, P):
     meta = gr.State({})          # message index -> {response_id, model, domain, version}
     target = gr.State(None)      # the answer the feedback panel is about
     gr.Markdown(demo_note(serving), elem_id="demo-note")
-    model = gr.Dropdown(model_choices(serving.workspace), value=BASE, label="Model or domain", elem_id="model-select")
+    model = gr.Dropdown(model_choices(serving.workspace), value=BASE, label="Model or domain", elem_id="model-select",
+                        allow_custom_value=True)   # API callers may name a domain created after the page loaded
     with gr.Column(visible=False, variant="panel", elem_id="chat-new-domain") as new_form:
         gr.Markdown("**New domain**: a name, and the system prompt its answers start from.")
         n_name = gr.Textbox(label="Name (a-z, 0-9, - and _)", elem_id="chat-domain-name")
