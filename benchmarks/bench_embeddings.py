@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import on_all_cores, print_table  # sets the thread defaults first
+from common import on_all_cores, print_table, sized  # sets the thread defaults first
 
-N_TEXTS = 2_000
-ROUNDS = 3
+N_TEXTS = sized(2_000, 40)
+ROUNDS = sized(3, 1)
 TORCH_BATCH = 64     # what `Embedder` used with sentence-transformers
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -17,7 +18,7 @@ BENCHES = {
     "engine": "bench_engine",
     "adapters": "bench_adapters",
     "curation": "bench_curation",
-    "embeddings": "bench_embeddings",  # numpy MiniLM vs sentence-transformers on torch
+    "embeddings": "bench_embeddings",  # sentence-transformers' backends (torch, ONNX when installed)
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",
     "eval": "bench_eval",            # eval_vs_train_time of one job
@@ -30,10 +31,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)}")
     p.add_argument("--base-model", default="embedded")
+    p.add_argument("--smoke", action="store_true",
+                   help="every benchmark's code path on tiny sizes, in seconds: checks that they run, measures nothing")
     p.add_argument("--engine", choices=["local", "vllm"], default="local",
                    help="vllm: the proxy benchmark against a vLLM server the app starts (needs the vLLM environment "
                         "of scripts/setup.sh --test)")
     args = p.parse_args(argv)
+    if args.smoke:
+        os.environ["BENCH_SMOKE"] = "1"    # read by common.py, imported by each benchmark below
     names = args.only.split(",") if args.only else (["vllm"] if args.engine == "vllm" else LOCAL)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
