@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .engine_protocol import EngineProtocol, EngineStatus
 from .errors import AssistantError, Busy, ContextTooLong, GenerationFailed
 from .runner import FAST_ARCHS, LlamaRunner
 from .settings import MAX_BATCH, MAX_QUEUE, MAX_RESIDENT_ADAPTERS
@@ -167,7 +168,9 @@ def eos_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-class Engine:
+class Engine(EngineProtocol):
+    """The in-process engine (see the module's docstring)."""
+
     def __init__(self, base, *, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
                  max_resident_adapters: int = MAX_RESIDENT_ADAPTERS):
         self.base = base
@@ -193,9 +196,6 @@ class Engine:
         return {n: (m.in_features, m.out_features) for n, m in self.model.named_modules()
                 if isinstance(m, torch.nn.Linear)}
 
-    def adapter_slot(self, key: str) -> int | None:
-        return self.runner.bank.slot_of(key) if self.runner else None
-
     def pin_adapter(self, key: str) -> int | None:
         """The resident slot of `key` pinned for one request (unpinned when that request ends), or None."""
         return self.runner.bank.pin(key) if self.runner else None
@@ -216,7 +216,7 @@ class Engine:
         if self.runner:
             self.runner.bank.wait_for_release(timeout)
 
-    def evict_adapter(self, key: str) -> None:
+    def unload_adapter(self, key: str) -> None:
         if self.runner:
             self.runner.bank.evict(key)
 
@@ -262,6 +262,14 @@ class Engine:
             if slot is None:
                 raise AssistantError(f"adapter {adapter} is not loaded: load it first")
         return self.submit(Request(prompt_ids=ids, adapter=adapter, slot=slot, **kw)).result()[0]
+
+    def status(self) -> EngineStatus:
+        adapters = []
+        if self.runner:
+            with self.runner.bank.lock:   # the bank's own lock: never waits for a decode step
+                adapters = sorted(self.runner.bank.slots)
+        return {"kind": "local", "ready": self.thread.is_alive() and not self.stopping,
+                "queued": self.pending.qsize(), "inflight": len(self.active), "adapters": adapters, "servers": []}
 
     def close(self):
         self.stopping = True

@@ -105,13 +105,6 @@ class LoraBank:
         return idx
 
     # Loading -----------------------------------------------------------------------------------
-    def slot_of(self, key: str) -> int | None:
-        with self.lock:
-            s = self.slots.get(key)
-            if s is not None:
-                self.slots.move_to_end(key)
-            return s
-
     def pin(self, key: str) -> int | None:
         """The slot holding `key`, pinned for one request (lookup and pin are one step under the lock, so
         no load can evict it in between), or None when `key` is not resident. Unpin with `release`."""

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .engine_protocol import EngineProtocol
 from .errors import AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
 from .lm import with_system_prompt
 from .registry import parse_model_name, safe_unzip, validate_adapter
@@ -106,18 +107,10 @@ def check_sampling(max_tokens, temperature, top_p, stop) -> tuple[int, float, fl
 
 
 class Serving:
-    def __init__(self, workspace: Workspace, base=None, *, engine=None):
-        """`base`: a loaded `Base` (model.py), loaded from the workspace's settings when None. `engine`:
-        what generates (the in-process engine by default)."""
+    def __init__(self, workspace: Workspace, engine: EngineProtocol):
+        """`engine`: what generates (built by server.build_engine), serving `engine.base`."""
         self.workspace = workspace
-        settings = workspace.settings
-        if engine is None:
-            from .engine import Engine
-            from .model import load_base
-            base = base if base is not None else load_base(settings)
-            engine = Engine(base, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                            max_resident_adapters=settings.max_resident_adapters)
-        self.base = base if base is not None else engine.base
+        self.base = engine.base
         self.engine = engine
         self._active: dict[str, tuple[int, str | None]] = {}
         self._load_lock = threading.Lock()
@@ -301,7 +294,7 @@ class Serving:
         try:
             text, reason = call.handle.result()
         finally:
-            call.handle.cancel()
+            self.engine.cancel(call.handle)
         self.finish_chat(call)
         completion = len(call.handle.req.generated)
         return {"id": call.id, "text": text, "finish_reason": reason, "model": call.target.model,
@@ -333,11 +326,10 @@ class Serving:
         return self.workspace.feedback(response_id, rating, correction, reason, user)
 
     def status(self) -> dict:
-        out = {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
-               "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}
-        if hasattr(self.engine, "servers"):   # vLLM: which servers answer, what they have loaded
-            out["engine"] = {"kind": "vllm", "servers": self.engine.status()}
-        return out
+        """The base served and the engine's status (engine_protocol.EngineStatus, the same keys for both)."""
+        return {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
+                "quantization": self.base.quantization, "fingerprint": self.base.fingerprint,
+                "engine": self.engine.status()}
 
     @property
     def log_failures(self) -> int:

@@ -2,8 +2,8 @@
 (API, response ids, the response log with the exact adapter version, feedback, auth, UI); the servers only
 generate.
 
-It speaks the engine's protocol (`submit`, `pin_adapter`, `load_adapter`, `unpin`, ...), so `Serving`
-does not know which engine it drives:
+It implements the engine interface (engine_protocol.py: `submit`, `pin_adapter`, `load_adapter`, `unpin`,
+`status`, ...), so `Serving` does not know which engine it drives:
 
 - **Prompts are token ids.** The app applies the chat template once (the same tokenizer as the servers,
   checked equal) and sends the ids to `/v1/completions`; text and token ids stream back chunk by chunk.
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from .engine import MAX_CONTEXT_TOKENS, Event, Handle, Request, check_admission
+from .engine_protocol import EngineProtocol, EngineStatus
 from .errors import (
     GenerationFailed,
     InvalidAdapter,
@@ -68,7 +69,7 @@ class Server:
         return self.client.url
 
 
-class VllmEngine:
+class VllmEngine(EngineProtocol):
     def __init__(self, base, urls: list[str], *, adapters_root: Path, served_adapters_root: str | None = None,
                  live: Callable[[], dict[str, Path]] | None = None, max_resident: int = 8, managed=None):
         """`base`: the described base (model.describe_base). `urls`: the servers. `adapters_root`: the app's
@@ -247,6 +248,14 @@ class VllmEngine:
         with self._lock:
             self._freed.wait(timeout)
 
+    def unload_adapter(self, key: str) -> None:
+        """Drop `key` from every server that has it (when no request pins it)."""
+        with self._lock:
+            if self._pins.get(key):
+                return
+            self._recent.pop(key, None)
+        self._drop(key)
+
     def _evict(self) -> None:
         """Unload versions past `max_resident` that nothing pins and that are not live, oldest first."""
         live = set(self.live())
@@ -256,14 +265,17 @@ class VllmEngine:
             for k in victims:
                 self._recent.pop(k, None)
         for key in victims:
-            for s in self.servers:
-                if key in s.loaded:
-                    try:
-                        s.client.unload_lora_sync(key)
-                        s.loaded.discard(key)
-                    except VllmError as e:
-                        log.warning("could not unload %s from %s: %s", key, s.url, e.message)
+            self._drop(key)
             log.info("unloaded %s from the vLLM servers (not live, not in use)", key)
+
+    def _drop(self, key: str) -> None:
+        for s in self.servers:
+            if key in s.loaded:
+                try:
+                    s.client.unload_lora_sync(key)
+                    s.loaded.discard(key)
+                except VllmError as e:
+                    log.warning("could not unload %s from %s: %s", key, s.url, e.message)
 
     # The engine protocol: generation -----------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -342,11 +354,15 @@ class VllmEngine:
         req.slot = 0
         h.finish(error)
 
-    def status(self) -> list[dict]:
-        """Each server: url, ready, in flight, adapters loaded, problem."""
+    def status(self) -> EngineStatus:
+        """The engine's status; `servers`: each one's url, ready, in flight, answers served, adapters loaded
+        and problem."""
         with self._lock:
-            return [{"url": s.url, "ready": s.ready, "inflight": s.inflight, "served": s.served,
-                     "adapters": sorted(s.loaded), "problem": s.problem} for s in self.servers]
+            servers = [{"url": s.url, "ready": s.ready, "inflight": s.inflight, "served": s.served,
+                        "adapters": sorted(s.loaded), "problem": s.problem} for s in self.servers]
+            loaded = set().union(*(s.loaded for s in self.servers if s.ready))
+        return {"kind": "vllm", "ready": any(s["ready"] for s in servers), "queued": 0,
+                "inflight": sum(s["inflight"] for s in servers), "adapters": sorted(loaded), "servers": servers}
 
     def close(self) -> None:
         self._stop.set()
