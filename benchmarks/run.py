@@ -18,7 +18,7 @@ BENCHES = {
     "engine": "bench_engine",
     "adapters": "bench_adapters",
     "curation": "bench_curation",
-    "embeddings": "bench_embeddings",  # sentence-transformers' backends (torch, ONNX when installed)
+    "embeddings": "bench_embeddings",  # sentence-transformers throughput (and its ONNX backend when installed)
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",
     "eval": "bench_eval",            # eval_vs_train_time of one job

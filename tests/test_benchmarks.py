@@ -23,7 +23,7 @@ RATIOS = {
     "adapters": ("adapter_select_vs_base_load", "adapter_load_vs_base_load", "adapter_decode_vs_base",
                  "mixed_vs_single_adapter", "concurrent_vs_serial"),
     "curation": ("dedup_cost_10k_vs_1k", "ann_recall", "insert_check_ms"),
-    "embeddings": ("minilm_numpy_vs_torch",),
+    "embeddings": ("embed_texts_per_s",),
     "dedup": ("dedup_chosen_threshold", "dedup_test_precision", "dedup_test_recall", "dedup_test_facts_lost"),
     "training": ("train_vs_plain_peft",),
     "eval": ("eval_vs_train_time",),
