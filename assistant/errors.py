@@ -81,6 +81,10 @@ class SlotsBusy(Busy):
     """Every adapter slot is pinned by requests in flight: a new adapter has nowhere to load yet."""
 
 
+class InvalidSetting(AssistantError, ValueError):
+    """A setting with a wrong type or value; `param` names the field (`epochs`, `learning_rate`, ...)."""
+
+
 class InsufficientMemory(AssistantError):
     """A training job would not fit in the device's memory; the message names the numbers and what to lower."""
     status = 422

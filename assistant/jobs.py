@@ -74,20 +74,17 @@ def _settings_from_json(text: str):
 # Preparing a job (in the server): the dataset check and the job row
 # ---------------------------------------------------------------------------------------------
 
-def _prepare(settings, store, registry, domain: str, train_settings: dict | None,
+def _prepare(settings, store, registry, domain: str, train_settings,
              free_bytes: float | None = None) -> dict:
-    """Validate settings, check memory, curate, check the size: the job's `settings` record, or an error
-    for the caller. `free_bytes`: device memory free for the job (None: measured on CUDA, no check on CPU)."""
+    """Check memory, curate, check the size: the job's `settings` record, or an error for the caller.
+    `train_settings`: a TrainSettings (checked where they entered), or overrides of the server's defaults
+    that are checked here, once (`TrainSettings.of`). `free_bytes`: device memory free for the job (None:
+    measured on CUDA, no check on CPU)."""
     from .curation import curate
     from .memory import check_job_memory
     from .training import MIN_EXAMPLES, TrainSettings
     registry.get_domain(domain)
-    try:
-        if train_settings is not None and not isinstance(train_settings, dict):
-            raise ValueError("training settings must be an object of name: value pairs")
-        ts = TrainSettings.from_dict({**settings.train, **(train_settings or {})})   # the server's defaults first
-    except (TypeError, ValueError) as e:
-        raise AssistantError(str(e), param="settings") from None
+    ts = TrainSettings.of(train_settings, settings.train)   # InvalidSetting (400) names the field
     active = store.active_job()
     if active is not None:  # cheap early answer; create_job is what really enforces it
         from .errors import Conflict
@@ -103,13 +100,15 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
                               f"training needs at least {MIN_EXAMPLES}: add examples or corrections")
     feedback_ids = sorted({fid for it in snap.items if it.get("removed") is None
                            for fid in it.get("feedback_ids") or []})
-    return {"training": ts.to_dict(), "requested": dict(train_settings or {}), "snapshot": snap.hash,
+    defaults = TrainSettings().to_dict()
+    requested = {k: v for k, v in ts.to_dict().items() if v != defaults[k]}   # what differs from the recipe's
+    return {"training": ts.to_dict(), "requested": requested, "snapshot": snap.hash,
             "feedback_ids": feedback_ids, "n_train": n_train,
             "n_eval": snap.report.get("eval", 0), "curate_seconds": round(curate_seconds, 2),
             "n_corrections": snap.report.get("sources", {}).get("correction", 0)}
 
 
-def start_job(settings, store, registry, domain: str, train_settings: dict | None = None) -> str:
+def start_job(settings, store, registry, domain: str, train_settings=None) -> str:
     """Queue a training job for `domain` and start its child process; returns the job id.
     Raises DatasetTooSmall (422), Conflict (409, another job is active) or AssistantError (bad settings)."""
     record = _prepare(settings, store, registry, domain, train_settings)
@@ -286,7 +285,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
     try:
         rows = _read_rows(settings, record, store, domain)
         system_prompt = registry.get_domain(domain).system_prompt
-        ts = TrainSettings.from_dict(record.get("training"))
+        ts = TrainSettings.from_record(record["training"])
         tracker.start("train")
         staging = registry.new_staging(domain, tag=f"job-{job_id}")
         base = _load(settings)
@@ -387,7 +386,7 @@ def _activate(registry, domain: str, version: str, model, fingerprint: dict) -> 
     registry.activate(domain, version, load=load)
 
 
-def run_job_inline(settings, store, registry, domain: str, train_settings: dict | None = None) -> dict:
+def run_job_inline(settings, store, registry, domain: str, train_settings=None) -> dict:
     """Blocking, in this process, with a progress bar (the CLI): same checks, same job record."""
     from tqdm import tqdm
     record = _prepare(settings, store, registry, domain, train_settings)

@@ -174,3 +174,19 @@ def test_no_module_imports_one_on_a_higher_floor():
               for n, p in modules.items() for m in _imports(n, p, modules) if _floor(m) > _floor(n)]
     assert not upward, upward
     assert _floor("assistant.ui.chat") == 2 and _floor("assistant.engine") == 0
+
+
+# Training settings are checked once, where they enter: the one checker is TrainSettings.from_dict (the
+# type and range of each field), called by the Workspace (API body, CLI flags) and the Train form; a job
+# and its ranks restore the checked record (`from_record`).
+SETTINGS_CHECKERS = {"assistant.training", "assistant.workspace", "assistant.ui.train"}
+
+
+def test_training_settings_have_one_checker():
+    calls = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_dict" \
+                    and ast.unparse(node.func.value) in ("TrainSettings", "cls") and name not in SETTINGS_CHECKERS:
+                calls.append(f"{name}:{node.lineno}")
+    assert not calls, calls
