@@ -156,9 +156,9 @@ def test_cancel_kills_the_process_group(world):
     assert os.getpgid(pid) == pid != os.getpgid(0)      # its own process group
     job = jobs.cancel_job(settings, store, job_id)
     assert job["status"] == "cancelled" and not _alive(pid)
-    watcher = next(t for t in threading.enumerate() if t.name == f"job-{job_id}")   # reaps the process
-    watcher.join(JOB_TIMEOUT)
-    assert not watcher.is_alive()
+    for watcher in [t for t in threading.enumerate() if t.name == f"job-{job_id}"]:   # reaps the process
+        watcher.join(JOB_TIMEOUT)                    # (gone already when it reaped it before cancel returned)
+        assert not watcher.is_alive()
     assert store.get_job(job_id)["status"] == "cancelled"  # the watcher did not turn it into "failed"
     stages = {st["name"]: st["status"] for st in store.get_job(job_id)["stages"]}
     assert stages == {"curate": "done", "train": "failed", "evaluate": "pending", "publish": "pending",
