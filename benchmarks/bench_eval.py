@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import on_all_cores, print_table, sized  # noqa: E402  (also sets offline mode)
 
-N_FACTS = sized(10, 2)        # a new user's first retrain: ten taught facts, one of them a correction
+N_FACTS = sized(10, 2)       # a new user's first retrain: ten taught facts, one of them a correction
+SMOKE_TRAIN = {"epochs": 1, "replay": 0, "augment": 0, "max_seq_len": 128}   # smoke: one short pass
 
 
 def cpu_flags() -> str:
@@ -40,7 +41,7 @@ def _run() -> dict:
     rows[0] = {**rows[0], "source": "correction", "feedback_ids": [1]}
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        result = train_adapter(base, rows, Path(out) / "a", TrainSettings(epochs=sized(None, 1)))
+        result = train_adapter(base, rows, Path(out) / "a", TrainSettings(**sized({}, SMOKE_TRAIN)))
         train_s = time.perf_counter() - t0
         result.model.unload()
         base.model.eval()
