@@ -34,9 +34,9 @@ def _workspace(args):
 
 
 def _serving(args):
-    from .serving import Serving
-    from .workspace import Workspace
-    return Serving(Workspace(settings_from(args)))
+    """The CLI's one builder of a Serving (and its engine): the server's, without recovering jobs."""
+    from .server import build
+    return build(settings_from(args), recover_jobs=False)[1]
 
 
 def _domain(args) -> str:

@@ -86,6 +86,10 @@ class CurationSettings:
     max_user_share: float = field(default=0.5, metadata={
         "help": "most of the dataset one user may contribute (applies when 2+ users contributed)"})
     neighbours: int = field(default=10, metadata={"help": "nearest neighbours looked at per candidate"})
+    embedding_model: str = field(default="all-MiniLM-L6-v2", metadata={
+        "help": "the sentence-transformers model that embeds conversations: all-MiniLM-L6-v2 (packaged, the "
+                "default), a local folder, or a model name already in the local Hugging Face cache (e.g. a "
+                "multilingual one for non-English domains); the thresholds above were chosen for MiniLM"})
 
     def __post_init__(self):
         for name in ("near_dup_threshold", "split_threshold"):
@@ -99,6 +103,8 @@ class CurationSettings:
             raise ValueError(f"max_user_share={self.max_user_share}: use a share in (0, 1]")
         if self.neighbours < 1:
             raise ValueError("neighbours must be at least 1")
+        if not isinstance(self.embedding_model, str) or not self.embedding_model.strip():
+            raise ValueError("embedding_model: name a sentence-transformers model or folder")
 
 
 @dataclass
@@ -363,18 +369,19 @@ def _write_snapshot(folder: Path, rows: list[dict]) -> tuple[str, Path]:
     return digest, path
 
 
-_default_embedder = None
+_embedders: dict[str, object] = {}
 _default_lock = threading.Lock()
 
 
-def default_embedder():
-    """One shared `Embedder` per process (the model is loaded on first use)."""
-    global _default_embedder
+def default_embedder(model: str | None = None):
+    """One shared `Embedder` per model and process (loaded on first use); `model`: a name or folder
+    (`CurationSettings.embedding_model`, the packaged MiniLM when None)."""
+    from .embeddings import MODEL_ID, Embedder, model_id
+    key = model_id(model or MODEL_ID)
     with _default_lock:
-        if _default_embedder is None:
-            from .embeddings import Embedder
-            _default_embedder = Embedder()
-        return _default_embedder
+        if key not in _embedders:
+            _embedders[key] = Embedder(model or MODEL_ID)
+        return _embedders[key]
 
 
 class Curator:
@@ -393,7 +400,7 @@ class Curator:
 
     def _embedder(self):
         if self.embedder is None:
-            self.embedder = default_embedder()
+            self.embedder = default_embedder(self.options.embedding_model)
         return self.embedder
 
     def index_path(self, domain: str) -> Path:
@@ -433,10 +440,11 @@ class Curator:
     def _save_index(self, domain: str, keys: list[str], vectors: np.ndarray) -> None:
         from .embeddings import VectorIndex
         path = self.index_path(domain)
-        current = self._load_index(domain)
-        if current is not None and current.keys == keys:
+        model = self._embedder().model_id
+        current = self._load_index(domain, rebuild=False)
+        if current is not None and current.keys == keys and current.model == model:
             return                                  # unchanged: leave the files alone
-        index = VectorIndex(vectors.shape[1])   # (0, dim) when nothing was kept
+        index = VectorIndex(vectors.shape[1], model=model)   # (0, dim) when nothing was kept
         if len(keys):
             index.add(vectors, keys)
         with self._lock:
@@ -450,18 +458,29 @@ class Curator:
         except FileNotFoundError:
             return -1
 
-    def _load_index(self, domain: str):
+    def _load_index(self, domain: str, *, rebuild: bool = True):
+        """The domain's saved index; one made by another embedding model than the current one is rebuilt
+        from the domain's data first (`rebuild`), or not returned."""
         from .embeddings import VectorIndex
         path = self.index_path(domain)
         mtime = self._mtime(path)
         with self._lock:
             cached = self._indexes.get(domain)
             if cached and cached[0] == mtime:
-                return cached[1]
-            index = VectorIndex.load(path)
-            if index is not None:
-                self._indexes[domain] = (mtime, index)
-            return index
+                index = cached[1]
+            else:
+                index = VectorIndex.load(path)
+                if index is not None:
+                    self._indexes[domain] = (mtime, index)
+            if index is None or index.model == self._embedder().model_id:
+                return index
+            if not rebuild:
+                return None
+            log.info("the %s index was built with %s; the embedding model is now %s: rebuilding it", domain,
+                     index.model, self._embedder().model_id)
+            _, kept, _, vectors = run(self.store, domain, self._embedder(), self.options)
+            self._save_index(domain, [it["key"] for it in kept], vectors)
+            return self._indexes[domain][1]
 
     def check_new(self, domain: str, item: str | list[dict]) -> tuple[str | None, float]:
         """Nearest kept row of the domain to a new item (its messages, or their `dedup_text`)
@@ -481,7 +500,7 @@ class Curator:
         vector = self._embedder().embed([dedup_text(item)])
         path = self.index_path(domain)
         with self._lock:
-            index = self._load_index(domain) or VectorIndex()
+            index = self._load_index(domain) or VectorIndex(vector.shape[1], model=self._embedder().model_id)
             index.add(vector, [key])
             index.save(path)
             self._indexes[domain] = (self._mtime(path), index)

@@ -75,7 +75,7 @@ def train(plan: dict, report) -> None:
     accelerator = Accelerator(cpu=plan["cpu"], mixed_precision="no", device_placement=False)
     rank, world = accelerator.process_index, accelerator.num_processes
     device = "cpu" if plan["cpu"] else str(accelerator.device)      # cuda:rank (of the GPUs ddp.py made visible)
-    settings = TrainSettings.from_dict(plan["settings"])
+    settings = TrainSettings.from_record(plan["settings"])
     base = load_base(Settings(base_model=plan["base_model"], dtype=plan["dtype"], quantization=plan["quantization"],
                               device=device), verbose=False)
     if base.quantization == "nf4" and not base.device.startswith("cuda"):

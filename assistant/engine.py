@@ -28,6 +28,7 @@ import torch
 
 from . import choices, sampling
 from . import logits as controls
+from .engine_protocol import EngineProtocol, EngineStatus
 from .errors import AssistantError, Busy, ContextTooLong, GenerationFailed
 from .grammar import Grammars
 from .runner import FAST_ARCHS, LlamaRunner
@@ -189,7 +190,8 @@ def eos_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-class Engine:
+class Engine(EngineProtocol):
+    """The in-process engine (see the module's docstring)."""
     schedules_adapters = True   # requests may come with `adapter_folder` and wait here for a slot
 
     def __init__(self, base, *, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
@@ -219,9 +221,6 @@ class Engine:
         return {n: (m.in_features, m.out_features) for n, m in self.model.named_modules()
                 if isinstance(m, torch.nn.Linear)}
 
-    def adapter_slot(self, key: str) -> int | None:
-        return self.runner.bank.slot_of(key) if self.runner else None
-
     def pin_adapter(self, key: str) -> int | None:
         """The resident slot of `key` pinned for one request (unpinned when that request ends), or None."""
         return self.runner.bank.pin(key) if self.runner else None
@@ -243,7 +242,7 @@ class Engine:
         if self.runner:
             self.runner.bank.wait_for_release(timeout)
 
-    def evict_adapter(self, key: str) -> None:
+    def unload_adapter(self, key: str) -> None:
         if self.runner:
             self.runner.bank.evict(key)
 
@@ -314,6 +313,14 @@ class Engine:
             if slot is None:
                 raise AssistantError(f"adapter {adapter} is not loaded: load it first")
         return self.submit(Request(prompt_ids=ids, adapter=adapter, slot=slot, **kw)).result()[0]
+
+    def status(self) -> EngineStatus:
+        adapters = []
+        if self.runner:
+            with self.runner.bank.lock:   # the bank's own lock: never waits for a decode step
+                adapters = sorted(self.runner.bank.slots)
+        return {"kind": "local", "ready": self.thread.is_alive() and not self.stopping,
+                "queued": self.pending.qsize(), "inflight": len(self.active), "adapters": adapters, "servers": []}
 
     def close(self):
         self.stopping = True

@@ -98,6 +98,10 @@ class SamplingError(RuntimeError):
     fault): that request alone fails."""
 
 
+class InvalidSetting(AssistantError, ValueError):
+    """A setting with a wrong type or value; `param` names the field (`epochs`, `learning_rate`, ...)."""
+
+
 class InsufficientMemory(AssistantError):
     """A training job would not fit in the device's memory; the message names the numbers and what to lower."""
     status = 422

@@ -76,20 +76,17 @@ def _settings_from_json(text: str):
 # Preparing a job (in the server): the dataset check and the job row
 # ---------------------------------------------------------------------------------------------
 
-def _prepare(settings, store, registry, domain: str, train_settings: dict | None,
+def _prepare(settings, store, registry, domain: str, train_settings,
              free_bytes: float | None = None) -> dict:
-    """Validate settings, check memory, curate, check the size: the job's `settings` record, or an error
-    for the caller. `free_bytes`: device memory free for the job (None: measured on CUDA, no check on CPU)."""
+    """Check memory, curate, check the size: the job's `settings` record, or an error for the caller.
+    `train_settings`: a TrainSettings (checked where they entered), or overrides of the server's defaults
+    that are checked here, once (`TrainSettings.of`). `free_bytes`: device memory free for the job (None:
+    measured on CUDA, no check on CPU)."""
     from .curation import curate
     from .memory import check_job_memory
     from .training import MIN_EXAMPLES, TrainSettings
     registry.get_domain(domain)
-    try:
-        if train_settings is not None and not isinstance(train_settings, dict):
-            raise ValueError("training settings must be an object of name: value pairs")
-        ts = TrainSettings.from_dict({**settings.train, **(train_settings or {})})   # the server's defaults first
-    except (TypeError, ValueError) as e:
-        raise AssistantError(str(e), param="settings") from None
+    ts = TrainSettings.of(train_settings, settings.train)   # InvalidSetting (400) names the field
     from .limits import engine_limits
     engine_limits(settings).check(ts.rank, ts.target_modules, what="this training job's adapter")   # 422 now
     active = store.active_job()
@@ -107,13 +104,15 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
                               f"training needs at least {MIN_EXAMPLES}: add examples or corrections")
     feedback_ids = sorted({fid for it in snap.items if it.get("removed") is None
                            for fid in it.get("feedback_ids") or []})
-    return {"training": ts.to_dict(), "requested": dict(train_settings or {}), "snapshot": snap.hash,
+    defaults = TrainSettings().to_dict()
+    requested = {k: v for k, v in ts.to_dict().items() if v != defaults[k]}   # what differs from the recipe's
+    return {"training": ts.to_dict(), "requested": requested, "snapshot": snap.hash,
             "feedback_ids": feedback_ids, "n_train": n_train,
             "n_eval": snap.report.get("eval", 0), "curate_seconds": round(curate_seconds, 2),
             "n_corrections": snap.report.get("sources", {}).get("correction", 0)}
 
 
-def start_job(settings, store, registry, domain: str, train_settings: dict | None = None) -> str:
+def start_job(settings, store, registry, domain: str, train_settings=None) -> str:
     """Queue a training job for `domain` and start its child process; returns the job id.
     Raises DatasetTooSmall (422), Conflict (409, another job is active) or AssistantError (bad settings)."""
     record = _prepare(settings, store, registry, domain, train_settings)
@@ -393,7 +392,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
 def _train(settings, store, job_id: str, rows, record: dict, staging: Path, tracker, on_step):
     """The train stage: (the base, the TrainResult), the adapter saved in `staging`."""
     from .training import TrainSettings, _load, train_adapter
-    ts = TrainSettings.from_dict(record.get("training"))
+    ts = TrainSettings.from_record(record["training"])
     tracker.start("train")
     tracker.note("train", "loading the base model")
     base = _load(settings)
@@ -485,7 +484,7 @@ def _activate(settings, registry, domain: str, version: str, model, fingerprint:
         raise AssistantError(f"{domain}@{version} was published but did not go live: {e.message}") from None
 
 
-def run_job_inline(settings, store, registry, domain: str, train_settings: dict | None = None) -> dict:
+def run_job_inline(settings, store, registry, domain: str, train_settings=None) -> dict:
     """Blocking, in this process, with a progress bar (the CLI): same checks, same job record."""
     from tqdm import tqdm
     record = _prepare(settings, store, registry, domain, train_settings)

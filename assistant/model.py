@@ -288,26 +288,34 @@ def config_shapes(config) -> dict:
     return shapes
 
 
-def fingerprint(model, name: str) -> dict:
+def _fingerprint(name: str, architecture: str, config, names, tensor) -> dict:
     """What identifies a base for adapters: its shapes, a hash of the shape config, and a hash of a fixed
-    sample of its weights (two bases of the same shapes but different weights differ).
+    sample of its weights (two bases of the same shapes but different weights differ). `names`: its tensors'
+    names; `tensor(name)`: one of them.
 
-    The sample comes from tensors that quantization never touches (embeddings, norms) and is rounded
-    to bfloat16, so the same base loaded in float32, bfloat16 or NF4 has one fingerprint."""
+    The sample comes from tensors that quantization never touches (embeddings, norms; never the LM head)
+    and is rounded to bfloat16, so the same base loaded in float32, bfloat16 or NF4, or read from its files,
+    has one fingerprint."""
     import torch
-    shapes = config_shapes(model.config)
+    shapes = config_shapes(config)
     config_hash = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:FINGERPRINT_HEX_CHARS]
     h = hashlib.sha256()
-    params = dict(model.named_parameters())
-    picked = sorted(k for k, p in params.items() if "embed" in k or "norm" in k)
+    picked = sorted(k for k in names if ("embed" in k or "norm" in k) and not k.startswith("lm_head"))
     for key in picked[:3] + picked[-2:]:
-        flat = params[key].detach().reshape(-1)
+        flat = tensor(key).detach().reshape(-1)
         mid = flat.numel() // 2
         sample = torch.cat([flat[:FINGERPRINT_SAMPLE], flat[mid:mid + FINGERPRINT_SAMPLE]])
         h.update(key.encode())
         h.update(sample.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
-    return {"name": name, "architecture": (model.config.architectures or [type(model).__name__])[0],
-            "shapes": shapes, "config_hash": config_hash, "weights_hash": h.hexdigest()[:FINGERPRINT_HEX_CHARS]}
+    return {"name": name, "architecture": architecture, "shapes": shapes, "config_hash": config_hash,
+            "weights_hash": h.hexdigest()[:FINGERPRINT_HEX_CHARS]}
+
+
+def fingerprint(model, name: str) -> dict:
+    """The fingerprint (`_fingerprint`) of a loaded model."""
+    params = dict(model.named_parameters())
+    return _fingerprint(name, (model.config.architectures or [type(model).__name__])[0], model.config, params,
+                        params.__getitem__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,28 +398,21 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def file_fingerprint(folder: Path, name: str) -> dict:
-    """`fingerprint` computed from the safetensors files, without building the model: the same dict for
-    the same weights (so adapters trained here are checked against a base that vLLM serves)."""
-    import torch
+    """The fingerprint (`_fingerprint`) read from the safetensors files, without building the model: the
+    same dict as `fingerprint` for the same weights (so adapters trained here are checked against a base
+    that vLLM serves)."""
     from safetensors import safe_open
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(str(folder))
-    shapes = config_shapes(config)
-    config_hash = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
     where = {}
     for f in _weight_files(folder):
         with safe_open(str(f), framework="pt") as st:
             where.update({k: f for k in st.keys()})
-    picked = sorted(k for k in where if ("embed" in k or "norm" in k) and not k.startswith("lm_head"))
-    h = hashlib.sha256()
-    for key in picked[:3] + picked[-2:]:
+
+    def tensor(key):
         with safe_open(str(where[key]), framework="pt") as st:
-            flat = st.get_tensor(key).reshape(-1)
-        sample = torch.cat([flat[:FINGERPRINT_SAMPLE], flat[flat.numel() // 2:flat.numel() // 2 + FINGERPRINT_SAMPLE]])
-        h.update(key.encode())
-        h.update(sample.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
-    return {"name": name, "architecture": (config.architectures or [config.model_type])[0],
-            "shapes": shapes, "config_hash": config_hash, "weights_hash": h.hexdigest()[:16]}
+            return st.get_tensor(key)
+    return _fingerprint(name, (config.architectures or [config.model_type])[0], config, where, tensor)
 
 
 def file_module_shapes(folder: Path) -> dict[str, tuple[int, int]]:

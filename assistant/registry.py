@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import struct
 import time
 import tomllib
 import uuid
@@ -35,7 +34,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 CARD = "card.json"
 RETIRED_PREFIX = ".retired-"   # + vN: a version taken out of the list whose number is never given again
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_SYSTEM_PROMPT_CHARS = 8000
 MAX_DESCRIPTION_CHARS = 2000
 
@@ -320,34 +318,17 @@ class Registry:
 # Validation
 # ---------------------------------------------------------------------------------------------
 
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file size (catches truncation)."""
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} of a safetensors file, read by safetensors itself (`safe_open`: the header only,
+    checked against the file, so a truncated or corrupt upload is refused; no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than its header")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise ValueError("header length points past the end of the file")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise InvalidAdapter(f"{path.name} is not a valid safetensors file ({e}): the upload is probably "
+        with safe_open(str(path), framework="np") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        raise InvalidAdapter(f"{path.name} is not a valid safetensors file ({reason}): the upload is probably "
                              "truncated or corrupt; export the adapter again") from None
-    end = 0
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            start, stop = meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise InvalidAdapter(f"{path.name}: tensor {key!r} has no data offsets; export the adapter again") from None
-        end = max(end, stop)
-    if 8 + n + end > size:
-        raise InvalidAdapter(f"{path.name} is truncated ({size} bytes, its header needs {8 + n + end}): "
-                             "upload the complete file")
-    return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 def _module_of(key: str) -> tuple[str, str] | None:
@@ -408,11 +389,11 @@ def validate_adapter(folder: Path, base_fingerprint: dict, module_shapes: dict[s
             raise InvalidAdapter(f"this adapter was trained on a different base ({fp.get('name')}, weights "
                                  f"{fp.get('weights_hash')}) than the server's {want.get('name')} (weights "
                                  f"{want.get('weights_hash')}): retrain it on this base or serve its own base")
-    header = read_safetensors_header(folder / ADAPTER_WEIGHTS)
-    if not header:
+    shapes = tensor_shapes(folder / ADAPTER_WEIGHTS)
+    if not shapes:
         raise InvalidAdapter(f"{ADAPTER_WEIGHTS} holds no tensors")
     seen = set()
-    for key, meta in header.items():
+    for key, shape in shapes.items():
         parsed = _module_of(key)
         if parsed is None:
             raise InvalidAdapter(f"unexpected tensor {key!r}: only LoRA A/B weights are accepted")
@@ -422,8 +403,8 @@ def validate_adapter(folder: Path, base_fingerprint: dict, module_shapes: dict[s
                                  f"does not have: it was trained for another architecture")
         fin, fout = module_shapes[module]
         want_shape = [r, fin] if ab == "A" else [fout, r]
-        if list(meta.get("shape", [])) != want_shape:
-            raise InvalidAdapter(f"tensor {key} has shape {meta.get('shape')}, expected {want_shape} for this base: "
+        if shape != want_shape:
+            raise InvalidAdapter(f"tensor {key} has shape {shape}, expected {want_shape} for this base: "
                                  f"the adapter was trained on a base of other shapes; retrain it on this base")
         seen.add((module, ab))
     modules = {m for m, _ in seen}

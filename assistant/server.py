@@ -1,6 +1,8 @@
-"""The composition root: `assistant serve` builds the Workspace and the Serving, the FastAPI app with the
-API routes, the Gradio UI and the auth middleware in front of all of them, the share link, and listens.
-The one place these parts meet; tests build their apps here too (`build`, `build_app`)."""
+"""The composition root: `assistant serve` builds the Workspace, the engine and the Serving, the FastAPI app
+with the API routes, the Gradio UI and the auth middleware in front of all of them, the share link, and
+listens. The one place these parts meet, and the one place engines are built (`build_engine`, which the
+CLI's commands that chat call through `build` too); tests build their apps here as well (`build`,
+`build_app`)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,30 @@ import time
 log = logging.getLogger(__name__)
 
 
-def build(settings, base=None):
-    """(workspace, serving) for a server: jobs left by a dead server are recovered first."""
+def build(settings, base=None, *, recover_jobs: bool = True):
+    """(workspace, serving) for a server: jobs left by a dead server are recovered first (a CLI command,
+    which may run beside a server, passes recover_jobs=False). `base`: a loaded base to serve (tests)."""
     from .serving import Serving
     from .workspace import Workspace
-    workspace = Workspace(settings, recover_jobs=True)
-    engine = vllm_engine(settings, workspace) if settings.engine == "vllm" else None
-    return workspace, Serving(workspace, base, engine=engine)
+    workspace = Workspace(settings, recover_jobs=recover_jobs)
+    try:
+        engine = build_engine(settings, workspace, base)
+    except BaseException:
+        workspace.close()
+        raise
+    return workspace, Serving(workspace, engine)
+
+
+def build_engine(settings, workspace, base=None):
+    """The engine of `settings.engine`: the in-process one on `base` (loaded from the settings when None),
+    or the one that drives vLLM servers."""
+    if settings.engine == "vllm":
+        return vllm_engine(settings, workspace)
+    from .engine import Engine
+    from .model import load_base
+    base = base if base is not None else load_base(settings)
+    return Engine(base, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                  max_resident_adapters=settings.max_resident_adapters)
 
 
 def vllm_engine(settings, workspace):

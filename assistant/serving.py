@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .engine_protocol import EngineProtocol
 from .errors import AdapterRefused, AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
 from .limits import check_adapter_folder, engine_limits
 from .lm import with_system_prompt
@@ -96,21 +97,12 @@ def check_messages(messages) -> list[dict]:
 
 
 class Serving:
-    def __init__(self, workspace: Workspace, base=None, *, engine=None):
-        """`base`: a loaded `Base` (model.py), loaded from the workspace's settings when None. `engine`:
-        what generates (the in-process engine by default)."""
+    def __init__(self, workspace: Workspace, engine: EngineProtocol):
+        """`engine`: what generates (built by server.build_engine), serving `engine.base`."""
         self.workspace = workspace
-        settings = workspace.settings
-        if engine is None:
-            from .engine import Engine
-            from .model import load_base
-            base = base if base is not None else load_base(settings)
-            engine = Engine(base, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                            max_resident_adapters=settings.max_resident_adapters)
-        self.base = base if base is not None else engine.base
+        self.base = engine.base
         self.engine = engine
-        if hasattr(engine, "refused"):   # vLLM: versions a server refused stay visible, and are not retried per request
-            workspace.engine_refusals = engine.refused
+        workspace.engine_refusals = engine.refused   # versions a server refused: visible, not retried per request
         self._active: dict[str, tuple[int, str | None]] = {}
         self._load_lock = threading.Lock()
         self._inflight: dict[str, Call] = {}   # response id -> call, until its response is logged
@@ -297,7 +289,7 @@ class Serving:
                                     **sampling)
         try:
             for r in reqs:
-                if target.version and getattr(self.engine, "schedules_adapters", False):   # loaded when its turn comes
+                if target.version and self.engine.schedules_adapters:   # loaded when its turn comes
                     r.adapter_folder = functools.partial(self._adapter_folder, target.domain, target.version)
                 elif target.version:
                     r.slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s)
@@ -341,7 +333,7 @@ class Serving:
         try:
             text, reason = call.handle.result()
         finally:
-            call.handle.cancel()
+            self.engine.cancel(call.handle)
         self.finish_chat(call)
         completion = len(call.handle.req.generated)
         return {"id": call.id, "text": text, "finish_reason": reason, "model": call.target.model,
@@ -383,11 +375,10 @@ class Serving:
         return self.workspace.withdraw_feedback(response_id, user)
 
     def status(self) -> dict:
-        out = {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
-               "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}
-        if hasattr(self.engine, "servers"):   # vLLM: which servers answer, what they have loaded
-            out["engine"] = {"kind": "vllm", "servers": self.engine.status()}
-        return out
+        """The base served and the engine's status (engine_protocol.EngineStatus, the same keys for both)."""
+        return {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
+                "quantization": self.base.quantization, "fingerprint": self.base.fingerprint,
+                "engine": self.engine.status()}
 
     @property
     def log_failures(self) -> int:

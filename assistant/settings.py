@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .errors import InvalidSetting
+
 # Limits have names.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MAX_MESSAGE_CHARS = 32_000          # one chat message
@@ -193,7 +195,7 @@ def checked_values(cls, values: dict, what: str) -> dict:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown {what} setting(s) {unknown}: use {sorted(known)}")
+        raise InvalidSetting(f"unknown {what} setting(s) {unknown}: use {sorted(known)}", param=unknown[0])
     out = {}
     for name, value in values.items():
         hint = hints[name]
@@ -222,8 +224,8 @@ def checked_values(cls, values: dict, what: str) -> dict:
             wanted = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}.get(
                 kind, "a list of names" if typing.get_origin(kind) is tuple else "a value of the right type")
             shown = repr(value)[:40]
-            raise ValueError(f"{what} setting {name} must be {wanted}" + (" or null" if type(None) in args else "")
-                             + f", not {shown}")
+            raise InvalidSetting(f"{what} setting {name} must be {wanted}" + (" or null" if type(None) in args else "")
+                                 + f", not {shown}", param=name)
         out[name] = value
     return out
 

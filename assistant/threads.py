@@ -11,10 +11,7 @@ only the threads whose work needs the cores take them: the engine's loop (`claim
 job's process, and batch work run through `on_all_cores` in a short-lived thread (its pool dies with it).
 
 numpy's BLAS (OpenBLAS, its own pthreads pool) reads the same OMP_NUM_THREADS when numpy is loaded, so
-it too defaults to one thread. Batch work in numpy, such as the embedding model (assistant/minilm.py),
-spreads its batches over `cores()` threads of its own and keeps BLAS on one thread meanwhile
-(`one_blas_thread`): numpy's elementwise work is single-threaded, so threads over batches use the cores
-for all of it, not only for the matrix products.
+it too defaults to one thread.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from contextlib import contextmanager
 
 _CORES_VAR = "ASSISTANT_CPU_THREADS"   # carries the real core count to child processes
 
@@ -95,12 +91,3 @@ def on_all_cores(fn, *args, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-@contextmanager
-def one_blas_thread():
-    """numpy's BLAS on one thread (in every thread) for the duration, whatever it was: for callers that
-    spread numpy work over threads themselves. Process-wide, like BLAS's own setting."""
-    from threadpoolctl import threadpool_limits
-    with threadpool_limits(1, user_api="blas"):
-        yield

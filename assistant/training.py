@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import TrainingStopped
+from .errors import InvalidSetting, TrainingStopped
 from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat, generate, with_system_prompt
 from .settings import MAX_LORA_RANK
 
@@ -90,30 +90,44 @@ class TrainSettings:
         if isinstance(self.target_modules, (list, str)):
             mods = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
             object.__setattr__(self, "target_modules", tuple(mods))
-        checks = [(1 <= self.rank <= MAX_LORA_RANK, f"rank must be between 1 and {MAX_LORA_RANK}"),
-                  (self.alpha > 0, "alpha must be positive"),
-                  (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-                  (0.0 < self.learning_rate < 1.0, "learning_rate must be in (0, 1)"),
-                  (self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS,
-                   f"epochs must be between 1 and {MAX_EPOCHS} (or null for auto)"),
-                  (0 <= self.augment <= len(QUESTION_VARIANTS), f"augment must be in 0..{len(QUESTION_VARIANTS)}"),
-                  (0 <= self.replay <= len(REPLAY_PROMPTS), f"replay must be in 0..{len(REPLAY_PROMPTS)}"),
-                  (1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch_size must be between 1 and {MAX_BATCH_SIZE}"),
-                  (MIN_SEQ_LEN <= self.max_seq_len <= MAX_SEQ_LEN,
-                   f"max_seq_len must be between {MIN_SEQ_LEN} and {MAX_SEQ_LEN}"),
-                  (bool(self.target_modules), "target_modules must name at least one module"),
-                  (self.gradient_checkpointing in ("auto", "on", "off"), "gradient_checkpointing: auto, on or off")]
-        for ok, message in checks:
+        checks = [("rank", 1 <= self.rank <= MAX_LORA_RANK, f"must be between 1 and {MAX_LORA_RANK}"),
+                  ("alpha", self.alpha > 0, "must be positive"),
+                  ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
+                  ("learning_rate", 0.0 < self.learning_rate < 1.0, "must be in (0, 1)"),
+                  ("epochs", self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS,
+                   f"must be between 1 and {MAX_EPOCHS} (or null for auto)"),
+                  ("augment", 0 <= self.augment <= len(QUESTION_VARIANTS), f"must be in 0..{len(QUESTION_VARIANTS)}"),
+                  ("replay", 0 <= self.replay <= len(REPLAY_PROMPTS), f"must be in 0..{len(REPLAY_PROMPTS)}"),
+                  ("batch_size", 1 <= self.batch_size <= MAX_BATCH_SIZE, f"must be between 1 and {MAX_BATCH_SIZE}"),
+                  ("max_seq_len", MIN_SEQ_LEN <= self.max_seq_len <= MAX_SEQ_LEN,
+                   f"must be between {MIN_SEQ_LEN} and {MAX_SEQ_LEN}"),
+                  ("target_modules", bool(self.target_modules), "must name at least one module"),
+                  ("gradient_checkpointing", self.gradient_checkpointing in ("auto", "on", "off"),
+                   "must be auto, on or off")]
+        for name, ok, message in checks:
             if not ok:
-                raise ValueError(f"training setting {message}")
+                raise InvalidSetting(f"training setting {name} {message}", param=name)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "TrainSettings":
-        """From an API body / CLI flags: unknown keys are refused with the list of known ones."""
+    def from_dict(cls, d: dict | None, defaults: dict | None = None) -> "TrainSettings":
+        """The one check of training settings, where they enter (the UI's form, the API's body, the CLI's
+        flags and config file): `defaults` (the server's `--train.*`), then `d`, each value checked against
+        its field's type and range; an `InvalidSetting` names the field. Unknown keys are refused with the
+        list of known ones. From here on they travel as a TrainSettings."""
         from .settings import checked_values
         if d is not None and not isinstance(d, dict):
-            raise ValueError("training settings must be an object of name: value pairs")
-        return cls(**checked_values(cls, dict(d or {}), "training"))
+            raise InvalidSetting("training settings must be an object of name: value pairs", param="settings")
+        return cls(**checked_values(cls, {**(defaults or {}), **(d or {})}, "training"))
+
+    @classmethod
+    def of(cls, value: "TrainSettings | dict | None", defaults: dict | None = None) -> "TrainSettings":
+        """Settings checked already (a TrainSettings) as they are; anything else through `from_dict`."""
+        return value if isinstance(value, cls) else cls.from_dict(value, defaults)
+
+    @classmethod
+    def from_record(cls, d: dict) -> "TrainSettings":
+        """Back from `to_dict` (a job's record): settings that were checked when the job was made."""
+        return cls(**{**d, "target_modules": tuple(d["target_modules"])})
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -11,7 +11,7 @@ What vLLM 0.32 answers, as measured (see tests/test_vllm.py):
     `root` = lora_path, `max_model_len` null).
   - load_lora_adapter answers 200 with plain text; errors are JSON {"error": {"message", "type", "code"}}:
     a missing or empty folder -> 404 NotFoundError "Loading lora X failed: No adapter found for <path>";
-    a name already loaded -> 400 InvalidUserInput "... has already been loaded ..." (unless `load_inplace`);
+    a name already loaded -> 400 InvalidUserInput "... has already been loaded ...";
     the base's own name -> 400 "conflicts with a served base model"; rank above --max-lora-rank -> 500
     "... LoRA rank 32 is greater than max_lora_rank 16 ...". An adapter trained on ANOTHER base with
     different shapes is accepted (200) and silently misapplied: validate adapters before loading.
@@ -276,16 +276,6 @@ class VllmClient:
                 except Exception as e:  # noqa: BLE001 - closing at shutdown: the sockets go with the process
                     log.warning("could not close a client of %s: %s", self.url, e)
 
-    async def _arequest(self, what: str, method: str, path: str, *, timeout: float | None = None,
-                        body: dict | None = None) -> httpx.Response:
-        kw = {"timeout": httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))} if timeout else {}
-        try:
-            resp = await self._async().request(method, path, json=body, **kw)
-        except httpx.TransportError as e:
-            raise _transport_error(self.url, what, e) from None
-        _raise_for(self.url, what, resp)
-        return resp
-
     def _request(self, what: str, method: str, path: str, *, timeout: float | None = None,
                  body: dict | None = None) -> httpx.Response:
         kw = {"timeout": httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))} if timeout else {}
@@ -297,51 +287,25 @@ class VllmClient:
         return resp
 
     # Control calls -----------------------------------------------------------------------------
-    async def health(self) -> bool:
-        """True when /health answers 200 within HEALTH_TIMEOUT; False otherwise (never raises)."""
-        try:
-            await self._arequest("health", "GET", "/health", timeout=HEALTH_TIMEOUT)
-            return True
-        except VllmError:
-            return False
-
     def health_sync(self) -> bool:
+        """True when /health answers 200 within HEALTH_TIMEOUT; False otherwise (never raises)."""
         try:
             self._request("health", "GET", "/health", timeout=HEALTH_TIMEOUT)
             return True
         except VllmError:
             return False
 
-    async def models(self) -> Models:
-        return _parse_models(self.url, (await self._arequest("listing models", "GET", "/v1/models")).json())
-
     def models_sync(self) -> Models:
         return _parse_models(self.url, self._request("listing models", "GET", "/v1/models").json())
 
-    @staticmethod
-    def _load_body(name: str, path, replace: bool) -> dict:
-        body = {"lora_name": name, "lora_path": str(Path(path).expanduser().resolve())}
-        if replace:
-            body["load_inplace"] = True    # same name, new weights (vLLM otherwise refuses a loaded name)
-        return body
-
-    async def load_lora(self, name: str, path: str | Path, *, replace: bool = False) -> None:
-        """Load the PEFT folder `path` under `name` (the server reads the path: it must see the same disk)."""
-        await self._arequest(f"loading adapter {name!r}", "POST", "/v1/load_lora_adapter",
-                             body=self._load_body(name, path, replace))
-
-    def load_lora_sync(self, name: str, path: str | Path, *, replace: bool = False) -> None:
+    def load_lora_sync(self, name: str, path: str | Path) -> None:
+        """Load the PEFT folder `path` under `name` (the server reads the path: it must see the same disk).
+        A name already loaded is refused (400): every adapter version is loaded under a name of its own."""
         self._request(f"loading adapter {name!r}", "POST", "/v1/load_lora_adapter",
-                      body=self._load_body(name, path, replace))
-
-    async def unload_lora(self, name: str) -> None:
-        await self._arequest(f"unloading adapter {name!r}", "POST", "/v1/unload_lora_adapter", body={"lora_name": name})
+                      body={"lora_name": name, "lora_path": str(Path(path).expanduser().resolve())})
 
     def unload_lora_sync(self, name: str) -> None:
         self._request(f"unloading adapter {name!r}", "POST", "/v1/unload_lora_adapter", body={"lora_name": name})
-
-    async def check_base(self, *, expected_path=None, expected_name=None) -> BaseCheck:
-        return check_base(await self.models(), expected_path=expected_path, expected_name=expected_name)
 
     def check_base_sync(self, *, expected_path=None, expected_name=None) -> BaseCheck:
         return check_base(self.models_sync(), expected_path=expected_path, expected_name=expected_name)

@@ -2,8 +2,8 @@
 (API, response ids, the response log with the exact adapter version, feedback, auth, UI); the servers only
 generate.
 
-It speaks the engine's protocol (`submit`, `pin_adapter`, `load_adapter`, `unpin`, ...), so `Serving`
-does not know which engine it drives:
+It implements the engine interface (engine_protocol.py: `submit`, `pin_adapter`, `load_adapter`, `unpin`,
+`status`, ...), so `Serving` does not know which engine it drives:
 
 - **Prompts are token ids.** The app applies the chat template once (the same tokenizer as the servers,
   checked equal) and sends the ids to `/v1/completions`; text and token ids stream back chunk by chunk.
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from .engine import MAX_CONTEXT_TOKENS, Event, Handle, Request, check_admission
+from .engine_protocol import EngineProtocol, EngineStatus
 from .errors import (
     AdapterRefused,
     AssistantError,
@@ -84,7 +85,7 @@ class Server:
         return self.client.url
 
 
-class VllmEngine:
+class VllmEngine(EngineProtocol):
     def __init__(self, base, urls: list[str], *, adapters_root: Path, served_adapters_root: str | None = None,
                  live: Callable[[], dict[str, Path]] | None = None, max_resident: int = 8, managed=None,
                  api_key: str | None = None):
@@ -336,6 +337,15 @@ class VllmEngine:
         with self._lock:
             self._freed.wait(timeout)
 
+    def unload_adapter(self, key: str) -> None:
+        """Drop `key` from every server that has it (when no request pins it), under the lock: a request
+        cannot pin it while it goes."""
+        with self._lock:
+            if self._pins.get(key):
+                return
+            self._recent.pop(key, None)
+            self._drop(key)
+
     def _evict(self) -> None:
         """Unload versions past `max_resident` that nothing pins and that are not live, oldest first. Each is
         unloaded under the lock, with its pins checked there: a request cannot pin a version while it goes."""
@@ -348,16 +358,20 @@ class VllmEngine:
                 if self._pins.get(key) or key not in self._recent:
                     continue
                 self._recent.pop(key, None)
-                for s in self.servers:
-                    if key in s.loaded:
-                        try:
-                            s.client.unload_lora_sync(key)
-                        except VllmError as e:
-                            log.warning("could not unload %s from %s: %s", key, s.url, e.message)
-                        s.loaded.discard(key)
-                        s.added.discard(key)
-                        s.removed.add(key)
+                self._drop(key)
             log.info("unloaded %s from the vLLM servers (not live, not in use)", key)
+
+    def _drop(self, key: str) -> None:
+        """Unload `key` from every server that has it (the caller holds the lock and checked the pins)."""
+        for s in self.servers:
+            if key in s.loaded:
+                try:
+                    s.client.unload_lora_sync(key)
+                except VllmError as e:
+                    log.warning("could not unload %s from %s: %s", key, s.url, e.message)
+                s.loaded.discard(key)
+                s.added.discard(key)
+                s.removed.add(key)
 
     # The engine protocol: generation -----------------------------------------------------------
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -459,12 +473,16 @@ class VllmEngine:
         req.slot = 0
         h.finish(error)
 
-    def status(self) -> list[dict]:
-        """Each server: url, ready, in flight, adapters loaded, problem."""
+    def status(self) -> EngineStatus:
+        """The engine's status; `servers`: each one's url, ready, in flight, answers served, adapters loaded
+        and problem."""
         with self._lock:
-            return [{"url": s.url, "ready": s.ready, "inflight": s.inflight, "served": s.served,
-                     "adapters": sorted(s.loaded), "problem": s.problem, "async_clients": s.client.async_clients}
-                    for s in self.servers]
+            servers = [{"url": s.url, "ready": s.ready, "inflight": s.inflight, "served": s.served,
+                        "adapters": sorted(s.loaded), "problem": s.problem, "async_clients": s.client.async_clients}
+                       for s in self.servers]
+            loaded = set().union(*(s.loaded for s in self.servers if s.ready))
+        return {"kind": "vllm", "ready": any(s["ready"] for s in servers), "queued": 0,
+                "inflight": sum(s["inflight"] for s in servers), "adapters": sorted(loaded), "servers": servers}
 
     def close(self) -> None:
         self._stop.set()

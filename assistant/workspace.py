@@ -275,11 +275,22 @@ class Workspace:
         return snapshot_bytes(snap.rows), f"{domain}-{snap.hash[:SNAPSHOT_NAME_CHARS]}.jsonl"
 
     # Training, evaluation and monitoring -------------------------------------------------------
-    def start_training(self, domain: str, train_settings: dict | None = None) -> str:
-        """A background training job (its own process) -> the job id to follow."""
+    def train_settings(self, values: dict | None = None):
+        """The one check of training settings (TrainSettings.from_dict): this server's `--train.*` defaults,
+        then `values` (a form's, an API body's) -> a TrainSettings; an InvalidSetting names the field."""
+        from .training import TrainSettings
+        return TrainSettings.from_dict(values, self.settings.train)
+
+    def start_training(self, domain: str, train_settings=None) -> str:
+        """A background training job (its own process) -> the job id to follow. `train_settings`: a
+        TrainSettings from `train_settings`, or overrides that are checked by it here."""
         from . import jobs
         self.require_domain(domain)
-        return jobs.start_job(self.settings, self.store, self.registry, domain, train_settings or {})
+        return jobs.start_job(self.settings, self.store, self.registry, domain, self.train_settings_of(train_settings))
+
+    def train_settings_of(self, value):
+        from .training import TrainSettings
+        return value if isinstance(value, TrainSettings) else self.train_settings(value)
 
     def train(self, domain: str, train_settings: dict | None = None) -> dict:
         """The same job, blocking, in this process, with a progress bar (the CLI) -> the job record."""
@@ -287,7 +298,8 @@ class Workspace:
         from .threads import use_all_cores
         self.require_domain(domain)
         use_all_cores()   # this process only trains (see assistant/threads.py)
-        return jobs.run_job_inline(self.settings, self.store, self.registry, domain, train_settings or {})
+        return jobs.run_job_inline(self.settings, self.store, self.registry, domain,
+                                   self.train_settings_of(train_settings))
 
     def evaluate(self, domain: str, version: str | None = None) -> dict:
         """Before/after metrics and the gate's verdict for a version on the domain's held-out data."""

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LONG_PROMPT, best_of, print_table  # noqa: E402 - after the sys.path line and the thread policy
+from common import LONG_PROMPT, best_of, print_table, sized  # noqa: E402 - after the sys.path line and the thread policy
 
-N_TOKENS = 64
+N_TOKENS = sized(64, 8)
 N_ADAPTERS = 4
-PAIRS = 3          # measurements of each side, interleaved
+SELECTS = sized(2000, 20)
+PAIRS = sized(3, 1)         # measurements of each side, interleaved
 
 
 def make_adapter(model_path: str, out: Path, seed: int, rank: int = 16) -> Path:
@@ -84,14 +85,13 @@ def decode_rate(engine, ids, adapter, n=N_TOKENS, repeat=3) -> float:
 
 
 def run(base_model: str = "embedded") -> dict:
-    from assistant.serving import Serving
+    from assistant.server import build
     from assistant.settings import Settings
-    from assistant.workspace import Workspace
 
     with tempfile.TemporaryDirectory() as home:
         settings = Settings(home=Path(home), base_model=base_model).ensure_dirs()
-        base_s = min(base_load_time(settings) for _ in range(2))
-        svc = Serving(Workspace(settings))
+        base_s = min(base_load_time(settings) for _ in range(sized(2, 1)))
+        svc = build(settings, recover_jobs=False)[1]
         src = Path(home) / "src"
         names = [f"d{i}" for i in range(N_ADAPTERS)]
         for i, name in enumerate(names):
@@ -102,7 +102,7 @@ def run(base_model: str = "embedded") -> dict:
         # (a) selecting another resident adapter: what a request does to pick its adapter
         for name in names:
             svc.resolve(name)
-        k = 2000
+        k = SELECTS
         t = time.perf_counter()
         for i in range(k):
             svc.resolve(names[i % N_ADAPTERS])
@@ -110,15 +110,15 @@ def run(base_model: str = "embedded") -> dict:
 
         # (b) loading a new version from disk (validation included)
         def load():
-            svc.engine.evict_adapter("d0@v1")
+            svc.engine.unload_adapter("d0@v1")
             svc.ensure_loaded("d0", "v1")
-        load_s = best_of(load, 5)
+        load_s = best_of(load, sized(5, 1))
 
         # Decode speed on this shared machine drifts by a third within a minute, so each ratio below is the
         # median of ratios of measurements taken back to back, not a ratio of two bests taken apart.
         # (c) decode with an adapter against none
         pairs = []
-        for i in range(PAIRS + 2):     # in turn first, so that a drift does not favour one side
+        for i in range(PAIRS + sized(2, 1)):     # in turn first, so that a drift does not favour one side
             first, second = (None, "d0@v1") if i % 2 == 0 else ("d0@v1", None)
             a = decode_rate(svc.engine, ids, first, repeat=1)
             b = decode_rate(svc.engine, ids, second, repeat=1)

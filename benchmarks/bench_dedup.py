@@ -12,12 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import print_table  # noqa: F401 - sets the thread defaults first
+from common import print_table, sized  # noqa: F401 - sets the thread defaults first
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
+THRESHOLDS = sized((0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85), (0.65,))
 MIN_PRECISION = 0.98
 
 

@@ -11,14 +11,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LONG_PROMPT, copy_bandwidth, on_all_cores, print_table  # noqa: E402  (before torch)
+from common import LONG_PROMPT, copy_bandwidth, on_all_cores, print_table, sized  # noqa: E402  (before torch)
 
 # isort: split
 import torch  # noqa: E402 - only after common.py has applied the thread policy
 
-N_TOKENS = 128
-FLOOR_ROUNDS = 3
-STREAM_ROUNDS = 5
+N_TOKENS = sized(128, 8)
+FLOOR_ROUNDS = sized(3, 1)
+STREAM_ROUNDS = sized(5, 1)
+COPY_BYTES = sized(512 << 20, 8 << 20)
 
 
 def engine_decode(engine, ids, n=N_TOKENS, repeat=3):
@@ -96,15 +97,15 @@ def run(base_model: str = "embedded") -> dict:
         engine = Engine(base)
         ids = ids or engine.encode_chat(LONG_PROMPT)
         engine_decode(engine, ids, n=8, repeat=1)  # warm up
-        rate, ttft = engine_decode(engine, ids, repeat=2)
+        rate, ttft = engine_decode(engine, ids, repeat=sized(2, 1))
         engine.close()
         del engine
-        rounds.append((rate, ttft, copy_bandwidth()))
+        rounds.append((rate, ttft, copy_bandwidth(COPY_BYTES)))
     floor_ratios = sorted(rate / (bw / base.weights_bytes) for rate, _, bw in rounds)
     eng_rate, eng_ttft = max(r for r, _, _ in rounds), min(t for _, t, _ in rounds)
     bw = statistics.median(b for _, _, b in rounds)
     floor = bw / base.weights_bytes
-    gen_rate = on_all_cores(generate_decode, base.model, ids)   # as the engine's loop, on all cores
+    gen_rate = on_all_cores(generate_decode, base.model, ids, N_TOKENS, sized(3, 1))   # as the engine's loop, on all cores
 
     # The API, served by a real `assistant serve` process, against the engine in this process, measured in
     # turn: decode speed here drifts by a third within a minute, so the stream ratio is the median over
@@ -118,11 +119,11 @@ def run(base_model: str = "embedded") -> dict:
     with tempfile.TemporaryDirectory() as home:
         with running_server(Path(home), "--base-model", base_model) as (url, _):
             api_stream(url, n=8, repeat=1)
-            eng = [engine_decode(engine, ids, repeat=1)]
+            eng = [engine_decode(engine, ids, n=N_TOKENS, repeat=1)]
             api = []
             for _ in range(STREAM_ROUNDS):
-                api.append(api_stream(url, repeat=1))
-                eng.append(engine_decode(engine, ids, repeat=1))
+                api.append(api_stream(url, n=N_TOKENS, repeat=1))
+                eng.append(engine_decode(engine, ids, n=N_TOKENS, repeat=1))
     engine.close()
     stream_ratios = [a[0] / ((e0[0] + e1[0]) / 2) for a, e0, e1 in zip(api, eng, eng[1:])]
     ttft_gaps = [a[1] - min(e0[1], e1[1]) for a, e0, e1 in zip(api, eng, eng[1:])]

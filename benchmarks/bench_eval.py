@@ -12,9 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import on_all_cores, print_table  # noqa: E402  (also sets offline mode)
+from common import on_all_cores, print_table, sized  # noqa: E402  (also sets offline mode)
 
-N_FACTS = 10         # a new user's first retrain: ten taught facts, one of them a correction
+N_FACTS = sized(10, 2)       # a new user's first retrain: ten taught facts, one of them a correction
+SMOKE_TRAIN = {"epochs": 1, "replay": 0, "augment": 0, "max_seq_len": 128}   # smoke: one short pass
 
 
 def cpu_flags() -> str:
@@ -27,6 +28,7 @@ def cpu_flags() -> str:
 
 def _run() -> dict:
     from assistant import evaluation
+    from assistant.gate import GateSettings
     from assistant.model import ensure_embedded
     from assistant.settings import Settings, default_cache_dir
     from assistant.training import TrainSettings, _load, train_adapter
@@ -39,12 +41,13 @@ def _run() -> dict:
     rows[0] = {**rows[0], "source": "correction", "feedback_ids": [1]}
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        result = train_adapter(base, rows, Path(out) / "a", TrainSettings())
+        result = train_adapter(base, rows, Path(out) / "a", TrainSettings(**sized({}, SMOKE_TRAIN)))
         train_s = time.perf_counter() - t0
         result.model.unload()
         base.model.eval()
         t0 = time.perf_counter()
-        before, after = evaluation.evaluate_adapter(base, Path(out) / "a", rows, system_prompt=SYSTEM_PROMPT)
+        gate = GateSettings(max_new_tokens=sized(GateSettings().max_new_tokens, 4))
+        before, after = evaluation.evaluate_adapter(base, Path(out) / "a", rows, gate, system_prompt=SYSTEM_PROMPT)
         eval_s = time.perf_counter() - t0
     verdict = evaluation.verdict(before, after)
     ratio = eval_s / train_s

@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from common import print_table  # noqa: E402  (also sets offline mode)
+from common import print_table, sized  # noqa: E402  (also sets offline mode)
 
-ROWS = 24
-REPEATS = 2
+ROWS = sized(24, 4)
+REPEATS = sized(2, 1)
 # augment/replay off: both sides train on exactly the same rows.
-SETTINGS = dict(rank=16, alpha=32, learning_rate=1e-3, epochs=1, batch_size=8, max_seq_len=512, seed=0,
+SETTINGS = dict(rank=16, alpha=32, learning_rate=1e-3, epochs=1, batch_size=sized(8, 2), max_seq_len=sized(512, 64), seed=0,
                 augment=0, replay=0)
 
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 from bench_eval import cpu_flags
 
-from common import print_table
+from common import print_table, sized
 
-ROUNDS = 6                 # interleaved pairs (app, direct)
-MAX_TOKENS = 48            # per answer, with ignore_eos: every answer has the same length
+ROUNDS = sized(6, 1)       # interleaved pairs (app, direct)
+MAX_TOKENS = sized(48, 4)           # per answer, with ignore_eos: every answer has the same length
 START_TIMEOUT_S = 600
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]
 VLLM_KEY = secrets.token_urlsafe(24)   # the app gives it to the vLLM server it starts; direct requests send it

@@ -1,4 +1,7 @@
-"""Shared pieces of the benchmarks: timing helpers, memory bandwidth, the embedded base."""
+"""Shared pieces of the benchmarks: timing helpers, memory bandwidth, the embedded base, and the smoke mode.
+
+Smoke mode (`run.py --smoke`, or BENCH_SMOKE=1): every benchmark runs its own code path on tiny sizes, in
+seconds, so that a broken benchmark fails the build (tests/test_benchmarks.py). Its figures mean nothing."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from assistant.threads import defaults, on_all_cores  # noqa: E402 - after the sys.path line above
@@ -14,6 +18,11 @@ from assistant.threads import defaults, on_all_cores  # noqa: E402 - after the s
 defaults()   # before torch: the CPU thread policy the CLI applies (assistant/threads.py)
 
 LONG_PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]
+
+
+def sized(full, smoke):
+    """`full` in a real run, `smoke` in smoke mode (the same code path on tiny sizes)."""
+    return smoke if SMOKE else full
 
 
 def best_of(fn, repeat: int = 3) -> float:

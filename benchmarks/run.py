@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -18,7 +19,7 @@ BENCHES = {
     "adapters": "bench_adapters",
     "scheduling": "bench_scheduling",  # oversubscribed_vs_fit: 4 domains on 2 adapter slots / on 4
     "curation": "bench_curation",
-    "embeddings": "bench_embeddings",  # numpy MiniLM vs sentence-transformers on torch
+    "embeddings": "bench_embeddings",  # sentence-transformers throughput (and its ONNX backend when installed)
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",
     "eval": "bench_eval",            # eval_vs_train_time of one job
@@ -32,10 +33,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)}")
     p.add_argument("--base-model", default="embedded")
+    p.add_argument("--smoke", action="store_true",
+                   help="every benchmark's code path on tiny sizes, in seconds: checks that they run, measures nothing")
     p.add_argument("--engine", choices=["local", "vllm"], default="local",
                    help="vllm: the proxy benchmark against a vLLM server the app starts (needs the vLLM environment "
                         "of scripts/setup.sh --test)")
     args = p.parse_args(argv)
+    if args.smoke:
+        os.environ["BENCH_SMOKE"] = "1"    # read by common.py, imported by each benchmark below
     names = args.only.split(",") if args.only else (["vllm"] if args.engine == "vllm" else LOCAL)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:

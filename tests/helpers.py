@@ -111,11 +111,10 @@ def running_server(home: Path, *args: str, port: int | None = None, timeout: flo
         log.close()
 
 
-def make_serving(settings, **kw):
+def make_serving(settings, base=None):
     """A Serving on a fresh Workspace for `settings` (what a server builds, without the HTTP app)."""
-    from assistant.serving import Serving
-    from assistant.workspace import Workspace
-    return Serving(Workspace(settings), **kw)
+    from assistant.server import build
+    return build(settings, base, recover_jobs=False)[1]
 
 
 def zipped(folder: Path) -> bytes:

@@ -251,3 +251,20 @@ def test_a_version_the_gate_blocked_needs_an_override_and_the_card_says_who(svc,
     svc.activate("support", v, user="alice", override=True)
     assert svc.workspace.registry.active_version("support") == v and "cherry" in ask(svc, "support")
     assert svc.workspace.registry.read_card("support", v)["manual_override"]["by"] == "alice"
+
+
+def test_tensor_shapes_come_from_safetensors_and_refuse_a_truncated_file(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from assistant.errors import InvalidAdapter
+    from assistant.registry import tensor_shapes
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({"a.lora_A.weight": np.zeros((4, 64), np.float32), "a.lora_B.weight": np.zeros((32, 4), np.float32)},
+              str(path))
+    assert tensor_shapes(path) == {"a.lora_A.weight": [4, 64], "a.lora_B.weight": [32, 4]}
+    data = path.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 5):
+        path.write_bytes(data[:cut])
+        with pytest.raises(InvalidAdapter, match="truncated or corrupt"):
+            tensor_shapes(path)

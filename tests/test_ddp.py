@@ -135,7 +135,9 @@ def test_a_two_process_job_publishes_and_cancel_kills_its_ranks(tiny_settings):
     assert job["step"] == job["total_steps"] == len(job["losses"]) > 0 and job["adapter_version"] == "v1"
 
     job_id = jobs.start_job(settings, store, registry, "atlas", {**fast, "epochs": 50})
+    deadline = time.monotonic() + JOB_TIMEOUT
     while store.get_job(job_id)["step"] < 1 and store.get_job(job_id)["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, store.get_job(job_id)
         time.sleep(0.1)
     pid = store.get_job(job_id)["pid"]
     ranks = [p for p in psutil.Process(pid).children() if "assistant.ddp_rank" in p.cmdline()]

@@ -1,4 +1,5 @@
-"""MiniLM embeddings and the FAISS index, on the real model; the numpy model against sentence-transformers."""
+"""Embeddings (sentence-transformers on the packaged all-MiniLM-L6-v2, or another model by folder) and the
+FAISS index, on the real models; an index made by another model is rebuilt."""
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def test_normalized_and_semantic(embedder):
     v = embedder.embed(["How do I reset my password?", "I forgot my password, how can I change it?",
                         "What is the capital of Australia?"])
     assert v.shape == (3, embedding_dim()) and v.dtype == np.float32
-    assert embedding_dim() == embedder._load().hidden   # the pooling config names the model's size
+    assert embedding_dim() == embedder._load().get_embedding_dimension()   # read from the pooling config
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
     assert v[0] @ v[1] > 0.6 > v[0] @ v[2]
 
@@ -54,29 +55,65 @@ def _varied_texts() -> list[str]:
     return texts
 
 
-def test_numpy_model_matches_sentence_transformers(embedder):
-    st = pytest.importorskip("sentence_transformers")
-    from assistant.embeddings import model_path
+def test_batches_on_all_cores_equal_one_text_at_a_time(embedder):
+    """Any text (empty, past the token limit, any script) gets a unit vector, the same in a batch on all
+    cores as alone on the calling thread."""
     texts = _varied_texts()
-    ours = embedder._load().encode(texts, batch_size=8, threads=2)
-    reference = st.SentenceTransformer(str(model_path()), device="cpu", local_files_only=True).encode(
-        texts, batch_size=8, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    assert len(texts) >= 50 and ours.shape == reference.shape == (len(texts), embedding_dim()) and ours.dtype == np.float32
-    cosine = np.sum(ours * reference, axis=1)
-    assert cosine.min() >= 0.99999, [(t[:30], c) for t, c in zip(texts, cosine) if c < 0.99999]
-    assert np.abs(ours - reference).max() <= 1e-4
+    batch = Embedder(embedder.model)
+    batch._model = embedder._load()
+    together = batch.embed(texts)
+    alone = np.concatenate([batch._encode([t]) for t in texts])
+    assert len(texts) >= 50 and together.shape == (len(texts), embedding_dim()) and together.dtype == np.float32
+    assert np.allclose(np.linalg.norm(together, axis=1), 1, atol=1e-4)
+    assert np.sum(together * alone, axis=1).min() >= 0.9999
 
 
-def test_embedding_does_not_import_torch():
-    import subprocess
-    import sys
-    code = ("import sys; from assistant.embeddings import Embedder; "
-            "v = Embedder().embed(['one text', 'and another'] + [f'text {i}' for i in range(10)]); "
-            "assert v.shape == (12, 384); print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') "
-            "if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
+@pytest.fixture(scope="module")
+def cls_model(tmp_path_factory):
+    """Another sentence-transformers model in a local folder: MiniLM's encoder with CLS pooling."""
+    from sentence_transformers import SentenceTransformer, models
+
+    from assistant.embeddings import model_path
+    encoder = models.Transformer(str(model_path()))
+    pooling = models.Pooling(encoder.get_embedding_dimension(), pooling_mode="cls")
+    folder = tmp_path_factory.mktemp("cls-model")
+    SentenceTransformer(modules=[encoder, pooling, models.Normalize()], device="cpu").save(str(folder))
+    return folder
+
+
+def test_the_embedding_model_is_chosen_by_folder_and_the_index_is_rebuilt_for_it(tmp_path, cls_model):
+    from assistant.curation import CurationSettings, Curator, dedup_text
+    from assistant.embeddings import content_hash
+    store = Store(tmp_path / "s.db")
+    store.add_examples("d", [{"messages": [{"role": "user", "content": f"Where is branch {c}?"},
+                                           {"role": "assistant", "content": f"Branch {c} is on {s} Street."}]}
+                             for c, s in (("A", "Oak"), ("B", "Elm"), ("C", "Pine"))])
+    minilm = Curator(store, tmp_path)
+    minilm.snapshot("d")
+    index = minilm._load_index("d")
+    assert index.model == "all-MiniLM-L6-v2" and len(index) == 3
+    question = [{"role": "user", "content": "Where is branch A?"}, {"role": "assistant", "content": "On Oak Street."}]
+    key, sim = minilm.check_new("d", question)
+
+    other = Curator(store, tmp_path, options=CurationSettings(embedding_model=str(cls_model)))
+    assert other._embedder().model_id == str(cls_model.resolve())
+    key2, sim2 = other.check_new("d", question)          # the MiniLM index is rebuilt with the CLS model first
+    rebuilt = other._load_index("d")
+    assert rebuilt.model == str(cls_model.resolve()) and sorted(rebuilt.keys) == sorted(index.keys)
+    assert key2 == key and abs(sim2 - sim) > 1e-3          # another model, other vectors
+    saved = VectorIndex.load(minilm.index_path("d"))
+    assert saved.model == str(cls_model.resolve())          # the files on disk say which model made them
+    # both models' vectors of a row live side by side in the embedding cache, each under its model's name
+    h = content_hash(dedup_text(store.candidates("d")[0]["messages"]))
+    mine, theirs = store.get_embeddings("all-MiniLM-L6-v2", [h]), store.get_embeddings(str(cls_model.resolve()), [h])
+    assert h in mine and h in theirs and mine[h] != theirs[h]
+
+
+def test_a_model_that_cannot_be_loaded_names_the_setting():
+    from assistant.errors import AssistantError
+    with pytest.raises(AssistantError) as e:
+        Embedder("no-such-org/no-such-model").embed(["text"])
+    assert e.value.param == "curation.embedding_model" and "no-such-org/no-such-model" in e.value.message
 
 
 def _unit(n, seed=0):

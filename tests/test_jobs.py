@@ -148,14 +148,18 @@ def test_cancel_kills_the_process_group(world):
     settings, store, registry = world
     job_id = jobs.start_job(settings, store, registry, "atlas", {**FAST, "epochs": 50})
     job = _wait(store, job_id, until=("running",))
+    deadline = time.monotonic() + JOB_TIMEOUT
     while store.get_job(job_id)["step"] < 1:           # in the training loop, with a staging folder
+        assert time.monotonic() < deadline, store.get_job(job_id)
         time.sleep(0.1)
     pid = job["pid"]
     assert os.getpgid(pid) == pid != os.getpgid(0)      # its own process group
     job = jobs.cancel_job(settings, store, job_id)
     assert job["status"] == "cancelled" and not _alive(pid)
-    time.sleep(0.5)
-    assert store.get_job(job_id)["status"] == "cancelled"  # the watcher does not turn it into "failed"
+    for watcher in [t for t in threading.enumerate() if t.name == f"job-{job_id}"]:   # reaps the process
+        watcher.join(JOB_TIMEOUT)                    # (gone already when it reaped it before cancel returned)
+        assert not watcher.is_alive()
+    assert store.get_job(job_id)["status"] == "cancelled"  # the watcher did not turn it into "failed"
     stages = {st["name"]: st["status"] for st in store.get_job(job_id)["stages"]}
     assert stages == {"curate": "done", "train": "failed", "evaluate": "pending", "publish": "pending",
                       "activate": "pending"} and store.get_job(job_id)["stage"] is None

@@ -62,3 +62,12 @@ def test_a_base_described_from_its_files_has_the_loaded_base_fingerprint_and_sha
     assert described.model is None and described.fingerprint == loaded.fingerprint
     runner = LlamaRunner(loaded.model, max_slots=1, max_batch=1, device="cpu")
     assert described.extra["module_shapes"] == runner.module_shapes()
+
+
+def test_the_fingerprint_read_from_files_equals_the_loaded_models(tiny_llama):
+    """One fingerprint, computed from the loaded model or from its safetensors files (a vLLM base)."""
+    from assistant.model import file_fingerprint, fingerprint, load_base
+    from assistant.settings import Settings
+    loaded = load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False)
+    assert fingerprint(loaded.model, "tiny") == file_fingerprint(tiny_llama, "tiny")
+    assert file_fingerprint(tiny_llama, "tiny")["weights_hash"] == loaded.fingerprint["weights_hash"]

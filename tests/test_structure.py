@@ -127,3 +127,66 @@ def test_errors_live_in_errors_py():
                 mutated.append(f"{name}:{node.lineno}")
     assert not elsewhere, elsewhere
     assert not mutated, mutated
+
+
+# Engines: both implement the one interface, and only the composition root builds them. evaluation.py
+# builds a private in-process engine to answer the gate's prompts inside a training job's process (it
+# evaluates an adapter file, not what is served).
+ENGINE_CLASSES = {"Engine", "VllmEngine"}
+ENGINE_BUILDERS = {"assistant.server", "assistant.evaluation"}
+
+
+def test_both_engines_implement_the_engine_interface_and_only_the_root_builds_them():
+    from assistant.engine import Engine
+    from assistant.engine_protocol import EngineProtocol
+    from assistant.vllm_engine import VllmEngine
+    assert issubclass(Engine, EngineProtocol) and issubclass(VllmEngine, EngineProtocol)
+    assert not Engine.__abstractmethods__ and not VllmEngine.__abstractmethods__
+    required = {"submit", "cancel", "load_adapter", "unload_adapter", "pin_adapter", "unpin", "status", "close"}
+    assert required <= set(dir(EngineProtocol))
+    built, probed = [], []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ENGINE_CLASSES \
+                    and name not in ENGINE_BUILDERS:
+                built.append(f"{name}:{node.lineno} builds {node.func.id}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr" \
+                    and "engine" in ast.unparse(node.args[0]):
+                probed.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+    assert not built, built
+    assert not probed, f"ask the engine interface, not hasattr: {probed}"
+
+
+# Floors: each module may import only modules on its own floor or below. The CLI sits on the server (the
+# composition root), which sits on the shells (HTTP routes, UI), which sit on Workspace and Serving, which
+# sit on the library. The library never imports upwards.
+FLOORS = {"assistant.cli": 4, "assistant.server": 3, "assistant.api": 2, "assistant.api_openai": 2, "assistant.ui": 2,
+          "assistant.workspace": 1, "assistant.serving": 1}
+
+
+def _floor(name: str) -> int:
+    return max((f for prefix, f in FLOORS.items() if name == prefix or name.startswith(prefix + ".")), default=0)
+
+
+def test_no_module_imports_one_on_a_higher_floor():
+    modules = _modules()
+    upward = [f"{n} (floor {_floor(n)}) imports {m} (floor {_floor(m)})"
+              for n, p in modules.items() for m in _imports(n, p, modules) if _floor(m) > _floor(n)]
+    assert not upward, upward
+    assert _floor("assistant.ui.chat") == 2 and _floor("assistant.engine") == 0
+
+
+# Training settings are checked once, where they enter: the one checker is TrainSettings.from_dict (the
+# type and range of each field), called by the Workspace (API body, CLI flags) and the Train form; a job
+# and its ranks restore the checked record (`from_record`).
+SETTINGS_CHECKERS = {"assistant.training", "assistant.workspace", "assistant.ui.train"}
+
+
+def test_training_settings_have_one_checker():
+    calls = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_dict" \
+                    and ast.unparse(node.func.value) in ("TrainSettings", "cls") and name not in SETTINGS_CHECKERS:
+                calls.append(f"{name}:{node.lineno}")
+    assert not calls, calls

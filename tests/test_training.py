@@ -109,7 +109,24 @@ def test_settings_validate_with_names():
         TrainSettings.from_dict({"ranks": 4})
     assert TrainSettings.from_dict({"target_modules": ["q_proj"]}).target_modules == ("q_proj",)
     assert TrainSettings.from_dict(TrainSettings().to_dict()) == TrainSettings()
+    assert TrainSettings.from_record(TrainSettings(rank=4).to_dict()) == TrainSettings(rank=4)
     assert auto_epochs(MIN_EXAMPLES) > auto_epochs(1000) == 1
+
+
+def test_the_one_checker_names_the_field_and_takes_the_server_defaults_first():
+    from assistant.errors import AssistantError, InvalidSetting
+    from assistant.training import TrainSettings
+    for values, field in (({"rank": 0}, "rank"), ({"epochs": "lots"}, "epochs"), ({"learning_rate": 2.0}, "learning_rate"),
+                          ({"warp_speed": 9}, "warp_speed"), ({"batch_size": True}, "batch_size")):
+        with pytest.raises(InvalidSetting) as e:
+            TrainSettings.from_dict(values)
+        assert e.value.param == field and field in e.value.message and isinstance(e.value, AssistantError)
+    server = {"rank": 8, "epochs": 2}
+    assert TrainSettings.from_dict({"epochs": 3}, server) == TrainSettings(rank=8, epochs=3)
+    checked = TrainSettings(rank=4)
+    assert TrainSettings.of(checked, server) is checked                 # checked once: passed on as it is
+    with pytest.raises(InvalidSetting):
+        TrainSettings.from_dict(None, {"rank": -1})                     # a bad server default is named too
 
 
 def test_augment_rewords_the_question_only():

@@ -81,9 +81,9 @@ def test_an_over_long_message_is_refused_before_generation(service):
 def test_the_untouched_train_form_trains_with_automatic_epochs(service):
     """The browser shows an empty Number field as 0: 0 means what empty means (auto), not an error."""
     from assistant.ui import train
-    assert "epochs" not in train.train_settings("lora", 0, 0.001, 16, "lora", 512, "")
-    assert "epochs" not in train.train_settings("lora", None, 0.001, 16, "lora", 512, "")
-    assert train.train_settings("lora", 3, 0.001, 16, "lora", 512, "")["epochs"] == 3
+    assert train.train_settings("lora", 0, 0.001, 16, "lora", 512, "").epochs is None
+    assert train.train_settings("lora", None, 0.001, 16, "lora", 512, "").epochs is None
+    assert train.train_settings("lora", 3, 0.001, 16.0, "lora", 512, "").epochs == 3
 
 
 def test_errors_name_the_field_and_never_show_exceptions_or_paths(service):

@@ -9,7 +9,7 @@ import logging
 
 import gradio as gr
 
-from ..errors import AssistantError
+from ..errors import AssistantError, InvalidSetting
 from ..settings import BASE as BASE_WEIGHTS
 from ..settings import MAX_LORA_RANK
 from ..training import MIN_EXAMPLES, TrainSettings
@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 JOB_POLL_S = 2.0              # the Train tab's polling period while a job runs
 METHODS = ("lora", "qlora")
 DEFAULTS = TrainSettings()    # the recipe's defaults, shown in the form
-MIN_SEQ_LEN = 16
 NO_DOMAINS = "No domains yet: create one in the Adapters tab, or from the Chat tab's model picker (New domain…)."
 
 
@@ -31,41 +30,28 @@ def default_method(serving) -> str:
     return "qlora" if getattr(serving.base, "quantization", None) == "nf4" else "lora"
 
 
-def _int(label: str, value, low: int, high: int | None = None, *, optional: bool = False):
+LABELS = {"epochs": "Epochs", "learning_rate": "Learning rate", "rank": "Rank", "max_seq_len": "Max length (tokens)"}
+
+
+def _number(value):
+    """A form number as the settings take it: whole numbers as int (the browser sends 16.0), empty as None."""
     if value is None or value == "":
-        if optional:
-            return None
-        raise field_error(label, "required")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise field_error(label, "must be a whole number") from None
-    if number != int(number) or number < low or (high is not None and number > high):
-        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise field_error(label, f"must be a whole number {bounds} (got {value})")
-    return int(number)
+        return None
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def train_settings(method_default: str, epochs, learning_rate, rank, method, max_len, advanced) -> dict:
-    """The form -> training settings for `Workspace.start_training`; errors name the field."""
-    out = {}
-    epochs = _int("Epochs", epochs, 0, optional=True)
-    if epochs:   # empty, or 0 (what the browser shows for an empty number field): sized to the dataset
-        out["epochs"] = epochs
-    try:
-        lr = float(learning_rate)
-    except (TypeError, ValueError):
-        raise field_error("Learning rate", f"must be a number between 0 and 1, e.g. {DEFAULTS.learning_rate}") from None
-    if not 0 < lr < 1:
-        raise field_error("Learning rate", f"must be between 0 and 1 (got {learning_rate})")
-    out["learning_rate"] = lr
-    out["rank"] = _int("Rank", rank, 1, MAX_LORA_RANK)
-    out["max_seq_len"] = _int("Max length (tokens)", max_len, MIN_SEQ_LEN)
+def train_settings(method_default: str, epochs, learning_rate, rank, method, max_len, advanced,
+                   defaults: dict | None = None) -> TrainSettings:
+    """The form -> training settings, checked once by the one checker (TrainSettings.from_dict, on top of
+    the server's `defaults`); its error names the form field (advanced settings: the JSON box)."""
     if method not in METHODS:
         raise field_error("Method", f"pick one of {', '.join(METHODS)}")
     if method != method_default:
         raise field_error("Method", f"this server's base trains with {method_default}: qlora needs a "
                                     "4-bit (nf4) base on a CUDA GPU, lora a base that is not 4-bit")
+    out = {"learning_rate": _number(learning_rate), "rank": _number(rank), "max_seq_len": _number(max_len)}
+    if _number(epochs) != 0:   # 0 is what the browser shows for an empty field: sized to the dataset, as empty
+        out["epochs"] = _number(epochs)
     text = (advanced or "").strip()
     if text:
         try:
@@ -76,10 +62,10 @@ def train_settings(method_default: str, epochs, learning_rate, rank, method, max
             raise field_error("Advanced settings", 'must be a JSON object, e.g. {"batch_size": 4}')
         out.update(extra)
     try:
-        TrainSettings.from_dict(out)
-    except (TypeError, ValueError) as e:
-        raise field_error("Training settings", str(e).removeprefix("training setting ")) from None
-    return out
+        return TrainSettings.from_dict(out, defaults)
+    except InvalidSetting as e:
+        problem = e.message.removeprefix("training setting ")
+        raise field_error(LABELS.get(e.param, "Advanced settings"), problem) from None
 
 
 def _job_outputs(workspace, job: dict | None, model, domain=None):
@@ -132,7 +118,8 @@ def retrain(workspace, method_default, domain, epochs, learning_rate, rank, meth
     try:
         if not domain:
             raise field_error("Domain", "pick a domain")
-        settings = train_settings(method_default, epochs, learning_rate, rank, method, max_len, advanced)
+        settings = train_settings(method_default, epochs, learning_rate, rank, method, max_len, advanced,
+                                  workspace.settings.train)
         job_id = workspace.start_training(domain, settings)
     except AssistantError as e:
         return (err(e), gr.skip(), *(gr.skip() for _ in range(N_JOB_OUT)))
