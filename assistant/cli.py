@@ -17,11 +17,11 @@ import time
 from .flags import add_config_flag, add_group_flags, add_settings_flags, settings_from
 from .workspace import DEFAULT_LOG_ROWS
 
-WORKSPACE_FLAGS = ("state_dir", "adapters_dir")
+WORKSPACE_FLAGS = ("state_dir", "adapters_dir", "database_url")
 MODEL_FLAGS = ("base_model", "quantization", "dtype", "device")
 TRAIN_FLAGS = ("train_device", "train_gpus")
-SERVER_FLAGS = ("host", "port", "api_key", "max_resident_adapters", "max_batch", "max_queue", "engine", "vllm_url",
-                "vllm_adapters_path", "gpu_memory_utilization") + TRAIN_FLAGS
+SERVER_FLAGS = ("host", "port", "api_key", "session_secret", "max_resident_adapters", "max_batch", "max_queue",
+                "engine", "vllm_url", "vllm_adapters_path", "gpu_memory_utilization") + TRAIN_FLAGS
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ANSWER_PREVIEW_CHARS = 100      # `assistant logs`: characters of each question and answer shown
 

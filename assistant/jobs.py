@@ -118,6 +118,9 @@ def start_job(settings, store, registry, domain: str, train_settings: dict | Non
     log_dir = Path(settings.state_path) / JOB_LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ASSISTANT_DATABASE_URL", None)
+    if settings.database_url:   # through the environment: a password in it stays out of the process list
+        env["ASSISTANT_DATABASE_URL"] = settings.database_url
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(log_dir / f"{job_id}.log", "ab") as log:
@@ -419,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass
     settings = _settings_from_json(settings_json)
-    store, registry = Store(settings.db_path), Registry(settings.adapters_path)
+    store, registry = Store(settings.database), Registry(settings.adapters_path)
     use_all_cores()   # this process only trains (see assistant/threads.py)
     job = run_job(settings, store, registry, job_id)
     return 0 if job["status"] == "succeeded" else 1

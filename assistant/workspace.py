@@ -31,7 +31,7 @@ class Workspace:
         at start; one-shot commands do not, since a server may be running them)."""
         from .store import Store
         self.settings = settings.ensure_dirs()
-        self.store = Store(settings.db_path)
+        self.store = Store(settings.database)
         self.registry = Registry(settings.adapters_path)
         self._curator = None
         self._indexer = None
