@@ -30,6 +30,7 @@ MAX_LOGIN_BODY_BYTES = 4096
 LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH = "/login", "/logout", "/api/health"
 PUBLIC_PATHS = (LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH)
 API_KEY_USER = "api-key"
+CONTROL_USER = "local"       # a process on this machine holding the server file's control token (remote.py)
 UNAUTHORIZED = ("missing or wrong credentials: send 'Authorization: Bearer <api key>' (or HTTP Basic with a "
                 "--auth user), or sign in at /login")
 
@@ -43,6 +44,7 @@ class Credentials:
         self.api_key = api_key
         self.users = tuple(users)
         self.secret = hashlib.sha256(secret.encode()).digest() if secret else secrets.token_bytes(32)
+        self.control_token: str | None = None    # what local processes send (remote.py: the server file's token)
 
     @property
     def enabled(self) -> bool:
@@ -82,6 +84,8 @@ class Credentials:
         scheme, value = scheme.lower(), value.strip()
         if scheme == "bearer" and self.api_key and hmac.compare_digest(value.encode(), self.api_key.encode()):
             return API_KEY_USER
+        if scheme == "bearer" and self.control_token and hmac.compare_digest(value.encode(), self.control_token.encode()):
+            return CONTROL_USER
         if scheme == "basic":
             try:
                 user, _, password = base64.b64decode(value, validate=True).decode().partition(":")

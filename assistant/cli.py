@@ -4,7 +4,8 @@ Each command parses its flags into Settings (flags.py generates them from the se
 calls the same Workspace or Serving method the UI and the API call. Commands on data (curate, export,
 train, eval, adapters list/create, feedback, logs) run on a Workspace and never load the chat model;
 `chat`, `adapters activate` and `adapters import` (which check an adapter against the base's weights)
-load it.
+load it. With a server running on the same state (its server file, remote.py), `adapters activate|import`
+and `train` go through that server instead, so the version is loaded where it serves before it goes live.
 """
 
 from __future__ import annotations
@@ -94,8 +95,37 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _running_server(args):
+    """The server running on this state (its server file, see remote.py), or None."""
+    from .remote import find_server
+    return find_server(settings_from(args))
+
+
+def _follow(domain: str):
+    """A progress bar fed with the job records a running server reports."""
+    from tqdm import tqdm
+    bar = tqdm(total=None, desc=f"training {domain} on the server", unit="step")
+
+    def update(job):
+        if job.get("total_steps"):
+            bar.total, bar.n = job["total_steps"], job.get("step") or 0
+        if job.get("loss") is not None:
+            bar.set_postfix(loss=f"{job['loss']:.3f}", stage=job.get("stage") or job["status"])
+        bar.refresh()
+    return bar, update
+
+
 def cmd_train(args) -> int:
-    job = _workspace(args).train(_domain(args))
+    server = _running_server(args)
+    if server is not None:   # the server trains and activates, as its Train button would
+        domain = _domain(args)
+        bar, update = _follow(domain)
+        try:
+            job = server.train(domain, settings_from(args).train, on_update=update)
+        finally:
+            bar.close()
+    else:
+        job = _workspace(args).train(_domain(args))
     keys = ("job_id", "status", "adapter_version", "promoted", "metrics", "error")
     sys.stdout.write(json.dumps({k: job.get(k) for k in keys}, indent=1, default=str) + "\n")
     return 0 if job.get("status") == "succeeded" else 1
@@ -131,7 +161,17 @@ def cmd_adapters(args) -> int:
         raise ValueError(f"name the version: `assistant adapters activate {args.domain} vN`")
     if args.action == "import" and not args.path:
         raise ValueError("--path: name a zip or folder holding a PEFT LoRA adapter")
-    serving = _serving(args)   # activate and import validate the adapter against the base's weights
+    server = _running_server(args)
+    if server is not None:   # the running server validates, loads on its engine, then moves the pointer
+        if args.action == "activate":
+            server.activate(args.domain, args.version, override=args.override)
+            sys.stdout.write(f"{args.domain}: active version is now {args.version} (on the server at {server.url})\n")
+        else:
+            v = server.import_adapter(args.domain, args.path, activate=args.activate)
+            sys.stdout.write(f"imported {args.path} as {args.domain}@{v}" + (" (active)" if args.activate else "")
+                             + f" on the server at {server.url}\n")
+        return 0
+    serving = _serving(args)   # no server: activate and import validate the adapter against the base's weights
     try:
         if args.action == "activate":
             serving.activate(args.domain, args.version, override=args.override)

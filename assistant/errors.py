@@ -122,3 +122,13 @@ class VllmUnavailable(VllmError):
 
 class RankFailed(RuntimeError):
     """A data-parallel training process ended badly; the others were stopped (the job fails with this)."""
+
+
+class ServerRefused(AssistantError):
+    """The running server answered another process's request (an activation, an import, a training job)
+    with an error: its message and HTTP status, passed on unchanged."""
+    code = "server_refused"
+
+    def __init__(self, message: str, *, status: int = 502, param: str | None = None):
+        super().__init__(message, param=param)
+        self.status = status

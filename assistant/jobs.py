@@ -5,6 +5,7 @@ the server down and chat keeps answering while it trains.
                           store.create_job (409 if one is active) -> spawn
     run_job     (child)   running -> snapshot rows -> train into a staging folder -> evaluate (the serving
                           engine, gate.py's verdict) -> publish -> activate if the gate passes -> succeeded
+                          (activation goes through the serving process when one runs: remote.py)
     cancel_job  (server)  SIGKILL the child's process group -> cancelled, staging removed
     recover_orphans       at server start: jobs left queued/running by a dead server -> failed, staging removed
 
@@ -339,9 +340,9 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         store.update_job(job_id, adapter_version=version, log=f"published {domain}@{version}\n")
         if promote:
             tracker.start("activate")
-            _activate(registry, domain, version, base.model, result.fingerprint)
+            where = _activate(settings, registry, domain, version, base.model, result.fingerprint)
             tracker.finish("activate")
-            end = f"{domain}@{version} is live\n"
+            end = f"{domain}@{version} is live" + (" (activated by the server)" if where != "offline" else "") + "\n"
         else:
             tracker.finish("activate", status="skipped")
             end = f"{domain}@{version} was not activated: {verdict['summary']}\n"
@@ -371,23 +372,30 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
     return store.get_job(job_id)
 
 
-def _activate(registry, domain: str, version: str, model, fingerprint: dict) -> None:
-    """Make the published version live through the registry's one activation path: it is validated against
-    the base the job trained on and its weights are read back before the pointer moves."""
-    import torch
-    from safetensors.torch import load_file
-
-    from .registry import ADAPTER_WEIGHTS, validate_adapter
-
-    shapes = {name.removesuffix(".base_layer"): (m.in_features, m.out_features)
-              for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+def _activate(settings, registry, domain: str, version: str, model, fingerprint: dict) -> str:
+    """Make the published version live through the one activation path (remote.activate): a server running
+    on this state activates it as a click would (validate, load on its engine and every vLLM server, then
+    move the pointer); the job never moves the pointer itself then. With no server running, it is validated
+    here against the base the job trained on, its weights read back, and the pointer moved offline.
+    Returns where it was done (the server's URL or "offline")."""
+    from . import remote
+    from .errors import ServerRefused
 
     def load(name: str, v: str) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from .registry import ADAPTER_WEIGHTS, validate_adapter
+        shapes = {n.removesuffix(".base_layer"): (m.in_features, m.out_features)
+                  for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         folder = registry.version_path(name, v)
         validate_adapter(folder, fingerprint, shapes)
         load_file(str(folder / ADAPTER_WEIGHTS), device="cpu")
 
-    registry.activate(domain, version, load=load)
+    try:
+        return remote.activate(settings, registry, domain, version, offline_load=load)
+    except ServerRefused as e:
+        raise AssistantError(f"{domain}@{version} was published but did not go live: {e.message}") from None
 
 
 def run_job_inline(settings, store, registry, domain: str, train_settings: dict | None = None) -> dict:

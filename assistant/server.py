@@ -5,6 +5,7 @@ The one place these parts meet; tests build their apps here too (`build`, `build
 from __future__ import annotations
 
 import logging
+import signal
 import time
 
 VLLM_MAX_LORA_RANK = 64    # the largest adapter rank a vLLM server started here accepts (it sizes its LoRA buffers)
@@ -69,12 +70,23 @@ def serve(settings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
+    from . import remote
+    # uvicorn re-raises the SIGTERM it caught once it has shut down: end through Python then, so the finally
+    # below runs (the server file removed, the engine and a managed vLLM server stopped)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    local = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    app.state.credentials.control_token = remote.announce(settings, local)   # jobs and the CLI find us here
     try:
         server.run()
     finally:
+        remote.withdraw(settings)
         serving.close()
         workspace.close()
     return 0
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _share(settings) -> None:
