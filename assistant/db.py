@@ -7,8 +7,9 @@ PostgreSQL (several app replicas and training workers on one database), so the s
 
 Queries are written once, with `?` placeholders and SQL both databases speak (`INSERT ... RETURNING`,
 `ON CONFLICT`, `IS NOT DISTINCT FROM`); the Postgres connection turns `?` into `%s`. The few places where
-the two differ are named shims: `conn.for_update` (row locks; SQLite's BEGIN IMMEDIATE already locks
-everything), `conn.ddl(sql)` (column types in migrations), `db.kind`.
+the two differ are named shims: `conn.for_update` / `conn.skip_locked` (row locks; SQLite's BEGIN
+IMMEDIATE already locks everything), `conn.ddl(sql)` (column types in migrations), `conn.notify` (NOTIFY
+on commit; SQLite's readers poll), `db.kind`.
 
 SQLite: WAL, `synchronous=FULL` (a write is on disk when its method returns), one connection per thread
 (re-opened after a fork), every write in `BEGIN IMMEDIATE` with a busy timeout and a bounded, jittered
@@ -74,7 +75,7 @@ _PG_DDL = ((re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b"), "BIGINT GENERA
 class SqliteConn:
     """One SQLite connection as the store's queries see it."""
     kind = "sqlite"
-    for_update = ""
+    for_update = skip_locked = ""
 
     def __init__(self, conn: sqlite3.Connection):
         self.raw = conn
@@ -88,10 +89,14 @@ class SqliteConn:
     def ddl(self, sql: str) -> str:
         return sql
 
+    def notify(self, channel: str, payload: str) -> None:
+        """Nothing to send: SQLite's readers poll."""
+
 
 class PostgresConn:
     kind = "postgresql"
     for_update = " FOR UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, conn):
         self.raw = conn
@@ -103,6 +108,10 @@ class PostgresConn:
         cur = self.raw.cursor()
         cur.executemany(_pg_sql(sql), rows)
         return cur
+
+    def notify(self, channel: str, payload: str) -> None:
+        """NOTIFY listeners, when (and only if) this transaction commits."""
+        self.raw.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     def ddl(self, sql: str) -> str:
         for pattern, replacement in _PG_DDL:

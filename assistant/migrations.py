@@ -172,14 +172,30 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX jobs_status ON jobs(status, created_at)",
         "ALTER TABLE jobs ADD COLUMN worker TEXT",
     )),
-    # Every activation and rollback, so replicas that share the database (and the adapters folder) learn
-    # of one made elsewhere: by NOTIFY on PostgreSQL, by polling this table otherwise.
+    # Activations across replicas that share the database and the adapters folder. "done": one made by a
+    # serving replica, which the others learn of (NOTIFY on PostgreSQL, polling this table otherwise) to load
+    # the version before their next answer; "requested": a training worker elsewhere asks whichever serving
+    # replica claims it first to activate (the one activation path), and waits for "done" or "failed".
     Migration("m012_activations", (
         """CREATE TABLE activations (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             domain TEXT NOT NULL,
-            version TEXT,
-            created_at REAL NOT NULL
+            version TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('requested', 'claimed', 'done', 'failed')),
+            requested_by TEXT,                -- the job that asked, or the replica that did it
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX activations_status ON activations(status, id)",
+    )),
+    # A job's dataset snapshot file, for a worker on another machine (its state folder does not have it).
+    Migration("m013_snapshot_files", (
+        """CREATE TABLE snapshot_files (
+            domain TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            content BLOB NOT NULL,            -- the snapshot's JSON Lines, as written
+            PRIMARY KEY (domain, hash)
         )""",
     )),
 ]

@@ -76,9 +76,12 @@ def serve(settings) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     local = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
     app.state.credentials.control_token = remote.announce(settings, local)   # jobs and the CLI find us here
+    from .replicas import ReplicaSync
+    sync = ReplicaSync(workspace, serving).start()   # other replicas' activations, workers' requests, queued jobs
     try:
         server.run()
     finally:
+        sync.close()
         remote.withdraw(settings)
         serving.close()
         workspace.close()

@@ -101,6 +101,9 @@ class Settings:
     train_device: str | None = field(default=None, metadata={
         "help": "where training jobs load their base and train: cpu | cuda | cuda:N (default: --device), "
                 "e.g. cuda:1 beside a vLLM server on cuda:0; the job evaluates its adapter there too"})
+    embedded_worker: bool = field(default=True, metadata={
+        "help": "this server runs training jobs itself (one at a time, each in a child process); false: only "
+                "`assistant worker` processes run them"})
     train_gpus: int = field(default=1, metadata={
         "help": "processes a training job trains in, data-parallel through accelerate (each takes its share of "
                 "every batch; gradients are averaged, so the adapter is the one a single process trains). "

@@ -18,6 +18,7 @@ import uuid
 from typing import Any, Callable, Sequence
 
 from . import migrations
+from .coordination import Coordination
 from .db import BUSY_TIMEOUT_MS, Row, open_database  # noqa: F401 - BUSY_TIMEOUT_MS: part of the store's contract
 from .errors import Conflict, NotFound
 from .stages import pending_stages, public_gate
@@ -57,7 +58,7 @@ def validate_messages(messages) -> str | None:
     return None
 
 
-class Store:
+class Store(Coordination):
     """`Store(target)`: a SQLite file path, or a `postgresql://` URL. Safe to share between threads; each
     process opens its own connections. The schema is brought up to date on open (migrations.py)."""
 

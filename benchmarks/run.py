@@ -22,6 +22,7 @@ BENCHES = {
     "training": "bench_training",
     "eval": "bench_eval",            # eval_vs_train_time of one job
     "vllm": "bench_vllm",            # the app in front of a vLLM server (--engine vllm)
+    "replicas": "bench_replicas",    # two app replicas on one PostgreSQL: feedback writes, activation propagation
 }
 LOCAL = [name for name in BENCHES if name != "vllm"]
 

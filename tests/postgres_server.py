@@ -56,15 +56,16 @@ class PostgresServer:
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=START_TIMEOUT_S,
                               cwd=self.root, env={**os.environ, "LC_ALL": "C"})
 
-    def start(self) -> "PostgresServer":
+    def start(self, fsync: bool = False) -> "PostgresServer":
+        """`fsync`: on for benchmarks (commits as durable as in production), off for tests."""
         if self.as_root:
             pw = pwd.getpwnam(UNPRIVILEGED_USER)
             self.uid, self.gid = pw.pw_uid, pw.pw_gid
             os.chmod(self.root, 0o755)
             os.chown(self.root, self.uid, self.gid)
         self._run(self.initdb, "-D", str(self.data), "-U", "assistant", "-A", "trust", "-E", "UTF8", "--no-sync")
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='' -c fsync=off " \
-               f"-c max_connections=300"
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='' " \
+               f"-c fsync={'on' if fsync else 'off'} -c max_connections=300"
         self._run(self.pg_ctl, "-D", str(self.data), "-o", opts, "-l", str(self.root / "server.log"), "-w",
                   "-t", str(START_TIMEOUT_S), "start")
         return self
