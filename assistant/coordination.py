@@ -26,7 +26,11 @@ class Coordination:
 
     # Jobs ----------------------------------------------------------------------------------------
     def claim_job(self, worker: str, job_id: str | None = None) -> str | None:
-        """Claim the oldest queued job nobody claimed (or that one job) for `worker` -> its id, or None."""
+        """Claim the oldest queued job nobody claimed (or that one job) for `worker` -> its id, or None.
+        Idle pollers only read: the write transaction is taken when a job waits."""
+        if not job_id and not self._read("SELECT 1 FROM jobs WHERE status = 'queued' AND worker IS NULL LIMIT 1"):
+            return None
+
         def claim(c):
             where, params = ("AND id = ? ", (job_id,)) if job_id else ("", ())
             row = c.execute(f"SELECT id FROM jobs WHERE status = 'queued' AND worker IS NULL {where}"
@@ -70,7 +74,10 @@ class Coordination:
         return self._write(insert)
 
     def claim_activation(self, by: str) -> dict | None:
-        """The oldest requested activation, now claimed by `by`, or None."""
+        """The oldest requested activation, now claimed by `by`, or None (idle pollers only read)."""
+        if not self._read("SELECT 1 FROM activations WHERE status = 'requested' LIMIT 1"):
+            return None
+
         def claim(c):
             row = c.execute("SELECT id, domain, version FROM activations WHERE status = 'requested' "
                             f"ORDER BY id LIMIT 1{c.skip_locked}").fetchone()
@@ -100,6 +107,3 @@ class Coordination:
         """Activations done or changed at or after `after` (a time), oldest first: what a replica re-checks."""
         return [dict(r) for r in self._read("SELECT * FROM activations WHERE updated_at >= ? AND status = 'done' "
                                             "ORDER BY id", (after,))]
-
-    def pending_activations(self) -> int:
-        return self._read("SELECT COUNT(*) FROM activations WHERE status = 'requested'")[0][0]
