@@ -24,7 +24,7 @@ BENCHES = {
     "vllm": "bench_vllm",            # the app in front of a vLLM server (--engine vllm)
     "replicas": "bench_replicas",    # two app replicas on one PostgreSQL: feedback writes, activation propagation
 }
-LOCAL = [name for name in BENCHES if name != "vllm"]
+LOCAL = [name for name in BENCHES if name not in ("vllm", "replicas")]   # those two on request (--only)
 
 
 def main(argv=None) -> int:
