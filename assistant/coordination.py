@@ -46,10 +46,11 @@ class Coordination:
         self._write(lambda c: c.notify(CHANNEL_JOBS, job_id))
 
     def owned_jobs(self) -> list[dict]:
-        """Queued or running jobs some worker claimed: what a reaper checks."""
+        """Queued or running jobs some worker claimed, and running ones no worker did (an older version of
+        the app ran them): what a reaper checks."""
         return [{"job_id": r[0], "domain": r[1], "status": r[2], "worker": r[3], "pid": r[4]} for r in self._read(
-            "SELECT id, domain, status, worker, pid FROM jobs WHERE status IN ('queued', 'running') "
-            "AND worker IS NOT NULL")]
+            "SELECT id, domain, status, worker, pid FROM jobs WHERE (status = 'queued' AND worker IS NOT NULL) "
+            "OR status = 'running'")]
 
     def put_snapshot_file(self, domain: str, snapshot_hash: str, content: bytes) -> None:
         self._write(lambda c: c.execute("INSERT INTO snapshot_files (domain, hash, content) VALUES (?,?,?) "

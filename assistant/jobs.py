@@ -292,7 +292,9 @@ def reap(settings, store, registry, *, at_start: bool = False) -> list[str]:
     from .cluster import owner_alive
     failed = []
     for owned in store.owned_jobs():
-        job = None if owner_alive(store, owned["worker"], self_is_stale=at_start) else store.get_job(owned["job_id"])
+        alive = (owner_alive(store, owned["worker"], self_is_stale=at_start) if owned["worker"] is not None
+                 else not at_start)   # running under no worker's name: left by an older version of the app
+        job = None if alive else store.get_job(owned["job_id"])
         if job is not None and job["status"] in ACTIVE:
             if _is_job_process(job.get("pid"), job["job_id"]):   # what is left of it, when it ran here
                 _kill_group(job["pid"])
@@ -474,8 +476,11 @@ def _activate(settings, registry, domain: str, version: str, model, fingerprint:
 def run_job_inline(settings, store, registry, domain: str, train_settings: dict | None = None) -> dict:
     """Blocking, in this process, with a progress bar (the CLI): same checks, same job record."""
     from tqdm import tqdm
+
+    from .cluster import WorkerLock
     record = _prepare(settings, store, registry, domain, train_settings)
     job_id = store.create_job(domain, record)
+    store.claim_job((lock := WorkerLock(store)).name, job_id)   # ours: a reaper can tell when we are gone
     _curated(store, job_id, record)
     bar = tqdm(total=None, desc=f"training {domain}", unit="step")
 
@@ -491,6 +496,7 @@ def run_job_inline(settings, store, registry, domain: str, train_settings: dict 
         job = store.get_job(job_id)
     finally:
         bar.close()
+        lock.release()
     return job
 
 
