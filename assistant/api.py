@@ -120,7 +120,8 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
                     serving.start_chat, ignore_eos=body.get("ignore_eos") is True, model=body.get("model"),
                     messages=body.get("messages"), max_tokens=max_tokens,
                     temperature=body.get("temperature"), top_p=body.get("top_p"), seed=seed, stop=body.get("stop"),
-                    loop=loop, user=body.get("user") if isinstance(body.get("user"), str) else user, slot_wait_s=0)
+                    loop=loop, user=body.get("user") if isinstance(body.get("user"), str) else user, slot_wait_s=0,
+                    principal=user)   # who authenticated, recorded apart from the `user` the body names
                 break
             except SlotsBusy:
                 if loop.time() >= deadline:
@@ -142,7 +143,7 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
         # like chat's `user`: an app in front of many people names who rated; else the signed-in user
         user = _opt(body, "user", str) or current_user(request)
         fid = await asyncio.to_thread(serving.feedback, rid, body.get("rating"), body.get("correction"),
-                                      body.get("reason"), user)
+                                      body.get("reason"), user, current_user(request))
         return JSONResponse({"id": fid}, status_code=201)
 
     @r.post("/api/domains", status_code=201)

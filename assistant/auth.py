@@ -22,6 +22,8 @@ import secrets
 import time
 from urllib.parse import parse_qs, quote
 
+from .settings import API_KEY_PRINCIPAL, CONTROL_PRINCIPAL
+
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "assistant_session"
@@ -29,8 +31,8 @@ SESSION_SECONDS = 12 * 3600          # a browser login lasts this long (and, wit
 MAX_LOGIN_BODY_BYTES = 4096
 LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH = "/login", "/logout", "/api/health"
 PUBLIC_PATHS = (LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH)
-API_KEY_USER = "api-key"
-CONTROL_USER = "local"       # a process on this machine holding the server file's control token (remote.py)
+API_KEY_USER = API_KEY_PRINCIPAL
+CONTROL_USER = CONTROL_PRINCIPAL   # a process on this machine holding the server file's control token (remote.py)
 UNAUTHORIZED = ("missing or wrong credentials: send 'Authorization: Bearer <api key>' (or HTTP Basic with a "
                 "--auth user), or sign in at /login")
 

@@ -21,8 +21,10 @@ from .workspace import DEFAULT_LOG_ROWS
 WORKSPACE_FLAGS = ("state_dir", "adapters_dir", "database_url")
 MODEL_FLAGS = ("base_model", "quantization", "dtype", "device")
 TRAIN_FLAGS = ("train_device", "train_gpus")
+LIMIT_FLAGS = ("engine", "vllm_url", "vllm_max_lora_rank")   # what the serving engine accepts (checked before training)
 SERVER_FLAGS = ("host", "port", "api_key", "session_secret", "max_resident_adapters", "max_batch", "max_queue",
-                "engine", "vllm_url", "vllm_adapters_path", "gpu_memory_utilization", "embedded_worker") + TRAIN_FLAGS
+                "engine", "vllm_url", "vllm_adapters_path", "vllm_max_lora_rank", "vllm_api_key",
+                "gpu_memory_utilization", "embedded_worker") + TRAIN_FLAGS
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ANSWER_PREVIEW_CHARS = 100      # `assistant logs`: characters of each question and answer shown
 
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", default="-", help="a file (default: standard output)")
 
     _command(sub, "train", "train, evaluate and publish a new adapter version (progress bar)", cmd_train,
-             flags=WORKSPACE_FLAGS + MODEL_FLAGS + TRAIN_FLAGS, groups=("train", "gate", "curation"),
+             flags=WORKSPACE_FLAGS + MODEL_FLAGS + TRAIN_FLAGS + LIMIT_FLAGS, groups=("train", "gate", "curation"),
              short_group="train", domain=True)
 
     sp = _command(sub, "worker", "claim queued training jobs from the database and run them here, one at a time "

@@ -40,6 +40,18 @@ class InvalidAdapter(AssistantError):
     code = "invalid_adapter"
 
 
+class AdapterRefused(InvalidAdapter):
+    """The serving engine (a vLLM server) refused to load an adapter version; the message has its reason."""
+    code = "adapter_refused"
+
+
+class EngineLimit(AssistantError):
+    """An adapter (to train or to import) is past what the serving engine accepts: the message names the
+    limit and the flag that raises it."""
+    status = 422
+    code = "engine_limit"
+
+
 class ContextTooLong(AssistantError):
     status = 400
     code = "context_length_exceeded"

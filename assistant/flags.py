@@ -130,6 +130,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         values["share"] = True
     if values.get("api_key") is None and os.environ.get("ASSISTANT_API_KEY"):
         values["api_key"] = os.environ["ASSISTANT_API_KEY"]
+    if values.get("vllm_api_key") is None and os.environ.get("ASSISTANT_VLLM_API_KEY"):
+        values["vllm_api_key"] = os.environ["ASSISTANT_VLLM_API_KEY"]
     for group, overrides in groups.items():
         if overrides:
             settings_class(group)(**checked_values(settings_class(group), overrides, group))   # a clear error now

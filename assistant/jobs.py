@@ -92,6 +92,8 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
         ts = TrainSettings.from_dict({**settings.train, **(train_settings or {})})   # the server's defaults first
     except (TypeError, ValueError) as e:
         raise AssistantError(str(e), param="settings") from None
+    from .limits import engine_limits
+    engine_limits(settings).check(ts.rank, ts.target_modules, what="this training job's adapter")   # 422 now
     active = store.active_job(domain)
     if active is not None:  # cheap early answer; create_job is what really enforces it
         from .errors import Conflict
@@ -158,9 +160,8 @@ def _spawn(settings, store, registry, job_id: str) -> None:
     log_dir = Path(settings.state_path) / JOB_LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("ASSISTANT_DATABASE_URL", None)
-    if settings.database_url:   # through the environment: a password in it stays out of the process list
-        env["ASSISTANT_DATABASE_URL"] = settings.database_url
+    env.pop("ASSISTANT_DATABASE_URL", None)   # the URL goes through the environment: a password stays out of `ps`
+    env.update({"ASSISTANT_DATABASE_URL": settings.database_url} if settings.database_url else {})
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(log_dir / f"{job_id}.log", "ab") as log:
@@ -329,10 +330,9 @@ def _read_rows(settings, record: dict, store, domain: str) -> list[dict]:
     if record.get("snapshot"):
         path = _snapshot_path(settings, domain, record["snapshot"])
         if not path.is_file() and (content := store.get_snapshot_file(domain, record["snapshot"])) is not None:
+            from .files import atomic_write_bytes
             path.parent.mkdir(parents=True, exist_ok=True)   # curated by a replica on another machine
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            tmp.write_bytes(content)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, content)
     if not path or not Path(path).is_file():
         raise AssistantError(f"the dataset snapshot of {domain!r} is missing: curate it again and retrain")
     from .curation import read_snapshot

@@ -151,11 +151,16 @@ MIGRATIONS: list[Migration] = [
         "f.created_at "
         "FROM feedback f JOIN responses r ON r.id = f.response_id ORDER BY f.id",
     )),
+    # who authenticated (an API key holder, a signed-in user), apart from the `user` a request declares
+    Migration("m010_principal_apart_from_user", (
+        "ALTER TABLE responses ADD COLUMN principal TEXT",
+        "ALTER TABLE feedback ADD COLUMN principal TEXT",
+    )),
     # The order transactions committed in, for counting only-growing totals across replicas: on PostgreSQL
     # an id is taken before its transaction commits, so "every id up to the largest seen" can miss one
     # still in flight; every transaction id below the oldest one still running has ended (see
     # Store.response_totals). SQLite commits one writer at a time, so there rowids are that order already.
-    Migration("m010_commit_order", (
+    Migration("m011_commit_order", (
         "ALTER TABLE responses ADD COLUMN txid INTEGER",
         "ALTER TABLE feedback_events ADD COLUMN txid INTEGER",
     ), postgresql=(
@@ -166,7 +171,7 @@ MIGRATIONS: list[Migration] = [
     )),
     # Training workers: one queued-or-running job per domain (jobs of other domains queue beside it), and
     # which worker runs each job ("host:pid"), so a dead worker's job can be told from a live one's.
-    Migration("m011_job_workers", (
+    Migration("m012_job_workers", (
         "DROP INDEX jobs_one_active",
         "CREATE UNIQUE INDEX jobs_one_active_per_domain ON jobs(domain) WHERE status IN ('queued', 'running')",
         "CREATE INDEX jobs_status ON jobs(status, created_at)",
@@ -176,7 +181,7 @@ MIGRATIONS: list[Migration] = [
     # serving replica, which the others learn of (NOTIFY on PostgreSQL, polling this table otherwise) to load
     # the version before their next answer; "requested": a training worker elsewhere asks whichever serving
     # replica claims it first to activate (the one activation path), and waits for "done" or "failed".
-    Migration("m012_activations", (
+    Migration("m013_activations", (
         """CREATE TABLE activations (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             domain TEXT NOT NULL,
@@ -190,7 +195,7 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX activations_status ON activations(status, id)",
     )),
     # A job's dataset snapshot file, for a worker on another machine (its state folder does not have it).
-    Migration("m013_snapshot_files", (
+    Migration("m014_snapshot_files", (
         """CREATE TABLE snapshot_files (
             domain TEXT NOT NULL,
             hash TEXT NOT NULL,

@@ -384,13 +384,19 @@ class Exporter:
         active = GaugeMetricFamily("assistant_active_version", "number N of the active version vN (0: base weights)",
                                    labels=["domain"])
         states = {name: GaugeMetricFamily(name, help_, labels=["domain"]) for name, help_ in CACHED_GAUGES.items()}
+        refused = GaugeMetricFamily("assistant_adapter_refused", "1 for each version the serving engine refused to "
+                                    "load (retried with backoff; the reason is in GET /api/domains)", labels=dv)
+        refusals = getattr(workspace, "engine_refusals", dict)()
+        for key in sorted(refusals):
+            refused.add_metric(list(key.partition("@")[::2]), 1)
         for domain in workspace.registry.list_domains():
-            broken.add_metric([domain.name], int(domain.problem is not None))
+            active_refused = f"{domain.name}@{domain.active_version}" in refusals
+            broken.add_metric([domain.name], int(domain.problem is not None or active_refused))
             active.add_metric([domain.name], version_key(domain.active_version) if domain.active_version else 0)
             for name, value in cached.get(domain.name, {}).items():
                 if value is not None:
                     states[name].add_metric([domain.name], value)
-        yield from (broken, active, *states.values())
+        yield from (broken, active, refused, *states.values())
 
 
 _exporters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -5,6 +5,7 @@ Layout (all under `adapters_dir`):
     <domain>/active             the active version's name ("v3"), replaced atomically
     <domain>/v1, v2, ...        immutable PEFT folders: adapter_config.json, adapter_model.safetensors, card.json
     <domain>/.staging-*         work in progress; never listed, removed at start
+    <domain>/.retired-vN        a version taken back (an import the engine refused): never listed, its number kept
 
 Nothing here imports torch: validation reads safetensors headers and JSON only, and nothing is unpickled.
 """
@@ -33,6 +34,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib",
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 CARD = "card.json"
+RETIRED_PREFIX = ".retired-"   # + vN: a version taken out of the list whose number is never given again
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_SYSTEM_PROMPT_CHARS = 8000
 MAX_DESCRIPTION_CHARS = 2000
@@ -249,7 +251,8 @@ class Registry:
         fsync_tree(staging)
         d = self.domain_dir(name)
         while True:
-            existing = [version_key(p.name) for p in d.iterdir() if VERSION_RE.fullmatch(p.name)]
+            existing = [version_key(p.name.removeprefix(RETIRED_PREFIX)) for p in d.iterdir()
+                        if VERSION_RE.fullmatch(p.name.removeprefix(RETIRED_PREFIX))]   # retired numbers stay taken
             version = f"v{max(existing, default=0) + 1}"
             card["version"] = version
             atomic_write_text(staging / CARD, json.dumps(card, indent=1, sort_keys=True))
@@ -280,6 +283,14 @@ class Registry:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def retire(self, name: str, version: str) -> None:
+        """Take a published version out of the list (an import the serving engine refused) without freeing its
+        number: it becomes `.retired-vN`, and the next version is vN+1, so a serving engine never sees one
+        name for two different adapters."""
+        folder = self.version_path(name, version)
+        os.rename(folder, folder.with_name(RETIRED_PREFIX + version))
+        fsync_dir(folder.parent)
 
     def cleanup_staging(self, keep: set[str] = frozenset(), older_than_s: float = 0.0) -> int:
         """Remove leftover staging folders (a crash before publishing), except those named in `keep` (running

@@ -8,8 +8,6 @@ import logging
 import signal
 import time
 
-VLLM_MAX_LORA_RANK = 64    # the largest adapter rank a vLLM server started here accepts (it sizes its LoRA buffers)
-
 log = logging.getLogger(__name__)
 
 
@@ -24,19 +22,21 @@ def build(settings, base=None):
 
 def vllm_engine(settings, workspace):
     """The engine that drives vLLM servers: those of --vllm-url, or one started (and supervised) here."""
+    from .limits import engine_limits
     from .model import describe_base
     from .vllm_engine import VllmEngine
     from .vllm_server import ManagedVllm
     base = describe_base(settings)
-    urls, managed = list(settings.vllm_url), None
-    if not urls:
+    urls, managed, api_key = list(settings.vllm_url), None, settings.vllm_api_key
+    if not urls:   # a random API key: no other local process can load or unload adapters on it
         managed = ManagedVllm(base.path, settings.state_path / "logs", served_name=base.name,
-                              max_loras=settings.max_resident_adapters, max_lora_rank=VLLM_MAX_LORA_RANK,
-                              dtype=settings.dtype, gpu_memory_utilization=settings.gpu_memory_utilization).start()
-        urls = [managed.url]
+                              max_loras=settings.max_resident_adapters, max_lora_rank=engine_limits(settings).max_rank,
+                              dtype=settings.dtype, gpu_memory_utilization=settings.gpu_memory_utilization,
+                              api_key=settings.vllm_api_key).start()
+        urls, api_key = [managed.url], managed.api_key
     return VllmEngine(base, urls, adapters_root=settings.adapters_path,
                       served_adapters_root=settings.vllm_adapters_path, live=workspace.live_versions,
-                      max_resident=settings.max_resident_adapters, managed=managed)
+                      max_resident=settings.max_resident_adapters, managed=managed, api_key=api_key)
 
 
 def build_app(workspace, serving, *, with_ui: bool = True):

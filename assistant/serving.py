@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import tempfile
 import threading
 import time
@@ -18,7 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
+from .errors import AdapterRefused, AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
+from .limits import check_adapter_folder, engine_limits
 from .lm import with_system_prompt
 from .registry import parse_model_name, safe_unzip, validate_adapter
 from .settings import (
@@ -37,6 +37,7 @@ MAX_STOP_STRINGS = 4
 ADAPTER_SLOT_WAIT_S = 10.0   # how long a request waits for a free adapter slot before 503 server_busy
 LOG_WAIT_S = 10.0            # how long a caller waits for a finished response to reach the log
 SLOT_POLL_S = 0.5            # while every slot is pinned: how often a waiting load tries again
+SAME_AS_USER = object()      # `principal` default: the caller authenticated as the `user` it names (the UI)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class Call:
     created: int = field(default_factory=lambda: int(time.time()))
     logged: bool = False
     logged_event: threading.Event = field(default_factory=threading.Event)
-    user: str | None = None
+    user: str | None = None        # the end user the request names
+    principal: str | None = None   # who authenticated: the API key holder or the signed-in user
 
 
 def check_messages(messages) -> list[dict]:
@@ -119,6 +121,8 @@ class Serving:
                             max_resident_adapters=settings.max_resident_adapters)
         self.base = base if base is not None else engine.base
         self.engine = engine
+        if hasattr(engine, "refused"):   # vLLM: versions a server refused stay visible, and are not retried per request
+            workspace.engine_refusals = engine.refused
         self._active: dict[str, tuple[int, str | None]] = {}
         self._load_lock = threading.Lock()
         self._inflight: dict[str, Call] = {}   # response id -> call, until its response is logged
@@ -155,7 +159,7 @@ class Serving:
             prompt_tokens=call.prompt_tokens, completion_tokens=len(req.generated),
             latency_ms=((req.t_done or now) - req.t_submit) * 1000,
             ttft_ms=((req.t_first - req.t_submit) * 1000) if req.t_first else None,
-            finish_reason=req.finish_reason or "cancelled", user=call.user)
+            finish_reason=req.finish_reason or "cancelled", user=call.user, principal=call.principal)
 
     # Models ------------------------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -266,11 +270,13 @@ class Serving:
                     raise InvalidAdapter(f"the upload is over {MAX_UPLOAD_BYTES >> 20} MiB: is it an adapter?")
                 folder = Path(tmp) / "adapter"
                 safe_unzip(upload, folder, MAX_UPLOAD_BYTES)
+            check_adapter_folder(engine_limits(ws.settings), folder)   # 422 naming the limit and its flag
             version = ws.registry.import_folder(domain, folder, self.base.fingerprint, self.engine.module_shapes())
         try:
             self.ensure_loaded(domain, version)
         except AssistantError:
-            shutil.rmtree(ws.registry.domain_dir(domain) / version, ignore_errors=True)
+            ws.registry.retire(domain, version)   # out of the list; its number is never given again
+            getattr(self.engine, "forget", lambda key: None)(f"{domain}@{version}")
             raise
         if activate:
             self.activate(domain, version)
@@ -279,20 +285,25 @@ class Serving:
     # Chat --------------------------------------------------------------------------------------
     def start_chat(self, model: str, messages, *, max_tokens: int | None = None, temperature: float | None = None,
                    top_p: float | None = None, seed: int | None = None, stop=None, loop=None,
-                   user: str | None = None, ignore_eos: bool = False, slot_wait_s: float = ADAPTER_SLOT_WAIT_S) -> Call:
+                   user: str | None = None, ignore_eos: bool = False, slot_wait_s: float = ADAPTER_SLOT_WAIT_S,
+                   principal=SAME_AS_USER) -> Call:
         """Check the request, pin the adapter it resolves to, and queue it. The answer is logged under
-        exactly that adapter version, which serves it from the first token to the last."""
+        exactly that adapter version, which serves it from the first token to the last. `user`: the end user
+        the request names; `principal`: who authenticated (by default `user`: the UI, where they are one)."""
         from .engine import Request
         messages = check_messages(messages)
         target = self.resolve(model)
         messages = with_system_prompt(messages, target.system_prompt)
         max_tokens, temperature, top_p, stop = check_sampling(max_tokens, temperature, top_p, stop)
         ids = self.engine.encode_chat(messages)
-        slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s) if target.version else 0
+        try:
+            slot = self.pin_adapter(target.domain, target.version, wait_s=slot_wait_s) if target.version else 0
+        except AdapterRefused as e:   # this version only: base and the other domains keep answering
+            raise DomainBroken(f"domain {target.domain!r} cannot answer: {e.message}") from None
         req = Request(prompt_ids=ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       stop=stop, adapter=target.adapter_key, slot=slot, ignore_eos=bool(ignore_eos))
         call = Call(id=f"chatcmpl-{uuid.uuid4().hex}", target=target, messages=messages, handle=None,
-                    prompt_tokens=len(ids), user=user)
+                    prompt_tokens=len(ids), user=user, principal=user if principal is SAME_AS_USER else principal)
         self._inflight[call.id] = call
         try:
             call.handle = self.engine.submit(req, loop=loop, on_finish=lambda: self._log_queue.put(call))
@@ -336,12 +347,13 @@ class Serving:
         return len(self.engine.encode_chat(with_system_prompt(messages, prompt)))
 
     def feedback(self, response_id: str, rating: str, correction: str | None = None, reason: str | None = None,
-                 user: str | None = None) -> int:
+                 user: str | None = None, principal=SAME_AS_USER) -> int:
         """Workspace.feedback, after the answer's log entry is written when it has only just finished."""
         call = self._inflight.get(response_id) if isinstance(response_id, str) else None
         if call is not None:
             call.logged_event.wait(LOG_WAIT_S)
-        return self.workspace.feedback(response_id, rating, correction, reason, user)
+        return self.workspace.feedback(response_id, rating, correction, reason, user,
+                                       user if principal is SAME_AS_USER else principal)
 
     def status(self) -> dict:
         out = {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,

@@ -28,6 +28,8 @@ MAX_RESIDENT_ADAPTERS = 8           # adapters kept on the base; least recently 
 MAX_LORA_RANK = 256                 # adapters with a larger rank are refused
 MAX_TRAIN_GPUS = 64                 # processes one training job may run as
 BASE = "base"                       # the reserved model name meaning "no adapter"
+API_KEY_PRINCIPAL = "api-key"       # the principal of a request authenticated by the API key (an app of many users)
+CONTROL_PRINCIPAL = "local"         # the principal of a local process holding the server file's control token
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("local", "vllm")
@@ -95,6 +97,13 @@ class Settings:
                                            "(none: start one here)"})
     vllm_adapters_path: str | None = field(default=None, metadata={
         "help": "where the vLLM servers see --adapters-dir, when it is mounted at another path there"})
+    vllm_max_lora_rank: int | None = field(default=None, metadata={
+        "help": "the largest LoRA rank the vLLM servers accept: the server this app starts gets it as its "
+                "--max-lora-rank (default 64); for --vllm-url servers set it to theirs (default: vLLM's own "
+                "default, 16). Training and imports above it are refused before they start"})
+    vllm_api_key: str | None = field(default=None, metadata={
+        "help": "the API key the --vllm-url servers expect (their --api-key); better in ASSISTANT_VLLM_API_KEY, "
+                "out of `ps`. The server this app starts gets a random key unless this is set"})
     gpu_memory_utilization: float | None = field(default=None, metadata={
         "help": "passed to the vLLM server this app starts: its share of GPU memory (leave room for a "
                 "QLoRA job on the same GPU)"})
@@ -129,6 +138,8 @@ class Settings:
             raise ValueError(f"engine={self.engine!r}: use one of {', '.join(ENGINES)}")
         if self.vllm_url and self.engine != "vllm":
             raise ValueError("--vllm-url is for --engine vllm: add it, or drop the URLs")
+        if self.vllm_max_lora_rank is not None and not 1 <= self.vllm_max_lora_rank <= MAX_LORA_RANK:
+            raise ValueError(f"vllm_max_lora_rank={self.vllm_max_lora_rank}: use a rank between 1 and {MAX_LORA_RANK}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization}: use a share in (0, 1]")
         if not 1 <= self.train_gpus <= MAX_TRAIN_GPUS:

@@ -21,6 +21,7 @@ from . import migrations
 from .coordination import Coordination
 from .db import BUSY_TIMEOUT_MS, Row, open_database  # noqa: F401 - BUSY_TIMEOUT_MS: part of the store's contract
 from .errors import Conflict, NotFound
+from .settings import API_KEY_PRINCIPAL, CONTROL_PRINCIPAL
 from .stages import pending_stages, public_gate
 
 SQL_IN_CHUNK = 500              # values per `IN (...)` query: well under SQLite's limit on bound variables
@@ -36,6 +37,13 @@ JOB_FIELDS = {"status", "progress", "step", "total_steps", "loss", "adapter_vers
 
 def _dumps(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _counted(principal: str | None, user: str | None) -> str | None:
+    """Whose item it is for the per-user cap: the signed-in person when there is one (with per-person sign-in
+    a body's `user` cannot spread one person's data under many names), else the end user the request named
+    (an API-key holder speaks for many users)."""
+    return principal if principal and principal not in (API_KEY_PRINCIPAL, CONTROL_PRINCIPAL) else user
 
 
 def validate_messages(messages) -> str | None:
@@ -87,14 +95,16 @@ class Store(Coordination):
     def log_response(self, *, id: str, domain: str, adapter_version: str | None, model: str,
                      messages: list[dict], answer: str, prompt_tokens: int, completion_tokens: int,
                      latency_ms: float, ttft_ms: float | None, finish_reason: str, user: str | None = None,
-                     created_at: float | None = None) -> None:
+                     created_at: float | None = None, principal: str | None = None) -> None:
+        """`user`: the end user the request names; `principal`: who authenticated (API key holder, signed-in
+        user, or None when the app is open)."""
         row = (id, domain, adapter_version, model, _dumps(messages), answer, int(prompt_tokens),
-               int(completion_tokens), float(latency_ms), ttft_ms, finish_reason, user,
+               int(completion_tokens), float(latency_ms), ttft_ms, finish_reason, user, principal,
                time.time() if created_at is None else created_at)
         self._write(lambda c: c.execute(
             "INSERT INTO responses (id, domain, adapter_version, model, messages, answer, prompt_tokens, "
-            "completion_tokens, latency_ms, ttft_ms, finish_reason, \"user\", created_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row))
+            "completion_tokens, latency_ms, ttft_ms, finish_reason, \"user\", principal, created_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row))
 
     @staticmethod
     def _response(row: Row) -> dict:
@@ -136,7 +146,7 @@ class Store(Coordination):
 
     # Feedback ------------------------------------------------------------------------------------
     def add_feedback(self, *, response_id: str, rating: str, correction: str | None = None,
-                     reason: str | None = None, user: str | None = None) -> int:
+                     reason: str | None = None, user: str | None = None, principal: str | None = None) -> int:
         """Record a rating (and the answer the user wanted); durable on disk when this returns.
 
         One record per answer and user: a second call for the same (response_id, user) updates that
@@ -157,13 +167,13 @@ class Store(Coordination):
             now = time.time()
             if row is not None:
                 c.execute("UPDATE feedback SET rating = ?, correction = COALESCE(?, correction), "
-                          "reason = COALESCE(?, reason), created_at = ? WHERE id = ?",
-                          (rating, correction, reason, now, row["id"]))
+                          "reason = COALESCE(?, reason), principal = ?, created_at = ? WHERE id = ?",
+                          (rating, correction, reason, principal, now, row["id"]))
                 fid = row["id"]
             else:
-                fid = c.execute('INSERT INTO feedback (response_id, rating, correction, reason, "user", created_at) '
-                                "VALUES (?,?,?,?,?,?) RETURNING id",
-                                (response_id, rating, correction, reason, user, now)).fetchone()[0]
+                fid = c.execute('INSERT INTO feedback (response_id, rating, correction, reason, "user", principal, '
+                                "created_at) VALUES (?,?,?,?,?,?,?) RETURNING id",
+                                (response_id, rating, correction, reason, user, principal, now)).fetchone()[0]
             c.execute("INSERT INTO feedback_events (feedback_id, domain, adapter_version, rating, corrected, created_at) "
                       "SELECT ?, domain, adapter_version, ?, ?, ? FROM responses WHERE id = ?",
                       (fid, rating, int(correction is not None), now, response_id))
@@ -171,7 +181,8 @@ class Store(Coordination):
         return self._write(upsert)
 
     def list_feedback(self, domain: str | None = None) -> list[dict]:
-        sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.\"user\" AS response_user "
+        sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.\"user\" AS response_user, "
+               "r.principal AS response_principal "
                "FROM feedback f JOIN responses r ON r.id = f.response_id")
         params: list = []
         if domain is not None:
@@ -255,7 +266,9 @@ class Store(Coordination):
                 continue
             out.append({"key": f"feedback:{chosen['id']}", "source": source,
                         "messages": prompt + [{"role": "assistant", "content": answer}],
-                        "created_at": chosen["created_at"], "user": chosen["user"] or first["response_user"],
+                        "created_at": chosen["created_at"],
+                        "user": _counted(chosen["principal"], chosen["user"])
+                        or _counted(first["response_principal"], first["response_user"]),
                         "rating": chosen["rating"], "ups": ups, "feedback_ids": [f["id"] for f in fbs],
                         "response_id": response_id, "adapter_version": first["adapter_version"]})
         decisions = self.reviews(domain)

@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,14 +203,18 @@ def check_base(models: Models, *, expected_path: str | Path | None = None,
 # ---------------------------------------------------------------------------------------------
 
 class VllmClient:
-    """One vLLM server. Async methods share one httpx.AsyncClient per event loop; `_sync` twins use a
-    shared httpx.Client. Call `aclose()` / `close()` when done (or let them be collected)."""
+    """One vLLM server. Async methods share one httpx.AsyncClient per event loop (an httpx client is bound
+    to the loop it first ran on; a caller without a loop of its own and the API's loop each get theirs,
+    created once, under a lock); `_sync` twins share one httpx.Client. `aclose()` closes the current loop's
+    client, `close()` every client (those of other running loops on their own loop).
+    `api_key`: sent as `Authorization: Bearer` (vLLM's --api-key)."""
 
-    def __init__(self, url: str, *, stream_read_timeout: float = STREAM_READ_TIMEOUT):
+    def __init__(self, url: str, *, stream_read_timeout: float = STREAM_READ_TIMEOUT, api_key: str | None = None):
         self.url = url.rstrip("/")
         self.stream_read_timeout = stream_read_timeout
-        self._aclient: httpx.AsyncClient | None = None
-        self._aloop = None
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._aclients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._lock = threading.Lock()
         self._client: httpx.Client | None = None
 
     def __repr__(self) -> str:
@@ -218,27 +223,55 @@ class VllmClient:
     # Connections -------------------------------------------------------------------------------
     def _async(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
-        if self._aclient is None or self._aloop is not loop:   # a client is bound to the loop it ran on
-            self._aclient = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(CONTROL_TIMEOUT,
-                                              connect=CONNECT_TIMEOUT), limits=httpx.Limits(max_connections=None))
-            self._aloop = loop
-        return self._aclient
+        with self._lock:
+            client = self._aclients.get(loop)
+            if client is None:
+                for gone in [lp for lp in self._aclients if lp.is_closed()]:   # their sockets went with the loop
+                    del self._aclients[gone]
+                client = self._aclients[loop] = httpx.AsyncClient(
+                    base_url=self.url, headers=self._headers, limits=httpx.Limits(max_connections=None),
+                    timeout=httpx.Timeout(CONTROL_TIMEOUT, connect=CONNECT_TIMEOUT))
+            return client
+
+    @property
+    def async_clients(self) -> int:
+        """How many async clients (one per event loop that used this server) are open."""
+        with self._lock:
+            return len(self._aclients)
 
     def _sync(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(CONTROL_TIMEOUT,
-                                        connect=CONNECT_TIMEOUT))
-        return self._client
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(base_url=self.url, headers=self._headers,
+                                            timeout=httpx.Timeout(CONTROL_TIMEOUT, connect=CONNECT_TIMEOUT))
+            return self._client
 
     async def aclose(self) -> None:
-        if self._aclient is not None:
-            await self._aclient.aclose()
-            self._aclient = None
+        """Close the client of the running loop."""
+        with self._lock:
+            client = self._aclients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
 
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+    def close(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Close every client: the sync one, and each loop's on that loop while it runs."""
+        with self._lock:
+            client, self._client = self._client, None
+            clients, self._aclients = list(self._aclients.items()), {}
+        if client is not None:
+            client.close()
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, aclient in clients:
+            if loop is current:
+                loop.create_task(aclient.aclose())
+            elif loop.is_running() and not loop.is_closed():
+                try:
+                    asyncio.run_coroutine_threadsafe(aclient.aclose(), loop).result(timeout)
+                except Exception as e:  # noqa: BLE001 - closing at shutdown: the sockets go with the process
+                    log.warning("could not close a client of %s: %s", self.url, e)
 
     async def _arequest(self, what: str, method: str, path: str, *, timeout: float | None = None,
                         body: dict | None = None) -> httpx.Response:

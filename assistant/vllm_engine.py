@@ -34,8 +34,8 @@ from typing import Callable
 
 from .engine import MAX_CONTEXT_TOKENS, Event, Handle, Request, check_admission
 from .errors import (
+    AdapterRefused,
     GenerationFailed,
-    InvalidAdapter,
     ModelLoadError,
     VllmError,
     VllmUnavailable,
@@ -47,8 +47,20 @@ RECONCILE_S = 15.0           # how often every server's health and loaded adapte
 ROUTE_SLACK = 2              # affinity holds while the preferred server has at most this many more requests in flight
 START_WAIT_S = 30.0          # at start: how long to wait for a server that does not answer yet
 BASE_KEY = ""                # the affinity key of requests without an adapter
+REFUSED_BACKOFF_S = (30.0, 120.0, 600.0, 1800.0)   # a refused version is tried again after these (the last repeats)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Refusal:
+    """A version a server refused: vLLM's reason, and when loading it is tried again (with backoff)."""
+    reason: str
+    attempts: int = 1
+    retry_at: float = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.retry_at
 
 
 @dataclass(eq=False)
@@ -62,6 +74,9 @@ class Server:
     inflight: int = 0
     served: int = 0                   # answers sent here since the app started
     problem: str | None = None        # why it is not ready, for logs and status
+    added: set[str] = field(default_factory=set)     # loaded here while a reconcile of it ran...
+    removed: set[str] = field(default_factory=set)   # ...and unloaded: what its listing may not know yet
+    reconciling: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
@@ -70,11 +85,13 @@ class Server:
 
 class VllmEngine:
     def __init__(self, base, urls: list[str], *, adapters_root: Path, served_adapters_root: str | None = None,
-                 live: Callable[[], dict[str, Path]] | None = None, max_resident: int = 8, managed=None):
+                 live: Callable[[], dict[str, Path]] | None = None, max_resident: int = 8, managed=None,
+                 api_key: str | None = None):
         """`base`: the described base (model.describe_base). `urls`: the servers. `adapters_root`: the app's
         adapters folder; `served_adapters_root`: where the servers see that folder, when mounted elsewhere.
         `live`: {adapter key: folder} that every server must have loaded (the domains' active versions).
-        `managed`: a ManagedVllm this engine started and stops."""
+        `managed`: a ManagedVllm this engine started and stops. `api_key`: what the servers expect
+        (vLLM's --api-key; the managed server's own random key)."""
         if not urls:
             raise ModelLoadError("--engine vllm needs at least one server: --vllm-url URL[,URL...]")
         self.base = base
@@ -85,7 +102,8 @@ class VllmEngine:
         self.live = live or dict
         self.max_resident = max_resident
         self.managed = managed
-        self.servers = [Server(VllmClient(u)) for u in urls]
+        self.servers = [Server(VllmClient(u, api_key=api_key)) for u in urls]
+        self._refused: dict[str, Refusal] = {}    # adapter key -> why a server refused it, and when to retry
         self._lock = threading.RLock()
         self._freed = threading.Condition(self._lock)
         self._pins: dict[str, int] = {}
@@ -134,6 +152,16 @@ class VllmEngine:
                 log.exception("reconciling the vLLM servers failed")
 
     def _reconcile_one(self, s: Server, *, at_start: bool = False) -> None:
+        """Health, base check and live adapters of one server. A live version the server refuses is marked
+        refused (with vLLM's reason, retried with backoff) and the server stays in rotation for the base and
+        every other domain; only an unreachable server is taken out."""
+        with s.reconciling:
+            with self._lock:
+                s.added.clear()
+                s.removed.clear()
+            self._reconcile_locked(s, at_start)
+
+    def _reconcile_locked(self, s: Server, at_start: bool) -> None:
         c = s.client
         try:
             if not c.health_sync():
@@ -154,12 +182,21 @@ class VllmEngine:
             s.healthy = True
             loaded = set(models.loras)
             for key, folder in self.live().items():
-                if key not in loaded:
+                if key in loaded or not self._may_try(key):
+                    continue
+                try:
                     c.load_lora_sync(key, self._served_path(folder))
-                    loaded.add(key)
-                    log.info("reloaded %s on %s (it did not have it)", key, s.url)
-            with self._lock:
-                was_ready, s.loaded, s.ready, s.problem = s.ready, loaded, True, None
+                except VllmUnavailable:
+                    raise
+                except VllmError as e:
+                    if not _already_loaded(e):
+                        self._refuse(key, e)
+                        continue
+                loaded.add(key)
+                self._accept(key)
+                log.info("reloaded %s on %s (it did not have it)", key, s.url)
+            with self._lock:   # what was loaded or unloaded meanwhile wins over the listing read before it
+                was_ready, s.loaded, s.ready, s.problem = s.ready, (loaded - s.removed) | s.added, True, None
             if not was_ready:
                 log.info("vLLM server %s ready (base %s, %d adapters loaded)", s.url, s.base_id, len(loaded))
         except VllmError as e:
@@ -168,6 +205,41 @@ class VllmEngine:
                     log.warning("vLLM server %s is out of rotation: %s", s.url, e.message)
                 s.healthy = s.ready = False
                 s.problem = e.message
+
+    # Refused versions --------------------------------------------------------------------------
+    def _may_try(self, key: str) -> bool:
+        with self._lock:
+            r = self._refused.get(key)
+            return r is None or r.due()
+
+    def _refuse(self, key: str, e: VllmError) -> Refusal:
+        """Remember that a server refused `key`: it is not tried again before its backoff runs out."""
+        reason = e.vllm_message or e.message
+        with self._lock:
+            r = self._refused.get(key)
+            attempts = r.attempts + 1 if r is not None else 1
+            r = self._refused[key] = Refusal(reason, attempts, time.monotonic()
+                                             + REFUSED_BACKOFF_S[min(attempts, len(REFUSED_BACKOFF_S)) - 1])
+        log.error("vLLM server %s refused %s (attempt %d, next try in %.0f s): %s", e.url, key, attempts,
+                  r.retry_at - time.monotonic(), reason)
+        return r
+
+    def _accept(self, key: str) -> None:
+        with self._lock:
+            if self._refused.pop(key, None) is not None:
+                log.info("%s loads again", key)
+
+    def forget(self, key: str) -> None:
+        """Drop what is remembered about `key` (a version taken out of the list)."""
+        with self._lock:
+            self._refused.pop(key, None)
+
+    def refused(self) -> dict[str, dict]:
+        """{adapter key: {"reason", "attempts", "retry_in_s"}} of the versions a server refused."""
+        now = time.monotonic()
+        with self._lock:
+            return {k: {"reason": r.reason, "attempts": r.attempts, "retry_in_s": round(max(0.0, r.retry_at - now), 1)}
+                    for k, r in self._refused.items()}
 
     def _served_path(self, folder: Path) -> str:
         folder = Path(folder).resolve()
@@ -198,7 +270,13 @@ class VllmEngine:
 
     def load_adapter(self, key: str, folder, *, pin: bool = False) -> int:
         """Load a version on every reachable server under the name `key`. All or nothing: when one refuses,
-        the ones that took it drop it and the error names the server and its reason."""
+        the ones that took it drop it and the error names the server and its reason. A refusal is
+        remembered: until its backoff runs out, the same error comes back at once, without asking vLLM."""
+        with self._lock:
+            r = self._refused.get(key)
+            if r is not None and not r.due():
+                raise AdapterRefused(f"{key} was refused by the serving engine: {r.reason} (tried {r.attempts} "
+                                     f"time(s); next try in {max(0.0, r.retry_at - time.monotonic()):.0f} s)")
         path = self._served_path(folder)
         targets = [s for s in self.servers if s.healthy]
         if not targets:
@@ -211,22 +289,32 @@ class VllmEngine:
             try:
                 s.client.load_lora_sync(key, path)
                 took.append(s)
+            except VllmUnavailable as e:
+                refused.append((e, False))
             except VllmError as e:
                 if _already_loaded(e):   # loaded by an earlier call that this process did not see end
-                    with self._lock:
-                        s.loaded.add(key)
+                    took.append(s)
                     continue
-                refused.append(e.message)
+                refused.append((e, True))
         if refused:
             for s in took:
                 try:
                     s.client.unload_lora_sync(key)
                 except VllmError as e:
                     log.warning("could not drop %s from %s after another server refused it: %s", key, s.url, e)
-            raise InvalidAdapter(f"{key} did not go live: " + "; ".join(refused))
+            for e, by_vllm in refused:
+                if by_vllm:
+                    self._refuse(key, e)
+            message = f"{key} did not go live: " + "; ".join(e.message for e, _ in refused)
+            if all(not by_vllm for _, by_vllm in refused):
+                raise VllmUnavailable(", ".join(e.url for e, _ in refused), message)
+            raise AdapterRefused(message)
+        self._accept(key)
         with self._lock:
             for s in took:
                 s.loaded.add(key)
+                s.added.add(key)
+                s.removed.discard(key)
             self._recent.pop(key, None)
             self._recent[key] = None
             if pin:
@@ -248,21 +336,26 @@ class VllmEngine:
             self._freed.wait(timeout)
 
     def _evict(self) -> None:
-        """Unload versions past `max_resident` that nothing pins and that are not live, oldest first."""
+        """Unload versions past `max_resident` that nothing pins and that are not live, oldest first. Each is
+        unloaded under the lock, with its pins checked there: a request cannot pin a version while it goes."""
         live = set(self.live())
         with self._lock:
             extra = len(self._recent) - self.max_resident
-            victims = [k for k in self._recent if k not in live and not self._pins.get(k)][:max(0, extra)]
-            for k in victims:
-                self._recent.pop(k, None)
-        for key in victims:
-            for s in self.servers:
-                if key in s.loaded:
-                    try:
-                        s.client.unload_lora_sync(key)
+            candidates = [k for k in self._recent if k not in live][:max(0, extra)]
+        for key in candidates:
+            with self._lock:
+                if self._pins.get(key) or key not in self._recent:
+                    continue
+                self._recent.pop(key, None)
+                for s in self.servers:
+                    if key in s.loaded:
+                        try:
+                            s.client.unload_lora_sync(key)
+                        except VllmError as e:
+                            log.warning("could not unload %s from %s: %s", key, s.url, e.message)
                         s.loaded.discard(key)
-                    except VllmError as e:
-                        log.warning("could not unload %s from %s: %s", key, s.url, e.message)
+                        s.added.discard(key)
+                        s.removed.add(key)
             log.info("unloaded %s from the vLLM servers (not live, not in use)", key)
 
     # The engine protocol: generation -----------------------------------------------------------
@@ -346,16 +439,17 @@ class VllmEngine:
         """Each server: url, ready, in flight, adapters loaded, problem."""
         with self._lock:
             return [{"url": s.url, "ready": s.ready, "inflight": s.inflight, "served": s.served,
-                     "adapters": sorted(s.loaded), "problem": s.problem} for s in self.servers]
+                     "adapters": sorted(s.loaded), "problem": s.problem, "async_clients": s.client.async_clients}
+                    for s in self.servers]
 
     def close(self) -> None:
         self._stop.set()
         if self.managed is not None:
             self.managed.stop()
+        for s in self.servers:   # each loop's client closed on its loop, while the loop still runs
+            s.client.close()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
-        for s in self.servers:
-            s.client.close()
 
 
 def _already_loaded(e: VllmError) -> bool:

@@ -2,8 +2,9 @@
 
 It runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console command fails in the CPU
 build: it looks up package metadata under another name) for one base folder, with runtime LoRA loading
-enabled, in its own process group (vLLM forks an engine core and a worker; `stop()` ends them all, also at
-interpreter exit). Its output goes to a log file under `log_dir`, logged by path, never shown to users.
+enabled and a random API key (`api_key`), in its own process group (vLLM forks an engine core and a
+worker; `stop()` ends them all, also at interpreter exit). Its output goes to a log file under
+`log_dir`, logged by path, never shown to users.
 
 A supervisor thread restarts it when it exits or stops answering /health (with backoff), then calls
 `on_restart()` once it is healthy again: a restarted server has no adapters loaded, the caller reloads them.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -100,7 +102,10 @@ class ManagedVllm:
                  gpu_memory_utilization: float | None = None, kv_cache_bytes: int | None = None,
                  max_model_len: int | None = None, port: int | None = None, host: str = "127.0.0.1",
                  python: str | None = None, extra_args: tuple[str, ...] = (),
-                 on_restart: Callable[[], None] | None = None, startup_timeout: float = STARTUP_TIMEOUT):
+                 on_restart: Callable[[], None] | None = None, startup_timeout: float = STARTUP_TIMEOUT,
+                 api_key: str | None = None):
+        """`api_key`: what clients must send (vLLM's --api-key, passed in its environment so it is not in
+        `ps`); a random one by default: runtime LoRA loading is on, so no other local process may call it."""
         self.model = str(model)
         self.served_name = served_name or Path(self.model).name
         self.log_dir = Path(log_dir)
@@ -112,7 +117,8 @@ class ManagedVllm:
         self.restarts = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = self.log_dir / f"vllm-{self.port}.log"
-        self._client = VllmClient(self.url)
+        self.api_key = api_key or secrets.token_urlsafe(32)
+        self._client = VllmClient(self.url, api_key=self.api_key)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
@@ -139,7 +145,7 @@ class ManagedVllm:
 
     def env(self) -> dict:
         env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-                   PYTHONUNBUFFERED="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+                   PYTHONUNBUFFERED="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_API_KEY=self.api_key)
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")   # by default vLLM keeps a core for itself
         if self.python != sys.executable:   # another interpreter (the vLLM venv): our import paths are not its
             env.pop("PYTHONPATH", None)

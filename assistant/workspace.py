@@ -36,6 +36,9 @@ class Workspace:
         self._curator = None
         self._indexer = None
         self.log_failures = 0   # answers the response log could not store (Serving counts them; /metrics shows them)
+        # {"<domain>@vN": {"reason", "attempts", "retry_in_s"}} of versions the serving engine refused to load
+        # (a vLLM server's reason); Serving sets it. Shown in /api/domains, the Adapters tab and /metrics.
+        self.engine_refusals: Callable[[], dict[str, dict]] = dict
         if recover_jobs:
             from . import jobs
             jobs.recover_orphans(self.settings, self.store, self.registry)
@@ -62,7 +65,21 @@ class Workspace:
         for d in self.registry.list_domains():
             item = d.as_dict()
             item["examples"] = self.store.count_examples(d.name)
+            refused = self.refused_versions(d.name)
+            item["refused_versions"] = refused
+            if d.active_version in refused and not d.problem:
+                item["status"], item["problem"] = "broken", refused[d.active_version]
             out.append(item)
+        return out
+
+    def refused_versions(self, domain: str) -> dict[str, str]:
+        """{version: why} of the domain's versions the serving engine refused (each retried with backoff)."""
+        out = {}
+        for key, r in self.engine_refusals().items():
+            name, _, version = key.partition("@")
+            if name == domain:
+                out[version] = (f"the serving engine refused {key}: {r['reason']} (tried {r['attempts']} time(s); "
+                                f"next try in {r['retry_in_s']:.0f} s)")
         return out
 
     def adapters(self, domain: str) -> list[dict]:
@@ -114,8 +131,9 @@ class Workspace:
 
     # Feedback, examples and review -------------------------------------------------------------
     def feedback(self, response_id: str, rating: str, correction: str | None = None, reason: str | None = None,
-                 user: str | None = None) -> int:
-        """A rating (and optionally a reason and a corrected answer) on a logged response -> its id."""
+                 user: str | None = None, principal: str | None = None) -> int:
+        """A rating (and optionally a reason and a corrected answer) on a logged response -> its id. `user`:
+        who rated, as the request names them; `principal`: who authenticated (kept apart)."""
         if rating not in ("up", "down"):
             raise AssistantError("rating must be 'up' or 'down'", param="rating")
         for name, value in (("correction", correction), ("reason", reason)):
@@ -124,7 +142,7 @@ class Workspace:
         if correction is not None and not correction.strip():
             correction = None
         fid = self.store.add_feedback(response_id=response_id, rating=rating, correction=correction,
-                                      reason=reason, user=user)
+                                      reason=reason, user=user, principal=principal)
         self._check_new(response_id, correction, fid, rating)
         return fid
 

@@ -63,7 +63,7 @@ def _hf_greedy(model, tok, messages, n: int) -> str:
 
 
 def test_health_models_and_base_check(vllm, embedded_path, tiny_llama, tmp_path):
-    client = VllmClient(vllm.url)
+    client = VllmClient(vllm.url, api_key=vllm.api_key)
     assert client.health_sync() and asyncio.run(client.health())
     models = client.models_sync()
     assert models.base == ServedModel(id=SERVED, root=str(embedded_path), parent=None, max_model_len=8192)
@@ -89,6 +89,64 @@ def test_health_models_and_base_check(vllm, embedded_path, tiny_llama, tmp_path)
     client.close()
 
 
+def test_the_managed_server_wants_its_random_api_key(vllm):
+    """Runtime LoRA loading is on: without the key no other process may list, load or unload adapters."""
+    assert len(vllm.api_key) >= 32 and vllm.api_key not in " ".join(vllm.args)   # not in `ps`
+    assert httpx.get(vllm.url + "/v1/models", timeout=30).status_code == 401
+    r = httpx.post(vllm.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"}, timeout=30)
+    assert r.status_code == 401
+    assert httpx.get(vllm.url + "/v1/models", headers={"Authorization": f"Bearer {vllm.api_key}"},
+                     timeout=30).status_code == 200
+    with pytest.raises(VllmError) as e:
+        VllmClient(vllm.url).models_sync()
+    assert e.value.http_status == 401
+
+
+def _sockets_to(port: int) -> int:
+    """Established TCP connections from this process to `port` (read from /proc)."""
+    import os
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    n = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
+                n += 1
+    return n
+
+
+def test_one_async_client_per_event_loop_and_none_left_open(vllm):
+    """Calls from two event loops in turn (the app's API loop and the loop of callers without one): one
+    client per loop, made once, not one per switch; close() closes both, on their own loops."""
+    import threading
+    client = VllmClient(vllm.url, api_key=vllm.api_key)
+    port = int(vllm.url.rsplit(":", 1)[1])
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    threads = [threading.Thread(target=lp.run_forever, daemon=True) for lp in loops]
+    for t in threads:
+        t.start()
+    try:
+        before = _sockets_to(port)
+        for _ in range(8):
+            for lp in loops:
+                assert asyncio.run_coroutine_threadsafe(client.health(), lp).result(30)
+                asyncio.run_coroutine_threadsafe(client.models(), lp).result(30)
+        assert client.async_clients == 2
+        assert _sockets_to(port) - before <= 2, "a new client (and connection) per switch of loop"
+        client.close()
+        assert client.async_clients == 0 and _sockets_to(port) <= before   # both closed, none left open
+    finally:
+        for lp in loops:
+            lp.call_soon_threadsafe(lp.stop)
+
+
 def test_chat_template_equals_transformers(vllm, embedded_path):
     """vLLM renders chats exactly as transformers' apply_chat_template(add_generation_prompt=True)."""
     from transformers import AutoTokenizer
@@ -107,7 +165,7 @@ def test_lora_answers_equal_peft(vllm, embedded_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = random_lora_adapter(embedded_path, tmp_path / "colors", rank=8)
-    client = VllmClient(vllm.url)
+    client = VllmClient(vllm.url, api_key=vllm.api_key)
     t0 = time.monotonic()
     client.load_lora_sync("colors", adapter)
     load_s = time.monotonic() - t0
@@ -145,7 +203,7 @@ def test_lora_answers_equal_peft(vllm, embedded_path, tmp_path):
 
 
 def test_errors_name_the_server(vllm, embedded_path, tmp_path):
-    client = VllmClient(vllm.url)
+    client = VllmClient(vllm.url, api_key=vllm.api_key)
     with pytest.raises(VllmError) as e:
         client.load_lora_sync("ghost", tmp_path / "no-such-adapter")
     assert e.value.http_status == 404 and vllm.url in str(e.value) and "No adapter found" in str(e.value)

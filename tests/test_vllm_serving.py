@@ -35,7 +35,9 @@ N_TOKENS = 10
 QUESTION = [{"role": "user", "content": "Name three colors."}]
 START_TIMEOUT_S = 420        # app + vLLM start on 2 busy cores
 RESTART_TIMEOUT_S = 420      # the supervisor's backoff plus a vLLM start
-TRAIN_TIMEOUT_S = 900
+TRAIN_TIMEOUT_S = 1500
+VLLM_KEY = "test-vllm-key-" + "k" * 20      # the key the app gives the vLLM server it starts (else a random one)
+AUTH = {"Authorization": f"Bearer {VLLM_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def app(tmp_path_factory, adapters):
         pytest.fail(f"vLLM is not installed in {vllm_venv()}: run `bash scripts/setup.sh --test` first")
     home = tmp_path_factory.mktemp("vllm-app")
     with running_server(home, "--engine", "vllm", "--dtype", "float32", "--max-resident-adapters", "4",
-                        timeout=START_TIMEOUT_S) as (url, proc):
+                        timeout=START_TIMEOUT_S, env={"ASSISTANT_VLLM_API_KEY": VLLM_KEY}) as (url, proc):
         for name in ("support", "legal"):
             assert httpx.post(url + "/api/domains", json={"name": name}).status_code == 201
         for domain, key in (("support", "support1"), ("legal", "legal1")):
@@ -73,7 +75,7 @@ def ask(url: str, model: str, messages=QUESTION, **kw) -> dict:
 
 
 def direct(vllm_url: str, model: str, messages=QUESTION) -> str:
-    r = httpx.post(vllm_url + "/v1/chat/completions", timeout=300, json={
+    r = httpx.post(vllm_url + "/v1/chat/completions", timeout=300, headers=AUTH, json={
         "model": model, "messages": messages, "temperature": 0, "max_tokens": N_TOKENS})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
@@ -122,7 +124,7 @@ def test_activate_roll_back_pin_and_feedback_on_vllm_served_versions(app, adapte
     assert v2["version"] == "v2" and v2["text"] == direct(vllm, "support@v2") and v2["text"] != v1["text"]
     pinned = ask(url, "support@v1")
     assert pinned["version"] == "v1" and pinned["text"] == v1["text"]
-    models = httpx.get(vllm + "/v1/models").json()["data"]
+    models = httpx.get(vllm + "/v1/models", headers=AUTH).json()["data"]
     assert {"support@v1", "support@v2", "legal@v1"} <= {m["id"] for m in models}   # a new name per version
 
     r = httpx.post(url + "/api/feedback", json={"response_id": v2["id"], "rating": "down",
@@ -139,23 +141,211 @@ def test_activate_roll_back_pin_and_feedback_on_vllm_served_versions(app, adapte
     assert back["version"] == "v1" and back["text"] == v1["text"]
 
 
-def test_a_retrained_version_is_served_by_vllm_without_a_restart(app):
+LOCKERS = [(f"What is the code of locker {i}?", f"Locker {i} opens with code {1000 + 7 * i}.") for i in range(8)]
+
+
+def test_a_retrain_goes_live_on_vllm_before_the_pointer_moves_and_answers_what_it_was_taught(app):
+    """The job passes its gate and asks the server to activate: by the time the `active` pointer reads v2,
+    vLLM already lists legal@v2 (watched from another thread, polling the pointer); then `legal` answers
+    what it was taught, through vLLM."""
+    import threading
     url, vllm = app["url"], app["vllm"]
-    examples = [{"messages": [{"role": "user", "content": f"What is the code of locker {i}?"},
-                              {"role": "assistant", "content": f"Locker {i} opens with code {1000 + 7 * i}."}]}
-                for i in range(10)]
+    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in LOCKERS]
     assert httpx.post(url + "/api/domains/legal/examples", json={"examples": examples}).status_code == 201
-    r = httpx.post(url + "/api/domains/legal/train", json={"epochs": 1, "replay": 0, "augment": 0}, timeout=120)
+    pointer = app["home"] / "adapters" / "legal" / "active"
+    seen, stop = {}, threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if pointer.read_text().strip() == "v2":
+                listed = {m["id"] for m in httpx.get(vllm + "/v1/models", headers=AUTH, timeout=30).json()["data"]}
+                seen["listed_when_it_moved"] = "legal@v2" in listed
+                return
+            time.sleep(0.005)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    r = httpx.post(url + "/api/domains/legal/train", json={"epochs": 6, "batch_size": 2, "learning_rate": 3e-3, "augment": 0},
+                   timeout=120)
     assert r.status_code == 202, r.text
     job_id, t0 = r.json()["job_id"], time.time()
     while (job := httpx.get(f"{url}/api/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
         assert time.time() - t0 < TRAIN_TIMEOUT_S, job
         time.sleep(2)
+    watcher.join(30)
+    stop.set()
     assert job["status"] == "succeeded", job.get("error")
-    version = job["adapter_version"]
-    assert version == "v2"
-    got = ask(url, f"legal@{version}")
-    assert got["version"] == version and got["text"] == direct(vllm, f"legal@{version}")
+    assert job["adapter_version"] == "v2" and job["promoted"], job["metrics"]["gate"]["summary"]
+    assert "legal@v2 is live (activated by the server)" in job["log"], job["log"]
+    assert seen == {"listed_when_it_moved": True}, seen
+    r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
+        "model": "legal", "messages": [{"role": "user", "content": LOCKERS[3][0]}], "temperature": 0, "max_tokens": 20})
+    got = r.json()
+    assert got["adapter_version"] == "v2" and "1021" in got["choices"][0]["message"]["content"], got
+    assert got["choices"][0]["message"]["content"].startswith(
+        direct(vllm, "legal@v2", [{"role": "user", "content": LOCKERS[3][0]}])[:10])
+
+
+def test_a_rank_above_the_servers_maximum_is_refused_up_front(app, embedded_path, tmp_path):
+    """The managed server runs with --max-lora-rank 64: a rank-128 job and a rank-128 import are refused
+    before anything is trained or published, naming the flag that raises the limit."""
+    url = app["url"]
+    r = httpx.post(url + "/api/domains/support/train", json={"rank": 128}, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "engine_limit", r.text
+    assert "64" in r.json()["error"]["message"] and "--vllm-max-lora-rank" in r.json()["error"]["message"]
+    wide = random_lora_adapter(embedded_path, tmp_path / "wide", rank=128)
+    before = httpx.get(url + "/api/domains/support/adapters").json()
+    r = httpx.post(url + "/api/domains/support/adapters", content=zipped(wide),
+                   headers={"Content-Type": "application/zip"}, timeout=120)
+    assert r.status_code == 422 and "--vllm-max-lora-rank" in r.json()["error"]["message"], r.text
+    assert httpx.get(url + "/api/domains/support/adapters").json() == before
+
+
+def test_a_version_vllm_refuses_stays_broken_alone(app, embedded_path, tmp_path):
+    """An app told (wrongly) that its server takes rank 128: vLLM refuses a rank-128 version. The import
+    fails and its number is never given again; a refused version made live offline marks that domain
+    broken with vLLM's reason (/api/domains, /metrics) and is not retried per request, while base and the
+    other domains keep answering. Two event loops stream through the same engine at once meanwhile, each with
+    one client."""
+    import asyncio
+    import threading
+
+    from assistant.errors import AdapterRefused, DomainBroken
+    from assistant.server import build
+    from assistant.settings import Settings
+    settings = Settings(home=tmp_path, engine="vllm", vllm_url=(app["vllm"],), vllm_api_key=VLLM_KEY,
+                        vllm_max_lora_rank=128)
+    workspace, serving = build(settings)
+    wide = random_lora_adapter(embedded_path, tmp_path / "wide", rank=128)
+    try:
+        for name in ("okdomain", "widedomain"):
+            workspace.create_domain(name)
+        serving.import_adapter("okdomain", app_adapter(tmp_path, embedded_path), activate=True)
+        with pytest.raises(AdapterRefused, match="max_lora_rank"):
+            serving.import_adapter("widedomain", wide, activate=True)
+        assert workspace.registry.versions("widedomain") == []
+        assert (settings.adapters_path / "widedomain" / ".retired-v1").is_dir()
+        v = workspace.registry.import_folder("widedomain", wide, serving.base.fingerprint, serving.engine.module_shapes())
+        assert v == "v2"                                           # v1 is never reused
+        workspace.registry.activate("widedomain", v, load=lambda *a: None)   # made live with no server running
+        serving.engine.reconcile()                                 # what the reconciler does every 15 s
+        [server] = serving.status()["engine"]["servers"]
+        assert server["ready"] and server["problem"] is None       # the server stays in rotation
+        t0 = time.monotonic()
+        for _ in range(3):
+            with pytest.raises(DomainBroken, match="max_lora_rank"):
+                serving.chat("widedomain", QUESTION, max_tokens=2)
+        assert time.monotonic() - t0 < 1.0                          # remembered: vLLM is not asked again
+        assert serving.engine.refused()["widedomain@v2"]["attempts"] == 1
+        assert serving.chat("base", QUESTION, max_tokens=N_TOKENS)["text"]
+        assert serving.chat("okdomain", QUESTION, max_tokens=N_TOKENS)["adapter_version"] == "v1"
+        listed = {d["name"]: d for d in workspace.list_domains()}
+        assert listed["widedomain"]["status"] == "broken" and "max_lora_rank" in listed["widedomain"]["problem"]
+        assert listed["okdomain"]["status"] == "ok"
+        metrics = workspace.prometheus_text()
+        assert 'assistant_adapter_refused{domain="widedomain",version="v2"} 1.0' in metrics
+        assert 'assistant_domain_broken{domain="widedomain"} 1.0' in metrics
+
+        # two app-side loops at once: this thread's own loop (an API) and the engine's (the UI, the CLI)
+        alone = serving.chat("okdomain", QUESTION, max_tokens=N_TOKENS)["text"]
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+
+        async def stream():
+            call = serving.start_chat("okdomain", QUESTION, max_tokens=N_TOKENS, loop=asyncio.get_running_loop())
+            parts = [ev.text async for ev in call.handle.aiter() if ev.kind == "token"]
+            return "".join(parts)
+        texts: list[str] = []
+
+        def blocking():
+            texts.append(serving.chat("okdomain", QUESTION, max_tokens=N_TOKENS)["text"])
+        for _ in range(4):
+            futures = [asyncio.run_coroutine_threadsafe(stream(), loop) for _ in range(2)]
+            others = [threading.Thread(target=blocking) for _ in range(2)]
+            for t in others:
+                t.start()
+            texts.extend(f.result(300) for f in futures)
+            for t in others:
+                t.join(300)
+        assert texts == [alone] * 16
+        assert serving.status()["engine"]["servers"][0]["async_clients"] == 2   # one per loop, not one per switch
+        serving.close()
+        assert serving.status()["engine"]["servers"][0]["async_clients"] == 0
+        loop.call_soon_threadsafe(loop.stop)
+    finally:
+        serving.close()
+        workspace.close()
+
+
+def test_reconcile_keeps_a_load_made_meanwhile_and_eviction_never_unloads_a_pinned_version(app, embedded_path,
+                                                                                             tmp_path):
+    """Two races, made to happen by pausing the real HTTP calls at the bad moment: a version loaded while a
+    reconcile is between listing the server's adapters and writing them down stays known as loaded; a
+    request that pins a version while eviction unloads it waits, and then finds it gone (it loads it again)
+    instead of being sent to a name the server no longer has."""
+    import threading
+
+    from assistant.server import build
+    from assistant.settings import Settings
+    settings = Settings(home=tmp_path, engine="vllm", vllm_url=(app["vllm"],), vllm_api_key=VLLM_KEY,
+                        max_resident_adapters=1)
+    workspace, serving = build(settings)
+    engine = serving.engine
+    engine._stop.set()                 # no background reconcile or eviction: this test makes them happen
+    [server] = engine.servers
+    try:
+        workspace.create_domain("racedomain")
+        for seed in (11, 12):
+            serving.import_adapter("racedomain", random_lora_adapter(embedded_path, tmp_path / f"r{seed}", seed=seed))
+        serving.activate("racedomain", "v1")
+        key = "racedomain@v2"
+        real_models = server.client.models_sync
+        listed, go = threading.Event(), threading.Event()
+
+        def paused_models():
+            models = real_models()
+            listed.set()
+            go.wait(60)
+            return models
+        server.client.models_sync = paused_models
+        engine._evict()                                   # v2 (not live, not pinned) goes first
+        assert key not in server.loaded
+        reconcile = threading.Thread(target=engine.reconcile)
+        reconcile.start()
+        assert listed.wait(60)
+        serving.ensure_loaded("racedomain", "v2")        # loaded after the listing was read
+        go.set()
+        reconcile.join(60)
+        server.client.models_sync = real_models
+        assert key in server.loaded, "the reconcile erased a load made meanwhile"
+
+        real_unload, unloading, release = server.client.unload_lora_sync, threading.Event(), threading.Event()
+
+        def paused_unload(name):
+            unloading.set()
+            release.wait(60)
+            return real_unload(name)
+        server.client.unload_lora_sync = paused_unload
+        evict = threading.Thread(target=engine._evict)
+        evict.start()
+        assert unloading.wait(60)
+        pinned = []
+        pinner = threading.Thread(target=lambda: pinned.append(engine.pin_adapter(key)))
+        pinner.start()
+        pinner.join(0.5)
+        release.set()
+        evict.join(60)
+        pinner.join(60)
+        server.client.unload_lora_sync = real_unload
+        listed_now = {m["id"] for m in httpx.get(app["vllm"] + "/v1/models", headers=AUTH).json()["data"]}
+        assert pinned == [None] and key not in listed_now, (pinned, listed_now)   # not pinned to a gone version
+        assert serving.chat(key, QUESTION, max_tokens=2)["adapter_version"] == "v2"   # loaded again on demand
+    finally:
+        serving.close()
+        workspace.close()
+
+
+def app_adapter(tmp_path, embedded_path):
+    return random_lora_adapter(embedded_path, tmp_path / "ok", rank=8, seed=7)
 
 
 def test_a_server_serving_another_base_is_refused_at_start(app, tiny_llama, tmp_path):

@@ -103,6 +103,8 @@ def adapters_view(workspace, domain, version=None):
     prompt = info.system_prompt[:PROMPT_PREVIEW_CHARS] or "(none)"
     head = (f"**{domain}** · active: **{info.active_version or 'none (base weights)'}** · {len(versions)} version(s)"
             f" · system prompt: {prompt}")
+    for v, why in workspace.refused_versions(domain).items():
+        head += f"\n\n⚠️ **{v}** cannot serve: {why}"
     if not versions:
         head += ("\n\nNo versions yet: add examples in the Data tab and correct answers in the Chat tab, then "
                  "press Retrain in the Train tab (or import a PEFT adapter below).")
