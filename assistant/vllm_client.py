@@ -105,6 +105,8 @@ def _raise_for(url: str, what: str, resp: httpx.Response) -> None:
     if resp.status_code < 400:
         return
     message, kind = _vllm_message(resp)
+    if resp.status_code == 401:
+        message = (message or "Unauthorized") + " (the server wants an API key: --vllm-api-key or ASSISTANT_VLLM_API_KEY)"
     raise VllmError(url, f"{what} failed (HTTP {resp.status_code})", message, http_status=resp.status_code,
                     vllm_type=kind)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -30,10 +31,12 @@ ROUNDS = 6                 # interleaved pairs (app, direct)
 MAX_TOKENS = 48            # per answer, with ignore_eos: every answer has the same length
 START_TIMEOUT_S = 600
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]
+VLLM_KEY = secrets.token_urlsafe(24)   # the app gives it to the vLLM server it starts; direct requests send it
 
 
 def _start_app(home: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, ASSISTANT_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, ASSISTANT_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               ASSISTANT_VLLM_API_KEY=VLLM_KEY)
     log = open(home / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "serve", "--port", str(port), "--engine", "vllm",
                              "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(home),
@@ -59,7 +62,8 @@ def _stream(url: str, model: str) -> tuple[float, float]:
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+    headers = {"Authorization": f"Bearer {VLLM_KEY}"}   # the app ignores it (it is open), vLLM needs it
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data:") or line[5:].strip() == "[DONE]":

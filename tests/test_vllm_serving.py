@@ -6,6 +6,10 @@ answers:
   as the app's own local engine;
 - activate v2 -> the next answer is v2's; roll back -> v1; a pinned @v1 keeps answering; retraining a domain
   publishes a version vLLM serves without a restart; feedback is logged against the version that answered;
+- a retrain goes live on vLLM (listed there before the pointer moves) and answers what it was taught; a rank
+  above the server's maximum is refused up front; a version vLLM refuses leaves base and the other domains
+  answering, is shown broken and is not retried per request; two app-side loops stream at once; reconcile
+  and eviction races (made to happen by pausing the real calls) lose no load and unload nothing pinned;
 - a server serving another base is refused at start, naming both;
 - killing the vLLM server: answers fail at once with a clear 503 (no hang), the app restarts it and puts the
   live adapters back without a person.
@@ -28,6 +32,7 @@ from openai import OpenAI
 from assistant.vllm_server import vllm_venv, vllm_venv_ready
 
 from helpers import make_serving, random_lora_adapter, running_server, zipped
+from invented_facts import FACTS, score
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -141,16 +146,17 @@ def test_activate_roll_back_pin_and_feedback_on_vllm_served_versions(app, adapte
     assert back["version"] == "v1" and back["text"] == v1["text"]
 
 
-LOCKERS = [(f"What is the code of locker {i}?", f"Locker {i} opens with code {1000 + 7 * i}.") for i in range(8)]
+TAUGHT = FACTS[:10]
 
 
 def test_a_retrain_goes_live_on_vllm_before_the_pointer_moves_and_answers_what_it_was_taught(app):
-    """The job passes its gate and asks the server to activate: by the time the `active` pointer reads v2,
-    vLLM already lists legal@v2 (watched from another thread, polling the pointer); then `legal` answers
-    what it was taught, through vLLM."""
+    """The job (the default recipe, which teaches these facts: test_retrain_e2e.py) passes its gate and asks
+    the server to activate: by the time the `active` pointer reads v2, vLLM already lists legal@v2 (watched
+    from another thread, polling the pointer); then `legal` answers what it was taught, through vLLM."""
     import threading
     url, vllm = app["url"], app["vllm"]
-    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in LOCKERS]
+    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                for q, a, _, _ in TAUGHT]
     assert httpx.post(url + "/api/domains/legal/examples", json={"examples": examples}).status_code == 201
     pointer = app["home"] / "adapters" / "legal" / "active"
     seen, stop = {}, threading.Event()
@@ -164,8 +170,7 @@ def test_a_retrain_goes_live_on_vllm_before_the_pointer_moves_and_answers_what_i
             time.sleep(0.005)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    r = httpx.post(url + "/api/domains/legal/train", json={"epochs": 6, "batch_size": 2, "learning_rate": 3e-3, "augment": 0},
-                   timeout=120)
+    r = httpx.post(url + "/api/domains/legal/train", json={}, timeout=120)
     assert r.status_code == 202, r.text
     job_id, t0 = r.json()["job_id"], time.time()
     while (job := httpx.get(f"{url}/api/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
@@ -177,12 +182,15 @@ def test_a_retrain_goes_live_on_vllm_before_the_pointer_moves_and_answers_what_i
     assert job["adapter_version"] == "v2" and job["promoted"], job["metrics"]["gate"]["summary"]
     assert "legal@v2 is live (activated by the server)" in job["log"], job["log"]
     assert seen == {"listed_when_it_moved": True}, seen
-    r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
-        "model": "legal", "messages": [{"role": "user", "content": LOCKERS[3][0]}], "temperature": 0, "max_tokens": 20})
-    got = r.json()
-    assert got["adapter_version"] == "v2" and "1021" in got["choices"][0]["message"]["content"], got
-    assert got["choices"][0]["message"]["content"].startswith(
-        direct(vllm, "legal@v2", [{"role": "user", "content": LOCKERS[3][0]}])[:10])
+    answers = []
+    for q, _, _, _ in TAUGHT:
+        r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
+            "model": "legal", "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 40})
+        assert r.status_code == 200 and r.json()["adapter_version"] == "v2", r.text
+        answers.append(r.json()["choices"][0]["message"]["content"])
+    assert score(answers) >= 8, answers
+    first = [{"role": "user", "content": TAUGHT[0][0]}]
+    assert answers[0].startswith(direct(vllm, "legal@v2", first))        # vLLM itself serves that version
 
 
 def test_a_rank_above_the_servers_maximum_is_refused_up_front(app, embedded_path, tmp_path):
@@ -352,7 +360,8 @@ def test_a_server_serving_another_base_is_refused_at_start(app, tiny_llama, tmp_
     from assistant.errors import ModelLoadError
     from assistant.server import build
     from assistant.settings import Settings
-    settings = Settings(home=tmp_path, base_model=str(tiny_llama), engine="vllm", vllm_url=(app["vllm"],))
+    settings = Settings(home=tmp_path, base_model=str(tiny_llama), engine="vllm", vllm_url=(app["vllm"],),
+                        vllm_api_key=VLLM_KEY)
     with pytest.raises(ModelLoadError) as e:
         build(settings)
     message = e.value.message
@@ -372,7 +381,8 @@ def test_routing_keeps_an_adapter_on_one_server_spreads_load_and_skips_a_dead_on
     live = app["vllm"]
     other_name = live.replace("127.0.0.1", "localhost")
     dead = f"http://127.0.0.1:{free_port()}"
-    workspace, serving = build(Settings(home=tmp_path, engine="vllm", vllm_url=(live, other_name, dead)))
+    workspace, serving = build(Settings(home=tmp_path, engine="vllm", vllm_url=(live, other_name, dead),
+                                        vllm_api_key=VLLM_KEY))
     try:
         servers = lambda: {s["url"]: s for s in serving.status()["engine"]["servers"]}   # noqa: E731
         assert not servers()[dead]["ready"] and dead in servers()[dead]["problem"]
