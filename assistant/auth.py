@@ -27,7 +27,7 @@ from .settings import API_KEY_PRINCIPAL, CONTROL_PRINCIPAL
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "assistant_session"
-SESSION_SECONDS = 12 * 3600          # a browser login lasts this long (and until the server restarts)
+SESSION_SECONDS = 12 * 3600          # a browser login lasts this long (and, without --session-secret, until a restart)
 MAX_LOGIN_BODY_BYTES = 4096
 LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH = "/login", "/logout", "/api/health"
 PUBLIC_PATHS = (LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH)
@@ -40,10 +40,12 @@ UNAUTHORIZED = ("missing or wrong credentials: send 'Authorization: Bearer <api 
 class Credentials:
     """The accepted credentials of one server, and the session cookies it signs."""
 
-    def __init__(self, api_key: str | None, users: tuple[tuple[str, str], ...]):
+    def __init__(self, api_key: str | None, users: tuple[tuple[str, str], ...], secret: str | None = None):
+        """`secret`: signs the session cookies. Replicas given the same one accept each other's cookies;
+        without one, a random secret per process (a restart signs everyone out)."""
         self.api_key = api_key
         self.users = tuple(users)
-        self.secret = secrets.token_bytes(32)   # per process: a restart signs everyone out
+        self.secret = hashlib.sha256(secret.encode()).digest() if secret else secrets.token_bytes(32)
         self.control_token: str | None = None    # what local processes send (remote.py: the server file's token)
 
     @property

@@ -1,4 +1,4 @@
-"""The command line: `assistant serve | chat | curate | export | train | eval | adapters | feedback | logs`.
+"""The command line: `assistant serve | worker | chat | curate | export | train | eval | adapters | feedback | logs`.
 
 Each command parses its flags into Settings (flags.py generates them from the settings dataclasses) and
 calls the same Workspace or Serving method the UI and the API call. Commands on data (curate, export,
@@ -18,12 +18,13 @@ import time
 from .flags import add_config_flag, add_group_flags, add_settings_flags, settings_from
 from .workspace import DEFAULT_LOG_ROWS
 
-WORKSPACE_FLAGS = ("state_dir", "adapters_dir")
+WORKSPACE_FLAGS = ("state_dir", "adapters_dir", "database_url")
 MODEL_FLAGS = ("base_model", "quantization", "dtype", "device")
 TRAIN_FLAGS = ("train_device", "train_gpus")
 LIMIT_FLAGS = ("engine", "vllm_url", "vllm_max_lora_rank")   # what the serving engine accepts (checked before training)
-SERVER_FLAGS = ("host", "port", "api_key", "max_resident_adapters", "max_batch", "max_queue", "engine", "vllm_url",
-                "vllm_adapters_path", "vllm_max_lora_rank", "vllm_api_key", "gpu_memory_utilization") + TRAIN_FLAGS
+SERVER_FLAGS = ("host", "port", "api_key", "session_secret", "max_resident_adapters", "max_batch", "max_queue",
+                "engine", "vllm_url", "vllm_adapters_path", "vllm_max_lora_rank", "vllm_api_key",
+                "gpu_memory_utilization", "embedded_worker") + TRAIN_FLAGS
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ANSWER_PREVIEW_CHARS = 100      # `assistant logs`: characters of each question and answer shown
 
@@ -114,6 +115,12 @@ def _follow(domain: str):
             bar.set_postfix(loss=f"{job['loss']:.3f}", stage=job.get("stage") or job["status"])
         bar.refresh()
     return bar, update
+
+
+def cmd_worker(args) -> int:
+    ran = _workspace(args).work(max_jobs=args.max_jobs)
+    sys.stdout.write(f"ran {ran} job(s)\n")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -268,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = _command(sub, "retry", "retry a failed training job from evaluation (its trained adapter was kept)",
                   cmd_retry, flags=WORKSPACE_FLAGS + MODEL_FLAGS, groups=("gate",))
     sp.add_argument("job_id", help="the failed job (see GET /api/jobs/<id> or the Train tab)")
+
+    sp = _command(sub, "worker", "claim queued training jobs from the database and run them here, one at a time "
+                  "(beside `assistant serve` replicas on one --database-url and adapters folder)", cmd_worker,
+                  flags=WORKSPACE_FLAGS + MODEL_FLAGS + TRAIN_FLAGS, groups=("gate", "curation"))
+    sp.add_argument("--max-jobs", type=int, help="stop after this many jobs (default: run until stopped)")
 
     sp = _command(sub, "eval", "evaluate an adapter version on the domain's held-out data", cmd_eval,
                   flags=WORKSPACE_FLAGS + MODEL_FLAGS, groups=("gate",), domain=True)

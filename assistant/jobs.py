@@ -2,12 +2,14 @@
 the server down and chat keeps answering while it trains.
 
     start_job   (server)  memory check (422) -> curate (writes the snapshot) -> size check (422) ->
-                          store.create_job (409 if one is active) -> spawn
+                          store.create_job (409 if one of the domain is active) -> queued -> dispatch
+    dispatch    (server)  the embedded worker: when this process runs no job, claim the oldest queued one
+                          and spawn its child (workers.py: `assistant worker` claims and runs them too)
     run_job     (child)   running -> snapshot rows -> train into a staging folder -> evaluate (the serving
                           engine, gate.py's verdict) -> publish -> activate if the gate passes -> succeeded
                           (activation goes through the serving process when one runs: remote.py)
     cancel_job  (server)  SIGKILL the child's process group -> cancelled, staging removed
-    recover_orphans       at server start: jobs left queued/running by a dead server -> failed, staging removed
+    reap                  jobs claimed by a worker or server that died -> failed, staging removed (at start too)
 
 The job record shows its stages (curate -> train -> evaluate -> publish -> activate), each with its own
 progress and time estimate (stages.py). Log lines are shown to users: they never name a server path. The
@@ -46,6 +48,7 @@ KILL_POLL_SECONDS = 0.05        # ...checking this often
 STAGING_PREFIX = ".staging-job-"   # + job id: the job's staging folder in its domain's adapter folder
 JOB_LOG_DIR = "jobs"            # <state>/jobs/<job_id>.log : the child's stdout and stderr
 JOB_NICENESS = 10               # the child yields the CPU to the server, so chat stays responsive
+SHARED_STAGING_GRACE_S = 3600   # with a shared database, staging folders younger than this may be another replica's
 
 _cancelling: set[str] = set()   # jobs this process is cancelling (their exit is not a failure)
 
@@ -89,7 +92,7 @@ def _prepare(settings, store, registry, domain: str, train_settings,
     ts = TrainSettings.of(train_settings, settings.train)   # InvalidSetting (400) names the field
     from .limits import engine_limits
     engine_limits(settings).check(ts.rank, ts.target_modules, what="this training job's adapter")   # 422 now
-    active = store.active_job()
+    active = store.active_job(domain)
     if active is not None:  # cheap early answer; create_job is what really enforces it
         from .errors import Conflict
         raise Conflict(f"job {active['job_id']} ({active['domain']}) is already training: wait for it to "
@@ -112,13 +115,44 @@ def _prepare(settings, store, registry, domain: str, train_settings,
             "n_corrections": snap.report.get("sources", {}).get("correction", 0)}
 
 
-def start_job(settings, store, registry, domain: str, train_settings=None) -> str:
-    """Queue a training job for `domain` and start its child process; returns the job id.
-    Raises DatasetTooSmall (422), Conflict (409, another job is active) or AssistantError (bad settings)."""
+def start_job(settings, store, registry, domain: str, train_settings: dict | None = None) -> str:
+    """Queue a training job for `domain` (a worker runs it: this process's embedded one when it is free);
+    returns the job id. Raises DatasetTooSmall (422), Conflict (409, a job of the domain is active) or
+    AssistantError (bad settings)."""
     record = _prepare(settings, store, registry, domain, train_settings)
+    if store.kind == "postgresql":   # a worker on another machine reads the snapshot from the database
+        store.put_snapshot_file(domain, record["snapshot"], _snapshot_path(settings, domain, record["snapshot"]).read_bytes())
     job_id = store.create_job(domain, record)
     _curated(store, job_id, record)
-    _spawn(settings, store, registry, job_id)
+    store.notify_jobs(job_id)
+    if settings.embedded_worker:
+        dispatch(settings, store, registry, job_id)
+    return job_id
+
+
+_running: set[str] = set()        # jobs this process's embedded worker runs (at most one)
+ACTIVE = ("queued", "running")
+_dispatch_lock = threading.Lock()
+
+
+def dispatch(settings, store, registry, job_id: str | None = None) -> str | None:
+    """The embedded worker: when this process runs no job, claim `job_id` (or the oldest queued job) and
+    start its child process -> the job started, or None."""
+    from .cluster import worker_name
+    with _dispatch_lock:
+        for done in [j for j in _running if (store.get_job(j) or {"status": "gone"})["status"] not in ACTIVE]:
+            _running.discard(done)     # it has ended; its process is only exiting
+        if _running:
+            return None
+        job_id = store.claim_job(worker_name(), job_id) or (store.claim_job(worker_name()) if job_id else None)
+        if job_id is None:
+            return None
+        _running.add(job_id)
+    try:
+        _spawn(settings, store, registry, job_id)
+    except BaseException:
+        _running.discard(job_id)
+        raise
     return job_id
 
 
@@ -127,6 +161,8 @@ def _spawn(settings, store, registry, job_id: str, *extra: str) -> None:
     log_dir = Path(settings.state_path) / JOB_LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ASSISTANT_DATABASE_URL", None)   # the URL goes through the environment: a password stays out of `ps`
+    env.update({"ASSISTANT_DATABASE_URL": settings.database_url} if settings.database_url else {})
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(log_dir / f"{job_id}.log", "ab") as log:
@@ -134,14 +170,27 @@ def _spawn(settings, store, registry, job_id: str, *extra: str) -> None:
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)   # its own process group: cancel kills it all
     store.update_job(job_id, pid=proc.pid)
-    threading.Thread(target=_watch, args=(store, registry, job_id, proc), name=f"job-{job_id}", daemon=True).start()
+    threading.Thread(target=_watch, args=(settings, store, registry, job_id, proc), name=f"job-{job_id}",
+                     daemon=True).start()
     if store.get_job(job_id)["status"] == "cancelled":  # cancelled before its pid was recorded
         _kill_group(proc.pid)
 
 
-def _watch(store, registry, job_id: str, proc) -> None:
-    """Reap the child; a child that died without saying how it ended (crash, OOM kill) failed."""
+def _watch(settings, store, registry, job_id: str, proc) -> None:
+    """Reap the child; a child that died without saying how it ended (crash, OOM kill) failed. Then the
+    embedded worker takes the next queued job."""
     code = proc.wait()
+    try:
+        _ended(store, registry, job_id, code)
+    finally:
+        _running.discard(job_id)
+    try:
+        dispatch(settings, store, registry)
+    except Exception:  # noqa: BLE001 - the next poll tries again
+        log.exception("could not start the next queued job")
+
+
+def _ended(store, registry, job_id: str, code: int) -> None:
     job = store.get_job(job_id)
     if job is None or job["status"] in TERMINAL or job_id in _cancelling:
         return
@@ -247,24 +296,42 @@ def _is_own_child(pid: int) -> bool:
         return False
 
 
-def recover_orphans(settings, store, registry) -> list[str]:
-    """At server start: a job still queued/running belongs to a server that died. Kill what is left of
-    its process group, mark it failed, and remove staging folders. Returns the ids marked failed."""
+def reap(settings, store, registry, *, at_start: bool = False) -> list[str]:
+    """Mark failed the claimed jobs whose worker is gone (cluster.owner_alive; `at_start`: also those under
+    this process's own name, left by an earlier process of the same pid) -> their ids. Not re-queued: the
+    job may be what killed its worker. Every worker and replica runs this as it polls."""
+    from .cluster import owner_alive
     failed = []
-    for job in store.list_jobs():
-        if job["status"] not in ("queued", "running"):
-            continue
-        if _is_job_process(job.get("pid"), job["job_id"]):
-            _kill_group(job["pid"])
-        keep = resumable(job)
-        if not keep:
-            _remove_staging(registry.root, job)
-        store.update_job(job["job_id"], status="failed", finished_at=time.time(), stage=None,
-                         stages=_stages_ended(job),
-                         error="the server restarted while this job ran" + (RETRY_HINT if keep else ": start training again"))
-        failed.append(job["job_id"])
-    kept = {staging_path(registry.root, j).name for j in store.list_jobs() if j["status"] == "failed" and resumable(j)}
-    registry.cleanup_staging(keep=kept)
+    for owned in store.owned_jobs():
+        alive = (owner_alive(store, owned["worker"], self_is_stale=at_start) if owned["worker"] is not None
+                 else not at_start)   # running under no worker's name: left by an older version of the app
+        job = None if alive else store.get_job(owned["job_id"])
+        if job is not None and job["status"] in ACTIVE:
+            if _is_job_process(job.get("pid"), job["job_id"]):   # what is left of it, when it ran here
+                _kill_group(job["pid"])
+            keep = resumable(job)   # its training finished: the adapter stays for "retry from evaluation"
+            if not keep:
+                _remove_staging(registry.root, job)
+            store.update_job(job["job_id"], status="failed", finished_at=time.time(), stage=None,
+                             stages=_stages_ended(job), error="the worker running this job stopped (its process "
+                             "ended) before the job finished: nothing was published"
+                             + (RETRY_HINT if keep else "; start training again"))
+            failed.append(job["job_id"])
+    return failed
+
+
+def recover_orphans(settings, store, registry) -> list[str]:
+    """At server start: `reap(at_start=True)`, a restart named in the error, and leftover staging folders
+    removed (not those of running jobs). Jobs still queued for a worker stay queued -> the ids failed."""
+    failed = reap(settings, store, registry, at_start=True)
+    for job_id in failed:
+        keep = resumable(store.get_job(job_id))
+        store.update_job(job_id, error="the server restarted while this job ran"
+                         + (RETRY_HINT if keep else ": start training again"))
+    running = {f"{STAGING_PREFIX}{j['job_id']}" for j in store.list_jobs()
+               if j["status"] in ("queued", "running") or (j["status"] == "failed" and resumable(j))}
+    # a shared adapters folder: another replica may be importing right now; its staging is young
+    registry.cleanup_staging(keep=running, older_than_s=SHARED_STAGING_GRACE_S if store.kind == "postgresql" else 0)
     return failed
 
 
@@ -277,11 +344,19 @@ def _read_rows(settings, record: dict, store, domain: str) -> list[dict]:
     no server path); records of older jobs may still carry `snapshot_path`."""
     path = record.get("snapshot_path") or (store.latest_snapshot(domain) or {}).get("path")
     if record.get("snapshot"):
-        path = Path(settings.state_path) / "snapshots" / domain / f"{record['snapshot']}.jsonl"
+        path = _snapshot_path(settings, domain, record["snapshot"])
+        if not path.is_file() and (content := store.get_snapshot_file(domain, record["snapshot"])) is not None:
+            from .files import atomic_write_bytes
+            path.parent.mkdir(parents=True, exist_ok=True)   # curated by a replica on another machine
+            atomic_write_bytes(path, content)
     if not path or not Path(path).is_file():
         raise AssistantError(f"the dataset snapshot of {domain!r} is missing: curate it again and retrain")
     from .curation import read_snapshot
     return read_snapshot(path)
+
+
+def _snapshot_path(settings, domain: str, snapshot_hash: str) -> Path:
+    return Path(settings.state_path) / "snapshots" / domain / f"{snapshot_hash}.jsonl"
 
 
 def _user_text(text: str, settings) -> str:
@@ -351,7 +426,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
         store.update_job(job_id, adapter_version=version, log=f"published {domain}@{version}\n")
         if promote:
             tracker.start("activate")
-            where = _activate(settings, registry, domain, version, base.model, result.fingerprint)
+            where = _activate(settings, registry, domain, version, base.model, result.fingerprint, store=store)
             tracker.finish("activate")
             end = f"{domain}@{version} is live" + (" (activated by the server)" if where != "offline" else "") + "\n"
         else:
@@ -407,8 +482,8 @@ def _train(settings, store, job_id: str, rows, record: dict, staging: Path, trac
         if on_step is not None:
             on_step(step, total, loss)
 
-    def stopped():
-        return store.get_job(job_id)["status"] == "cancelled"
+    def stopped():   # cancelled, or failed because the worker running it is gone (reap)
+        return store.get_job(job_id)["status"] != "running"
 
     if settings.train_gpus > 1:
         store.update_job(job_id, log=f"training in {settings.train_gpus} processes\n")
@@ -450,15 +525,20 @@ def retry_job(settings, store, registry, job_id: str, *, inline: bool = False) -
                                                                  "progress": 0.0, "eta_s": None, "started_at": None,
                                                                  "finished_at": None, "elapsed_s": 0.0}
               for st in job["stages"]]
-    store.update_job(job_id, status="queued", error=None, finished_at=None, stages=stages,
-                     progress=overall_progress(stages))   # Conflict (409) when another job is active
+    from .cluster import worker_name
+    # claimed by this process at once (no other worker takes it and starts it from scratch); Conflict (409)
+    # when another job of the domain is active
+    store.update_job(job_id, status="queued", error=None, finished_at=None, stages=stages, worker=worker_name(),
+                     progress=overall_progress(stages))
     if inline:
         run_job(settings, store, registry, job_id, resume="evaluate")
-    else:
-        _spawn(settings, store, registry, job_id, "--resume", "evaluate")
+        return
+    with _dispatch_lock:
+        _running.add(job_id)
+    _spawn(settings, store, registry, job_id, "--resume", "evaluate")
 
 
-def _activate(settings, registry, domain: str, version: str, model, fingerprint: dict) -> str:
+def _activate(settings, registry, domain: str, version: str, model, fingerprint: dict, store=None) -> str:
     """Make the published version live through the one activation path (remote.activate): a server running
     on this state activates it as a click would (validate, load on its engine and every vLLM server, then
     move the pointer); the job never moves the pointer itself then. With no server running, it is validated
@@ -479,7 +559,7 @@ def _activate(settings, registry, domain: str, version: str, model, fingerprint:
         load_file(str(folder / ADAPTER_WEIGHTS), device="cpu")
 
     try:
-        return remote.activate(settings, registry, domain, version, offline_load=load)
+        return remote.activate(settings, registry, domain, version, offline_load=load, store=store)
     except ServerRefused as e:
         raise AssistantError(f"{domain}@{version} was published but did not go live: {e.message}") from None
 
@@ -487,8 +567,11 @@ def _activate(settings, registry, domain: str, version: str, model, fingerprint:
 def run_job_inline(settings, store, registry, domain: str, train_settings=None) -> dict:
     """Blocking, in this process, with a progress bar (the CLI): same checks, same job record."""
     from tqdm import tqdm
+
+    from .cluster import WorkerLock
     record = _prepare(settings, store, registry, domain, train_settings)
     job_id = store.create_job(domain, record)
+    store.claim_job((lock := WorkerLock(store)).name, job_id)   # ours: a reaper can tell when we are gone
     _curated(store, job_id, record)
     bar = tqdm(total=None, desc=f"training {domain}", unit="step")
 
@@ -504,6 +587,7 @@ def run_job_inline(settings, store, registry, domain: str, train_settings=None) 
         job = store.get_job(job_id)
     finally:
         bar.close()
+        lock.release()
     return job
 
 
@@ -518,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass
     settings = _settings_from_json(settings_json)
-    store, registry = Store(settings.db_path), Registry(settings.adapters_path)
+    store, registry = Store(settings.database), Registry(settings.adapters_path)
     use_all_cores()   # this process only trains (see assistant/threads.py)
     job = run_job(settings, store, registry, job_id, resume=resume)
     return 0 if job["status"] == "succeeded" else 1

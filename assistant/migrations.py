@@ -1,8 +1,13 @@
-"""Schema of the SQLite store as an append-only list of named migrations.
+"""Schema of the store as an append-only list of named migrations, one list for SQLite and PostgreSQL.
 
 Never edit or reorder a migration that has shipped: add a new one at the end. `migrate(conn)` applies
 the missing ones in order inside the caller's transaction and records each name in `migrations`, so
-a database of any age is brought up to date, and applying twice is a no-op.
+a database of any age is brought up to date, and applying twice is a no-op. On PostgreSQL the
+transaction first takes an advisory lock, so replicas that start together migrate once, one after the
+other (the later ones find nothing left to do).
+
+Statements are written in SQLite's dialect; `conn.ddl` maps the column types Postgres spells otherwise
+(AUTOINCREMENT, REAL, BLOB). A migration whose SQL must differ carries its Postgres text in `postgresql`.
 """
 
 from __future__ import annotations
@@ -11,11 +16,17 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from .db import MIGRATION_LOCK_KEY, SqliteConn
+
 
 @dataclass(frozen=True)
 class Migration:
     name: str
     statements: tuple[str, ...]   # one SQL statement each (no executescript: it would COMMIT)
+    postgresql: tuple[str, ...] | None = None   # the statements on PostgreSQL, where they differ
+
+    def for_kind(self, kind: str) -> tuple[str, ...]:
+        return self.postgresql if kind == "postgresql" and self.postgresql is not None else self.statements
 
 
 MIGRATIONS: list[Migration] = [
@@ -136,7 +147,8 @@ MIGRATIONS: list[Migration] = [
             created_at REAL NOT NULL
         )""",
         "INSERT INTO feedback_events (feedback_id, domain, adapter_version, rating, corrected, created_at) "
-        "SELECT f.id, r.domain, r.adapter_version, f.rating, f.correction IS NOT NULL, f.created_at "
+        "SELECT f.id, r.domain, r.adapter_version, f.rating, CASE WHEN f.correction IS NULL THEN 0 ELSE 1 END, "
+        "f.created_at "
         "FROM feedback f JOIN responses r ON r.id = f.response_id ORDER BY f.id",
     )),
     # A user who rates or corrects one answer again updates the record; what it said before is kept in
@@ -151,28 +163,91 @@ MIGRATIONS: list[Migration] = [
         "ALTER TABLE responses ADD COLUMN principal TEXT",
         "ALTER TABLE feedback ADD COLUMN principal TEXT",
     )),
+    # The order transactions committed in, for counting only-growing totals across replicas: on PostgreSQL
+    # an id is taken before its transaction commits, so "every id up to the largest seen" can miss one
+    # still in flight; every transaction id below the oldest one still running has ended (see
+    # Store.response_totals). SQLite commits one writer at a time, so there rowids are that order already.
+    Migration("m012_commit_order", (
+        "ALTER TABLE responses ADD COLUMN txid INTEGER",
+        "ALTER TABLE feedback_events ADD COLUMN txid INTEGER",
+    ), postgresql=(
+        "ALTER TABLE responses ADD COLUMN txid BIGINT NOT NULL DEFAULT txid_current()",
+        "CREATE INDEX responses_txid ON responses(txid)",
+        "ALTER TABLE feedback_events ADD COLUMN txid BIGINT NOT NULL DEFAULT txid_current()",
+        "CREATE INDEX feedback_events_txid ON feedback_events(txid)",
+    )),
+    # Training workers: one queued-or-running job per domain (jobs of other domains queue beside it), and
+    # which worker runs each job ("host:pid"), so a dead worker's job can be told from a live one's.
+    Migration("m013_job_workers", (
+        "DROP INDEX jobs_one_active",
+        "CREATE UNIQUE INDEX jobs_one_active_per_domain ON jobs(domain) WHERE status IN ('queued', 'running')",
+        "CREATE INDEX jobs_status ON jobs(status, created_at)",
+        "ALTER TABLE jobs ADD COLUMN worker TEXT",
+    )),
+    # Activations across replicas that share the database and the adapters folder. "done": one made by a
+    # serving replica, which the others learn of (NOTIFY on PostgreSQL, polling this table otherwise) to load
+    # the version before their next answer; "requested": a training worker elsewhere asks whichever serving
+    # replica claims it first to activate (the one activation path), and waits for "done" or "failed".
+    Migration("m014_activations", (
+        """CREATE TABLE activations (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            domain TEXT NOT NULL,
+            version TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('requested', 'claimed', 'done', 'failed')),
+            requested_by TEXT,                -- the job that asked, or the replica that did it
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX activations_status ON activations(status, id)",
+    )),
+    # A job's dataset snapshot file, for a worker on another machine (its state folder does not have it).
+    Migration("m015_snapshot_files", (
+        """CREATE TABLE snapshot_files (
+            domain TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            content BLOB NOT NULL,            -- the snapshot's JSON Lines, as written
+            PRIMARY KEY (domain, hash)
+        )""",
+    )),
 ]
 
 
-def applied(conn: sqlite3.Connection) -> list[str]:
+def _wrap(conn):
+    return SqliteConn(conn) if isinstance(conn, sqlite3.Connection) else conn
+
+
+def applied(conn) -> list[str]:
     """Names of the migrations recorded in this database, in the order they were applied."""
+    conn = _wrap(conn)
+    if conn.kind == "postgresql":
+        if conn.execute("SELECT to_regclass('migrations')").fetchone()[0] is None:
+            return []
+        return [r[0] for r in conn.execute("SELECT name FROM migrations ORDER BY seq")]
     exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='migrations'").fetchone()
     if not exists:
         return []
     return [r[0] for r in conn.execute("SELECT name FROM migrations ORDER BY rowid")]
 
 
-def migrate(conn: sqlite3.Connection, migrations: list[Migration] | None = None) -> list[str]:
-    """Apply the missing migrations in order, in the caller's transaction; returns the names applied."""
+def migrate(conn, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply the missing migrations in order, in the caller's transaction; returns the names applied.
+    `conn`: the store's connection (db.SqliteConn / db.PostgresConn) or a plain sqlite3 connection."""
+    conn = _wrap(conn)
     migrations = MIGRATIONS if migrations is None else migrations
-    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    if conn.kind == "postgresql":
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK_KEY,))   # held until commit
+        conn.execute("CREATE TABLE IF NOT EXISTS migrations (seq BIGINT GENERATED ALWAYS AS IDENTITY, "
+                     "name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+    else:
+        conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
     done = set(applied(conn))
     ran = []
     for m in migrations:
         if m.name in done:
             continue
-        for statement in m.statements:
-            conn.execute(statement)
+        for statement in m.for_kind(conn.kind):
+            conn.execute(conn.ddl(statement))
         conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (m.name, time.time()))
         ran.append(m.name)
     return ran

@@ -299,13 +299,16 @@ class Registry:
         os.rename(folder, folder.with_name(RETIRED_PREFIX + version))
         fsync_dir(folder.parent)
 
-    def cleanup_staging(self, keep: set[str] | frozenset = frozenset()) -> int:
-        """Remove leftover staging folders, except those named in `keep` (work a failed job can resume)."""
+    def cleanup_staging(self, keep: set[str] | frozenset = frozenset(), older_than_s: float = 0.0) -> int:
+        """Remove leftover staging folders (a crash before publishing), except those named in `keep` (running
+        jobs' folders, work a failed job can resume) and, with `older_than_s`, those younger than that
+        (another replica's import)."""
         n = 0
+        now = time.time()
         for d in self.root.iterdir() if self.root.is_dir() else []:
             if d.is_dir():
                 for s in d.glob(".staging-*"):
-                    if s.name in keep:
+                    if s.name in keep or (older_than_s and now - s.stat().st_mtime < older_than_s):
                         continue
                     shutil.rmtree(s, ignore_errors=True)
                     n += 1

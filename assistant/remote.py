@@ -169,13 +169,22 @@ def find_server(settings) -> RunningServer | None:
     return None
 
 
-def activate(settings, registry, domain: str, version: str, *, offline_load, override: bool = False) -> str:
+def activate(settings, registry, domain: str, version: str, *, offline_load, override: bool = False,
+             store=None) -> str:
     """Make `domain@version` live through the one path (see the module docstring). Returns where it was
-    done: the server's URL, or "offline". Raises the server's error when it refuses."""
+    done: the server's URL, "replica" (a serving replica on the shared database: replicas.py), or "offline".
+    Raises the server's error when it refuses."""
     server = find_server(settings)
     if server is not None:
         server.activate(domain, version, override=override)
         log.info("%s@%s activated by the server at %s", domain, version, server.url)
         return server.url
+    if store is not None and store.kind == "postgresql":
+        from .cluster import request_activation, worker_name
+        if request_activation(store, domain, version, by=worker_name()):
+            log.info("%s@%s activated by a serving replica", domain, version)
+            return "replica"
     registry.activate(domain, version, load=offline_load)
+    if store is not None:
+        store.record_activation(domain, version, by="offline")
     return "offline"

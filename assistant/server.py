@@ -66,7 +66,7 @@ def build_app(workspace, serving, *, with_ui: bool = True):
     from .auth import AuthMiddleware, Credentials
     s = workspace.settings
     app = FastAPI(title="domain-assistant", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
-    app.state.credentials = Credentials(s.api_key, s.auth)
+    app.state.credentials = Credentials(s.api_key, s.auth, secret=s.session_secret)
     install_error_handlers(app)
     app.include_router(build_api(workspace, serving))
     if with_ui:
@@ -95,9 +95,12 @@ def serve(settings) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     local = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
     app.state.credentials.control_token = remote.announce(settings, local)   # jobs and the CLI find us here
+    from .replicas import ReplicaSync
+    sync = ReplicaSync(workspace, serving).start()   # other replicas' activations, workers' requests, queued jobs
     try:
         server.run()
     finally:
+        sync.close()
         remote.withdraw(settings)
         serving.close()
         workspace.close()

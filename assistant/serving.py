@@ -227,6 +227,17 @@ class Serving:
         self._active.pop(domain, None)
         return out
 
+    def refresh(self, domain: str) -> None:
+        """Another replica activated or rolled back `domain` (replicas.py): forget the cached pointer and load
+        the live version now, so the next answer comes from it without waiting for a load."""
+        self._active.pop(domain, None)
+        version = self.active_version(domain)
+        if version is not None:
+            try:
+                self.ensure_loaded(domain, version)
+            except AssistantError as e:
+                log.warning("could not load %s@%s that another replica activated: %s", domain, version, e.message)
+
     def rollback(self, domain: str, user: str | None = None) -> dict:
         out = self.workspace.rollback(domain, load=self.ensure_loaded, user=user)
         self._active.pop(domain, None)

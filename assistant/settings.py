@@ -63,6 +63,12 @@ class Settings:
     home: Path = field(default_factory=lambda: Path(_env("ASSISTANT_HOME", os.getcwd())),
                        metadata={"help": "root for relative state/adapters folders (ASSISTANT_HOME)"})
     state_dir: Path = field(default=Path("data"), metadata={"help": "SQLite database, snapshots, embedding index"})
+    database_url: str | None = field(default_factory=lambda: _env("ASSISTANT_DATABASE_URL"), metadata={
+        "metavar": "URL", "help": "postgresql://USER@HOST/DB: the store on PostgreSQL, shared by app replicas and "
+                                  "training workers (ASSISTANT_DATABASE_URL); none: a SQLite file in --state-dir"})
+    session_secret: str | None = field(default_factory=lambda: _env("ASSISTANT_SESSION_SECRET"), metadata={
+        "help": "signs sign-in cookies; give every replica the same one so a cookie works on all "
+                "(ASSISTANT_SESSION_SECRET; none: a random one per process)"})
     adapters_dir: Path = field(default=Path("adapters"), metadata={"help": "domains and their adapter versions"})
     cache_dir: Path = field(default_factory=default_cache_dir,
                             metadata={"help": "converted embedded model (ASSISTANT_CACHE)"})
@@ -106,6 +112,9 @@ class Settings:
     train_device: str | None = field(default=None, metadata={
         "help": "where training jobs load their base and train: cpu | cuda | cuda:N (default: --device), "
                 "e.g. cuda:1 beside a vLLM server on cuda:0; the job evaluates its adapter there too"})
+    embedded_worker: bool = field(default=True, metadata={
+        "help": "this server runs training jobs itself (one at a time, each in a child process); false: only "
+                "`assistant worker` processes run them"})
     train_gpus: int = field(default=1, metadata={
         "help": "processes a training job trains in, data-parallel through accelerate (each takes its share of "
                 "every batch; gradients are averaged, so the adapter is the one a single process trains). "
@@ -140,6 +149,9 @@ class Settings:
         for group in SETTINGS_GROUPS:
             if not isinstance(getattr(self, group), dict):
                 raise ValueError(f"{group} settings must be a table of name = value pairs")
+        if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("--database-url must be a postgresql://USER@HOST:PORT/DATABASE URL "
+                             "(leave it out for the SQLite file in --state-dir)")
         if self.share and not self.auth:
             raise ValueError("--share publishes the app on a public link: add --auth USER:PASS "
                              "(or --auth-file FILE) so strangers cannot use or change it")
@@ -160,6 +172,11 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.state_path / "assistant.db"
+
+    @property
+    def database(self) -> str:
+        """Where the store lives: the PostgreSQL URL, or the SQLite file."""
+        return self.database_url or str(self.db_path)
 
     def ensure_dirs(self) -> "Settings":
         self.state_path.mkdir(parents=True, exist_ok=True)

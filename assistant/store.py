@@ -1,33 +1,29 @@
-"""The SQLite store: responses, feedback, seed examples, review decisions, dataset snapshots, training
-jobs and the embedding cache.
+"""The store: responses, feedback, seed examples, review decisions, dataset snapshots, training jobs and
+the embedding cache, in SQLite (a file: the embedded default) or PostgreSQL (a URL: several app replicas
+and training workers on one database), with one set of queries (db.py holds the connections and the
+few dialect shims).
 
-Durability and concurrency: WAL mode, `synchronous=FULL` (a write is on disk when its method returns),
-one connection per thread (re-opened after a fork), every write in `BEGIN IMMEDIATE` with a busy
-timeout and a bounded, jittered retry, so concurrent writers from threads and processes queue instead
-of failing. If the database stays locked past all retries the caller gets `errors.Busy`, never
-sqlite's "database is locked".
+Durability and concurrency: every write is one transaction, committed (on disk) when its method returns,
+so acknowledged feedback survives a crash of the app; concurrent writers from threads, processes and
+replicas queue instead of failing. If the database stays busy past all retries the caller gets
+`errors.Busy`, never the driver's message.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import sqlite3
-import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import migrations
-from .errors import Busy, Conflict, NotFound
+from .coordination import Coordination
+from .db import BUSY_TIMEOUT_MS, Row, open_database  # noqa: F401 - BUSY_TIMEOUT_MS: part of the store's contract
+from .errors import Conflict, NotFound
 from .settings import API_KEY_PRINCIPAL, CONTROL_PRINCIPAL
 from .stages import pending_stages, public_gate
 
-BUSY_TIMEOUT_MS = 10_000        # sqlite waits this long for a lock before reporting busy
-WRITE_ATTEMPTS = 8              # retries of a whole transaction that still found the database busy
-RETRY_BASE_S = 0.02             # first back-off; doubles each attempt, with jitter
 SQL_IN_CHUNK = 500              # values per `IN (...)` query: well under SQLite's limit on bound variables
 JOB_ID_CHARS = 16               # hex characters of a job id
 RATINGS = ("up", "down")
@@ -36,7 +32,7 @@ ROLES = ("system", "user", "assistant")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_JOB_STATUSES = ("queued", "running")
 JOB_FIELDS = {"status", "progress", "step", "total_steps", "loss", "adapter_version", "promoted", "metrics",
-              "error", "pid", "started_at", "finished_at", "log", "settings", "stage", "stages"}
+              "error", "pid", "started_at", "finished_at", "log", "settings", "stage", "stages", "worker"}
 
 
 def _dumps(value) -> str:
@@ -46,11 +42,6 @@ def _dumps(value) -> str:
 def _state(row) -> dict:
     """What a feedback record says, for its history."""
     return {k: row[k] for k in ("rating", "correction", "reason", "created_at")}
-
-
-def _is_busy(err: sqlite3.OperationalError) -> bool:
-    text = str(err).lower()
-    return "locked" in text or "busy" in text
 
 
 def _counted(principal: str | None, user: str | None) -> str | None:
@@ -80,76 +71,30 @@ def validate_messages(messages) -> str | None:
     return None
 
 
-class Store:
-    """`Store(db_path)`: safe to share between threads; each process opens its own."""
+class Store(Coordination):
+    """`Store(target)`: a SQLite file path, or a `postgresql://` URL. Safe to share between threads; each
+    process opens its own connections. The schema is brought up to date on open (migrations.py)."""
 
-    def __init__(self, db_path: str | os.PathLike):
-        self.path = Path(db_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
+    def __init__(self, target: str | os.PathLike):
+        self.db = open_database(target)
+        self.kind = self.db.kind
         self._write(migrations.migrate)
 
-    # Connections and transactions ---------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        self._local.conn, self._local.pid = conn, os.getpid()
-        with self._all_lock:
-            self._all.append(conn)
-        return conn
+    def _write(self, fn: Callable[[Any], Any]):
+        """Run `fn(conn)` in one transaction, retried as a whole while the database is busy."""
+        return self.db.write(fn)
 
-    @staticmethod
-    def _retry(fn: Callable[[], Any]):
-        for attempt in range(WRITE_ATTEMPTS):
-            try:
-                return fn()
-            except sqlite3.OperationalError as err:
-                if not _is_busy(err):
-                    raise
-                if attempt == WRITE_ATTEMPTS - 1:
-                    raise Busy("the database stayed busy with other writers: try again in a moment") from err
-                time.sleep(RETRY_BASE_S * (2 ** attempt) * (0.5 + random.random()))
+    def _read(self, sql: str, params=()) -> list[Row]:
+        return self.db.read(sql, params)
 
-    def _write(self, fn: Callable[[sqlite3.Connection], Any]):
-        """Run `fn(conn)` in one BEGIN IMMEDIATE transaction, retried as a whole while busy."""
-        def attempt():
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-                conn.execute("COMMIT")
-                return result
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        return self._retry(attempt)
-
-    def _read(self, sql: str, params=()) -> list[sqlite3.Row]:
-        return self._retry(lambda: self._conn().execute(sql, params).fetchall())
+    def describe(self) -> str:
+        return self.db.describe()
 
     def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
-            self._all.clear()
-        self._local = threading.local()
+        self.db.close()
 
     def integrity_check(self) -> str:
-        return self._read("PRAGMA integrity_check")[0][0]
+        return self.db.integrity_check()
 
     # Responses -----------------------------------------------------------------------------------
     def log_response(self, *, id: str, domain: str, adapter_version: str | None, model: str,
@@ -163,12 +108,13 @@ class Store:
                time.time() if created_at is None else created_at)
         self._write(lambda c: c.execute(
             "INSERT INTO responses (id, domain, adapter_version, model, messages, answer, prompt_tokens, "
-            "completion_tokens, latency_ms, ttft_ms, finish_reason, user, principal, created_at) "
+            "completion_tokens, latency_ms, ttft_ms, finish_reason, \"user\", principal, created_at) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row))
 
     @staticmethod
-    def _response(row: sqlite3.Row) -> dict:
+    def _response(row: Row) -> dict:
         d = dict(row)
+        d.pop("txid", None)
         d["messages"] = json.loads(d["messages"])
         if "history" in d:
             d["history"] = json.loads(d["history"] or "[]")
@@ -220,11 +166,12 @@ class Store:
             correction = None
 
         def upsert(c):
-            if not c.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone():
+            # the response's row lock (Postgres) makes one record per answer and user also across replicas
+            if not c.execute("SELECT 1 FROM responses WHERE id = ?" + c.for_update, (response_id,)).fetchone():
                 raise NotFound(f"no response with id {response_id!r}: send feedback for an id that "
                                "/v1/chat/completions returned", param="response_id")
-            row = c.execute("SELECT * FROM feedback WHERE response_id = ? AND user IS ? ORDER BY id DESC LIMIT 1",
-                            (response_id, user)).fetchone()
+            row = c.execute('SELECT * FROM feedback WHERE response_id = ? AND "user" IS NOT DISTINCT FROM ? '
+                            "ORDER BY id DESC LIMIT 1", (response_id, user)).fetchone()
             now = time.time()
             if row is not None:
                 fresh = row["withdrawn_at"] is not None
@@ -238,12 +185,12 @@ class Store:
                           (*new, now, _dumps(history), principal, row["id"]))
                 fid = row["id"]
             else:
-                fid = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, principal, "
-                                "created_at) VALUES (?,?,?,?,?,?,?)",
-                                (response_id, rating, correction, reason, user, principal, now)).lastrowid
+                fid = c.execute('INSERT INTO feedback (response_id, rating, correction, reason, "user", principal, '
+                                "created_at) VALUES (?,?,?,?,?,?,?) RETURNING id",
+                                (response_id, rating, correction, reason, user, principal, now)).fetchone()[0]
             c.execute("INSERT INTO feedback_events (feedback_id, domain, adapter_version, rating, corrected, created_at) "
                       "SELECT ?, domain, adapter_version, ?, ?, ? FROM responses WHERE id = ?",
-                      (fid, rating, correction is not None, now, response_id))
+                      (fid, rating, int(correction is not None), now, response_id))
             return fid
         return self._write(upsert)
 
@@ -251,8 +198,8 @@ class Store:
         """Undo a user's rating of an answer (the thumb pressed again): the record stays, with what it said
         moved to its history, but counts nowhere and trains nothing. -> whether there was one to undo."""
         def withdraw(c):
-            row = c.execute("SELECT * FROM feedback WHERE response_id = ? AND user IS ? AND withdrawn_at IS NULL "
-                            "ORDER BY id DESC LIMIT 1", (response_id, user)).fetchone()
+            row = c.execute('SELECT * FROM feedback WHERE response_id = ? AND "user" IS NOT DISTINCT FROM ? '
+                            "AND withdrawn_at IS NULL ORDER BY id DESC LIMIT 1", (response_id, user)).fetchone()
             if row is None:
                 return False
             history = json.loads(row["history"] or "[]") + [_state(row)]
@@ -262,7 +209,7 @@ class Store:
         return self._write(withdraw)
 
     def list_feedback(self, domain: str | None = None) -> list[dict]:
-        sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.user AS response_user, "
+        sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.\"user\" AS response_user, "
                "r.principal AS response_principal "
                "FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.withdrawn_at IS NULL")
         params: list = []
@@ -286,7 +233,7 @@ class Store:
         now = time.time()
         if good:
             self._write(lambda c: c.executemany(
-                "INSERT INTO examples (domain, messages, source, user, created_at) VALUES (?,?,?,?,?)",
+                'INSERT INTO examples (domain, messages, source, "user", created_at) VALUES (?,?,?,?,?)',
                 [(domain, _dumps(m), source, user, now) for m in good]))
         return len(good), rejected
 
@@ -386,21 +333,19 @@ class Store:
 
     # Training jobs -------------------------------------------------------------------------------
     def create_job(self, domain: str, settings: dict | None = None) -> str:
-        """Queue a training job; `Conflict` while any job (any domain) is queued or running."""
+        """Queue a training job; `Conflict` while a job of the same domain is queued or running."""
         job_id = uuid.uuid4().hex[:JOB_ID_CHARS]
 
-        def insert(c):
-            try:
-                c.execute("INSERT INTO jobs (id, domain, status, settings, created_at) VALUES (?,?,?,?,?)",
-                          (job_id, domain, "queued", _dumps(settings or {}), time.time()))
-            except sqlite3.IntegrityError:
-                active = c.execute("SELECT id, domain, status FROM jobs WHERE status IN ('queued','running')"
-                                   ).fetchone()
-                what = f"job {active['id']} ({active['domain']}, {active['status']})" if active else "another job"
-                raise Conflict(f"{what} is already training: wait for it to finish or cancel it "
-                               "(DELETE /api/jobs/{job_id})") from None
-            return job_id
-        return self._write(insert)
+        try:
+            self._write(lambda c: c.execute("INSERT INTO jobs (id, domain, status, settings, created_at) "
+                                            "VALUES (?,?,?,?,?)",
+                                            (job_id, domain, "queued", _dumps(settings or {}), time.time())))
+        except self.db.IntegrityError:
+            active = self.active_job(domain)
+            what = f"job {active['job_id']} ({active['domain']}, {active['status']})" if active else "another job"
+            raise Conflict(f"{what} is already training: wait for it to finish or cancel it "
+                           "(DELETE /api/jobs/{job_id})") from None
+        return job_id
 
     def update_job(self, job_id: str, **fields) -> None:
         """Set job fields; `log=` appends text, `metrics=`/`settings=` take dicts."""
@@ -426,20 +371,21 @@ class Store:
             return
 
         def update(c):
-            try:
-                cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*params, job_id))
-            except sqlite3.IntegrityError:
-                raise Conflict("another job is already queued or running") from None
+            cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*params, job_id))
             if cur.rowcount == 0:
                 raise NotFound(f"no job with id {job_id!r}", param="job_id")
-        self._write(update)
+        try:
+            self._write(update)
+        except self.db.IntegrityError:
+            raise Conflict("another job of this domain is already queued or running") from None
 
     def add_job_loss(self, job_id: str, step: int, loss: float) -> None:
         self._write(lambda c: c.execute(
-            "INSERT OR REPLACE INTO job_losses (job_id, step, loss) VALUES (?,?,?)", (job_id, int(step), float(loss))))
+            "INSERT INTO job_losses (job_id, step, loss) VALUES (?,?,?) "
+            "ON CONFLICT (job_id, step) DO UPDATE SET loss = excluded.loss", (job_id, int(step), float(loss))))
 
     @staticmethod
-    def _job(row: sqlite3.Row) -> dict:
+    def _job(row: Row) -> dict:
         d = dict(row)
         d["job_id"] = d.pop("id")
         d["settings"] = json.loads(d["settings"])
@@ -466,8 +412,11 @@ class Store:
             rows = self._read("SELECT * FROM jobs WHERE domain = ? ORDER BY created_at DESC", (domain,))
         return [self._job(r) for r in rows]
 
-    def active_job(self) -> dict | None:
-        rows = self._read("SELECT id FROM jobs WHERE status IN ('queued','running')")
+    def active_job(self, domain: str | None = None) -> dict | None:
+        """The queued or running job of `domain` (of any domain when None), the oldest first."""
+        where, params = ("AND domain = ? ", (domain,)) if domain is not None else ("", ())
+        rows = self._read(f"SELECT id FROM jobs WHERE status IN ('queued','running') {where}ORDER BY created_at",
+                          params)
         return self.get_job(rows[0]["id"]) if rows else None
 
     # Serving totals (monitoring's Prometheus counters and histograms) ----------------------------------
@@ -477,29 +426,41 @@ class Store:
         adapter version -> (the last row summed, [{domain, adapter_version, answers, latency_ms_sum,
         latency_le: [count at or under each bound], ttft_count, ttft_ms_sum, ttft_le}]). Responses are only ever
         inserted, so the sums of successive calls are the totals, and reading only new rows keeps a call cheap."""
-        last = self._read("SELECT COALESCE(MAX(rowid), 0) FROM responses")[0][0]
-        if last <= after:
+        last, new = self._new_rows("responses", "rowid", after)
+        if last == after:
             return after, []
         bounds = [*latency_bounds_ms, *ttft_bounds_ms]
-        le = "".join(f", SUM({col} <= ?)" for col in ["latency_ms"] * len(latency_bounds_ms)
-                     + ["ttft_ms"] * len(ttft_bounds_ms))
+        le = "".join(f", SUM(CASE WHEN {col} <= ? THEN 1 ELSE 0 END)" for col in
+                     ["latency_ms"] * len(latency_bounds_ms) + ["ttft_ms"] * len(ttft_bounds_ms))
         rows = self._read("SELECT domain, adapter_version, COUNT(*), SUM(latency_ms), COUNT(ttft_ms), "
-                          f"COALESCE(SUM(ttft_ms), 0){le} FROM responses WHERE rowid > ? AND rowid <= ? "
+                          f"COALESCE(SUM(ttft_ms), 0){le} FROM responses WHERE {new} "
                           "GROUP BY domain, adapter_version", (*bounds, after, last))
         n = len(latency_bounds_ms)
         return last, [{"domain": r[0], "adapter_version": r[1], "answers": r[2], "latency_ms_sum": r[3],
                        "ttft_count": r[4], "ttft_ms_sum": r[5], "latency_le": [v or 0 for v in r[6:6 + n]],
                        "ttft_le": [v or 0 for v in r[6 + n:]]} for r in rows]
 
+    def _new_rows(self, table: str, order: str, after: int) -> tuple[int, str]:
+        """The mark up to which rows of an insert-only table can be summed, and the condition (two
+        parameters: `after`, the mark) selecting those after `after`. SQLite commits one writer at a time,
+        so its row order is the commit order. On PostgreSQL the mark is the oldest transaction still
+        running: every row of an older transaction is committed (or never will be), so no row is skipped
+        or summed twice, whatever order concurrent replicas commit in."""
+        if self.kind == "postgresql":
+            last = self._read("SELECT txid_snapshot_xmin(txid_current_snapshot())")[0][0]
+            return max(int(last), after), "txid >= ? AND txid < ?"
+        last = self._read(f"SELECT COALESCE(MAX({order}), 0) FROM {table}")[0][0]
+        return max(last, after), f"{order} > ? AND {order} <= ?"
+
     def feedback_totals(self, after: int) -> tuple[int, list[dict]]:
         """Ratings given after event `after`, counted per domain, adapter version and rating -> (the last event
         counted, [{domain, adapter_version, rating, ratings, corrections}]). Every rating is an event, also one
         that replaces the same user's earlier rating: these counts only grow."""
-        last = self._read("SELECT COALESCE(MAX(id), 0) FROM feedback_events")[0][0]
-        if last <= after:
+        last, new = self._new_rows("feedback_events", "id", after)
+        if last == after:
             return after, []
         rows = self._read("SELECT domain, adapter_version, rating, COUNT(*), SUM(corrected) FROM feedback_events "
-                          "WHERE id > ? AND id <= ? GROUP BY domain, adapter_version, rating", (after, last))
+                          f"WHERE {new} GROUP BY domain, adapter_version, rating", (after, last))
         return last, [{"domain": r[0], "adapter_version": r[1], "rating": r[2], "ratings": r[3], "corrections": r[4]}
                       for r in rows]
 
@@ -516,5 +477,5 @@ class Store:
     def put_embeddings(self, model: str, vectors: dict[str, bytes]) -> None:
         if vectors:
             self._write(lambda c: c.executemany(
-                "INSERT OR IGNORE INTO embeddings (model, content_hash, vector) VALUES (?,?,?)",
+                "INSERT INTO embeddings (model, content_hash, vector) VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 [(model, h, v) for h, v in vectors.items()]))

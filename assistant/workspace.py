@@ -27,11 +27,11 @@ Loader = Callable[[str, str], None]   # (domain, version): validate and load, or
 
 class Workspace:
     def __init__(self, settings: Settings, *, recover_jobs: bool = False):
-        """`recover_jobs`: mark jobs left running by a server that died as failed (the server does this
-        at start; one-shot commands do not, since a server may be running them)."""
+        """`recover_jobs`: mark jobs left running by a server or worker that died as failed (the server does
+        this at start; one-shot commands do not, since a server may be running them)."""
         from .store import Store
         self.settings = settings.ensure_dirs()
-        self.store = Store(settings.db_path)
+        self.store = Store(settings.database)
         self.registry = Registry(settings.adapters_path)
         self._curator = None
         self._indexer = None
@@ -40,7 +40,6 @@ class Workspace:
         # (a vLLM server's reason); Serving sets it. Shown in /api/domains, the Adapters tab and /metrics.
         self.engine_refusals: Callable[[], dict[str, dict]] = dict
         if recover_jobs:
-            self.registry.cleanup_staging()
             from . import jobs
             jobs.recover_orphans(self.settings, self.store, self.registry)
 
@@ -123,6 +122,10 @@ class Workspace:
         self.registry.activate(domain, version, load=load)
         if override:
             self.registry.record_override(domain, version, user)
+        try:   # replicas on the same database load it now (replicas.py)
+            self.store.record_activation(domain, version, by=user)
+        except Exception:  # noqa: BLE001 - the pointer moved; replicas still see it when their cache ages out
+            log.exception("could not record the activation of %s@%s for other replicas", domain, version)
         return {"domain": domain, "active_version": version}
 
     def rollback(self, domain: str, *, load: Loader, user: str | None = None) -> dict:
@@ -172,12 +175,29 @@ class Workspace:
                     return
                 item = resp["messages"] + [{"role": "assistant", "content": correction or resp["answer"]}]
                 curator = self.curator()
+                self._fresh_index(curator, resp["domain"])
                 key, sim = curator.check_new(resp["domain"], item)
                 if key is None or sim < curator.options.near_dup_threshold:
                     curator.add_to_index(resp["domain"], f"feedback:{feedback_id}", item)
             except Exception:  # noqa: BLE001 - curation re-checks everything anyway
                 log.exception("near-duplicate check failed for feedback %s", feedback_id)
         self._indexer.submit(check)
+
+    def _fresh_index(self, curator, domain: str) -> None:
+        """On a shared database other replicas accept items too: an index older than INDEX_MAX_AGE_S is
+        rebuilt from the database before it is checked against (replicas.py)."""
+        if self.store.kind != "postgresql":
+            return
+        import time
+
+        from .replicas import INDEX_MAX_AGE_S, rebuild_index
+        keys = curator.index_path(domain).with_name(domain + ".keys.json")
+        try:
+            age = time.time() - keys.stat().st_mtime
+        except FileNotFoundError:
+            age = float("inf")
+        if age > INDEX_MAX_AGE_S:
+            rebuild_index(curator, self.store, domain)
 
     def logs(self, domain: str | None = None, limit: int = DEFAULT_LOG_ROWS) -> list[dict]:
         """The latest responses, newest first, each with its feedback (`assistant logs`)."""
@@ -300,6 +320,12 @@ class Workspace:
         use_all_cores()   # this process only trains (see assistant/threads.py)
         return jobs.run_job_inline(self.settings, self.store, self.registry, domain,
                                    self.train_settings_of(train_settings))
+
+    def work(self, max_jobs: int | None = None) -> int:
+        """`assistant worker`: claim queued training jobs from the database and run them here, one at a
+        time, until stopped (workers.py) -> how many ran."""
+        from .workers import run_worker
+        return run_worker(self.settings, self.store, self.registry, max_jobs=max_jobs)
 
     def evaluate(self, domain: str, version: str | None = None) -> dict:
         """Before/after metrics and the gate's verdict for a version on the domain's held-out data."""

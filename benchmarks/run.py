@@ -25,8 +25,9 @@ BENCHES = {
     "eval": "bench_eval",            # eval_vs_train_time of one job
     "structured": "bench_structured",  # constrained_vs_free_decode: JSON-schema decoding vs free
     "vllm": "bench_vllm",            # the app in front of a vLLM server (--engine vllm)
+    "replicas": "bench_replicas",    # two app replicas on one PostgreSQL: feedback writes, activation propagation
 }
-LOCAL = [name for name in BENCHES if name != "vllm"]
+LOCAL = [name for name in BENCHES if name not in ("vllm", "replicas")]   # those two on request (--only)
 
 
 def main(argv=None) -> int:

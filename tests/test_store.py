@@ -1,11 +1,11 @@
-"""The SQLite store on real files: contents, job exclusivity, concurrent writers (threads and
-processes) and crash safety (kill -9 while writing)."""
+"""The store on both of its databases (every test runs on a SQLite file and on a real PostgreSQL server):
+contents, job exclusivity, concurrent writers (threads and processes) and crash safety (kill -9 while
+writing)."""
 
 import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,6 +21,14 @@ from assistant.store import BUSY_TIMEOUT_MS, Store
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """Where a store lives: a SQLite file, or a fresh database on the test's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "s.db")
+    return request.getfixturevalue("postgres_url")
+
+
 def _log(store, rid, domain="d", version="v1", q="How do I reset my password?", a="Settings > Security.", **kw):
     store.log_response(id=rid, domain=domain, adapter_version=version, model=domain,
                        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}],
@@ -28,12 +36,15 @@ def _log(store, rid, domain="d", version="v1", q="How do I reset my password?", 
                        finish_reason="stop", **kw)
 
 
-def test_pragmas_and_responses(tmp_path):
-    store = Store(tmp_path / "s.db")
-    conn = store._conn()
+def test_sqlite_pragmas(tmp_path):
+    conn = Store(tmp_path / "s.db").db.conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2          # FULL
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == BUSY_TIMEOUT_MS
+
+
+def test_responses(target):
+    store = Store(target)
     _log(store, "r1", created_at=100.0)
     _log(store, "r2", created_at=200.0, user="ann")
     _log(store, "r3", domain="other", created_at=150.0)
@@ -43,12 +54,12 @@ def test_pragmas_and_responses(tmp_path):
     assert [x["id"] for x in store.list_responses("d")] == ["r1", "r2"]
     assert [x["id"] for x in store.list_responses("d", since=150)] == ["r2"]
     assert [x["id"] for x in store.list_responses("d", limit=1)] == ["r1"]
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(store.db.IntegrityError):
         _log(store, "r1")                                                    # ids are unique
 
 
-def test_feedback(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_feedback(target):
+    store = Store(target)
     _log(store, "r1")
     fid = store.add_feedback(response_id="r1", rating="down", correction="Open Settings > Security > Reset.",
                              reason="incomplete", user="ann")
@@ -64,8 +75,8 @@ def test_feedback(tmp_path):
     assert store.list_feedback("other") == [] and len(store.list_feedback()) == 1
 
 
-def test_feedback_is_one_record_per_answer_and_user(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_feedback_is_one_record_per_answer_and_user(target):
+    store = Store(target)
     _log(store, "r1")
     down = store.add_feedback(response_id="r1", rating="down", user="ann")           # the thumbs down
     again = store.add_feedback(response_id="r1", rating="down", reason="wrong fact", user="ann")
@@ -81,8 +92,8 @@ def test_feedback_is_one_record_per_answer_and_user(tmp_path):
     assert len([c for c in store.candidates("d") if c["source"] == "correction"]) == 1
 
 
-def test_examples_validation(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_examples_validation(target):
+    store = Store(target)
     ok = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
     added, rejected = store.add_examples("d", [
         ok, {"messages": []}, {"messages": [{"role": "bot", "content": "x"}]},
@@ -93,8 +104,8 @@ def test_examples_validation(tmp_path):
     assert store.count_examples("d") == 2 and store.count_examples("x") == 0
 
 
-def test_candidates_sources_and_reviews(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_candidates_sources_and_reviews(target):
+    store = Store(target)
     store.add_examples("d", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}])
     _log(store, "up1", a="Good answer")
     _log(store, "down1", a="Bad answer")
@@ -121,8 +132,8 @@ def test_candidates_sources_and_reviews(tmp_path):
     assert {c["key"]: c for c in store.candidates("d")}[f"feedback:{up}"]["review_status"] is None
 
 
-def test_snapshots(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_snapshots(target):
+    store = Store(target)
     assert store.latest_snapshot("d") is None
     report = {"snapshot": "abc", "candidates": 3, "removed": {"empty": 1}, "kept": 2, "train": 2, "eval": 0}
     assert store.save_snapshot("d", "abc", report, "/x/abc.jsonl") is True
@@ -131,12 +142,12 @@ def test_snapshots(tmp_path):
     assert (snap["hash"], snap["report"], snap["path"]) == ("abc", report, "/x/abc.jsonl")
 
 
-def test_jobs(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_jobs(target):
+    store = Store(target)
     job = store.create_job("d", {"epochs": 2})
     with pytest.raises(Conflict):
-        store.create_job("other", {})                                    # one job at a time, any domain
-    assert store.active_job()["job_id"] == job
+        store.create_job("d", {})                                        # one job at a time per domain
+    assert store.active_job()["job_id"] == job == store.active_job("d")["job_id"]
     store.update_job(job, status="running", pid=123, started_at=1.0, total_steps=10, log="start\n")
     store.add_job_loss(job, 1, 2.5)
     store.add_job_loss(job, 2, 2.0)
@@ -147,19 +158,22 @@ def test_jobs(tmp_path):
     assert got["metrics"] == {"eval_loss": 1.9} and got["promoted"] is False
     store.update_job(job, status="succeeded", adapter_version="v1", promoted=True, finished_at=2.0)
     assert store.active_job() is None and store.get_job(job)["promoted"] is True
+    time.sleep(0.01)
     job2 = store.create_job("other", {})
     assert [j["job_id"] for j in store.list_jobs()] == [job2, job] and [j["job_id"] for j in store.list_jobs("d")] == [job]
     with pytest.raises(NotFound):
         store.update_job("nope", status="failed")
     with pytest.raises(ValueError):
         store.update_job(job2, colour="red")
+    job3 = store.create_job("d", {})                                     # another domain's job may queue beside it
+    assert store.active_job("d")["job_id"] == job3 and store.active_job("other")["job_id"] == job2
     with pytest.raises(Conflict):
-        store.update_job(job, status="queued")                            # would make two active jobs
+        store.update_job(job, status="queued")                            # would make two active jobs of d
     assert store.get_job("nope") is None
 
 
-def test_serving_totals_add_up_from_any_mark_and_every_rating_counts(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_serving_totals_add_up_from_any_mark_and_every_rating_counts(target):
+    store = Store(target)
     _log(store, "a", version="v1")
     store.log_response(id="b", domain="d", adapter_version="v1", model="d", messages=[], answer="", prompt_tokens=1,
                        completion_tokens=0, latency_ms=900.0, ttft_ms=None, finish_reason="cancelled")   # no token
@@ -181,14 +195,14 @@ def test_serving_totals_add_up_from_any_mark_and_every_rating_counts(tmp_path):
     assert store.feedback_totals(last) == (last, [])
 
 
-def test_create_job_from_20_threads_gives_exactly_one(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_create_job_from_20_threads_gives_exactly_one(target):
+    store = Store(target)
     barrier = threading.Barrier(20)
 
     def attempt(i):
         barrier.wait()
         try:
-            return store.create_job(f"d{i}", {})
+            return store.create_job("d", {})
         except Conflict:
             return None
     with ThreadPoolExecutor(20) as pool:
@@ -206,7 +220,7 @@ while time.time() < float(sys.argv[5]):            # start together
     time.sleep(0.001)
 if mode == "job":
     try:
-        print(json.dumps({"job": store.create_job("d" + worker, {})}))
+        print(json.dumps({"job": store.create_job("d", {})}))
     except Conflict:
         print(json.dumps({"job": None}))
 elif mode == "feedback":
@@ -224,8 +238,8 @@ def _spawn(db, mode, worker, n, start):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
-def test_create_job_from_20_processes_gives_exactly_one(tmp_path):
-    db = tmp_path / "s.db"
+def test_create_job_from_20_processes_gives_exactly_one(target):
+    db = target
     Store(db)
     start = time.time() + 3
     procs = [_spawn(db, "job", i, 0, start) for i in range(20)]
@@ -235,8 +249,8 @@ def test_create_job_from_20_processes_gives_exactly_one(tmp_path):
     assert sum(j is not None for j in jobs) == 1 and len(Store(db).list_jobs()) == 1
 
 
-def test_8_concurrent_writer_processes_never_see_locked(tmp_path):
-    db = tmp_path / "s.db"
+def test_8_concurrent_writer_processes_never_see_locked(target):
+    db = target
     Store(db)
     start = time.time() + 2
     procs = [_spawn(db, "feedback", i, 40, start) for i in range(8)]
@@ -247,17 +261,18 @@ def test_8_concurrent_writer_processes_never_see_locked(tmp_path):
     assert len(store.list_feedback("d")) == 8 * 40 and store.integrity_check() == "ok"
 
 
-def test_kill_9_while_writing_loses_no_acknowledged_row(tmp_path):
-    db = tmp_path / "s.db"
+def test_kill_9_while_writing_loses_no_acknowledged_row(target):
+    db = target
     Store(db)
     rng = random.Random(0)
     acked = set()
     for round_ in range(20):
         proc = _spawn(db, "feedback", f"k{round_}", 100_000, 0)
-        time.sleep(0.2 + rng.random() * 0.3)               # import + a random number of writes
+        first = proc.stdout.readline()                     # started writing (however long the import took)
+        time.sleep(rng.random() * 0.3)                     # then a random number of writes
         os.kill(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        acked |= {int(line) for line in out.split() if line.strip().isdigit()}
+        acked |= {int(line) for line in (first + out).split() if line.strip().isdigit()}
     store = Store(db)
     present = {f["id"] for f in store.list_feedback("d")}
     assert acked and acked <= present

@@ -1,0 +1,152 @@
+"""What replicas and workers rely on in a shared PostgreSQL database, on a real server: each queued job is
+claimed once however many workers race; a dead worker's job is failed (a live one's is not); a worker's
+activation request is served by a replica, or falls back when none answers; the Prometheus totals count a
+row committed late by a concurrent transaction exactly once; the near-duplicate index of one replica is
+rebuilt from what another accepted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from assistant import cluster, jobs
+from assistant.registry import Registry
+from assistant.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _log(store, rid, domain="d", version=None):
+    store.log_response(id=rid, domain=domain, adapter_version=version, model=domain,
+                       messages=[{"role": "user", "content": "q"}], answer="a", prompt_tokens=1, completion_tokens=1,
+                       latency_ms=5.0, ttft_ms=1.0, finish_reason="stop")
+
+
+def test_racing_workers_claim_each_job_once(postgres_url):
+    store = Store(postgres_url)
+    ids = {store.create_job(f"d{i}", {}) for i in range(30)}
+    claimed, lock, barrier = [], threading.Lock(), threading.Barrier(8)
+
+    def worker(k):
+        barrier.wait()
+        while (job_id := store.claim_job(f"host:{k}")) is not None:
+            with lock:
+                claimed.append(job_id)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)                     # every job once, none twice
+    assert {j["worker"] for j in store.list_jobs()} <= {f"host:{k}" for k in range(8)}
+
+
+HOLDER = r"""
+import sys, time
+from assistant.cluster import WorkerLock
+from assistant.store import Store
+store = Store(sys.argv[1])
+lock = WorkerLock(store)
+print(store.claim_job(lock.name, sys.argv[2]), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_dead_workers_job_is_failed_and_a_live_ones_is_not(postgres_url, tmp_path):
+    from assistant.settings import Settings
+    settings = Settings(home=tmp_path, database_url=postgres_url).ensure_dirs()
+    store, registry = Store(postgres_url), Registry(settings.adapters_path)
+    registry.create_domain("atlas", "", "")
+    job_id = store.create_job("atlas", {})
+    staging = jobs.staging_path(registry.root, {"domain": "atlas", "job_id": job_id})
+    staging.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, postgres_url, job_id], stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == job_id
+        store.update_job(job_id, status="running")
+        assert jobs.reap(settings, store, registry) == []            # its worker lives: left alone
+        assert store.get_job(job_id)["status"] == "running" and staging.is_dir()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10                                 # the server notices the closed session
+    while not (failed := jobs.reap(settings, store, registry)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job = store.get_job(job_id)
+    assert failed == [job_id] and job["status"] == "failed" and "worker" in job["error"]
+    assert not staging.exists()
+
+
+def test_an_activation_request_is_served_by_a_replica_or_falls_back(postgres_url, monkeypatch):
+    store = Store(postgres_url)
+    served = []
+
+    def replica():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            req = store.claim_activation("replica-1")
+            if req is not None:
+                served.append((req["domain"], req["version"]))
+                store.finish_activation(req["id"], "done")
+                return
+            time.sleep(0.05)
+    t = threading.Thread(target=replica)
+    t.start()
+    assert cluster.request_activation(store, "atlas", "v2", by="worker-1") is True
+    t.join()
+    assert served == [("atlas", "v2")]
+    monkeypatch.setattr(cluster, "CLAIM_WAIT_S", 0.3)                # nobody serves: the worker goes offline
+    assert cluster.request_activation(store, "atlas", "v3", by="worker-1") is False
+    assert store.claim_activation("replica-late") is None            # and no replica acts on it later
+
+
+def test_totals_count_a_row_committed_late_exactly_once(postgres_url):
+    import psycopg
+    store = Store(postgres_url)
+    _log(store, "r0")
+    mark, rows = store.response_totals(0, [10.0], [])
+    assert sum(r["answers"] for r in rows) == 1
+    slow = psycopg.connect(postgres_url)                             # a replica whose insert commits late
+    slow.execute("INSERT INTO responses (id, domain, model, messages, answer, created_at) "
+                 "VALUES ('late', 'd', 'd', '[]', 'a', 0)")
+    _log(store, "r1")                                                # inserted after, committed first
+    mark2, rows = store.response_totals(mark, [10.0], [])
+    counted = sum(r["answers"] for r in rows)
+    slow.commit()
+    slow.close()
+    mark3, rows = store.response_totals(mark2, [10.0], [])
+    counted += sum(r["answers"] for r in rows)
+    assert counted == 2                                              # 'late' and 'r1', each once
+    assert store.response_totals(mark3, [10.0], [])[1] == []
+
+
+@pytest.mark.slow   # the real embedding model
+def test_a_replicas_index_is_rebuilt_from_what_another_accepted(postgres_url, tmp_path):
+    from assistant.settings import Settings
+    from assistant.workspace import Workspace
+    shared = tmp_path / "adapters"
+    ws_a = Workspace(Settings(home=tmp_path / "a", adapters_dir=shared, database_url=postgres_url))
+    ws_b = Workspace(Settings(home=tmp_path / "b", adapters_dir=shared, database_url=postgres_url))
+    ws_a.create_domain("atlas", "", "")
+    ws_a.store.log_response(id="r1", domain="atlas", adapter_version=None, model="atlas",
+                            messages=[{"role": "user", "content": "What is the capital of Zorbania?"}],
+                            answer="No idea.", prompt_tokens=1, completion_tokens=1, latency_ms=1.0, ttft_ms=None,
+                            finish_reason="stop")
+    fid = ws_a.feedback("r1", "down", correction="The capital of Zorbania is Quillton.")
+    ws_a.close()                                                     # A's background check has run
+    item = [{"role": "user", "content": "What is the capital of Zorbania?"},
+            {"role": "assistant", "content": "The capital of Zorbania is Quillton."}]
+    curator = ws_b.curator()
+    assert curator.check_new("atlas", item) == (None, 0.0)           # B's own index knows nothing yet
+    ws_b._fresh_index(curator, "atlas")
+    key, sim = curator.check_new("atlas", item)
+    assert key == f"feedback:{fid}" and sim > 0.99
+    ws_b.close()
