@@ -16,8 +16,9 @@ from assistant.settings import Settings
 from helpers import random_lora_adapter
 
 
-def stress(base, folders: dict, *, seed: int, n: int, slots: int, max_tokens_cap: int, max_batch: int = 6):
-    engine = Engine(base, max_batch=max_batch, max_resident_adapters=slots)
+def stress(base, folders: dict, *, seed: int, n: int, slots: int, max_tokens_cap: int, max_batch: int = 6,
+           max_queue_s: float = 120.0):
+    engine = Engine(base, max_batch=max_batch, max_resident_adapters=slots, max_queue_s=max_queue_s)
     try:
         rng = random.Random(seed)
         specs = engine_stress.make_specs(rng, n, len(base.tokenizer), engine.max_context, sorted(folders),
@@ -49,4 +50,6 @@ def test_a_longer_random_mix_on_the_embedded_model(embedded_path, tmp_path):
     folders = {f"d{i}": random_lora_adapter(embedded_path, tmp_path / f"d{i}", rank=8, std=0.05, seed=i + 1)
                for i in range(3)}
     base = load_base(Settings(base_model="embedded", home=tmp_path / "home"), verbose=False)
-    stress(base, folders, seed=7, n=24, slots=2, max_tokens_cap=512, max_batch=8)
+    # Answers of up to 512 tokens on a busy CPU take minutes: the queue deadline (tested elsewhere) is set above
+    # the service time, as the server's 120 s is above its usual one.
+    stress(base, folders, seed=7, n=24, slots=2, max_tokens_cap=512, max_batch=8, max_queue_s=3600)
