@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import print_table  # noqa: E402  (before torch)
 
-N_TOKENS = 96
-ROUNDS = 3
+N_TOKENS = 64
+ROUNDS = 2
 PROMPTS = ["List forty animals as JSON.", "List forty colors as JSON.", "List forty cities as JSON.",
            "List forty fruits as JSON."]
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 24},
