@@ -44,6 +44,7 @@ from .errors import (
 )
 from .textstream import chat_prompt_ids
 from .vllm_client import VllmClient
+from .vllm_requests import already_loaded, vllm_logprobs, vllm_options
 
 RECONCILE_S = 15.0           # how often every server's health and loaded adapters are checked
 ROUTE_SLACK = 2              # affinity holds while the preferred server has at most this many more requests in flight
@@ -191,7 +192,7 @@ class VllmEngine(EngineProtocol):
                 except VllmUnavailable:
                     raise
                 except VllmError as e:
-                    if not _already_loaded(e):
+                    if not already_loaded(e):
                         self._refuse(key, e)
                         continue
                 loaded.add(key)
@@ -294,7 +295,7 @@ class VllmEngine(EngineProtocol):
             except VllmUnavailable as e:
                 refused.append((e, False))
             except VllmError as e:
-                if _already_loaded(e):   # loaded by an earlier call that this process did not see end
+                if already_loaded(e):   # loaded by an earlier call that this process did not see end
                     took.append(s)
                     continue
                 refused.append((e, True))
@@ -492,44 +493,3 @@ class VllmEngine(EngineProtocol):
             s.client.close()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
-
-
-def vllm_options(req: Request) -> dict:
-    """What a request asks beyond sampling, in vLLM's words: structured outputs (the same JSON constraint
-    the local engine enforces with xgrammar; vLLM uses xgrammar too), logprobs, penalties, logit_bias."""
-    from .grammar import bounded
-    out: dict = {}
-    if req.structured is not None:
-        kind, schema = req.structured
-        # the same grammar as grammar.py: no free whitespace, unbounded integers bounded
-        out["structured_outputs"] = {**({"json_object": True} if kind == "json_object" else {"json": bounded(schema)}),
-                                     "disable_any_whitespace": True}
-    if req.logprobs is not None:
-        out.update(logprobs=req.logprobs, return_tokens_as_token_ids=True)
-    if req.frequency_penalty:
-        out["frequency_penalty"] = req.frequency_penalty
-    if req.presence_penalty:
-        out["presence_penalty"] = req.presence_penalty
-    if req.logit_bias:
-        out["logit_bias"] = {str(k): v for k, v in req.logit_bias.items()}
-    return out
-
-
-def _token_id(name: str) -> int:
-    return int(name.rpartition(":")[2])   # "token_id:123" (return_tokens_as_token_ids)
-
-
-def vllm_logprobs(lp: dict | None, k: int) -> list:
-    """A completions chunk's logprobs as the engine's TokenLogprobs (the `k` most likely rivals each)."""
-    from .logits import TokenLogprob
-    if not lp:
-        return []
-    tops = lp.get("top_logprobs") or [None] * len(lp.get("tokens") or [])
-    return [TokenLogprob(_token_id(t), float(v), sorted(((_token_id(k), float(x)) for k, x in (top or {}).items()),
-                                                        key=lambda p: -p[1])[:k])
-            for t, v, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], tops)]
-
-
-def _already_loaded(e: VllmError) -> bool:
-    """vLLM's answer to loading a name it already has (400, "... has already been loaded")."""
-    return e.http_status == 400 and "already" in (e.vllm_message or "").lower()
