@@ -33,7 +33,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import AssistantError, DatasetTooSmall
+from .errors import AssistantError
 from .stages import TERMINAL, StageTracker, overall_progress, pending_stages
 from .threads import use_all_cores
 
@@ -80,7 +80,7 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
     for the caller. `free_bytes`: device memory free for the job (None: measured on CUDA, no check on CPU)."""
     from .curation import curate
     from .memory import check_job_memory
-    from .training import MIN_EXAMPLES, TrainSettings
+    from .training import MAX_BATCH_SIZE, MIN_EXAMPLES, TrainSettings
     registry.get_domain(domain)
     try:
         if train_settings is not None and not isinstance(train_settings, dict):
@@ -98,15 +98,18 @@ def _prepare(settings, store, registry, domain: str, train_settings: dict | None
     snap = curate(store, domain, settings)
     curate_seconds = time.monotonic() - t0
     n_train = snap.report.get("train", 0)
-    if snap.report.get("kept", 0) < MIN_EXAMPLES:
-        raise DatasetTooSmall(f"domain {domain!r} has {snap.report.get('kept', 0)} usable examples after curation; "
-                              f"training needs at least {MIN_EXAMPLES}: add examples or corrections")
+    from .preference import for_job
+    preference = for_job(settings, store, domain, snap, ts.method, MIN_EXAMPLES)   # DatasetTooSmall: what is missing
+    if preference["methods"] != ["sft"]:       # a preference phase feeds chosen and rejected rows together
+        from dataclasses import replace
+        check_job_memory(settings, replace(ts, batch_size=min(2 * ts.batch_size, MAX_BATCH_SIZE)), free_bytes)
     feedback_ids = sorted({fid for it in snap.items if it.get("removed") is None
                            for fid in it.get("feedback_ids") or []})
     return {"training": ts.to_dict(), "requested": dict(train_settings or {}), "snapshot": snap.hash,
             "feedback_ids": feedback_ids, "n_train": n_train,
             "n_eval": snap.report.get("eval", 0), "curate_seconds": round(curate_seconds, 2),
-            "n_corrections": snap.report.get("sources", {}).get("correction", 0)}
+            "n_corrections": snap.report.get("sources", {}).get("correction", 0), "preference": preference,
+            "methods": preference["methods"], "data_summary": preference["summary"]}
 
 
 def start_job(settings, store, registry, domain: str, train_settings: dict | None = None) -> str:
@@ -287,6 +290,9 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         rows = _read_rows(settings, record, store, domain)
         system_prompt = registry.get_domain(domain).system_prompt
         ts = TrainSettings.from_dict(record.get("training"))
+        rows, plan = _preference_plan(settings, domain, record, rows)
+        if record.get("data_summary"):
+            store.update_job(job_id, log=f"data: {record['data_summary']}\n")
         tracker.start("train")
         staging = registry.new_staging(domain, tag=f"job-{job_id}")
         base = _load(settings)
@@ -305,7 +311,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         if settings.train_gpus > 1:
             store.update_job(job_id, log=f"training in {settings.train_gpus} processes\n")
         result = train_adapter(base, rows, staging, ts, progress=progress, should_stop=stopped,
-                               processes=settings.train_gpus)
+                               processes=settings.train_gpus, preference=plan)
         tracker.finish("train")
         store.update_job(job_id, log=f"trained: {json.dumps(result.summary())}\n")
         result.model.unload()            # LoRA layers out: the engine loads the adapter from its folder
@@ -317,6 +323,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         before, after = evaluation.evaluate_adapter(
             base, staging, rows, gate_settings, system_prompt,
             progress=lambda done, total: tracker.advance("evaluate", done, total))
+        _preference_margins(registry, domain, base, staging, plan, before, after, gate_settings)
         verdict = evaluation.verdict(before, after, gate_settings)
         promote = verdict["promote"]
         metrics = {"train": result.summary(), "before": evaluation.summary(before),
@@ -326,6 +333,8 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         store.update_job(job_id, metrics=metrics, log=f"evaluated: {verdict['summary']}\n")
         card = {"base_fingerprint": result.fingerprint, "dataset_snapshot": record.get("snapshot"),
                 "feedback_ids": record.get("feedback_ids", []), "training_settings": result.settings,
+                "training": {"methods": result.methods, "data": (record.get("preference") or {}).get("counts"),
+                             "summary": record.get("data_summary"), "phases": result.phases},
                 "metrics": metrics, "job_id": job_id, "domain": domain}
         if stopped():
             raise TrainingStopped("cancelled before publishing")
@@ -366,6 +375,33 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return store.get_job(job_id)
+
+
+def _preference_plan(settings, domain: str, record: dict, rows: list[dict]):
+    """(the rows SFT and the gate see, the PreferencePlan or None). Rated answers held out for the
+    preference margin are left out of every method's training."""
+    entry = record.get("preference")
+    if not entry:
+        return rows, None
+    from .preference import load_for_job
+    from .preference_train import PreferencePlan
+    data = load_for_job(settings, domain, entry)
+    held = data.heldout_keys()
+    return [r for r in rows if r.get("key") not in held], PreferencePlan(data, list(entry["methods"]))
+
+
+def _preference_margins(registry, domain: str, base, staging, plan, before: dict, after: dict, gate) -> None:
+    """The held-out preference margins of the current version (before) and the new one (after), for the gate."""
+    heldout = plan.data.heldout() if plan is not None else []
+    if not heldout:
+        if plan is not None:
+            after["preference_skipped"] = "too few rated answers of each kind to hold some out"
+        return
+    from .preference_eval import margins
+    active = registry.active_version(domain)
+    m = margins(base, staging, registry.version_path(domain, active) if active else None, heldout, gate.max_seq_len)
+    before["preference_margin"], after["preference_margin"] = m["current"], m["new"]
+    after["n_preference_heldout"], after["preference_reference"] = m["n"], active or "the base"
 
 
 def _activate(registry, domain: str, version: str, model, fingerprint: dict) -> None:
