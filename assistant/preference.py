@@ -8,8 +8,9 @@ curation does not turn into SFT rows:
 The rows the snapshot does not already curate (rejected answers, thumbs-down answers) go through the same
 per-row filters (empty, garbage, injection, PII scrubbed or dropped), one row per prompt (the newest
 rating wins, and a prompt already taught by a pair or a thumbs-up row is not also an undesirable row) and
-the same cap on one user's share. A hash split holds out a share of the rated answers (only with enough
-of each kind) for the gate's preference-margin check; the rows it holds out are trained on by no method.
+the same cap on one user's share. A hash split holds out a share of the thumbs-rated answers (only with
+enough of each kind; corrections always train) for the gate's preference-margin check; the rows it holds
+out are trained on by no method.
 
 `methods` says which methods the data supports (SFT always, DPO from MIN_PAIRS pairs, KTO from
 MIN_PER_KIND ratings of each kind) and `choose` turns a request ("auto", "sft+kto", ...) into the methods a
@@ -178,13 +179,16 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
 
 
 def _holdout(data: PreferenceData) -> None:
-    """Hold out HOLDOUT_FRACTION of the rated answers (by hash of the prompt) when both kinds are plenty."""
-    liked = sum(r["label"] for r in data.kto) + len(data.pairs)
-    disliked = sum(not r["label"] for r in data.kto) + len(data.pairs)
-    if min(liked, disliked) < HOLDOUT_MIN_PER_KIND:
-        return
-    for r in data.pairs + data.kto:
-        if _hash(_prompt_text(r["prompt"])) < HOLDOUT_FRACTION:
+    """Hold out HOLDOUT_FRACTION of the thumbs-rated answers of each kind (by hash of the prompt; at least one
+    of each) when both kinds are plenty. Corrections always train, as in curation: a user who corrected an
+    answer expects it learned."""
+    for label in (True, False):
+        rows = [r for r in data.kto if r["label"] == label]
+        if min(sum(r["label"] for r in data.kto), sum(not r["label"] for r in data.kto)) < HOLDOUT_MIN_PER_KIND:
+            return
+        scores = [_hash(_prompt_text(r["prompt"])) for r in rows]
+        picked = [r for r, h in zip(rows, scores) if h < HOLDOUT_FRACTION] or [rows[scores.index(min(scores))]]
+        for r in picked:
             r["split"] = "eval"
 
 

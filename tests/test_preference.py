@@ -75,16 +75,20 @@ def test_ratings_become_pairs_and_kto_rows(world):
     liked = [r for r in data.kto if r["label"]]
     disliked = [r for r in data.kto if not r["label"]]
     assert len(liked) == 6 and len(disliked) == 7           # 6 + one of the two Quillton ratings
+    assert not preference.build(snap.rows, [], preference_opts(settings)).pairs   # no ratings, no pairs
     assert all(LONG in r["completion"] for r in disliked)
     assert not any("@" in r["completion"] for r in disliked)
     assert data.counts["removed"]["duplicate_prompt"] == 1
     counts = data.counts
     assert counts["ratings"] == 6 + 6 + 6 + 2 and counts["corrections"] == 6
-    # with 10+ liked and disliked answers a share is held out for the gate and trained on by no method
-    held = [r for r in data.pairs + data.kto if r["split"] == "eval"]
-    assert held and counts["heldout"] == len(data.heldout()) > 0
-    assert counts["pairs"] + sum(p["split"] == "eval" for p in data.pairs) == 6
-    assert data.heldout_keys() == {r["key"] for r in held}
+    # with 10+ thumbs of each kind a share is held out for the gate and trained on by no method;
+    # corrections always train
+    rated_domain(store, registry, "more", corrections=6, ups=12, downs=12)
+    more = preference.build(curate(store, "more", settings).rows, store.list_feedback("more"), preference_opts(settings))
+    held = [r for r in more.pairs + more.kto if r["split"] == "eval"]
+    assert {True, False} == {r["label"] for r in held} and more.counts["heldout"] == len(more.heldout()) == len(held)
+    assert more.counts["pairs"] == 6 and not [r for r in data.kto if r["split"] == "eval"]
+    assert more.heldout_keys() == {r["key"] for r in held}
     assert preference.supported({"pairs": 4, "desirable": 4, "undesirable": 4}) == ["sft", "dpo", "kto"]
     assert preference.supported({"pairs": 3, "desirable": 9, "undesirable": 3}) == ["sft"]
     assert preference.describe(counts, ["sft", "dpo", "kto"]).endswith("6 corrections: SFT + DPO + KTO")
