@@ -97,7 +97,9 @@ def cmd_export(args) -> int:
 def cmd_train(args) -> int:
     job = _workspace(args).train(_domain(args))
     keys = ("job_id", "status", "adapter_version", "promoted", "metrics", "error")
-    sys.stdout.write(json.dumps({k: job.get(k) for k in keys}, indent=1, default=str) + "\n")
+    out = {k: job.get(k) for k in keys}
+    out["data"] = (job.get("settings") or {}).get("data_summary")    # "40 ratings, ...: SFT + DPO + KTO"
+    sys.stdout.write(json.dumps(out, indent=1, default=str) + "\n")
     return 0 if job.get("status") == "succeeded" else 1
 
 

@@ -429,6 +429,7 @@ def run_job_inline(settings, store, registry, domain: str, train_settings: dict 
     record = _prepare(settings, store, registry, domain, train_settings)
     job_id = store.create_job(domain, record)
     _curated(store, job_id, record)
+    tqdm.write(f"{domain}: {record['data_summary']}")     # what the data supports and which methods run
     bar = tqdm(total=None, desc=f"training {domain}", unit="step")
 
     def on_step(step, total, loss):

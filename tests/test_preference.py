@@ -206,3 +206,19 @@ def test_cancel_mid_kto_leaves_nothing(world):
     time.sleep(1)
     assert store.get_job(job_id)["status"] == "cancelled"
     assert json.loads(json.dumps(job["stages"]))[1]["status"] == "failed"   # the train stage ended early
+
+
+def test_train_tab_says_what_the_ratings_support(world):
+    from assistant.ui import train
+    from assistant.workspace import Workspace
+    settings, store, registry = world
+    rated_domain(store, registry, corrections=4, ups=4, downs=4)
+    workspace = Workspace(settings)
+    try:
+        size = train.train_view(workspace, "atlas", None)[0]
+        assert "12 ratings (4 up, 8 down), 4 corrections: SFT + DPO + KTO" in size, size
+        assert workspace.training_methods("atlas")["supported"] == ["sft", "dpo", "kto"]
+        assert train.train_settings("lora", None, 0.001, 16, "lora", 512, "", "sft+kto")["method"] == "sft+kto"
+        assert "method" not in train.train_settings("lora", None, 0.001, 16, "lora", 512, "", "auto")
+    finally:
+        workspace.close()

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 JOB_POLL_S = 2.0              # the Train tab's polling period while a job runs
 METHODS = ("lora", "qlora")
+LEARN_FROM = ("auto", "sft", "sft+dpo", "sft+kto", "sft+dpo+kto", "dpo", "kto")   # TrainSettings.method
 DEFAULTS = TrainSettings()    # the recipe's defaults, shown in the form
 MIN_SEQ_LEN = 16
 NO_DOMAINS = "No domains yet: create one in the Adapters tab, or from the Chat tab's model picker (New domain…)."
@@ -45,9 +46,10 @@ def _int(label: str, value, low: int, high: int | None = None, *, optional: bool
     return int(number)
 
 
-def train_settings(method_default: str, epochs, learning_rate, rank, method, max_len, advanced) -> dict:
+def train_settings(method_default: str, epochs, learning_rate, rank, method, max_len, advanced,
+                   learn_from: str = "auto") -> dict:
     """The form -> training settings for `Workspace.start_training`; errors name the field."""
-    out = {}
+    out = {} if learn_from in (None, "", "auto") else {"method": learn_from}
     epochs = _int("Epochs", epochs, 0, optional=True)
     if epochs:   # empty, or 0 (what the browser shows for an empty number field): sized to the dataset
         out["epochs"] = epochs
@@ -106,6 +108,8 @@ def train_view(workspace, domain, model):
         return (err(e), None, gr.update(), *_job_outputs(workspace, None, model))
     size = (f"**{report['kept']}** curated examples ({report['train']} train / {report['eval']} eval) · training "
             f"needs at least {MIN_EXAMPLES} · active version: **{d.active_version or 'none'}**")
+    learn = workspace.training_methods(domain)
+    size += f"\n\nRatings: {learn['summary']} (auto runs these; {learn['needs']})"
     if report["kept"] < MIN_EXAMPLES:
         size += (f"\n\nAdd {MIN_EXAMPLES - report['kept']} more: import seed examples in the Data tab, or correct "
                  f"answers of {domain} in the Chat tab.")
@@ -114,11 +118,12 @@ def train_view(workspace, domain, model):
     return (size, job["job_id"] if job else None, versions, *_job_outputs(workspace, job, model))
 
 
-def retrain(workspace, method_default, domain, epochs, learning_rate, rank, method, max_len, advanced, model):
+def retrain(workspace, method_default, domain, epochs, learning_rate, rank, method, max_len, advanced, model,
+            learn_from="auto"):
     try:
         if not domain:
             raise field_error("Domain", "pick a domain")
-        settings = train_settings(method_default, epochs, learning_rate, rank, method, max_len, advanced)
+        settings = train_settings(method_default, epochs, learning_rate, rank, method, max_len, advanced, learn_from)
         job_id = workspace.start_training(domain, settings)
     except AssistantError as e:
         return (err(e), None, *_job_outputs(workspace, None, model))
@@ -186,6 +191,9 @@ def build(workspace, serving, P, model):
         max_len = gr.Number(DEFAULTS.max_seq_len, label="Max length (tokens)", precision=0, minimum=MIN_SEQ_LEN,
                             elem_id="train-max-len")
         method = gr.Radio(list(METHODS), value=default_method(serving), label="Method", elem_id="train-method")
+    learn_from = gr.Radio(list(LEARN_FROM), value="auto", elem_id="train-learn-from",
+                          label="Learn from (SFT: examples and corrections; DPO: corrections over the answers they "
+                                "fixed; KTO: thumbs up and down)")
     with gr.Accordion("Advanced (JSON: batch_size, augment, replay, alpha, dropout, seed…)", open=False,
                       elem_id="train-advanced-box"):
         advanced = gr.Textbox("", label="More settings as a JSON object", placeholder='{"batch_size": 4}',
@@ -213,8 +221,8 @@ def build(workspace, serving, P, model):
     job_out = [stages, bar, loss, job_log, metrics, verdict, anyway, timer, model]
     view_out = [size, job_id, version, *job_out]
     domain.change(P(train_view, workspace), [domain, model], view_out)
-    go.click(P(retrain, workspace, default_method(serving)), [domain, epochs, lr, rank, method, max_len, advanced, model],
-             [status, job_id, *job_out])
+    go.click(P(retrain, workspace, default_method(serving)), [domain, epochs, lr, rank, method, max_len, advanced, model,
+                                                              learn_from], [status, job_id, *job_out])
     cancel_btn.click(P(cancel, workspace), [job_id, model], [status, *job_out])
     timer.tick(P(poll_job, workspace), [job_id, model, seen], [*job_out, seen], concurrency_limit=None)
     verdict.change(P(versions, workspace), [domain, version], [version])
