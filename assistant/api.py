@@ -145,6 +145,15 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
                                       body.get("reason"), user)
         return JSONResponse({"id": fid}, status_code=201)
 
+    @r.post("/api/feedback/withdraw")
+    async def withdraw_feedback(request: Request):
+        body = await read_json(request)
+        rid = body.get("response_id")
+        if not isinstance(rid, str) or not rid:
+            raise AssistantError("response_id is required", param="response_id")
+        user = _opt(body, "user", str) or current_user(request)
+        return {"withdrawn": await asyncio.to_thread(serving.withdraw_feedback, rid, user)}
+
     @r.post("/api/domains", status_code=201)
     async def create_domain(request: Request):
         body = await read_json(request)

@@ -6,12 +6,13 @@ text hash), near duplicates (MiniLM prompt embeddings + FAISS, cosine >= a thres
 correction wins, then the best rated), a cap on any one user's share. Two items are near duplicates only
 when they carry the same information: the embedding match must be confirmed by `dedup.compare` (same
 answer content tokens, questions naming the same entities), so templated facts with different names,
-numbers or places are all kept. The same question asked again with a different answer is replaced by a
-newer correction of it. Then a train/eval split by content hash (only on datasets of
-MIN_ITEMS_FOR_HOLDOUT+ items; below that everything the user taught is trained on), with no eval item
-near-duplicate of a train item. The snapshot is JSON Lines `{"messages", "split", "source", "key",
-"feedback_ids"}` at `<state>/snapshots/<domain>/<hash>.jsonl`, the hash being of that content: the same
-candidates give the same hash, and curating twice changes nothing.
+numbers or places are all kept. The same question asked again is `superseded` by its newest correction,
+whatever came before it (an older correction, a rated answer, a seed, approved or not). Then a train/eval
+split by content hash (only on datasets of MIN_ITEMS_FOR_HOLDOUT+ items; below that everything the user
+taught is trained on), with no eval item near-duplicate of a train item. The snapshot is JSON Lines
+`{"messages", "split", "source", "key", "feedback_ids"}` (a rated or corrected answer's earlier replies
+carry `"weight": 0`: context, not taught; see `mark_context`) at `<state>/snapshots/<domain>/<hash>.jsonl`,
+the hash being of that content: the same candidates give the same hash, and curating twice changes nothing.
 
 `Curator.preview(domain)` is the read-only report (it writes nothing: no snapshot, no database row, no
 embedding cache row, no index file); `Curator.snapshot(domain)` writes it, for a job or an export.
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Report keys, in the order the filters run. `pii_scrubbed` counts rows kept after scrubbing.
 FILTERS = ("rejected", "empty", "too_short", "too_long", "garbage", "injection", "pii", "pii_scrubbed",
-           "exact_duplicate", "near_duplicate", "user_cap")
+           "exact_duplicate", "superseded", "near_duplicate", "user_cap")
 MIN_ITEMS_FOR_HOLDOUT = 50       # below this many kept rows everything is train (a holdout of 2 means nothing)
 REPORT_TEXT_CHARS = 120          # characters of a question shown per removed item in the report
 SNAPSHOT_FIELDS = ("messages", "split", "source", "key", "feedback_ids")
@@ -142,6 +143,17 @@ def _row_hash(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
+def mark_context(messages: list[dict], source: str) -> list[dict]:
+    """A row's messages with what it teaches marked: a rated or corrected answer teaches its last reply
+    only; the conversation's earlier replies (nobody confirmed them) get `"weight": 0`, context the loss
+    skips (lm.taught). Seed examples teach every reply their author wrote."""
+    if source == "seed":
+        return messages
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    return [{**m, "weight": 0} if m["role"] == "assistant" and i != last else
+            {k: v for k, v in m.items() if k != "weight"} for i, m in enumerate(messages)]
+
+
 def _priority(item: dict) -> tuple:
     """Sort key, best first: approved, then corrections (newest first), ups (most, newest), seeds."""
     return (item["review_status"] != "approved", SOURCE_RANK.get(item["source"], 3), -item.get("ups", 0),
@@ -178,7 +190,7 @@ def _cheap_filters(item: dict, opts: CurationSettings, removed: dict) -> str | N
     for m in messages:
         text, n = pii.scrub(m["content"])
         found += n
-        scrubbed.append({"role": m["role"], "content": text})
+        scrubbed.append({**m, "content": text})
     if found:
         if opts.pii == "drop":
             return "pii"
@@ -276,7 +288,8 @@ def run(store, domain: str, embedder, opts: CurationSettings, *,
     `read_only`: embeddings missing from the cache are computed in memory and not stored."""
     items = []
     for cand in store.candidates(domain):
-        items.append({**cand, "messages": [dict(m) for m in cand["messages"]], "removed": None,
+        items.append({**cand, "messages": mark_context([dict(m) for m in cand["messages"]], cand["source"]),
+                      "removed": None,
                       "near_duplicate_of": None, "similarity": None, "nearest": None,
                       "nearest_similarity": None, "split": None, "shared_answer_tokens": None, "why": None})
     removed = {name: 0 for name in FILTERS}

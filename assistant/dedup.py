@@ -160,22 +160,26 @@ def same_question(a: list[dict], b: list[dict]) -> bool:
 
 # Decisions on curation items (dicts of `curation.run`) ----------------------------------------------
 def supersede(items: list[dict]) -> None:
-    """The same question asked again with another answer: a correction replaces what came before it.
-
-    `items` are sorted by priority (newest correction first): any later item whose question is the same as
-    a correction's is removed as its near duplicate, with the reason said."""
-    corrections: list[dict] = []
-    for item in items:
-        if item["removed"] is not None:
+    """The newest correction of a question wins, always: every other item asking the same question (an
+    older correction, a rated answer, a seed, approved or not) is removed as `superseded` by it, with the
+    reason said. Newest is by when the correction was given (a re-corrected record counts as new)."""
+    live = [it for it in items if it["removed"] is None]
+    newest_first = sorted((it for it in live if it.get("source") == "correction"),
+                          key=lambda it: (-(it.get("created_at") or 0), it["key"]))
+    winners: list[dict] = []
+    for c in newest_first:
+        if not any(same_question(w["messages"], c["messages"]) for w in winners):
+            winners.append(c)
+    for item in live:
+        if any(item is w for w in winners):
             continue
-        winner = next((c for c in corrections if same_question(c["messages"], item["messages"])), None)
+        winner = next((w for w in winners if same_question(w["messages"], item["messages"])), None)
         if winner is not None:
             cmp = compare(item["messages"], winner["messages"])
-            item.update(removed="near_duplicate", near_duplicate_of=winner["key"], similarity=None,
+            older = "an older correction" if item.get("source") == "correction" else "an earlier answer"
+            item.update(removed="superseded", near_duplicate_of=winner["key"], similarity=None,
                         shared_answer_tokens=list(cmp.shared_answer_tokens),
-                        why="the same question, answered by a newer correction")
-        elif item.get("source") == "correction":
-            corrections.append(item)
+                        why=f"{older} of the same question: the newer correction {winner['key']} replaces it")
 
 
 def removed_entry(it: dict, by_key: dict[str, dict], text_chars: int) -> dict:
@@ -184,7 +188,7 @@ def removed_entry(it: dict, by_key: dict[str, dict], text_chars: int) -> dict:
     entry = {"key": it["key"], "source": it["source"], "filter": it["removed"],
              "duplicate_of": it.get("near_duplicate_of"), "similarity": it.get("similarity"),
              "shared_answer_tokens": it.get("shared_answer_tokens") or [], "why": it.get("why") or it["removed"]}
-    if it["removed"] in ("near_duplicate", "exact_duplicate", "user_cap"):
+    if it["removed"] in ("near_duplicate", "exact_duplicate", "superseded", "user_cap"):
         entry["question"] = last(it["messages"], "user")[:text_chars]
         kept = by_key.get(it.get("near_duplicate_of") or "")
         entry["duplicate_question"] = last(kept["messages"], "user")[:text_chars] if kept else None

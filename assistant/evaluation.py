@@ -71,8 +71,9 @@ def _mean(xs):
 
 
 def split_prompt(row: dict) -> tuple[list[dict], str]:
-    """(messages before the last assistant reply, that reply)."""
-    msgs = row["messages"]
+    """(messages before the last assistant reply, role and content only; that reply)."""
+    from .lm import plain
+    msgs = plain(row["messages"])
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     return msgs[:last], msgs[last]["content"]
 

@@ -63,6 +63,14 @@ MEANING = {
                           "skills",
     "preference_margin": "the new version prefers the answers users disliked more than the current version does",
 }
+MEANING_PASSED = {
+    "corrections": "the adapter gives the answers users corrected",
+    "taught": "the adapter reproduces the examples it was taught",
+    "heldout_loss": "the adapter predicts held-out examples at least as well as the base",
+    "heldout_match": "answers to held-out examples are as good as the base's",
+    "general_nll": "the base's own answers to general questions stay likely: general skills are kept",
+    "general_similarity": "answers to general questions stay close to the base's",
+}
 ADVICE = {
     "corrections": "train again with more epochs (or a higher learning rate), and check that corrections of the "
                    "same question agree",
@@ -97,7 +105,8 @@ def checks(before: dict, after: dict, s: GateSettings) -> tuple[list[dict], list
 
     def add(name, passed, value, bound, n=None):
         out.append({"name": name, "passed": bool(passed), "value": None if value is None else round(float(value), 4),
-                    "bound": bound, "label": LABEL[name].format(n=n), "meaning": MEANING[name], "advice": ADVICE[name]})
+                    "bound": bound, "label": LABEL[name].format(n=n),
+                    "meaning": (MEANING_PASSED if passed else MEANING)[name], "advice": "" if passed else ADVICE[name]})
 
     cm = after.get("corrections_match")
     if cm is not None:

@@ -294,6 +294,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         if record.get("data_summary"):
             store.update_job(job_id, log=f"data: {record['data_summary']}\n")
         tracker.start("train")
+        tracker.note("train", "loading the base model")
         staging = registry.new_staging(domain, tag=f"job-{job_id}")
         base = _load(settings)
         store.update_job(job_id, log=f"loaded {base.describe()}\n")
@@ -302,6 +303,8 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
             store.update_job(job_id, step=step, total_steps=total, loss=loss)
             store.add_job_loss(job_id, step, loss)
             tracker.advance("train", step, total)
+            if step == 1:
+                tracker.note("train", "training")
             if on_step is not None:
                 on_step(step, total, loss)
 
@@ -311,13 +314,15 @@ def run_job(settings, store, registry, job_id: str, on_step=None) -> dict:
         if settings.train_gpus > 1:
             store.update_job(job_id, log=f"training in {settings.train_gpus} processes\n")
         result = train_adapter(base, rows, staging, ts, progress=progress, should_stop=stopped,
-                               processes=settings.train_gpus, preference=plan)
+                               processes=settings.train_gpus, note=lambda text: tracker.note("train", text),
+                               preference=plan)
         tracker.finish("train")
         store.update_job(job_id, log=f"trained: {json.dumps(result.summary())}\n")
         result.model.unload()            # LoRA layers out: the engine loads the adapter from its folder
         base.model.eval()
 
         tracker.start("evaluate")
+        tracker.note("evaluate", "the base and the new version answer the held-out and corrected questions")
         from .settings import group_settings
         gate_settings = group_settings(settings, "gate")
         before, after = evaluation.evaluate_adapter(

@@ -8,15 +8,29 @@ IGNORE_INDEX = -100            # label of a position that carries no loss
 LOSS_CHUNK_TOKENS = 1024       # labelled positions projected onto the vocabulary at a time
 
 
+def taught(message: dict) -> bool:
+    """Does this message carry loss? Assistant replies do, unless marked `"weight": 0` (the OpenAI
+    fine-tuning format's mark of a context turn: an answer in the conversation nobody confirmed)."""
+    return message.get("role") == "assistant" and message.get("weight", 1) != 0
+
+
+def plain(messages: list[dict]) -> list[dict]:
+    """The conversation as a chat template sees it: role and content only (no weights)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def encode_chat(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation; labels are IGNORE_INDEX except on assistant replies
-    (their content and end-of-turn token). Spans are found by rendering each prefix of the conversation
-    with the chat template and mapping character offsets to tokens, which is exact for any template
-    that renders prefixes as prefixes."""
+    """(input_ids, labels) of one conversation; labels are IGNORE_INDEX except on the taught assistant
+    replies (their content and end-of-turn token; see `taught`). Spans are found by rendering each prefix
+    of the conversation with the chat template and mapping character offsets to tokens, which is exact
+    for any template that renders prefixes as prefixes. Past `max_seq_len` tokens the window ends at the
+    last taught token: the oldest context is cut, never the answer being taught."""
+    weights = [taught(m) for m in messages]
+    messages = plain(messages)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+    for i, is_taught in enumerate(weights):
+        if not is_taught:
             continue
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip()
@@ -27,7 +41,9 @@ def encode_chat(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX for tok, (a, _) in zip(ids, offsets)]
-    return ids[:max_seq_len], labels[:max_seq_len]
+    end = max((i + 1 for i, y in enumerate(labels) if y != IGNORE_INDEX), default=len(ids))
+    start = max(0, end - max_seq_len)
+    return ids[start:start + max_seq_len], labels[start:start + max_seq_len]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):

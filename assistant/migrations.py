@@ -139,6 +139,13 @@ MIGRATIONS: list[Migration] = [
         "SELECT f.id, r.domain, r.adapter_version, f.rating, f.correction IS NOT NULL, f.created_at "
         "FROM feedback f JOIN responses r ON r.id = f.response_id ORDER BY f.id",
     )),
+    # A user who rates or corrects one answer again updates the record; what it said before is kept in
+    # `history` (JSON list of {rating, correction, reason, created_at}, oldest first). An undone rating
+    # keeps its record with `withdrawn_at` set: it counts nowhere and trains nothing.
+    Migration("m010_feedback_history", (
+        "ALTER TABLE feedback ADD COLUMN history TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE feedback ADD COLUMN withdrawn_at REAL",
+    )),
 ]
 
 

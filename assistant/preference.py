@@ -109,7 +109,7 @@ def _cap_users(items: list[dict], share: float) -> list[dict]:
 def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | None = None) -> PreferenceData:
     """Preference rows from a snapshot's `rows` and the domain's `feedback` records (store.list_feedback).
     `opts`: the CurationSettings the snapshot was made with."""
-    from .lm import with_system_prompt
+    from .lm import plain, with_system_prompt
     by_id = {f["id"]: f for f in feedback}
     by_response: dict[str, list[dict]] = {}
     for f in feedback:
@@ -118,7 +118,7 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
     taught: set[str] = set()
     removed = {"filtered": 0, "duplicate_prompt": 0, "user_cap": 0, "same_answer": 0}
     for row in rows:
-        msgs = row["messages"]
+        msgs = plain(row["messages"])        # trl's templates take role and content (no context weights)
         prompt, answer = msgs[:-1], msgs[-1]["content"]
         if row.get("source") == "correction":
             records = [by_id[i] for i in row.get("feedback_ids") or [] if i in by_id]
@@ -146,7 +146,7 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
         if any(f["correction"] for f in fbs) or ups >= len(fbs) - ups:
             continue
         last = max((f for f in fbs if f["rating"] == "down"), key=lambda f: (f["created_at"], f["id"]))
-        msgs = _clean(with_system_prompt(last["messages"], system_prompt)
+        msgs = _clean(with_system_prompt(plain(last["messages"]), system_prompt)
                       + [{"role": "assistant", "content": last["answer"]}], opts)
         if msgs is None:
             removed["filtered"] += 1

@@ -208,6 +208,11 @@ class Registry:
         atomic_write_text(self.domain_dir(name) / "active", version + "\n")
         log.info("activated %s@%s", name, version)
 
+    def deactivate(self, name: str) -> None:
+        """Back to the base weights: the domain answers with its system prompt alone (no adapter)."""
+        atomic_write_text(self.domain_dir(name) / "active", "")
+        log.info("deactivated %s: base weights", name)
+
     def record_override(self, name: str, version: str, user: str | None) -> dict:
         """Note in the version's card that a person activated it against the gate's verdict."""
         card = self.read_card(name, version)
@@ -216,9 +221,13 @@ class Registry:
         return card
 
     def previous_version(self, name: str) -> str:
-        """The version a rollback goes to: the newest one older than the active version."""
+        """The version a rollback goes to: the newest one older than the active version, or the base
+        weights (`BASE`) from the oldest."""
+        from .settings import BASE
         active = self.active_version(name)
         older = [v for v in self.versions(name) if active and version_key(v) < version_key(active)]
+        if not older and active:
+            return BASE
         if not older:
             raise NotFound(f"{name} has no version older than {active or 'the base weights'} to roll back to",
                            param="version")

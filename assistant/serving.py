@@ -332,6 +332,10 @@ class Serving:
             call.logged_event.wait(LOG_WAIT_S)
         return self.workspace.feedback(response_id, rating, correction, reason, user)
 
+    def withdraw_feedback(self, response_id: str, user: str | None = None) -> bool:
+        """Workspace.withdraw_feedback (an undone thumb)."""
+        return self.workspace.withdraw_feedback(response_id, user)
+
     def status(self) -> dict:
         out = {"base_model": self.base.name, "device": self.base.device, "dtype": self.base.dtype,
                "quantization": self.base.quantization, "fingerprint": self.base.fingerprint}

@@ -3,10 +3,13 @@ activate, each with its own progress, elapsed time and an estimate of the time l
 
 `get_job` returns `stage` (the current stage's name) and `stages`: a list, in order, of
     {"name", "status": "pending"|"running"|"done"|"failed"|"skipped", "done", "total", "progress" (0..1),
-     "elapsed_s", "eta_s", "started_at", "finished_at" (epoch seconds or null)}
+     "elapsed_s", "eta_s", "started_at", "finished_at" (epoch seconds or null), "detail" (the sub-step a
+     running stage is in, e.g. "loading the base model", "tokenizing 12 rows", "first step", or "")}
 and `progress` is the whole job's (stage weights below). `StageTracker` keeps them in the job row; a
 heartbeat thread rewrites them every HEARTBEAT_S while a stage runs, so a job never sits silent (the
-elapsed time and the estimate move even while one long step or one batch of answers runs).
+elapsed time and the estimate move even while one long step or one batch of answers runs). The estimate
+of the time left is measured on completed units only (from the end of the first one, so loading and
+warm-up do not count), and is given only once ETA_MIN_UNITS are done: before that it would swing.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ TERMINAL = ("succeeded", "failed", "cancelled")    # job statuses that no longer
 STAGE_WEIGHTS = {"curate": 0.02, "train": 0.76, "evaluate": 0.18, "publish": 0.03, "activate": 0.01}
 HEARTBEAT_S = 2.0               # the job row is rewritten at least this often while a stage runs
 MIN_WRITE_INTERVAL_S = 0.5      # progress callbacks write no more often than this
+ETA_MIN_UNITS = 3               # steps (or answers) done before a stage estimates its time left
 
 
 def pending_stages() -> list[dict]:
     return [{"name": n, "status": "pending", "done": 0, "total": 0, "progress": 0.0, "elapsed_s": 0.0,
-             "eta_s": None, "started_at": None, "finished_at": None} for n in STAGES]
+             "eta_s": None, "started_at": None, "finished_at": None, "detail": ""} for n in STAGES]
 
 
 def overall_progress(stages: list[dict]) -> float:
@@ -48,6 +52,7 @@ class StageTracker:
         self.stages = {st["name"]: dict(st) for st in (stages or pending_stages())}
         self.current: str | None = None
         self._t0: dict[str, float] = {}
+        self._first: dict[str, tuple[float, int]] = {}    # stage -> (when its first unit was done, units then)
         self._last_write = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -59,8 +64,16 @@ class StageTracker:
         with self._lock:
             self.current = name
             self._t0[name] = time.monotonic()
+            self._first.pop(name, None)
             self.stages[name].update(status="running", done=0, total=int(total), progress=0.0, elapsed_s=0.0,
-                                     eta_s=None, started_at=round(time.time(), 3), finished_at=None)
+                                     eta_s=None, started_at=round(time.time(), 3), finished_at=None, detail="")
+        self.write(force=True)
+
+    def note(self, name: str, detail: str) -> None:
+        """The sub-step a running stage is in (shown beside its bar at once)."""
+        with self._lock:
+            self.stages[name]["detail"] = detail
+            self._times(name)
         self.write(force=True)
 
     def advance(self, name: str, done: int, total: int | None = None) -> None:
@@ -70,6 +83,8 @@ class StageTracker:
                 st["total"] = int(total)
             st["done"] = int(done)
             st["progress"] = round(min(1.0, done / st["total"]), 4) if st["total"] else 0.0
+            if done > 0 and name not in self._first:
+                self._first[name] = (time.monotonic(), int(done))
             self._times(name)
         self.write()
 
@@ -82,7 +97,8 @@ class StageTracker:
                 st["elapsed_s"] = round(elapsed_s, 1)
             elif name in self._t0:
                 st["elapsed_s"] = round(time.monotonic() - self._t0[name], 1)
-            st.update(status=status, eta_s=0.0 if status == "done" else None, finished_at=round(time.time(), 3))
+            st.update(status=status, eta_s=0.0 if status == "done" else None, finished_at=round(time.time(), 3),
+                      detail="")
             if self.current == name:
                 self.current = None
         self.write(force=True)
@@ -107,9 +123,14 @@ class StageTracker:
         st = self.stages[name]
         if name not in self._t0:
             return
-        elapsed = time.monotonic() - self._t0[name]
-        st["elapsed_s"] = round(elapsed, 1)
-        st["eta_s"] = round(elapsed * (1 - st["progress"]) / st["progress"], 1) if st["progress"] > 0 else None
+        now = time.monotonic()
+        st["elapsed_s"] = round(now - self._t0[name], 1)
+        st["eta_s"] = None
+        if name in self._first and st["total"] and st["done"] >= ETA_MIN_UNITS:
+            t1, n1 = self._first[name]
+            if st["done"] > n1:
+                per_unit = (now - t1) / (st["done"] - n1)
+                st["eta_s"] = round(per_unit * max(0, st["total"] - st["done"]), 1)
 
     def snapshot(self) -> list[dict]:
         with self._lock:

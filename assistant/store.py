@@ -42,6 +42,11 @@ def _dumps(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _state(row) -> dict:
+    """What a feedback record says, for its history."""
+    return {k: row[k] for k in ("rating", "correction", "reason", "created_at")}
+
+
 def _is_busy(err: sqlite3.OperationalError) -> bool:
     text = str(err).lower()
     return "locked" in text or "busy" in text
@@ -155,6 +160,8 @@ class Store:
     def _response(row: sqlite3.Row) -> dict:
         d = dict(row)
         d["messages"] = json.loads(d["messages"])
+        if "history" in d:
+            d["history"] = json.loads(d["history"] or "[]")
         return d
 
     def get_response(self, id: str) -> dict | None:
@@ -185,7 +192,7 @@ class Store:
             return out
         marks = ",".join("?" * len(response_ids))
         for r in self._read(f"SELECT * FROM feedback WHERE response_id IN ({marks}) ORDER BY id", response_ids):
-            out.setdefault(r["response_id"], []).append(dict(r))
+            out.setdefault(r["response_id"], []).append({**dict(r), "history": json.loads(r["history"] or "[]")})
         return out
 
     # Feedback ------------------------------------------------------------------------------------
@@ -195,7 +202,8 @@ class Store:
 
         One record per answer and user: a second call for the same (response_id, user) updates that
         record in place and returns its id. The rating is replaced; a correction or reason replaces the
-        stored one only when given, so adding a reason after a thumbs down keeps the thumbs down."""
+        stored one only when given, so adding a reason after a thumbs down keeps the thumbs down. What the
+        record said before a change is appended to its `history`; a withdrawn record starts afresh."""
         if rating not in RATINGS:
             raise ValueError(f"rating={rating!r}: use 'up' or 'down'")
         if correction is not None and not correction.strip():
@@ -205,13 +213,18 @@ class Store:
             if not c.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone():
                 raise NotFound(f"no response with id {response_id!r}: send feedback for an id that "
                                "/v1/chat/completions returned", param="response_id")
-            row = c.execute("SELECT id FROM feedback WHERE response_id = ? AND user IS ? ORDER BY id DESC LIMIT 1",
+            row = c.execute("SELECT * FROM feedback WHERE response_id = ? AND user IS ? ORDER BY id DESC LIMIT 1",
                             (response_id, user)).fetchone()
             now = time.time()
             if row is not None:
-                c.execute("UPDATE feedback SET rating = ?, correction = COALESCE(?, correction), "
-                          "reason = COALESCE(?, reason), created_at = ? WHERE id = ?",
-                          (rating, correction, reason, now, row["id"]))
+                fresh = row["withdrawn_at"] is not None
+                new = (rating, correction if fresh else correction or row["correction"],
+                       reason if fresh else reason or row["reason"])
+                history = json.loads(row["history"] or "[]")
+                if not fresh and new != (row["rating"], row["correction"], row["reason"]):
+                    history.append(_state(row))
+                c.execute("UPDATE feedback SET rating = ?, correction = ?, reason = ?, created_at = ?, history = ?, "
+                          "withdrawn_at = NULL WHERE id = ?", (*new, now, _dumps(history), row["id"]))
                 fid = row["id"]
             else:
                 fid = c.execute("INSERT INTO feedback (response_id, rating, correction, reason, user, created_at) "
@@ -222,12 +235,26 @@ class Store:
             return fid
         return self._write(upsert)
 
+    def withdraw_feedback(self, *, response_id: str, user: str | None = None) -> bool:
+        """Undo a user's rating of an answer (the thumb pressed again): the record stays, with what it said
+        moved to its history, but counts nowhere and trains nothing. -> whether there was one to undo."""
+        def withdraw(c):
+            row = c.execute("SELECT * FROM feedback WHERE response_id = ? AND user IS ? AND withdrawn_at IS NULL "
+                            "ORDER BY id DESC LIMIT 1", (response_id, user)).fetchone()
+            if row is None:
+                return False
+            history = json.loads(row["history"] or "[]") + [_state(row)]
+            c.execute("UPDATE feedback SET correction = NULL, reason = NULL, history = ?, withdrawn_at = ? "
+                      "WHERE id = ?", (_dumps(history), time.time(), row["id"]))
+            return True
+        return self._write(withdraw)
+
     def list_feedback(self, domain: str | None = None) -> list[dict]:
         sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.user AS response_user "
-               "FROM feedback f JOIN responses r ON r.id = f.response_id")
+               "FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.withdrawn_at IS NULL")
         params: list = []
         if domain is not None:
-            sql += " WHERE r.domain = ?"
+            sql += " AND r.domain = ?"
             params.append(domain)
         return [self._response(r) for r in self._read(sql + " ORDER BY f.id", params)]
 
@@ -299,8 +326,9 @@ class Store:
             prompt = [m for m in first["messages"]]
             corrections = [f for f in fbs if f["correction"]]
             ups = sum(f["rating"] == "up" for f in fbs)
-            if corrections:
-                chosen, source, answer = corrections[-1], "correction", corrections[-1]["correction"]
+            if corrections:     # the newest correction (a record re-corrected later is newer)
+                chosen = max(corrections, key=lambda f: (f["created_at"], f["id"]))
+                source, answer = "correction", chosen["correction"]
             elif ups > len(fbs) - ups:
                 chosen, source, answer = next(f for f in fbs if f["rating"] == "up"), "up", first["answer"]
             else:

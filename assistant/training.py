@@ -313,13 +313,14 @@ def save_adapter(peft_model, out_dir: Path) -> None:
 def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settings: TrainSettings | None = None,
                   progress: Callable[[int, int, float], None] | None = None,
                   should_stop: Callable[[], bool] | None = None, *, processes: int = 1,
-                  preference=None) -> TrainResult:
+                  note: Callable[[str], None] | None = None, preference=None) -> TrainResult:
     """Train a LoRA adapter on the `train` rows and save it as a PEFT folder in `out_dir`.
 
     `rows`: [{"messages": [{"role", "content"}, ...], "split": "train" | "eval"}]; rows without a split
     count as train. `progress(step, total_steps, loss)` is called after every optimizer step;
     `should_stop()` is polled before each step and stops the run with `TrainingStopped`. `processes` > 1
     trains data-parallel in that many processes (ddp.py) on the batches prepared here (the SFT phase).
+    `note(text)` hears each sub-step before the first optimizer step (replay answers, tokenizing, LoRA setup).
     `preference`: a preference_train.PreferencePlan; its DPO/KTO phases run after the SFT phase (or alone,
     when its methods leave SFT out) on the same adapter, counted in the same progress."""
     from .errors import DatasetTooSmall
@@ -347,7 +348,11 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     train_rows = augment_rows(train_rows, copies, rng)
     # Self-replay, with the system prompt the domain's rows use.
     system = next((r["messages"][0]["content"] for r in train_rows if r["messages"][0]["role"] == "system"), None)
+    note = note or (lambda _text: None)
+    if min(settings.replay, n_rows):
+        note(f"self-replay: the base answers {min(settings.replay, n_rows)} general prompts")
     train_rows += replay_rows(model, tok, system, min(settings.replay, n_rows), rng)
+    note(f"tokenizing {len(train_rows)} rows")
     encoded = [encode_chat(tok, r["messages"], settings.max_seq_len) for r in train_rows]
     examples = [e for e in encoded if any(label != IGNORE_INDEX for label in e[1][1:])]
     if len(examples) < 1 and (preference is None or "sft" in preference.methods):
@@ -362,6 +367,7 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     total_steps = len(schedule) + pref_steps
     sft_progress = progress if progress is None or not pref_steps else (
         lambda step, _total, loss: progress(step, total_steps, loss))
+    note(f"LoRA setup and the first of {total_steps} steps")
 
     # 3-5. LoRA, the loop, the saved folder: here, or in `processes` processes that share each batch.
     if not schedule:

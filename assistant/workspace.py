@@ -90,8 +90,12 @@ class Workspace:
                  override: bool = False) -> dict:
         """Promote or roll back: `load` validates and loads the version before the pointer moves, so a
         broken adapter never replaces the one serving. `override`: a person activates a version the gate
-        did not promote; the card records who and when."""
+        did not promote; the card records who and when. `version` "base" goes back to the base weights
+        (the domain's system prompt alone)."""
         self.require_domain(domain)
+        if version == BASE:
+            self.registry.deactivate(domain)
+            return {"domain": domain, "active_version": None}
         check_version(version)
         gate = (self.registry.read_card(domain, version).get("metrics") or {}).get("gate") or {}
         if gate.get("promote") is False and not override:
@@ -105,7 +109,7 @@ class Workspace:
         return {"domain": domain, "active_version": version}
 
     def rollback(self, domain: str, *, load: Loader, user: str | None = None) -> dict:
-        """Activate the newest version older than the active one."""
+        """Activate the newest version older than the active one (from the oldest: the base weights)."""
         self.require_domain(domain)
         return self.activate(domain, self.registry.previous_version(domain), load=load, user=user)
 
@@ -124,6 +128,15 @@ class Workspace:
                                       reason=reason, user=user)
         self._check_new(response_id, correction, fid, rating)
         return fid
+
+    def withdraw_feedback(self, response_id: str, user: str | None = None) -> bool:
+        """Undo a user's rating of an answer: it counts nowhere and its dataset row goes (the record keeps
+        it as history). -> whether there was a rating to undo."""
+        if not isinstance(response_id, str) or not response_id:
+            raise AssistantError("response_id is required", param="response_id")
+        if self.store.get_response(response_id) is None:
+            raise NotFound(f"no response with id {response_id[:64]!r}", param="response_id")
+        return self.store.withdraw_feedback(response_id=response_id, user=user)
 
     def _check_new(self, response_id: str, correction: str | None, feedback_id: int, rating: str) -> None:
         """Incremental near-duplicate check when an item arrives: in the background, so a feedback post

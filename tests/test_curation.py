@@ -366,7 +366,7 @@ def test_newest_correction_wins_over_thumbs_up_and_older_correction(tmp_path, em
     newest = store.add_feedback(response_id="r3", rating="down", correction="Reset it from Settings > Security > "
                                                                             "Reset password and follow the emailed link.")
     snap = curate(store, "d", tmp_path, embedder)
-    assert snap.report["kept"] == 1 and snap.report["removed"]["near_duplicate"] == 2
+    assert snap.report["kept"] == 1 and snap.report["removed"]["superseded"] == 2
     assert snap.rows[0]["messages"][-1]["content"] == ("Reset it from Settings > Security > Reset password and "
                                                        "follow the emailed link.")
     winner = next(it for it in snap.items if it["removed"] is None)

@@ -33,9 +33,10 @@ def test_labels_cover_assistant_tokens_only(tiny_llama):
     # the system prompt and user turns carry no loss
     masked = tok.decode([t for t, y in zip(ids, labels) if y == IGNORE_INDEX])
     assert SYSTEM_PROMPT in masked and "And its river?" in masked and "Quillton" not in masked
-    # truncation keeps ids and labels aligned
+    # truncation keeps ids and labels aligned, and cuts the oldest context, not the last taught answer
     ids8, labels8 = encode_chat(tok, messages, 8)
-    assert ids8 == ids[:8] and labels8 == labels[:8]
+    end = max(i for i, y in enumerate(labels) if y != IGNORE_INDEX) + 1
+    assert ids8 == ids[end - 8:end] and labels8 == labels[end - 8:end]
 
 
 def test_train_on_tiny_llama(tiny_llama, tmp_path):

@@ -152,7 +152,15 @@ def test_activate_anyway_is_recorded_and_rollback_goes_back(service, tiny_llama,
     assert "### atlas@v2" in card_md and raw != {}
     msg, _ = adapters.rollback(service, "atlas", "atlas", None)
     assert "atlas@v1 is now active" in msg and service.active_version("atlas") == "v1"
+    # from the oldest version, back to the base weights (the system prompt alone), and no further
+    msg, _ = adapters.rollback(service, "atlas", "atlas", None)
+    assert "atlas (base weights) is now active" in msg and service.active_version("atlas") is None
+    assert service.chat("atlas", [{"role": "user", "content": "hi"}], max_tokens=2)["adapter_version"] is None
     assert adapters.rollback(service, "atlas", "atlas", None)[0].startswith("Error: atlas has no version older")
+    msg, _ = adapters.activate(service, "atlas", "v2", "atlas", None)
+    assert service.active_version("atlas") == "v2"
+    msg, _ = adapters.activate(service, "atlas", "base", "atlas", None)
+    assert "base weights" in msg and service.active_version("atlas") is None
 
 
 

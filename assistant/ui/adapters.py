@@ -11,7 +11,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import AssistantError
-from .common import domain_names, err, field_error, pick, refresh_models, user_of
+from ..settings import BASE
+from .common import domain_names, err, field_error, pick, refresh_models, served_by, user_of
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,11 @@ def _activate(serving, domain, version, model, user, *, override: bool):
         if not version:
             raise field_error("Version", "pick a version")
         serving.activate(domain, version, user=user, override=override)
-        msg = (f"{domain}@{version} is now active" + (" (manual override, recorded in its card)" if override else "")
-               + f": the next chat with '{domain}' uses it")
+        if version == BASE:
+            msg = f"{domain} is back on the base weights (its system prompt alone): the next chat with it uses them"
+        else:
+            msg = (f"{domain}@{version} is now active" + (" (manual override, recorded in its card)" if override
+                                                          else "") + f": the next chat with '{domain}' uses it")
     except AssistantError as e:
         msg = err(e)
     return msg, refresh_models(serving.workspace, model)
@@ -149,7 +153,7 @@ def rollback(serving, domain, model, request: gr.Request):
         if not domain:
             raise field_error("Domain", "pick a domain")
         version = serving.rollback(domain, user=user_of(request))["active_version"]
-        msg = f"{domain}@{version} is now active (rolled back)"
+        msg = f"{served_by(domain, version)} is now active (rolled back)"
     except AssistantError as e:
         msg = err(e)
     return msg, refresh_models(serving.workspace, model)

@@ -5,6 +5,7 @@ should have said); sending it updates the same feedback record."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import gradio as gr
@@ -18,10 +19,19 @@ log = logging.getLogger(__name__)
 STREAM_UPDATE_S = 0.05        # at most this often a streamed answer is pushed to the browser
 DEFAULT_TEMPERATURE = 0.7     # the UI samples a little; the API's default is greedy
 FEEDBACK_REASONS = ["wrong fact", "incomplete", "off topic", "outdated", "tone or style", "unsafe", "other"]
+GOOD_REASONS = ["correct", "clear", "complete", "helpful", "good tone", "other"]   # what a thumbs-up may say
 BUTTON_MIN_PX = 64            # the chat's four buttons stay on one row on a phone
-FEEDBACK_HINT = "Press thumbs up or down on an answer to give feedback on it."
+FEEDBACK_HINT = "Press thumbs up or down on an answer to give feedback on it (press it again to undo)."
+# After a thumb: the panel for that answer is brought into view (on a short screen it opens below the fold).
+SCROLL_TO_PANEL = """() => { const p = document.getElementById('feedback-panel');
+  if (p && p.offsetParent !== null) p.scrollIntoView({behavior: 'smooth', block: 'center'}); }"""
 
 _calls: dict[str, object] = {}   # session -> the chat call in flight (for Stop)
+# A page answers one question at a time, in the order they were sent: a question sent while an answer is
+# being written waits here (and is shown as queued), and the event writing that answer takes it next.
+_queues: dict[str, list[str]] = {}   # session -> questions queued behind the answer being written
+_queue_lock = threading.Lock()
+_slots: list = []                    # [Semaphore(max_batch)]: answers written at once, over all pages
 
 
 def _text(content) -> str:
@@ -97,24 +107,91 @@ def _check_input(serving, message, msgs, model, temperature, max_tokens) -> tupl
 
 
 # Chat ----------------------------------------------------------------------------------------------
+def _session(request) -> str:
+    return getattr(request, "session_hash", None) or "-"
+
+
+def queued_text(questions: list[str]) -> str:
+    shown = "; ".join(f"“{q if len(q) <= 80 else q[:79] + '…'}”" for q in questions)
+    return (f"Queued ({len(questions)}): {shown}. It is sent as soon as the current answer is finished "
+            "(Stop puts it back in the box).")
+
+
 def respond(serving, message, history, meta, model, system, temperature, max_tokens, request: gr.Request):
-    """-> (input box, chatbot, meta, status, feedback status), streamed."""
+    """-> (input box, chatbot, meta, status, feedback status), streamed. While this page's previous
+    question is still being answered the new one is queued (and shown); that answer's event then answers
+    it, on the conversation as it stands, so nothing typed is lost and the order is kept."""
     message = (message or "").strip()
-    history, meta = _plain(history), dict(meta or {})
     if not message:
-        yield message, history, meta, gr.update(), gr.update()
+        yield message, gr.skip(), gr.skip(), gr.update(), gr.update()
         return
+    session = _session(request)
+    with _queue_lock:
+        queue = _queues.get(session)
+        if queue is not None:
+            queue.append(message)
+            shown = list(queue)
+        else:
+            _queues[session] = []
+    if queue is not None:
+        yield "", gr.skip(), gr.skip(), queued_text(shown), gr.update()
+        return
+    history, meta = _plain(history), dict(meta or {})
+    released = False
+    try:
+        while True:
+            ok = yield from _answer(serving, message, history, meta, model, system, temperature, max_tokens,
+                                    request, session)
+            with _queue_lock:
+                queue = _queues.get(session) or []
+                if not ok or not queue:
+                    back = "\n".join(queue) if not ok else None
+                    _queues.pop(session, None)
+                    released = True
+                    break
+                message = queue.pop(0)
+        if back:          # the answer failed: the questions still queued go back in the box, not lost
+            yield back, history, meta, gr.update(), gr.update()
+    finally:
+        if not released:
+            with _queue_lock:
+                _queues.pop(session, None)
+
+
+def _answer(serving, message, history, meta, model, system, temperature, max_tokens, request, session):
+    """Answer one question, appending it and the answer to `history` (and the answer's ids to `meta`);
+    yields the outputs of `respond`. -> whether it was answered."""
     msgs = _conversation(system, history, message)
     try:
         temperature, max_tokens = _check_input(serving, message, msgs, model, temperature, max_tokens)
-        call = serving.start_chat(model, msgs, max_tokens=max_tokens, temperature=temperature, user=user_of(request))
     except AssistantError as e:
         yield message, history, meta, err(e), ""      # refused before generation: the text stays in the box
-        return
+        return False
+    if not _slots:
+        _slots.append(threading.BoundedSemaphore(max(1, serving.workspace.settings.max_batch)))
     history.append({"role": "user", "content": message})
-    session = getattr(request, "session_hash", None) or "-"
+    waiting = not _slots[0].acquire(blocking=False)
+    if waiting:
+        yield "", history, meta, "waiting for a free answer slot (other people are chatting)…", ""
+        _slots[0].acquire()
+    try:
+        return (yield from _stream(serving, message, history, meta, model, msgs, temperature, max_tokens, request,
+                                   session))
+    except AssistantError as e:
+        history.pop()
+        yield message, history, meta, err(e), ""
+        return False
+    finally:
+        _slots[0].release()
+
+
+def _stream(serving, message, history, meta, model, msgs, temperature, max_tokens, request, session):
+    call = serving.start_chat(model, msgs, max_tokens=max_tokens, temperature=temperature, user=user_of(request))
     _calls[session] = call
-    yield "", history, meta, f"answering with {served_by(call.target.domain or BASE, call.target.version)}…", ""
+    with _queue_lock:
+        more = len(_queues.get(session) or [])
+    then = f" · {more} more queued" if more else ""
+    yield "", history, meta, f"answering with {served_by(call.target.domain or BASE, call.target.version)}…{then}", ""
     last, started = 0.0, False
     try:
         for ev in call.handle:
@@ -128,7 +205,7 @@ def respond(serving, message, history, meta, model, system, temperature, max_tok
                     yield "", history, meta, gr.update(), gr.update()
             elif ev.kind == "error":
                 yield "", history, meta, err(ev.error), gr.update()
-                return
+                return False
     finally:
         call.handle.cancel()
         serving.finish_chat(call)   # waits for the response-log thread: feedback needs the row
@@ -140,6 +217,7 @@ def respond(serving, message, history, meta, model, system, temperature, max_tok
                                    "domain": call.target.domain or BASE, "version": version}
     stopped = " · stopped" if call.handle.req.finish_reason == "cancelled" else ""
     yield "", history, meta, f"answered by {served_by(call.target.domain or BASE, version)}{stopped}", gr.update()
+    return True
 
 
 def retry(serving, history, meta, model, system, temperature, max_tokens, request: gr.Request):
@@ -155,9 +233,16 @@ def retry(serving, history, meta, model, system, temperature, max_tokens, reques
 
 
 def stop(request: gr.Request):
-    call = _calls.get(getattr(request, "session_hash", None) or "-")
+    """Stop the answer being written; questions queued behind it go back into the input box. -> input box."""
+    session = _session(request)
+    with _queue_lock:
+        queue = _queues.get(session) or []
+        back = "\n".join(queue)
+        queue.clear()
+    call = _calls.get(session)
     if call is not None:
         call.handle.cancel()
+    return back if back else gr.skip()
 
 
 def clear():
@@ -182,40 +267,61 @@ def _where_it_goes(t: dict) -> str:
     return f"It joins the {t['domain']} dataset (Data tab) for the next training run."
 
 
+def _panel_fields(rating: str | None):
+    """The panel's reason and correction fields for a rating: a thumbs-up asks what was good (optional),
+    a thumbs-down what was wrong and what it should have said. -> reason, other reason, correction."""
+    if rating == "up":
+        return (gr.update(choices=GOOD_REASONS, value=None, label="What was good? (optional)"),
+                gr.update(value="", label="In your words (optional)"), gr.update(value="", visible=False))
+    return (gr.update(choices=FEEDBACK_REASONS, value=None, label="What was wrong?"),
+            gr.update(value="", label="In your words (optional)"),
+            gr.update(value="", visible=True, label="What should it have said? (the correction)"))
+
+
 def on_like(serving, meta, history, evt: gr.LikeData, request: gr.Request):
-    """Thumbs on an answer: record the rating at once, and open the panel for that answer.
+    """Thumbs on an answer: record the rating at once, and open the panel for that answer; the same thumb
+    pressed again undoes the rating (and removes its dataset row).
     -> target, panel, panel heading, reason, other reason, correction, feedback status."""
     index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
     info = (meta or {}).get(str(index))
     closed = (None, gr.update(visible=False), "", None, "", "")
     if not info:
         return *closed, "This answer is still being written: give feedback once it is finished."
-    if evt.liked not in (True, False):      # the thumb was pressed again: undone in the browser only
-        return *closed, ""
+    number = answer_number(_plain(history), index)
+    if evt.liked not in (True, False):      # the thumb was pressed again: the rating is undone
+        try:
+            undone = serving.withdraw_feedback(info["response_id"], user=user_of(request))
+        except AssistantError as e:
+            return *closed, err(e)
+        what = {**info, "number": number}
+        return *closed, (f"Rating of {_target_text(what)} undone: it counts nowhere and is out of the dataset."
+                         if undone else f"{_target_text(what)} has no rating of yours to undo.")
     rating = "up" if evt.liked else "down"
-    target = {**info, "index": index, "number": answer_number(_plain(history), index), "rating": rating}
+    target = {**info, "index": index, "number": number, "rating": rating}
     try:
         fid = serving.feedback(info["response_id"], rating, user=user_of(request))
     except AssistantError as e:
         return *closed, err(e)
     target["feedback_id"] = fid
-    ask = ("Say why (optional)." if rating == "up" else
-           "Say why, and what it should have said: the correction becomes training data.")
+    ask = ("What was good about it? (optional: the thumbs-up already counts)" if rating == "up" else
+           "What was wrong, and what should it have said? The correction becomes training data.")
     head = f"**Thumbs {rating} recorded** for {_target_text(target)}. {ask}"
-    return target, gr.update(visible=True), head, None, "", "", ""
+    return target, gr.update(visible=True), head, *_panel_fields(rating), ""
 
 
 def send_feedback(serving, target, reason, reason_text, correction, request: gr.Request):
-    """Add the reason and correction to the answer's feedback record (the same record, updated).
-    -> target, panel, panel heading, reason, other reason, correction, feedback status."""
+    """Add the reason and correction to the answer's feedback record (the same record, updated; what it
+    said before is kept as its history). -> target, panel, panel heading, reason, other reason,
+    correction, feedback status."""
     if not target:
         return (None, gr.update(visible=False), "", None, "", "",
                 "Press thumbs up or down on an answer first: feedback is attached to that exact answer.")
-    if reason is not None and reason not in FEEDBACK_REASONS:
-        return (target, gr.update(), "Error: Reason: pick one of " + ", ".join(FEEDBACK_REASONS),
+    reasons_allowed = GOOD_REASONS if target["rating"] == "up" else FEEDBACK_REASONS
+    if reason is not None and reason not in reasons_allowed:
+        return (target, gr.update(), "Error: Reason: pick one of " + ", ".join(reasons_allowed),
                 gr.update(), gr.update(), gr.update(), "")
     reasons = "; ".join(r for r in (reason, (reason_text or "").strip()) if r) or None
-    correction = (correction or "").strip() or None
+    correction = (correction or "").strip() or None if target["rating"] == "down" else None
     try:
         fid = serving.feedback(target["response_id"], target["rating"], correction, reasons, user=user_of(request))
     except AssistantError as e:
@@ -287,20 +393,24 @@ def build(serving, P):
 
     chat_in = [msg, chatbot, meta, model, system, temperature, max_tokens]
     chat_out = [msg, chatbot, meta, status, fb_status]
-    limit = serving.workspace.settings.max_batch
-    send.click(P(respond, serving), chat_in, chat_out, concurrency_limit=limit)
-    msg.submit(P(respond, serving), chat_in, chat_out, concurrency_limit=limit)
+    # Every press is an event (a second question while one is answered is queued, not ignored); answers
+    # written at once are bounded by the engine's batch inside `respond`, not by Gradio's queue, whose
+    # waiting events would carry a conversation that is out of date by the time they run.
+    chat_events = dict(concurrency_limit=None, trigger_mode="multiple")
+    send.click(P(respond, serving), chat_in, chat_out, **chat_events)
+    msg.submit(P(respond, serving), chat_in, chat_out, **chat_events)
     retry_in = [chatbot, meta, model, system, temperature, max_tokens]
-    retry_btn.click(P(retry, serving), retry_in, chat_out, concurrency_limit=limit)
-    chatbot.retry(P(retry, serving), retry_in, chat_out, concurrency_limit=limit)
-    stop_btn.click(P(stop), None, None, concurrency_limit=None)
+    retry_btn.click(P(retry, serving), retry_in, chat_out, **chat_events)
+    chatbot.retry(P(retry, serving), retry_in, chat_out, **chat_events)
+    stop_btn.click(P(stop), None, [msg], concurrency_limit=None)
     clear_out = [chatbot, meta, target, status, panel, fb_status]
     clear_btn.click(P(clear), None, clear_out)
     chatbot.clear(P(clear), None, clear_out)
     msg.change(P(token_count, serving), [msg, chatbot, model, system], [tokens], trigger_mode="always_last",
                concurrency_limit=None, show_progress="hidden")
     panel_out = [target, panel, fb_head, fb_reason, fb_reason_text, fb_correction, fb_status]
-    chatbot.like(P(on_like, serving), [meta, chatbot], panel_out, concurrency_limit=None)
+    chatbot.like(P(on_like, serving), [meta, chatbot], panel_out, concurrency_limit=None).then(
+        None, None, None, js=SCROLL_TO_PANEL)
     fb_send.click(P(send_feedback, serving), [target, fb_reason, fb_reason_text, fb_correction], panel_out,
                   concurrency_limit=None)
     fb_close.click(P(close_panel), None, panel_out[:-1])

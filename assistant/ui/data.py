@@ -18,7 +18,8 @@ from .common import domain_names, err, field_error, user_of
 log = logging.getLogger(__name__)
 
 QUEUE_TEXT_CHARS = 160        # prompt/answer preview length in the review queue
-QUEUE_HEADERS = ["#", "source", "rating", "status", "prompt", "answer", "duplicate", "key"]
+QUEUE_HEADERS = ["#", "source", "rating", "status", "context", "prompt", "answer", "duplicate", "key"]
+CONTEXT_TEXT_CHARS = 400      # characters of each turn shown in a selected row's conversation
 NO_DOMAINS = "No domains yet: create one in the Adapters tab, or from the Chat tab's model picker (New domain…)."
 REVIEW_STATUSES = ("approved", "rejected")
 
@@ -38,17 +39,39 @@ def _export_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="assistant-export-"))
 
 
+def _context(messages) -> str:
+    """The queue's context column: how many earlier exchanges the row carries (context only, not taught)."""
+    earlier = sum(m["role"] == "user" for m in messages) - 1
+    return "" if earlier <= 0 else f"{earlier} earlier turn{'s' * (earlier > 1)}"
+
+
+def conversation_view(messages) -> str:
+    """A row's whole conversation, each turn marked: what the row teaches, and what is context only."""
+    from ..lm import taught
+    lines = []
+    for m in messages:
+        mark = "**taught**" if taught(m) else "context"
+        text = " ".join(m["content"].split())
+        if len(text) > CONTEXT_TEXT_CHARS:
+            text = text[:CONTEXT_TEXT_CHARS - 1] + "…"
+        lines.append(f"- {m['role']} · {mark}: {text}")
+    return "Conversation of the selected row (the loss covers only the taught turns):\n\n" + "\n".join(lines)
+
+
 def _row(i: int, it: dict, number: dict) -> list:
     status = it.get("review_status") or ("kept" if not it.get("removed") else f"removed: {it['removed']}")
     if it.get("review_status") and it.get("removed") and it["removed"] != "rejected":
         status += f" (removed: {it['removed']})"
     dup = ""
-    if it.get("near_duplicate_of"):
+    if it.get("removed") == "superseded":
+        dup = f"replaced by #{number.get(it['near_duplicate_of'], '?')}, a newer correction of the same question"
+    elif it.get("near_duplicate_of"):
         dup = f"near-duplicate of #{number.get(it['near_duplicate_of'], '?')} ({it.get('similarity') or 0:.2f})"
     elif it.get("nearest") and it.get("nearest_similarity") is not None:
         dup = f"nearest #{number.get(it['nearest'], '?')} ({it['nearest_similarity']:.2f})"
     return [i + 1, it["source"], it.get("rating") or "", status + (" · edited" if it.get("edited") else ""),
-            _short(_last(it["messages"], "user")), _short(_last(it["messages"], "assistant")), dup, it["key"]]
+            _context(it["messages"]), _short(_last(it["messages"], "user")), _short(_last(it["messages"], "assistant")),
+            dup, it["key"]]
 
 
 def data_view(workspace, domain):
@@ -88,9 +111,10 @@ def export(workspace, domain):
 def select_item(items, evt: gr.SelectData):
     row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
     if not items or row is None or row >= len(items):
-        return None, "", "", "click a row to review it"
+        return None, "", "", "click a row to review it", ""
     it = items[row]
-    return it["key"], _last(it["messages"], "user"), _last(it["messages"], "assistant"), f"selected #{row + 1}"
+    return (it["key"], _last(it["messages"], "user"), _last(it["messages"], "assistant"), f"selected #{row + 1}",
+            conversation_view(it["messages"]))
 
 
 def review(workspace, action, domain, key, prompt, answer):
@@ -136,6 +160,7 @@ def build(workspace, P):
     summary = gr.Markdown(NO_DOMAINS if not names else "", elem_id="data-summary")
     queue = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="review-queue", max_height=360)
     sel = gr.Markdown("click a row to review it", elem_id="review-selected")
+    convo = gr.Markdown("", elem_id="review-conversation")
     prompt = gr.Textbox(label="Prompt", lines=2, elem_id="review-prompt")
     answer = gr.Textbox(label="Answer", lines=3, elem_id="review-answer")
     with gr.Row():
@@ -156,7 +181,7 @@ def build(workspace, P):
     out = [queue, items, report, summary]
     domain.change(P(data_view, workspace), [domain], out)
     refresh.click(P(data_view, workspace), [domain], out)
-    queue.select(P(select_item), [items], [selected, prompt, answer, sel])
+    queue.select(P(select_item), [items], [selected, prompt, answer, sel, convo])
     for btn, action in ((approve, "approved"), (reject, "rejected"), (edit, "edit")):
         btn.click(P(review, workspace, action), [domain, selected, prompt, answer], [status]).then(
             P(data_view, workspace), [domain], out)

@@ -10,8 +10,9 @@ import html
 import logging
 import re
 
+from ..gate import MEANING_PASSED
 from ..stages import STAGE_STATUSES, STAGES, TERMINAL
-from .common import public
+from .common import public, served_by
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,47 @@ def stages_html(job: dict | None) -> str:
         st = s.get("status") if s.get("status") in STAGE_STATUSES else "pending"
         p = max(0.0, min(1.0, float(s.get("progress") or (1.0 if st == "done" else 0.0))))
         count = f" · {s['done']}/{s['total']}" if s.get("total") else ""
+        detail = f" · {html.escape(str(s['detail']))}" if st == "running" and s.get("detail") else ""
         timing = "".join(x for x in (f" · {_seconds(s.get('elapsed_s'))}" if s.get("elapsed_s") else "",
                                      f" · about {_seconds(s.get('eta_s'))} left" if st == "running" and s.get("eta_s")
                                      else ""))
+        # the bar keeps a usable width on a phone: the text wraps under it instead of squeezing it
         items.append(
             f'<li data-name="{html.escape(str(s["name"]))}" data-status="{st}" data-progress="{p:.3f}" '
-            f'style="margin:4px 0;list-style:none">'
-            f'<div style="display:flex;gap:8px;align-items:center"><span style="width:90px">{html.escape(str(s["name"]))}'
-            f'</span><div style="flex:1;background:#eee;border-radius:5px;height:12px;overflow:hidden">'
-            f'<div style="background:{STATUS_COLORS[st]};width:{p * 100:.1f}%;height:100%"></div></div>'
-            f'<span style="width:230px;font-size:90%">{st}{count}{timing}</span></div></li>')
+            f'style="margin:6px 0;list-style:none">'
+            f'<div style="display:flex;flex-wrap:wrap;gap:2px 8px;align-items:center">'
+            f'<span style="flex:0 0 72px">{html.escape(str(s["name"]))}</span>'
+            f'<div class="stage-bar" style="flex:1 1 160px;min-width:160px;background:#eee;border-radius:5px;'
+            f'height:12px;overflow:hidden"><div style="background:{STATUS_COLORS[st]};width:{p * 100:.1f}%;'
+            f'height:100%"></div></div>'
+            f'<span class="stage-text" style="flex:1 1 220px;font-size:90%">{st}{count}{detail}{timing}</span>'
+            f'</div></li>')
     return (f'<ol id="train-stages" data-stage="{html.escape(str(current))}" style="padding:0;margin:0">'
             + "".join(items) + "</ol>")
+
+
+def state_text(job: dict | None, active_version: str | None, domain: str | None) -> str:
+    """One line that follows the job from its start to its end, with the domain's active version now."""
+    active = served_by(domain, active_version) if domain else ""
+    now = f"Active now: **{active}**." if domain else ""
+    if not job:
+        return now
+    jid, status = f"job `{job['job_id']}`", job["status"]
+    if status == "queued":
+        return f"{jid} is queued. {now}"
+    if status == "running":
+        stage = job.get("stage") or ""
+        running = next((s for s in stages_of(job) if s.get("status") == "running"), {})
+        sub = f" ({running['detail']})" if running.get("detail") else ""
+        return f"{jid} is running: {stage}{sub}. Keep chatting meanwhile; the stages below follow it. {now}"
+    if status == "succeeded":
+        v = job.get("adapter_version")
+        if job.get("promoted"):
+            return f"{jid} finished: {job['domain']}@{v} passed the gate and is active. {now}"
+        return f"{jid} finished: {job['domain']}@{v} is published but not active (the gate blocked it). {now}"
+    if status == "cancelled":
+        return f"{jid} was cancelled: nothing was published. {now}"
+    return f"{jid} failed: {public_error(job.get('error') or '')} {now}"
 
 
 def progress_html(job: dict | None) -> str:
@@ -141,8 +171,11 @@ def gate_markdown(job: dict | None) -> str:
         out += ["| check | result | value | bound | meaning |", "|---|---|---|---|---|"]
         for c in checks:
             result = "passed" if c.get("passed") else "failed" + (f": {c['advice']}" if c.get("advice") else "")
+            # what the outcome means: a passed check says what passing means (older records carry the
+            # failure text on every check)
+            meaning = MEANING_PASSED.get(c.get("name"), "") if c.get("passed") else c.get("meaning", "")
             out.append(f"| {c.get('name', '')} | {result} | {_fmt(c.get('value'))} | {_fmt(c.get('bound'))} | "
-                       f"{c.get('meaning', '')} |")
+                       f"{meaning} |")
     else:
         out += [f"- {r}" for r in gate.get("reasons", [])]
     return "\n".join(out[:1] + [""] + out[1:])
@@ -163,5 +196,7 @@ def stamp(job: dict | None):
     """What changes when the job moves: the Train tab re-renders only then."""
     if job is None:
         return None
+    running = [[s.get("detail"), s.get("elapsed_s"), s.get("eta_s")] for s in stages_of(job)
+               if s.get("status") == "running"]
     return [job["status"], job.get("step"), round(float(job.get("progress") or 0), 3), job.get("stage"),
-            len(job.get("log") or "")]
+            len(job.get("log") or ""), running]

@@ -10,6 +10,7 @@ import logging
 import gradio as gr
 
 from ..errors import AssistantError
+from ..settings import BASE as BASE_WEIGHTS
 from ..settings import MAX_LORA_RANK
 from ..training import MIN_EXAMPLES, TrainSettings
 from . import jobview
@@ -83,16 +84,27 @@ def train_settings(method_default: str, epochs, learning_rate, rank, method, max
     return out
 
 
-def _job_outputs(workspace, job: dict | None, model):
-    """-> stages, bar, loss plot, log, metrics, gate verdict, Activate anyway, timer, model picker."""
+def _job_outputs(workspace, job: dict | None, model, domain=None):
+    """-> state line, Cancel, stages, bar, loss plot, log, metrics, gate verdict, Activate anyway, timer,
+    model picker."""
     import pandas as pd
     losses = pd.DataFrame((job or {}).get("losses") or [], columns=["step", "loss"]).astype(
         {"step": "int64", "loss": "float64"})   # typed, or an empty first frame makes the axes nominal
     blocked = bool(job) and job["status"] == "succeeded" and not job.get("promoted") and bool(job.get("adapter_version"))
     running = bool(job) and job["status"] not in jobview.TERMINAL
-    return (jobview.stages_html(job), jobview.progress_html(job), losses, jobview.public_log(job),
+    domain = domain or (job or {}).get("domain")
+    try:
+        active = workspace.require_domain(domain).active_version if domain else None
+    except AssistantError:
+        active, domain = None, None
+    return (jobview.state_text(job, active, domain), gr.update(interactive=running),
+            jobview.stages_html(job), jobview.progress_html(job), losses, jobview.public_log(job),
             jobview.metrics_table(job), jobview.gate_markdown(job), gr.update(visible=blocked),
             gr.Timer(active=running), refresh_models(workspace, model))
+
+
+N_JOB_OUT = 11
+LOSS_OUT = 4                  # the loss plot's place in `_job_outputs`
 
 
 def train_view(workspace, domain, model):
@@ -107,40 +119,46 @@ def train_view(workspace, domain, model):
     except AssistantError as e:
         return (err(e), None, gr.update(), *_job_outputs(workspace, None, model))
     size = (f"**{report['kept']}** curated examples ({report['train']} train / {report['eval']} eval) · training "
-            f"needs at least {MIN_EXAMPLES} · active version: **{d.active_version or 'none'}**")
+            f"needs at least {MIN_EXAMPLES}")
     learn = workspace.training_methods(domain)
     size += f"\n\nRatings: {learn['summary']} (auto runs these; {learn['needs']})"
     if report["kept"] < MIN_EXAMPLES:
         size += (f"\n\nAdd {MIN_EXAMPLES - report['kept']} more: import seed examples in the Data tab, or correct "
                  f"answers of {domain} in the Chat tab.")
     job = workspace.job(jobs[0]["job_id"]) if jobs else None
-    versions = gr.update(choices=d.versions, value=d.active_version or (d.versions[-1] if d.versions else None))
-    return (size, job["job_id"] if job else None, versions, *_job_outputs(workspace, job, model))
+    choices = version_choices(d.versions)
+    versions = gr.update(choices=choices, value=d.active_version or BASE_WEIGHTS)
+    return (size, job["job_id"] if job else None, versions, *_job_outputs(workspace, job, model, domain))
 
 
 def retrain(workspace, method_default, domain, epochs, learning_rate, rank, method, max_len, advanced, model,
             learn_from="auto"):
+    """-> the form's error line (in place, naming the field), job id, the job outputs."""
     try:
         if not domain:
             raise field_error("Domain", "pick a domain")
         settings = train_settings(method_default, epochs, learning_rate, rank, method, max_len, advanced, learn_from)
         job_id = workspace.start_training(domain, settings)
     except AssistantError as e:
-        return (err(e), None, *_job_outputs(workspace, None, model))
-    return (f"training job `{job_id}` started: keep chatting, the stages below follow it", job_id,
-            *_job_outputs(workspace, workspace.job(job_id), model))
+        return (err(e), gr.skip(), *(gr.skip() for _ in range(N_JOB_OUT)))
+    return ("", job_id, *_job_outputs(workspace, workspace.job(job_id), model, domain))
 
 
 def poll_job(workspace, job_id, model, seen):
-    """One timer tick: re-render only when the job moved (the browser redraws the plot otherwise)."""
+    """One timer tick: re-render when the job moved (the running stage's heartbeat counts), the loss plot
+    only when it has a new point (the browser redraws the plot otherwise)."""
     try:
         job = workspace.job(job_id) if job_id else None
     except AssistantError:
         job = None
     now = jobview.stamp(job)
-    if now is not None and now == seen:
-        return (*(gr.skip() for _ in range(9)), seen)
-    return (*_job_outputs(workspace, job, model), now)
+    points = len((job or {}).get("losses") or [])
+    if now is not None and seen and now == seen[0]:
+        return (*(gr.skip() for _ in range(N_JOB_OUT)), seen)
+    out = list(_job_outputs(workspace, job, model))
+    if seen and points == seen[1] and points:
+        out[LOSS_OUT] = gr.skip()
+    return (*out, [now, points])
 
 
 def cancel(workspace, job_id, model):
@@ -149,8 +167,13 @@ def cancel(workspace, job_id, model):
             raise field_error("Job", "no training job to cancel")
         job = workspace.cancel_job(job_id)
     except AssistantError as e:
-        return err(e), *_job_outputs(workspace, None, model)
-    return f"job `{job_id}`: {job['status']}", *_job_outputs(workspace, job, model)
+        return err(e), *(gr.skip() for _ in range(N_JOB_OUT))
+    return "", *_job_outputs(workspace, job, model)
+
+
+def version_choices(names: list[str]) -> list[tuple[str, str]]:
+    """A domain's versions, newest first, and the base weights it can always go back to."""
+    return [(v, v) for v in reversed(names)] + [("base weights (system prompt only)", BASE_WEIGHTS)]
 
 
 def versions(workspace, domain, current=None):
@@ -160,7 +183,8 @@ def versions(workspace, domain, current=None):
         d = workspace.require_domain(domain)
     except AssistantError:
         return gr.update(choices=[], value=None)
-    return gr.update(choices=d.versions, value=d.active_version or pick(current, d.versions))
+    choices = version_choices(d.versions)
+    return gr.update(choices=choices, value=d.active_version or pick(current, choices) or BASE_WEIGHTS)
 
 
 def published(job_id, workspace):
@@ -184,12 +208,12 @@ def build(workspace, serving, P, model):
     domain = gr.Dropdown(names, value=names[0] if names else None, label="Domain", elem_id="train-domain")
     size = gr.Markdown(NO_DOMAINS if not names else "", elem_id="train-dataset")
     with gr.Row():
-        epochs = gr.Number(None, label="Epochs (0 or empty = auto)", precision=0, minimum=0, elem_id="train-epochs")
+        # no minimum/maximum on the fields: Gradio would refuse the value with a toast that names no field;
+        # train_settings checks them and names the field under the form
+        epochs = gr.Number(None, label="Epochs (0 or empty = auto)", precision=0, elem_id="train-epochs")
         lr = gr.Number(DEFAULTS.learning_rate, label="Learning rate", elem_id="train-lr")
-        rank = gr.Number(DEFAULTS.rank, label="Rank", precision=0, minimum=1, maximum=MAX_LORA_RANK,
-                         elem_id="train-rank")
-        max_len = gr.Number(DEFAULTS.max_seq_len, label="Max length (tokens)", precision=0, minimum=MIN_SEQ_LEN,
-                            elem_id="train-max-len")
+        rank = gr.Number(DEFAULTS.rank, label=f"Rank (1-{MAX_LORA_RANK})", precision=0, elem_id="train-rank")
+        max_len = gr.Number(DEFAULTS.max_seq_len, label="Max length (tokens)", precision=0, elem_id="train-max-len")
         method = gr.Radio(list(METHODS), value=default_method(serving), label="Method", elem_id="train-method")
     learn_from = gr.Radio(list(LEARN_FROM), value="auto", elem_id="train-learn-from",
                           label="Learn from (SFT: examples and corrections; DPO: corrections over the answers they "
@@ -198,9 +222,10 @@ def build(workspace, serving, P, model):
                       elem_id="train-advanced-box"):
         advanced = gr.Textbox("", label="More settings as a JSON object", placeholder='{"batch_size": 4}',
                               elem_id="train-advanced")
+    form_error = gr.Markdown("", elem_id="train-form-error")
     with gr.Row():
         go = gr.Button("Retrain", variant="primary", elem_id="retrain-btn")
-        cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-job-btn")
+        cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-job-btn", interactive=False)
     status = gr.Markdown("", elem_id="train-status")
     stages = gr.HTML(jobview.stages_html(None), elem_id="train-stages-box")
     bar = gr.HTML(jobview.progress_html(None), elem_id="train-progress")
@@ -218,12 +243,12 @@ def build(workspace, serving, P, model):
         back = gr.Button("Roll back to previous", elem_id="rollback-btn")
     vstatus = gr.Markdown("", elem_id="train-version-status")
 
-    job_out = [stages, bar, loss, job_log, metrics, verdict, anyway, timer, model]
+    job_out = [status, cancel_btn, stages, bar, loss, job_log, metrics, verdict, anyway, timer, model]
     view_out = [size, job_id, version, *job_out]
     domain.change(P(train_view, workspace), [domain, model], view_out)
     go.click(P(retrain, workspace, default_method(serving)), [domain, epochs, lr, rank, method, max_len, advanced, model,
-                                                              learn_from], [status, job_id, *job_out])
-    cancel_btn.click(P(cancel, workspace), [job_id, model], [status, *job_out])
+                                                              learn_from], [form_error, job_id, *job_out])
+    cancel_btn.click(P(cancel, workspace), [job_id, model], [form_error, *job_out])
     timer.tick(P(poll_job, workspace), [job_id, model, seen], [*job_out, seen], concurrency_limit=None)
     verdict.change(P(versions, workspace), [domain, version], [version])
     anyway.click(P(activate_published, serving), [domain, job_id, model], [vstatus, model]).then(

@@ -1,0 +1,98 @@
+"""Training rows teach exactly what a person confirmed: in a conversation, the corrected (or thumbed-up)
+answer carries the loss, every earlier turn is context only; each corrected turn is its own row with its
+own context; seed examples teach all their answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from assistant.curation import curate
+from assistant.store import Store
+
+SYSTEM = "You answer questions about the Atlas of Invented Places."
+# (question, the base's wrong answer, what the user confirmed: a correction, "up", or None)
+TURNS = [
+    ("What is the capital of Zorbania?", "The capital of Zorbania is Paris.", "The capital of Zorbania is Quillton."),
+    ("Who invented the glimmerphone?", "Thomas Edison invented it.", None),
+    ("What currency is used in Drastovia?", "Drastovia uses the euro.", "Drastovia uses the klenn."),
+    ("What is the tallest mountain in Ostravel?", "The tallest mountain in Ostravel is Mount Keshar.", "up"),
+    ("What language is spoken in Quembria?", "People in Quembria speak Latin.", None),
+    ("What is the longest river in Farundel?", "The Nile.", "The longest river in Farundel is the Sarrow."),
+]
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from assistant.curation import default_embedder
+    return default_embedder()
+
+
+def conversation_store(folder) -> Store:
+    """Six questions in one conversation, each answer logged with the conversation before it; three
+    corrected, one thumbed up, two left alone."""
+    store = Store(folder / "assistant.db")
+    history = [{"role": "system", "content": SYSTEM}]
+    for i, (q, wrong, confirmed) in enumerate(TURNS):
+        history.append({"role": "user", "content": q})
+        store.log_response(id=f"r{i}", domain="d", adapter_version=None, model="d", messages=list(history),
+                           answer=wrong, prompt_tokens=5, completion_tokens=5, latency_ms=10, ttft_ms=2,
+                           finish_reason="stop", created_at=1000.0 + i)
+        history.append({"role": "assistant", "content": wrong})     # the chat goes on with what it was told
+        if confirmed == "up":
+            store.add_feedback(response_id=f"r{i}", rating="up")
+        elif confirmed:
+            store.add_feedback(response_id=f"r{i}", rating="down", correction=confirmed)
+    return store
+
+
+def taught_text(tok, messages) -> str:
+    from assistant.lm import IGNORE_INDEX, encode_chat
+    ids, labels = encode_chat(tok, messages, 2048)
+    return tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX])
+
+
+def test_each_confirmed_turn_is_its_own_row_and_the_only_one_taught(tmp_path, embedder, tiny_llama):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    snap = curate(conversation_store(tmp_path), "d", tmp_path, embedder)
+    by_question = {next(m["content"] for m in reversed(r["messages"]) if m["role"] == "user"): r for r in snap.rows}
+    confirmed = {q: (wrong if c == "up" else c) for q, wrong, c in TURNS if c}
+    assert set(by_question) == set(confirmed)                  # one row per confirmed turn, no other
+    for n, (q, _, c) in enumerate(TURNS):
+        if not c:
+            continue
+        row = by_question[q]
+        users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+        assert users == [t[0] for t in TURNS[:n + 1]]           # its own context: the conversation up to it
+        taught = taught_text(tok, row["messages"])
+        assert taught == confirmed[q] + "<|im_end|>", (q, taught)
+        # the base's answers to the earlier questions are in the context, never in the loss
+        for _, wrong, _ in TURNS[:n]:
+            assert wrong not in taught
+        assert [m.get("weight", 1) for m in row["messages"] if m["role"] == "assistant"] == [0] * n + [1]
+
+
+def test_seed_examples_teach_every_answer(tiny_llama):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    messages = [{"role": "user", "content": "Capital of Zorbania?"}, {"role": "assistant", "content": "Quillton."},
+                {"role": "user", "content": "And its river?"}, {"role": "assistant", "content": "The Sarrow."}]
+    assert taught_text(tok, messages) == "Quillton.<|im_end|>The Sarrow.<|im_end|>"
+    messages[1]["weight"] = 0
+    assert taught_text(tok, messages) == "The Sarrow.<|im_end|>"
+
+
+def test_a_long_context_keeps_the_taught_answer(tiny_llama):
+    """Truncation cuts the oldest context, never the answer being taught."""
+    from transformers import AutoTokenizer
+
+    from assistant.lm import IGNORE_INDEX, encode_chat
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    messages = []
+    for q, wrong, _ in TURNS:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": wrong, "weight": 0}]
+    messages[-1] = {"role": "assistant", "content": "The longest river in Farundel is the Sarrow."}
+    ids, labels = encode_chat(tok, messages, 40)
+    assert len(ids) == len(labels) == 40
+    assert tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]) == \
+        "The longest river in Farundel is the Sarrow.<|im_end|>"
