@@ -1,15 +1,15 @@
 """Preference benchmark: does learning from thumbs (KTO) teach a style that SFT on the liked answers alone
 does not? On the embedded model, in one run:
 
-  1. the base samples its own answers to TRAIN_PROMPTS (general "explain" questions; it tends to answer
-     at length);
+  1. the base samples its own answers to general questions (short factual ones, which it answers briefly or
+     at length, and "explain" ones, which it answers at length);
   2. a fixed rule rates them, thumbs only, no corrections: an answer of at most MAX_LIKED_WORDS words is
      liked, a longer one disliked (the style raters dislike: overlong answers);
   3. the ratings go through the app's own path: logged as responses with feedback in a store, curated
      (curation.curate), turned into preference rows (preference.build);
   4. two adapters are trained from the same data and settings: SFT only (the thumbs-up answers), and the
      preference method the data supports (SFT + KTO: thumbs-up desirable, thumbs-down undesirable);
-  5. each answers HELDOUT_PROMPTS greedily; `preference_gain` is the share of those answers in the liked
+  5. each answers held-out questions of both kinds greedily; `preference_gain` is the share of those answers in the liked
      style, preference minus SFT-only (target >= 0.2). `preference_general_nll_ratio` is the gate's
      forgetting measure for the preference adapter: the loss of the base's own answers to the gate's
      general prompts, adapter / base (same bound as the gate, <= 2.0).
@@ -33,29 +33,43 @@ from bench_eval import cpu_flags  # noqa: E402
 
 from common import print_table  # noqa: E402  (also sets offline mode)
 
-MAX_LIKED_WORDS = 40          # the rule: an answer of at most this many words is liked
-MAX_NEW_TOKENS = 96           # per sampled / evaluated answer (an answer cut here is overlong)
+MAX_LIKED_WORDS = 30          # the rule: an answer of at most this many words is liked
+MAX_NEW_TOKENS = 64           # per sampled / evaluated answer (an answer cut here is overlong)
 SAMPLES_PER_PROMPT = 2
 SAMPLE_TEMPERATURE = 0.9
-TOPICS = ["photosynthesis", "gravity", "a rainbow", "the water cycle", "an earthquake", "a volcano", "inflation",
-          "a vaccine", "the internet", "a black hole", "democracy", "evolution", "a solar eclipse", "electricity",
-          "a computer virus", "the immune system", "climate change", "a tsunami", "the stock market", "DNA",
-          "a hurricane", "recycling", "the moon's phases", "a glacier", "an atom", "sleep", "a bridge", "yeast",
-          "a magnet", "the ozone layer", "a battery", "a compass", "friction", "an echo", "a fossil", "a tide",
-          "a desert", "coral reefs", "the heart", "bread baking", "a rocket", "a telescope", "a thunderstorm",
-          "a bee colony", "composting", "a lighthouse", "a hydroelectric dam", "a microwave oven"]
-TEMPLATES = ["Can you explain {t}?", "Tell me about {t}.", "How does {t} work?"]
+# Short factual questions (the base answers some briefly, some at length) mixed with "explain" questions
+# (it answers those at length): both kinds of rating occur, and the held-out share has room to move.
+SHORT = ["What is the capital of Peru?", "How many legs does an ant have?", "What colour is a ripe banana?",
+         "Who wrote Hamlet?", "What is the capital of Kenya?", "How many days are in a leap year?",
+         "What is the largest planet?", "What do cows drink?", "What is frozen water called?",
+         "How many wheels does a bicycle have?", "What is the capital of Norway?", "Which animal says moo?",
+         "What is the chemical symbol for gold?", "How many continents are there?", "What colour is grass?",
+         "What is the capital of Egypt?", "Who painted the Mona Lisa?", "How many hours are in a day?",
+         "What is the opposite of cold?", "Which planet is closest to the Sun?", "What is 9 times 9?",
+         "What is the capital of Chile?", "How many sides does a hexagon have?", "What do bees collect?"]
+TOPICS = ["photosynthesis", "gravity", "the water cycle", "an earthquake", "a volcano", "inflation", "a vaccine",
+          "the internet", "a black hole", "democracy", "evolution", "a solar eclipse", "electricity",
+          "the immune system", "a tsunami", "DNA", "a hurricane", "recycling", "a glacier", "an atom", "a magnet",
+          "the ozone layer", "a battery", "friction"]
+TEMPLATES = ["What is {t}?", "Can you explain {t}?", "How does {t} work?"]
 SETTINGS = dict(rank=16, alpha=32, seed=0, max_seq_len=256, batch_size=8, replay=0, augment=0)
-SMALL = dict(train_topics=16, heldout_topics=8, settings=dict(epochs=2, preference_epochs=2))
-FULL = dict(train_topics=36, heldout_topics=12, settings={})
+SMALL = dict(train=8, heldout=4, settings=dict(epochs=2, preference_epochs=2))   # of each kind of question
+FULL = dict(train=18, heldout=6, settings={})
 
 
 def liked(answer: str) -> bool:
     return len(answer.split()) <= MAX_LIKED_WORDS
 
 
-def prompts(topics: list[str], offset: int) -> list[str]:
-    return [TEMPLATES[(i + offset) % len(TEMPLATES)].format(t=t) for i, t in enumerate(topics)]
+def questions(seed: int, n_train: int, n_heldout: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) questions: `n` of each kind, disjoint, shuffled by `seed`."""
+    rng = random.Random(seed)
+    short, topics = rng.sample(SHORT, len(SHORT)), rng.sample(TOPICS, len(TOPICS))
+    explain = [TEMPLATES[i % len(TEMPLATES)].format(t=t) for i, t in enumerate(topics)]
+    train = [q for pair in zip(short[:n_train], explain[:n_train]) for q in pair]
+    heldout = [q for pair in zip(short[n_train:n_train + n_heldout], explain[n_train:n_train + n_heldout])
+               for q in pair]
+    return train, heldout
 
 
 def sample(engine, questions: list[str], n: int, seed: int) -> list[tuple[str, str]]:
@@ -113,10 +127,7 @@ def _run(small: bool, seed: int) -> dict:
     size = SMALL if small else FULL
     t_start = time.perf_counter()
     path = str(ensure_embedded(default_cache_dir(), verify=False))
-    topics = list(TOPICS)
-    random.Random(seed).shuffle(topics)
-    train_q = prompts(topics[:size["train_topics"]], 0)
-    heldout_q = prompts(topics[size["train_topics"]:size["train_topics"] + size["heldout_topics"]], 1)
+    train_q, heldout_q = questions(seed, size["train"], size["heldout"])
     convs = [[{"role": "user", "content": q}] for q in heldout_q]
 
     base = _load(path)          # float32, as a job trains it; the engine answers in the serving dtype
@@ -126,6 +137,7 @@ def _run(small: bool, seed: int) -> dict:
         rated = sample(engine, train_q, SAMPLES_PER_PROMPT, seed)
     finally:
         engine.close()
+    print(f"rated {len(rated)} sampled answers: {sum(liked(a) for _, a in rated)} liked", file=sys.stderr, flush=True)
     base_general = generate(base.model, base.tokenizer, [[{"role": "user", "content": q}] for q in GENERAL_PROMPTS],
                             48)
     results = {}
@@ -144,6 +156,7 @@ def _run(small: bool, seed: int) -> dict:
             results[name] = {"seconds": time.perf_counter() - t,
                              "nll_ratio": general_nll_ratio(model, base.tokenizer, base_general)}
             model.unload()            # LoRA layers out: the same base trains the next adapter
+            print(f"trained {name} in {results[name]['seconds']:.0f} s", file=sys.stderr, flush=True)
         engine = Engine(serving_base(base), max_batch=16, max_queue=4 * len(convs) + 4)
         try:
             names = list(results)
