@@ -70,6 +70,7 @@ MEANING_PASSED = {
     "heldout_match": "answers to held-out examples are as good as the base's",
     "general_nll": "the base's own answers to general questions stay likely: general skills are kept",
     "general_similarity": "answers to general questions stay close to the base's",
+    "preference_margin": "the new version prefers the answers users liked at least as much as the current one",
 }
 ADVICE = {
     "corrections": "train again with more epochs (or a higher learning rate), and check that corrections of the "

@@ -222,3 +222,21 @@ def test_train_tab_says_what_the_ratings_support(world):
         assert "method" not in train.train_settings("lora", None, 0.001, 16, "lora", 512, "", "auto")
     finally:
         workspace.close()
+
+
+def test_gate_judges_the_preference_margin_in_words():
+    from assistant.gate import verdict
+    before = {"general_nll": 1.0, "preference_margin": 0.3}
+    after = {"taught_match": 0.9, "n_taught": 8, "general_nll": 1.1, "general_embedding_similarity": 0.9,
+             "preference_margin": 0.5, "n_preference_heldout": 6, "preference_reference": "v2"}
+    v = verdict(before, after)
+    check = next(c for c in v["checks"] if c["name"] == "preference_margin")
+    assert v["promote"] and check["passed"] and "6 held-out rated answers" in check["label"]
+    assert "prefers the answers users liked at least as much as the current version" in v["summary"]
+    assert any(r.startswith("ok: preference margin") and "v2's margin" in r for r in v["reasons"])
+    v = verdict(before, {**after, "preference_margin": 0.1})
+    assert not v["promote"] and v["summary"].startswith(
+        "Not activated: the new version prefers the answers users disliked more than the current version does")
+    v = verdict({"general_nll": 1.0}, {**after, "preference_margin": None,
+                                       "preference_skipped": "too few rated answers of each kind to hold some out"})
+    assert v["promote"] and "skipped: preference margin (too few rated answers" in " ".join(v["reasons"])
