@@ -6,8 +6,9 @@ curation does not turn into SFT rows:
   - KTO rows for unpaired ratings: a kept thumbs-up answer is *desirable*, an answer rated down (more downs
     than ups) without a correction is *undesirable*.
 The rows the snapshot does not already curate (rejected answers, thumbs-down answers) go through the same
-per-row filters (empty, garbage, injection, PII scrubbed or dropped), one row per prompt (the newest
-rating wins, and a prompt already taught by a pair or a thumbs-up row is not also an undesirable row) and
+per-row filters (empty, garbage, injection, PII scrubbed or dropped), one undesirable row per prompt (the
+newest rating wins; a prompt whose disliked answer a pair already holds gets none; a prompt may have a
+liked and a disliked answer, the most telling pair for KTO) and
 the same cap on one user's share. A hash split holds out a share of the thumbs-rated answers (only with
 enough of each kind; corrections always train) for the gate's preference-margin check; the rows it holds
 out are trained on by no method.
@@ -115,7 +116,7 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
     for f in feedback:
         by_response.setdefault(f["response_id"], []).append(f)
     data = PreferenceData()
-    taught: set[str] = set()
+    paired: set[str] = set()     # prompts whose disliked answer a pair already holds
     removed = {"filtered": 0, "duplicate_prompt": 0, "user_cap": 0, "same_answer": 0}
     for row in rows:
         msgs = plain(row["messages"])        # trl's templates take role and content (no context weights)
@@ -134,12 +135,10 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
                 continue
             data.pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected[-1]["content"],
                                "key": row["key"], "split": "train"})
+            paired.add(_prompt_text(prompt))
         elif row.get("source") == "thumbs_up" and row.get("split", "train") == "train":
             data.kto.append({"prompt": prompt, "completion": answer, "label": True, "key": row["key"],
                              "split": "train"})
-        else:
-            continue
-        taught.add(_prompt_text(prompt))
     downs = []
     for fbs in by_response.values():
         ups = sum(f["rating"] == "up" for f in fbs)
@@ -158,7 +157,7 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
     kept = []
     for d in sorted(downs, key=lambda d: -d["created_at"]):    # newest rating of a prompt wins
         text = _prompt_text(d["prompt"])
-        if text in taught or text in seen:
+        if text in paired or text in seen:
             removed["duplicate_prompt"] += 1
             continue
         seen.add(text)

@@ -68,19 +68,23 @@ def test_ratings_become_pairs_and_kto_rows(world):
     # a rejected answer with an e-mail address is scrubbed; the same prompt rated down twice is one row
     rate(store, "atlas", "How do I reach Quillton?", "Write to mayor@quillton.example for it." + LONG, "down")
     rate(store, "atlas", "How do I reach Quillton?", "Nobody knows, truly." + LONG, "down")
+    # one prompt with a liked and a disliked answer keeps both: the most telling rows for KTO
+    rate(store, "atlas", "Where is Quillton?", "Quillton is the capital of Zorbania.", "up")
+    rate(store, "atlas", "Where is Quillton?", "Quillton is somewhere." + LONG, "down")
     snap = curate(store, "atlas", settings)
     data = preference.build(snap.rows, store.list_feedback("atlas"), preference_opts(settings))
     assert len(data.pairs) == 6 and all(p["rejected"].startswith("I am not sure") for p in data.pairs)
     assert {p["chosen"] for p in data.pairs} <= {a for _, a, _, _ in FACTS}
     liked = [r for r in data.kto if r["label"]]
     disliked = [r for r in data.kto if not r["label"]]
-    assert len(liked) == 6 and len(disliked) == 7           # 6 + one of the two Quillton ratings
+    assert len(liked) == 7 and len(disliked) == 8           # + one of the two "How do I reach" ratings
+    assert {r["label"] for r in data.kto if r["prompt"][-1]["content"] == "Where is Quillton?"} == {True, False}
     assert not preference.build(snap.rows, [], preference_opts(settings)).pairs   # no ratings, no pairs
     assert all(LONG in r["completion"] for r in disliked)
     assert not any("@" in r["completion"] for r in disliked)
     assert data.counts["removed"]["duplicate_prompt"] == 1
     counts = data.counts
-    assert counts["ratings"] == 6 + 6 + 6 + 2 and counts["corrections"] == 6
+    assert counts["ratings"] == 6 + 6 + 6 + 4 and counts["corrections"] == 6
     # with 10+ thumbs of each kind a share is held out for the gate and trained on by no method;
     # corrections always train
     rated_domain(store, registry, "more", corrections=6, ups=12, downs=12)
