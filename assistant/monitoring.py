@@ -168,6 +168,13 @@ def domain_metrics(workspace, domain: str, settings: MonitorSettings | None = No
     active = workspace.registry.active_version(domain)
     quality = _quality(responses, latest, active, settings)
     recommendation = _recommend(quality, drift, settings)
+    job = workspace.store.active_job()
+    if job is not None and job["domain"] == domain and recommendation["retrain"]:
+        # a retrain of this domain is already under way: say so instead of suggesting another
+        recommendation = {**recommendation, "retrain": False, "training_job": job["job_id"],
+                          "reason": f"a retrain is already running (job {job['job_id']}, {job['status']}): "
+                                    "the suggestion comes back if its version does not fix "
+                                    + "; ".join(recommendation["reasons"])}
     return {"domain": domain, "generated_at": now, "active_version": active or None,
             "answers": len(responses), "bucket_seconds": bucket,
             "latency_ms": _percentiles([r["latency_ms"] for r in responses]),

@@ -1,8 +1,12 @@
 """The whole loop as a person does it in the browser, shared by tests/test_browser.py (which asserts it) and
 scripts/screenshots.py (which also photographs each step): create a domain from the Chat tab's model picker,
-import a first adapter version, chat, thumbs down with a correction in one panel, seed examples, retrain with
-form settings, watch the stages, read the gate's verdict, activate, chat with the new version and get the
-corrected answer, roll back."""
+import a first adapter version, chat, thumbs down with a correction in one panel (brought into view), go on
+in the same conversation (a question sent while an answer streams is queued, shown and answered in order),
+correct a later answer and correct it again (undo, then a new correction: the record keeps the first as
+history), a thumbs-up that asks what was good, seed examples, the review queue showing a row's context and
+taught turn, retrain with form settings (a bad value named in place), watch the stages, read the gate's
+verdict, activate, chat with the new version and get the corrected answer, roll back, and every tab at a
+phone's width (390 px): tabs in reach, tables readable, stage bars visible, thumbs >= 40 px."""
 
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # Small on purpose: 9 curated rows, a few passes; enough for the one corrected fact (the gate checks it).
 FAST_FORM = {"train-epochs": "6", "train-lr": "0.004", "train-rank": "8"}
 FAST_ADVANCED = {"batch_size": 4, "augment": 1}
-TRAIN_TIMEOUT_MS = 600_000
+TRAIN_TIMEOUT_MS = 900_000
+PHONE = {"width": 390, "height": 844}
+TOUCH_PX = 40
 ANSWER_TIMEOUT_MS = 90_000
 UPLOADED = re.compile(r"\d\s*[KM]B")
 
@@ -89,6 +95,99 @@ def feedback_records(home: Path, domain: str) -> list[dict]:
     return Store(home / "data" / "assistant.db").list_feedback(domain)
 
 
+def history_of(home: Path, record_id: int) -> list[dict]:
+    from assistant.store import Store
+    store = Store(home / "data" / "assistant.db")
+    rows = store._read("SELECT response_id FROM feedback WHERE id = ?", (record_id,))
+    return store.feedback_for([rows[0][0]])[rows[0][0]][0]["history"]
+
+
+def _user_turns(page) -> list[str]:
+    return [t.strip() for t in page.locator("#chatbot .user").all_inner_texts()]
+
+
+THUMBS = ", ".join(f"#chatbot button[aria-label='{label}']" for label in ("Like", "Liked", "Dislike", "Disliked"))
+
+
+def _thumb(page, kind: str, nth: int):
+    """The `kind` thumb ('Like' or 'Dislike', pressed or not) of the nth answer (0-based): each answer has two."""
+    buttons = page.locator(THUMBS)
+    pair = [buttons.nth(2 * nth), buttons.nth(2 * nth + 1)]
+    return next(b for b in pair if (b.get_attribute("aria-label") or "").startswith(kind))
+
+
+def _correct(page, nth: int, text: str) -> None:
+    """Thumbs down on the nth answer and send `text` as the correction; the panel comes into view."""
+    from playwright.sync_api import expect
+    _thumb(page, "Dislike", nth).click()
+    expect(page.locator("#feedback-panel")).to_be_visible()
+    expect(page.locator("#feedback-panel")).to_be_in_viewport()
+    expect(page.locator("#fb-target")).to_contain_text(f"answer #{nth + 1}")
+    expect(page.locator("#fb-target")).to_contain_text("What was wrong")
+    _pick(page, "fb-reason", "wrong fact")
+    page.fill("#fb-correction textarea", text)
+    page.click("#fb-submit")
+    expect(page.locator("#fb-status")).to_contain_text("Saved correction")
+    expect(page.locator("#feedback-panel")).to_be_hidden()
+
+
+def conversation(page, home: Path) -> None:
+    """Go on in the conversation of answer #1: a question sent while another streams is queued, then a
+    correction of answer #2, corrected again; a thumbs-up on answer #3 asks what was good."""
+    from playwright.sync_api import expect
+    (q2, a2, _, _), (q3, _, _, _) = FACTS[1], FACTS[2]
+    page.fill("#chat-input textarea", q2)
+    page.click("#send-btn")
+    expect(page.locator("#chat-status")).to_contain_text("answering")
+    page.fill("#chat-input textarea", q3)          # typed while #2 streams: the box is not cleared under it
+    page.press("#chat-input textarea", "Enter")
+    expect(page.locator("#chat-status")).to_contain_text("Queued (1)")
+    expect(page.locator("#chat-status")).to_contain_text(q3)
+    expect(page.locator("#chat-input textarea")).to_have_value("")
+    page.wait_for_function(f"() => document.querySelectorAll({json.dumps(THUMBS)}).length == 6",
+                           timeout=2 * ANSWER_TIMEOUT_MS)              # three answers, each with its thumbs
+    expect(page.locator("#chat-status")).to_contain_text("answered by atlas@v1", timeout=ANSWER_TIMEOUT_MS)
+    assert _user_turns(page) == [FACTS[0][0], q2, q3], _user_turns(page)     # all sent, in order
+
+    _correct(page, 1, "Its inventor was Orla Brannock.")                       # a first try...
+    first = [r for r in feedback_records(home, "atlas") if r["correction"] == "Its inventor was Orla Brannock."]
+    assert len(first) == 1
+    _thumb(page, "Dislike", 1).click()                                          # ...undone (the thumb again)
+    expect(page.locator("#fb-status")).to_contain_text("undone")
+    _correct(page, 1, a2)                                                       # ...and corrected again
+    [record] = [r for r in feedback_records(home, "atlas") if r["id"] == first[0]["id"]]
+    assert record["correction"] == a2
+    assert "Its inventor was Orla Brannock." in [h["correction"] for h in history_of(home, record["id"])]
+
+    _thumb(page, "Like", 2).click()
+    expect(page.locator("#fb-target")).to_contain_text("What was good")
+    expect(page.locator("#fb-correction")).to_be_hidden()
+    page.click("#fb-close")
+
+
+def phone(page) -> None:
+    """Every tab at 390 px: reachable in the tab bar, tables readable, stage bars visible, thumbs >= 40 px."""
+    from playwright.sync_api import expect
+    page.set_viewport_size(PHONE)
+    page.wait_for_timeout(500)
+    for name in ("Chat", "Adapters", "Data", "Train", "Monitor"):
+        expect(page.get_by_role("tab", name=name)).to_be_visible()           # none behind an overflow menu
+    _tab(page, "Chat")
+    for box in (b.bounding_box() for b in page.locator("#chatbot button[aria-label$='ike'], "
+                                                       "#chatbot button[aria-label$='iked']").all()):
+        assert box and box["width"] >= TOUCH_PX and box["height"] >= TOUCH_PX, box
+    _tab(page, "Data")
+    header = page.locator("#review-queue thead th").nth(2)                   # "rating": one line, not r-a-t-i-n-g
+    expect(header).to_be_visible()
+    box = header.bounding_box()
+    assert box["height"] < 3 * box["width"] and box["height"] < 80, box
+    _tab(page, "Train")
+    bar = page.locator("#train-stages li[data-name='train'] .stage-bar")
+    assert bar.bounding_box()["width"] >= 120, bar.bounding_box()
+    _tab(page, "Monitor")
+    expect(page.locator("#monitor-recommendation")).to_contain_text("answers served")
+
+
 def run(page, url: str, api, home: Path, tmp: Path, embedded_path: Path, shot: Shot | None = None) -> None:
     """The story; `shot(page, name)` is called at each step worth a picture."""
     from playwright.sync_api import expect
@@ -143,6 +242,7 @@ def run(page, url: str, api, home: Path, tmp: Path, embedded_path: Path, shot: S
     expect(page.locator("#feedback-panel")).to_be_hidden()
     [record] = feedback_records(home, "atlas")                      # one record: the thumbs down, corrected
     assert (record["rating"], record["correction"], record["reason"]) == ("down", answer, "wrong fact")
+    conversation(page, home)
 
     # Data: seed examples; the correction is in the review queue, replacing the answer.
     _tab(page, "Data")
@@ -155,6 +255,11 @@ def run(page, url: str, api, home: Path, tmp: Path, embedded_path: Path, shot: S
     expect(queue).to_contain_text("correction", timeout=60_000)
     expect(queue).to_contain_text(key)
     expect(page.locator("#curation-report")).to_contain_text("near_duplicate")
+    # the corrected answer #2 and the thumbed-up #3 carry the conversation before them, as context
+    page.locator("#review-queue .virtual-table-viewport").evaluate("e => { e.scrollTop = e.scrollHeight; }")
+    expect(page.locator("#review-queue .virtual-row").filter(has_text="1 earlier turn")).to_have_count(1)
+    expect(page.locator("#review-queue .virtual-row").filter(has_text="2 earlier turns")).to_have_count(1)
+    page.locator("#review-queue .virtual-table-viewport").evaluate("e => { e.scrollTop = 0; }")
     shot(page, "03-review-the-data")
 
     # Train: settings in the form, Retrain, the stages advance, the gate's verdict in words.
@@ -164,11 +269,21 @@ def run(page, url: str, api, home: Path, tmp: Path, embedded_path: Path, shot: S
         _fill(page, f"#{elem_id} input", value)
     page.get_by_text("Advanced (JSON").click()
     page.fill("#train-advanced textarea", json.dumps(FAST_ADVANCED))
+    _fill(page, "#train-rank input", "0")                         # a bad value: named in place, nothing starts
     page.click("#retrain-btn")
-    expect(page.locator("#train-status")).to_contain_text("started")
+    expect(page.locator("#train-form-error")).to_contain_text("Rank: must be a whole number from 1")
+    expect(page.locator(".toast-body")).to_have_count(0)
+    _fill(page, "#train-rank input", FAST_FORM["train-rank"])
+    page.click("#retrain-btn")
+    expect(page.locator("#train-form-error")).to_have_text("")
+    expect(page.locator("#train-status")).to_contain_text(re.compile(r"is (queued|running)"))
+    expect(page.locator("#cancel-job-btn")).to_be_enabled()
     stage = '#train-stages li[data-name="{}"][data-status="{}"]'
     page.wait_for_selector(stage.format("train", "running"))
     expect(page.locator(stage.format("curate", "done"))).to_have_count(1)
+    # a heartbeat from the first second: the sub-step (loading, tokenizing, first step) before any step
+    expect(page.locator("#train-stages")).to_contain_text(re.compile(r"loading the base model|tokenizing|LoRA setup|"
+                                                                     r"self-replay|training"))
     page.wait_for_function(   # the train stage's bar moves (a third of the way, for a loss curve worth a look)
         """() => { const li = document.querySelector('#train-stages li[data-name="train"]');
                    return li && (li.dataset.status === 'done' || parseFloat(li.dataset.progress) >= 0.33); }""",
@@ -181,6 +296,9 @@ def run(page, url: str, api, home: Path, tmp: Path, embedded_path: Path, shot: S
         expect(page.locator(stage.format(name, "done"))).to_have_count(1)
     verdict = page.locator("#train-summary")
     expect(verdict).to_contain_text(re.compile(r"Gate (passed|blocked)"))
+    expect(page.locator("#train-status")).to_contain_text("finished")        # the state line follows it to its end
+    expect(page.locator("#train-status")).not_to_contain_text("Keep chatting")
+    expect(page.locator("#cancel-job-btn")).to_be_disabled()
     expect(page.locator("#job-log textarea")).to_have_value(re.compile("published atlas@v2"))
     expect(page.locator("#job-metrics")).to_contain_text("corrections_match")
     if "Gate blocked" in verdict.inner_text():
@@ -213,4 +331,13 @@ def run(page, url: str, api, home: Path, tmp: Path, embedded_path: Path, shot: S
     _tab(page, "Monitor")
     expect(page.locator("#monitor-recommendation")).to_contain_text("answers served", timeout=60_000)
     expect(page.locator("#monitor-versions")).to_contain_text("v2")
+    expect(page.locator("#monitor-recommendation")).to_contain_text(re.compile(r"latency p50/p90/p99 [\d.]+ / "))
     shot(page, "08-monitor")
+
+    # Train: back to the base weights, a version like any other; then every tab at a phone's width.
+    _tab(page, "Train")
+    _pick(page, "train-version", "base weights (system prompt only)")
+    page.click("#train-activate-btn")
+    expect(page.locator("#train-version-status")).to_contain_text("back on the base weights")
+    assert api.get("/api/domains").json()[0]["active_version"] is None
+    phone(page)

@@ -96,3 +96,30 @@ def test_a_long_context_keeps_the_taught_answer(tiny_llama):
     assert len(ids) == len(labels) == 40
     assert tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]) == \
         "The longest river in Farundel is the Sarrow.<|im_end|>"
+
+
+def _train_and_ask_alone(tiny_llama, rows, out_dir):
+    from assistant.lm import generate
+    from assistant.training import TrainSettings, train_adapter
+    settings = TrainSettings(rank=8, alpha=16, learning_rate=2e-2, epochs=40, batch_size=4, max_seq_len=256,
+                             augment=0, replay=0)
+    result = train_adapter(tiny_llama, rows, out_dir, settings)
+    q = TURNS[0][0]
+    [answer] = generate(result.model, result.tokenizer, [[{"role": "system", "content": SYSTEM},
+                                                          {"role": "user", "content": q}]], max_new_tokens=16)
+    return answer
+
+
+def test_a_conversation_retrained_answers_the_first_question_with_its_correction(tmp_path, embedder, tiny_llama):
+    """On a tiny Llama, through the training recipe: question 1 was corrected, and the base's wrong answer
+    to it sits in the context of three later corrected or thumbed-up turns. Taught only what was
+    confirmed, the retrained model answers question 1 asked alone with the correction (taught the whole
+    conversations, as before, the wrong answer outnumbers it three to one)."""
+    snap = curate(conversation_store(tmp_path), "d", tmp_path, embedder)
+    answer = _train_and_ask_alone(tiny_llama, snap.rows, tmp_path / "a")
+    assert answer.startswith(TURNS[0][2]), answer            # (the tiny model may ramble on after it)
+    assert "Paris" not in answer
+    # the same rows with every reply taught (what training did before): the base's wrong answer wins
+    whole = [{**r, "messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
+             for r in snap.rows]
+    assert "Paris" in _train_and_ask_alone(tiny_llama, whole, tmp_path / "whole")

@@ -37,8 +37,9 @@ def _like(index, liked):
 
 def test_a_question_sent_while_an_answer_streams_is_queued_shown_and_answered_next(service):
     first = _respond(service, "first question")
-    box, history, _, status, _ = next(first)                     # the first answer has started
-    assert box == "" and "answering" in status
+    assert next(first)[0] == ""                                   # the box is cleared at once...
+    box, history, _, status, _ = next(first)                     # ...the first answer has started
+    assert isinstance(box, type(gr.skip())) and "answering" in status   # and later updates leave the box alone
     # the same page sends two more: each is queued and shown, nothing is lost or answered out of turn
     [queued] = list(_respond(service, "second question", history))
     assert queued[0] == "" and "Queued (1)" in queued[3] and "second question" in queued[3]
@@ -66,6 +67,7 @@ def test_a_question_sent_while_an_answer_streams_is_queued_shown_and_answered_ne
 def test_stop_puts_queued_questions_back_in_the_box(service):
     from assistant.ui import chat
     first = _respond(service, "first question")
+    next(first)
     _, history, *_ = next(first)
     list(_respond(service, "still to ask", history))
     assert chat.stop(_page()) == "still to ask"
@@ -169,3 +171,42 @@ def test_form_errors_name_the_field_in_place(service):
                                                  512, "", "atlas")
         assert form_error.startswith(f"Error: {field}:"), form_error
         assert all(isinstance(x, type(gr.skip())) for x in [job_id, *rest])   # nothing else is touched
+
+
+def test_monitor_does_not_suggest_a_retrain_already_running_and_reads_in_seconds(service):
+    import time
+
+    from assistant.monitoring import MonitorSettings
+    from assistant.ui import monitor
+    store = service.workspace.store
+    n = MonitorSettings().min_feedback
+    for i in range(n):
+        store.log_response(id=f"r{i}", domain="atlas", adapter_version=None, model="atlas",
+                           messages=[{"role": "user", "content": f"question {i}"}], answer="wrong", prompt_tokens=3,
+                           completion_tokens=3, latency_ms=18684.6, ttft_ms=500.0, finish_reason="stop",
+                           created_at=time.time())
+        store.add_feedback(response_id=f"r{i}", rating="down")
+    head, versions, answers, rates, *_ = monitor.monitor_view(service.workspace, "atlas")
+    assert "Retrain suggested" in head and "18.7 / 18.7 / 18.7 s" in head and "ms" not in head
+    assert versions[0][5:] == ["18.7", "18.7", "18.7"]
+    assert set(rates["series"]) <= {"up", "down", "correction"}           # one version's rates: a short legend
+    job_id = store.create_job("atlas")
+    head, *_ = monitor.monitor_view(service.workspace, "atlas")
+    assert "Retrain suggested" not in head and "Retraining now" in head and job_id in head
+    assert service.workspace.metrics("atlas")["recommendation"]["retrain"] is False
+
+
+def test_the_review_queue_shows_a_rows_context_and_what_it_teaches(service):
+    from assistant.ui import chat, data
+    _, history, meta, _, _ = list(_respond(service, "What is the capital of Atlas?"))[-1]
+    _, history, meta, _, _ = list(_respond(service, "And its river?", history, meta))[-1]
+    target, *_ = chat.on_like(service, meta, history, _like(len(history) - 1, False), None)
+    chat.send_feedback(service, target, "wrong fact", "", "The Sarrow.", None)
+    rows, items, _, _ = data.data_view(service.workspace, "atlas")
+    [row] = rows
+    assert row[4] == "1 earlier turn" and row[5] == "And its river?" and row[6] == "The Sarrow."
+    *_, convo = data.select_item(items, gr.SelectData(None, {"index": [0, 5], "value": ""}))
+    lines = [line for line in convo.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in lines] == ["- system · context", "- user · context", "- assistant · context",
+                                                      "- user · context", "- assistant · **taught**"]
+    assert lines[-1].endswith("The Sarrow.")

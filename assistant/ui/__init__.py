@@ -91,11 +91,12 @@ def mount_ui(app, workspace, serving, credentials=None) -> None:
     route (assistant/auth.py), not Gradio's; the state, adapter and cache folders are blocked from Gradio's
     file routes, and Gradio never shows exception text."""
     from .common import CREDENTIALS
+    from .style import CSS
     CREDENTIALS[0] = credentials
     s = workspace.settings
     gr.mount_gradio_app(app, build_ui(workspace, serving), path="/",
                         blocked_paths=[str(s.state_path), str(s.adapters_path), str(s.cache_dir)],
-                        show_error=False, ssr_mode=False)
+                        show_error=False, ssr_mode=False, css=CSS)
 
 
 def share_tunnel(host: str, port: int) -> str:

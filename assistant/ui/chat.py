@@ -137,6 +137,9 @@ def respond(serving, message, history, meta, model, system, temperature, max_tok
         yield "", gr.skip(), gr.skip(), queued_text(shown), gr.update()
         return
     history, meta = _plain(history), dict(meta or {})
+    # the box is cleared once, now; later updates leave it alone, so the next question can be typed while
+    # this answer streams
+    yield "", gr.skip(), gr.skip(), gr.update(), gr.update()
     released = False
     try:
         while True:
@@ -172,7 +175,7 @@ def _answer(serving, message, history, meta, model, system, temperature, max_tok
     history.append({"role": "user", "content": message})
     waiting = not _slots[0].acquire(blocking=False)
     if waiting:
-        yield "", history, meta, "waiting for a free answer slot (other people are chatting)…", ""
+        yield gr.skip(), history, meta, "waiting for a free answer slot (other people are chatting)…", ""
         _slots[0].acquire()
     try:
         return (yield from _stream(serving, message, history, meta, model, msgs, temperature, max_tokens, request,
@@ -191,7 +194,7 @@ def _stream(serving, message, history, meta, model, msgs, temperature, max_token
     with _queue_lock:
         more = len(_queues.get(session) or [])
     then = f" · {more} more queued" if more else ""
-    yield "", history, meta, f"answering with {served_by(call.target.domain or BASE, call.target.version)}…{then}", ""
+    yield gr.skip(), history, meta, f"answering with {served_by(call.target.domain or BASE, call.target.version)}…{then}", ""
     last, started = 0.0, False
     try:
         for ev in call.handle:
@@ -202,9 +205,9 @@ def _stream(serving, message, history, meta, model, msgs, temperature, max_token
                 history[-1]["content"] += ev.text
                 if time.perf_counter() - last >= STREAM_UPDATE_S:
                     last = time.perf_counter()
-                    yield "", history, meta, gr.update(), gr.update()
+                    yield gr.skip(), history, meta, gr.update(), gr.update()
             elif ev.kind == "error":
-                yield "", history, meta, err(ev.error), gr.update()
+                yield gr.skip(), history, meta, err(ev.error), gr.update()
                 return False
     finally:
         call.handle.cancel()
@@ -216,7 +219,7 @@ def _stream(serving, message, history, meta, model, msgs, temperature, max_token
     meta[str(len(history) - 1)] = {"response_id": call.id, "model": call.target.model,
                                    "domain": call.target.domain or BASE, "version": version}
     stopped = " · stopped" if call.handle.req.finish_reason == "cancelled" else ""
-    yield "", history, meta, f"answered by {served_by(call.target.domain or BASE, version)}{stopped}", gr.update()
+    yield gr.skip(), history, meta, f"answered by {served_by(call.target.domain or BASE, version)}{stopped}", gr.update()
     return True
 
 

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 DAY_S = 86400                 # time buckets are labelled (evenly spaced, one per bucket), never a continuous axis
 COUNT_FORMAT = ".1~f"         # axis ticks of counts: 0, 0.5, 1 (not 1.000000, not 0 1 1)
 RATE_DIGITS = 2               # rates are shown as 0.25, never 0.250000
-VERSION_HEADERS = ["version", "answers", "up rate", "down rate", "correction rate", "p50 ms", "p90 ms", "p99 ms"]
+VERSION_HEADERS = ["version", "answers", "up rate", "down rate", "correction rate", "p50 s", "p90 s", "p99 s"]
+CHART_VERSIONS = 3            # the answers chart shows the newest versions apart, the rest as "older"
 NO_DOMAINS = "No domains yet: create one in the Adapters tab, or from the Chat tab's model picker (New domain…)."
 
 
@@ -29,9 +30,17 @@ def _rate(v) -> float:
     return round(float(v or 0.0), RATE_DIGITS)
 
 
+def seconds(ms) -> str:
+    """A latency for people: seconds, one decimal (0.4 s, 18.7 s)."""
+    return "–" if ms is None else f"{ms / 1000:.1f}"
+
+
 def headline(m: dict) -> str:
     rec, q = m["recommendation"], m["quality"]
-    if rec["retrain"]:
+    if rec.get("training_job"):
+        head = (f"### Retraining now\nJob `{rec['training_job']}` is training {m['domain']}: follow it in the Train "
+                "tab. It was needed because:\n" + "\n".join(f"- {r}" for r in rec["reasons"]))
+    elif rec["retrain"]:
         head = "### Retrain suggested\n" + "\n".join(f"- {r}" for r in rec["reasons"]) + \
             "\n\nReview the new questions and corrections in the Data tab, then press Retrain in the Train tab."
     elif rec.get("ratings_needed"):
@@ -41,7 +50,8 @@ def headline(m: dict) -> str:
         head = "### No retrain needed\nRatings and questions are within the thresholds."
     lat = m["latency_ms"]
     bad = "–" if q["bad_rate"] is None else f"{q['bad_rate']:.0%}"
-    head += (f"\n\n{m['answers']} answers served · latency p50/p90/p99 {lat['p50']} / {lat['p90']} / {lat['p99']} ms"
+    head += (f"\n\n{m['answers']} answers served · latency p50/p90/p99 {seconds(lat['p50'])} / {seconds(lat['p90'])} / "
+             f"{seconds(lat['p99'])} s"
              f" · bad-answer rate of {q['adapter_version']}: {bad} ({q['rated']} rated)")
     cur = m["drift"].get("current")
     if cur:
@@ -67,14 +77,22 @@ def monitor_view(workspace, domain):
         return (f"### No answers yet\nChat with {domain} in the Chat tab and rate the answers: this tab then "
                 "shows how often they are good, and when to retrain.", [], empty, empty, empty, m)
     versions = [[v["adapter_version"], v["answers"], _rate(v["up_rate"]), _rate(v["down_rate"]),
-                 _rate(v["correction_rate"]), v["latency_ms"]["p50"], v["latency_ms"]["p90"], v["latency_ms"]["p99"]]
-                for v in m["versions"]]
+                 _rate(v["correction_rate"]), seconds(v["latency_ms"]["p50"]), seconds(v["latency_ms"]["p90"]),
+                 seconds(v["latency_ms"]["p99"])] for v in m["versions"]]
     bucket = m["bucket_seconds"]
+    # few series, so the legend fits: the newest versions apart (the rest as "older"); the rates of the
+    # version that serves now only (per version they are in the table)
+    newest = [v["adapter_version"] for v in m["versions"]][-CHART_VERSIONS:]
     answers = pd.DataFrame([{"time": _label(r["bucket_start"], bucket), "value": r["answers"],
-                             "series": r["adapter_version"]} for r in m["timeline"]]) if m["timeline"] else empty
-    rates = pd.DataFrame([{"time": _label(r["bucket_start"], bucket), "value": _rate(r[f"{k}_rate"]),
-                           "series": f"{r['adapter_version']} {k}"}
-                          for r in m["timeline"] for k in ("up", "down", "correction")]) if m["timeline"] else empty
+                             "series": r["adapter_version"] if r["adapter_version"] in newest else "older"}
+                            for r in m["timeline"]]) if m["timeline"] else empty
+    if len(answers):
+        answers = answers.groupby(["time", "series"], as_index=False, sort=False)["value"].sum()
+    serving = m["quality"]["adapter_version"]
+    rates = pd.DataFrame([{"time": _label(r["bucket_start"], bucket), "value": _rate(r[f"{k}_rate"]), "series": k}
+                          for r in m["timeline"] if r["adapter_version"] == serving
+                          for k in ("up", "down", "correction")])
+    rates = rates if len(rates) else empty
     drift = pd.DataFrame([{"time": _label(r["bucket_start"], bucket), "value": _rate(r[k]), "series": k}
                           for r in m["drift"]["timeline"] for k in ("ood_rate", "centroid_shift")
                           if r[k] is not None]) if m["drift"]["timeline"] else empty
@@ -93,7 +111,7 @@ def build(workspace, P):
     with gr.Row():
         answers = gr.BarPlot(x="time", y="value", color="series", title="Answers served", x_title="time",
                              y_title="answers", y_axis_format=COUNT_FORMAT, elem_id="monitor-answers", height=240)
-        rates = gr.ScatterPlot(x="time", y="value", color="series", title="Up / down / correction rate",
+        rates = gr.ScatterPlot(x="time", y="value", color="series", title="Ratings of the version serving now",
                                x_title="time", y_title="share of answers", elem_id="monitor-rates", height=240,
                                y_lim=[0, 1], y_axis_format=".0%")
     drift = gr.ScatterPlot(x="time", y="value", color="series", title="Drift from the training data",
