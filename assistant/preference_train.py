@@ -97,7 +97,7 @@ def _args(method: str, plan: PreferencePlan, settings, out: str, *, cuda: bool, 
     steps = math.ceil(n / plan.batch_size(method, settings)) * plan.epochs(method, settings)
     common = dict(output_dir=out, per_device_train_batch_size=plan.batch_size(method, settings),
                   num_train_epochs=plan.epochs(method, settings), learning_rate=settings.preference_learning_rate,
-                  lr_scheduler_type="linear", warmup_steps=max(1, int(0.1 * steps)), weight_decay=settings.weight_decay,
+                  lr_scheduler_type="linear", warmup_steps=int(0.1 * steps), weight_decay=settings.weight_decay,
                   max_grad_norm=1.0, beta=settings.beta, max_length=settings.max_seq_len, bf16=False, fp16=False,
                   use_cpu=not cuda, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
                   seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0,
