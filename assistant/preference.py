@@ -13,9 +13,10 @@ the same cap on one user's share. A hash split holds out a share of the thumbs-r
 enough of each kind; corrections always train) for the gate's preference-margin check; the rows it holds
 out are trained on by no method.
 
-`methods` says which methods the data supports (SFT always, DPO from MIN_PAIRS pairs, KTO from
+`supported` says which methods the data supports (SFT always, DPO from MIN_PAIRS pairs, KTO from
 MIN_PER_KIND ratings of each kind) and `choose` turns a request ("auto", "sft+kto", ...) into the methods a
-job runs, or a DatasetTooSmall that says what is missing.
+job runs, or a DatasetTooSmall that says what is missing. "auto" runs the supported methods except KTO,
+which runs only when asked for: the benchmark has not shown it helping yet.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 from .errors import DatasetTooSmall
 
 METHODS = ("sft", "dpo", "kto")     # in the order a job runs them
+AUTO_SKIPS = ("kto",)               # not run by "auto": on the benchmark's thumbs-only data SFT + KTO taught the
+                                    # disliked style more than SFT alone did (preference_gain < 0)
 MIN_PAIRS = 4                       # corrections (with the answer they corrected) before DPO runs
 MIN_PER_KIND = 4                    # thumbs-up and thumbs-down answers, each, before KTO runs
 MAX_CLASS_WEIGHT = 4.0              # KTO's weight of the rarer kind is the count ratio, at most this
@@ -224,8 +227,13 @@ def choose(method: str, counts: dict, n_sft: int, min_examples: int) -> list[str
     `min_examples` of them."""
     can = supported(counts)
     wanted = parse(method)
-    if wanted is None:
-        wanted = can if n_sft >= min_examples else [m for m in can if m != "sft"]
+    if wanted is None:     # auto: KTO only when asked (benchmarks/bench_preference.py measured it hurting)
+        can_auto = [m for m in can if m not in AUTO_SKIPS]
+        wanted = can_auto if n_sft >= min_examples else [m for m in can_auto if m != "sft"]
+        if not wanted and "kto" in can:
+            raise DatasetTooSmall(f"this domain has {n_sft} usable examples after curation; SFT needs at least "
+                                  f"{min_examples}. Its ratings support KTO, which runs only when asked for: "
+                                  "choose method kto, or add examples")
         if not wanted:
             raise DatasetTooSmall(_too_little(counts, n_sft, min_examples))
         return wanted

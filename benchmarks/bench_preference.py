@@ -145,7 +145,7 @@ def _run(small: bool, seed: int) -> dict:
         settings, store = rated_store(Path(tmp) / "home", rated)
         snap = curate(store, "explain", settings)
         data = preference.build(snap.rows, store.list_feedback("explain"), group_settings(settings, "curation"))
-        methods = preference.choose("auto", data.counts, len(snap.rows), 1)
+        methods = preference.choose("sft+kto", data.counts, len(snap.rows), 1)
         held = data.heldout_keys()
         rows = [r for r in snap.rows if r["key"] not in held]
         ts = TrainSettings(**SETTINGS, **size["settings"])
