@@ -142,7 +142,9 @@ def cmd_train(args) -> int:
 def cmd_retry(args) -> int:
     job = _workspace(args).retry_job(args.job_id, wait=True)
     keys = ("job_id", "status", "adapter_version", "promoted", "metrics", "error")
-    sys.stdout.write(json.dumps({k: job.get(k) for k in keys}, indent=1, default=str) + "\n")
+    out = {k: job.get(k) for k in keys}
+    out["data"] = (job.get("settings") or {}).get("data_summary")    # "40 ratings, ...: SFT + DPO + KTO"
+    sys.stdout.write(json.dumps(out, indent=1, default=str) + "\n")
     return 0 if job.get("status") == "succeeded" else 1
 
 

@@ -4,6 +4,8 @@
     {"promote": bool, "summary": "one sentence",
      "checks": [{"name", "passed", "value", "bound", "meaning", "advice"}], "reasons": ["ok: ...", ...]}
 A check whose data is missing (no corrections, no holdout) is left out, and said so in `reasons`.
+With rated answers held out (preference.py), the new version's preference margin must not fall below the
+current version's (preference_eval.py).
 `gate(before, after, settings)` is the (promote, reasons) pair of the same verdict.
 
 Forgetting is measured twice, both tolerant of rewording: the loss (NLL per token) of the base model's own
@@ -37,6 +39,9 @@ class GateSettings:
                 "at most this times the base's (forgetting; rewording the answers does not move it)"})
     min_general_embedding_similarity: float = field(default=0.6, metadata={
         "help": "mean MiniLM cosine between the base's and the adapter's answers to general prompts"})
+    max_preference_margin_drop: float = field(default=0.0, metadata={
+        "help": "on held-out rated answers, the new version's preference margin (log-likelihood per token of "
+                "liked minus disliked answers) may fall at most this much below the current version's"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens per greedy answer during evaluation"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row for the losses"})
 
@@ -56,6 +61,7 @@ MEANING = {
                    "have forgotten general skills",
     "general_similarity": "answers to general questions changed a lot: the adapter may have forgotten general "
                           "skills",
+    "preference_margin": "the new version prefers the answers users disliked more than the current version does",
 }
 MEANING_PASSED = {
     "corrections": "the adapter gives the answers users corrected",
@@ -64,6 +70,7 @@ MEANING_PASSED = {
     "heldout_match": "answers to held-out examples are as good as the base's",
     "general_nll": "the base's own answers to general questions stay likely: general skills are kept",
     "general_similarity": "answers to general questions stay close to the base's",
+    "preference_margin": "the new version prefers the answers users liked at least as much as the current one",
 }
 ADVICE = {
     "corrections": "train again with more epochs (or a higher learning rate), and check that corrections of the "
@@ -75,6 +82,7 @@ ADVICE = {
                    "questions do not matter for this domain",
     "general_similarity": "add more varied examples, lower epochs or the learning rate, or activate anyway if "
                           "general questions do not matter for this domain",
+    "preference_margin": "train with a preference method (method sft+kto or sft+dpo), or rate more answers",
 }
 LABEL = {
     "corrections": "answer-match on the {n} corrected answers",
@@ -83,6 +91,8 @@ LABEL = {
     "heldout_match": "held-out answer-match",
     "general_nll": "loss of the base's general answers, adapter / base",
     "general_similarity": "similarity of general answers to the base's",
+    "preference_margin": "preference margin (liked minus disliked, log-likelihood per token) on {n} held-out "
+                         "rated answers",
 }
 
 
@@ -123,6 +133,13 @@ def checks(before: dict, after: dict, s: GateSettings) -> tuple[list[dict], list
     if sim is not None:
         add("general_similarity", sim >= s.min_general_embedding_similarity, sim,
             f">= {s.min_general_embedding_similarity}")
+    pb, pa = before.get("preference_margin"), after.get("preference_margin")
+    if pb is not None and pa is not None:
+        add("preference_margin", pa >= pb - s.max_preference_margin_drop, pa,
+            f">= {pb - s.max_preference_margin_drop:.3f} ({after.get('preference_reference', 'current')}'s margin)",
+            after.get("n_preference_heldout"))
+    elif after.get("preference_skipped"):
+        skipped.append(f"preference margin ({after['preference_skipped']})")
     return out, skipped
 
 
@@ -134,13 +151,16 @@ def verdict(before: dict, after: dict, settings: GateSettings | None = None) -> 
     reasons = [f"{'ok' if c['passed'] else 'blocked'}: {c['label']} {c['value']:.2f}, needs {c['bound']}"
                for c in sorted(found, key=lambda c: c["passed"])]
     reasons += [f"skipped: {what}" for what in skipped]
-    learned = [c for c in found if c["name"] in ("corrections", "taught", "heldout_loss")]
+    learned = [c for c in found if c["name"] in ("corrections", "taught", "heldout_loss", "preference_margin")]
     if not learned:
         failed.append({"name": "nothing", "meaning": "there was nothing to check the adapter on",
                        "advice": "add examples or corrections, then train again"})
         reasons.insert(0, "blocked: nothing to evaluate (no taught examples, corrections or holdout)")
     if not failed:
-        summary = "The new version learned what it was taught and kept its general answers, so it goes live."
+        prefers = any(c["name"] == "preference_margin" for c in found)
+        summary = ("The new version learned what it was taught and kept its general answers"
+                   + (", and it prefers the answers users liked at least as much as the current version does"
+                      if prefers else "") + ", so it goes live.")
     else:
         first = failed[0]
         more = f" (and {len(failed) - 1} more check{'s' if len(failed) > 2 else ''})" if len(failed) > 1 else ""

@@ -28,51 +28,36 @@ import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AssistantError, Conflict, DatasetTooSmall, NotFound
-from .stages import TERMINAL, StageTracker, overall_progress, pending_stages
+from .errors import AssistantError, Conflict, NotFound
+from .job_process import (  # noqa: F401 - the job's process, used here and through `jobs.` by the shells
+    ACTIVE,
+    RETRY_HINT,
+    STAGING_PREFIX,
+    _curated,
+    _dispatch_lock,
+    _remove_staging,
+    _running,
+    _settings_from_json,
+    _settings_json,
+    _spawn,
+    cancel_job,
+    dispatch,
+    reap,
+    recover_orphans,
+    resumable,
+    staging_path,
+)
+from .stages import TERMINAL, StageTracker, overall_progress
 from .threads import use_all_cores
 
 log = logging.getLogger(__name__)
 
-RETRY_HINT = "; the trained adapter is kept: retry from evaluation"
-KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear...
-KILL_POLL_SECONDS = 0.05        # ...checking this often
-STAGING_PREFIX = ".staging-job-"   # + job id: the job's staging folder in its domain's adapter folder
-JOB_LOG_DIR = "jobs"            # <state>/jobs/<job_id>.log : the child's stdout and stderr
 JOB_NICENESS = 10               # the child yields the CPU to the server, so chat stays responsive
-SHARED_STAGING_GRACE_S = 3600   # with a shared database, staging folders younger than this may be another replica's
-
-_cancelling: set[str] = set()   # jobs this process is cancelling (their exit is not a failure)
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings across the process boundary
-# ---------------------------------------------------------------------------------------------
-
-_CHILD_SETTINGS = ("home", "state_dir", "adapters_dir", "cache_dir", "base_model", "quantization", "dtype", "device",
-                   "train_device", "train_gpus")
-_CHILD_GROUPS = ("curation", "gate", "train")   # the recipes' settings a job runs with
-
-
-def _settings_json(settings) -> str:
-    plain = {k: getattr(settings, k) for k in _CHILD_SETTINGS}
-    return json.dumps({**{k: str(v) if isinstance(v, Path) else v for k, v in plain.items()},
-                       **{k: getattr(settings, k) for k in _CHILD_GROUPS}})
-
-
-def _settings_from_json(text: str):
-    from .settings import Settings
-    d = json.loads(text)
-    paths = {f.name for f in fields(Settings) if f.name in ("home", "state_dir", "adapters_dir", "cache_dir")}
-    return Settings(**{k: Path(v) if k in paths else v for k, v in d.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +72,7 @@ def _prepare(settings, store, registry, domain: str, train_settings,
     measured on CUDA, no check on CPU)."""
     from .curation import curate
     from .memory import check_job_memory
-    from .training import MIN_EXAMPLES, TrainSettings
+    from .training import MAX_BATCH_SIZE, MIN_EXAMPLES, TrainSettings
     registry.get_domain(domain)
     ts = TrainSettings.of(train_settings, settings.train)   # InvalidSetting (400) names the field
     from .limits import engine_limits
@@ -102,9 +87,11 @@ def _prepare(settings, store, registry, domain: str, train_settings,
     snap = curate(store, domain, settings)
     curate_seconds = time.monotonic() - t0
     n_train = snap.report.get("train", 0)
-    if snap.report.get("kept", 0) < MIN_EXAMPLES:
-        raise DatasetTooSmall(f"domain {domain!r} has {snap.report.get('kept', 0)} usable examples after curation; "
-                              f"training needs at least {MIN_EXAMPLES}: add examples or corrections")
+    from .preference import for_job
+    preference = for_job(settings, store, domain, snap, ts.method, MIN_EXAMPLES)   # DatasetTooSmall: what is missing
+    if preference["methods"] != ["sft"]:       # a preference phase feeds chosen and rejected rows together
+        from dataclasses import replace
+        check_job_memory(settings, replace(ts, batch_size=min(2 * ts.batch_size, MAX_BATCH_SIZE)), free_bytes)
     feedback_ids = sorted({fid for it in snap.items if it.get("removed") is None
                            for fid in it.get("feedback_ids") or []})
     defaults = TrainSettings().to_dict()
@@ -112,7 +99,8 @@ def _prepare(settings, store, registry, domain: str, train_settings,
     return {"training": ts.to_dict(), "requested": requested, "snapshot": snap.hash,
             "feedback_ids": feedback_ids, "n_train": n_train,
             "n_eval": snap.report.get("eval", 0), "curate_seconds": round(curate_seconds, 2),
-            "n_corrections": snap.report.get("sources", {}).get("correction", 0)}
+            "n_corrections": snap.report.get("sources", {}).get("correction", 0), "preference": preference,
+            "methods": preference["methods"], "data_summary": preference["summary"]}
 
 
 def start_job(settings, store, registry, domain: str, train_settings: dict | None = None) -> str:
@@ -128,211 +116,6 @@ def start_job(settings, store, registry, domain: str, train_settings: dict | Non
     if settings.embedded_worker:
         dispatch(settings, store, registry, job_id)
     return job_id
-
-
-_running: set[str] = set()        # jobs this process's embedded worker runs (at most one)
-ACTIVE = ("queued", "running")
-_dispatch_lock = threading.Lock()
-
-
-def dispatch(settings, store, registry, job_id: str | None = None) -> str | None:
-    """The embedded worker: when this process runs no job, claim `job_id` (or the oldest queued job) and
-    start its child process -> the job started, or None."""
-    from .cluster import worker_name
-    with _dispatch_lock:
-        for done in [j for j in _running if (store.get_job(j) or {"status": "gone"})["status"] not in ACTIVE]:
-            _running.discard(done)     # it has ended; its process is only exiting
-        if _running:
-            return None
-        job_id = store.claim_job(worker_name(), job_id) or (store.claim_job(worker_name()) if job_id else None)
-        if job_id is None:
-            return None
-        _running.add(job_id)
-    try:
-        _spawn(settings, store, registry, job_id)
-    except BaseException:
-        _running.discard(job_id)
-        raise
-    return job_id
-
-
-def _spawn(settings, store, registry, job_id: str, *extra: str) -> None:
-    """The job's child process (`extra`: its arguments after the settings, e.g. --resume evaluate)."""
-    log_dir = Path(settings.state_path) / JOB_LOG_DIR
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("ASSISTANT_DATABASE_URL", None)   # the URL goes through the environment: a password stays out of `ps`
-    env.update({"ASSISTANT_DATABASE_URL": settings.database_url} if settings.database_url else {})
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with open(log_dir / f"{job_id}.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "assistant.jobs", job_id, _settings_json(settings), *extra],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)   # its own process group: cancel kills it all
-    store.update_job(job_id, pid=proc.pid)
-    threading.Thread(target=_watch, args=(settings, store, registry, job_id, proc), name=f"job-{job_id}",
-                     daemon=True).start()
-    if store.get_job(job_id)["status"] == "cancelled":  # cancelled before its pid was recorded
-        _kill_group(proc.pid)
-
-
-def _watch(settings, store, registry, job_id: str, proc) -> None:
-    """Reap the child; a child that died without saying how it ended (crash, OOM kill) failed. Then the
-    embedded worker takes the next queued job."""
-    code = proc.wait()
-    try:
-        _ended(store, registry, job_id, code)
-    finally:
-        _running.discard(job_id)
-    try:
-        dispatch(settings, store, registry)
-    except Exception:  # noqa: BLE001 - the next poll tries again
-        log.exception("could not start the next queued job")
-
-
-def _ended(store, registry, job_id: str, code: int) -> None:
-    job = store.get_job(job_id)
-    if job is None or job["status"] in TERMINAL or job_id in _cancelling:
-        return
-    why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-    hint = " (out of memory? try a smaller batch_size or max_seq_len)" if code == -signal.SIGKILL else ""
-    if resumable(job):
-        hint += RETRY_HINT
-    else:
-        _remove_staging(registry.root, job)
-    store.update_job(job_id, status="failed", error=f"the training process ended unexpectedly: {why}{hint}",
-                     stage=None, stages=_stages_ended(job),
-                     finished_at=time.time())
-
-
-# ---------------------------------------------------------------------------------------------
-# Cancel and recover
-# ---------------------------------------------------------------------------------------------
-
-def _is_job_process(pid: int | None, job_id: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, TypeError):
-        return False
-    return b"assistant.jobs" in cmdline and job_id.encode() in cmdline
-
-
-def _kill_group(pid: int | None) -> None:
-    if not pid:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + KILL_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        try:  # reap it when it is our own child (otherwise our watcher thread does)
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(KILL_POLL_SECONDS)
-
-
-def staging_path(adapters_root, job: dict) -> Path:
-    """The job's staging folder, derived from its id (never logged: log lines are shown to users)."""
-    return Path(adapters_root) / job["domain"] / f"{STAGING_PREFIX}{job['job_id']}"
-
-
-def resumable(job: dict) -> bool:
-    """True when the job's training finished (its adapter is in the staging folder): a failure after it
-    keeps that folder, and the job can retry from evaluation."""
-    return any(st["name"] == "train" and st["status"] == "done" for st in job.get("stages") or ())
-
-
-def _remove_staging(adapters_root, job: dict) -> None:
-    shutil.rmtree(staging_path(adapters_root, job), ignore_errors=True)
-
-
-def _stages_ended(job: dict) -> list[dict]:
-    """A job's stages after it ended early (killed, cancelled, orphaned): the running stage failed."""
-    return [{**st, "status": "failed", "eta_s": None} if st["status"] == "running" else st
-            for st in job.get("stages") or pending_stages()]
-
-
-def _curated(store, job_id: str, record: dict) -> None:
-    """The curate stage ran in the server before the job existed: record it as done."""
-    stages = pending_stages()
-    now, took = time.time(), record.get("curate_seconds", 0.0)
-    stages[0].update(status="done", progress=1.0, elapsed_s=took, eta_s=0.0, started_at=round(now - took, 3),
-                     finished_at=round(now, 3))
-    store.update_job(job_id, stage=None, stages=stages, progress=overall_progress(stages))
-
-
-def cancel_job(settings, store, job_id: str) -> dict:
-    """Cancel a queued or running job: kill its process group, mark it cancelled, remove its staging.
-    A job that already ended is left as it is."""
-    from .errors import NotFound
-    job = store.get_job(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}")
-    if job["status"] in TERMINAL:
-        return job
-    _cancelling.add(job_id)
-    try:
-        store.update_job(job_id, status="cancelled", finished_at=time.time(), log="cancelled by request\n")
-        if _is_job_process(job.get("pid"), job_id) or job.get("pid") and _is_own_child(job["pid"]):
-            _kill_group(job["pid"])
-        job = store.get_job(job_id)           # after the kill: the child's last progress write is in
-        store.update_job(job_id, stage=None, stages=_stages_ended(job))
-        _remove_staging(settings.adapters_path, job)
-    finally:
-        _cancelling.discard(job_id)
-    return store.get_job(job_id)
-
-
-def _is_own_child(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[1] == str(os.getpid())
-    except (OSError, IndexError):
-        return False
-
-
-def reap(settings, store, registry, *, at_start: bool = False) -> list[str]:
-    """Mark failed the claimed jobs whose worker is gone (cluster.owner_alive; `at_start`: also those under
-    this process's own name, left by an earlier process of the same pid) -> their ids. Not re-queued: the
-    job may be what killed its worker. Every worker and replica runs this as it polls."""
-    from .cluster import owner_alive
-    failed = []
-    for owned in store.owned_jobs():
-        alive = (owner_alive(store, owned["worker"], self_is_stale=at_start) if owned["worker"] is not None
-                 else not at_start)   # running under no worker's name: left by an older version of the app
-        job = None if alive else store.get_job(owned["job_id"])
-        if job is not None and job["status"] in ACTIVE:
-            if _is_job_process(job.get("pid"), job["job_id"]):   # what is left of it, when it ran here
-                _kill_group(job["pid"])
-            keep = resumable(job)   # its training finished: the adapter stays for "retry from evaluation"
-            if not keep:
-                _remove_staging(registry.root, job)
-            store.update_job(job["job_id"], status="failed", finished_at=time.time(), stage=None,
-                             stages=_stages_ended(job), error="the worker running this job stopped (its process "
-                             "ended) before the job finished: nothing was published"
-                             + (RETRY_HINT if keep else "; start training again"))
-            failed.append(job["job_id"])
-    return failed
-
-
-def recover_orphans(settings, store, registry) -> list[str]:
-    """At server start: `reap(at_start=True)`, a restart named in the error, and leftover staging folders
-    removed (not those of running jobs). Jobs still queued for a worker stay queued -> the ids failed."""
-    failed = reap(settings, store, registry, at_start=True)
-    for job_id in failed:
-        keep = resumable(store.get_job(job_id))
-        store.update_job(job_id, error="the server restarted while this job ran"
-                         + (RETRY_HINT if keep else ": start training again"))
-    running = {f"{STAGING_PREFIX}{j['job_id']}" for j in store.list_jobs()
-               if j["status"] in ("queued", "running") or (j["status"] == "failed" and resumable(j))}
-    # a shared adapters folder: another replica may be importing right now; its staging is young
-    registry.cleanup_staging(keep=running, older_than_s=SHARED_STAGING_GRACE_S if store.kind == "postgresql" else 0)
-    return failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +167,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
     try:
         rows = _read_rows(settings, record, store, domain)
         system_prompt = registry.get_domain(domain).system_prompt
+        rows, plan = _preference_plan(settings, domain, record, rows)
         if resume == "evaluate":
             staging, trained = staging_path(registry.root, job), True
             kept = (job.get("metrics") or {}).get("trained")
@@ -393,8 +177,10 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
             base = _load(settings)
             result = _Trained(**kept)
         else:
+            if record.get("data_summary"):
+                store.update_job(job_id, log=f"data: {record['data_summary']}\n")
             staging = registry.new_staging(domain, tag=f"job-{job_id}")
-            base, result = _train(settings, store, job_id, rows, record, staging, tracker, on_step)
+            base, result = _train(settings, store, job_id, rows, record, staging, tracker, on_step, plan)
             store.update_job(job_id, metrics={"train": result.summary(), "trained": _Trained.of(result).__dict__})
             trained = True
         base.model.eval()
@@ -406,6 +192,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
         before, after = evaluation.evaluate_adapter(
             base, staging, rows, gate_settings, system_prompt,
             progress=lambda done, total: tracker.advance("evaluate", done, total))
+        _preference_margins(registry, domain, base, staging, plan, before, after, gate_settings)
         verdict = evaluation.verdict(before, after, gate_settings)
         promote = verdict["promote"]
         metrics = {"train": result.summary(), "before": evaluation.summary(before),
@@ -416,6 +203,8 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
         store.update_job(job_id, metrics=metrics, log=f"evaluated: {verdict['summary']}\n")
         card = {"base_fingerprint": result.fingerprint, "dataset_snapshot": record.get("snapshot"),
                 "feedback_ids": record.get("feedback_ids", []), "training_settings": result.settings,
+                "training": {"methods": result.methods, "data": (record.get("preference") or {}).get("counts"),
+                             "summary": record.get("data_summary"), "phases": result.phases},
                 "metrics": metrics, "job_id": job_id, "domain": domain}
         if store.get_job(job_id)["status"] == "cancelled":
             raise TrainingStopped("cancelled before publishing")
@@ -464,7 +253,34 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
     return store.get_job(job_id)
 
 
-def _train(settings, store, job_id: str, rows, record: dict, staging: Path, tracker, on_step):
+def _preference_plan(settings, domain: str, record: dict, rows: list[dict]):
+    """(the rows SFT and the gate see, the PreferencePlan or None). Rated answers held out for the
+    preference margin are left out of every method's training."""
+    entry = record.get("preference")
+    if not entry:
+        return rows, None
+    from .preference import load_for_job
+    from .preference_train import PreferencePlan
+    data = load_for_job(settings, domain, entry)
+    held = data.heldout_keys()
+    return [r for r in rows if r.get("key") not in held], PreferencePlan(data, list(entry["methods"]))
+
+
+def _preference_margins(registry, domain: str, base, staging, plan, before: dict, after: dict, gate) -> None:
+    """The held-out preference margins of the current version (before) and the new one (after), for the gate."""
+    heldout = plan.data.heldout() if plan is not None else []
+    if not heldout:
+        if plan is not None:
+            after["preference_skipped"] = "too few rated answers of each kind to hold some out"
+        return
+    from .preference_eval import margins
+    active = registry.active_version(domain)
+    m = margins(base, staging, registry.version_path(domain, active) if active else None, heldout, gate.max_seq_len)
+    before["preference_margin"], after["preference_margin"] = m["current"], m["new"]
+    after["n_preference_heldout"], after["preference_reference"] = m["n"], active or "the base"
+
+
+def _train(settings, store, job_id: str, rows, record: dict, staging: Path, tracker, on_step, plan=None):
     """The train stage: (the base, the TrainResult), the adapter saved in `staging`."""
     from .training import TrainSettings, _load, train_adapter
     ts = TrainSettings.from_record(record["training"])
@@ -488,7 +304,8 @@ def _train(settings, store, job_id: str, rows, record: dict, staging: Path, trac
     if settings.train_gpus > 1:
         store.update_job(job_id, log=f"training in {settings.train_gpus} processes\n")
     result = train_adapter(base, rows, staging, ts, progress=progress, should_stop=stopped,
-                           processes=settings.train_gpus, note=lambda text: tracker.note("train", text))
+                           processes=settings.train_gpus, note=lambda text: tracker.note("train", text),
+                           preference=plan)
     tracker.finish("train")
     store.update_job(job_id, log=f"trained: {json.dumps(result.summary())}\n")
     result.model.unload()            # LoRA layers out: the engine loads the adapter from its folder
@@ -502,10 +319,13 @@ class _Trained:
     settings: dict
     fingerprint: dict
     seconds: float
+    methods: list = field(default_factory=lambda: ["sft"])
+    phases: list = field(default_factory=list)
 
     @classmethod
     def of(cls, result) -> "_Trained":
-        return cls(result.summary(), result.settings, result.fingerprint, result.seconds)
+        return cls(result.summary(), result.settings, result.fingerprint, result.seconds, list(result.methods),
+                   list(result.phases))
 
     def summary(self) -> dict:
         return self.summary_
@@ -573,6 +393,7 @@ def run_job_inline(settings, store, registry, domain: str, train_settings=None) 
     job_id = store.create_job(domain, record)
     store.claim_job((lock := WorkerLock(store)).name, job_id)   # ours: a reaper can tell when we are gone
     _curated(store, job_id, record)
+    tqdm.write(f"{domain}: {record['data_summary']}")     # what the data supports and which methods run
     bar = tqdm(total=None, desc=f"training {domain}", unit="step")
 
     def on_step(step, total, loss):

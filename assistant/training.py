@@ -85,6 +85,16 @@ class TrainSettings:
     gradient_checkpointing: str = field(default="auto", metadata={
         "help": "auto | on | off (auto: on with CUDA or a quantized base, off for a dense base on CPU, where "
                 "memory is not the limit)"})
+    method: str = field(default="auto", metadata={
+        "help": "auto | methods joined by '+' from sft, dpo, kto (e.g. sft+kto). SFT learns seeds, thumbs-up "
+                "answers and corrections; DPO learns each correction over the answer it corrected (needs 4+ "
+                "corrections); KTO learns from thumbs up and down without corrections (needs 4+ of each kind). "
+                "auto: SFT, plus DPO when the data supports it; KTO only when named (the job record says which ran)"})
+    beta: float = field(default=0.1, metadata={
+        "help": "DPO/KTO beta: how far the preference phase may move from its reference (higher: less)"})
+    preference_learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate of DPO/KTO"})
+    preference_epochs: int | None = field(default=None, metadata={
+        "help": "passes over the DPO pairs / KTO rows; None scales to the data (~96 rows seen, at most 6 passes)"})
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, str)):
@@ -103,7 +113,16 @@ class TrainSettings:
                    f"must be between {MIN_SEQ_LEN} and {MAX_SEQ_LEN}"),
                   ("target_modules", bool(self.target_modules), "must name at least one module"),
                   ("gradient_checkpointing", self.gradient_checkpointing in ("auto", "on", "off"),
-                   "must be auto, on or off")]
+                   "must be auto, on or off"),
+                  ("beta", 0.0 < self.beta <= 10.0, "must be in (0, 10]"),
+                  ("preference_learning_rate", 0.0 < self.preference_learning_rate < 1.0, "must be in (0, 1)"),
+                  ("preference_epochs", self.preference_epochs is None or 1 <= self.preference_epochs <= MAX_EPOCHS,
+                   f"must be between 1 and {MAX_EPOCHS} (or null for auto)")]
+        from .preference import parse
+        try:
+            parse(self.method)
+        except ValueError as e:
+            checks.append(("method", False, str(e).removeprefix("method ")))
         for name, ok, message in checks:
             if not ok:
                 raise InvalidSetting(f"training setting {name} {message}", param=name)
@@ -150,6 +169,8 @@ class TrainResult:
     settings: dict
     fingerprint: dict
     world_size: int = 1           # processes that trained it together (train_gpus)
+    methods: list[str] = field(default_factory=lambda: ["sft"])   # what ran, in order
+    phases: list[dict] = field(default_factory=list)              # one summary per DPO/KTO phase
     model: object = field(default=None, repr=False)      # the trained PeftModel (not serialised)
     tokenizer: object = field(default=None, repr=False)
 
@@ -163,6 +184,7 @@ class TrainResult:
                 "label_tokens": self.label_tokens, "train_seconds": round(self.seconds, 2),
                 "tokens_per_second": round(self.tokens_per_second, 1), "n_train": self.n_train,
                 "n_examples": self.n_examples, "n_dropped": self.n_dropped,
+                "methods": self.methods, **({"phases": self.phases} if self.phases else {}),
                 **({"world_size": self.world_size} if self.world_size > 1 else {})}
 
 
@@ -305,14 +327,16 @@ def save_adapter(peft_model, out_dir: Path) -> None:
 def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settings: TrainSettings | None = None,
                   progress: Callable[[int, int, float], None] | None = None,
                   should_stop: Callable[[], bool] | None = None, *, processes: int = 1,
-                  note: Callable[[str], None] | None = None) -> TrainResult:
+                  note: Callable[[str], None] | None = None, preference=None) -> TrainResult:
     """Train a LoRA adapter on the `train` rows and save it as a PEFT folder in `out_dir`.
 
     `rows`: [{"messages": [{"role", "content"}, ...], "split": "train" | "eval"}]; rows without a split
     count as train. `progress(step, total_steps, loss)` is called after every optimizer step;
     `should_stop()` is polled before each step and stops the run with `TrainingStopped`. `processes` > 1
-    trains data-parallel in that many processes (ddp.py) on the batches prepared here. `note(text)` hears
-    each sub-step before the first optimizer step (replay answers, tokenizing, LoRA setup)."""
+    trains data-parallel in that many processes (ddp.py) on the batches prepared here (the SFT phase).
+    `note(text)` hears each sub-step before the first optimizer step (replay answers, tokenizing, LoRA setup).
+    `preference`: a preference_train.PreferencePlan; its DPO/KTO phases run after the SFT phase (or alone,
+    when its methods leave SFT out) on the same adapter, counted in the same progress."""
     from .errors import DatasetTooSmall
     from .model import trainable_4bit
 
@@ -345,32 +369,53 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     note(f"tokenizing {len(train_rows)} rows")
     encoded = [encode_chat(tok, r["messages"], settings.max_seq_len) for r in train_rows]
     examples = [e for e in encoded if any(label != IGNORE_INDEX for label in e[1][1:])]
-    if len(examples) < 1:
+    if len(examples) < 1 and (preference is None or "sft" in preference.methods):
         raise DatasetTooSmall("no training row has an assistant answer to learn from: add examples or corrections")
     epochs = settings.epochs or auto_epochs(len(examples))
     schedule = [b for _ in range(epochs) for b in length_grouped_batches([len(e[0]) for e in examples],
                                                                           settings.batch_size, rng)]
-    total_steps = len(schedule)
+    methods = preference.methods if preference is not None else ["sft"]
+    if "sft" not in methods:
+        schedule = []
+    pref_steps = preference.steps(settings) if preference is not None else 0
+    total_steps = len(schedule) + pref_steps
+    sft_progress = progress if progress is None or not pref_steps else (
+        lambda step, _total, loss: progress(step, total_steps, loss))
     note(f"LoRA setup and the first of {total_steps} steps")
 
     # 3-5. LoRA, the loop, the saved folder: here, or in `processes` processes that share each batch.
-    if processes > 1:
+    if not schedule:
+        peft_model, run = None, {"losses": [], "tokens": 0, "label_tokens": 0, "seconds": 0.0}
+        if quantized:
+            prepare_quantized(model, checkpointing)
+    elif processes > 1:
         from peft import PeftModel
 
         from .ddp import train_ranks
         run = train_ranks(base, examples, schedule, settings.to_dict(), out_dir, processes,
-                          checkpointing=checkpointing, progress=progress, should_stop=should_stop)
+                          checkpointing=checkpointing, progress=sft_progress, should_stop=should_stop)
         if "stopped_at" in run:
             raise TrainingStopped(f"stopped at step {run['stopped_at']}/{total_steps}")
-        peft_model = PeftModel.from_pretrained(model, str(out_dir)).eval()   # what the ranks trained, here
+        # what the ranks trained, here (trainable when preference phases continue it in this process)
+        peft_model = PeftModel.from_pretrained(model, str(out_dir), is_trainable=bool(pref_steps))
+        peft_model.train(bool(pref_steps))
     else:
         peft_model, run = _train_here(base, examples, schedule, settings, out_dir, quantized=quantized,
-                                      checkpointing=checkpointing, progress=progress, should_stop=should_stop)
+                                      checkpointing=checkpointing, progress=sft_progress, should_stop=should_stop)
+    if pref_steps:
+        from .preference_train import train_preferences
+        peft_model, pref = train_preferences(base, peft_model, preference, settings, checkpointing=checkpointing,
+                                             progress=progress, should_stop=should_stop, offset=len(schedule),
+                                             total=total_steps)
+        save_adapter(peft_model, out_dir)
+        run = {**run, "losses": run["losses"] + pref["losses"], "seconds": run["seconds"] + pref["seconds"]}
+        total_steps = pref["steps"]
     return TrainResult(adapter_dir=out_dir, steps=total_steps, epochs=epochs, losses=run["losses"],
                        tokens=run["tokens"], label_tokens=run["label_tokens"], seconds=run["seconds"],
                        n_train=n_rows, n_examples=len(examples), n_dropped=len(encoded) - len(examples),
                        settings=settings.to_dict(), fingerprint=base.fingerprint,
-                       world_size=run.get("world_size", 1), model=peft_model, tokenizer=tok)
+                       world_size=run.get("world_size", 1), model=peft_model, tokenizer=tok, methods=list(methods),
+                       phases=list(preference.phases) if preference is not None else [])
 
 
 def _train_here(base, examples, schedule, settings: TrainSettings, out_dir: Path, *, quantized: bool,

@@ -277,6 +277,18 @@ class Workspace:
         self.require_domain(domain)
         return self.curator().preview(domain)
 
+    def training_methods(self, domain: str) -> dict:
+        """What the domain's ratings support, read-only: {"counts", "supported", "summary", "needs"}
+        ("40 ratings (...), 12 corrections: SFT + DPO + KTO")."""
+        from . import preference
+        from .settings import group_settings
+        data = preference.build(self.preview(domain).rows, self.store.list_feedback(domain),
+                                group_settings(self.settings, "curation"))
+        can = preference.supported(data.counts)
+        return {"counts": data.counts, "supported": can, "summary": preference.describe(data.counts, can),
+                "needs": f"DPO needs {preference.MIN_PAIRS}+ corrections, KTO {preference.MIN_PER_KIND}+ "
+                         "ratings of each kind"}
+
     def export_dataset(self, domain: str, folder: Path | None = None):
         """The user exports the dataset: the snapshot is written (and recorded); with `folder`, also a copy
         named `<domain>-<hash>.jsonl` there (outside the state folder) -> its path."""

@@ -89,7 +89,7 @@ def test_a_failed_rank_fails_the_run_with_its_message(tiny_llama, tmp_path, monk
 def test_train_device_and_train_gpus_reach_the_job_and_the_cli(tiny_llama, tmp_path):
     from assistant.cli import build_parser
     from assistant.flags import settings_from
-    from assistant.jobs import _settings_from_json, _settings_json
+    from assistant.job_process import _settings_from_json, _settings_json
     from assistant.settings import Settings
     from assistant.training import training_base_settings
 

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 JOB_POLL_S = 2.0              # the Train tab's polling period while a job runs
 METHODS = ("lora", "qlora")
+LEARN_FROM = ("auto", "sft", "sft+dpo", "sft+kto", "sft+dpo+kto", "dpo", "kto")   # TrainSettings.method
 DEFAULTS = TrainSettings()    # the recipe's defaults, shown in the form
 NO_DOMAINS = "No domains yet: create one in the Adapters tab, or from the Chat tab's model picker (New domain…)."
 
@@ -30,7 +31,8 @@ def default_method(serving) -> str:
     return "qlora" if getattr(serving.base, "quantization", None) == "nf4" else "lora"
 
 
-LABELS = {"epochs": "Epochs", "learning_rate": "Learning rate", "rank": "Rank", "max_seq_len": "Max length (tokens)"}
+LABELS = {"method": "Learn from", "epochs": "Epochs", "learning_rate": "Learning rate", "rank": "Rank",
+          "max_seq_len": "Max length (tokens)"}
 
 
 def _number(value):
@@ -41,7 +43,7 @@ def _number(value):
 
 
 def train_settings(method_default: str, epochs, learning_rate, rank, method, max_len, advanced,
-                   defaults: dict | None = None) -> TrainSettings:
+                   defaults: dict | None = None, learn_from: str = "auto") -> TrainSettings:
     """The form -> training settings, checked once by the one checker (TrainSettings.from_dict, on top of
     the server's `defaults`); its error names the form field (advanced settings: the JSON box)."""
     if method not in METHODS:
@@ -50,6 +52,8 @@ def train_settings(method_default: str, epochs, learning_rate, rank, method, max
         raise field_error("Method", f"this server's base trains with {method_default}: qlora needs a "
                                     "4-bit (nf4) base on a CUDA GPU, lora a base that is not 4-bit")
     out = {"learning_rate": _number(learning_rate), "rank": _number(rank), "max_seq_len": _number(max_len)}
+    if learn_from not in (None, "", "auto"):
+        out["method"] = learn_from
     if _number(epochs) != 0:   # 0 is what the browser shows for an empty field: sized to the dataset, as empty
         out["epochs"] = _number(epochs)
     text = (advanced or "").strip()
@@ -104,6 +108,8 @@ def train_view(workspace, domain, model):
         return (err(e), None, gr.update(), *_job_outputs(workspace, None, model))
     size = (f"**{report['kept']}** curated examples ({report['train']} train / {report['eval']} eval) · training "
             f"needs at least {MIN_EXAMPLES}")
+    learn = workspace.training_methods(domain)
+    size += f"\n\nRatings: {learn['summary']} (auto runs SFT, and DPO when supported; {learn['needs']})"
     if report["kept"] < MIN_EXAMPLES:
         size += (f"\n\nAdd {MIN_EXAMPLES - report['kept']} more: import seed examples in the Data tab, or correct "
                  f"answers of {domain} in the Chat tab.")
@@ -113,13 +119,14 @@ def train_view(workspace, domain, model):
     return (size, job["job_id"] if job else None, versions, *_job_outputs(workspace, job, model, domain))
 
 
-def retrain(workspace, method_default, domain, epochs, learning_rate, rank, method, max_len, advanced, model):
+def retrain(workspace, method_default, domain, epochs, learning_rate, rank, method, max_len, advanced, model,
+            learn_from="auto"):
     """-> the form's error line (in place, naming the field), job id, the job outputs."""
     try:
         if not domain:
             raise field_error("Domain", "pick a domain")
         settings = train_settings(method_default, epochs, learning_rate, rank, method, max_len, advanced,
-                                  workspace.settings.train)
+                                  workspace.settings.train, learn_from)
         job_id = workspace.start_training(domain, settings)
     except AssistantError as e:
         return (err(e), gr.skip(), *(gr.skip() for _ in range(N_JOB_OUT)))
@@ -208,6 +215,9 @@ def build(workspace, serving, P, model):
         rank = gr.Number(DEFAULTS.rank, label=f"Rank (1-{MAX_LORA_RANK})", precision=0, elem_id="train-rank")
         max_len = gr.Number(DEFAULTS.max_seq_len, label="Max length (tokens)", precision=0, elem_id="train-max-len")
         method = gr.Radio(list(METHODS), value=default_method(serving), label="Method", elem_id="train-method")
+    learn_from = gr.Radio(list(LEARN_FROM), value="auto", elem_id="train-learn-from",
+                          label="Learn from (SFT: examples and corrections; DPO: corrections over the answers they "
+                                "fixed; KTO: thumbs up and down)")
     with gr.Accordion("Advanced (JSON: batch_size, augment, replay, alpha, dropout, seed…)", open=False,
                       elem_id="train-advanced-box"):
         advanced = gr.Textbox("", label="More settings as a JSON object", placeholder='{"batch_size": 4}',
@@ -237,8 +247,8 @@ def build(workspace, serving, P, model):
     job_out = [status, cancel_btn, stages, bar, loss, job_log, metrics, verdict, anyway, timer, model]
     view_out = [size, job_id, version, *job_out]
     domain.change(P(train_view, workspace), [domain, model], view_out)
-    go.click(P(retrain, workspace, default_method(serving)), [domain, epochs, lr, rank, method, max_len, advanced, model],
-             [form_error, job_id, *job_out])
+    go.click(P(retrain, workspace, default_method(serving)), [domain, epochs, lr, rank, method, max_len, advanced, model,
+                                                              learn_from], [form_error, job_id, *job_out])
     cancel_btn.click(P(cancel, workspace), [job_id, model], [form_error, *job_out])
     retry_btn.click(P(retry, workspace), [job_id, model], [form_error, *job_out])
     timer.tick(P(poll_job, workspace), [job_id, model, seen], [*job_out, seen], concurrency_limit=None)

@@ -1,0 +1,188 @@
+"""Preference phases of a training job: trl's DPOTrainer (pairs from corrections) and KTOTrainer (unpaired
+thumbs), run after (or instead of) the SFT loop of training.py, on the same LoRA adapter, in the same
+process, reporting through the same `progress(step, total, loss)` and `should_stop()` as the SFT loop (a
+trainer callback), so the job's stages, loss curve and cancel work unchanged.
+
+No second copy of the base is ever loaded. The reference model is:
+  - after an SFT phase: the adapter as SFT left it, as a frozen copy of its LoRA weights inside the same
+    PeftModel (trl's "ref" adapter, megabytes). Each job trains a fresh adapter from the base on the whole
+    dataset, so the previous published version is not an ancestor of this one; what the preference loss
+    should measure is what the ratings add on top of what the examples taught. Anchoring to the bare base
+    instead would count every SFT change as preference and let beta's pull toward the reference undo the
+    taught facts;
+  - with no SFT phase: the base with the adapter disabled (trl's `peft_config` path, our LoRA settings).
+DPO runs with loss_type ["sigmoid", "sft"]: the SFT term on the chosen answer keeps corrections' facts
+learned. KTO weighs the rarer kind of rating by the count ratio (preference.class_weights).
+A quantized base (NF4/int8) trains as QLoRA here too; trl casts LoRA weights of a quantized model to
+bfloat16, and they are put back to float32 as the SFT loop keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from .errors import TrainingStopped
+from .preference import PreferenceData, class_weights
+
+log = logging.getLogger(__name__)
+
+PREF_TARGET_EXAMPLES = 96     # preference_epochs=None: enough passes to see about this many rows...
+MAX_PREF_AUTO_EPOCHS = 6      # ...but never more passes than this
+MIN_KTO_BATCH = 2             # KTO estimates its KL term from other rows of the batch: 2 rows at least
+REF_ADAPTER = "ref"           # the name trl gives the frozen reference copy of the adapter
+
+
+@dataclass
+class PreferencePlan:
+    """What a job's preference phases train on: the data, and the methods it runs (from preference.choose)."""
+    data: PreferenceData
+    methods: list[str]
+    phases: list[dict] = field(default_factory=list)    # filled by train_preferences: one summary per phase
+
+    def rows(self, method: str) -> list[dict]:
+        return self.data.train_pairs() if method == "dpo" else self.data.train_kto()
+
+    def batch_size(self, method: str, settings) -> int:
+        return max(settings.batch_size, MIN_KTO_BATCH) if method == "kto" else settings.batch_size
+
+    def epochs(self, method: str, settings) -> int:
+        n = len(self.rows(method))
+        return settings.preference_epochs or max(1, min(MAX_PREF_AUTO_EPOCHS, math.ceil(PREF_TARGET_EXAMPLES / max(n, 1))))
+
+    def steps(self, settings) -> int:
+        """Optimizer steps of every preference phase (for the job's progress total)."""
+        return sum(math.ceil(len(self.rows(m)) / self.batch_size(m, settings)) * self.epochs(m, settings)
+                   for m in self.methods if m != "sft")
+
+
+def _report(progress, should_stop, offset: int, total: int):
+    """A trainer callback: each optimizer step's loss goes to `progress` (offset by the steps before this
+    phase), and `should_stop()` is polled after every step."""
+    from transformers import TrainerCallback
+
+    class Report(TrainerCallback):
+        losses: list[float] = []
+        stopped = False
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and len(self.losses) < state.global_step:
+                self.losses.append(float(logs["loss"]))
+                if progress is not None:
+                    progress(offset + state.global_step, total, self.losses[-1])
+
+        def on_step_end(self, args, state, control, **kw):
+            if should_stop is not None and should_stop():
+                self.stopped = True
+                control.should_training_stop = True
+
+    report = Report()
+    report.losses = []
+    return report
+
+
+def _lora_config(settings):
+    from peft import LoraConfig
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def _args(method: str, plan: PreferencePlan, settings, out: str, *, cuda: bool, checkpointing: bool):
+    from trl import DPOConfig, KTOConfig
+    n = len(plan.rows(method))
+    steps = math.ceil(n / plan.batch_size(method, settings)) * plan.epochs(method, settings)
+    common = dict(output_dir=out, per_device_train_batch_size=plan.batch_size(method, settings),
+                  num_train_epochs=plan.epochs(method, settings), learning_rate=settings.preference_learning_rate,
+                  lr_scheduler_type="linear", warmup_steps=int(0.1 * steps), weight_decay=settings.weight_decay,
+                  max_grad_norm=1.0, beta=settings.beta, max_length=settings.max_seq_len, bf16=False, fp16=False,
+                  use_cpu=not cuda, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+                  seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0,
+                  gradient_checkpointing=checkpointing,
+                  gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
+    if method == "dpo":
+        return DPOConfig(loss_type=["sigmoid", "sft"], **common)
+    desirable, undesirable = class_weights(plan.data.counts)
+    return KTOConfig(desirable_weight=desirable, undesirable_weight=undesirable, **common)
+
+
+def _dataset(method: str, rows: list[dict]):
+    from datasets import Dataset
+
+    def reply(text):
+        return [{"role": "assistant", "content": text}]
+
+    if method == "dpo":
+        return Dataset.from_list([{"prompt": r["prompt"], "chosen": reply(r["chosen"]), "rejected": reply(r["rejected"])}
+                                  for r in rows])
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": reply(r["completion"]), "label": bool(r["label"])}
+                              for r in rows])
+
+
+def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, checkpointing: bool,
+                      progress=None, should_stop=None, offset: int = 0, total: int | None = None):
+    """Run the plan's DPO / KTO phases on `peft_model` (the SFT phase's PeftModel) or, when it is None, on
+    a fresh LoRA on `base` (peft_config): -> (the PeftModel, {"losses", "steps", "seconds"}). Raises
+    TrainingStopped when `should_stop()` turns true. The reference copy trl adds is removed before return."""
+    import torch
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from trl import DPOTrainer, KTOTrainer
+
+    total = total if total is not None else offset + plan.steps(settings)
+    cuda = base.device.startswith("cuda")
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    model = peft_model     # None: trl wraps the base (already prepared for k-bit training when quantized)
+    for method in plan.methods:
+        if method == "sft":
+            continue
+        rows = plan.rows(method)
+        with tempfile.TemporaryDirectory(prefix="assistant-pref-") as out:
+            report = _report(progress, should_stop, offset, total)
+            trainer_cls = DPOTrainer if method == "dpo" else KTOTrainer
+            kwargs = {"peft_config": _lora_config(settings)} if model is None else {}
+            if model is None:
+                torch.manual_seed(settings.seed)
+            started = time.perf_counter()
+            trainer = trainer_cls(model=model if model is not None else base.model,
+                                  args=_args(method, plan, settings, out, cuda=cuda, checkpointing=checkpointing),
+                                  train_dataset=_dataset(method, rows), processing_class=base.tokenizer,
+                                  callbacks=[report], **kwargs)
+            for p in trainer.model.parameters():    # LoRA in float32, as the SFT loop keeps it
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
+            trainer.train()
+            model = trainer.model
+            if REF_ADAPTER in getattr(model, "peft_config", {}):
+                model.delete_adapter(REF_ADAPTER)
+            model.set_adapter("default")
+            steps = trainer.state.global_step
+            offset += steps
+            losses += report.losses
+            plan.phases.append({"method": method, "rows": len(rows), "steps": steps,
+                                "epochs": plan.epochs(method, settings),
+                                "loss_first": report.losses[0] if report.losses else None,
+                                "loss_last": report.losses[-1] if report.losses else None,
+                                "seconds": round(time.perf_counter() - started, 2),
+                                "reference": "the base (adapter disabled)" if "peft_config" in kwargs
+                                             else "the adapter as the phase before left it (a frozen copy)",
+                                **_phase_settings(trainer.args, method)})
+            del trainer
+            if report.stopped:
+                raise TrainingStopped(f"stopped at step {offset}/{total}")
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model, {"losses": losses, "steps": offset, "seconds": time.perf_counter() - t0}
+
+
+def _phase_settings(args, method: str) -> dict:
+    out = {"beta": args.beta, "learning_rate": args.learning_rate, "batch_size": args.per_device_train_batch_size}
+    if method == "dpo":
+        out["loss_type"] = list(args.loss_type)
+    else:
+        out.update(desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
+    return out

@@ -1,0 +1,199 @@
+"""Preference benchmark: does learning from thumbs (KTO) teach a style that SFT on the liked answers alone
+does not? On the embedded model, in one run:
+
+  1. the base samples its own answers to general questions (short factual ones, which it answers briefly or
+     at length, and "explain" ones, which it answers at length);
+  2. a fixed rule rates them, thumbs only, no corrections: an answer of at most MAX_LIKED_WORDS words is
+     liked, a longer one disliked (the style raters dislike: overlong answers);
+  3. the ratings go through the app's own path: logged as responses with feedback in a store, curated
+     (curation.curate), turned into preference rows (preference.build);
+  4. two adapters are trained from the same data and settings: SFT only (the thumbs-up answers), and the
+     preference method the data supports (SFT + KTO: thumbs-up desirable, thumbs-down undesirable);
+  5. each answers held-out questions of both kinds greedily; `preference_gain` is the share of those answers in the liked
+     style, preference minus SFT-only (target >= 0.2). `preference_general_nll_ratio` is the gate's
+     forgetting measure for the preference adapter: the loss of the base's own answers to the gate's
+     general prompts, adapter / base (same bound as the gate, <= 2.0).
+
+`run(small=True)` is the few-minute version the test suite runs. CPU flags are printed with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from bench_eval import cpu_flags  # noqa: E402
+
+from common import print_table  # noqa: E402  (also sets offline mode)
+
+MAX_LIKED_WORDS = 30          # the rule: an answer of at most this many words is liked
+MAX_NEW_TOKENS = 64           # per sampled / evaluated answer (an answer cut here is overlong)
+SAMPLES_PER_PROMPT = 2
+SAMPLE_TEMPERATURE = 0.9
+# Short factual questions (the base answers some briefly, some at length) mixed with "explain" questions
+# (it answers those at length): both kinds of rating occur, and the held-out share has room to move.
+SHORT = ["What is the capital of Peru?", "How many legs does an ant have?", "What colour is a ripe banana?",
+         "Who wrote Hamlet?", "What is the capital of Kenya?", "How many days are in a leap year?",
+         "What is the largest planet?", "What do cows drink?", "What is frozen water called?",
+         "How many wheels does a bicycle have?", "What is the capital of Norway?", "Which animal says moo?",
+         "What is the chemical symbol for gold?", "How many continents are there?", "What colour is grass?",
+         "What is the capital of Egypt?", "Who painted the Mona Lisa?", "How many hours are in a day?",
+         "What is the opposite of cold?", "Which planet is closest to the Sun?", "What is 9 times 9?",
+         "What is the capital of Chile?", "How many sides does a hexagon have?", "What do bees collect?"]
+TOPICS = ["photosynthesis", "gravity", "the water cycle", "an earthquake", "a volcano", "inflation", "a vaccine",
+          "the internet", "a black hole", "democracy", "evolution", "a solar eclipse", "electricity",
+          "the immune system", "a tsunami", "DNA", "a hurricane", "recycling", "a glacier", "an atom", "a magnet",
+          "the ozone layer", "a battery", "friction"]
+TEMPLATES = ["What is {t}?", "Can you explain {t}?", "How does {t} work?"]
+SETTINGS = dict(rank=16, alpha=32, seed=0, max_seq_len=256, batch_size=8, replay=0, augment=0)
+SMALL = dict(train=8, heldout=4, settings=dict(epochs=2, preference_epochs=2))   # of each kind of question
+FULL = dict(train=18, heldout=6, settings={})
+
+
+def liked(answer: str) -> bool:
+    return len(answer.split()) <= MAX_LIKED_WORDS
+
+
+def questions(seed: int, n_train: int, n_heldout: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) questions: `n` of each kind, disjoint, shuffled by `seed`."""
+    rng = random.Random(seed)
+    short, topics = rng.sample(SHORT, len(SHORT)), rng.sample(TOPICS, len(TOPICS))
+    explain = [TEMPLATES[i % len(TEMPLATES)].format(t=t) for i, t in enumerate(topics)]
+    train = [q for pair in zip(short[:n_train], explain[:n_train]) for q in pair]
+    heldout = [q for pair in zip(short[n_train:n_train + n_heldout], explain[n_train:n_train + n_heldout])
+               for q in pair]
+    return train, heldout
+
+
+def sample(engine, questions: list[str], n: int, seed: int) -> list[tuple[str, str]]:
+    """(question, answer) pairs: `n` answers of the serving engine to each question, sampled (seeded)."""
+    from assistant.engine import Request
+    handles = [(q, engine.submit(Request(prompt_ids=engine.encode_chat([{"role": "user", "content": q}]),
+                                         max_new_tokens=MAX_NEW_TOKENS, temperature=SAMPLE_TEMPERATURE, top_p=0.95,
+                                         seed=seed * 100_000 + i * n + k)))
+               for i, q in enumerate(questions) for k in range(n)]
+    return [(q, h.result()[0].strip()) for q, h in handles]
+
+
+def rated_store(folder: Path, rated: list[tuple[str, str]]):
+    """A store and settings in `folder` holding the rated answers as logged responses with thumbs."""
+    from assistant.registry import Registry
+    from assistant.settings import Settings
+    from assistant.store import Store
+    settings = Settings(home=folder).ensure_dirs()
+    store = Store(settings.db_path)
+    Registry(settings.adapters_path).create_domain("explain", "", "benchmark")
+    for q, a in rated:
+        rid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        store.log_response(id=rid, domain="explain", adapter_version=None, model="explain",
+                           messages=[{"role": "user", "content": q}], answer=a, prompt_tokens=1, completion_tokens=1,
+                           latency_ms=1.0, ttft_ms=None, finish_reason="stop")
+        store.add_feedback(response_id=rid, rating="up" if liked(a) else "down")
+    return settings, store
+
+
+def general_nll_ratio(model, tok, base_answers: list[str]) -> float:
+    from assistant.evaluation import GENERAL_PROMPTS, heldout_loss
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in zip(GENERAL_PROMPTS, base_answers) if a]
+    after = heldout_loss(model, tok, rows, 256)
+    with model.disable_adapter():
+        before = heldout_loss(model, tok, rows, 256)
+    return after / before
+
+
+def run(small: bool = False, seed: int = 0) -> dict:
+    from common import on_all_cores
+    return on_all_cores(lambda: _run(small, seed))
+
+
+def _run(small: bool, seed: int) -> dict:
+    from assistant import preference
+    from assistant.curation import curate
+    from assistant.engine import Engine
+    from assistant.evaluation import GENERAL_PROMPTS, answer_all, serving_base
+    from assistant.lm import generate
+    from assistant.model import ensure_embedded
+    from assistant.preference_train import PreferencePlan
+    from assistant.settings import default_cache_dir, group_settings
+    from assistant.training import TrainSettings, _load, train_adapter
+    size = SMALL if small else FULL
+    t_start = time.perf_counter()
+    path = str(ensure_embedded(default_cache_dir(), verify=False))
+    train_q, heldout_q = questions(seed, size["train"], size["heldout"])
+    convs = [[{"role": "user", "content": q}] for q in heldout_q]
+
+    base = _load(path)          # float32, as a job trains it; the engine answers in the serving dtype
+    base.model.eval()
+    engine = Engine(serving_base(base), max_batch=16, max_queue=4 * len(train_q) + 16)
+    try:
+        rated = sample(engine, train_q, SAMPLES_PER_PROMPT, seed)
+    finally:
+        engine.close()
+    print(f"rated {len(rated)} sampled answers: {sum(liked(a) for _, a in rated)} liked", file=sys.stderr, flush=True)
+    base_general = generate(base.model, base.tokenizer, [[{"role": "user", "content": q}] for q in GENERAL_PROMPTS],
+                            48)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        settings, store = rated_store(Path(tmp) / "home", rated)
+        snap = curate(store, "explain", settings)
+        data = preference.build(snap.rows, store.list_feedback("explain"), group_settings(settings, "curation"))
+        methods = preference.choose("sft+kto", data.counts, len(snap.rows), 1)
+        held = data.heldout_keys()
+        rows = [r for r in snap.rows if r["key"] not in held]
+        ts = TrainSettings(**SETTINGS, **size["settings"])
+        for name, plan in (("sft", None), ("+".join(methods), PreferencePlan(data, methods))):
+            t = time.perf_counter()
+            result = train_adapter(base, rows, Path(tmp) / name, ts, preference=plan)
+            model = result.model.eval()
+            results[name] = {"seconds": time.perf_counter() - t,
+                             "nll_ratio": general_nll_ratio(model, base.tokenizer, base_general)}
+            model.unload()            # LoRA layers out: the same base trains the next adapter
+            print(f"trained {name} in {results[name]['seconds']:.0f} s", file=sys.stderr, flush=True)
+        engine = Engine(serving_base(base), max_batch=16, max_queue=4 * len(convs) + 4)
+        try:
+            names = list(results)
+            for name in names:
+                engine.load_adapter(name, Path(tmp) / name)
+            answers = answer_all(engine, convs * (len(names) + 1), [None] * len(convs) + [
+                n for n in names for _ in convs], MAX_NEW_TOKENS)
+        finally:
+            engine.close()
+    base_heldout = answers[:len(convs)]
+    for i, name in enumerate(names, start=1):
+        mine = answers[i * len(convs):(i + 1) * len(convs)]
+        results[name].update(share=sum(map(liked, mine)) / len(mine), example=mine[0])
+    pref_name = "+".join(methods)
+    gain = results[pref_name]["share"] - results["sft"]["share"]
+    counts = data.counts
+    print_table(f"preference: {len(train_q)} prompts x {SAMPLES_PER_PROMPT} sampled answers rated by length "
+                f"(<= {MAX_LIKED_WORDS} words liked), {len(heldout_q)} held-out prompts, embedded model, "
+                f"CPU flags: {cpu_flags()}", [
+        ("ratings", preference.describe(counts, methods)),
+        ("base: liked share (held-out)", f"{sum(map(liked, base_heldout)) / len(base_heldout):.2f}"),
+        ("SFT only: liked share", f"{results['sft']['share']:.2f}  ({results['sft']['seconds']:.0f} s)"),
+        (f"{pref_name.upper()}: liked share", f"{results[pref_name]['share']:.2f}  ({results[pref_name]['seconds']:.0f} s)"),
+        ("preference_gain", f"{gain:.2f}  (target >= 0.2)"),
+        ("preference_general_nll_ratio", f"{results[pref_name]['nll_ratio']:.2f}  (gate bound <= 2.0; SFT only "
+                                         f"{results['sft']['nll_ratio']:.2f})"),
+        ("example (preference, held-out)", results[pref_name]["example"][:100]),
+        ("total seconds", f"{time.perf_counter() - t_start:.0f}"),
+    ])
+    return {"preference_gain": round(gain, 3), "preference_general_nll_ratio": round(results[pref_name]["nll_ratio"], 3),
+            "preference_methods": pref_name}
+
+
+if __name__ == "__main__":
+    import json
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="the few-minute version the tests run")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(json.dumps(run(a.small, a.seed)))
