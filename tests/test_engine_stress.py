@@ -45,6 +45,7 @@ def test_a_random_mix_on_the_tiny_model_answers_as_alone(tiny_llama, tiny_adapte
     stress(base, tiny_adapters, seed=seed, n=14, slots=2, max_tokens_cap=160)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_longer_random_mix_on_the_embedded_model(embedded_path, tmp_path):
     folders = {f"d{i}": random_lora_adapter(embedded_path, tmp_path / f"d{i}", rank=8, std=0.05, seed=i + 1)
