@@ -283,12 +283,17 @@ async def _stream_chat(serving: Serving, calls, include_usage: bool, firsts):
             yield _sse(_chunk(head, {}, i, finish_reason=reason))
         else:
             if include_usage:
-                yield _sse({"id": head.id, "object": "chat.completion.chunk", "created": head.created,
-                            "model": head.target.model, "choices": [], "usage": _usage(calls)})
+                yield _usage_chunk(head, "chat.completion.chunk", calls)
         yield "data: [DONE]\n\n"
     finally:
         for c in calls:
             c.handle.cancel()  # a client that went away stops generation at the next step
+
+
+def _usage_chunk(head, kind: str, calls) -> str:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, the request's usage."""
+    return _sse({"id": head.id, "object": kind, "created": head.created, "model": head.target.model,
+                 "choices": [], "usage": _usage(calls)})
 
 
 async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool, include_usage: bool, firsts):
@@ -316,8 +321,7 @@ async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool,
             yield chunk(i, "", ev.finish_reason)
         else:
             if include_usage:
-                yield _sse({"id": head.id, "object": "text_completion", "created": head.created,
-                            "model": head.target.model, "choices": [], "usage": _usage(calls)})
+                yield _usage_chunk(head, "text_completion", calls)
         yield "data: [DONE]\n\n"
     finally:
         for c in calls:

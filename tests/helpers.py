@@ -71,6 +71,11 @@ def random_lora_adapter(base_path: Path, out_dir: Path, *, rank: int = 8, std: f
     return Path(out_dir)
 
 
+def ids_for(engine, question: str) -> list[int]:
+    """One user question as the engine's prompt ids."""
+    return engine.encode_chat([{"role": "user", "content": question}])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,6 +11,8 @@ from assistant.errors import Busy, ContextTooLong
 from assistant.model import load_base
 from assistant.settings import Settings
 
+from helpers import ids_for
+
 PROMPTS = ["Hello there", "What is two plus two?", "Tell me about cats", "Write a poem", "Why is the sky blue?",
            "List three fruits", "Who are you?", "Explain gravity"]
 
@@ -25,10 +27,6 @@ def engine(base):
     e = Engine(base, max_batch=8)
     yield e
     e.close()
-
-
-def ids_for(engine, q):
-    return engine.encode_chat([{"role": "user", "content": q}])
 
 
 def test_greedy_matches_transformers_generate(base, engine):

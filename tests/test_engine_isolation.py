@@ -12,6 +12,8 @@ from assistant.model import load_base
 from assistant.runner import INITIAL_CACHE_TOKENS, KVCache
 from assistant.settings import Settings
 
+from helpers import ids_for
+
 PROMPTS = ["Hello there", "What is two plus two?", "Tell me about cats", "Write a poem", "Why is the sky blue?"]
 
 
@@ -25,10 +27,6 @@ def engine(base):
     e = Engine(base, max_batch=8)
     yield e
     e.close()
-
-
-def ids_for(engine, q):
-    return engine.encode_chat([{"role": "user", "content": q}])
 
 
 def submit_counted(engine, counts, **kw):
