@@ -15,12 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_adapters import make_adapter  # noqa: E402 - after the sys.path line and the thread policy
 
-from common import print_table  # noqa: E402
+from common import print_table, sized  # noqa: E402
 
 DOMAINS = 4
-PER_DOMAIN = 8
-N_TOKENS = 16
-PAIRS = 3
+PER_DOMAIN = sized(8, 2)
+N_TOKENS = sized(16, 4)
+PAIRS = sized(3, 1)
 QUESTIONS = ["What is a LoRA adapter?", "Summarise the refund policy.", "Name three rivers.", "Explain tides briefly."]
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import print_table  # noqa: E402  (before torch)
+from common import print_table, sized  # noqa: E402  (before torch)
 
-N_TOKENS = 64
-ROUNDS = 2
+N_TOKENS = sized(64, 8)
+ROUNDS = sized(2, 1)
 PROMPTS = ["List forty animals as JSON.", "List forty colors as JSON.", "List forty cities as JSON.",
            "List forty fruits as JSON."]
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 24},

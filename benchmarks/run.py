@@ -26,8 +26,10 @@ BENCHES = {
     "structured": "bench_structured",  # constrained_vs_free_decode: JSON-schema decoding vs free
     "vllm": "bench_vllm",            # the app in front of a vLLM server (--engine vllm)
     "replicas": "bench_replicas",    # two app replicas on one PostgreSQL: feedback writes, activation propagation
+    "preference": "bench_preference",  # SFT-only vs preference tuning from thumbs: preference_gain (tens of minutes)
 }
-LOCAL = [name for name in BENCHES if name not in ("vllm", "replicas")]   # those two on request (--only)
+ON_REQUEST = ("vllm", "replicas", "preference")   # these with --only: a vLLM server, PostgreSQL, or long
+LOCAL = [name for name in BENCHES if name not in ON_REQUEST]
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,11 @@ RATIOS = {
     "dedup": ("dedup_chosen_threshold", "dedup_test_precision", "dedup_test_recall", "dedup_test_facts_lost"),
     "training": ("train_vs_plain_peft",),
     "eval": ("eval_vs_train_time",),
+    "scheduling": ("oversubscribed_vs_fit", "oversubscribed_errors"),
+    "structured": ("constrained_vs_free_decode",),
     "vllm": ("vllm_proxy_vs_direct", "vllm_ttft_overhead_ms"),
+    "replicas": ("feedback_writes_2_replicas_vs_1", "activation_propagation_s"),
+    "preference": ("preference_gain", "preference_general_nll_ratio"),
 }
 
 
@@ -45,7 +49,9 @@ def smoke(names: list[str]) -> dict:
 
 @pytest.mark.slow
 def test_every_local_benchmark_runs_in_smoke_mode():
-    names = [n for n in RATIOS if n != "vllm"]
+    # on request only: vllm (its own test below), replicas (PostgreSQL; the topology is tests/test_replicas.py)
+    # and preference (trains twice on the embedded model: tests/test_bench_preference.py, the long tier)
+    names = [n for n in RATIOS if n not in ("vllm", "replicas", "preference")]
     ratios = smoke(names)
     missing = {n: [k for k in RATIOS[n] if k not in ratios] for n in names}
     assert not any(missing.values()), f"ratios missing from the smoke run: {missing}"
