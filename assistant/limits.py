@@ -72,8 +72,13 @@ def check_adapter_folder(limits: EngineLimits, folder: Path) -> None:
     if weights.is_file() and weights.stat().st_size > limits.max_bytes:
         raise EngineLimit(f"the adapter's weights are {weights.stat().st_size >> 20} MiB; at most "
                           f"{limits.max_bytes >> 20} MiB are accepted: train a smaller rank", param="adapter")
-    from .registry import _module_of, read_safetensors_header
+    from .errors import InvalidAdapter
+    from .registry import _module_of, tensor_shapes
     modules = []
     if weights.is_file():   # what the weights wrap (adapter_config's target_modules may be a pattern)
-        modules = [m[0] for m in map(_module_of, read_safetensors_header(weights)) if m is not None]
+        try:
+            names = tensor_shapes(weights)
+        except InvalidAdapter:
+            return   # validate_adapter says what is wrong with it
+        modules = [m[0] for m in map(_module_of, names) if m is not None]
     limits.check(config.get("r"), modules)
