@@ -90,6 +90,10 @@ class StaticStep:
             self.ctx_ar = torch.arange(r.cache.cap, device=r.device)
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        with torch.inference_mode():   # the KV cache holds inference tensors (runner.KVCache): written only there
+            return self._step(tokens, positions, slots)
+
+    def _step(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         r = self.runner
         self._fresh()
         B = len(tokens)
