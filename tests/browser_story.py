@@ -271,7 +271,7 @@ def run(page, url: str, api, home: Path, tmp: Path, embedded_path: Path, shot: S
     page.fill("#train-advanced textarea", json.dumps(FAST_ADVANCED))
     _fill(page, "#train-rank input", "0")                         # a bad value: named in place, nothing starts
     page.click("#retrain-btn")
-    expect(page.locator("#train-form-error")).to_contain_text("Rank: must be a whole number from 1")
+    expect(page.locator("#train-form-error")).to_contain_text("Rank: must be between 1 and")
     expect(page.locator(".toast-body")).to_have_count(0)
     _fill(page, "#train-rank input", FAST_FORM["train-rank"])
     page.click("#retrain-btn")

@@ -68,7 +68,7 @@ def train_settings(method_default: str, epochs, learning_rate, rank, method, max
     try:
         return TrainSettings.from_dict(out, defaults)
     except InvalidSetting as e:
-        problem = e.message.removeprefix("training setting ")
+        problem = e.message.removeprefix("training setting ").removeprefix(f"{e.param} ")   # the label names it
         raise field_error(LABELS.get(e.param, "Advanced settings"), problem) from None
 
 
