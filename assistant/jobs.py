@@ -110,6 +110,10 @@ def start_job(settings, store, registry, domain: str, train_settings: dict | Non
     record = _prepare(settings, store, registry, domain, train_settings)
     if store.kind == "postgresql":   # a worker on another machine reads the snapshot from the database
         store.put_snapshot_file(domain, record["snapshot"], _snapshot_path(settings, domain, record["snapshot"]).read_bytes())
+        if record.get("preference"):   # and the rated answers prepared for it
+            from .preference import _path, shared_name
+            digest = record["preference"]["hash"]
+            store.put_snapshot_file(domain, shared_name(digest), _path(settings, domain, digest).read_bytes())
     job_id = store.create_job(domain, record)
     _curated(store, job_id, record)
     store.notify_jobs(job_id)
@@ -167,7 +171,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
     try:
         rows = _read_rows(settings, record, store, domain)
         system_prompt = registry.get_domain(domain).system_prompt
-        rows, plan = _preference_plan(settings, domain, record, rows)
+        rows, plan = _preference_plan(settings, domain, record, rows, store)
         if resume == "evaluate":
             staging, trained = staging_path(registry.root, job), True
             kept = (job.get("metrics") or {}).get("trained")
@@ -253,7 +257,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
     return store.get_job(job_id)
 
 
-def _preference_plan(settings, domain: str, record: dict, rows: list[dict]):
+def _preference_plan(settings, domain: str, record: dict, rows: list[dict], store=None):
     """(the rows SFT and the gate see, the PreferencePlan or None). Rated answers held out for the
     preference margin are left out of every method's training."""
     entry = record.get("preference")
@@ -261,7 +265,7 @@ def _preference_plan(settings, domain: str, record: dict, rows: list[dict]):
         return rows, None
     from .preference import load_for_job
     from .preference_train import PreferencePlan
-    data = load_for_job(settings, domain, entry)
+    data = load_for_job(settings, domain, entry, store)
     held = data.heldout_keys()
     return [r for r in rows if r.get("key") not in held], PreferencePlan(data, list(entry["methods"]))
 

@@ -297,9 +297,20 @@ def _path(settings, domain: str, digest: str) -> Path:
     return Path(settings.state_path) / "snapshots" / domain / f"preference-{digest}.jsonl"
 
 
-def load_for_job(settings, domain: str, entry: dict) -> PreferenceData:
-    """The rows `for_job` wrote (the job record holds their hash, never a path)."""
+def shared_name(digest: str) -> str:
+    """The name the rows of `for_job` go by in the database's snapshot files (a worker on another machine)."""
+    return f"preference-{digest}"
+
+
+def load_for_job(settings, domain: str, entry: dict, store=None) -> PreferenceData:
+    """The rows `for_job` wrote (the job record holds their hash, never a path); from the database's copy
+    when they were prepared on another machine."""
     path = _path(settings, domain, entry["hash"])
+    if not path.is_file() and store is not None \
+            and (content := store.get_snapshot_file(domain, shared_name(entry["hash"]))) is not None:
+        from .files import atomic_write_bytes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, content)
     if not path.is_file():
         raise DatasetTooSmall(f"the rated answers of {domain!r} prepared for this job are missing: train again")
     return PreferenceData.from_jsonl(path, entry.get("counts"))
