@@ -29,8 +29,11 @@ from pathlib import Path
 from .errors import DatasetTooSmall
 
 METHODS = ("sft", "dpo", "kto")     # in the order a job runs them
-AUTO_SKIPS = ("kto",)               # not run by "auto": on the benchmark's thumbs-only data SFT + KTO taught the
-                                    # disliked style more than SFT alone did (preference_gain < 0)
+# Not run by "auto", only when named: on the benchmark's thumbs-only data SFT + KTO taught the disliked style
+# more than SFT alone did (preference_gain < 0), and SFT + DPO on 20 corrections of the embedded model made the
+# base's answers to general questions 2.6x less likely (the gate's forgetting check blocked it) where SFT alone
+# passed. "auto" is plain SFT until a measurement shows a preference method doing better.
+AUTO_SKIPS = ("dpo", "kto")
 MIN_PAIRS = 4                       # corrections (with the answer they corrected) before DPO runs
 MIN_PER_KIND = 4                    # thumbs-up and thumbs-down answers, each, before KTO runs
 MAX_CLASS_WEIGHT = 4.0              # KTO's weight of the rarer kind is the count ratio, at most this
@@ -227,13 +230,15 @@ def choose(method: str, counts: dict, n_sft: int, min_examples: int) -> list[str
     `min_examples` of them."""
     can = supported(counts)
     wanted = parse(method)
-    if wanted is None:     # auto: KTO only when asked (benchmarks/bench_preference.py measured it hurting)
+    if wanted is None:     # auto: the preference methods only when asked (see AUTO_SKIPS)
         can_auto = [m for m in can if m not in AUTO_SKIPS]
         wanted = can_auto if n_sft >= min_examples else [m for m in can_auto if m != "sft"]
-        if not wanted and "kto" in can:
+        asked_only = [m for m in can if m in AUTO_SKIPS]
+        if not wanted and asked_only:
+            names = " or ".join(m.upper() for m in asked_only)
             raise DatasetTooSmall(f"this domain has {n_sft} usable examples after curation; SFT needs at least "
-                                  f"{min_examples}. Its ratings support KTO, which runs only when asked for: "
-                                  "choose method kto, or add examples")
+                                  f"{min_examples}. Its ratings support {names}, which run only when asked for: "
+                                  f"choose method {' or '.join(asked_only)}, or add examples")
         if not wanted:
             raise DatasetTooSmall(_too_little(counts, n_sft, min_examples))
         return wanted

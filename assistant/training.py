@@ -89,7 +89,8 @@ class TrainSettings:
         "help": "auto | methods joined by '+' from sft, dpo, kto (e.g. sft+kto). SFT learns seeds, thumbs-up "
                 "answers and corrections; DPO learns each correction over the answer it corrected (needs 4+ "
                 "corrections); KTO learns from thumbs up and down without corrections (needs 4+ of each kind). "
-                "auto: SFT, plus DPO when the data supports it; KTO only when named (the job record says which ran)"})
+                "auto: SFT; DPO and KTO only when named (measured here, neither beat SFT yet; the job record says "
+                "which ran)"})
     beta: float = field(default=0.1, metadata={
         "help": "DPO/KTO beta: how far the preference phase may move from its reference (higher: less)"})
     preference_learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate of DPO/KTO"})

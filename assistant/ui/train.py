@@ -109,7 +109,7 @@ def train_view(workspace, domain, model):
     size = (f"**{report['kept']}** curated examples ({report['train']} train / {report['eval']} eval) · training "
             f"needs at least {MIN_EXAMPLES}")
     learn = workspace.training_methods(domain)
-    size += f"\n\nRatings: {learn['summary']} (auto runs SFT, and DPO when supported; {learn['needs']})"
+    size += f"\n\nRatings: {learn['summary']} (auto runs SFT; pick DPO or KTO under Learn from; {learn['needs']})"
     if report["kept"] < MIN_EXAMPLES:
         size += (f"\n\nAdd {MIN_EXAMPLES - report['kept']} more: import seed examples in the Data tab, or correct "
                  f"answers of {domain} in the Chat tab.")
