@@ -68,9 +68,16 @@ def dispatch(settings, store, registry, job_id: str | None = None) -> str | None
         job_id = store.claim_job(worker_name(), job_id) or (store.claim_job(worker_name()) if job_id else None)
         if job_id is None:
             return None
+    return run_here(settings, store, registry, job_id)
+
+
+def run_here(settings, store, registry, job_id: str, *extra: str) -> str:
+    """Start a job this process claimed as its own child, counted as the embedded worker's job (`extra`: the
+    child's arguments after the settings, e.g. --resume evaluate) -> the job id."""
+    with _dispatch_lock:
         _running.add(job_id)
     try:
-        _spawn(settings, store, registry, job_id)
+        _spawn(settings, store, registry, job_id, *extra)
     except BaseException:
         _running.discard(job_id)
         raise

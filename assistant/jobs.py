@@ -34,22 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AssistantError, Conflict, NotFound
-from .job_process import (  # noqa: F401 - the job's process, used here and through `jobs.` by the shells
-    ACTIVE,
+from .job_process import (  # noqa: F401 - cancel_job, dispatch, reap, recover_orphans: used as `jobs.` by the shells
     RETRY_HINT,
-    STAGING_PREFIX,
     _curated,
-    _dispatch_lock,
-    _remove_staging,
-    _running,
     _settings_from_json,
-    _settings_json,
-    _spawn,
     cancel_job,
     dispatch,
     reap,
     recover_orphans,
     resumable,
+    run_here,
     staging_path,
 )
 from .stages import TERMINAL, StageTracker, overall_progress
@@ -357,9 +351,7 @@ def retry_job(settings, store, registry, job_id: str, *, inline: bool = False) -
     if inline:
         run_job(settings, store, registry, job_id, resume="evaluate")
         return
-    with _dispatch_lock:
-        _running.add(job_id)
-    _spawn(settings, store, registry, job_id, "--resume", "evaluate")
+    run_here(settings, store, registry, job_id, "--resume", "evaluate")
 
 
 def _activate(settings, registry, domain: str, version: str, model, fingerprint: dict, store=None) -> str:
