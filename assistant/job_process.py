@@ -25,6 +25,7 @@ KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to 
 KILL_POLL_SECONDS = 0.05        # ...checking this often
 STAGING_PREFIX = ".staging-job-"   # + job id: the job's staging folder in its domain's adapter folder
 JOB_LOG_DIR = "jobs"            # <state>/jobs/<job_id>.log : the child's stdout and stderr
+KEPT_TRAINED_PER_DOMAIN = 1      # failed jobs' trained adapters kept per domain for "retry from evaluation"
 SHARED_STAGING_GRACE_S = 3600   # with a shared database, staging folders younger than this may be another replica's
 
 _cancelling: set[str] = set()   # jobs this process is cancelling (their exit is not a failure)
@@ -126,6 +127,7 @@ def _ended(store, registry, job_id: str, code: int) -> None:
     hint = " (out of memory? try a smaller batch_size or max_seq_len)" if code == -signal.SIGKILL else ""
     if resumable(job):
         hint += RETRY_HINT
+        keep_trained(store, registry.root, job)
     else:
         _remove_staging(registry.root, job)
     store.update_job(job_id, status="failed", error=f"the training process ended unexpectedly: {why}{hint}",
@@ -178,6 +180,33 @@ def resumable(job: dict) -> bool:
 
 def _remove_staging(adapters_root, job: dict) -> None:
     shutil.rmtree(staging_path(adapters_root, job), ignore_errors=True)
+
+
+def keep_trained(store, adapters_root, job: dict) -> None:
+    """`job` failed after its training finished and keeps its adapter for "retry from evaluation". One such
+    adapter is kept per domain (KEPT_TRAINED_PER_DOMAIN): older failed jobs' kept adapters are removed, so
+    repeated failures do not fill the disk; retrying one of those says to start training again."""
+    kept = 0
+    for other in store.list_jobs(job["domain"]):          # newest first
+        if other["job_id"] == job["job_id"] or other["status"] != "failed":
+            continue
+        if kept < KEPT_TRAINED_PER_DOMAIN - 1 and resumable(other):
+            kept += 1
+            continue
+        _remove_staging(adapters_root, other)
+
+
+def kept_staging(store) -> set[str]:
+    """Staging folder names that stay: those of queued and running jobs, and per domain the newest failed
+    job's trained adapter (KEPT_TRAINED_PER_DOMAIN)."""
+    names, kept = set(), {}
+    for j in store.list_jobs():                            # newest first
+        if j["status"] in ("queued", "running"):
+            names.add(f"{STAGING_PREFIX}{j['job_id']}")
+        elif j["status"] == "failed" and resumable(j) and kept.get(j["domain"], 0) < KEPT_TRAINED_PER_DOMAIN:
+            kept[j["domain"]] = kept.get(j["domain"], 0) + 1
+            names.add(f"{STAGING_PREFIX}{j['job_id']}")
+    return names
 
 
 def _stages_ended(job: dict) -> list[dict]:
@@ -238,7 +267,9 @@ def reap(settings, store, registry, *, at_start: bool = False) -> list[str]:
             if _is_job_process(job.get("pid"), job["job_id"]):   # what is left of it, when it ran here
                 _kill_group(job["pid"])
             keep = resumable(job)   # its training finished: the adapter stays for "retry from evaluation"
-            if not keep:
+            if keep:
+                keep_trained(store, registry.root, job)
+            else:
                 _remove_staging(registry.root, job)
             store.update_job(job["job_id"], status="failed", finished_at=time.time(), stage=None,
                              stages=_stages_ended(job), error="the worker running this job stopped (its process "
@@ -256,8 +287,6 @@ def recover_orphans(settings, store, registry) -> list[str]:
         keep = resumable(store.get_job(job_id))
         store.update_job(job_id, error="the server restarted while this job ran"
                          + (RETRY_HINT if keep else ": start training again"))
-    running = {f"{STAGING_PREFIX}{j['job_id']}" for j in store.list_jobs()
-               if j["status"] in ("queued", "running") or (j["status"] == "failed" and resumable(j))}
     # a shared adapters folder: another replica may be importing right now; its staging is young
-    registry.cleanup_staging(keep=running, older_than_s=SHARED_STAGING_GRACE_S if store.kind == "postgresql" else 0)
+    registry.cleanup_staging(keep=kept_staging(store), older_than_s=SHARED_STAGING_GRACE_S if store.kind == "postgresql" else 0)
     return failed

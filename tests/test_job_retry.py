@@ -65,3 +65,20 @@ def test_the_cli_retries_a_failed_job(ws, monkeypatch, capsys):
     rc = cli.main(["retry", job["job_id"], "--base-model", s.base_model, "--dtype", "float32"])
     assert rc == 0, capsys.readouterr()
     assert '"succeeded"' in capsys.readouterr().out
+
+
+def test_one_trained_adapter_is_kept_per_domain(ws, monkeypatch):
+    """Jobs that keep failing after training do not fill the disk: the newest failure's adapter is kept (and
+    survives a restart); retrying an older one says to train again."""
+    from assistant import evaluation, jobs
+    older = failed_evaluation(ws, monkeypatch)
+    monkeypatch.setattr(evaluation, "evaluate_adapter", lambda *a, **kw: (_ for _ in ()).throw(
+        RuntimeError("generation failed again")))
+    newer = jobs.run_job_inline(ws.settings, ws.store, ws.registry, "atlas", FAST)
+    assert newer["status"] == "failed" and "retry" in newer["error"]
+    kept = [p.name for p in (ws.settings.adapters_path / "atlas").glob(".staging-*")]
+    assert kept == [jobs.staging_path(ws.registry.root, newer).name]
+    jobs.recover_orphans(ws.settings, ws.store, ws.registry)      # what a restart does
+    assert [p.name for p in (ws.settings.adapters_path / "atlas").glob(".staging-*")] == kept
+    with pytest.raises(Conflict, match="start training again"):
+        ws.retry_job(older["job_id"])

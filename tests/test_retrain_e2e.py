@@ -1,5 +1,6 @@
-"""The loop closes, over HTTP on the embedded model: a domain answers 20 invented facts wrongly, its users
-correct every answer, one training job later the domain answers them (and paraphrases) correctly, while
+"""The loop closes, over HTTP on the embedded model: a domain answers 20 invented facts wrongly (six of them in
+one conversation), its users correct every answer (one of them twice), one training job later the domain
+answers each asked alone (and paraphrases) correctly, never with the base's wrong answers, while
 `base` and another domain answer exactly as before, and chat keeps answering during training."""
 
 import json
@@ -16,8 +17,14 @@ JOB_TIMEOUT_S = 1200
 GENERAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+IN_CONVERSATION = 6                                   # questions asked in one conversation before correcting
+TYPO = "The capital of Zorbania is Quilltown."       # a first correction, replaced by the right one
+
+
 def ask(url, model, question, system=None):
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    """-> (response id, answer, adapter version); `question` is a text or a whole conversation."""
+    msgs = question if isinstance(question, list) else (
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}])
     r = httpx.post(url + "/v1/chat/completions", timeout=300,
                    json={"model": model, "messages": msgs, "temperature": 0, "max_tokens": 40})
     assert r.status_code == 200, r.text
@@ -34,11 +41,20 @@ def test_corrections_train_a_new_version_that_answers_them(tmp_path, embedded_pa
         general_before = ask(url, "base", GENERAL[0]["content"])[1]
         other_before = ask(url, "cooking", "How do I boil an egg?")[1]
 
-        answers = []
-        for q, a, _, _ in FACTS:
-            rid, text, version = ask(url, "atlas", q)
+        # the first six questions in one conversation, as a user chats, each wrong answer corrected in
+        # place (the answer stays in the conversation, as the chat shows it); the rest asked alone
+        answers, conversation = [], [{"role": "system", "content": SYSTEM_PROMPT}]
+        for i, (q, a, _, _) in enumerate(FACTS):
+            history = conversation if i < IN_CONVERSATION else [{"role": "system", "content": SYSTEM_PROMPT}]
+            rid, text, version = ask(url, "atlas", history + [{"role": "user", "content": q}])
             assert version is None   # no adapter yet: the base answers with the domain's prompt
             answers.append(text)
+            if i < IN_CONVERSATION:
+                conversation += [{"role": "user", "content": q}, {"role": "assistant", "content": text}]
+            if i == 0:   # a first correction with a typo, corrected again: the newest correction is taught
+                r = httpx.post(url + "/api/feedback", json={"response_id": rid, "rating": "down",
+                                                            "reason": "wrong fact", "correction": TYPO})
+                assert r.status_code == 201
             r = httpx.post(url + "/api/feedback", json={"response_id": rid, "rating": "down",
                                                         "reason": "wrong fact", "correction": a})
             assert r.status_code == 201
@@ -46,6 +62,11 @@ def test_corrections_train_a_new_version_that_answers_them(tmp_path, embedded_pa
 
         report = httpx.get(url + "/api/domains/atlas/dataset", timeout=300).json()
         assert report["kept"] == 20 and report["train"] == 20, report
+        export = httpx.get(url + "/api/domains/atlas/dataset/export", timeout=300)
+        rows = [json.loads(line) for line in export.text.splitlines() if line.strip()]
+        taught = [m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant" and m.get("weight", 1)]
+        assert sorted(taught) == sorted(a for _, a, _, _ in FACTS)   # each row teaches its correction alone
+        assert TYPO not in export.text
 
         t0 = time.time()
         r = httpx.post(url + "/api/domains/atlas/train", json={}, timeout=60)
@@ -71,6 +92,11 @@ def test_corrections_train_a_new_version_that_answers_them(tmp_path, embedded_pa
         after = [ask(url, "atlas", q) for q, _, _, _ in FACTS]
         assert {v for _, _, v in after} == {"v1"}
         assert score([t for _, t, _ in after]) >= 18, [t for _, t, _ in after]
+        # asked alone, the conversation's questions get their corrections, never the base's wrong answers
+        alone = [t for _, t, _ in after[:IN_CONVERSATION]]
+        assert score(alone) >= IN_CONVERSATION - 1, alone
+        assert not set(alone) & set(answers[:IN_CONVERSATION]), (alone, answers[:IN_CONVERSATION])
+        assert "Quillton" in after[0][1], after[0][1]   # the newest correction, not the typo
         paraphrased = [ask(url, "atlas", p)[1] for _, _, _, p in FACTS]
         assert score(paraphrased) >= 14, paraphrased
         assert ask(url, "base", GENERAL[0]["content"])[1] == general_before

@@ -159,8 +159,14 @@ def test_activate_anyway_is_recorded_and_rollback_goes_back(service, tiny_llama,
     assert adapters.rollback(service, "atlas", "atlas", None)[0].startswith("Error: atlas has no version older")
     msg, _ = adapters.activate(service, "atlas", "v2", "atlas", None)
     assert service.active_version("atlas") == "v2"
+    # the version picker offers the base weights beside the versions, with a card that says what it means
+    _, picker, *_ = adapters.adapters_view(service.workspace, "atlas")
+    assert picker["choices"][-1] == ("base weights (system prompt only)", "base") and picker["value"] == "v2"
+    assert "No adapter" in adapters.show_card(service.workspace, "atlas", "base")[0]
     msg, _ = adapters.activate(service, "atlas", "base", "atlas", None)
     assert "base weights" in msg and service.active_version("atlas") is None
+    _, picker, card_md, *_ = adapters.adapters_view(service.workspace, "atlas")
+    assert picker["value"] == "base" and "on the base weights" in card_md
 
 
 

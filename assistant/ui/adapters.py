@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..errors import AssistantError
 from ..settings import BASE
-from .common import domain_names, err, field_error, pick, refresh_models, served_by, user_of
+from .common import domain_names, err, field_error, pick, refresh_models, served_by, user_of, version_choices
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ def card_markdown(domain: str, version: str | None, card: dict) -> str:
     """A card as sections a person reads; the raw JSON stays behind the toggle."""
     if not version:
         return "Pick a version to see its card."
+    if version == BASE:
+        return (f"### {domain} on the base weights\n\nNo adapter: the base model answers with the domain's system "
+                "prompt alone. Activate this to take every version out of service; the versions stay listed.")
     if not card:
         return f"**{domain}@{version}** has no card: it was added without one."
     m = card.get("metrics") or {}
@@ -99,7 +102,7 @@ def adapters_view(workspace, domain, version=None):
              str(len(a["card"].get("feedback_ids") or [])) if not a["card"].get("imported") else "–",
              gate_verdict(a["card"]), key_metrics(a["card"]), "active" if a["active"] else ""] for a in items]
     versions = [a["version"] for a in items]
-    version = pick(version or info.active_version, versions)
+    version = pick(version or info.active_version or BASE, [*versions, BASE])
     card = next((a["card"] for a in items if a["version"] == version), {})
     prompt = info.system_prompt[:PROMPT_PREVIEW_CHARS] or "(none)"
     head = (f"**{domain}** · active: **{info.active_version or 'none (base weights)'}** · {len(versions)} version(s)"
@@ -109,13 +112,15 @@ def adapters_view(workspace, domain, version=None):
     if not versions:
         head += ("\n\nNo versions yet: add examples in the Data tab and correct answers in the Chat tab, then "
                  "press Retrain in the Train tab (or import a PEFT adapter below).")
-    return (rows, gr.update(choices=versions, value=version), card_markdown(domain, version, card),
+    return (rows, gr.update(choices=version_choices(versions), value=version), card_markdown(domain, version, card),
             card or {"card": "none"}, head, gr.update(open=False))
 
 
 def show_card(workspace, domain, version):
     if not domain or not version:
         return "", {"card": "none"}
+    if version == BASE:
+        return card_markdown(domain, version, {}), {"card": "none"}
     try:
         card = workspace.card(domain, version)
     except AssistantError as e:

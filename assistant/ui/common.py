@@ -108,6 +108,11 @@ def pick(value, choices):
     return value if value in values else (values[0] if values else None)
 
 
+def version_choices(names: list[str]) -> list[tuple[str, str]]:
+    """A domain's versions, newest first, and the base weights it can always go back to."""
+    return [(v, v) for v in reversed(names)] + [("base weights (system prompt only)", BASE)]
+
+
 def refresh_models(workspace, current):
     choices = model_choices(workspace)
     return gr.update(choices=choices, value=pick(current, choices))

@@ -15,7 +15,7 @@ from ..settings import MAX_LORA_RANK
 from ..training import MIN_EXAMPLES, TrainSettings
 from . import jobview
 from .adapters import activate, activate_anyway, rollback
-from .common import domain_names, err, field_error, pick, refresh_models
+from .common import domain_names, err, field_error, pick, refresh_models, version_choices
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,6 @@ def cancel(workspace, job_id, model):
     except AssistantError as e:
         return err(e), *(gr.skip() for _ in range(N_JOB_OUT))
     return "", *_job_outputs(workspace, job, model)
-
-
-def version_choices(names: list[str]) -> list[tuple[str, str]]:
-    """A domain's versions, newest first, and the base weights it can always go back to."""
-    return [(v, v) for v in reversed(names)] + [("base weights (system prompt only)", BASE_WEIGHTS)]
 
 
 def retry(workspace, job_id, model):
