@@ -119,11 +119,37 @@ def _watch(settings, store, registry, job_id: str, proc) -> None:
         log.exception("could not start the next queued job")
 
 
+def published_by(registry, job: dict) -> str | None:
+    """The version a job published before it died (its card names the job), or None. A job killed between
+    publishing and activating leaves a complete version that is not live: what ended it says so."""
+    for version in reversed(registry.versions(job["domain"])):
+        if registry.read_card(job["domain"], version).get("job_id") == job["job_id"]:
+            return version
+    return None
+
+
+def _published_unactivated(store, registry, job: dict, why: str) -> bool:
+    """Mark `job` failed as one that published and died before activating -> whether it had published."""
+    version = published_by(registry, job)
+    if version is None:
+        return False
+    promote = ((registry.read_card(job["domain"], version).get("metrics") or {}).get("gate") or {}).get("promote")
+    then = (f"it passed the gate but is not live: activate {job['domain']}@{version} in the Adapters tab "
+            f"(or `assistant adapters activate {job['domain']} {version}`)" if promote
+            else "the gate did not promote it, so it stays inactive")
+    store.update_job(job["job_id"], status="failed", adapter_version=version, promoted=False, stage=None,
+                     stages=_stages_ended(job), finished_at=time.time(),
+                     error=f"{why} after publishing {job['domain']}@{version}, before making it live: {then}")
+    return True
+
+
 def _ended(store, registry, job_id: str, code: int) -> None:
     job = store.get_job(job_id)
     if job is None or job["status"] in TERMINAL or job_id in _cancelling:
         return
     why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    if _published_unactivated(store, registry, job, f"the training process ended unexpectedly ({why})"):
+        return
     hint = " (out of memory? try a smaller batch_size or max_seq_len)" if code == -signal.SIGKILL else ""
     if resumable(job):
         hint += RETRY_HINT
@@ -266,6 +292,9 @@ def reap(settings, store, registry, *, at_start: bool = False) -> list[str]:
         if job is not None and job["status"] in ACTIVE:
             if _is_job_process(job.get("pid"), job["job_id"]):   # what is left of it, when it ran here
                 _kill_group(job["pid"])
+            failed.append(job["job_id"])
+            if _published_unactivated(store, registry, job, "the worker running this job stopped"):
+                continue
             keep = resumable(job)   # its training finished: the adapter stays for "retry from evaluation"
             if keep:
                 keep_trained(store, registry.root, job)
@@ -275,7 +304,6 @@ def reap(settings, store, registry, *, at_start: bool = False) -> list[str]:
                              stages=_stages_ended(job), error="the worker running this job stopped (its process "
                              "ended) before the job finished: nothing was published"
                              + (RETRY_HINT if keep else "; start training again"))
-            failed.append(job["job_id"])
     return failed
 
 
@@ -284,7 +312,10 @@ def recover_orphans(settings, store, registry) -> list[str]:
     removed (not those of running jobs). Jobs still queued for a worker stay queued -> the ids failed."""
     failed = reap(settings, store, registry, at_start=True)
     for job_id in failed:
-        keep = resumable(store.get_job(job_id))
+        job = store.get_job(job_id)
+        if job.get("adapter_version"):        # it published: the message already says what to do
+            continue
+        keep = resumable(job)
         store.update_job(job_id, error="the server restarted while this job ran"
                          + (RETRY_HINT if keep else ": start training again"))
     # a shared adapters folder: another replica may be importing right now; its staging is young

@@ -81,6 +81,12 @@ class PreferenceData:
         return data
 
 
+def _cut(record: dict) -> bool:
+    """The rated answer was cut by its token limit (finish_reason "length"): the model never chose to end it
+    there, so its end-of-turn is not part of what is liked or disliked (preference_train drops it)."""
+    return record.get("finish_reason") == "length"
+
+
 def _prompt_text(prompt: list[dict]) -> str:
     from .curation import normalize
     return "\x1e".join(f"{m['role']}\x1f{normalize(m['content'])}" for m in prompt if m["role"] != "system")
@@ -140,11 +146,12 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
                 removed["same_answer"] += 1
                 continue
             data.pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected[-1]["content"],
-                               "key": row["key"], "split": "train"})
+                               "rejected_cut": _cut(records[0]), "key": row["key"], "split": "train"})
             paired.add(_prompt_text(prompt))
         elif row.get("source") == "thumbs_up" and row.get("split", "train") == "train":
+            records = [by_id[i] for i in row.get("feedback_ids") or [] if i in by_id]
             data.kto.append({"prompt": prompt, "completion": answer, "label": True, "key": row["key"],
-                             "split": "train"})
+                             "cut": bool(records) and _cut(records[0]), "split": "train"})
     downs = []
     for fbs in by_response.values():
         ups = sum(f["rating"] == "up" for f in fbs)
@@ -156,7 +163,7 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
         if msgs is None:
             removed["filtered"] += 1
             continue
-        downs.append({"prompt": msgs[:-1], "completion": msgs[-1]["content"], "label": False,
+        downs.append({"prompt": msgs[:-1], "completion": msgs[-1]["content"], "label": False, "cut": _cut(last),
                       "key": f"feedback:{last['id']}", "user": last["user"] or last.get("response_user"),
                       "created_at": last["created_at"]})
     seen: set[str] = set()
@@ -171,7 +178,7 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
     capped = _cap_users(kept, opts.max_user_share)
     removed["user_cap"] = len(kept) - len(capped)
     for d in sorted(capped, key=lambda d: d["key"]):
-        data.kto.append({k: d[k] for k in ("prompt", "completion", "label", "key")} | {"split": "train"})
+        data.kto.append({k: d[k] for k in ("prompt", "completion", "label", "cut", "key")} | {"split": "train"})
     _holdout(data)
     liked = sum(r["label"] for r in data.kto)
     data.counts = {"ratings": len(feedback), "thumbs_up": sum(f["rating"] == "up" for f in feedback),

@@ -35,6 +35,7 @@ PREF_TARGET_EXAMPLES = 96     # preference_epochs=None: enough passes to see abo
 MAX_PREF_AUTO_EPOCHS = 6      # ...but never more passes than this
 MIN_KTO_BATCH = 2             # KTO estimates its KL term from other rows of the batch: 2 rows at least
 REF_ADAPTER = "ref"           # the name trl gives the frozen reference copy of the adapter
+CUT_COLUMN = "cut"            # a row whose rated answer its token limit cut (see _drop_cut_ends)
 
 
 @dataclass
@@ -116,10 +117,33 @@ def _dataset(method: str, rows: list[dict]):
         return [{"role": "assistant", "content": text}]
 
     if method == "dpo":
-        return Dataset.from_list([{"prompt": r["prompt"], "chosen": reply(r["chosen"]), "rejected": reply(r["rejected"])}
-                                  for r in rows])
-    return Dataset.from_list([{"prompt": r["prompt"], "completion": reply(r["completion"]), "label": bool(r["label"])}
-                              for r in rows])
+        return Dataset.from_list([{"prompt": r["prompt"], "chosen": reply(r["chosen"]), "rejected": reply(r["rejected"]),
+                                   CUT_COLUMN: bool(r.get("rejected_cut"))} for r in rows])
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": reply(r["completion"]), "label": bool(r["label"]),
+                               CUT_COLUMN: bool(r.get("cut"))} for r in rows])
+
+
+def _drop_cut_ends(trainer, method: str, eos_id: int | None, batch_size: int) -> int:
+    """An answer cut by its token limit never ended there: the end-of-turn trl's chat template adds after it
+    is dropped from its tokens, so disliking a long cut answer does not teach "do not end" (which made answers
+    longer) and liking it does not teach ending mid-sentence. -> how many rows were changed."""
+    ds = trainer.train_dataset
+    if CUT_COLUMN not in ds.column_names:
+        return 0
+    column = "rejected_ids" if method == "dpo" else "completion_ids"
+    changed = sum(ds[CUT_COLUMN])
+
+    def strip(ex):
+        ids = ex[column]
+        if ex[CUT_COLUMN] and eos_id is not None and eos_id in ids[1:]:
+            ids = ids[:len(ids) - 1 - ids[::-1].index(eos_id)]
+        return {column: ids}
+    ds = ds.map(strip)
+    if "KL_completion_ids" in ds.column_names:      # KTO's mismatched pairs, rebuilt from the new completions
+        ds = ds.map(lambda b: {"KL_completion_ids": [b["completion_ids"][-1]] + b["completion_ids"][:-1]},
+                    batched=True, batch_size=batch_size)
+    trainer.train_dataset = ds.remove_columns([CUT_COLUMN])
+    return changed
 
 
 def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, checkpointing: bool,
@@ -151,6 +175,7 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
                                   args=_args(method, plan, settings, out, cuda=cuda, checkpointing=checkpointing),
                                   train_dataset=_dataset(method, rows), processing_class=base.tokenizer,
                                   callbacks=[report], **kwargs)
+            cut = _drop_cut_ends(trainer, method, base.tokenizer.eos_token_id, plan.batch_size(method, settings))
             for p in trainer.model.parameters():    # LoRA in float32, as the SFT loop keeps it
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
@@ -162,7 +187,7 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
             steps = trainer.state.global_step
             offset += steps
             losses += report.losses
-            plan.phases.append({"method": method, "rows": len(rows), "steps": steps,
+            plan.phases.append({"method": method, "rows": len(rows), "steps": steps, "cut_answers": cut,
                                 "epochs": plan.epochs(method, settings),
                                 "loss_first": report.losses[0] if report.losses else None,
                                 "loss_last": report.losses[-1] if report.losses else None,

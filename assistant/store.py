@@ -210,7 +210,7 @@ class Store(Coordination):
 
     def list_feedback(self, domain: str | None = None) -> list[dict]:
         sql = ("SELECT f.*, r.domain, r.adapter_version, r.messages, r.answer, r.\"user\" AS response_user, "
-               "r.principal AS response_principal "
+               "r.principal AS response_principal, r.finish_reason "
                "FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.withdrawn_at IS NULL")
         params: list = []
         if domain is not None:

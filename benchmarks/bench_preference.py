@@ -72,17 +72,22 @@ def questions(seed: int, n_train: int, n_heldout: int) -> tuple[list[str], list[
     return train, heldout
 
 
-def sample(engine, questions: list[str], n: int, seed: int) -> list[tuple[str, str]]:
-    """(question, answer) pairs: `n` answers of the serving engine to each question, sampled (seeded)."""
+def sample(engine, questions: list[str], n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(question, answer, finish reason): `n` answers of the serving engine to each question, sampled (seeded)."""
     from assistant.engine import Request
     handles = [(q, engine.submit(Request(prompt_ids=engine.encode_chat([{"role": "user", "content": q}]),
                                          max_new_tokens=MAX_NEW_TOKENS, temperature=SAMPLE_TEMPERATURE, top_p=0.95,
                                          seed=seed * 100_000 + i * n + k)))
                for i, q in enumerate(questions) for k in range(n)]
-    return [(q, h.result()[0].strip()) for q, h in handles]
+    return [(q, *_text_and_end(h.result())) for q, h in handles]
 
 
-def rated_store(folder: Path, rated: list[tuple[str, str]]):
+def _text_and_end(result: tuple[str, str]) -> tuple[str, str]:
+    text, finish_reason = result
+    return text.strip(), finish_reason
+
+
+def rated_store(folder: Path, rated: list[tuple[str, str, str]]):
     """A store and settings in `folder` holding the rated answers as logged responses with thumbs."""
     from assistant.registry import Registry
     from assistant.settings import Settings
@@ -90,11 +95,11 @@ def rated_store(folder: Path, rated: list[tuple[str, str]]):
     settings = Settings(home=folder).ensure_dirs()
     store = Store(settings.db_path)
     Registry(settings.adapters_path).create_domain("explain", "", "benchmark")
-    for q, a in rated:
+    for q, a, finish_reason in rated:
         rid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
         store.log_response(id=rid, domain="explain", adapter_version=None, model="explain",
                            messages=[{"role": "user", "content": q}], answer=a, prompt_tokens=1, completion_tokens=1,
-                           latency_ms=1.0, ttft_ms=None, finish_reason="stop")
+                           latency_ms=1.0, ttft_ms=None, finish_reason=finish_reason)
         store.add_feedback(response_id=rid, rating="up" if liked(a) else "down")
     return settings, store
 
@@ -109,12 +114,12 @@ def general_nll_ratio(model, tok, base_answers: list[str]) -> float:
     return after / before
 
 
-def run(small: bool = False, seed: int = 0) -> dict:
+def run(small: bool = False, seed: int = 0, overrides: dict | None = None) -> dict:
     from common import on_all_cores
-    return on_all_cores(lambda: _run(small, seed))
+    return on_all_cores(lambda: _run(small, seed, overrides or {}))
 
 
-def _run(small: bool, seed: int) -> dict:
+def _run(small: bool, seed: int, overrides: dict) -> dict:
     from assistant import preference
     from assistant.curation import curate
     from assistant.engine import Engine
@@ -137,7 +142,8 @@ def _run(small: bool, seed: int) -> dict:
         rated = sample(engine, train_q, SAMPLES_PER_PROMPT, seed)
     finally:
         engine.close()
-    print(f"rated {len(rated)} sampled answers: {sum(liked(a) for _, a in rated)} liked", file=sys.stderr, flush=True)
+    print(f"rated {len(rated)} sampled answers: {sum(liked(a) for _, a, _ in rated)} liked, "
+          f"{sum(end == 'length' for _, _, end in rated)} cut at {MAX_NEW_TOKENS} tokens", file=sys.stderr, flush=True)
     base_general = generate(base.model, base.tokenizer, [[{"role": "user", "content": q}] for q in GENERAL_PROMPTS],
                             48)
     results = {}
@@ -148,7 +154,7 @@ def _run(small: bool, seed: int) -> dict:
         methods = preference.choose("sft+kto", data.counts, len(snap.rows), 1)
         held = data.heldout_keys()
         rows = [r for r in snap.rows if r["key"] not in held]
-        ts = TrainSettings(**SETTINGS, **size["settings"])
+        ts = TrainSettings(**{**SETTINGS, **size["settings"], **overrides})
         for name, plan in (("sft", None), ("+".join(methods), PreferencePlan(data, methods))):
             t = time.perf_counter()
             result = train_adapter(base, rows, Path(tmp) / name, ts, preference=plan)
@@ -195,5 +201,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="the few-minute version the tests run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a training setting for both adapters, e.g. --set beta=0.5 (a JSON value)")
     a = p.parse_args()
-    print(json.dumps(run(a.small, a.seed)))
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
+    print(json.dumps(run(a.small, a.seed, overrides)))

@@ -184,6 +184,9 @@ def phone(page) -> None:
     _tab(page, "Train")
     bar = page.locator("#train-stages li[data-name='train'] .stage-bar")
     assert bar.bounding_box()["width"] >= 120, bar.bounding_box()
+    for cell in page.locator("#train-summary th").all():                  # the gate's checks: "check", not c-h-e-c-k
+        box = cell.bounding_box()
+        assert box["height"] < 2 * box["width"] and box["height"] < 60, box
     _tab(page, "Monitor")
     expect(page.locator("#monitor-recommendation")).to_contain_text("answers served")
 

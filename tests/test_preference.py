@@ -24,19 +24,20 @@ LONG = " It is a fact that many people have asked about over the years, in many 
 
 
 def rate(store, domain: str, question: str, answer: str, rating: str, *, correction: str | None = None,
-         user: str | None = None) -> str:
+         user: str | None = None, finish_reason: str = "stop") -> str:
     """Log an answer to `question` as the server would, and rate it."""
     rid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
     store.log_response(id=rid, domain=domain, adapter_version=None, model=domain,
                        messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}],
                        answer=answer, prompt_tokens=10, completion_tokens=10, latency_ms=1.0, ttft_ms=None,
-                       finish_reason="stop", user=user)
+                       finish_reason=finish_reason, user=user)
     store.add_feedback(response_id=rid, rating=rating, correction=correction, user=user)
     return rid
 
 
-def rated_domain(store, registry, domain="atlas", *, seeds=8, corrections=6, ups=6, downs=6):
-    """Seeds, corrected answers (the wrong capital), short answers rated up, overlong ones rated down."""
+def rated_domain(store, registry, domain="atlas", *, seeds=8, corrections=6, ups=6, downs=6, cut="stop"):
+    """Seeds, corrected answers (the wrong capital), short answers rated up, overlong ones rated down (their
+    finish reason `cut`: "length" when their token limit cut them)."""
     registry.create_domain(domain, SYSTEM_PROMPT, "invented facts")
     if seeds:
         store.add_examples(domain, [{"messages": chat(q, a)} for q, a, _, _ in FACTS[:seeds]])
@@ -50,7 +51,7 @@ def rated_domain(store, registry, domain="atlas", *, seeds=8, corrections=6, ups
         rate(store, domain, p, a, "up")
     for i in range(downs):
         q, a, _, p = facts[(corrections + ups + i) % len(facts)]
-        rate(store, domain, f"{p} Tell me.", a + LONG, "down")
+        rate(store, domain, f"{p} Tell me.", a + LONG, "down", finish_reason=cut)
 
 
 @pytest.fixture
@@ -98,6 +99,33 @@ def test_ratings_become_pairs_and_kto_rows(world):
     assert preference.describe(counts, ["sft", "dpo", "kto"]).endswith("6 corrections: SFT + DPO + KTO")
     assert preference.class_weights({"desirable": 3, "undesirable": 12}) == (4.0, 1.0)
     assert preference.class_weights({"desirable": 10, "undesirable": 5}) == (1.0, 2.0)
+
+
+def test_an_answer_cut_by_its_token_limit_is_judged_without_an_end(world):
+    """A disliked answer that its token limit cut never ended: disliking it must not teach "do not end here"
+    (the end-of-turn trl's template adds is dropped); an answer that ended keeps its end."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from assistant import preference
+    from assistant.curation import curate
+    from assistant.preference_train import CUT_COLUMN, _drop_cut_ends
+    settings, store, registry = world
+    rated_domain(store, registry, corrections=0, ups=4, downs=4, cut="length")
+    data = preference.build(curate(store, "atlas", settings).rows, store.list_feedback("atlas"),
+                            preference_opts(settings))
+    assert sorted((r["label"], r["cut"]) for r in data.kto) == [(False, True)] * 4 + [(True, False)] * 4
+    eos, nl = 2, 13
+    rows = [{"prompt_ids": [1], "completion_ids": [5, 6, eos, nl], "label": False, CUT_COLUMN: True},
+            {"prompt_ids": [1], "completion_ids": [7, eos, nl], "label": True, CUT_COLUMN: False},
+            {"prompt_ids": [1], "completion_ids": [8, 9, eos, nl], "label": False, CUT_COLUMN: True}]
+    trainer = SimpleNamespace(train_dataset=Dataset.from_list(
+        [{**r, "KL_completion_ids": [0]} for r in rows]))
+    assert _drop_cut_ends(trainer, "kto", eos, batch_size=3) == 2
+    ds = trainer.train_dataset
+    assert ds["completion_ids"] == [[5, 6], [7, eos, nl], [8, 9]] and CUT_COLUMN not in ds.column_names
+    assert ds["KL_completion_ids"] == [[8, 9], [5, 6], [7, eos, nl]]      # rebuilt from the new completions
 
 
 def preference_opts(settings):
@@ -176,12 +204,13 @@ def test_qlora_kto_on_an_nf4_base(tiny_llama, home):
     from assistant.store import Store
     settings = Settings(home=home, base_model=str(tiny_llama), dtype="float32", quantization="nf4").ensure_dirs()
     store, registry = Store(settings.db_path), Registry(settings.adapters_path)
-    rated_domain(store, registry, corrections=0, ups=6, downs=6)
+    rated_domain(store, registry, corrections=0, ups=6, downs=6, cut="length")
     job = jobs.run_job_inline(settings, store, registry, "atlas", {**FAST, "method": "sft+kto"})
     assert job["status"] == "succeeded", (job["error"], job["log"])
     assert "quantization=nf4" in job["log"] and job["metrics"]["train"]["methods"] == ["sft", "kto"]
     kto = job["metrics"]["train"]["phases"][0]
     assert kto["method"] == "kto" and kto["steps"] > 0 and kto["loss_last"] is not None
+    assert kto["cut_answers"] == 6           # the disliked answers were cut: their end-of-turn is not judged
     from safetensors.torch import load_file
     weights = load_file(str(registry.version_path("atlas", "v1") / "adapter_model.safetensors"))
     assert weights and all(t.dtype.is_floating_point and t.abs().sum() > 0 for k, t in weights.items()

@@ -85,6 +85,35 @@ def test_a_dead_workers_job_is_failed_and_a_live_ones_is_not(postgres_url, tmp_p
     assert not staging.exists()
 
 
+def test_a_worker_that_died_after_publishing_says_which_version_to_activate(postgres_url, tmp_path):
+    """Killed between publishing and activating: the job names the complete version that is not live and how
+    to activate it; nothing is removed and the pointer did not move."""
+    from assistant.settings import Settings
+    settings = Settings(home=tmp_path, database_url=postgres_url).ensure_dirs()
+    store, registry = Store(postgres_url), Registry(settings.adapters_path)
+    registry.create_domain("atlas", "", "")
+    job_id = store.create_job("atlas", {})
+    staging = jobs.staging_path(registry.root, {"domain": "atlas", "job_id": job_id})
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_bytes(b"weights")
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, postgres_url, job_id], stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == job_id
+        store.update_job(job_id, status="running")
+        version = registry.publish("atlas", staging, {"job_id": job_id, "metrics": {"gate": {"promote": True}}})
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while not jobs.reap(settings, store, registry) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job = store.get_job(job_id)
+    assert job["status"] == "failed" and job["adapter_version"] == version == "v1"
+    assert "after publishing atlas@v1" in job["error"] and "activate atlas@v1" in job["error"]
+    assert registry.versions("atlas") == ["v1"] and registry.active_version("atlas") is None
+
+
 def test_an_activation_request_is_served_by_a_replica_or_falls_back(postgres_url, monkeypatch):
     store = Store(postgres_url)
     served = []

@@ -148,6 +148,10 @@ def test_the_state_line_follows_the_job_to_its_end_and_cancel_with_it(service):
     out = train._job_outputs(service.workspace, ended, "atlas")
     assert "finished: atlas@v1 passed the gate" in out[0] and "Keep chatting" not in out[0]
     assert out[1]["interactive"] is False                                    # and not after its end
+    assert out[-1]["visible"] is False                                       # nothing to retry
+    from assistant.job_process import RETRY_HINT
+    kept = {**job, "status": "failed", "error": "evaluate failed: generation failed" + RETRY_HINT}
+    assert train._job_outputs(service.workspace, kept, "atlas")[-1]["visible"] is True
     for status, words in (("failed", "failed"), ("cancelled", "cancelled")):
         assert words in jobview.state_text({**job, "status": status, "error": "out of memory"}, "v1", "atlas")
 

@@ -2,7 +2,8 @@
 
 - all five tabs stay in the tab bar (tighter tab padding and page margins on a narrow screen), so none hides
   behind Gradio's overflow menu;
-- tables keep readable columns and scroll sideways instead of breaking words letter by letter;
+- tables (Gradio's and those written in Markdown) keep readable columns and scroll sideways instead of
+  breaking words letter by letter;
 - the thumbs and other icon buttons are at least TOUCH_PX square.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 TOUCH_PX = 40                 # smallest touch target (WCAG's 44 px, less the icon buttons' own margin)
 PHONE_MAX_PX = 600            # the narrow-screen rules apply up to this width
 TABLE_MIN_PX = 640            # a table narrower than this scrolls sideways on a phone instead of squeezing
-TABLES = ("#review-queue", "#curation-report", "#monitor-versions", "#adapters-table", "#job-metrics")
+PROSE_LAST_COLUMN_EM = 16     # a Markdown table's last column (a sentence) keeps this width instead of towering
+PROSE_TABLES = ("#train-summary", "#adapter-card")   # tables written in Markdown (the gate's checks, a card)
+TABLES = ("#review-queue", "#curation-report", "#monitor-versions", "#adapters-table", "#job-metrics", *PROSE_TABLES)
 WIDE_TABLES = ("#review-queue", "#monitor-versions", "#adapters-table")   # too many columns for a phone
 
 _tables = ", ".join(f"{t} table" for t in WIDE_TABLES)
@@ -26,6 +29,8 @@ CSS = f"""
 }}
 {_cells} {{ word-break: normal !important; overflow-wrap: normal !important; hyphens: none; }}
 {_heads} {{ white-space: nowrap !important; }}
+{", ".join(f"{t} table" for t in PROSE_TABLES)} {{ display: block; max-width: 100%; overflow-x: auto; }}
+{", ".join(f"{t} td:last-child" for t in PROSE_TABLES)} {{ min-width: {PROSE_LAST_COLUMN_EM}em; }}
 @media (max-width: {PHONE_MAX_PX}px) {{
   .gradio-container {{ padding-left: 8px !important; padding-right: 8px !important; }}
   .gradio-container > main, .gradio-container .main {{ padding-left: 0 !important; padding-right: 0 !important; }}

@@ -10,6 +10,7 @@ import logging
 import gradio as gr
 
 from ..errors import AssistantError, InvalidSetting
+from ..job_process import RETRY_HINT
 from ..settings import BASE as BASE_WEIGHTS
 from ..settings import MAX_LORA_RANK
 from ..training import MIN_EXAMPLES, TrainSettings
@@ -74,7 +75,7 @@ def train_settings(method_default: str, epochs, learning_rate, rank, method, max
 
 def _job_outputs(workspace, job: dict | None, model, domain=None):
     """-> state line, Cancel, stages, bar, loss plot, log, metrics, gate verdict, Activate anyway, timer,
-    model picker."""
+    model picker, Retry from evaluation (shown only for a failed job whose trained adapter was kept)."""
     import pandas as pd
     losses = pd.DataFrame((job or {}).get("losses") or [], columns=["step", "loss"]).astype(
         {"step": "int64", "loss": "float64"})   # typed, or an empty first frame makes the axes nominal
@@ -88,10 +89,11 @@ def _job_outputs(workspace, job: dict | None, model, domain=None):
     return (jobview.state_text(job, active, domain), gr.update(interactive=running),
             jobview.stages_html(job), jobview.progress_html(job), losses, jobview.public_log(job),
             jobview.metrics_table(job), jobview.gate_markdown(job), gr.update(visible=blocked),
-            gr.Timer(active=running), refresh_models(workspace, model))
+            gr.Timer(active=running), refresh_models(workspace, model),
+            gr.update(visible=bool(job) and job["status"] == "failed" and RETRY_HINT in (job.get("error") or "")))
 
 
-N_JOB_OUT = 11
+N_JOB_OUT = 12
 LOSS_OUT = 4                  # the loss plot's place in `_job_outputs`
 
 
@@ -221,7 +223,7 @@ def build(workspace, serving, P, model):
     with gr.Row():
         go = gr.Button("Retrain", variant="primary", elem_id="retrain-btn")
         cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel-job-btn", interactive=False)
-        retry_btn = gr.Button("Retry from evaluation", elem_id="retry-job-btn")
+        retry_btn = gr.Button("Retry from evaluation", elem_id="retry-job-btn", visible=False)
     status = gr.Markdown("", elem_id="train-status")
     stages = gr.HTML(jobview.stages_html(None), elem_id="train-stages-box")
     bar = gr.HTML(jobview.progress_html(None), elem_id="train-progress")
@@ -239,7 +241,7 @@ def build(workspace, serving, P, model):
         back = gr.Button("Roll back to previous", elem_id="rollback-btn")
     vstatus = gr.Markdown("", elem_id="train-version-status")
 
-    job_out = [status, cancel_btn, stages, bar, loss, job_log, metrics, verdict, anyway, timer, model]
+    job_out = [status, cancel_btn, stages, bar, loss, job_log, metrics, verdict, anyway, timer, model, retry_btn]
     view_out = [size, job_id, version, *job_out]
     domain.change(P(train_view, workspace), [domain, model], view_out)
     go.click(P(retrain, workspace, default_method(serving)), [domain, epochs, lr, rank, method, max_len, advanced, model,
