@@ -286,8 +286,8 @@ class Workspace:
                                 group_settings(self.settings, "curation"))
         can = preference.supported(data.counts)
         return {"counts": data.counts, "supported": can, "summary": preference.describe(data.counts, can),
-                "needs": f"DPO needs {preference.MIN_PAIRS}+ corrections, KTO {preference.MIN_PER_KIND}+ "
-                         "ratings of each kind"}
+                "needs": f"DPO needs {preference.MIN_PAIRS}+ pairs (corrections, or a liked and a disliked answer "
+                         f"to one question), KTO {preference.MIN_PER_KIND}+ ratings of each kind"}
 
     def export_dataset(self, domain: str, folder: Path | None = None):
         """The user exports the dataset: the snapshot is written (and recorded); with `folder`, also a copy

@@ -35,7 +35,7 @@ from common import print_table  # noqa: E402  (also sets offline mode)
 
 MAX_LIKED_WORDS = 30          # the rule: an answer of at most this many words is liked
 MAX_NEW_TOKENS = 64           # per sampled / evaluated answer (an answer cut here is overlong)
-SAMPLES_PER_PROMPT = 2
+SAMPLES_PER_PROMPT = 4
 SAMPLE_TEMPERATURE = 0.9
 # Short factual questions (the base answers some briefly, some at length) mixed with "explain" questions
 # (it answers those at length): both kinds of rating occur, and the held-out share has room to move.
@@ -55,6 +55,7 @@ TEMPLATES = ["What is {t}?", "Can you explain {t}?", "How does {t} work?"]
 SETTINGS = dict(rank=16, alpha=32, seed=0, max_seq_len=256, batch_size=8, replay=0, augment=0)
 SMALL = dict(train=8, heldout=4, settings=dict(epochs=2, preference_epochs=2))   # of each kind of question
 FULL = dict(train=18, heldout=6, settings={})
+METHOD = "sft+kto"            # the preference method compared with SFT alone
 
 
 def liked(answer: str) -> bool:
@@ -114,12 +115,12 @@ def general_nll_ratio(model, tok, base_answers: list[str]) -> float:
     return after / before
 
 
-def run(small: bool = False, seed: int = 0, overrides: dict | None = None) -> dict:
+def run(small: bool = False, seed: int = 0, overrides: dict | None = None, method: str = METHOD) -> dict:
     from common import on_all_cores
-    return on_all_cores(lambda: _run(small, seed, overrides or {}))
+    return on_all_cores(lambda: _run(small, seed, overrides or {}, method))
 
 
-def _run(small: bool, seed: int, overrides: dict) -> dict:
+def _run(small: bool, seed: int = 0, overrides: dict | None = None, method: str = METHOD) -> dict:
     from assistant import preference
     from assistant.curation import curate
     from assistant.engine import Engine
@@ -151,10 +152,10 @@ def _run(small: bool, seed: int, overrides: dict) -> dict:
         settings, store = rated_store(Path(tmp) / "home", rated)
         snap = curate(store, "explain", settings)
         data = preference.build(snap.rows, store.list_feedback("explain"), group_settings(settings, "curation"))
-        methods = preference.choose("sft+kto", data.counts, len(snap.rows), 1)
+        methods = preference.choose(method, data.counts, len(snap.rows), 1)
         held = data.heldout_keys()
         rows = [r for r in snap.rows if r["key"] not in held]
-        ts = TrainSettings(**{**SETTINGS, **size["settings"], **overrides})
+        ts = TrainSettings(**{**SETTINGS, **size["settings"], **(overrides or {})})
         for name, plan in (("sft", None), ("+".join(methods), PreferencePlan(data, methods))):
             t = time.perf_counter()
             result = train_adapter(base, rows, Path(tmp) / name, ts, preference=plan)
@@ -203,6 +204,7 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a training setting for both adapters, e.g. --set beta=0.5 (a JSON value)")
+    p.add_argument("--method", default=METHOD, help=f"the preference method (default {METHOD})")
     a = p.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
-    print(json.dumps(run(a.small, a.seed, overrides)))
+    print(json.dumps(run(a.small, a.seed, overrides, a.method)))

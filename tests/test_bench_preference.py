@@ -13,8 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-@pytest.mark.long
-@pytest.mark.slow   # samples, rates and trains twice on the embedded model: a few minutes here
+@pytest.mark.slow   # samples, rates and trains twice on the embedded model: about two minutes here
 def test_small_preference_benchmark(embedded_path, capsys):
     import bench_preference
     out = bench_preference._run(small=True, seed=0)

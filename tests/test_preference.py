@@ -74,8 +74,13 @@ def test_ratings_become_pairs_and_kto_rows(world):
     rate(store, "atlas", "Where is Quillton?", "Quillton is somewhere." + LONG, "down")
     snap = curate(store, "atlas", settings)
     data = preference.build(snap.rows, store.list_feedback("atlas"), preference_opts(settings))
-    assert len(data.pairs) == 6 and all(p["rejected"].startswith("I am not sure") for p in data.pairs)
-    assert {p["chosen"] for p in data.pairs} <= {a for _, a, _, _ in FACTS}
+    corrected = [p for p in data.pairs if p.get("from") != "ratings"]
+    assert len(corrected) == 6 and all(p["rejected"].startswith("I am not sure") for p in corrected)
+    assert {p["chosen"] for p in corrected} <= {a for _, a, _, _ in FACTS}
+    # a liked and a disliked answer to one question are also a pair
+    [rated] = [p for p in data.pairs if p.get("from") == "ratings"]
+    assert rated["prompt"][-1]["content"] == "Where is Quillton?" and rated["chosen"].startswith("Quillton is the")
+    assert rated["rejected"].startswith("Quillton is somewhere") and data.counts["rated_pairs"] == 1
     liked = [r for r in data.kto if r["label"]]
     disliked = [r for r in data.kto if not r["label"]]
     assert len(liked) == 7 and len(disliked) == 8           # + one of the two "How do I reach" ratings
@@ -142,7 +147,7 @@ def test_thumbs_down_only_domain_is_refused_with_what_it_needs(world):
     assert "0 usable thumbs-up and 12 thumbs-down" in e.value.message and store.list_jobs() == []
     # a named method the data cannot support says what it needs too
     rated_domain(store, registry, "atlas2", seeds=8, corrections=2, ups=0, downs=0)
-    with pytest.raises(DatasetTooSmall, match="DPO needs at least 4 corrections"):
+    with pytest.raises(DatasetTooSmall, match="DPO needs at least 4 pairs"):
         jobs.start_job(settings, store, registry, "atlas2", {"method": "sft+dpo"})
     with pytest.raises(Exception, match="method 'ppo'"):
         jobs.start_job(settings, store, registry, "atlas2", {"method": "ppo"})

@@ -214,7 +214,7 @@ def build(workspace, serving, P, model):
         method = gr.Radio(list(METHODS), value=default_method(serving), label="Method", elem_id="train-method")
     learn_from = gr.Radio(list(LEARN_FROM), value="auto", elem_id="train-learn-from",
                           label="Learn from (SFT: examples and corrections; DPO: corrections over the answers they "
-                                "fixed; KTO: thumbs up and down)")
+                                "fixed, liked over disliked answers to one question; KTO: thumbs up and down)")
     with gr.Accordion("Advanced (JSON: batch_size, augment, replay, alpha, dropout, seed…)", open=False,
                       elem_id="train-advanced-box"):
         advanced = gr.Textbox("", label="More settings as a JSON object", placeholder='{"batch_size": 4}',
