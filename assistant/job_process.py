@@ -119,21 +119,23 @@ def _watch(settings, store, registry, job_id: str, proc) -> None:
         log.exception("could not start the next queued job")
 
 
-def published_by(registry, job: dict) -> str | None:
-    """The version a job published before it died (its card names the job), or None. A job killed between
-    publishing and activating leaves a complete version that is not live: what ended it says so."""
+def published_by(registry, job: dict) -> tuple[str, dict] | None:
+    """(the version a job published before it died, its card) or None: its card names the job. A job killed
+    between publishing and activating leaves a complete version that is not live: what ended it says so."""
     for version in reversed(registry.versions(job["domain"])):
-        if registry.read_card(job["domain"], version).get("job_id") == job["job_id"]:
-            return version
+        card = registry.read_card(job["domain"], version)
+        if card.get("job_id") == job["job_id"]:
+            return version, card
     return None
 
 
 def _published_unactivated(store, registry, job: dict, why: str) -> bool:
     """Mark `job` failed as one that published and died before activating -> whether it had published."""
-    version = published_by(registry, job)
-    if version is None:
+    found = published_by(registry, job)
+    if found is None:
         return False
-    promote = ((registry.read_card(job["domain"], version).get("metrics") or {}).get("gate") or {}).get("promote")
+    version, card = found
+    promote = ((card.get("metrics") or {}).get("gate") or {}).get("promote")
     then = (f"it passed the gate but is not live: activate {job['domain']}@{version} in the Adapters tab "
             f"(or `assistant adapters activate {job['domain']} {version}`)" if promote
             else "the gate did not promote it, so it stays inactive")
@@ -153,12 +155,12 @@ def _ended(store, registry, job_id: str, code: int) -> None:
     hint = " (out of memory? try a smaller batch_size or max_seq_len)" if code == -signal.SIGKILL else ""
     if resumable(job):
         hint += RETRY_HINT
-        keep_trained(store, registry.root, job)
     else:
         _remove_staging(registry.root, job)
     store.update_job(job_id, status="failed", error=f"the training process ended unexpectedly: {why}{hint}",
                      stage=None, stages=_stages_ended(job),
                      finished_at=time.time())
+    prune_kept(store, registry.root, job["domain"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,31 +210,26 @@ def _remove_staging(adapters_root, job: dict) -> None:
     shutil.rmtree(staging_path(adapters_root, job), ignore_errors=True)
 
 
-def keep_trained(store, adapters_root, job: dict) -> None:
-    """`job` failed after its training finished and keeps its adapter for "retry from evaluation". One such
-    adapter is kept per domain (KEPT_TRAINED_PER_DOMAIN): older failed jobs' kept adapters are removed, so
+def kept_staging(store, domain: str | None = None) -> set[str]:
+    """Staging folder names that stay: those of queued and running jobs, and per domain the trained adapters
+    of its newest failed jobs (KEPT_TRAINED_PER_DOMAIN) for "retry from evaluation". Older failures' go, so
     repeated failures do not fill the disk; retrying one of those says to start training again."""
-    kept = 0
-    for other in store.list_jobs(job["domain"]):          # newest first
-        if other["job_id"] == job["job_id"] or other["status"] != "failed":
-            continue
-        if kept < KEPT_TRAINED_PER_DOMAIN - 1 and resumable(other):
-            kept += 1
-            continue
-        _remove_staging(adapters_root, other)
-
-
-def kept_staging(store) -> set[str]:
-    """Staging folder names that stay: those of queued and running jobs, and per domain the newest failed
-    job's trained adapter (KEPT_TRAINED_PER_DOMAIN)."""
     names, kept = set(), {}
-    for j in store.list_jobs():                            # newest first
+    for j in store.list_jobs(domain):                      # newest first
         if j["status"] in ("queued", "running"):
             names.add(f"{STAGING_PREFIX}{j['job_id']}")
         elif j["status"] == "failed" and resumable(j) and kept.get(j["domain"], 0) < KEPT_TRAINED_PER_DOMAIN:
             kept[j["domain"]] = kept.get(j["domain"], 0) + 1
             names.add(f"{STAGING_PREFIX}{j['job_id']}")
     return names
+
+
+def prune_kept(store, adapters_root, domain: str) -> None:
+    """After a job of `domain` failed: remove its failed jobs' staging folders that kept_staging lets go."""
+    keep = kept_staging(store, domain)
+    for j in store.list_jobs(domain):
+        if j["status"] == "failed" and f"{STAGING_PREFIX}{j['job_id']}" not in keep:
+            _remove_staging(adapters_root, j)
 
 
 def _stages_ended(job: dict) -> list[dict]:
@@ -296,14 +293,13 @@ def reap(settings, store, registry, *, at_start: bool = False) -> list[str]:
             if _published_unactivated(store, registry, job, "the worker running this job stopped"):
                 continue
             keep = resumable(job)   # its training finished: the adapter stays for "retry from evaluation"
-            if keep:
-                keep_trained(store, registry.root, job)
-            else:
+            if not keep:
                 _remove_staging(registry.root, job)
             store.update_job(job["job_id"], status="failed", finished_at=time.time(), stage=None,
                              stages=_stages_ended(job), error="the worker running this job stopped (its process "
                              "ended) before the job finished: nothing was published"
                              + (RETRY_HINT if keep else "; start training again"))
+            prune_kept(store, registry.root, job["domain"])
     return failed
 
 

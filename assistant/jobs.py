@@ -40,7 +40,7 @@ from .job_process import (  # noqa: F401 - cancel_job, dispatch, reap, recover_o
     _settings_from_json,
     cancel_job,
     dispatch,
-    keep_trained,
+    prune_kept,
     reap,
     recover_orphans,
     resumable,
@@ -243,7 +243,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
                              error=_user_text(where + message, settings) + (RETRY_HINT if keep else ""))
             if keep:
                 staging = None   # finished work is kept for "retry from evaluation"
-                keep_trained(store, registry.root, store.get_job(job_id))
+                prune_kept(store, registry.root, domain)
         if not isinstance(e, Exception):
             raise
     finally:

@@ -135,8 +135,8 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
     for row in rows:
         msgs = plain(row["messages"])        # trl's templates take role and content (no context weights)
         prompt, answer = msgs[:-1], msgs[-1]["content"]
+        records = [by_id[i] for i in row.get("feedback_ids") or [] if i in by_id]
         if row.get("source") == "correction":
-            records = [by_id[i] for i in row.get("feedback_ids") or [] if i in by_id]
             if not records:
                 continue
             rejected = _clean(records[0]["messages"] + [{"role": "assistant", "content": records[0]["answer"]}], opts)
@@ -151,7 +151,6 @@ def build(rows: list[dict], feedback: list[dict], opts, system_prompt: str | Non
                                "rejected_cut": _cut(records[0]), "key": row["key"], "split": "train"})
             paired.add(_prompt_text(prompt))
         elif row.get("source") == "thumbs_up" and row.get("split", "train") == "train":
-            records = [by_id[i] for i in row.get("feedback_ids") or [] if i in by_id]
             data.kto.append({"prompt": prompt, "completion": answer, "label": True, "key": row["key"],
                              "cut": bool(records) and _cut(records[0]), "split": "train"})
     downs = []

@@ -80,12 +80,7 @@ def sample(engine, questions: list[str], n: int, seed: int) -> list[tuple[str, s
                                          max_new_tokens=MAX_NEW_TOKENS, temperature=SAMPLE_TEMPERATURE, top_p=0.95,
                                          seed=seed * 100_000 + i * n + k)))
                for i, q in enumerate(questions) for k in range(n)]
-    return [(q, *_text_and_end(h.result())) for q, h in handles]
-
-
-def _text_and_end(result: tuple[str, str]) -> tuple[str, str]:
-    text, finish_reason = result
-    return text.strip(), finish_reason
+    return [(q, text.strip(), finish_reason) for q, h in handles for text, finish_reason in [h.result()]]
 
 
 def rated_store(folder: Path, rated: list[tuple[str, str, str]]):

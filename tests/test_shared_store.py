@@ -6,6 +6,7 @@ rebuilt from what another accepted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,7 +60,8 @@ time.sleep(600)
 """
 
 
-def test_a_dead_workers_job_is_failed_and_a_live_ones_is_not(postgres_url, tmp_path):
+def _claimed_job(postgres_url, tmp_path):
+    """Settings, store and registry on the shared database, and a job of domain atlas with its staging folder."""
     from assistant.settings import Settings
     settings = Settings(home=tmp_path, database_url=postgres_url).ensure_dirs()
     store, registry = Store(postgres_url), Registry(settings.adapters_path)
@@ -67,19 +69,37 @@ def test_a_dead_workers_job_is_failed_and_a_live_ones_is_not(postgres_url, tmp_p
     job_id = store.create_job("atlas", {})
     staging = jobs.staging_path(registry.root, {"domain": "atlas", "job_id": job_id})
     staging.mkdir()
+    return settings, store, registry, job_id, staging
+
+
+@contextlib.contextmanager
+def running_under_a_worker(postgres_url, store, job_id):
+    """A worker process (HOLDER) claims `job_id`, which runs; the worker is killed (-9) on exit."""
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, postgres_url, job_id], stdout=subprocess.PIPE,
                             text=True, cwd=ROOT, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == job_id
         store.update_job(job_id, status="running")
-        assert jobs.reap(settings, store, registry) == []            # its worker lives: left alone
-        assert store.get_job(job_id)["status"] == "running" and staging.is_dir()
+        yield
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    deadline = time.monotonic() + 10                                 # the server notices the closed session
+
+
+def _reap_dead(settings, store, registry) -> list[str]:
+    """Reap until the server notices the dead worker's closed session (at most 10 s) -> the failed ids."""
+    deadline = time.monotonic() + 10
     while not (failed := jobs.reap(settings, store, registry)) and time.monotonic() < deadline:
         time.sleep(0.1)
+    return failed
+
+
+def test_a_dead_workers_job_is_failed_and_a_live_ones_is_not(postgres_url, tmp_path):
+    settings, store, registry, job_id, staging = _claimed_job(postgres_url, tmp_path)
+    with running_under_a_worker(postgres_url, store, job_id):
+        assert jobs.reap(settings, store, registry) == []            # its worker lives: left alone
+        assert store.get_job(job_id)["status"] == "running" and staging.is_dir()
+    failed = _reap_dead(settings, store, registry)
     job = store.get_job(job_id)
     assert failed == [job_id] and job["status"] == "failed" and "worker" in job["error"]
     assert not staging.exists()
@@ -88,26 +108,11 @@ def test_a_dead_workers_job_is_failed_and_a_live_ones_is_not(postgres_url, tmp_p
 def test_a_worker_that_died_after_publishing_says_which_version_to_activate(postgres_url, tmp_path):
     """Killed between publishing and activating: the job names the complete version that is not live and how
     to activate it; nothing is removed and the pointer did not move."""
-    from assistant.settings import Settings
-    settings = Settings(home=tmp_path, database_url=postgres_url).ensure_dirs()
-    store, registry = Store(postgres_url), Registry(settings.adapters_path)
-    registry.create_domain("atlas", "", "")
-    job_id = store.create_job("atlas", {})
-    staging = jobs.staging_path(registry.root, {"domain": "atlas", "job_id": job_id})
-    staging.mkdir()
+    settings, store, registry, job_id, staging = _claimed_job(postgres_url, tmp_path)
     (staging / "adapter_model.safetensors").write_bytes(b"weights")
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, postgres_url, job_id], stdout=subprocess.PIPE,
-                            text=True, cwd=ROOT, start_new_session=True)
-    try:
-        assert proc.stdout.readline().strip() == job_id
-        store.update_job(job_id, status="running")
+    with running_under_a_worker(postgres_url, store, job_id):
         version = registry.publish("atlas", staging, {"job_id": job_id, "metrics": {"gate": {"promote": True}}})
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    deadline = time.monotonic() + 10
-    while not jobs.reap(settings, store, registry) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _reap_dead(settings, store, registry)
     job = store.get_job(job_id)
     assert job["status"] == "failed" and job["adapter_version"] == version == "v1"
     assert "after publishing atlas@v1" in job["error"] and "activate atlas@v1" in job["error"]
