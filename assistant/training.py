@@ -87,13 +87,14 @@ class TrainSettings:
                 "memory is not the limit)"})
     method: str = field(default="auto", metadata={
         "help": "auto | methods joined by '+' from sft, dpo, kto (e.g. sft+kto). SFT learns seeds, thumbs-up "
-                "answers and corrections; DPO learns each correction over the answer it corrected (needs 4+ "
-                "corrections); KTO learns from thumbs up and down without corrections (needs 4+ of each kind). "
-                "auto: SFT; DPO and KTO only when named (measured here, neither beat SFT yet; the job record says "
-                "which ran)"})
+                "answers and corrections; DPO learns each correction over the answer it corrected, and a liked "
+                "over a disliked answer to one question (needs 4+ such pairs); KTO learns from thumbs up and down "
+                "(needs 4+ of each kind). auto: SFT, plus one preference method once there are 10+ liked and 10+ "
+                "disliked answers, so the gate can judge it: DPO when corrections make 4+ pairs, else KTO (the "
+                "job record says which ran)"})
     beta: float = field(default=0.1, metadata={
         "help": "DPO/KTO beta: how far the preference phase may move from its reference (higher: less)"})
-    preference_learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate of DPO/KTO"})
+    preference_learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate of DPO/KTO"})
     preference_epochs: int | None = field(default=None, metadata={
         "help": "passes over the DPO pairs / KTO rows; None scales to the data (~96 rows seen, at most 6 passes)"})
 

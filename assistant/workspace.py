@@ -278,14 +278,18 @@ class Workspace:
         return self.curator().preview(domain)
 
     def training_methods(self, domain: str) -> dict:
-        """What the domain's ratings support, read-only: {"counts", "supported", "summary", "needs"}
+        """What the domain's ratings support, read-only: {"counts", "supported", "summary", "auto", "needs"}
         ("40 ratings (...), 12 corrections: SFT + DPO + KTO")."""
         from . import preference
         from .settings import group_settings
-        data = preference.build(self.preview(domain).rows, self.store.list_feedback(domain),
-                                group_settings(self.settings, "curation"))
+        from .training import MIN_EXAMPLES
+        snap = self.preview(domain)
+        data = preference.build(snap.rows, self.store.list_feedback(domain), group_settings(self.settings, "curation"))
         can = preference.supported(data.counts)
+        n_sft = snap.report.get("kept", 0) - len(data.heldout_keys())
+        auto = preference.auto_methods(data.counts, n_sft, MIN_EXAMPLES)
         return {"counts": data.counts, "supported": can, "summary": preference.describe(data.counts, can),
+                "auto": auto,
                 "needs": f"DPO needs {preference.MIN_PAIRS}+ pairs (corrections, or a liked and a disliked answer "
                          f"to one question), KTO {preference.MIN_PER_KIND}+ ratings of each kind"}
 

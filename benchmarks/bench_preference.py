@@ -7,8 +7,9 @@ does not? On the embedded model, in one run:
      liked, a longer one disliked (the style raters dislike: overlong answers);
   3. the ratings go through the app's own path: logged as responses with feedback in a store, curated
      (curation.curate), turned into preference rows (preference.build);
-  4. two adapters are trained from the same data and settings: SFT only (the thumbs-up answers), and the
-     preference method the data supports (SFT + KTO: thumbs-up desirable, thumbs-down undesirable);
+  4. two adapters are trained from the same data and the app's default settings (self-replay of the base's
+     general answers included): SFT only (the thumbs-up answers), and the preference method the data
+     supports (SFT + KTO: thumbs-up desirable, thumbs-down undesirable);
   5. each answers held-out questions of both kinds greedily; `preference_gain` is the share of those answers in the liked
      style, preference minus SFT-only (target >= 0.2). `preference_general_nll_ratio` is the gate's
      forgetting measure for the preference adapter: the loss of the base's own answers to the gate's
@@ -52,7 +53,7 @@ TOPICS = ["photosynthesis", "gravity", "the water cycle", "an earthquake", "a vo
           "the immune system", "a tsunami", "DNA", "a hurricane", "recycling", "a glacier", "an atom", "a magnet",
           "the ozone layer", "a battery", "friction"]
 TEMPLATES = ["What is {t}?", "Can you explain {t}?", "How does {t} work?"]
-SETTINGS = dict(rank=16, alpha=32, seed=0, max_seq_len=256, batch_size=8, replay=0, augment=0)
+SETTINGS = dict(seed=0, max_seq_len=256)   # and the app's defaults: self-replay, augmentation, LoRA, rates
 SMALL = dict(train=8, heldout=4, settings=dict(epochs=2, preference_epochs=2))   # of each kind of question
 FULL = dict(train=18, heldout=6, settings={})
 METHOD = "sft+kto"            # the preference method compared with SFT alone

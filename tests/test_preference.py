@@ -255,6 +255,7 @@ def test_train_tab_says_what_the_ratings_support(world):
     try:
         size = train.train_view(workspace, "atlas", None)[0]
         assert "12 ratings (4 up, 8 down), 4 corrections: SFT + DPO + KTO" in size, size
+        assert "auto runs SFT;" in size, size        # too few ratings to hold any out: the gate could not judge
         assert workspace.training_methods("atlas")["supported"] == ["sft", "dpo", "kto"]
         assert train.train_settings("lora", None, 0.001, 16, "lora", 512, "", learn_from="sft+kto").method == "sft+kto"
         assert train.train_settings("lora", None, 0.001, 16, "lora", 512, "", learn_from="auto").method == "auto"
@@ -278,3 +279,30 @@ def test_gate_judges_the_preference_margin_in_words():
     v = verdict({"general_nll": 1.0}, {**after, "preference_margin": None,
                                        "preference_skipped": "too few rated answers of each kind to hold some out"})
     assert v["promote"] and "skipped: preference margin (too few rated answers" in " ".join(v["reasons"])
+
+
+def test_auto_adds_a_preference_method_once_the_gate_can_judge_it(world):
+    """"auto" runs SFT alone until there are enough liked and disliked answers to hold some out for the gate's
+    preference margin; then it adds DPO when there are pairs, else KTO. The Train tab says what auto runs."""
+    from assistant import preference
+    from assistant.ui import train
+    from assistant.workspace import Workspace
+    settings, store, registry = world
+    rated_domain(store, registry, "few", corrections=4, ups=4, downs=4)
+    rated_domain(store, registry, "pairs", corrections=6, ups=12, downs=12)
+    rated_domain(store, registry, "thumbs", corrections=0, ups=12, downs=12)
+    workspace = Workspace(settings)
+    try:
+        runs = {d: workspace.training_methods(d) for d in ("few", "pairs", "thumbs")}
+        assert {d: r["auto"] for d, r in runs.items()} == {"few": ["sft"], "pairs": ["sft", "dpo"],
+                                                           "thumbs": ["sft", "kto"]}
+        assert all(r["supported"] == ["sft", "dpo", "kto"] for d, r in runs.items() if d != "thumbs")
+        assert runs["pairs"]["counts"]["heldout"] > 0 and runs["few"]["counts"].get("heldout", 0) == 0
+        assert "auto runs SFT + DPO;" in train.train_view(workspace, "pairs", None)[0]
+        # the job's choice is the same function
+        assert preference.choose("auto", runs["thumbs"]["counts"], 20, 8) == ["sft", "kto"]
+        # too few examples for SFT, too few ratings for the gate: named methods only, and the refusal says so
+        with pytest.raises(DatasetTooSmall, match="auto runs only once there are 10 liked"):
+            preference.choose("auto", runs["few"]["counts"], 3, 8)
+    finally:
+        workspace.close()

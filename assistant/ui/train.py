@@ -111,7 +111,9 @@ def train_view(workspace, domain, model):
     size = (f"**{report['kept']}** curated examples ({report['train']} train / {report['eval']} eval) · training "
             f"needs at least {MIN_EXAMPLES}")
     learn = workspace.training_methods(domain)
-    size += f"\n\nRatings: {learn['summary']} (auto runs SFT; pick DPO or KTO under Learn from; {learn['needs']})"
+    auto = " + ".join(m.upper() for m in learn["auto"]) or "nothing yet"
+    size += (f"\n\nRatings: {learn['summary']} (auto runs {auto}; pick a method under Learn from; "
+             f"{learn['needs']})")
     if report["kept"] < MIN_EXAMPLES:
         size += (f"\n\nAdd {MIN_EXAMPLES - report['kept']} more: import seed examples in the Data tab, or correct "
                  f"answers of {domain} in the Chat tab.")
