@@ -301,6 +301,11 @@ def _kto_needs(counts: dict) -> str:
             f"{counts.get('undesirable', 0)} thumbs-down answers: rate more answers up and down")
 
 
+def sft_rows(snap, data: PreferenceData) -> int:
+    """Usable SFT rows of a curated snapshot: its kept rows less those held out for the preference margin."""
+    return snap.report.get("kept", 0) - len(data.heldout_keys())
+
+
 def _too_little(counts: dict, n_sft: int, min_examples: int) -> str:
     return (f"this domain has {n_sft} usable examples after curation and not enough ratings to learn from "
             f"them alone: training needs at least {min_examples} examples (seeds, thumbs-up answers or "
@@ -328,8 +333,7 @@ def for_job(settings, store, domain: str, snap, method: str, min_examples: int) 
     from .settings import group_settings
     opts = group_settings(settings, "curation")
     data = build(snap.rows, store.list_feedback(domain), opts)
-    n_sft = snap.report.get("kept", 0) - len(data.heldout_keys())
-    methods = choose(method, data.counts, n_sft, min_examples)
+    methods = choose(method, data.counts, sft_rows(snap, data), min_examples)
     blob = data.to_jsonl()
     digest = hashlib.sha256(blob).hexdigest()[:FILE_HASH_CHARS]
     path = _path(settings, domain, digest)

@@ -286,10 +286,8 @@ class Workspace:
         snap = self.preview(domain)
         data = preference.build(snap.rows, self.store.list_feedback(domain), group_settings(self.settings, "curation"))
         can = preference.supported(data.counts)
-        n_sft = snap.report.get("kept", 0) - len(data.heldout_keys())
-        auto = preference.auto_methods(data.counts, n_sft, MIN_EXAMPLES)
         return {"counts": data.counts, "supported": can, "summary": preference.describe(data.counts, can),
-                "auto": auto,
+                "auto": preference.auto_methods(data.counts, preference.sft_rows(snap, data), MIN_EXAMPLES),
                 "needs": f"DPO needs {preference.MIN_PAIRS}+ pairs (corrections, or a liked and a disliked answer "
                          f"to one question), KTO {preference.MIN_PER_KIND}+ ratings of each kind"}
 
