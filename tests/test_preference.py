@@ -199,6 +199,13 @@ def test_dpo_and_kto_jobs_over_http(tiny_llama, tmp_path):
             folder = registry.version_path("atlas", f"v{n}")
             assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                                "card.json"]
+        # auto, with corrections and enough ratings for the gate to judge a preference: SFT + DPO
+        r = httpx.post(url + "/api/domains/atlas/train", json=FAST, timeout=120)
+        assert r.status_code == 202, r.text
+        job = _wait(url, r.json()["job_id"])
+        assert job["status"] == "succeeded", (job["error"], job["log"])
+        assert job["settings"]["methods"] == ["sft", "dpo"] and job["metrics"]["train"]["phases"][0]["method"] == "dpo"
+        assert "preference_margin" in {c["name"] for c in job["metrics"]["gate"]["checks"]}
 
 
 @pytest.mark.slow   # QLoRA on the CPU's NF4 kernels: about 30 s here
