@@ -11,6 +11,8 @@ examples and the batch schedule, replay answers included, so every rank trains o
     rank 0's progress lines on a pipe -> progress() and should_stop() here -> rank 0's adapter, moved
     into out_dir once every rank ended well
 
+The ranks run the SFT loop on the prepared batches, then the DPO / KTO phases of a preference plan, if any.
+
 A rank that fails ends the run: the others are killed and the error names the rank and its last log line.
 On CUDA the ranks use NCCL and one GPU each, cuda:K..cuda:K+N-1 from the base's device cuda:K; on CPU
 gloo, with the cores shared between them.
@@ -66,9 +68,12 @@ def rank_env(device: str, processes: int) -> dict:
 
 
 def train_ranks(base, examples: list, schedule: list[list[int]], settings: dict, out_dir: Path, processes: int, *,
-                checkpointing: bool, progress=None, should_stop=None) -> dict:
-    """Train in `processes` ranks: {losses, tokens, label_tokens, seconds, world_size, ranks} with the
-    adapter saved in `out_dir`, or {"stopped_at": step} when should_stop() said so (nothing saved)."""
+                checkpointing: bool, progress=None, should_stop=None, preference: dict | None = None,
+                total_steps: int | None = None) -> dict:
+    """Train in `processes` ranks: {losses, tokens, label_tokens, seconds, world_size, ranks, phases, steps}
+    with the adapter saved in `out_dir`, or {"stopped_at": step} when should_stop() said so (nothing saved).
+    `preference` (PreferencePlan.to_dict()): DPO / KTO phases the ranks run after the SFT `schedule` (which
+    may be empty); `total_steps`: the steps of both, as progress() hears them."""
     import torch.distributed as dist
     env = {**os.environ, **rank_env(base.device, processes)}
     created = not out_dir.exists()
@@ -81,6 +86,7 @@ def train_ranks(base, examples: list, schedule: list[list[int]], settings: dict,
         plan = {"base_model": base.extra.get("load_from", base.path), "dtype": base.dtype,
                 "quantization": base.quantization, "cpu": not base.device.startswith("cuda"),
                 "pad_id": base.tokenizer.pad_token_id, "settings": settings, "checkpointing": checkpointing,
+                "preference": preference, "total_steps": total_steps or len(schedule),
                 "examples": [[list(ids), list(labels)] for ids, labels in examples], "schedule": schedule}
         (work / PLAN_FILE).write_text(json.dumps(plan))
         # the ranks' rendezvous, hosted here (port 0: the system picks a free one) until they end
@@ -106,8 +112,8 @@ def train_ranks(base, examples: list, schedule: list[list[int]], settings: dict,
                 os.replace(f, out_dir / f.name)
             saved = True
             for r in result["ranks"]:
-                log.info("rank %d of %d (pid %d, %s) trained on %d tokens", r["rank"], result["world_size"],
-                         r["pid"], r["device"], r["tokens"])
+                log.info("rank %d of %d (pid %d, %s) trained on %d tokens; its LoRA weights: %s", r["rank"],
+                         result["world_size"], r["pid"], r["device"], r["tokens"], r["digest"])
         return result
     finally:
         for p in procs:

@@ -6,6 +6,8 @@
     synchronised) -> each step: this rank's share batch[rank::N] of the global batch, its loss scaled by
     (its labelled tokens x N / all ranks' labelled tokens), so that DDP's average of the gradients is the
     gradient of the global batch's mean loss, as in one process -> the same clipping, AdamW and schedule ->
+    the preference phases (DPO / KTO) when the plan has them, through trl's trainers in the same process
+    group (preference_train.train_preferences: each rank its share of the rows, gradients averaged) ->
     rank 0 reports every step on the pipe and saves the adapter.
 
 A rank whose share of a batch is empty (a last batch smaller than N) runs one of the batch's rows with
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from .ddp import ADAPTER_DIR, FD_VAR, PARENT_VAR, PLAN_FILE
 from .lm import causal_lm_loss, collate
-from .training import GRAD_CLIP_NORM, QUANTIZED, TrainSettings, make_optimizer, save_adapter, wrap_lora
+from .training import GRAD_CLIP_NORM, QUANTIZED, TrainSettings, make_optimizer, prepare_quantized, save_adapter, wrap_lora
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +82,65 @@ def train(plan: dict, report) -> None:
                               device=device), verbose=False)
     if base.quantization == "nf4" and not base.device.startswith("cuda"):
         trainable_4bit(base.model)
+    schedule = plan["schedule"]
+    total = plan.get("total_steps") or len(schedule)
+    log.info("rank %d of %d on %s: %d steps", rank, world, device, total)
+
+    def progress(step, _total, loss):
+        if rank == 0:
+            report({"event": "step", "step": step, "total": total, "loss": loss})
+
+    t0 = time.perf_counter()
+    peft_model, run = None, {"losses": [], "tokens": 0, "label_tokens": 0, "own_tokens": 0}
+    if schedule:
+        peft_model, run = _sft(accelerator, base, plan, settings, progress)
+    elif base.quantization in QUANTIZED:
+        prepare_quantized(base.model, plan["checkpointing"])
+    phases = []
+    if plan.get("preference"):
+        from .preference_train import PreferencePlan, train_preferences
+        pref_plan = PreferencePlan.from_dict(plan["preference"])
+        peft_model, pref = train_preferences(base, peft_model, pref_plan, settings, checkpointing=plan["checkpointing"],
+                                             progress=progress, offset=len(schedule), total=total, world=world)
+        run["losses"] += pref["losses"]
+        phases = pref_plan.phases
+    seconds = time.perf_counter() - t0
+
+    if rank == 0:
+        save_adapter(peft_model, Path(plan["work"]) / ADAPTER_DIR)
+    ranks = gather_object([{"rank": rank, "pid": os.getpid(), "device": device, "tokens": run["own_tokens"],
+                            "digest": _digest(peft_model)}])
+    if rank == 0:
+        report({"event": "done", "losses": run["losses"], "tokens": run["tokens"], "label_tokens": run["label_tokens"],
+                "seconds": seconds, "world_size": world, "ranks": ranks, "phases": phases,
+                "steps": len(run["losses"])})
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+def _digest(peft_model) -> str:
+    """A hash of this rank's LoRA weights: every rank ends with the same ones when the gradients were shared."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, tensor in sorted((n, t) for n, t in peft_model.state_dict().items() if "lora_" in n):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _sft(accelerator, base, plan: dict, settings: TrainSettings, progress):
+    """The SFT loop, data-parallel: (the PeftModel, {losses, tokens, label_tokens, own_tokens})."""
+    import torch
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = base.device
     peft_model, _, params = wrap_lora(base.model, settings, quantized=base.quantization in QUANTIZED,
                                       checkpointing=plan["checkpointing"])
     torch.manual_seed(settings.seed + rank)            # LoRA dropout: other masks on other ranks
     model = accelerator.prepare_model(_batch_loss(peft_model, plan["checkpointing"]), device_placement=False)
     examples, schedule = plan["examples"], plan["schedule"]
     optimizer, scheduler = make_optimizer(params, settings, len(schedule))
-    log.info("rank %d of %d on %s: %d steps", rank, world, device, len(schedule))
 
     losses, tokens, label_tokens, own_tokens = [], 0, 0, 0
-    t0 = time.perf_counter()
     for step, batch in enumerate(schedule, start=1):
         share = batch[rank::world]
         input_ids, labels, mask = (t.to(device) for t in collate([examples[i] for i in share or batch[:1]],
@@ -106,18 +157,9 @@ def train(plan: dict, report) -> None:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss_sum / n_all)
         tokens, label_tokens, own_tokens = tokens + int(real_all), label_tokens + int(n_all), own_tokens + real
-        if rank == 0:
-            report({"event": "step", "step": step, "total": len(schedule), "loss": losses[-1]})
-    seconds = time.perf_counter() - t0
-
-    if rank == 0:
-        save_adapter(peft_model, Path(plan["work"]) / ADAPTER_DIR)
-    ranks = gather_object([{"rank": rank, "pid": os.getpid(), "device": device, "tokens": own_tokens}])
-    if rank == 0:
-        report({"event": "done", "losses": losses, "tokens": tokens, "label_tokens": label_tokens,
-                "seconds": seconds, "world_size": world, "ranks": ranks})
-    accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+        progress(step, len(schedule), losses[-1])
+    accelerator.free_memory(model)       # the SFT loop's DDP wrapper: a preference phase wraps the model anew
+    return peft_model, {"losses": losses, "tokens": tokens, "label_tokens": label_tokens, "own_tokens": own_tokens}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,17 +48,31 @@ class PreferencePlan:
     def rows(self, method: str) -> list[dict]:
         return self.data.train_pairs() if method == "dpo" else self.data.train_kto()
 
-    def batch_size(self, method: str, settings) -> int:
-        return max(settings.batch_size, MIN_KTO_BATCH) if method == "kto" else settings.batch_size
+    def to_dict(self) -> dict:
+        """What a data-parallel rank needs to run the phases (JSON): the methods and the training rows."""
+        return {"methods": list(self.methods), "pairs": self.data.train_pairs(), "kto": self.data.train_kto(),
+                "counts": dict(self.data.counts)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreferencePlan":
+        return cls(PreferenceData(pairs=d["pairs"], kto=d["kto"], counts=d["counts"]), list(d["methods"]))
+
+    def batch_size(self, method: str, settings, world: int = 1) -> int:
+        """Rows per process and step: the batch (settings.batch_size) shared out between `world` processes."""
+        per_process = math.ceil(settings.batch_size / world)
+        return max(per_process, MIN_KTO_BATCH) if method == "kto" else per_process
 
     def epochs(self, method: str, settings) -> int:
         n = len(self.rows(method))
         return settings.preference_epochs or max(1, min(MAX_PREF_AUTO_EPOCHS, math.ceil(PREF_TARGET_EXAMPLES / max(n, 1))))
 
-    def steps(self, settings) -> int:
-        """Optimizer steps of every preference phase (for the job's progress total)."""
-        return sum(math.ceil(len(self.rows(m)) / self.batch_size(m, settings)) * self.epochs(m, settings)
-                   for m in self.methods if m != "sft")
+    def steps(self, settings, world: int = 1) -> int:
+        """Optimizer steps of every preference phase (for the job's progress total) in `world` processes."""
+        return sum(self.phase_steps(m, settings, world) for m in self.methods if m != "sft")
+
+    def phase_steps(self, method: str, settings, world: int = 1) -> int:
+        rows_per_step = self.batch_size(method, settings, world) * world
+        return math.ceil(len(self.rows(method)) / rows_per_step) * self.epochs(method, settings)
 
 
 def _report(progress, should_stop, offset: int, total: int):
@@ -92,18 +106,18 @@ def _lora_config(settings):
                       target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
-def _args(method: str, plan: PreferencePlan, settings, out: str, *, cuda: bool, checkpointing: bool):
+def _args(method: str, plan: PreferencePlan, settings, out: str, *, cuda: bool, checkpointing: bool, world: int):
     from trl import DPOConfig, KTOConfig
-    n = len(plan.rows(method))
-    steps = math.ceil(n / plan.batch_size(method, settings)) * plan.epochs(method, settings)
-    common = dict(output_dir=out, per_device_train_batch_size=plan.batch_size(method, settings),
+    steps = plan.phase_steps(method, settings, world)
+    common = dict(output_dir=out, per_device_train_batch_size=plan.batch_size(method, settings, world),
                   num_train_epochs=plan.epochs(method, settings), learning_rate=settings.preference_learning_rate,
                   lr_scheduler_type="linear", warmup_steps=int(0.1 * steps), weight_decay=settings.weight_decay,
                   max_grad_norm=1.0, beta=settings.beta, max_length=settings.max_seq_len, bf16=False, fp16=False,
                   use_cpu=not cuda, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
                   seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0,
                   gradient_checkpointing=checkpointing,
-                  gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
+                  gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+                  ddp_find_unused_parameters=False)
     if method == "dpo":
         return DPOConfig(loss_type=["sigmoid", "sft"], **common)
     desirable, undesirable = class_weights(plan.data.counts)
@@ -147,15 +161,17 @@ def _drop_cut_ends(trainer, method: str, eos_id: int | None, batch_size: int) ->
 
 
 def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, checkpointing: bool,
-                      progress=None, should_stop=None, offset: int = 0, total: int | None = None):
+                      progress=None, should_stop=None, offset: int = 0, total: int | None = None, world: int = 1):
     """Run the plan's DPO / KTO phases on `peft_model` (the SFT phase's PeftModel) or, when it is None, on
     a fresh LoRA on `base` (peft_config): -> (the PeftModel, {"losses", "steps", "seconds"}). Raises
-    TrainingStopped when `should_stop()` turns true. The reference copy trl adds is removed before return."""
+    TrainingStopped when `should_stop()` turns true. The reference copy trl adds is removed before return.
+    With `world` > 1 this runs in each of that many data-parallel ranks (ddp_rank.py, the process group
+    already up): trl's Trainer gives each rank its share of the rows and averages the gradients."""
     import torch
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from trl import DPOTrainer, KTOTrainer
 
-    total = total if total is not None else offset + plan.steps(settings)
+    total = total if total is not None else offset + plan.steps(settings, world)
     cuda = base.device.startswith("cuda")
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -172,10 +188,15 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
                 torch.manual_seed(settings.seed)
             started = time.perf_counter()
             trainer = trainer_cls(model=model if model is not None else base.model,
-                                  args=_args(method, plan, settings, out, cuda=cuda, checkpointing=checkpointing),
+                                  args=_args(method, plan, settings, out, cuda=cuda, checkpointing=checkpointing,
+                                             world=world),
                                   train_dataset=_dataset(method, rows), processing_class=base.tokenizer,
                                   callbacks=[report], **kwargs)
-            cut = _drop_cut_ends(trainer, method, base.tokenizer.eos_token_id, plan.batch_size(method, settings))
+            cut = _drop_cut_ends(trainer, method, base.tokenizer.eos_token_id, plan.batch_size(method, settings, world))
+            # data-parallel: only the LoRA weights are synchronised, not the frozen base nor trl's reference copy
+            trainer.model._ddp_params_and_buffers_to_ignore = (
+                [n for n, p in trainer.model.named_parameters() if not p.requires_grad]
+                + [n for n, _ in trainer.model.named_buffers()])
             for p in trainer.model.parameters():    # LoRA in float32, as the SFT loop keeps it
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
@@ -188,13 +209,13 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
             offset += steps
             losses += report.losses
             plan.phases.append({"method": method, "rows": len(rows), "steps": steps, "cut_answers": cut,
-                                "epochs": plan.epochs(method, settings),
+                                "epochs": plan.epochs(method, settings), "processes": world,
                                 "loss_first": report.losses[0] if report.losses else None,
                                 "loss_last": report.losses[-1] if report.losses else None,
                                 "seconds": round(time.perf_counter() - started, 2),
                                 "reference": "the base (adapter disabled)" if "peft_config" in kwargs
                                              else "the adapter as the phase before left it (a frozen copy)",
-                                **_phase_settings(trainer.args, method)})
+                                **_phase_settings(trainer.args, method, world)})
             del trainer
             if report.stopped:
                 raise TrainingStopped(f"stopped at step {offset}/{total}")
@@ -204,8 +225,9 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
     return model, {"losses": losses, "steps": offset, "seconds": time.perf_counter() - t0}
 
 
-def _phase_settings(args, method: str) -> dict:
-    out = {"beta": args.beta, "learning_rate": args.learning_rate, "batch_size": args.per_device_train_batch_size}
+def _phase_settings(args, method: str, world: int) -> dict:
+    out = {"beta": args.beta, "learning_rate": args.learning_rate,
+           "batch_size": args.per_device_train_batch_size * world}
     if method == "dpo":
         out["loss_type"] = list(args.loss_type)
     else:

@@ -12,7 +12,8 @@ logits: the decoder's hidden states are gathered at the positions that carry a l
 tokens), and the vocabulary projection + cross-entropy run in chunks of those positions (each chunk
 recomputed in backward when checkpointing is on). That saves memory at the peak on GPU and time on CPU,
 where prompt and padding positions are most of every batch. With `processes` > 1 (--train-gpus) the
-batches prepared here are trained data-parallel by that many processes (ddp.py), with the same result.
+batches prepared here are trained data-parallel by that many processes (ddp.py), with the same result,
+and so are the preference phases that follow (trl's trainers in the same process group).
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     `rows`: [{"messages": [{"role", "content"}, ...], "split": "train" | "eval"}]; rows without a split
     count as train. `progress(step, total_steps, loss)` is called after every optimizer step;
     `should_stop()` is polled before each step and stops the run with `TrainingStopped`. `processes` > 1
-    trains data-parallel in that many processes (ddp.py) on the batches prepared here (the SFT phase).
+    trains data-parallel in that many processes (ddp.py): the batches prepared here, then the preference phases.
     `note(text)` hears each sub-step before the first optimizer step (replay answers, tokenizing, LoRA setup).
     `preference`: a preference_train.PreferencePlan; its DPO/KTO phases run after the SFT phase (or alone,
     when its methods leave SFT out) on the same adapter, counted in the same progress."""
@@ -379,39 +380,43 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     methods = preference.methods if preference is not None else ["sft"]
     if "sft" not in methods:
         schedule = []
-    pref_steps = preference.steps(settings) if preference is not None else 0
+    pref_steps = preference.steps(settings, processes) if preference is not None else 0
     total_steps = len(schedule) + pref_steps
     sft_progress = progress if progress is None or not pref_steps else (
         lambda step, _total, loss: progress(step, total_steps, loss))
     note(f"LoRA setup and the first of {total_steps} steps")
 
-    # 3-5. LoRA, the loop, the saved folder: here, or in `processes` processes that share each batch.
-    if not schedule:
-        peft_model, run = None, {"losses": [], "tokens": 0, "label_tokens": 0, "seconds": 0.0}
-        if quantized:
-            prepare_quantized(model, checkpointing)
-    elif processes > 1:
+    # 3-5. LoRA, the loop (SFT, then DPO / KTO), the saved folder: here, or in `processes` processes that
+    # share each batch.
+    if processes > 1:
         from peft import PeftModel
 
         from .ddp import train_ranks
         run = train_ranks(base, examples, schedule, settings.to_dict(), out_dir, processes,
-                          checkpointing=checkpointing, progress=sft_progress, should_stop=should_stop)
+                          checkpointing=checkpointing, progress=progress, should_stop=should_stop,
+                          preference=preference.to_dict() if pref_steps else None, total_steps=total_steps)
         if "stopped_at" in run:
             raise TrainingStopped(f"stopped at step {run['stopped_at']}/{total_steps}")
-        # what the ranks trained, here (trainable when preference phases continue it in this process)
-        peft_model = PeftModel.from_pretrained(model, str(out_dir), is_trainable=bool(pref_steps))
-        peft_model.train(bool(pref_steps))
+        peft_model = PeftModel.from_pretrained(model, str(out_dir))     # what the ranks trained, on this base
+        if pref_steps:
+            preference.phases[:] = run["phases"]
+            total_steps = run["steps"]
     else:
-        peft_model, run = _train_here(base, examples, schedule, settings, out_dir, quantized=quantized,
-                                      checkpointing=checkpointing, progress=sft_progress, should_stop=should_stop)
-    if pref_steps:
-        from .preference_train import train_preferences
-        peft_model, pref = train_preferences(base, peft_model, preference, settings, checkpointing=checkpointing,
-                                             progress=progress, should_stop=should_stop, offset=len(schedule),
-                                             total=total_steps)
-        save_adapter(peft_model, out_dir)
-        run = {**run, "losses": run["losses"] + pref["losses"], "seconds": run["seconds"] + pref["seconds"]}
-        total_steps = pref["steps"]
+        if not schedule:
+            peft_model, run = None, {"losses": [], "tokens": 0, "label_tokens": 0, "seconds": 0.0}
+            if quantized:
+                prepare_quantized(model, checkpointing)
+        else:
+            peft_model, run = _train_here(base, examples, schedule, settings, out_dir, quantized=quantized,
+                                          checkpointing=checkpointing, progress=sft_progress, should_stop=should_stop)
+        if pref_steps:
+            from .preference_train import train_preferences
+            peft_model, pref = train_preferences(base, peft_model, preference, settings, checkpointing=checkpointing,
+                                                 progress=progress, should_stop=should_stop, offset=len(schedule),
+                                                 total=total_steps)
+            save_adapter(peft_model, out_dir)
+            run = {**run, "losses": run["losses"] + pref["losses"], "seconds": run["seconds"] + pref["seconds"]}
+            total_steps = pref["steps"]
     return TrainResult(adapter_dir=out_dir, steps=total_steps, epochs=epochs, losses=run["losses"],
                        tokens=run["tokens"], label_tokens=run["label_tokens"], seconds=run["seconds"],
                        n_train=n_rows, n_examples=len(examples), n_dropped=len(encoded) - len(examples),

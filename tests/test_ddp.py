@@ -39,6 +39,7 @@ def test_two_processes_train_the_adapter_one_process_trains(tiny_llama, tmp_path
     # two processes, neither of them this one, each trained on its share of the tokens
     pids = {int(pid) for pid in re.findall(r"of 2 \(pid (\d+), cpu\) trained on [1-9]\d* tokens", caplog.text)}
     assert len(pids) == 2 and os.getpid() not in pids, caplog.text
+    assert len(set(re.findall(r"its LoRA weights: (\w+)", caplog.text))) == 1     # the same on both ranks
     assert two.world_size == 2 and two.summary()["world_size"] == 2 and "world_size" not in one.summary()
     # rank 0's progress arrives here, every step; the loss goes down
     assert [s for s, _, _ in seen] == list(range(1, two.steps + 1)) == list(range(1, 3 * 3 + 1))
@@ -147,3 +148,63 @@ def test_a_two_process_job_publishes_and_cancel_kills_its_ranks(tiny_settings):
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
     assert registry.versions("atlas") == ["v1"]
     assert not list((settings.adapters_path / "atlas").glob(".staging-*"))   # the ranks' work folder with it
+
+
+def _preference_plan(methods):
+    """Corrections as DPO pairs, short answers liked and overlong ones disliked as KTO rows."""
+    from assistant.preference import PreferenceData
+    from assistant.preference_train import PreferencePlan
+    long = " It is a fact that many people have asked about over the years, in many places and at many times."
+    pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": "I am not sure, sorry." + long,
+              "split": "train"} for q, a, _, _ in FACTS[:8]]
+    kto = [{"prompt": [{"role": "user", "content": p}], "completion": a + (long if i % 2 else ""),
+            "label": not i % 2, "split": "train"} for i, (_, a, _, p) in enumerate(FACTS[:12])]
+    counts = {"up": 6, "down": 6, "pairs": 8, "rated_pairs": 0}
+    return PreferencePlan(PreferenceData(pairs=pairs, kto=kto, counts=counts), methods)
+
+
+def _logp(model, tok, prompt: str, answer: str) -> float:
+    """log p(answer | prompt) under `model`: the chat template's assistant turn, summed."""
+    import torch
+    msgs = [{"role": "user", "content": prompt}]
+    head = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = tok(head + answer, add_special_tokens=False, return_tensors="pt").input_ids
+    n = len(tok(head, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    return float(logits[n - 1:].gather(-1, ids[0, n:, None]).sum())
+
+
+@pytest.mark.slow   # SFT, then DPO and KTO through trl, in two gloo processes: about a minute here
+def test_two_processes_run_the_preference_phases(tiny_llama, tmp_path, caplog):
+    from assistant.training import TrainSettings, train_adapter
+
+    settings = TrainSettings(**{**TINY, "batch_size": 4, "epochs": 1, "preference_epochs": 2,
+                                "preference_learning_rate": 5e-3})
+    plan = _preference_plan(["sft", "dpo", "kto"])
+    sft = train_adapter(tiny_llama, _rows(), tmp_path / "sft", settings)
+    seen = []
+    with caplog.at_level(logging.INFO, logger="assistant.ddp"):
+        two = train_adapter(tiny_llama, _rows(), tmp_path / "two", settings, processes=2, preference=plan,
+                            progress=lambda step, total, loss: seen.append((step, total, loss)))
+    assert len(set(re.findall(r"of 2 \(pid (\d+), cpu\)", caplog.text))) == 2, caplog.text
+    # the gradients were shared: both ranks ended with the same weights, DPO and KTO included
+    assert len(set(re.findall(r"its LoRA weights: (\w+)", caplog.text))) == 1, caplog.text
+    # one progress line per step, SFT's then DPO's then KTO's, against one total known from the start
+    assert [s for s, _, _ in seen] == list(range(1, two.steps + 1)) and {t for _, t, _ in seen} == {two.steps}
+    assert two.methods == ["sft", "dpo", "kto"] and two.world_size == 2
+    assert [(p["method"], p["processes"], p["steps"]) for p in plan.phases] == [
+        ("dpo", 2, plan.phase_steps("dpo", settings, 2)), ("kto", 2, plan.phase_steps("kto", settings, 2))]
+    assert two.steps == sft.steps + plan.steps(settings, 2) and len(two.losses) == two.steps
+    # each process took 2 of every 4 rows: the same steps as one process with the whole batch
+    assert plan.batch_size("dpo", settings, 2) == 2 and plan.steps(settings, 2) == plan.steps(settings, 1)
+    # what the preference phases taught: on the rated rows, liked answers gained on disliked ones
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+
+    def margin(folder):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(folder)).eval()
+        return sum(_logp(model, tok, r["prompt"][0]["content"], r["completion"]) * (1 if r["label"] else -1)
+                   for r in plan.data.kto) / len(plan.data.kto)
+    assert margin(tmp_path / "two") > margin(tmp_path / "sft") + 1.0

@@ -229,6 +229,28 @@ def test_qlora_kto_on_an_nf4_base(tiny_llama, home):
                            if "lora_A" in k)
 
 
+@pytest.mark.slow   # a job whose KTO phase runs in two gloo processes on an NF4 base: about 30 s here
+def test_kto_alone_in_two_processes_on_an_nf4_base(tiny_llama, home):
+    from assistant import jobs
+    from assistant.registry import Registry
+    from assistant.settings import Settings
+    from assistant.store import Store
+    settings = Settings(home=home, base_model=str(tiny_llama), dtype="float32", quantization="nf4",
+                        train_gpus=2).ensure_dirs()
+    store, registry = Store(settings.db_path), Registry(settings.adapters_path)
+    rated_domain(store, registry, seeds=0, corrections=0, ups=8, downs=8, cut="length")
+    job = jobs.run_job_inline(settings, store, registry, "atlas", {**FAST, "method": "kto", "preference_epochs": 2})
+    assert job["status"] == "succeeded", (job["error"], job["log"])
+    assert "training in 2 processes" in job["log"] and "quantization=nf4" in job["log"]
+    train = job["metrics"]["train"]
+    assert train["methods"] == ["kto"] and train["world_size"] == 2
+    kto = train["phases"][0]
+    assert (kto["method"], kto["processes"], kto["cut_answers"]) == ("kto", 2, 8)
+    assert kto["reference"] == "the base (adapter disabled)" and kto["batch_size"] == 4
+    assert job["step"] == job["total_steps"] == kto["steps"] == len(job["losses"]) > 0
+    assert registry.versions("atlas") == ["v1"]
+
+
 @pytest.mark.slow   # a job process cancelled in the middle of its KTO phase: about 20 s here
 def test_cancel_mid_kto_leaves_nothing(world):
     from assistant import jobs
