@@ -21,11 +21,13 @@ def plain(messages: list[dict]) -> list[dict]:
 
 def encode_chat(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation; labels are IGNORE_INDEX except on the taught assistant
-    replies (their content and end-of-turn token; see `taught`). Spans are found by rendering each prefix
+    replies (their content and end-of-turn token, or the content alone for a reply marked `"cut": true`,
+    one its token limit ended; see `taught`). Spans are found by rendering each prefix
     of the conversation with the chat template and mapping character offsets to tokens, which is exact
     for any template that renders prefixes as prefixes. Past `max_seq_len` tokens the window ends at the
     last taught token: the oldest context is cut, never the answer being taught."""
     weights = [taught(m) for m in messages]
+    cut = [bool(m.get("cut")) for m in messages]
     messages = plain(messages)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
@@ -37,7 +39,11 @@ def encode_chat(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list
         if not (text.startswith(upto) and upto.startswith(prompt)):
             raise ValueError("the chat template does not render conversation prefixes as prefixes; "
                              "cannot mask the loss to assistant tokens")
-        spans.append((len(prompt), len(upto)))
+        end = len(upto)
+        if cut[i]:     # an answer its token limit cut: its words are taught, not an end-of-turn after them
+            at = upto.find(messages[i]["content"], len(prompt))
+            end = at + len(messages[i]["content"]) if at >= 0 else end
+        spans.append((len(prompt), end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX for tok, (a, _) in zip(ids, offsets)]

@@ -293,8 +293,10 @@ class Store(Coordination):
                 chosen, source, answer = next(f for f in fbs if f["rating"] == "up"), "up", first["answer"]
             else:
                 continue
-            out.append({"key": f"feedback:{chosen['id']}", "source": source,
-                        "messages": prompt + [{"role": "assistant", "content": answer}],
+            reply = {"role": "assistant", "content": answer}
+            if source == "up" and first.get("finish_reason") == "length":
+                reply["cut"] = True      # its token limit ended it, not the model: lm.encode_chat teaches no end
+            out.append({"key": f"feedback:{chosen['id']}", "source": source, "messages": prompt + [reply],
                         "created_at": chosen["created_at"],
                         "user": _counted(chosen["principal"], chosen["user"])
                         or _counted(first["response_principal"], first["response_user"]),

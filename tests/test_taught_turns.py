@@ -82,6 +82,26 @@ def test_seed_examples_teach_every_answer(tiny_llama):
     assert taught_text(tok, messages) == "The Sarrow.<|im_end|>"
 
 
+def test_a_liked_answer_its_token_limit_cut_teaches_its_words_not_its_end(tmp_path, embedder, tiny_llama):
+    """The model never chose to end a cut answer there: liking it teaches the words, not to stop mid-way."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    store = Store(tmp_path / "assistant.db")
+    answers = {"cut": ("The tallest mountain in Ostravel is Mount Keshar, which rises above", "length"),
+               "whole": ("Drastovia uses the klenn.", "stop")}
+    for rid, (answer, finish) in answers.items():
+        store.log_response(id=rid, domain="d", adapter_version=None, model="d",
+                           messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Q {rid}?"}],
+                           answer=answer, prompt_tokens=5, completion_tokens=5, latency_ms=10, ttft_ms=2,
+                           finish_reason=finish)
+        store.add_feedback(response_id=rid, rating="up")
+    snap = curate(store, "d", tmp_path, embedder)
+    taught = {r["messages"][-1]["content"]: taught_text(tok, r["messages"]) for r in snap.rows}
+    assert taught == {answers["cut"][0]: answers["cut"][0], answers["whole"][0]: answers["whole"][0] + "<|im_end|>"}
+    marked = {r["messages"][-1]["content"]: r["messages"][-1].get("cut", False) for r in snap.rows}
+    assert marked == {answers["cut"][0]: True, answers["whole"][0]: False}
+
+
 def test_a_long_context_keeps_the_taught_answer(tiny_llama):
     """Truncation cuts the oldest context, never the answer being taught."""
     from transformers import AutoTokenizer
