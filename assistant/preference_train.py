@@ -12,7 +12,8 @@ No second copy of the base is ever loaded. The reference model is:
     taught facts;
   - with no SFT phase: the base with the adapter disabled (trl's `peft_config` path, our LoRA settings).
 DPO runs with loss_type ["sigmoid", "sft"]: the SFT term on the chosen answer keeps corrections' facts
-learned. KTO weighs the rarer kind of rating by the count ratio (preference.class_weights).
+learned. KTO weighs the rarer kind of rating by the count ratio (preference.class_weights), and reads its
+rows in the order `kto_order` gives: every pass freshly shuffled, liked and disliked in every batch.
 A quantized base (NF4/int8) trains as QLoRA here too; trl casts LoRA weights of a quantized model to
 bfloat16, and they are put back to float32 as the SFT loop keeps them.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -72,7 +74,27 @@ class PreferencePlan:
 
     def phase_steps(self, method: str, settings, world: int = 1) -> int:
         rows_per_step = self.batch_size(method, settings, world) * world
+        if method == "kto":      # one pass over kto_order's rows: every epoch's shuffle, one after the other
+            return math.ceil(len(self.rows(method)) * self.epochs(method, settings) / rows_per_step)
         return math.ceil(len(self.rows(method)) / rows_per_step) * self.epochs(method, settings)
+
+
+def kto_order(rows: list[dict], epochs: int, seed: int) -> list[dict]:
+    """The KTO rows for `epochs` passes, one after the other, each pass in a fresh seeded order that spreads
+    the liked and the disliked rows evenly through it. trl's KTO trainer reads its rows in the order given
+    (its KL term pairs each row with its neighbours in the batch), so shuffling is the caller's: in the
+    order the ratings came, whole batches held one kind and every epoch ended on the same disliked rows."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(epochs):
+        placed = []
+        for label in (True, False):
+            group = [r for r in rows if bool(r["label"]) == label]
+            rng.shuffle(group)
+            # row i of a group sits in the i-th equal slice of the pass: kinds interleave at their ratio
+            placed += [((i + rng.random()) / len(group), r) for i, r in enumerate(group)]
+        out += [r for _, r in sorted(placed, key=lambda kr: kr[0])]
+    return out
 
 
 def _report(progress, should_stop, offset: int, total: int):
@@ -82,11 +104,13 @@ def _report(progress, should_stop, offset: int, total: int):
 
     class Report(TrainerCallback):
         losses: list[float] = []
+        both_kinds = 0       # steps whose batch held liked and disliked answers (trl logs a reward for each)
         stopped = False
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs and len(self.losses) < state.global_step:
                 self.losses.append(float(logs["loss"]))
+                self.both_kinds += "rewards/chosen" in logs and "rewards/rejected" in logs
                 if progress is not None:
                     progress(offset + state.global_step, total, self.losses[-1])
 
@@ -110,7 +134,9 @@ def _args(method: str, plan: PreferencePlan, settings, out: str, *, cuda: bool, 
     from trl import DPOConfig, KTOConfig
     steps = plan.phase_steps(method, settings, world)
     common = dict(output_dir=out, per_device_train_batch_size=plan.batch_size(method, settings, world),
-                  num_train_epochs=plan.epochs(method, settings), learning_rate=settings.preference_learning_rate,
+                  # KTO: one pass over kto_order's rows, which hold every epoch
+                  num_train_epochs=1 if method == "kto" else plan.epochs(method, settings),
+                  learning_rate=settings.preference_learning_rate,
                   lr_scheduler_type="linear", warmup_steps=int(0.1 * steps), weight_decay=settings.weight_decay,
                   max_grad_norm=1.0, beta=settings.beta, max_length=settings.max_seq_len, bf16=False, fp16=False,
                   use_cpu=not cuda, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -124,7 +150,7 @@ def _args(method: str, plan: PreferencePlan, settings, out: str, *, cuda: bool, 
     return KTOConfig(desirable_weight=desirable, undesirable_weight=undesirable, **common)
 
 
-def _dataset(method: str, rows: list[dict]):
+def _dataset(method: str, rows: list[dict], epochs: int, seed: int):
     from datasets import Dataset
 
     def reply(text):
@@ -134,7 +160,7 @@ def _dataset(method: str, rows: list[dict]):
         return Dataset.from_list([{"prompt": r["prompt"], "chosen": reply(r["chosen"]), "rejected": reply(r["rejected"]),
                                    CUT_COLUMN: bool(r.get("rejected_cut"))} for r in rows])
     return Dataset.from_list([{"prompt": r["prompt"], "completion": reply(r["completion"]), "label": bool(r["label"]),
-                               CUT_COLUMN: bool(r.get("cut"))} for r in rows])
+                               CUT_COLUMN: bool(r.get("cut"))} for r in kto_order(rows, epochs, seed)])
 
 
 def _drop_cut_ends(trainer, method: str, eos_id: int | None, batch_size: int) -> int:
@@ -190,7 +216,8 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
             trainer = trainer_cls(model=model if model is not None else base.model,
                                   args=_args(method, plan, settings, out, cuda=cuda, checkpointing=checkpointing,
                                              world=world),
-                                  train_dataset=_dataset(method, rows), processing_class=base.tokenizer,
+                                  train_dataset=_dataset(method, rows, plan.epochs(method, settings), settings.seed),
+                                  processing_class=base.tokenizer,
                                   callbacks=[report], **kwargs)
             cut = _drop_cut_ends(trainer, method, base.tokenizer.eos_token_id, plan.batch_size(method, settings, world))
             # data-parallel: only the LoRA weights are synchronised, not the frozen base nor trl's reference copy
@@ -208,8 +235,11 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
             steps = trainer.state.global_step
             offset += steps
             losses += report.losses
+            if method == "kto":
+                cut //= plan.epochs(method, settings)       # of the rated rows, not of their repeats in the passes
             plan.phases.append({"method": method, "rows": len(rows), "steps": steps, "cut_answers": cut,
                                 "epochs": plan.epochs(method, settings), "processes": world,
+                                **({"steps_with_both_kinds": report.both_kinds} if method == "kto" else {}),
                                 "loss_first": report.losses[0] if report.losses else None,
                                 "loss_last": report.losses[-1] if report.losses else None,
                                 "seconds": round(time.perf_counter() - started, 2),

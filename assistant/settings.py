@@ -117,7 +117,8 @@ class Settings:
                 "`assistant worker` processes run them"})
     train_gpus: int = field(default=1, metadata={
         "help": "processes a training job trains in, data-parallel through accelerate (each takes its share of "
-                "every batch; gradients are averaged, so the adapter is the one a single process trains). "
+                "every batch; gradients are averaged, so SFT gives the adapter a single process trains; the DPO / KTO "
+                "phases share their batches the same way, through trl). "
                 "On CUDA one GPU each, from --train-device's index K: cuda:K..cuda:K+N-1, NCCL; on CPU N "
                 "processes (gloo). The job keeps its own copy of the base on --train-device (replay answers, "
                 "evaluation) beside rank 0's"})

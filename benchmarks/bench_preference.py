@@ -11,7 +11,9 @@ does not? On the embedded model, in one run:
      general answers included): SFT only (the thumbs-up answers), and the preference method the data
      supports (SFT + KTO: thumbs-up desirable, thumbs-down undesirable);
   5. each answers held-out questions of both kinds greedily; `preference_gain` is the share of those answers in the liked
-     style, preference minus SFT-only (target >= 0.2). `preference_general_nll_ratio` is the gate's
+     style, preference minus SFT-only (target >= 0.2). `preference_gain_sampled` is the same on EVAL_SAMPLES
+     seeded samples per question (the same seeds for both adapters): four times the answers, a steadier
+     estimate of the same difference. `preference_general_nll_ratio` is the gate's
      forgetting measure for the preference adapter: the loss of the base's own answers to the gate's
      general prompts, adapter / base (same bound as the gate, <= 2.0).
 
@@ -38,6 +40,7 @@ MAX_LIKED_WORDS = 30          # the rule: an answer of at most this many words i
 MAX_NEW_TOKENS = 64           # per sampled / evaluated answer (an answer cut here is overlong)
 SAMPLES_PER_PROMPT = 4
 SAMPLE_TEMPERATURE = 0.9
+EVAL_SAMPLES = 4              # seeded samples per held-out prompt and adapter, besides its greedy answer
 # Short factual questions (the base answers some briefly, some at length) mixed with "explain" questions
 # (it answers those at length): both kinds of rating occur, and the held-out share has room to move.
 SHORT = ["What is the capital of Peru?", "How many legs does an ant have?", "What colour is a ripe banana?",
@@ -74,12 +77,14 @@ def questions(seed: int, n_train: int, n_heldout: int) -> tuple[list[str], list[
     return train, heldout
 
 
-def sample(engine, questions: list[str], n: int, seed: int) -> list[tuple[str, str, str]]:
-    """(question, answer, finish reason): `n` answers of the serving engine to each question, sampled (seeded)."""
+def sample(engine, questions: list[str], n: int, seed: int, adapter: str | None = None) -> list[tuple[str, str, str]]:
+    """(question, answer, finish reason): `n` answers of the serving engine (with `adapter`) to each question,
+    sampled (seeded: the same seeds for every adapter)."""
     from assistant.engine import Request
     handles = [(q, engine.submit(Request(prompt_ids=engine.encode_chat([{"role": "user", "content": q}]),
                                          max_new_tokens=MAX_NEW_TOKENS, temperature=SAMPLE_TEMPERATURE, top_p=0.95,
-                                         seed=seed * 100_000 + i * n + k)))
+                                         seed=seed * 100_000 + i * n + k, adapter=adapter,
+                                         slot=engine.pin_adapter(adapter) if adapter else 0)))
                for i, q in enumerate(questions) for k in range(n)]
     return [(q, text.strip(), finish_reason) for q, h in handles for text, finish_reason in [h.result()]]
 
@@ -167,14 +172,18 @@ def _run(small: bool, seed: int = 0, overrides: dict | None = None, method: str 
                 engine.load_adapter(name, Path(tmp) / name)
             answers = answer_all(engine, convs * (len(names) + 1), [None] * len(convs) + [
                 n for n in names for _ in convs], MAX_NEW_TOKENS)
+            for name in names:       # a second estimate, of the adapter's answers as sampled rather than greedy
+                results[name]["sampled"] = [a for _, a, _ in sample(engine, heldout_q, EVAL_SAMPLES, seed + 1, name)]
         finally:
             engine.close()
     base_heldout = answers[:len(convs)]
     for i, name in enumerate(names, start=1):
         mine = answers[i * len(convs):(i + 1) * len(convs)]
-        results[name].update(share=sum(map(liked, mine)) / len(mine), example=mine[0])
+        results[name].update(share=sum(map(liked, mine)) / len(mine), example=mine[0],
+                             sampled_share=sum(map(liked, results[name]["sampled"])) / len(results[name]["sampled"]))
     pref_name = "+".join(methods)
     gain = results[pref_name]["share"] - results["sft"]["share"]
+    gain_sampled = results[pref_name]["sampled_share"] - results["sft"]["sampled_share"]
     counts = data.counts
     print_table(f"preference: {len(train_q)} prompts x {SAMPLES_PER_PROMPT} sampled answers rated by length "
                 f"(<= {MAX_LIKED_WORDS} words liked), {len(heldout_q)} held-out prompts, embedded model, "
@@ -184,12 +193,17 @@ def _run(small: bool, seed: int = 0, overrides: dict | None = None, method: str 
         ("SFT only: liked share", f"{results['sft']['share']:.2f}  ({results['sft']['seconds']:.0f} s)"),
         (f"{pref_name.upper()}: liked share", f"{results[pref_name]['share']:.2f}  ({results[pref_name]['seconds']:.0f} s)"),
         ("preference_gain", f"{gain:.2f}  (target >= 0.2)"),
+        (f"sampled: liked share, SFT only / {pref_name.upper()}",
+         f"{results['sft']['sampled_share']:.2f} / {results[pref_name]['sampled_share']:.2f}  "
+         f"({EVAL_SAMPLES} seeded samples per held-out prompt)"),
+        ("preference_gain_sampled", f"{gain_sampled:.2f}"),
         ("preference_general_nll_ratio", f"{results[pref_name]['nll_ratio']:.2f}  (gate bound <= 2.0; SFT only "
                                          f"{results['sft']['nll_ratio']:.2f})"),
         ("example (preference, held-out)", results[pref_name]["example"][:100]),
         ("total seconds", f"{time.perf_counter() - t_start:.0f}"),
     ])
-    return {"preference_gain": round(gain, 3), "preference_general_nll_ratio": round(results[pref_name]["nll_ratio"], 3),
+    return {"preference_gain": round(gain, 3), "preference_gain_sampled": round(gain_sampled, 3),
+            "preference_general_nll_ratio": round(results[pref_name]["nll_ratio"], 3),
             "preference_methods": pref_name}
 
 

@@ -1,7 +1,7 @@
 """Preference tuning from ratings: the rows a domain's ratings give (DPO pairs from corrections, KTO rows
 from thumbs), the methods they support and the refusal when they support none, and jobs that run trl's
 DPO / KTO trainers on the tiny Llama: over HTTP (promoted or blocked with a reason), QLoRA + KTO on an NF4
-base, and a cancel in the middle of KTO that leaves nothing behind."""
+and an int8 base, KTO in two data-parallel processes, and a cancel in the middle of KTO that leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -133,6 +133,21 @@ def test_an_answer_cut_by_its_token_limit_is_judged_without_an_end(world):
     assert ds["KL_completion_ids"] == [[8, 9], [5, 6], [7, eos, nl]]      # rebuilt from the new completions
 
 
+def test_kto_rows_come_shuffled_with_both_kinds_in_every_batch():
+    """trl's KTO trainer reads its rows in order (its KL term pairs each row with its batch neighbours): the
+    order is ours to make. Each pass is a fresh seeded shuffle that spreads liked and disliked rows evenly."""
+    from assistant.preference_train import kto_order
+    rows = [{"completion": f"liked {i}", "label": True} for i in range(6)] + \
+           [{"completion": f"disliked {i}", "label": False} for i in range(18)]
+    order = kto_order(rows, epochs=3, seed=0)
+    passes = [order[i * 24:(i + 1) * 24] for i in range(3)]
+    assert len(order) == 72 and all(sorted(r["completion"] for r in p) == sorted(r["completion"] for r in rows)
+                                    for p in passes)
+    assert len({tuple(r["completion"] for r in p) for p in passes}) == 3           # a new order every pass
+    assert all({r["label"] for r in order[i:i + 4]} == {True, False} for i in range(0, 72, 4))
+    assert kto_order(rows, epochs=3, seed=0) == order != kto_order(rows, epochs=3, seed=1)
+
+
 def preference_opts(settings):
     from assistant.settings import group_settings
     return group_settings(settings, "curation")
@@ -209,20 +224,22 @@ def test_dpo_and_kto_jobs_over_http(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow   # QLoRA on the CPU's NF4 kernels: about 30 s here
-def test_qlora_kto_on_an_nf4_base(tiny_llama, home):
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_qlora_kto_on_a_quantized_base(tiny_llama, home, quantization):
     from assistant import jobs
     from assistant.registry import Registry
     from assistant.settings import Settings
     from assistant.store import Store
-    settings = Settings(home=home, base_model=str(tiny_llama), dtype="float32", quantization="nf4").ensure_dirs()
+    settings = Settings(home=home, base_model=str(tiny_llama), dtype="float32", quantization=quantization).ensure_dirs()
     store, registry = Store(settings.db_path), Registry(settings.adapters_path)
     rated_domain(store, registry, corrections=0, ups=6, downs=6, cut="length")
     job = jobs.run_job_inline(settings, store, registry, "atlas", {**FAST, "method": "sft+kto"})
     assert job["status"] == "succeeded", (job["error"], job["log"])
-    assert "quantization=nf4" in job["log"] and job["metrics"]["train"]["methods"] == ["sft", "kto"]
+    assert f"quantization={quantization}" in job["log"] and job["metrics"]["train"]["methods"] == ["sft", "kto"]
     kto = job["metrics"]["train"]["phases"][0]
     assert kto["method"] == "kto" and kto["steps"] > 0 and kto["loss_last"] is not None
     assert kto["cut_answers"] == 6           # the disliked answers were cut: their end-of-turn is not judged
+    assert kto["steps_with_both_kinds"] == kto["steps"] == 3    # every batch weighs liked against disliked
     from safetensors.torch import load_file
     weights = load_file(str(registry.version_path("atlas", "v1") / "adapter_model.safetensors"))
     assert weights and all(t.dtype.is_floating_point and t.abs().sum() > 0 for k, t in weights.items()
