@@ -57,8 +57,9 @@ TOPICS = ["photosynthesis", "gravity", "the water cycle", "an earthquake", "a vo
           "the ozone layer", "a battery", "friction"]
 TEMPLATES = ["What is {t}?", "Can you explain {t}?", "How does {t} work?"]
 SETTINGS = dict(seed=0, max_seq_len=256)   # and the app's defaults: self-replay, augmentation, LoRA, rates
-SMALL = dict(train=8, heldout=4, settings=dict(epochs=2, preference_epochs=2))   # of each kind of question
-FULL = dict(train=18, heldout=6, settings={})
+# questions of each kind, training settings, seeded samples per held-out prompt (0: the greedy answer only)
+SMALL = dict(train=8, heldout=4, settings=dict(epochs=2, preference_epochs=1), samples=0)
+FULL = dict(train=18, heldout=6, settings={}, samples=EVAL_SAMPLES)
 METHOD = "sft+kto"            # the preference method compared with SFT alone
 
 
@@ -173,14 +174,15 @@ def _run(small: bool, seed: int = 0, overrides: dict | None = None, method: str 
             answers = answer_all(engine, convs * (len(names) + 1), [None] * len(convs) + [
                 n for n in names for _ in convs], MAX_NEW_TOKENS)
             for name in names:       # a second estimate, of the adapter's answers as sampled rather than greedy
-                results[name]["sampled"] = [a for _, a, _ in sample(engine, heldout_q, EVAL_SAMPLES, seed + 1, name)]
+                results[name]["sampled"] = [a for _, a, _ in sample(engine, heldout_q, size["samples"], seed + 1, name)]
         finally:
             engine.close()
     base_heldout = answers[:len(convs)]
     for i, name in enumerate(names, start=1):
         mine = answers[i * len(convs):(i + 1) * len(convs)]
+        sampled = results[name]["sampled"]
         results[name].update(share=sum(map(liked, mine)) / len(mine), example=mine[0],
-                             sampled_share=sum(map(liked, results[name]["sampled"])) / len(results[name]["sampled"]))
+                             sampled_share=sum(map(liked, sampled)) / len(sampled) if sampled else float("nan"))
     pref_name = "+".join(methods)
     gain = results[pref_name]["share"] - results["sft"]["share"]
     gain_sampled = results[pref_name]["sampled_share"] - results["sft"]["sampled_share"]
@@ -193,16 +195,17 @@ def _run(small: bool, seed: int = 0, overrides: dict | None = None, method: str 
         ("SFT only: liked share", f"{results['sft']['share']:.2f}  ({results['sft']['seconds']:.0f} s)"),
         (f"{pref_name.upper()}: liked share", f"{results[pref_name]['share']:.2f}  ({results[pref_name]['seconds']:.0f} s)"),
         ("preference_gain", f"{gain:.2f}  (target >= 0.2)"),
-        (f"sampled: liked share, SFT only / {pref_name.upper()}",
-         f"{results['sft']['sampled_share']:.2f} / {results[pref_name]['sampled_share']:.2f}  "
-         f"({EVAL_SAMPLES} seeded samples per held-out prompt)"),
-        ("preference_gain_sampled", f"{gain_sampled:.2f}"),
+        *([(f"sampled: liked share, SFT only / {pref_name.upper()}",
+             f"{results['sft']['sampled_share']:.2f} / {results[pref_name]['sampled_share']:.2f}  "
+             f"({size['samples']} seeded samples per held-out prompt)"),
+           ("preference_gain_sampled", f"{gain_sampled:.2f}")] if size["samples"] else []),
         ("preference_general_nll_ratio", f"{results[pref_name]['nll_ratio']:.2f}  (gate bound <= 2.0; SFT only "
                                          f"{results['sft']['nll_ratio']:.2f})"),
         ("example (preference, held-out)", results[pref_name]["example"][:100]),
         ("total seconds", f"{time.perf_counter() - t_start:.0f}"),
     ])
-    return {"preference_gain": round(gain, 3), "preference_gain_sampled": round(gain_sampled, 3),
+    return {"preference_gain": round(gain, 3),
+            "preference_gain_sampled": round(gain_sampled, 3) if size["samples"] else None,
             "preference_general_nll_ratio": round(results[pref_name]["nll_ratio"], 3),
             "preference_methods": pref_name}
 
