@@ -36,7 +36,7 @@ METHODS = ("sft", "dpo", "kto")     # in the order a job runs them
 # a disliked answer to one question. Measured on the preference benchmark (144 thumbs on the embedded model,
 # answers rated by length, the app's default settings, seeds 0 to 2): both stayed within the gate's forgetting
 # bound on every seed (general loss ratio 1.2 to 1.9, bound 2.0) and taught the liked style at least as well as
-# SFT alone on average; on bare thumbs KTO more (+0.58, +0.08, -0.08; mean +0.19) than DPO (+0.33, +0.08, -0.08).
+# SFT alone on average; on bare thumbs KTO more (+0.58, +0.08, 0.00; mean +0.22) than DPO (+0.33, +0.08, -0.08).
 AUTO_ORDER = {"corrections": ("dpo", "kto"), "thumbs": ("kto", "dpo")}
 MIN_PAIRS = 4                       # pairs (corrections, or a liked and a disliked answer to one question) for DPO
 MIN_PER_KIND = 4                    # thumbs-up and thumbs-down answers, each, before KTO runs

@@ -72,11 +72,16 @@ class PreferencePlan:
         """Optimizer steps of every preference phase (for the job's progress total) in `world` processes."""
         return sum(self.phase_steps(m, settings, world) for m in self.methods if m != "sft")
 
+    def layout(self, method: str, settings) -> tuple[list[dict], int]:
+        """(the rows trl reads, in order, and its epochs over them). trl's DPO trainer shuffles every epoch
+        itself; its KTO trainer reads rows in the order given, so KTO's epochs are laid out by kto_order
+        and trl makes one pass over them."""
+        rows, epochs = self.rows(method), self.epochs(method, settings)
+        return (kto_order(rows, epochs, settings.seed), 1) if method == "kto" else (rows, epochs)
+
     def phase_steps(self, method: str, settings, world: int = 1) -> int:
-        rows_per_step = self.batch_size(method, settings, world) * world
-        if method == "kto":      # one pass over kto_order's rows: every epoch's shuffle, one after the other
-            return math.ceil(len(self.rows(method)) * self.epochs(method, settings) / rows_per_step)
-        return math.ceil(len(self.rows(method)) / rows_per_step) * self.epochs(method, settings)
+        rows, epochs = self.layout(method, settings)
+        return math.ceil(len(rows) / (self.batch_size(method, settings, world) * world)) * epochs
 
 
 def kto_order(rows: list[dict], epochs: int, seed: int) -> list[dict]:
@@ -134,9 +139,7 @@ def _args(method: str, plan: PreferencePlan, settings, out: str, *, cuda: bool, 
     from trl import DPOConfig, KTOConfig
     steps = plan.phase_steps(method, settings, world)
     common = dict(output_dir=out, per_device_train_batch_size=plan.batch_size(method, settings, world),
-                  # KTO: one pass over kto_order's rows, which hold every epoch
-                  num_train_epochs=1 if method == "kto" else plan.epochs(method, settings),
-                  learning_rate=settings.preference_learning_rate,
+                  num_train_epochs=plan.layout(method, settings)[1], learning_rate=settings.preference_learning_rate,
                   lr_scheduler_type="linear", warmup_steps=int(0.1 * steps), weight_decay=settings.weight_decay,
                   max_grad_norm=1.0, beta=settings.beta, max_length=settings.max_seq_len, bf16=False, fp16=False,
                   use_cpu=not cuda, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -150,7 +153,7 @@ def _args(method: str, plan: PreferencePlan, settings, out: str, *, cuda: bool, 
     return KTOConfig(desirable_weight=desirable, undesirable_weight=undesirable, **common)
 
 
-def _dataset(method: str, rows: list[dict], epochs: int, seed: int):
+def _dataset(method: str, rows: list[dict]):
     from datasets import Dataset
 
     def reply(text):
@@ -160,7 +163,7 @@ def _dataset(method: str, rows: list[dict], epochs: int, seed: int):
         return Dataset.from_list([{"prompt": r["prompt"], "chosen": reply(r["chosen"]), "rejected": reply(r["rejected"]),
                                    CUT_COLUMN: bool(r.get("rejected_cut"))} for r in rows])
     return Dataset.from_list([{"prompt": r["prompt"], "completion": reply(r["completion"]), "label": bool(r["label"]),
-                               CUT_COLUMN: bool(r.get("cut"))} for r in kto_order(rows, epochs, seed)])
+                               CUT_COLUMN: bool(r.get("cut"))} for r in rows])
 
 
 def _drop_cut_ends(trainer, method: str, eos_id: int | None, batch_size: int) -> int:
@@ -205,7 +208,7 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
     for method in plan.methods:
         if method == "sft":
             continue
-        rows = plan.rows(method)
+        rows, laid_out = plan.rows(method), plan.layout(method, settings)[0]
         with tempfile.TemporaryDirectory(prefix="assistant-pref-") as out:
             report = _report(progress, should_stop, offset, total)
             trainer_cls = DPOTrainer if method == "dpo" else KTOTrainer
@@ -216,8 +219,7 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
             trainer = trainer_cls(model=model if model is not None else base.model,
                                   args=_args(method, plan, settings, out, cuda=cuda, checkpointing=checkpointing,
                                              world=world),
-                                  train_dataset=_dataset(method, rows, plan.epochs(method, settings), settings.seed),
-                                  processing_class=base.tokenizer,
+                                  train_dataset=_dataset(method, laid_out), processing_class=base.tokenizer,
                                   callbacks=[report], **kwargs)
             cut = _drop_cut_ends(trainer, method, base.tokenizer.eos_token_id, plan.batch_size(method, settings, world))
             # data-parallel: only the LoRA weights are synchronised, not the frozen base nor trl's reference copy
@@ -235,8 +237,7 @@ def train_preferences(base, peft_model, plan: PreferencePlan, settings, *, check
             steps = trainer.state.global_step
             offset += steps
             losses += report.losses
-            if method == "kto":
-                cut //= plan.epochs(method, settings)       # of the rated rows, not of their repeats in the passes
+            cut //= len(laid_out) // max(len(rows), 1)     # of the rated rows, not of their repeats
             plan.phases.append({"method": method, "rows": len(rows), "steps": steps, "cut_answers": cut,
                                 "epochs": plan.epochs(method, settings), "processes": world,
                                 **({"steps_with_both_kinds": report.both_kinds} if method == "kto" else {}),
