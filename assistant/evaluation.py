@@ -5,8 +5,16 @@ decode path as chat, the adapter loaded into a slot from its folder), greedy:
   - every accepted correction (the snapshot rows whose source is `correction`): answer-match;
   - the examples it was taught (seeds, thumbs-up; at most MAX_PROMPTS_PER_CATEGORY): answer-match;
   - held-out rows, only when the dataset has a holdout: answer-match and loss on the assistant tokens;
-  - GENERAL_PROMPTS: forgetting, as the loss (NLL per token) of the base's own answers under the adapter
-    vs under the base, and the MiniLM cosine between the two models' answers. Both tolerate rewording.
+  - the general probe set (probes.py), asked with the domain's system prompt: retention, per question, of
+    the content the reference (the live version, or the base when none is live) knows (retention.py: each
+    is asked with the system prompt and without one), and leakage of rare
+    taught words into those answers (retention.py). These decide. Shown beside them, as figures: the loss
+    (NLL per token) of the base's own probe answers under the adapter vs under the base, and the MiniLM
+    cosine between the two models' answers (they move with style as much as with forgetting).
+
+The base's and the reference's probe answers depend only on those models, the system prompt and the
+token limit: with `cache_dir` they are kept there (answer_cache.py) and reused by the next evaluation (a
+retry's, the next job's), so only the candidate answers every probe each time.
 
 The answer-match score is ROUGE-L F1 on lower-cased words: cheap, deterministic, and enough to tell a
 learned fact from an unlearned one. `progress(done, total)` is called as answers and losses come in.
@@ -19,24 +27,17 @@ import logging
 import re
 import time
 
+from .answer_cache import AnswerCache, identity
 from .gate import GateSettings, gate, verdict  # noqa: F401 - re-exported: the gate's settings and verdict
 from .lm import with_system_prompt
+from .probes import PROBE_SET_VERSION
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPTS_PER_CATEGORY = 32  # taught examples, held-out rows: answered per evaluation (time bound)
 EVAL_MAX_BATCH = 16            # rows decoded together by the evaluation engine
 ADAPTER_KEY = "candidate"      # the evaluated adapter's slot key in the evaluation engine
-GENERAL_PROMPTS = (
-    "What is the capital of France?",
-    "How many days are there in a week?",
-    "Name three primary colors.",
-    "What do bees make?",
-    "Why is the sky blue?",
-    "What is the opposite of hot?",
-    "How do you say hello in Spanish?",
-    "What is 7 plus 5?",
-)
+REFERENCE_KEY = "reference"     # the live version's slot key, when one is live
 CORRECTION_SOURCES = ("correction",)
 
 
@@ -118,14 +119,15 @@ def heldout_loss(model, tokenizer, rows: list[dict], max_seq_len: int) -> float 
 # Answers through the serving engine
 # ---------------------------------------------------------------------------------------------
 
-def answer_all(engine, conversations: list[list[dict]], adapters: list[str | None], max_new_tokens: int,
+def answer_all(engine, conversations: list[list[dict]], adapters: list[str | None], max_new_tokens,
                tick=None) -> list[str]:
     """Greedy answers to every (conversation, adapter) pair, all submitted at once so the engine batches
-    them across adapters; `tick()` after each answer."""
+    them across adapters; `max_new_tokens`: one limit, or one per conversation; `tick()` after each answer."""
     from .engine import Request
-    handles = [engine.submit(Request(prompt_ids=engine.encode_chat(c), max_new_tokens=max_new_tokens,
+    limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(conversations)
+    handles = [engine.submit(Request(prompt_ids=engine.encode_chat(c), max_new_tokens=n,
                                      temperature=0.0, adapter=a, slot=engine.pin_adapter(a) if a else 0))
-               for c, a in zip(conversations, adapters)]
+               for c, a, n in zip(conversations, adapters, limits)]
     answers = []
     for h in handles:
         answers.append(h.result()[0].strip())
@@ -149,17 +151,30 @@ def serving_base(base):
     return dataclasses.replace(base, model=model, dtype=str(want).removeprefix("torch."))
 
 
-def _answers_without_engine(base, adapter_dir, convs: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """Base then adapter answers with transformers' generate (bases the engine cannot adapt)."""
+def _answers_without_engine(base, adapter_dir, reference_dir, jobs: list[tuple]) -> list[str]:
+    """Answers to (conversation, adapter key or None, token limit) with transformers' generate (bases the
+    engine cannot adapt), in the order given."""
     from peft import PeftModel
 
     from .lm import generate
-    peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir), adapter_name=ADAPTER_KEY)
     try:
+        if reference_dir is not None:
+            peft_model.load_adapter(str(reference_dir), adapter_name=REFERENCE_KEY)
         peft_model.eval()
-        with peft_model.disable_adapter():
-            plain = generate(peft_model, base.tokenizer, convs, max_new_tokens)
-        return plain + generate(peft_model, base.tokenizer, convs, max_new_tokens)
+        out: list[str | None] = [None] * len(jobs)
+        for key in dict.fromkeys((a, n) for _, a, n in jobs):
+            idx = [i for i, (_, a, n) in enumerate(jobs) if (a, n) == key]
+            convs = [jobs[i][0] for i in idx]
+            if key[0] is None:
+                with peft_model.disable_adapter():
+                    got = generate(peft_model, base.tokenizer, convs, key[1])
+            else:
+                peft_model.set_adapter(key[0])
+                got = generate(peft_model, base.tokenizer, convs, key[1])
+            for i, a in zip(idx, got):
+                out[i] = a
+        return out
     finally:
         peft_model.unload()
 
@@ -169,20 +184,44 @@ def _score(answers: list[str], rows: list[dict]) -> float | None:
 
 
 def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings | None = None,
-                     system_prompt: str | None = None, progress=None, embedder=None) -> tuple[dict, dict]:
+                     system_prompt: str | None = None, progress=None, embedder=None, *,
+                     reference_dir=None, cache_dir=None) -> tuple[dict, dict]:
     """(before, after) metrics of the base and of the adapter saved in `adapter_dir`, on a loaded `Base`
-    without LoRA layers (they are added for the losses and removed after)."""
+    without LoRA layers (they are added for the losses and removed after). `reference_dir`: the live
+    version's folder (None: the base is the reference retention is judged against). `cache_dir`: where the
+    base's and the reference's probe answers are kept between evaluations (None: not kept)."""
     from peft import PeftModel
 
     from .engine import Engine
+    from .retention import active_probes, judge
     from .runner import FAST_ARCHS
     s = settings or GateSettings()
     cats = {"corrections": correction_rows(rows), "taught": taught_rows(rows),
             "eval": [r for r in rows if r.get("split") == "eval"][:MAX_PROMPTS_PER_CATEGORY]}
+    probes, n_left_out = active_probes(rows)
+    probe_convs = [with_system_prompt([{"role": "user", "content": p.question}], system_prompt) for p in probes]
     convs = [split_prompt(r)[0] for rows_ in cats.values() for r in rows_]
-    convs += [with_system_prompt([{"role": "user", "content": q}], system_prompt) for q in GENERAL_PROMPTS]
-    n_loss = 2 * (len(cats["eval"]) + len(GENERAL_PROMPTS))
-    total, done = 2 * len(convs) + n_loss + 1, [0]
+    plain_convs = [[{"role": "user", "content": p.question}] for p in probes]
+    questions = [p.question for p in probes]
+
+    def cache(adapter, system):
+        return AnswerCache(cache_dir, identity(base, system, s.probe_max_new_tokens, adapter, what="probes"))
+    reference_key = REFERENCE_KEY if reference_dir is not None else None
+    base_probes = cache(None, system_prompt).all_of(questions)
+    ref_probes = cache(reference_dir, system_prompt).all_of(questions) if reference_dir is not None else base_probes
+    ref_plain = cache(reference_dir, None).all_of(questions)
+    # what is decoded: base and candidate on the categories, the candidate on the probes, and the base's and
+    # the reference's probe answers unless they were kept from an earlier evaluation
+    jobs = [(c, None, s.max_new_tokens) for c in convs] + [(c, ADAPTER_KEY, s.max_new_tokens) for c in convs]
+    jobs += [(c, ADAPTER_KEY, s.probe_max_new_tokens) for c in probe_convs + plain_convs]
+    if base_probes is None:
+        jobs += [(c, None, s.probe_max_new_tokens) for c in probe_convs]
+    if reference_dir is not None and ref_probes is None:
+        jobs += [(c, REFERENCE_KEY, s.probe_max_new_tokens) for c in probe_convs]
+    if ref_plain is None:      # what the reference knows: right without the system prompt too (retention.py)
+        jobs += [(c, reference_key, s.probe_max_new_tokens) for c in plain_convs]
+    n_loss = 2 * (len(cats["eval"]) + len(probes))
+    total, done = len(jobs) + n_loss + 1, [0]
 
     def tick(n=1):
         done[0] += n
@@ -191,32 +230,52 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
 
     t0 = time.perf_counter()
     if getattr(base.model.config, "model_type", "") in FAST_ARCHS:
-        engine = Engine(serving_base(base), max_batch=EVAL_MAX_BATCH, max_queue=2 * len(convs) + 1)
+        engine = Engine(serving_base(base), max_batch=EVAL_MAX_BATCH, max_queue=len(jobs) + 1,
+                        max_resident_adapters=2)
         try:
             engine.load_adapter(ADAPTER_KEY, adapter_dir)
-            answers = answer_all(engine, convs + convs, [None] * len(convs) + [ADAPTER_KEY] * len(convs),
-                                 s.max_new_tokens, tick)
+            if reference_dir is not None and (ref_probes is None or ref_plain is None):
+                engine.load_adapter(REFERENCE_KEY, reference_dir)
+            answers = answer_all(engine, [c for c, _, _ in jobs], [a for _, a, _ in jobs], [n for _, _, n in jobs],
+                                 tick)
         finally:
             engine.close()
     else:   # other architectures serve without adapters (engine.py); transformers' generate answers here
-        answers = _answers_without_engine(base, adapter_dir, convs, s.max_new_tokens)
-        tick(2 * len(convs))
+        answers = _answers_without_engine(base, adapter_dir, reference_dir, jobs)
+        tick(len(jobs))
     gen_seconds = time.perf_counter() - t0
+    n = len(convs)
+    k = len(probes)
+    cand_probes, cand_plain, rest = answers[2 * n:2 * n + k], answers[2 * n + k:2 * n + 2 * k], answers[2 * n + 2 * k:]
+    if base_probes is None:
+        base_probes, rest = rest[:len(probes)], rest[len(probes):]
+        cache(None, system_prompt).put(dict(zip(questions, base_probes)))
+    if reference_dir is None:
+        ref_probes = base_probes
+    elif ref_probes is None:
+        ref_probes, rest = rest[:len(probes)], rest[len(probes):]
+        cache(reference_dir, system_prompt).put(dict(zip(questions, ref_probes)))
+    if ref_plain is None:
+        ref_plain = rest[:len(probes)]
+        cache(reference_dir, None).put(dict(zip(questions, ref_plain)))
     before, after = {}, {}
-    for m, ans in ((before, answers[:len(convs)]), (after, answers[len(convs):])):
+    for m, ans in ((before, answers[:n]), (after, answers[n:2 * n])):
         i = 0
         for name, subset in cats.items():
             m[f"n_{name}"] = len(subset)
             m[f"{name}_answers"] = ans[i:i + len(subset)]
             m[f"{name}_match"] = _score(m[f"{name}_answers"], subset)
             i += len(subset)
-        m["general_answers"] = ans[i:]
+    before["general_answers"], after["general_answers"] = base_probes, cand_probes
     after["corrections_feedback_ids"] = sorted({f for r in cats["corrections"] for f in r.get("feedback_ids") or []})
+    after["retention"] = judge(probes, ref_probes, cand_probes, rows, system_prompt, ref_plain, cand_plain)
+    after["retention"].update(reference="live" if reference_dir is not None else "base",
+                              probes_left_out=n_left_out, probe_set=PROBE_SET_VERSION)
 
-    # Losses: the held-out rows, and the base's own general answers (forgetting, tolerant of rewording).
-    anchors = [{"messages": with_system_prompt([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                               system_prompt)}
-               for q, a in zip(GENERAL_PROMPTS, before["general_answers"]) if a]
+    # Losses: the held-out rows, and the base's own probe answers (a figure: moves with style too).
+    anchors = [{"messages": with_system_prompt([{"role": "user", "content": p.question},
+                                                {"role": "assistant", "content": a}], system_prompt)}
+               for p, a in zip(probes, base_probes) if a]
     peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir))
     try:
         peft_model.eval()
@@ -226,7 +285,7 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
                 m["eval_loss"] = heldout_loss(peft_model, base.tokenizer, cats["eval"], s.max_seq_len)
                 tick(len(cats["eval"]))
                 m["general_nll"] = heldout_loss(peft_model, base.tokenizer, anchors, s.max_seq_len)
-                tick(len(GENERAL_PROMPTS))
+                tick(len(probes))
     finally:
         peft_model.unload()
     before["general_embedding_similarity"] = 1.0
@@ -237,7 +296,7 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
     tick()
     after["eval_seconds"] = round(time.perf_counter() - t0, 2)
     after["generate_seconds"] = round(gen_seconds, 2)
-    log.info("evaluated %d prompts x 2 in %.1f s", len(convs), after["eval_seconds"])
+    log.info("evaluated %d answers in %.1f s", len(jobs), after["eval_seconds"])
     return before, after
 
 

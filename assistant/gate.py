@@ -2,18 +2,23 @@
 
 `verdict(before, after, settings)` returns
     {"promote": bool, "summary": "one sentence",
-     "checks": [{"name", "passed", "value", "bound", "meaning", "advice"}], "reasons": ["ok: ...", ...]}
+     "checks": [{"name", "passed", "decides", "value", "bound", "meaning", "advice"}], "reasons": ["ok: ...", ...],
+     "retention": {"kept", "basis", "lost": [{question, reference, candidate}], "leaked": [...]} or absent}
 A check whose data is missing (no corrections, no holdout) is left out, and said so in `reasons`.
 With rated answers held out (preference.py), the new version's preference margin must not fall below the
 current version's (preference_eval.py).
 `gate(before, after, settings)` is the (promote, reasons) pair of the same verdict.
 
-Forgetting is measured twice, both tolerant of rewording: the loss (NLL per token) of the base model's own
-answers to general prompts under the adapter vs under the base (a ratio), and the MiniLM cosine between
-the base's and the adapter's answers to those prompts. The bounds were set on the embedded SmolLM2: an
-adapter taught 10 distinct facts (default recipe) measured NLL ratio 1.32 and similarity 0.86; one that
-answers everything with one fixed sentence measured 18.6 and 0.05. The slow tests
-(tests/test_gate_calibration.py, tests/test_retrain_e2e.py) check both sides.
+Forgetting is judged per question, on content (retention.py): of the general probe questions the live
+version (or the base) knows, the new version must still know at least `min_retention`, and rare words of
+its training must not turn up in more than `max_leakage` of its general answers. A shorter or reworded
+answer with the same content passes, so a change of style is not taken for forgetting. Two figures are
+shown beside them and decide nothing (`decides: false`), unless the reference knows too few probes for
+retention to judge (then neither retention nor leakage decides, and the figures do): the loss (NLL per
+token) of the base's own probe answers under the adapter vs under the base, and the MiniLM cosine between
+the two models' answers. Both are means: they hide a catastrophe on a few questions, and they move with
+style as much as with forgetting. tests/test_retention.py, tests/test_gate_recovers.py and
+benchmarks/bench_gate.py check the checks on the embedded SmolLM2.
 """
 
 from __future__ import annotations
@@ -36,9 +41,18 @@ class GateSettings:
         "help": "the held-out answer-match may fall by at most this much (only with a holdout)"})
     max_general_nll_ratio: float = field(default=2.0, metadata={
         "help": "the loss per token of the base's own answers to general prompts, under the adapter, may be "
-                "at most this times the base's (forgetting; rewording the answers does not move it)"})
+                "at most this times the base's (shown; it decides only when retention cannot judge)"})
     min_general_embedding_similarity: float = field(default=0.6, metadata={
-        "help": "mean MiniLM cosine between the base's and the adapter's answers to general prompts"})
+        "help": "mean MiniLM cosine between the base's and the adapter's answers to general prompts (shown; it "
+                "decides only when retention cannot judge)"})
+    min_retention: float = field(default=0.95, metadata={
+        "help": "of the general probe questions the live version (or the base) knows (answers right with the "
+                "domain's system prompt and without it), the share the new version must still know (answer right "
+                "in at least one of the two)"})
+    max_leakage: float = field(default=0.02, metadata={
+        "help": "share of the new version's answers to general probe questions that may contain a rare word "
+                "of its training data (a taught name turning up where it does not belong)"})
+    probe_max_new_tokens: int = field(default=40, metadata={"help": "tokens per answer to a general probe question"})
     max_preference_margin_drop: float = field(default=0.0, metadata={
         "help": "on held-out rated answers, the new version's preference margin (log-likelihood per token of "
                 "liked minus disliked answers) may fall at most this much below the current version's"})
@@ -62,6 +76,8 @@ MEANING = {
     "general_similarity": "answers to general questions changed a lot: the adapter may have forgotten general "
                           "skills",
     "preference_margin": "the new version prefers the answers users disliked more than the current version does",
+    "retention": "it lost general answers the {reference} gave",
+    "leakage": "words it was taught turn up in its answers to unrelated general questions",
 }
 MEANING_PASSED = {
     "corrections": "the adapter gives the answers users corrected",
@@ -71,6 +87,8 @@ MEANING_PASSED = {
     "general_nll": "the base's own answers to general questions stay likely: general skills are kept",
     "general_similarity": "answers to general questions stay close to the base's",
     "preference_margin": "the new version prefers the answers users liked at least as much as the current one",
+    "retention": "it still gives the general answers the {reference} gave",
+    "leakage": "what it was taught stays out of its answers to unrelated questions",
 }
 ADVICE = {
     "corrections": "train again with more epochs (or a higher learning rate), and check that corrections of the "
@@ -83,6 +101,10 @@ ADVICE = {
     "general_similarity": "add more varied examples, lower epochs or the learning rate, or activate anyway if "
                           "general questions do not matter for this domain",
     "preference_margin": "train with a preference method (method sft+kto or sft+dpo), or rate more answers",
+    "retention": "train again with a lower learning rate or fewer epochs (retries do this by themselves), or add "
+                 "more varied examples; activate anyway only if those questions do not matter for this domain",
+    "leakage": "train again with a lower learning rate or fewer epochs (retries do this by themselves), or add "
+               "examples that use the taught names only where they belong",
 }
 LABEL = {
     "corrections": "answer-match on the {n} corrected answers",
@@ -93,21 +115,37 @@ LABEL = {
     "general_similarity": "similarity of general answers to the base's",
     "preference_margin": "preference margin (liked minus disliked, log-likelihood per token) on {n} held-out "
                          "rated answers",
+    "retention": "general answers kept, of the {n} the {reference} gave right",
+    "leakage": "general answers with a rare taught word, of {n}",
 }
+FORGETTING = ("retention", "leakage")   # the checks a safer recipe can mend (jobs retry on them)
+FIGURES = ("general_nll", "general_similarity")   # shown; they decide only when retention cannot judge
 
 
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def s_min_basis() -> int:
+    from .retention import MIN_RETENTION_BASIS
+    return MIN_RETENTION_BASIS
+
+
 def checks(before: dict, after: dict, s: GateSettings) -> tuple[list[dict], list[str]]:
     """The gate's checks that have data -> (checks, names of checks skipped with why)."""
     out, skipped = [], []
 
-    def add(name, passed, value, bound, n=None):
-        out.append({"name": name, "passed": bool(passed), "value": None if value is None else round(float(value), 4),
-                    "bound": bound, "label": LABEL[name].format(n=n),
-                    "meaning": (MEANING_PASSED if passed else MEANING)[name], "advice": "" if passed else ADVICE[name]})
+    ret = after.get("retention") or {}
+    reference = "live version" if ret.get("reference") == "live" else "base"
+    judged = ret.get("retention") is not None and (ret.get("n_reference_right") or 0) >= s_min_basis()
+
+    def add(name, passed, value, bound, n=None, decides=True):
+        words = {"reference": reference}
+        out.append({"name": name, "passed": bool(passed), "decides": decides,
+                    "value": None if value is None else round(float(value), 4),
+                    "bound": bound, "label": LABEL[name].format(n=n, reference=reference),
+                    "meaning": (MEANING_PASSED if passed else MEANING)[name].format(**words),
+                    "advice": "" if passed else ADVICE[name]})
 
     cm = after.get("corrections_match")
     if cm is not None:
@@ -126,13 +164,24 @@ def checks(before: dict, after: dict, s: GateSettings) -> tuple[list[dict], list
             add("heldout_match", am >= bm - s.max_eval_match_drop, am, f">= {bm - s.max_eval_match_drop:.3f}")
     else:
         skipped.append("held-out loss (no holdout: small datasets are trained on in full)")
+    if judged:
+        add("retention", ret["retention"] >= s.min_retention, ret["retention"], f">= {s.min_retention}",
+            ret["n_reference_right"])
+    elif ret:
+        skipped.append(f"retention (the {reference} answered {ret.get('n_reference_right') or 0} general probe "
+                       f"questions right: too few to judge; the general-answer figures decide)")
+    if ret.get("leakage") is not None:    # like retention, it decides only where there are general answers to keep
+        add("leakage", ret["leakage"] <= s.max_leakage, ret["leakage"], f"<= {s.max_leakage}", ret.get("n_probes"),
+            decides=judged)
+    elif ret:
+        skipped.append("leakage (no vocabulary to tell rare words from common ones)")
     ratio = _ratio(after.get("general_nll"), before.get("general_nll"))
     if ratio is not None:
-        add("general_nll", ratio <= s.max_general_nll_ratio, ratio, f"<= {s.max_general_nll_ratio}")
+        add("general_nll", ratio <= s.max_general_nll_ratio, ratio, f"<= {s.max_general_nll_ratio}", decides=not judged)
     sim = after.get("general_embedding_similarity")
     if sim is not None:
         add("general_similarity", sim >= s.min_general_embedding_similarity, sim,
-            f">= {s.min_general_embedding_similarity}")
+            f">= {s.min_general_embedding_similarity}", decides=not judged)
     pb, pa = before.get("preference_margin"), after.get("preference_margin")
     if pb is not None and pa is not None:
         add("preference_margin", pa >= pb - s.max_preference_margin_drop, pa,
@@ -147,9 +196,10 @@ def verdict(before: dict, after: dict, settings: GateSettings | None = None) -> 
     """The gate's decision, written for a person (see the module docstring for its shape)."""
     s = settings or GateSettings()
     found, skipped = checks(before, after, s)
-    failed = [c for c in found if not c["passed"]]
-    reasons = [f"{'ok' if c['passed'] else 'blocked'}: {c['label']} {c['value']:.2f}, needs {c['bound']}"
-               for c in sorted(found, key=lambda c: c["passed"])]
+    failed = [c for c in found if not c["passed"] and c["decides"]]
+    reasons = [f"{'ok' if c['passed'] else 'blocked' if c['decides'] else 'shown'}: {c['label']} {c['value']:.2f}, "
+               f"{'needs' if c['decides'] else 'bound when it decides'} {c['bound']}"
+               for c in sorted(found, key=lambda c: (c["passed"] or not c["decides"], not c["decides"]))]
     reasons += [f"skipped: {what}" for what in skipped]
     learned = [c for c in found if c["name"] in ("corrections", "taught", "heldout_loss", "preference_margin")]
     if not learned:
@@ -164,9 +214,48 @@ def verdict(before: dict, after: dict, settings: GateSettings | None = None) -> 
     else:
         first = failed[0]
         more = f" (and {len(failed) - 1} more check{'s' if len(failed) > 2 else ''})" if len(failed) > 1 else ""
-        summary = (f"Not activated: {first['meaning']}{more}. What to do: {first['advice']}; "
+        example = _lost_example(after) if first["name"] == "retention" else _leak_example(after) \
+            if first["name"] == "leakage" else ""
+        summary = (f"Not activated: {first['meaning']}{more}{example}. What to do: {first['advice']}; "
                    "or activate this version anyway from the Adapters tab.")
-    return {"promote": not failed, "summary": summary, "checks": found, "reasons": reasons}
+    out = {"promote": not failed, "summary": summary, "checks": found, "reasons": reasons}
+    if after.get("retention"):
+        out["retention"] = public_retention(after["retention"])
+    return out
+
+
+def public_retention(ret: dict) -> dict:
+    """What a card and a job record keep of the retention and leakage results (lost and leaked answers
+    listed, at most MAX_SHOWN_LOST of each)."""
+    from .retention import MAX_SHOWN_LOST
+    keep = ("reference", "n_probes", "n_reference_right", "n_kept", "retention", "leakage", "n_leaked",
+            "probes_left_out", "probe_set", "rare_taught_words")
+    return {**{k: ret.get(k) for k in keep}, "lost": list(ret.get("lost") or [])[:MAX_SHOWN_LOST],
+            "leaked": list(ret.get("leaked") or [])[:MAX_SHOWN_LOST]}
+
+
+def _clip(text: str, n: int = 80) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def _lost_example(after: dict) -> str:
+    ret = after.get("retention") or {}
+    lost = ret.get("lost") or []
+    if not lost:
+        return ""
+    first = lost[0]
+    return (f" ({len(lost)} of {ret.get('n_reference_right')}, e.g. \"{first['question']}\" was answered "
+            f"\"{_clip(first['reference'])}\" and now \"{_clip(first['candidate'])}\")")
+
+
+def _leak_example(after: dict) -> str:
+    leaked = (after.get("retention") or {}).get("leaked") or []
+    if not leaked:
+        return ""
+    first = leaked[0]
+    return (f" ({len(leaked)} answers, e.g. \"{first['question']}\" is answered \"{_clip(first['answer'])}\", "
+            f"with {', '.join(repr(w) for w in first['words'])})")
 
 
 def gate(before: dict, after: dict, settings: GateSettings | None = None) -> tuple[bool, list[str]]:

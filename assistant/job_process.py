@@ -24,6 +24,7 @@ RETRY_HINT = "; the trained adapter is kept: retry from evaluation"
 KILL_WAIT_SECONDS = 10.0        # how long cancel waits for the killed group to disappear...
 KILL_POLL_SECONDS = 0.05        # ...checking this often
 STAGING_PREFIX = ".staging-job-"   # + job id: the job's staging folder in its domain's adapter folder
+ATTEMPT_SUFFIX = ".attempt-"       # + n: the staging folder of a job's n-th attempt (n >= 2)
 JOB_LOG_DIR = "jobs"            # <state>/jobs/<job_id>.log : the child's stdout and stderr
 KEPT_TRAINED_PER_DOMAIN = 1      # failed jobs' trained adapters kept per domain for "retry from evaluation"
 SHARED_STAGING_GRACE_S = 3600   # with a shared database, staging folders younger than this may be another replica's
@@ -195,19 +196,33 @@ def _kill_group(pid: int | None) -> None:
         time.sleep(KILL_POLL_SECONDS)
 
 
-def staging_path(adapters_root, job: dict) -> Path:
-    """The job's staging folder, derived from its id (never logged: log lines are shown to users)."""
-    return Path(adapters_root) / job["domain"] / f"{STAGING_PREFIX}{job['job_id']}"
+def attempt_tag(job_id: str, attempt: int = 1) -> str:
+    """The staging folder name of a job's attempt, less the registry's `.staging-` prefix."""
+    return f"job-{job_id}" + (f"{ATTEMPT_SUFFIX}{attempt}" if attempt > 1 else "")
+
+
+def staging_path(adapters_root, job: dict, attempt: int = 1) -> Path:
+    """The staging folder of a job's attempt, derived from its id (never logged: log lines are shown to
+    users). Attempt 1 trains in `.staging-job-<id>`, later ones in `.staging-job-<id>.attempt-<n>`."""
+    return Path(adapters_root) / job["domain"] / f".staging-{attempt_tag(job['job_id'], attempt)}"
+
+
+def kept_attempt(job: dict) -> int:
+    """The attempt whose trained adapter a failed job kept (the one "retry from evaluation" resumes)."""
+    return int(((job.get("metrics") or {}).get("trained") or {}).get("attempt") or 1)
 
 
 def resumable(job: dict) -> bool:
     """True when the job's training finished (its adapter is in the staging folder): a failure after it
     keeps that folder, and the job can retry from evaluation."""
-    return any(st["name"] == "train" and st["status"] == "done" for st in job.get("stages") or ())
+    return any(st["name"].split(" ")[0] == "train" and st["status"] == "done" for st in job.get("stages") or ())
 
 
 def _remove_staging(adapters_root, job: dict) -> None:
-    shutil.rmtree(staging_path(adapters_root, job), ignore_errors=True)
+    first = staging_path(adapters_root, job)
+    shutil.rmtree(first, ignore_errors=True)
+    for later in first.parent.glob(f"{first.name}{ATTEMPT_SUFFIX}*"):
+        shutil.rmtree(later, ignore_errors=True)
 
 
 def kept_staging(store, domain: str | None = None) -> set[str]:

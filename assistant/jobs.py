@@ -38,8 +38,10 @@ from .job_process import (  # noqa: F401 - cancel_job, dispatch, reap, recover_o
     RETRY_HINT,
     _curated,
     _settings_from_json,
+    attempt_tag,
     cancel_job,
     dispatch,
+    kept_attempt,
     prune_kept,
     reap,
     recover_orphans,
@@ -47,12 +49,13 @@ from .job_process import (  # noqa: F401 - cancel_job, dispatch, reap, recover_o
     run_here,
     staging_path,
 )
-from .stages import TERMINAL, StageTracker, overall_progress
+from .stages import TERMINAL, StageTracker, attempt_stages, overall_progress
 from .threads import use_all_cores
 
 log = logging.getLogger(__name__)
 
 JOB_NICENESS = 10               # the child yields the CPU to the server, so chat stays responsive
+ANSWER_CACHE_DIR = "answers"   # in the cache folder: replay and probe answers kept between jobs (answer_cache.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,69 +155,93 @@ def _user_text(text: str, settings) -> str:
 
 def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str | None = None) -> dict:
     """Everything a job does, start to end; returns the job record. Errors mark the job failed. With
-    `resume="evaluate"`, the adapter the job trained (kept in its staging folder) is evaluated and published."""
-    from . import evaluation
-    from .training import TrainingStopped, _load
+    `resume="evaluate"`, the adapter the job trained (kept in its staging folder) is evaluated and published.
+
+    When the gate blocks a trained version for forgetting (retention or leakage), the job trains again with a
+    safer recipe (training.safer_recipe), at most `retries` times, each attempt its own train and evaluate
+    stages. It publishes the first attempt that passes, or, when none does, the best blocked one with every
+    attempt's verdict in its card. An attempt that fails never loses the earlier ones: the best of those is
+    published instead."""
+    from .training import TrainingStopped
 
     job = store.get_job(job_id)
     domain, record = job["domain"], job["settings"]
-    staging = None
+    attempts: list[_Attempt] = []     # trained and evaluated, in order; their folders are removed at the end
+    current = None                    # the attempt being trained or evaluated
     trained = False      # once True, a later failure keeps the staging folder (retry from evaluation)
     tracker = StageTracker(store, job_id, job["stages"])
     store.update_job(job_id, status="running", pid=os.getpid(), started_at=time.time(),
                      log="retrying from evaluation\n" if resume else "started\n")
     try:
         rows = _read_rows(settings, record, store, domain)
-        system_prompt = registry.get_domain(domain).system_prompt
         rows, plan = _preference_plan(settings, domain, record, rows, store)
-        if resume == "evaluate":
-            staging, trained = staging_path(registry.root, job), True
-            kept = (job.get("metrics") or {}).get("trained")
-            if not kept or not (staging / "adapter_model.safetensors").is_file():
-                trained = False
-                raise AssistantError("this job's trained adapter is no longer there: start training again")
-            base = _load(settings)
-            result = _Trained(**kept)
-        else:
-            if record.get("data_summary"):
-                store.update_job(job_id, log=f"data: {record['data_summary']}\n")
-            staging = registry.new_staging(domain, tag=f"job-{job_id}")
-            base, result = _train(settings, store, job_id, rows, record, staging, tracker, on_step, plan)
-            store.update_job(job_id, metrics={"train": result.summary(), "trained": _Trained.of(result).__dict__})
-            trained = True
-        base.model.eval()
-
-        tracker.start("evaluate")
-        tracker.note("evaluate", "the base and the new version answer the held-out and corrected questions")
         from .settings import group_settings
         gate_settings = group_settings(settings, "gate")
-        before, after = evaluation.evaluate_adapter(
-            base, staging, rows, gate_settings, system_prompt,
-            progress=lambda done, total: tracker.advance("evaluate", done, total))
-        _preference_margins(registry, domain, base, staging, plan, before, after, gate_settings)
-        verdict = evaluation.verdict(before, after, gate_settings)
-        promote = verdict["promote"]
-        metrics = {"train": result.summary(), "before": evaluation.summary(before),
-                   "after": evaluation.summary(after), "gate": verdict,
-                   "eval_vs_train_time": round(after["eval_seconds"] / result.seconds, 3) if result.seconds else None,
-                   "trained": _Trained.of(result).__dict__}
-        tracker.finish("evaluate")
-        store.update_job(job_id, metrics=metrics, log=f"evaluated: {verdict['summary']}\n")
-        card = {"base_fingerprint": result.fingerprint, "dataset_snapshot": record.get("snapshot"),
-                "feedback_ids": record.get("feedback_ids", []), "training_settings": result.settings,
-                "training": {"methods": result.methods, "data": (record.get("preference") or {}).get("counts"),
-                             "summary": record.get("data_summary"), "phases": result.phases},
+        ts, retries = _recipe(record), _recipe(record).retries
+        if resume == "evaluate":
+            current = _kept_attempt(settings, registry, job)
+            trained = True
+        elif record.get("data_summary"):
+            store.update_job(job_id, log=f"data: {record['data_summary']}\n")
+        why = ""
+        while True:
+            if current is None:
+                number = attempts[-1].number + 1 if attempts else 1
+                current = _Attempt(number, ts, why, registry.new_staging(domain, tag=attempt_tag(job_id, number)))
+            try:
+                if current.result is None:
+                    current.base, current.result = _train(settings, store, job_id, rows, record, current, tracker,
+                                                          on_step, plan)
+                    store.update_job(job_id, metrics={"train": current.result.summary(),
+                                                      "trained": current.trained_record()})
+                    trained = True
+                _evaluate(settings, store, registry, job_id, domain, rows, plan, current, tracker, gate_settings)
+            except Exception as e:
+                if not attempts or isinstance(e, TrainingStopped):
+                    raise
+                _attempt_failed(store, job_id, tracker, current, e, settings)   # the earlier attempts stand
+                current = None
+                break
+            attempts.append(current)
+            current = None
+            last = attempts[-1]
+            if last.verdict["promote"] or last.number > retries or not _forgot(last.verdict):
+                break
+            ts = safer_recipe(last.ts, last.result.epochs)
+            why = _why_retry(last, ts)
+            store.update_job(job_id, log=f"attempt {last.number} was blocked; {why}\n")
+            tracker.add_attempt(last.number + 1, why)
+
+        chosen = _best(attempts)
+        metrics = {**chosen.metrics, "attempts": [a.summary() for a in attempts]}
+        verdict, promote = chosen.verdict, chosen.verdict["promote"]
+        if len(attempts) > 1 and not promote:
+            verdict = {**verdict, "summary": f"None of {len(attempts)} attempts passed; the best, attempt "
+                                             f"{chosen.number}, is published. {verdict['summary']}"}
+            metrics["gate"] = verdict
+        store.update_job(job_id, metrics=metrics)
+        card = {"base_fingerprint": chosen.result.fingerprint, "dataset_snapshot": record.get("snapshot"),
+                "feedback_ids": record.get("feedback_ids", []), "training_settings": chosen.result.settings,
+                "training": {"methods": chosen.result.methods, "data": (record.get("preference") or {}).get("counts"),
+                             "summary": record.get("data_summary"), "phases": chosen.result.phases,
+                             "attempt": chosen.number},
                 "metrics": metrics, "job_id": job_id, "domain": domain}
         if store.get_job(job_id)["status"] == "cancelled":
             raise TrainingStopped("cancelled before publishing")
+        for a in attempts:            # only the chosen attempt's folder is published; the others go now
+            if a is not chosen:
+                shutil.rmtree(a.staging, ignore_errors=True)
+        current = chosen               # a failure from here on keeps it for "retry from evaluation"
         tracker.start("publish")
-        version = registry.publish(domain, staging, card)
-        staging = None
+        version = registry.publish(domain, chosen.staging, card)
+        current = None
         tracker.finish("publish")
-        store.update_job(job_id, adapter_version=version, log=f"published {domain}@{version}\n")
+        store.update_job(job_id, adapter_version=version, log=f"published {domain}@{version}"
+                         + (f" (attempt {chosen.number})" if len(attempts) > 1 else "") + "\n")
         if promote:
             tracker.start("activate")
-            where = _activate(settings, registry, domain, version, base.model, result.fingerprint, store=store)
+            where = _activate(settings, registry, domain, version, chosen.base.model, chosen.result.fingerprint,
+                              store=store)
             tracker.finish("activate")
             end = f"{domain}@{version} is live" + (" (activated by the server)" if where != "offline" else "") + "\n"
         else:
@@ -223,6 +250,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
         tracker.close()
         store.update_job(job_id, status="succeeded", progress=1.0, stage=None, stages=tracker.snapshot(),
                          promoted=promote, finished_at=time.time(), log=end)
+        attempts = []
     except TrainingStopped as e:
         tracker.close()
         store.update_job(job_id, log=f"stopped: {e}\n")
@@ -238,19 +266,156 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
         if store.get_job(job_id)["status"] not in TERMINAL:
             message = e.message if isinstance(e, AssistantError) else f"{type(e).__name__}: {e}"
             where = f"{stage} failed: " if stage and trained else ""
-            keep = trained and isinstance(e, Exception) and staging is not None and staging.is_dir()
+            keep = (trained and isinstance(e, Exception) and current is not None and current.staging is not None
+                    and current.staging.is_dir())
             store.update_job(job_id, status="failed", finished_at=time.time(),
                              error=_user_text(where + message, settings) + (RETRY_HINT if keep else ""))
             if keep:
-                staging = None   # finished work is kept for "retry from evaluation"
+                if current.result is not None:
+                    store.update_job(job_id, metrics={**(store.get_job(job_id).get("metrics") or {}),
+                                                      "trained": current.trained_record()})
+                current = None   # finished work is kept for "retry from evaluation"
                 prune_kept(store, registry.root, domain)
         if not isinstance(e, Exception):
             raise
     finally:
         tracker.close()
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        for a in attempts + ([current] if current is not None else []):
+            if a.staging is not None:
+                shutil.rmtree(a.staging, ignore_errors=True)
     return store.get_job(job_id)
+
+
+@dataclass
+class _Attempt:
+    """One training attempt of a job: its recipe, why it ran, its folder, and once done its result and the
+    gate's verdict."""
+    number: int
+    ts: object                     # TrainSettings
+    why: str
+    staging: Path | None
+    result: object = None          # TrainResult or _Trained
+    base: object = None
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    verdict: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    def trained_record(self) -> dict:
+        return {**_Trained.of(self.result).__dict__, "attempt": self.number}
+
+    def summary(self) -> dict:
+        """What the job record and the card keep of this attempt."""
+        ret = self.after.get("retention") or {}
+        s = self.result.settings
+        return {"attempt": self.number, "why": self.why or "the recipe as asked",
+                "recipe": {"learning_rate": s.get("learning_rate"), "epochs": self.result.summary().get("epochs"),
+                           "rank": s.get("rank"), "replay": s.get("replay")},
+                "promote": bool(self.verdict.get("promote")), "summary": self.verdict.get("summary"),
+                "failed": [c["name"] for c in self.verdict.get("checks") or () if c["decides"] and not c["passed"]],
+                "retention": ret.get("retention"), "n_kept": ret.get("n_kept"),
+                "n_reference_right": ret.get("n_reference_right"), "n_leaked": ret.get("n_leaked"),
+                "taught_match": self.after.get("taught_match"), "corrections_match": self.after.get("corrections_match")}
+
+
+def _recipe(record: dict):
+    from .training import TrainSettings
+    return TrainSettings.from_record(record["training"])
+
+
+def safer_recipe(ts, epochs_run: int):
+    from .training import safer_recipe as safer
+    return safer(ts, epochs_run)
+
+
+def _forgot(verdict: dict) -> bool:
+    """Did the gate block for forgetting (what a safer recipe can mend)?"""
+    from .gate import FORGETTING
+    return any(c["name"] in FORGETTING and c["decides"] and not c["passed"] for c in verdict.get("checks") or ())
+
+
+def _why_retry(last: "_Attempt", ts) -> str:
+    ret = last.after.get("retention") or {}
+    failed = [c for c in last.verdict.get("checks") or () if c["decides"] and not c["passed"]]
+    what = []
+    for c in failed:
+        if c["name"] == "retention":
+            what.append(f"it lost {len(ret.get('lost') or [])} of {ret.get('n_reference_right')} general answers")
+        elif c["name"] == "leakage":
+            what.append(f"taught words turned up in {ret.get('n_leaked')} general answers")
+        else:
+            what.append(c["label"])
+    return (f"attempt {last.number + 1} trains with a safer recipe because {' and '.join(what)}: learning rate "
+            f"{ts.learning_rate:.2g}, {ts.epochs} epoch{'s' if ts.epochs != 1 else ''}, LoRA alpha {ts.alpha}, every "
+            "self-replay prompt")
+
+
+def _best(attempts: list["_Attempt"]) -> "_Attempt":
+    """The first attempt that passed, else the blocked one with the fewest failed checks and the most
+    general answers kept (the earlier on a tie)."""
+    passed = [a for a in attempts if a.verdict["promote"]]
+    if passed:
+        return passed[0]
+
+    def key(a):
+        failed = sum(1 for c in a.verdict.get("checks") or () if c["decides"] and not c["passed"])
+        return failed, -((a.after.get("retention") or {}).get("retention") or 0.0), a.number
+    return min(attempts, key=key)
+
+
+def _attempt_failed(store, job_id: str, tracker, attempt: "_Attempt", error: Exception, settings) -> None:
+    """A later attempt failed: its stage is marked so, its folder goes; the job publishes an earlier one."""
+    log.exception("job %s: attempt %d failed", job_id, attempt.number)
+    tracker.fail_running()
+    if attempt.staging is not None:
+        shutil.rmtree(attempt.staging, ignore_errors=True)
+    message = error.message if isinstance(error, AssistantError) else "an unexpected error (see the server log)"
+    store.update_job(job_id, log=_user_text(f"attempt {attempt.number} failed: {message}; the best earlier "
+                                            "attempt is published instead\n", settings))
+
+
+def _kept_attempt(settings, registry, job: dict) -> "_Attempt":
+    """The attempt a failed job kept, for "retry from evaluation"."""
+    from .training import _load
+    kept = dict((job.get("metrics") or {}).get("trained") or {})
+    number = int(kept.pop("attempt", 1))
+    staging = staging_path(registry.root, job, number)
+    if not kept or not (staging / "adapter_model.safetensors").is_file():
+        raise AssistantError("this job's trained adapter is no longer there: start training again")
+    from .training import TrainSettings
+    attempt = _Attempt(number, TrainSettings.from_record(kept["settings"]), "", staging)
+    attempt.base, attempt.result = _load(settings), _Trained(**kept)
+    return attempt
+
+
+def _evaluate(settings, store, registry, job_id: str, domain: str, rows, plan, attempt: "_Attempt", tracker,
+              gate_settings) -> None:
+    """The evaluate stage of `attempt`: its before/after metrics, the gate's verdict and the job's metrics."""
+    from . import evaluation
+    _, stage = attempt_stages(attempt.number)
+    base = attempt.base
+    base.model.eval()
+    tracker.start(stage)
+    active = registry.active_version(domain)
+    tracker.note(stage, f"the base{', ' + active + ' (live)' if active else ''} and the new version answer the "
+                        "held-out, corrected and general questions")
+    before, after = evaluation.evaluate_adapter(
+        base, attempt.staging, rows, gate_settings, registry.get_domain(domain).system_prompt,
+        progress=lambda done, total: tracker.advance(stage, done, total),
+        reference_dir=registry.version_path(domain, active) if active else None,
+        cache_dir=Path(settings.cache_dir).expanduser() / ANSWER_CACHE_DIR)
+    _preference_margins(registry, domain, base, attempt.staging, plan, before, after, gate_settings)
+    verdict = evaluation.verdict(before, after, gate_settings)
+    result = attempt.result
+    attempt.before, attempt.after, attempt.verdict = before, after, verdict
+    attempt.metrics = {"train": result.summary(), "before": evaluation.summary(before),
+                       "after": evaluation.summary(after), "gate": verdict,
+                       "eval_vs_train_time": round(after["eval_seconds"] / result.seconds, 3) if result.seconds else None,
+                       "trained": attempt.trained_record()}
+    tracker.finish(stage)
+    store.update_job(job_id, metrics=attempt.metrics,
+                     log=f"evaluated{' attempt ' + str(attempt.number) if attempt.number > 1 else ''}: "
+                         f"{verdict['summary']}\n")
 
 
 def _preference_plan(settings, domain: str, record: dict, rows: list[dict], store=None):
@@ -280,21 +445,24 @@ def _preference_margins(registry, domain: str, base, staging, plan, before: dict
     after["n_preference_heldout"], after["preference_reference"] = m["n"], active or "the base"
 
 
-def _train(settings, store, job_id: str, rows, record: dict, staging: Path, tracker, on_step, plan=None):
-    """The train stage: (the base, the TrainResult), the adapter saved in `staging`."""
-    from .training import TrainSettings, _load, train_adapter
-    ts = TrainSettings.from_record(record["training"])
-    tracker.start("train")
-    tracker.note("train", "loading the base model")
+def _train(settings, store, job_id: str, rows, record: dict, attempt: "_Attempt", tracker, on_step, plan=None):
+    """The train stage of `attempt`: (the base, the TrainResult), the adapter saved in its staging folder.
+    The loss curve of a later attempt continues the steps of the earlier ones."""
+    from .training import _load, train_adapter
+    ts, staging = attempt.ts, attempt.staging
+    stage, _ = attempt_stages(attempt.number)
+    tracker.start(stage)
+    tracker.note(stage, "loading the base model")
     base = _load(settings)
     store.update_job(job_id, log=f"loaded {base.describe()}\n")
+    offset = store.get_job(job_id).get("step") or 0 if attempt.number > 1 else 0
 
     def progress(step, total, loss):
-        store.update_job(job_id, step=step, total_steps=total, loss=loss)
-        store.add_job_loss(job_id, step, loss)
-        tracker.advance("train", step, total)
+        store.update_job(job_id, step=offset + step, total_steps=offset + total, loss=loss)
+        store.add_job_loss(job_id, offset + step, loss)
+        tracker.advance(stage, step, total)
         if step == 1:
-            tracker.note("train", "training")
+            tracker.note(stage, "training")
         if on_step is not None:
             on_step(step, total, loss)
 
@@ -304,10 +472,11 @@ def _train(settings, store, job_id: str, rows, record: dict, staging: Path, trac
     if settings.train_gpus > 1:
         store.update_job(job_id, log=f"training in {settings.train_gpus} processes\n")
     result = train_adapter(base, rows, staging, ts, progress=progress, should_stop=stopped,
-                           processes=settings.train_gpus, note=lambda text: tracker.note("train", text),
-                           preference=plan)
-    tracker.finish("train")
-    store.update_job(job_id, log=f"trained: {json.dumps(result.summary())}\n")
+                           processes=settings.train_gpus, note=lambda text: tracker.note(stage, text),
+                           preference=plan, cache_dir=Path(settings.cache_dir).expanduser() / ANSWER_CACHE_DIR)
+    tracker.finish(stage)
+    store.update_job(job_id, log=f"trained{' attempt ' + str(attempt.number) if attempt.number > 1 else ''}: "
+                                 f"{json.dumps(result.summary())}\n")
     result.model.unload()            # LoRA layers out: the engine loads the adapter from its folder
     return base, result
 
@@ -337,14 +506,17 @@ def retry_job(settings, store, registry, job_id: str, *, inline: bool = False) -
     job = store.get_job(job_id)
     if job is None:
         raise NotFound(f"no job {job_id[:64]!r}")
+    attempt = kept_attempt(job)
     if job["status"] != "failed" or not resumable(job) or not (job.get("metrics") or {}).get("trained") \
-            or not (staging_path(registry.root, job) / "adapter_model.safetensors").is_file():
+            or not (staging_path(registry.root, job, attempt) / "adapter_model.safetensors").is_file():
         raise Conflict("only a failed job whose training finished (and whose adapter was kept) can retry from "
                        "evaluation: start training again")
-    stages = [st if st["name"] in ("curate", "train") else {**st, "status": "pending", "done": 0, "total": 0,
-                                                                 "progress": 0.0, "eta_s": None, "started_at": None,
-                                                                 "finished_at": None, "elapsed_s": 0.0}
-              for st in job["stages"]]
+    names = [st["name"] for st in job["stages"]]
+    evaluate = attempt_stages(attempt)[1]
+    cut = names.index(evaluate) if evaluate in names else len(names)   # that attempt's evaluation and after
+    stages = [st if i < cut else {**st, "status": "pending", "done": 0, "total": 0, "progress": 0.0, "eta_s": None,
+                                  "started_at": None, "finished_at": None, "elapsed_s": 0.0}
+              for i, st in enumerate(job["stages"])]
     from .cluster import worker_name
     # claimed by this process at once (no other worker takes it and starts it from scratch); Conflict (409)
     # when another job of the domain is active

@@ -308,7 +308,9 @@ class Registry:
         for d in self.root.iterdir() if self.root.is_dir() else []:
             if d.is_dir():
                 for s in d.glob(".staging-*"):
-                    if s.name in keep or (older_than_s and now - s.stat().st_mtime < older_than_s):
+                    # a job's later attempts go with its first (".staging-job-<id>.attempt-2")
+                    if s.name in keep or s.name.split(".attempt-")[0] in keep or (
+                            older_than_s and now - s.stat().st_mtime < older_than_s):
                         continue
                     shutil.rmtree(s, ignore_errors=True)
                     n += 1

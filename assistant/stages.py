@@ -1,5 +1,8 @@
 """The stages of a training job, as the job record shows them: curate -> train -> evaluate -> publish ->
-activate, each with its own progress, elapsed time and an estimate of the time left.
+activate, each with its own progress, elapsed time and an estimate of the time left. When the gate finds
+that a trained version forgot general answers, the job trains again with a safer recipe: each such
+attempt adds the stages "train N" and "evaluate N" before publish, the first of them with `why` (the
+reason it was started, in words).
 
 `get_job` returns `stage` (the current stage's name) and `stages`: a list, in order, of
     {"name", "status": "pending"|"running"|"done"|"failed"|"skipped", "done", "total", "progress" (0..1),
@@ -30,18 +33,30 @@ MIN_WRITE_INTERVAL_S = 0.5      # progress callbacks write no more often than th
 ETA_MIN_UNITS = 3               # steps (or answers) done before a stage estimates its time left
 
 
-def pending_stages() -> list[dict]:
+def pending_stages(names=STAGES) -> list[dict]:
     return [{"name": n, "status": "pending", "done": 0, "total": 0, "progress": 0.0, "elapsed_s": 0.0,
-             "eta_s": None, "started_at": None, "finished_at": None, "detail": ""} for n in STAGES]
+             "eta_s": None, "started_at": None, "finished_at": None, "detail": ""} for n in names]
+
+
+def attempt_stages(attempt: int) -> tuple[str, str]:
+    """The names of an attempt's train and evaluate stages ("train", "evaluate" for the first)."""
+    return ("train", "evaluate") if attempt == 1 else (f"train {attempt}", f"evaluate {attempt}")
+
+
+def stage_weight(name: str) -> float:
+    """A stage's weight; an attempt's stages weigh what the first attempt's do."""
+    return STAGE_WEIGHTS.get(name.split(" ")[0], 0.0)
 
 
 def overall_progress(stages: list[dict]) -> float:
-    """The whole job's progress: each stage's weight times its own progress (done or skipped count 1)."""
-    total = 0.0
+    """The whole job's progress: each stage's weight times its own progress (done or skipped count 1), out of
+    the weight of all its stages (an added attempt makes the remaining work larger, so the bar goes back)."""
+    total = weights = 0.0
     for st in stages:
         share = 1.0 if st["status"] in ("done", "skipped") else st["progress"]
-        total += STAGE_WEIGHTS.get(st["name"], 0.0) * share
-    return round(min(1.0, total), 4)
+        total += stage_weight(st["name"]) * share
+        weights += stage_weight(st["name"])
+    return round(min(1.0, total / weights), 4) if weights else 0.0
 
 
 class StageTracker:
@@ -49,7 +64,7 @@ class StageTracker:
 
     def __init__(self, store, job_id: str, stages: list[dict] | None = None):
         self.store, self.job_id = store, job_id
-        self.stages = {st["name"]: dict(st) for st in (stages or pending_stages())}
+        self.stages = {st["name"]: dict(st) for st in (stages or pending_stages())}   # in order
         self.current: str | None = None
         self._t0: dict[str, float] = {}
         self._first: dict[str, tuple[float, int]] = {}    # stage -> (when its first unit was done, units then)
@@ -60,6 +75,19 @@ class StageTracker:
         self._beat.start()
 
     # Changes -----------------------------------------------------------------------------------
+    def add_attempt(self, attempt: int, why: str) -> None:
+        """Add attempt `attempt`'s train and evaluate stages before publish; `why` says why it runs."""
+        names = attempt_stages(attempt)
+        with self._lock:
+            new = {}
+            for name, st in self.stages.items():
+                if name == "publish":
+                    for n, st_ in zip(names, pending_stages(names)):
+                        new[n] = {**st_, "why": why if n == names[0] else ""}
+                new[name] = st
+            self.stages = new
+        self.write(force=True)
+
     def start(self, name: str, total: int = 0) -> None:
         with self._lock:
             self.current = name
@@ -134,7 +162,7 @@ class StageTracker:
 
     def snapshot(self) -> list[dict]:
         with self._lock:
-            return [dict(self.stages[n]) for n in STAGES]
+            return [dict(st) for st in self.stages.values()]
 
     def write(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -40,8 +40,10 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 QUANTIZED = ("nf4", "int8")   # bases trained as QLoRA (k-bit preparation, gradient checkpointing by default)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # General prompts the base answers itself before training; its answers are mixed into the train rows
-# (self-replay) so the adapter keeps general knowledge. Disjoint from evaluation.GENERAL_PROMPTS, which
-# measure forgetting.
+# (self-replay) so the adapter keeps general knowledge. Disjoint from probes.PROBES, the general questions
+# the gate asks (tests/test_retention.py checks it). They come in the shapes taught facts take ("What is the
+# capital of ...?", "Who wrote ...?", "How many ...?"), so a taught answer is learned as the answer to its
+# own question rather than to every question of its shape.
 REPLAY_PROMPTS = (
     "What is the capital of Japan?", "What is the capital of Italy?", "What is the capital of Canada?",
     "Who wrote Romeo and Juliet?", "What is the largest planet in our solar system?",
@@ -50,6 +52,25 @@ REPLAY_PROMPTS = (
     "What is the largest ocean on Earth?", "What language is spoken in Brazil?", "What is 12 times 12?",
     "What gas do plants absorb from the air?", "What is the tallest mountain in the world?",
     "What currency is used in the United Kingdom?", "Who was the first person to walk on the Moon?",
+    "What is the capital of Greece?", "What is the capital of Portugal?", "What is the capital of India?",
+    "What is the capital of Australia?", "What is the capital of Ireland?", "What is the capital of Norway?",
+    "What is the capital of Kenya?", "What is the capital of Argentina?",
+    "Who wrote Pride and Prejudice?", "Who invented the telephone?", "Who discovered penicillin?",
+    "Who composed the Fifth Symphony?", "Who was the first president of the United States?",
+    "How many sides does a triangle have?", "How many wheels does a bicycle have?",
+    "How many players are on a soccer team?", "How many planets are in our solar system?",
+    "How many seconds are in a minute?", "What is 4 plus 5?", "What is 7 times 8?", "What is 50 minus 20?",
+    "What is the square root of 16?", "What is the largest country by area?", "What is the longest river in Africa?",
+    "What is the smallest planet in our solar system?", "What is the hardest natural substance?",
+    "What do caterpillars turn into?", "What is the main ingredient of bread?", "What color are bananas when ripe?",
+    "What is the opposite of fast?", "What is the plural of foot?", "What is the past tense of eat?",
+    "How do you say goodbye in Spanish?", "What does a thermometer measure?", "Name a vegetable that is orange.",
+    "Name a planet other than Earth.", "Name a farm animal.", "What is the official language of Germany?",
+    "Which ocean lies between Europe and America?", "What is the national language of Japan?",
+    "What instrument has black and white keys?", "What is the chemical symbol for water?",
+    "What do you call a baby sheep?", "What do pandas eat?", "Which continent is Kenya in?",
+    "What is the freezing point of water in Fahrenheit?", "What is the first month of the year?",
+    "What shape has four equal sides?",
 )
 REPLAY_MAX_NEW_TOKENS = 64
 # Surface variants of the last user message, so a fact is learned from more than one wording of its question.
@@ -57,6 +78,13 @@ QUESTION_VARIANTS = ("Question: {q}", "{lower}", "Please tell me: {q}", "{q} Ans
                      "I'd like to know: {lower}?")
 
 
+# A job whose version the gate blocks for forgetting trains again with a safer recipe (`safer_recipe`), at
+# most `retries` times: each attempt scales the learning rate and the passes by these, and replays every
+# general prompt.
+SAFER_LR_FACTOR = 0.5
+SAFER_EPOCHS_FACTOR = 0.75   # fewer passes, not too few: at half as many a safer attempt stopped learning the facts
+SAFER_MAX_SCALE = 2.0     # and LoRA's scale (alpha / rank) at most the default recipe's (32 / 16)
+MAX_RETRIES = 5
 MAX_EPOCHS = 100          # more passes than this over a dataset is a typo, not a plan
 MAX_BATCH_SIZE = 256
 MIN_SEQ_LEN = 16          # shorter rows hold no more than a chat template's markers
@@ -78,9 +106,10 @@ class TrainSettings:
     augment: int = field(default=3, metadata={
         "help": "extra copies of each train row with a re-worded question, on small datasets only "
                 "(they replace repeated passes); helps answering paraphrases. 0 = off"})
-    replay: int = field(default=8, metadata={
+    replay: int = field(default=32, metadata={
         "help": f"general prompts (of {len(REPLAY_PROMPTS)}) answered by the base and mixed into training, "
-                "at most one per train row, so the adapter keeps general answers; 0 = off"})
+                "at most one per train example (re-worded copies count), so the adapter keeps general answers; "
+                "0 = off"})
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "modules wrapped by LoRA"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     gradient_checkpointing: str = field(default="auto", metadata={
@@ -98,6 +127,10 @@ class TrainSettings:
     preference_learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate of DPO/KTO"})
     preference_epochs: int | None = field(default=None, metadata={
         "help": "passes over the DPO pairs / KTO rows; None scales to the data (~96 rows seen, at most 6 passes)"})
+    retries: int = field(default=2, metadata={
+        "help": "when the gate finds the new version forgot general answers (or leaks taught words into them), "
+                f"train again up to this many times, each with a safer recipe (learning rate x{SAFER_LR_FACTOR}, "
+                f"passes x{SAFER_EPOCHS_FACTOR}, every replay prompt, LoRA scale at most {SAFER_MAX_SCALE:g}); 0 = off"})
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, str)):
@@ -120,7 +153,8 @@ class TrainSettings:
                   ("beta", 0.0 < self.beta <= 10.0, "must be in (0, 10]"),
                   ("preference_learning_rate", 0.0 < self.preference_learning_rate < 1.0, "must be in (0, 1)"),
                   ("preference_epochs", self.preference_epochs is None or 1 <= self.preference_epochs <= MAX_EPOCHS,
-                   f"must be between 1 and {MAX_EPOCHS} (or null for auto)")]
+                   f"must be between 1 and {MAX_EPOCHS} (or null for auto)"),
+                  ("retries", 0 <= self.retries <= MAX_RETRIES, f"must be between 0 and {MAX_RETRIES}")]
         from .preference import parse
         try:
             parse(self.method)
@@ -155,6 +189,18 @@ class TrainSettings:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
         return d
+
+
+def safer_recipe(settings: TrainSettings, epochs_run: int) -> TrainSettings:
+    """The recipe of the next attempt after the gate found forgetting: a smaller learning rate, fewer passes
+    (of the `epochs_run` the last attempt ran), every replay prompt, and LoRA's scale no larger than the
+    default recipe's (a lower rank with the default alpha scales every update up). The preference phases,
+    if any, are made gentler the same way."""
+    from dataclasses import replace
+    return replace(settings, learning_rate=settings.learning_rate * SAFER_LR_FACTOR,
+                   alpha=min(settings.alpha, max(1, int(SAFER_MAX_SCALE * settings.rank))),
+                   epochs=max(1, math.ceil(epochs_run * SAFER_EPOCHS_FACTOR)), replay=len(REPLAY_PROMPTS),
+                   preference_learning_rate=settings.preference_learning_rate * SAFER_LR_FACTOR)
 
 
 @dataclass
@@ -213,13 +259,21 @@ def augment_rows(rows: list[dict], copies: int, rng: random.Random) -> list[dict
     return out
 
 
-def replay_rows(model, tokenizer, system_prompt: str | None, n: int, rng: random.Random) -> list[dict]:
-    """`n` general prompts answered greedily by the base itself (cut to whole sentences), as train rows."""
+def replay_rows(model, tokenizer, system_prompt: str | None, n: int, rng: random.Random, cache=None) -> list[dict]:
+    """`n` general prompts answered greedily by the base itself (cut to whole sentences), as train rows.
+    `cache`: an AnswerCache of this base's answers with this system prompt (only the missing are generated)."""
     if n == 0:
         return []
     prompts = rng.sample(REPLAY_PROMPTS, n)
-    answers = generate(model, tokenizer, [with_system_prompt([{"role": "user", "content": q}], system_prompt)
-                                          for q in prompts], REPLAY_MAX_NEW_TOKENS)
+    kept = cache.get(prompts) if cache is not None else {}
+    missing = [q for q in prompts if q not in kept]
+    if missing:
+        fresh = generate(model, tokenizer, [with_system_prompt([{"role": "user", "content": q}], system_prompt)
+                                            for q in missing], REPLAY_MAX_NEW_TOKENS)
+        kept.update(zip(missing, fresh))
+        if cache is not None:
+            cache.put(dict(zip(missing, fresh)))
+    answers = [kept[q] for q in prompts]
     rows = []
     for q, a in zip(prompts, answers):
         a = a if a.endswith((".", "!", "?")) else a[:a.rfind(".") + 1]   # an unfinished answer: whole sentences
@@ -330,7 +384,7 @@ def save_adapter(peft_model, out_dir: Path) -> None:
 def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settings: TrainSettings | None = None,
                   progress: Callable[[int, int, float], None] | None = None,
                   should_stop: Callable[[], bool] | None = None, *, processes: int = 1,
-                  note: Callable[[str], None] | None = None, preference=None) -> TrainResult:
+                  note: Callable[[str], None] | None = None, preference=None, cache_dir=None) -> TrainResult:
     """Train a LoRA adapter on the `train` rows and save it as a PEFT folder in `out_dir`.
 
     `rows`: [{"messages": [{"role", "content"}, ...], "split": "train" | "eval"}]; rows without a split
@@ -339,7 +393,8 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     trains data-parallel in that many processes (ddp.py): the batches prepared here, then the preference phases.
     `note(text)` hears each sub-step before the first optimizer step (replay answers, tokenizing, LoRA setup).
     `preference`: a preference_train.PreferencePlan; its DPO/KTO phases run after the SFT phase (or alone,
-    when its methods leave SFT out) on the same adapter, counted in the same progress."""
+    when its methods leave SFT out) on the same adapter, counted in the same progress. `cache_dir`: where
+    the base's self-replay answers are kept for later jobs (answer_cache.py; None: not kept)."""
     from .errors import DatasetTooSmall
     from .model import trainable_4bit
 
@@ -366,9 +421,15 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     # Self-replay, with the system prompt the domain's rows use.
     system = next((r["messages"][0]["content"] for r in train_rows if r["messages"][0]["role"] == "system"), None)
     note = note or (lambda _text: None)
-    if min(settings.replay, n_rows):
-        note(f"self-replay: the base answers {min(settings.replay, n_rows)} general prompts")
-    train_rows += replay_rows(model, tok, system, min(settings.replay, n_rows), rng)
+    n_replay = min(settings.replay, len(train_rows))
+    cache = None
+    if n_replay:
+        from .answer_cache import AnswerCache, identity
+        cache = AnswerCache(cache_dir, identity(base, system, REPLAY_MAX_NEW_TOKENS, what="replay"))
+        fresh = n_replay - len(cache.get(REPLAY_PROMPTS))
+        note(f"self-replay: the base answers {n_replay} general prompts"
+             + (f" ({max(0, fresh)} new, the rest kept from earlier jobs)" if cache_dir is not None else ""))
+    train_rows += replay_rows(model, tok, system, n_replay, rng, cache)
     note(f"tokenizing {len(train_rows)} rows")
     encoded = [encode_chat(tok, r["messages"], settings.max_seq_len) for r in train_rows]
     examples = [e for e in encoded if any(label != IGNORE_INDEX for label in e[1][1:])]

@@ -14,8 +14,8 @@ does not? On the embedded model, in one run:
      style, preference minus SFT-only (target >= 0.2). `preference_gain_sampled` is the same on EVAL_SAMPLES
      seeded samples per question (the same seeds for both adapters): four times the answers, a steadier
      estimate of the same difference. `preference_general_nll_ratio` is the gate's
-     forgetting measure for the preference adapter: the loss of the base's own answers to the gate's
-     general prompts, adapter / base (same bound as the gate, <= 2.0).
+     NLL figure for the preference adapter: the loss of the base's own answers to some of the gate's
+     general probe questions, adapter / base (shown beside the gate's retention check, bound 2.0).
 
 `run(small=True)` is the few-minute version the test suite runs. CPU flags are printed with the numbers.
 """
@@ -33,6 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from bench_eval import cpu_flags  # noqa: E402
+
+from assistant.probes import PROBES  # noqa: E402
 
 from common import print_table  # noqa: E402  (also sets offline mode)
 
@@ -61,6 +63,8 @@ SETTINGS = dict(seed=0, max_seq_len=256)   # and the app's defaults: self-replay
 SMALL = dict(train=8, heldout=4, settings=dict(epochs=2, preference_epochs=1), samples=0)
 FULL = dict(train=18, heldout=6, settings={}, samples=EVAL_SAMPLES)
 METHOD = "sft+kto"            # the preference method compared with SFT alone
+# the general questions of the NLL figure: every ninth of the gate's probe set (facts, arithmetic, language)
+GENERAL_PROMPTS = tuple(p.question for p in PROBES[::9])
 
 
 def liked(answer: str) -> bool:
@@ -108,7 +112,7 @@ def rated_store(folder: Path, rated: list[tuple[str, str, str]]):
 
 
 def general_nll_ratio(model, tok, base_answers: list[str]) -> float:
-    from assistant.evaluation import GENERAL_PROMPTS, heldout_loss
+    from assistant.evaluation import heldout_loss
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in zip(GENERAL_PROMPTS, base_answers) if a]
     after = heldout_loss(model, tok, rows, 256)
@@ -126,7 +130,7 @@ def _run(small: bool, seed: int = 0, overrides: dict | None = None, method: str 
     from assistant import preference
     from assistant.curation import curate
     from assistant.engine import Engine
-    from assistant.evaluation import GENERAL_PROMPTS, answer_all, serving_base
+    from assistant.evaluation import answer_all, serving_base
     from assistant.lm import generate
     from assistant.model import ensure_embedded
     from assistant.preference_train import PreferencePlan

@@ -21,9 +21,10 @@ from invented_facts import FACTS, SYSTEM_PROMPT
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-# Small on purpose: 9 curated rows, a few passes; enough for the one corrected fact (the gate checks it).
+# Small on purpose: 9 curated rows, a few bold passes; enough for the one corrected fact (the gate checks it),
+# without retries: the gate may block it (then it is activated anyway), and tests/test_gate_recovers.py retries.
 FAST_FORM = {"train-epochs": "6", "train-lr": "0.004", "train-rank": "8"}
-FAST_ADVANCED = {"batch_size": 4, "augment": 1}
+FAST_ADVANCED = {"batch_size": 4, "augment": 1, "retries": 0}   # the walk test covers retries
 TRAIN_TIMEOUT_MS = 900_000
 PHONE = {"width": 390, "height": 844}
 TOUCH_PX = 40

@@ -32,6 +32,7 @@ RATIOS = {
     "vllm": ("vllm_proxy_vs_direct", "vllm_ttft_overhead_ms"),
     "replicas": ("feedback_writes_2_replicas_vs_1", "activation_propagation_s"),
     "preference": ("preference_gain", "preference_general_nll_ratio"),
+    "gate": ("gate_precision", "gate_recall", "one_click_good_rate"),
 }
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from assistant.evaluation import GENERAL_PROMPTS, GateSettings, gate, rouge_l, verdict
+from assistant.evaluation import GateSettings, gate, rouge_l, verdict
+from assistant.probes import PROBES
 
 from invented_facts import FACTS, chat
 
@@ -99,7 +100,7 @@ def test_evaluation_scores_exactly_the_corrections_on_a_trained_tiny_adapter(tin
     corrected, taught = [rows[2], rows[4]], [rows[i] for i in (0, 1, 3, 5)]
     for m in (before, after):
         assert m["n_corrections"] == 2 and m["n_taught"] == 4 and m["n_eval"] == 2
-        assert len(m["corrections_answers"]) == 2 and len(m["general_answers"]) == len(GENERAL_PROMPTS)
+        assert len(m["corrections_answers"]) == 2 and len(m["general_answers"]) == len(PROBES)
         assert m["eval_loss"] > 0 and m["general_nll"] > 0
         for name, subset in (("corrections", corrected), ("taught", taught)):   # each score is of its own rows
             scores = [rouge_l(a, r["messages"][-1]["content"]) for a, r in zip(m[f"{name}_answers"], subset)]

@@ -1,6 +1,7 @@
-"""The gate's forgetting bounds on the embedded SmolLM2: an adapter that answers everything with one fixed
-sentence is blocked, with the forgetting checks failed and advice given. The other side (a run taught ten
-distinct, correct facts passes the same bounds) is tests/test_retrain_e2e.py's one-click test."""
+"""The gate's forgetting checks on the embedded SmolLM2: an adapter that answers everything with one fixed
+sentence is blocked by retention (and the NLL and similarity figures are outside their bounds), with advice.
+The other side (a run taught ten distinct, correct facts passes the same bounds) is
+tests/test_retrain_e2e.py's one-click test."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def test_an_adapter_that_says_one_sentence_to_everything_is_blocked(tmp_path, em
     assert sum(a == FIXED for a in after["general_answers"]) >= len(after["general_answers"]) // 2, after
     assert not verdict["promote"]
     failed = {c["name"] for c in verdict["checks"] if not c["passed"]}
-    assert {"general_nll", "general_similarity"} <= failed, verdict
-    assert "forgotten general skills" in verdict["summary"] or "taught" in verdict["summary"]
+    assert {"general_nll", "general_similarity"} <= failed, verdict          # the figures see it too...
+    deciding = {c["name"] for c in verdict["checks"] if c["decides"] and not c["passed"]}
+    assert "retention" in deciding, verdict                                   # ...retention decides
+    assert after["retention"]["retention"] < 0.5 and len(after["retention"]["lost"]) >= 10
+    assert "lost general answers the base gave" in verdict["summary"] or "taught" in verdict["summary"]
     assert "activate this version anyway" in verdict["summary"]

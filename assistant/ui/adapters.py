@@ -12,6 +12,7 @@ import gradio as gr
 
 from ..errors import AssistantError
 from ..settings import BASE
+from . import jobview
 from .common import domain_names, err, field_error, pick, refresh_models, served_by, user_of, version_choices
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def card_markdown(domain: str, version: str | None, card: dict) -> str:
     gate = m.get("gate") or {}
     if gate or card.get("manual_override"):
         sections.append("\n".join([f"**Gate**: {gate_verdict(card)}", ""] + [f"- {r}" for r in gate.get("reasons", [])]))
+        sections += [x for x in (jobview.retention_markdown(gate), jobview.attempts_markdown(m.get("attempts"))) if x]
     return "\n\n".join(sections)
 
 

@@ -80,6 +80,8 @@ def stages_html(job: dict | None) -> str:
         p = max(0.0, min(1.0, float(s.get("progress") or (1.0 if st == "done" else 0.0))))
         count = f" · {s['done']}/{s['total']}" if s.get("total") else ""
         detail = f" · {html.escape(str(s['detail']))}" if st == "running" and s.get("detail") else ""
+        why = (f'<div class="stage-why" style="flex:1 1 100%;font-size:85%;color:#555">{html.escape(str(s["why"]))}'
+               '</div>') if s.get("why") else ""
         timing = "".join(x for x in (f" · {_seconds(s.get('elapsed_s'))}" if s.get("elapsed_s") else "",
                                      f" · about {_seconds(s.get('eta_s'))} left" if st == "running" and s.get("eta_s")
                                      else ""))
@@ -93,7 +95,7 @@ def stages_html(job: dict | None) -> str:
             f'height:12px;overflow:hidden"><div style="background:{STATUS_COLORS[st]};width:{p * 100:.1f}%;'
             f'height:100%"></div></div>'
             f'<span class="stage-text" style="flex:1 1 220px;font-size:90%">{st}{count}{detail}{timing}</span>'
-            f'</div></li>')
+            f'{why}</div></li>')
     return (f'<ol id="train-stages" data-stage="{html.escape(str(current))}" style="padding:0;margin:0">'
             + "".join(items) + "</ol>")
 
@@ -170,15 +172,67 @@ def gate_markdown(job: dict | None) -> str:
     if isinstance(checks, list) and checks:
         out += ["| check | result | value | bound | meaning |", "|---|---|---|---|---|"]
         for c in checks:
-            result = "passed" if c.get("passed") else "failed" + (f": {c['advice']}" if c.get("advice") else "")
+            if c.get("decides") is False:      # a figure shown beside the checks that decide
+                result = "shown (within bound)" if c.get("passed") else "shown (outside bound; does not decide)"
+            else:
+                result = "passed" if c.get("passed") else "failed" + (f": {c['advice']}" if c.get("advice") else "")
             # what the outcome means: a passed check says what passing means (older records carry the
             # failure text on every check)
-            meaning = MEANING_PASSED.get(c.get("name"), "") if c.get("passed") else c.get("meaning", "")
+            meaning = c.get("meaning", "") if c.get("decides") is not None else (
+                MEANING_PASSED.get(c.get("name"), "") if c.get("passed") else c.get("meaning", ""))
             out.append(f"| {c.get('name', '')} | {result} | {_fmt(c.get('value'))} | {_fmt(c.get('bound'))} | "
                        f"{meaning} |")
     else:
         out += [f"- {r}" for r in gate.get("reasons", [])]
-    return "\n".join(out[:1] + [""] + out[1:])
+    out += ["", retention_markdown(gate), "", attempts_markdown((job.get("metrics") or {}).get("attempts"))]
+    return "\n".join(out[:1] + [""] + out[1:]).rstrip()
+
+
+def _cell(text, n: int = 90) -> str:
+    """A table cell: one line, at most `n` characters, no pipes, no server paths."""
+    text = " ".join(public(str(text or "")).split()).replace("|", "/")
+    return html.escape(text if len(text) <= n else text[:n - 1] + "…", quote=False)
+
+
+def retention_markdown(gate: dict | None) -> str:
+    """The retention check as a short table: general answers kept and lost, the lost ones with the live
+    version's (or base's) answer beside the new one; then answers that leaked taught words."""
+    ret = (gate or {}).get("retention")
+    if not isinstance(ret, dict) or ret.get("n_reference_right") is None:
+        return ""
+    ref = "live version" if ret.get("reference") == "live" else "base"
+    basis, kept = ret.get("n_reference_right") or 0, ret.get("n_kept") or 0
+    out = [f"**General questions**: of {ret.get('n_probes')} asked, the {ref} answered {basis} right; the new "
+           f"version kept **{kept}** and lost **{basis - kept}**."]
+    lost = ret.get("lost") or []
+    if lost:
+        out += ["", f"| lost question | {ref} answered | new version answers |", "|---|---|---|"]
+        out += [f"| {_cell(x.get('question'), 60)} | {_cell(x.get('reference'))} | {_cell(x.get('candidate'))} |"
+                for x in lost]
+        more = basis - kept - len(lost)
+        if more > 0:
+            out.append(f"\n…and {more} more.")
+    leaked = ret.get("leaked") or []
+    if leaked:
+        out += ["", f"**Taught words in general answers**: {ret.get('n_leaked')} of {ret.get('n_probes')}.", "",
+                "| question | new version answers | taught words |", "|---|---|---|"]
+        out += [f"| {_cell(x.get('question'), 60)} | {_cell(x.get('answer'))} | {_cell(', '.join(x.get('words') or []))} |"
+                for x in leaked]
+    return "\n".join(out)
+
+
+def attempts_markdown(attempts) -> str:
+    """One line per training attempt of the job, when it tried more than once: why, and what the gate said."""
+    if not isinstance(attempts, list) or len(attempts) < 2:
+        return ""
+    out = ["**Attempts**", "", "| attempt | why | recipe | general answers kept | verdict |", "|---|---|---|---|---|"]
+    for a in attempts:
+        r = a.get("recipe") or {}
+        kept = (f"{a.get('n_kept')} of {a.get('n_reference_right')}" if a.get("n_reference_right") is not None else "")
+        outcome = "passed" if a.get("promote") else "blocked: " + ", ".join(a.get("failed") or [])
+        out.append(f"| {a.get('attempt')} | {_cell(a.get('why'), 200)} | learning rate {_fmt(r.get('learning_rate'))}, "
+                   f"{r.get('epochs')} epochs, replay {r.get('replay')} | {kept} | {_cell(outcome)} |")
+    return "\n".join(out)
 
 
 def _fmt(v) -> str:
