@@ -198,7 +198,7 @@ def test_the_train_tab_shows_lost_questions_with_both_answers_and_the_attempts()
     r = judge(probes, reference, candidate, rows_taught(), SYSTEM_PROMPT)
     gate = verdict({}, {"taught_match": 1.0, "n_taught": 6, "retention": {**r, "reference": "live"}})
     text = jobview.retention_markdown(gate)
-    assert f"the live version answered {len(probes)} right" in text and "lost **1**" in text
+    assert f"the live version knows {len(probes)}" in text and "lost **1**" in text
     row = next(line for line in text.splitlines() if line.startswith("| What is the capital of France?"))
     assert reference[0] in row and "Quillton" in row and "<b>" not in row and row.count("|") == 4
     attempts = [{"attempt": 1, "why": "the recipe as asked", "recipe": {"learning_rate": 0.004, "epochs": 6,

@@ -202,8 +202,8 @@ def retention_markdown(gate: dict | None) -> str:
         return ""
     ref = "live version" if ret.get("reference") == "live" else "base"
     basis, kept = ret.get("n_reference_right") or 0, ret.get("n_kept") or 0
-    out = [f"**General questions**: of {ret.get('n_probes')} asked, the {ref} answered {basis} right; the new "
-           f"version kept **{kept}** and lost **{basis - kept}**."]
+    out = [f"**General questions**: of {ret.get('n_probes')} asked, the {ref} knows {basis} (right with the system "
+           f"prompt and without it); the new version kept **{kept}** and lost **{basis - kept}**."]
     lost = ret.get("lost") or []
     if lost:
         out += ["", f"| lost question | {ref} answered | new version answers |", "|---|---|---|"]
