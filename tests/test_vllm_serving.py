@@ -57,8 +57,10 @@ def app(tmp_path_factory, adapters):
     if not vllm_venv_ready():
         pytest.fail(f"vLLM is not installed in {vllm_venv()}: run `bash scripts/setup.sh --test` first")
     home = tmp_path_factory.mktemp("vllm-app")
+    # the retention and leakage checks are off, as in test_retrain_e2e.py: the retrain here checks the loop
     with running_server(home, "--engine", "vllm", "--dtype", "float32", "--max-resident-adapters", "4",
-                        timeout=START_TIMEOUT_S, env={"ASSISTANT_VLLM_API_KEY": VLLM_KEY}) as (url, proc):
+                        "--gate.min-retention", "0", "--gate.max-leakage", "1", timeout=START_TIMEOUT_S,
+                        env={"ASSISTANT_VLLM_API_KEY": VLLM_KEY}) as (url, proc):
         for name in ("support", "legal"):
             assert httpx.post(url + "/api/domains", json={"name": name}).status_code == 201
         for domain, key in (("support", "support1"), ("legal", "legal1")):
