@@ -162,7 +162,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
     stages. It publishes the first attempt that passes, or, when none does, the best blocked one with every
     attempt's verdict in its card. An attempt that fails never loses the earlier ones: the best of those is
     published instead."""
-    from .training import TrainingStopped
+    from .training import TrainingStopped, TrainSettings, safer_recipe
 
     job = store.get_job(job_id)
     domain, record = job["domain"], job["settings"]
@@ -177,7 +177,8 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
         rows, plan = _preference_plan(settings, domain, record, rows, store)
         from .settings import group_settings
         gate_settings = group_settings(settings, "gate")
-        ts, retries = _recipe(record), _recipe(record).retries
+        ts = TrainSettings.from_record(record["training"])
+        retries = ts.retries
         if resume == "evaluate":
             current = _kept_attempt(settings, registry, job)
             trained = True
@@ -316,16 +317,6 @@ class _Attempt:
                 "retention": ret.get("retention"), "n_kept": ret.get("n_kept"),
                 "n_reference_right": ret.get("n_reference_right"), "n_leaked": ret.get("n_leaked"),
                 "taught_match": self.after.get("taught_match"), "corrections_match": self.after.get("corrections_match")}
-
-
-def _recipe(record: dict):
-    from .training import TrainSettings
-    return TrainSettings.from_record(record["training"])
-
-
-def safer_recipe(ts, epochs_run: int):
-    from .training import safer_recipe as safer
-    return safer(ts, epochs_run)
 
 
 def _forgot(verdict: dict) -> bool:
