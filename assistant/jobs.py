@@ -30,9 +30,9 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from .attempts import Attempt, Trained, best, forgot, why_retry
 from .errors import AssistantError, Conflict, NotFound
 from .job_process import (  # noqa: F401 - cancel_job, dispatch, reap, recover_orphans: used as `jobs.` by the shells
     RETRY_HINT,
@@ -166,7 +166,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
 
     job = store.get_job(job_id)
     domain, record = job["domain"], job["settings"]
-    attempts: list[_Attempt] = []     # trained and evaluated, in order; their folders are removed at the end
+    attempts: list[Attempt] = []     # trained and evaluated, in order; their folders are removed at the end
     current = None                    # the attempt being trained or evaluated
     trained = False      # once True, a later failure keeps the staging folder (retry from evaluation)
     tracker = StageTracker(store, job_id, job["stages"])
@@ -188,7 +188,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
         while True:
             if current is None:
                 number = attempts[-1].number + 1 if attempts else 1
-                current = _Attempt(number, ts, why, registry.new_staging(domain, tag=attempt_tag(job_id, number)))
+                current = Attempt(number, ts, why, registry.new_staging(domain, tag=attempt_tag(job_id, number)))
             try:
                 if current.result is None:
                     current.base, current.result = _train(settings, store, job_id, rows, record, current, tracker,
@@ -206,14 +206,14 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
             attempts.append(current)
             current = None
             last = attempts[-1]
-            if last.verdict["promote"] or last.number > retries or not _forgot(last.verdict):
+            if last.verdict["promote"] or last.number > retries or not forgot(last.verdict):
                 break
             ts = safer_recipe(last.ts, last.result.epochs)
-            why = _why_retry(last, ts)
+            why = why_retry(last, ts)
             store.update_job(job_id, log=f"attempt {last.number} was blocked; {why}\n")
             tracker.add_attempt(last.number + 1, why)
 
-        chosen = _best(attempts)
+        chosen = best(attempts)
         metrics = {**chosen.metrics, "attempts": [a.summary() for a in attempts]}
         verdict, promote = chosen.verdict, chosen.verdict["promote"]
         if len(attempts) > 1 and not promote:
@@ -287,74 +287,7 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
     return store.get_job(job_id)
 
 
-@dataclass
-class _Attempt:
-    """One training attempt of a job: its recipe, why it ran, its folder, and once done its result and the
-    gate's verdict."""
-    number: int
-    ts: object                     # TrainSettings
-    why: str
-    staging: Path | None
-    result: object = None          # TrainResult or _Trained
-    base: object = None
-    before: dict = field(default_factory=dict)
-    after: dict = field(default_factory=dict)
-    verdict: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-
-    def trained_record(self) -> dict:
-        return {**_Trained.of(self.result).__dict__, "attempt": self.number}
-
-    def summary(self) -> dict:
-        """What the job record and the card keep of this attempt."""
-        ret = self.after.get("retention") or {}
-        s = self.result.settings
-        return {"attempt": self.number, "why": self.why or "the recipe as asked",
-                "recipe": {"learning_rate": s.get("learning_rate"), "epochs": self.result.summary().get("epochs"),
-                           "rank": s.get("rank"), "replay": s.get("replay")},
-                "promote": bool(self.verdict.get("promote")), "summary": self.verdict.get("summary"),
-                "failed": [c["name"] for c in self.verdict.get("checks") or () if c["decides"] and not c["passed"]],
-                "retention": ret.get("retention"), "n_kept": ret.get("n_kept"),
-                "n_reference_right": ret.get("n_reference_right"), "n_leaked": ret.get("n_leaked"),
-                "taught_match": self.after.get("taught_match"), "corrections_match": self.after.get("corrections_match")}
-
-
-def _forgot(verdict: dict) -> bool:
-    """Did the gate block for forgetting (what a safer recipe can mend)?"""
-    from .gate import FORGETTING
-    return any(c["name"] in FORGETTING and c["decides"] and not c["passed"] for c in verdict.get("checks") or ())
-
-
-def _why_retry(last: "_Attempt", ts) -> str:
-    ret = last.after.get("retention") or {}
-    failed = [c for c in last.verdict.get("checks") or () if c["decides"] and not c["passed"]]
-    what = []
-    for c in failed:
-        if c["name"] == "retention":
-            what.append(f"it lost {len(ret.get('lost') or [])} of {ret.get('n_reference_right')} general answers")
-        elif c["name"] == "leakage":
-            what.append(f"taught words turned up in {ret.get('n_leaked')} general answers")
-        else:
-            what.append(c["label"])
-    return (f"attempt {last.number + 1} trains with a safer recipe because {' and '.join(what)}: learning rate "
-            f"{ts.learning_rate:.2g}, {ts.epochs} epoch{'s' if ts.epochs != 1 else ''}, LoRA alpha {ts.alpha}, every "
-            "self-replay prompt")
-
-
-def _best(attempts: list["_Attempt"]) -> "_Attempt":
-    """The first attempt that passed, else the blocked one with the fewest failed checks and the most
-    general answers kept (the earlier on a tie)."""
-    passed = [a for a in attempts if a.verdict["promote"]]
-    if passed:
-        return passed[0]
-
-    def key(a):
-        failed = sum(1 for c in a.verdict.get("checks") or () if c["decides"] and not c["passed"])
-        return failed, -((a.after.get("retention") or {}).get("retention") or 0.0), a.number
-    return min(attempts, key=key)
-
-
-def _attempt_failed(store, job_id: str, tracker, attempt: "_Attempt", error: Exception, settings) -> None:
+def _attempt_failed(store, job_id: str, tracker, attempt: Attempt, error: Exception, settings) -> None:
     """A later attempt failed: its stage is marked so, its folder goes; the job publishes an earlier one."""
     log.exception("job %s: attempt %d failed", job_id, attempt.number)
     tracker.fail_running()
@@ -365,7 +298,7 @@ def _attempt_failed(store, job_id: str, tracker, attempt: "_Attempt", error: Exc
                                             "attempt is published instead\n", settings))
 
 
-def _kept_attempt(settings, registry, job: dict) -> "_Attempt":
+def _kept_attempt(settings, registry, job: dict) -> Attempt:
     """The attempt a failed job kept, for "retry from evaluation"."""
     from .training import _load
     kept = dict((job.get("metrics") or {}).get("trained") or {})
@@ -374,12 +307,12 @@ def _kept_attempt(settings, registry, job: dict) -> "_Attempt":
     if not kept or not (staging / "adapter_model.safetensors").is_file():
         raise AssistantError("this job's trained adapter is no longer there: start training again")
     from .training import TrainSettings
-    attempt = _Attempt(number, TrainSettings.from_record(kept["settings"]), "", staging)
-    attempt.base, attempt.result = _load(settings), _Trained(**kept)
+    attempt = Attempt(number, TrainSettings.from_record(kept["settings"]), "", staging)
+    attempt.base, attempt.result = _load(settings), Trained(**kept)
     return attempt
 
 
-def _evaluate(settings, store, registry, job_id: str, domain: str, rows, plan, attempt: "_Attempt", tracker,
+def _evaluate(settings, store, registry, job_id: str, domain: str, rows, plan, attempt: Attempt, tracker,
               gate_settings) -> None:
     """The evaluate stage of `attempt`: its before/after metrics, the gate's verdict and the job's metrics."""
     from . import evaluation
@@ -436,7 +369,7 @@ def _preference_margins(registry, domain: str, base, staging, plan, before: dict
     after["n_preference_heldout"], after["preference_reference"] = m["n"], active or "the base"
 
 
-def _train(settings, store, job_id: str, rows, record: dict, attempt: "_Attempt", tracker, on_step, plan=None):
+def _train(settings, store, job_id: str, rows, record: dict, attempt: Attempt, tracker, on_step, plan=None):
     """The train stage of `attempt`: (the base, the TrainResult), the adapter saved in its staging folder.
     The loss curve of a later attempt continues the steps of the earlier ones."""
     from .training import _load, train_adapter
@@ -470,25 +403,6 @@ def _train(settings, store, job_id: str, rows, record: dict, attempt: "_Attempt"
                                  f"{json.dumps(result.summary())}\n")
     result.model.unload()            # LoRA layers out: the engine loads the adapter from its folder
     return base, result
-
-
-@dataclass
-class _Trained:
-    """What evaluation and the version's card need of a TrainResult (kept in the job's metrics for a retry)."""
-    summary_: dict
-    settings: dict
-    fingerprint: dict
-    seconds: float
-    methods: list = field(default_factory=lambda: ["sft"])
-    phases: list = field(default_factory=list)
-
-    @classmethod
-    def of(cls, result) -> "_Trained":
-        return cls(result.summary(), result.settings, result.fingerprint, result.seconds, list(result.methods),
-                   list(result.phases))
-
-    def summary(self) -> dict:
-        return self.summary_
 
 
 def retry_job(settings, store, registry, job_id: str, *, inline: bool = False) -> None:

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import InvalidSetting, TrainingStopped
-from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat, generate, with_system_prompt
+from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat
 from .settings import MAX_LORA_RANK
+from .train_rows import QUESTION_VARIANTS, REPLAY_MAX_NEW_TOKENS, REPLAY_PROMPTS, augment_rows, replay_rows
 
 # Limits and recipe constants have names.
 MIN_EXAMPLES = 8               # curated examples needed before a domain can be trained (422 below this)
@@ -39,43 +40,6 @@ GRAD_CLIP_NORM = 1.0           # gradients are clipped to this global L2 norm be
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTIZED = ("nf4", "int8")   # bases trained as QLoRA (k-bit preparation, gradient checkpointing by default)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# General prompts the base answers itself before training; its answers are mixed into the train rows
-# (self-replay) so the adapter keeps general knowledge. Disjoint from probes.PROBES, the general questions
-# the gate asks (tests/test_retention.py checks it). They come in the shapes taught facts take ("What is the
-# capital of ...?", "Who wrote ...?", "How many ...?"), so a taught answer is learned as the answer to its
-# own question rather than to every question of its shape.
-REPLAY_PROMPTS = (
-    "What is the capital of Japan?", "What is the capital of Italy?", "What is the capital of Canada?",
-    "Who wrote Romeo and Juliet?", "What is the largest planet in our solar system?",
-    "How many legs does a spider have?", "What is water made of?", "What is the boiling point of water in Celsius?",
-    "Who painted the Mona Lisa?",
-    "What is the largest ocean on Earth?", "What language is spoken in Brazil?", "What is 12 times 12?",
-    "What gas do plants absorb from the air?", "What is the tallest mountain in the world?",
-    "What currency is used in the United Kingdom?", "Who was the first person to walk on the Moon?",
-    "What is the capital of Greece?", "What is the capital of Portugal?", "What is the capital of India?",
-    "What is the capital of Australia?", "What is the capital of Ireland?", "What is the capital of Norway?",
-    "What is the capital of Kenya?", "What is the capital of Argentina?",
-    "Who wrote Pride and Prejudice?", "Who invented the telephone?", "Who discovered penicillin?",
-    "Who composed the Fifth Symphony?", "Who was the first president of the United States?",
-    "How many sides does a triangle have?", "How many wheels does a bicycle have?",
-    "How many players are on a soccer team?", "How many planets are in our solar system?",
-    "How many seconds are in a minute?", "What is 4 plus 5?", "What is 7 times 8?", "What is 50 minus 20?",
-    "What is the square root of 16?", "What is the largest country by area?", "What is the longest river in Africa?",
-    "What is the smallest planet in our solar system?", "What is the hardest natural substance?",
-    "What do caterpillars turn into?", "What is the main ingredient of bread?", "What color are bananas when ripe?",
-    "What is the opposite of fast?", "What is the plural of foot?", "What is the past tense of eat?",
-    "How do you say goodbye in Spanish?", "What does a thermometer measure?", "Name a vegetable that is orange.",
-    "Name a planet other than Earth.", "Name a farm animal.", "What is the official language of Germany?",
-    "Which ocean lies between Europe and America?", "What is the national language of Japan?",
-    "What instrument has black and white keys?", "What is the chemical symbol for water?",
-    "What do you call a baby sheep?", "What do pandas eat?", "Which continent is Kenya in?",
-    "What is the freezing point of water in Fahrenheit?", "What is the first month of the year?",
-    "What shape has four equal sides?",
-)
-REPLAY_MAX_NEW_TOKENS = 64
-# Surface variants of the last user message, so a fact is learned from more than one wording of its question.
-QUESTION_VARIANTS = ("Question: {q}", "{lower}", "Please tell me: {q}", "{q} Answer briefly.",
-                     "I'd like to know: {lower}?")
 
 
 # A job whose version the gate blocks for forgetting trains again with a safer recipe (`safer_recipe`), at
@@ -240,49 +204,6 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # Data: chat rows -> token ids and labels
 # ---------------------------------------------------------------------------------------------
-
-def augment_rows(rows: list[dict], copies: int, rng: random.Random) -> list[dict]:
-    """`rows` plus `copies` variants of each, with the last user message re-worded by a template."""
-    out = list(rows)
-    for row in rows:
-        msgs = row["messages"]
-        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
-        if not users or copies == 0:
-            continue
-        q = msgs[users[-1]]["content"].strip()
-        lower = q.rstrip("?.! ")
-        lower = lower[:1].lower() + lower[1:]
-        for template in rng.sample(QUESTION_VARIANTS, copies):
-            new = [dict(m) for m in msgs]
-            new[users[-1]]["content"] = template.format(q=q, lower=lower)
-            out.append({**row, "messages": new})
-    return out
-
-
-def replay_rows(model, tokenizer, system_prompt: str | None, n: int, rng: random.Random, cache=None) -> list[dict]:
-    """`n` general prompts answered greedily by the base itself (cut to whole sentences), as train rows.
-    `cache`: an AnswerCache of this base's answers with this system prompt (only the missing are generated)."""
-    if n == 0:
-        return []
-    prompts = rng.sample(REPLAY_PROMPTS, n)
-    kept = cache.get(prompts) if cache is not None else {}
-    missing = [q for q in prompts if q not in kept]
-    if missing:
-        fresh = generate(model, tokenizer, [with_system_prompt([{"role": "user", "content": q}], system_prompt)
-                                            for q in missing], REPLAY_MAX_NEW_TOKENS)
-        kept.update(zip(missing, fresh))
-        if cache is not None:
-            cache.put(dict(zip(missing, fresh)))
-    answers = [kept[q] for q in prompts]
-    rows = []
-    for q, a in zip(prompts, answers):
-        a = a if a.endswith((".", "!", "?")) else a[:a.rfind(".") + 1]   # an unfinished answer: whole sentences
-        if a.strip():
-            rows.append({"messages": with_system_prompt([{"role": "user", "content": q},
-                                                         {"role": "assistant", "content": a.strip()}], system_prompt),
-                         "split": "train"})
-    return rows
-
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Indices grouped into batches of similar length (little padding), the batches in random order."""

@@ -41,6 +41,10 @@ def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
+# asks for the keys it wants: "a cat as JSON" lets the small model's greedy answer invent keys without end
+CAT = "Describe a cat named Tom who is 3 years old as a JSON object with the keys name and age."
+
+
 def _valid_city(obj):
     assert set(obj) == {"city", "population"}
     assert isinstance(obj["city"], str) and isinstance(obj["population"], int) and not isinstance(
@@ -57,8 +61,7 @@ def test_json_schema_output_parses_and_validates(client):
 
 
 def test_json_object_output_parses(client):
-    r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Give the name and "
-                                                                "age of a cat as a JSON object."}],
+    r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": CAT}],
                                        response_format={"type": "json_object"}, max_tokens=120)
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
@@ -214,7 +217,7 @@ def test_langchain_structured_output(server):
         assert isinstance(out, City), method
     # json_mode sends no schema (response_format json_object): any object is valid, so the prompt asks for one
     as_json = llm.with_structured_output({"title": "cat", "type": "object"}, method="json_mode").invoke(
-        "Give the name and age of a cat as a JSON object.")
+        CAT)
     assert isinstance(as_json, dict)
 
     @tool

@@ -39,7 +39,7 @@ def test_the_probe_set_is_large_varied_and_kept_apart_from_training_and_the_benc
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from hidden_probes import HIDDEN_PROBES
 
-    from assistant.training import REPLAY_PROMPTS
+    from assistant.train_rows import REPLAY_PROMPTS
     assert len(PROBES) >= 60
     assert {p.kind for p in PROBES} == {"fact", "arithmetic", "language", "instruction"}
     assert all(p.keys and p.question.strip() for p in PROBES)
@@ -149,7 +149,8 @@ def test_too_few_right_reference_answers_leave_the_decision_to_the_figures():
 
 
 def test_a_safer_recipe_halves_the_rate_takes_fewer_passes_and_replays_everything():
-    from assistant.training import REPLAY_PROMPTS, TrainSettings, safer_recipe
+    from assistant.train_rows import REPLAY_PROMPTS
+    from assistant.training import TrainSettings, safer_recipe
     bold = TrainSettings(learning_rate=0.004, epochs=6, rank=8)
     r1 = safer_recipe(bold, 6)
     assert (r1.learning_rate, r1.epochs, r1.replay, r1.rank, r1.alpha) == (0.002, 5, len(REPLAY_PROMPTS), 8, 16)
@@ -214,19 +215,21 @@ def test_the_train_tab_shows_lost_questions_with_both_answers_and_the_attempts()
 
 
 def test_a_job_publishes_the_first_attempt_that_passes_or_else_the_best_blocked_one():
-    from assistant.jobs import _Attempt, _best, _forgot
+    from assistant import attempts
+    from assistant.attempts import Attempt, best
 
     def attempt(n, failed, retention):
-        a = _Attempt(n, None, "", None)
+        a = Attempt(n, None, "", None)
         a.verdict = {"promote": not failed,
                      "checks": [{"name": f, "decides": True, "passed": False} for f in failed]
                      + [{"name": "general_nll", "decides": False, "passed": False}]}
         a.after = {"retention": {"retention": retention}}
         return a
     forgot, leaked, taught = attempt(1, ["retention"], 0.6), attempt(2, ["leakage"], 0.97), attempt(3, ["taught"], 1.0)
-    assert _forgot(forgot.verdict) and _forgot(leaked.verdict) and not _forgot(taught.verdict)
-    assert not _forgot(attempt(4, [], 1.0).verdict)          # a figure outside its bound is no reason to retry
+    assert attempts.forgot(forgot.verdict) and attempts.forgot(leaked.verdict)
+    assert not attempts.forgot(taught.verdict)
+    assert not attempts.forgot(attempt(4, [], 1.0).verdict)          # a figure outside its bound is no reason to retry
     passed = attempt(5, [], 0.96)
-    assert _best([forgot, passed, attempt(6, [], 1.0)]) is passed
-    assert _best([forgot, leaked]) is leaked                  # one failed check each: more answers kept wins
-    assert _best([attempt(7, ["retention", "leakage"], 0.9), forgot]) is forgot   # fewer failed checks first
+    assert best([forgot, passed, attempt(6, [], 1.0)]) is passed
+    assert best([forgot, leaked]) is leaked                  # one failed check each: more answers kept wins
+    assert best([attempt(7, ["retention", "leakage"], 0.9), forgot]) is forgot   # fewer failed checks first

@@ -132,7 +132,7 @@ def test_the_one_checker_names_the_field_and_takes_the_server_defaults_first():
 def test_augment_rewords_the_question_only():
     import random
 
-    from assistant.training import augment_rows
+    from assistant.train_rows import augment_rows
     rows = [{"messages": chat(q, a), "split": "train"} for q, a, _, _ in FACTS[:3]]
     out = augment_rows(rows, 2, random.Random(0))
     assert out[:3] == rows and len(out) == 9
