@@ -2,8 +2,9 @@
 every route shares: bodies are pydantic models (openai_schema.py), a JSON route takes only JSON (415 else:
 a cross-site form cannot post to it), bodies are capped, and every error, a wrong field, an unknown
 route or method included, is an OpenAI-shaped JSON body. Each route only parses, calls the Workspace or
-the Serving, and turns domain errors into JSON errors. Authorization is not checked here: every request
-has passed `auth.AuthMiddleware` before it reaches a route."""
+the Serving, and turns domain errors into JSON errors. Who is calling was settled by `auth.AuthMiddleware`
+before any route runs; what they may do is checked once for every route by the router's dependency
+(api_people.authorizer, permissions.py's table)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from .api_openai import add_openai_routes, error_body
-from .errors import AssistantError, MethodNotAllowed, NotFound, TooLarge, UnsupportedMediaType
+from .api_people import add_people_routes, authorizer, principal
+from .errors import AssistantError, MethodNotAllowed, NotFound, PermissionDenied, TooLarge, UnsupportedMediaType
 from .openai_schema import ActivateRequest, DomainRequest, ExamplesRequest, FeedbackRequest, WithdrawRequest
 from .serving import Serving
 from .settings import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
@@ -38,7 +40,10 @@ def error_response(e: AssistantError) -> JSONResponse:
     kind = "invalid_request_error" if e.status < 500 else "server_error"
     if e.status == 404:
         kind = "not_found_error" if e.code != "model_not_found" else "invalid_request_error"
+    kind = {403: "permission_error", 429: "rate_limit_error"}.get(e.status, kind)   # OpenAI's types for these
     headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+    if e.status == 429:
+        headers = {"Retry-After": str(getattr(e, "retry_after", RETRY_AFTER_S))}
     return JSONResponse(error_body(e.message, kind, e.code, e.param), status_code=e.status, headers=headers)
 
 
@@ -60,27 +65,51 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _rater(body, request: Request) -> tuple[str | None, object]:
+    """(the `user` a rating is recorded under, who authenticated). An app behind the API key or an editor may
+    name its own end users in `user`; a user account rates as itself, never as someone else."""
+    who = principal(request)
+    if who is not None and who.role == "user":
+        if body.user not in (None, who.name):
+            raise PermissionDenied(f"user: you are signed in as {who.name!r} and can rate only as yourself: leave "
+                                   "`user` out", param="user")
+        return who.name, who
+    return body.user or current_user(request), who
+
+
 def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
-    r = APIRouter()
+    r = APIRouter(dependencies=[Depends(authorizer(workspace))])
 
     # Feedback and data -------------------------------------------------------------------------
     @r.post("/api/feedback", status_code=201)
     async def feedback(body: FeedbackRequest, request: Request):
         # like chat's `user`: an app in front of many people names who rated; else the signed-in user
-        user = body.user or current_user(request)
+        user, who = _rater(body, request)
         fid = await asyncio.to_thread(serving.feedback, body.response_id, body.rating, body.correction,
-                                      body.reason, user, current_user(request))
+                                      body.reason, user, current_user(request), who.role if who else None)
         return JSONResponse({"id": fid}, status_code=201)
 
     @r.post("/api/feedback/withdraw")
     async def withdraw_feedback(body: WithdrawRequest, request: Request):
-        user = body.user or current_user(request)
-        return {"withdrawn": await asyncio.to_thread(serving.withdraw_feedback, body.response_id, user)}
+        user, _ = _rater(body, request)
+        return {"withdrawn": await asyncio.to_thread(serving.withdraw_feedback, body.response_id, user,
+                                                     current_user(request))}
+
+    @r.get("/api/feedback")
+    async def my_feedback(request: Request, domain: str | None = None):
+        """Ratings: a user's own; an editor's or admin's, every one (of their domains)."""
+        who = principal(request)
+        rows = await asyncio.to_thread(workspace.feedback_list, domain)
+        if who is not None and who.role == "user":
+            rows = [f for f in rows if f["principal"] == who.name]
+        elif who is not None and who.domains:
+            rows = [f for f in rows if f["domain"] in who.domains]
+        return rows
 
     @r.post("/api/domains", status_code=201)
     async def create_domain(body: DomainRequest, request: Request):
         d = await asyncio.to_thread(workspace.create_domain, body.name, body.system_prompt or "",
-                                    body.description or "")
+                                    body.description or "", body.trust_users)
         return JSONResponse(d, status_code=201)
 
     @r.get("/api/domains")
@@ -123,7 +152,8 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
             f.write(data)
             f.flush()
             version = await asyncio.to_thread(serving.import_adapter, name, Path(f.name),
-                                              activate=request.query_params.get("activate") == "true")
+                                              activate=request.query_params.get("activate") == "true",
+                                              user=current_user(request))
         return JSONResponse({"domain": name, "version": version}, status_code=201)
 
     # Training jobs -----------------------------------------------------------------------------
@@ -159,6 +189,7 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
         return await asyncio.to_thread(workspace.metrics, name)
 
     add_openai_routes(r, serving)
+    add_people_routes(r, workspace)
 
     @r.get("/metrics")
     async def prometheus(request: Request):

@@ -1,4 +1,5 @@
-"""The command line: `assistant serve | worker | chat | curate | export | train | eval | adapters | feedback | logs`.
+"""The command line: `assistant serve | worker | chat | curate | export | train | eval | adapters | feedback | users |
+logs`.
 
 Each command parses its flags into Settings (flags.py generates them from the settings dataclasses) and
 calls the same Workspace or Serving method the UI and the API call. Commands on data (curate, export,
@@ -24,7 +25,8 @@ TRAIN_FLAGS = ("train_device", "train_gpus")
 LIMIT_FLAGS = ("engine", "vllm_url", "vllm_max_lora_rank")   # what the serving engine accepts (checked before training)
 SERVER_FLAGS = ("host", "port", "api_key", "session_secret", "max_resident_adapters", "max_batch", "max_queue",
                 "engine", "vllm_url", "vllm_adapters_path", "vllm_max_lora_rank", "vllm_api_key",
-                "gpu_memory_utilization", "embedded_worker") + TRAIN_FLAGS
+                "gpu_memory_utilization", "embedded_worker", "user_requests_per_minute",
+                "user_tokens_per_day") + TRAIN_FLAGS
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ANSWER_PREVIEW_CHARS = 100      # `assistant logs`: characters of each question and answer shown
 
@@ -207,6 +209,38 @@ def cmd_feedback(args) -> int:
     return 0
 
 
+def _password(args, prompt: str = "password: ") -> str:
+    """A password from a prompt (asked twice) or, with --password-stdin, standard input: never a flag."""
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+    first = getpass.getpass(prompt)
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ: nothing was changed")
+    return first
+
+
+def cmd_users(args) -> int:
+    directory = _workspace(args).directory
+    if args.action == "list":
+        for u in directory.list():
+            sys.stdout.write(f"{u['name']}  {u['role']}  domains={','.join(u['domains']) or 'all'}\n")
+        return 0
+    if not args.name:
+        raise ValueError(f"name the user: `assistant users {args.action} NAME`")
+    if args.action == "add":
+        u = directory.add(args.name, _password(args), args.role, args.domains)
+        sys.stdout.write(f"added {u['name']} ({u['role']}"
+                         + (f", domains {','.join(u['domains'])}" if u["domains"] else "") + ")\n")
+    elif args.action == "remove":
+        directory.remove(args.name)
+        sys.stdout.write(f"removed {args.name} (their keys are revoked)\n")
+    else:
+        directory.set_password(args.name, _password(args, "new password: "))
+        sys.stdout.write(f"changed the password of {args.name}: their sessions have ended\n")
+    return 0
+
+
 def _short(text: str) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= ANSWER_PREVIEW_CHARS else text[:ANSWER_PREVIEW_CHARS - 1] + "…"
@@ -253,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = _command(sub, "serve", "run the UI and the API on one port", cmd_serve,
                   flags=WORKSPACE_FLAGS + MODEL_FLAGS + SERVER_FLAGS, groups=("curation", "gate", "monitor", "train"))
-    sp.add_argument("--auth", action="append", metavar="USER:PASS", help="protect the UI (repeatable)")
+    sp.add_argument("--auth", action="append", metavar="USER:PASS",
+                    help="an admin sign-in (repeatable); stored users (`assistant users add`) are the safer way: "
+                         "hashed passwords, never on a command line, roles narrower than admin")
     sp.add_argument("--auth-file", help="a file of USER:PASS lines")
     sp.add_argument("--share", action="store_true", help="a public Gradio link (requires --auth)")
 
@@ -304,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--correction", help="the answer it should have given")
     sp.add_argument("--reason", help="what was wrong")
     sp.add_argument("--user", help="who rates (default: nobody named)")
+
+    sp = _command(sub, "users", "stored users and their roles (a running server sees changes at once)", cmd_users)
+    sp.add_argument("action", choices=["add", "list", "remove", "passwd"])
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--role", default="user", choices=["user", "editor", "admin"],
+                    help="user: chat and rate; editor: also seed, review, train, activate; admin: everything")
+    sp.add_argument("--domains", help="for an editor: the domains they may edit, comma separated (default all)")
+    sp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
     sp = _command(sub, "logs", "the latest answers with their feedback, newest first", cmd_logs)
     sp.add_argument("--domain", help="only this domain ('base' for answers without an adapter)")

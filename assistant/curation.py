@@ -1,6 +1,7 @@
 """Curation: a domain's training candidates -> an immutable, hashed dataset snapshot.
 
-Cheap checks first, each counting what it removed: review rejections, empty / too short / too long,
+Cheap checks first, each counting what it removed: review rejections, feedback from user accounts that
+waits for an editor's review (`pending`, unless the domain trusts its users), empty / too short / too long,
 garbage, prompt-injection markers, PII (scrubbed and counted, or dropped), exact duplicates (normalized
 text hash), near duplicates (MiniLM prompt embeddings + FAISS, cosine >= a threshold; the newest
 correction wins, then the best rated), a cap on any one user's share. Two items are near duplicates only
@@ -27,9 +28,7 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,36 +36,23 @@ import numpy as np
 
 from . import dedup, pii
 from .files import atomic_write_bytes
+from .quality import has_injection, is_garbage, normalize  # noqa: F401 - part of curation's interface
 
 log = logging.getLogger(__name__)
 
 # Report keys, in the order the filters run. `pii_scrubbed` counts rows kept after scrubbing.
-FILTERS = ("rejected", "empty", "too_short", "too_long", "garbage", "injection", "pii", "pii_scrubbed",
+FILTERS = ("rejected", "pending", "empty", "too_short", "too_long", "garbage", "injection", "pii", "pii_scrubbed",
            "exact_duplicate", "superseded", "near_duplicate", "user_cap")
 MIN_ITEMS_FOR_HOLDOUT = 50       # below this many kept rows everything is train (a holdout of 2 means nothing)
 REPORT_TEXT_CHARS = 120          # characters of a question shown per removed item in the report
 SNAPSHOT_FIELDS = ("messages", "split", "source", "key", "feedback_ids")
 ROW_SOURCE = {"seed": "seed", "up": "thumbs_up", "correction": "correction"}   # candidate source -> row source
-GARBAGE_MIN_CHARS = 12           # shorter texts are judged by too_short, not by the garbage ratios
-GARBAGE_MIN_WORDCHAR_RATIO = 0.5  # letters+digits over non-space characters
-GARBAGE_MIN_UNIQUE_WORDS = 0.25  # distinct/total words, for texts of GARBAGE_REPEAT_WORDS+ words
-GARBAGE_REPEAT_WORDS = 12
 SOURCE_RANK = {"correction": 0, "up": 1, "seed": 2}   # near-duplicate winner: corrections first
 SNAPSHOT_HASH_CHARS = 16         # hex characters of the content hash that name a snapshot file
 SPLIT_HASH_CHARS = 12            # hex characters of a row's hash that place it in [0, 1) for the eval pick
 SPLIT_BLOCK_ROWS = 4096          # train rows per similarity product in the split check (bounds its memory)
 
-INJECTION_RE = re.compile("|".join([
-    r"\b(?:ignore|disregard|forget|override)\b[\w\s,]{0,30}?\b(?:previous|prior|above|earlier|preceding|all|your|the)\s+"
-    r"(?:instructions?|prompts?|rules|directions|guidelines|context)",
-    r"\byou\s+are\s+now\s+(?:in\s+)?(?:dan|developer\s+mode|jailbroken|unrestricted)",
-    r"\b(?:reveal|print|show|repeat|output|leak)\b[\w\s]{0,20}\b(?:system|hidden|initial)\s+(?:prompt|instructions?|message)",
-    r"\bdo\s+anything\s+now\b", r"\bjailbreak", r"\bdeveloper\s+mode\s+(?:enabled|on)\b",
-    r"<\|im_start\|>|<\|system\|>|<\|endoftext\|>|\[/?INST\]|<<SYS>>",
-    r"^\s*#{2,}\s*(?:system|new instructions?)\b",
-]), re.IGNORECASE | re.MULTILINE)
-REPEAT_CHAR_RE = re.compile(r"([^\W\d_])\1{5,}")
-CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+
 
 
 @dataclass(frozen=True)
@@ -117,11 +103,6 @@ class Snapshot:
 
 
 # Text helpers ----------------------------------------------------------------------------------------
-def normalize(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
-
-
 def dedup_text(messages: list[dict] | str) -> str:
     """What near-duplicate detection embeds: the conversation without its system prompt. Prompt and
     answer together: on paraphrased questions, MiniLM on the question alone separates paraphrases from
@@ -129,20 +110,6 @@ def dedup_text(messages: list[dict] | str) -> str:
     if isinstance(messages, str):
         return messages.strip()
     return "\n".join(m["content"].strip() for m in messages if m["role"] != "system").strip()
-
-
-def is_garbage(text: str) -> bool:
-    if CONTROL_RE.search(text) or REPEAT_CHAR_RE.search(text):
-        return True
-    chars = [c for c in text if not c.isspace()]
-    if len(chars) >= GARBAGE_MIN_CHARS and sum(c.isalnum() for c in chars) / len(chars) < GARBAGE_MIN_WORDCHAR_RATIO:
-        return True
-    words = normalize(text).split()
-    return len(words) >= GARBAGE_REPEAT_WORDS and len(set(words)) / len(words) < GARBAGE_MIN_UNIQUE_WORDS
-
-
-def has_injection(text: str) -> bool:
-    return bool(INJECTION_RE.search(text))
 
 
 def _row_hash(messages: list[dict]) -> str:
@@ -179,6 +146,8 @@ def _cheap_filters(item: dict, opts: CurationSettings, removed: dict) -> str | N
     answer = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
     if item["review_status"] == "rejected":
         return "rejected"
+    if item.get("pending") and not approved:   # a user account's feedback, not yet approved by an editor
+        return "pending"
     if not answer.strip() or not users or not any(m["content"].strip() for m in users):
         return "empty"
     if not approved and (len(answer.strip()) < opts.min_answer_chars
@@ -288,13 +257,15 @@ def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> Non
         kept[i]["split"] = "eval"
 
 
-def run(store, domain: str, embedder, opts: CurationSettings, *,
-        read_only: bool = False) -> tuple[list[dict], list[dict], dict, np.ndarray]:
+def run(store, domain: str, embedder, opts: CurationSettings, *, read_only: bool = False,
+        trust_users: bool = False) -> tuple[list[dict], list[dict], dict, np.ndarray]:
     """Candidates -> (items with decisions, kept items in snapshot order, report, kept prompt vectors).
-    `read_only`: embeddings missing from the cache are computed in memory and not stored."""
+    `read_only`: embeddings missing from the cache are computed in memory and not stored. `trust_users`:
+    user accounts' feedback is not held for review."""
     items = []
     for cand in store.candidates(domain):
-        items.append({**cand, "messages": mark_context([dict(m) for m in cand["messages"]], cand["source"]),
+        items.append({**cand, "pending": bool(cand.get("pending")) and not trust_users,
+                      "messages": mark_context([dict(m) for m in cand["messages"]], cand["source"]),
                       "removed": None,
                       "near_duplicate_of": None, "similarity": None, "nearest": None,
                       "nearest_similarity": None, "split": None, "shared_answer_tokens": None, "why": None})
@@ -387,8 +358,12 @@ def default_embedder(model: str | None = None):
 class Curator:
     """Curation for one state dir: `curate(domain)`, `review_queue(domain)`, `check_new(domain, text)`."""
 
-    def __init__(self, store, settings, embedder=None, options: CurationSettings | None = None):
+    def __init__(self, store, settings, embedder=None, options: CurationSettings | None = None,
+                 trusts_users=None):
+        """`trusts_users(domain)`: whether a domain trains on its users' feedback without review (else a
+        user account's rating or correction is `pending` until an editor approves it)."""
         self.store = store
+        self.trusts_users = trusts_users or (lambda domain: False)
         self.state_dir = _state_dir(settings)
         self.embedder = embedder
         if options is None and hasattr(settings, "curation"):
@@ -410,7 +385,8 @@ class Curator:
         """The curation report and rows as `snapshot` would make them, writing nothing at all (no file,
         no database row, no embedding cache row, no index). `path` is None; `hash` is what the snapshot
         file would be named."""
-        items, kept, report, _ = run(self.store, domain, self._embedder(), self.options, read_only=True)
+        items, kept, report, _ = run(self.store, domain, self._embedder(), self.options, read_only=True,
+                                      trust_users=self.trusts_users(domain))
         rows = snapshot_rows(kept)
         digest = hashlib.sha256(snapshot_bytes(rows)).hexdigest()[:SNAPSHOT_HASH_CHARS]
         report["snapshot"] = digest
@@ -419,7 +395,8 @@ class Curator:
     def snapshot(self, domain: str) -> Snapshot:
         """Curate and write: the immutable snapshot file, its database row, the insert-time index. For a
         job taking the data or a user exporting it; display uses `preview`."""
-        items, kept, report, vectors = run(self.store, domain, self._embedder(), self.options)
+        items, kept, report, vectors = run(self.store, domain, self._embedder(), self.options,
+                                           trust_users=self.trusts_users(domain))
         rows = snapshot_rows(kept)
         digest, path = _write_snapshot(self.state_dir / "snapshots" / domain, rows)
         report["snapshot"] = digest
@@ -433,7 +410,8 @@ class Curator:
         """Every candidate with its decision: key, source, messages, rating, user, review_status, removed
         (filter name or None), near_duplicate_of + similarity + why, nearest + nearest_similarity, split.
         Read-only."""
-        items, _, _, _ = run(self.store, domain, self._embedder(), self.options, read_only=True)
+        items, _, _, _ = run(self.store, domain, self._embedder(), self.options, read_only=True,
+                                      trust_users=self.trusts_users(domain))
         return sorted(items, key=lambda it: -(it.get("created_at") or 0))
 
     # Insert-time check ---------------------------------------------------------------------------
@@ -478,7 +456,8 @@ class Curator:
                 return None
             log.info("the %s index was built with %s; the embedding model is now %s: rebuilding it", domain,
                      index.model, self._embedder().model_id)
-            _, kept, _, vectors = run(self.store, domain, self._embedder(), self.options)
+            _, kept, _, vectors = run(self.store, domain, self._embedder(), self.options,
+                                      trust_users=self.trusts_users(domain))
             self._save_index(domain, [it["key"] for it in kept], vectors)
             return self._indexes[domain][1]
 

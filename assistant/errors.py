@@ -164,3 +164,20 @@ class UnsupportedMediaType(AssistantError):
 class MethodNotAllowed(AssistantError):
     status = 405
     code = "method_not_allowed"
+
+
+class PermissionDenied(AssistantError):
+    """Signed in, but the role does not allow this; the message names the role it needs."""
+    status = 403
+    code = "permission_denied"
+
+
+class RateLimited(AssistantError):
+    """Over a per-person quota (requests per minute, tokens per day) or too many failed sign-ins;
+    `retry_after` is the seconds to wait."""
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: int = 60, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = max(1, int(retry_after))

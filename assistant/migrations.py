@@ -210,6 +210,46 @@ MIGRATIONS: list[Migration] = [
             PRIMARY KEY (domain, hash)
         )""",
     )),
+    # People and their powers (users.py): stored users with a role ('user', 'editor', 'admin') and the domains
+    # an editor is limited to (JSON list, empty: all); personal API keys kept as hashes; the audit log of what
+    # editors and admins did; sessions signed out before they expired. `feedback.role`: the role of whoever
+    # rated, so a user's feedback waits for review before training (curation.py).
+    Migration("m016_users_keys_audit", (
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,      -- argon2id
+            role TEXT NOT NULL CHECK (role IN ('user', 'editor', 'admin')),
+            domains TEXT NOT NULL DEFAULT '[]',
+            session_epoch INTEGER NOT NULL DEFAULT 0,   -- raised by a password change: older sessions end
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE api_keys (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            owner TEXT NOT NULL,
+            label TEXT NOT NULL DEFAULT '',
+            hash TEXT NOT NULL UNIQUE,        -- sha256 of the key: the key itself is shown once
+            hint TEXT NOT NULL,               -- its first characters, to tell keys apart in a list
+            created_at REAL NOT NULL,
+            last_used_at REAL,
+            revoked_at REAL
+        )""",
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            who TEXT,
+            role TEXT,
+            action TEXT NOT NULL,
+            domain TEXT,
+            target TEXT,
+            detail TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX audit_domain ON audit(domain, id)",
+        """CREATE TABLE revoked_sessions (
+            id TEXT PRIMARY KEY,
+            expires_at REAL NOT NULL
+        )""",
+        "ALTER TABLE feedback ADD COLUMN role TEXT",
+    )),
 ]
 
 

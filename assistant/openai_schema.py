@@ -238,6 +238,28 @@ class DomainRequest(Strict):
     name: str
     system_prompt: Text | None = ""
     description: Text | None = ""
+    trust_users: bool = False     # feedback from `user` accounts trains without review
+
+
+class UserRequest(Strict):
+    name: str
+    password: str
+    role: str = "user"
+    domains: list[str] = []
+
+
+class PasswordRequest(Strict):
+    password: str
+
+
+class KeyRequest(Strict):
+    label: str = ""
+    owner: str | None = None      # an admin may make a key for someone else
+
+
+class ReviewRequest(Strict):
+    keys: list[str]
+    status: str | None            # "approved", "rejected", or null to clear
 
 
 class ExamplesRequest(Strict):

@@ -76,11 +76,13 @@ class Domain:
     active_version: str | None
     versions: list[str] = field(default_factory=list)
     problem: str | None = None     # why the domain cannot serve (a broken active pointer, unreadable settings)
+    trust_users: bool = False      # feedback from `user` accounts trains without an editor's review
 
     def as_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "system_prompt": self.system_prompt,
                 "active_version": self.active_version, "versions": list(self.versions),
-                "status": "broken" if self.problem else "ok", "problem": self.problem}
+                "status": "broken" if self.problem else "ok", "problem": self.problem,
+                "trust_users": self.trust_users}
 
 
 def version_key(v: str) -> int:
@@ -99,7 +101,8 @@ class Registry:
     def exists(self, name: str) -> bool:
         return (self.domain_dir(name) / "domain.toml").is_file()
 
-    def create_domain(self, name: str, system_prompt: str = "", description: str = "") -> Domain:
+    def create_domain(self, name: str, system_prompt: str = "", description: str = "",
+                      trust_users: bool = False) -> Domain:
         check_name(name)
         if not isinstance(system_prompt, str) or len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
             raise AssistantError(f"system_prompt must be text of at most {MAX_SYSTEM_PROMPT_CHARS} characters",
@@ -113,7 +116,8 @@ class Registry:
         # half-written domain.toml behind and two creators never both win.
         try:
             atomic_write_text(d / "domain.toml", f"system_prompt = {_toml_str(system_prompt)}\n"
-                                                 f"description = {_toml_str(description)}\n", exclusive=True)
+                                                 f"description = {_toml_str(description)}\n"
+                                                 f"trust_users = {'true' if trust_users else 'false'}\n", exclusive=True)
         except FileExistsError:
             raise Conflict(f"domain {name!r} already exists: pick another name or use it") from None
         return self.get_domain(name)
@@ -140,7 +144,8 @@ class Registry:
                             "version (Adapters tab, or POST /api/domains/{name}/adapters/vN/activate)".replace("{name}", name))
         return Domain(name=name, system_prompt=str(meta.get("system_prompt", "")),
                       description=str(meta.get("description", "")), active_version=active,
-                      versions=self.versions(name), problem="; ".join(problems) or None)
+                      versions=self.versions(name), problem="; ".join(problems) or None,
+                      trust_users=meta.get("trust_users") is True)
 
     def list_domains(self) -> list[Domain]:
         return [self.get_domain(p.name) for p in (sorted(self.root.iterdir()) if self.root.is_dir() else [])
@@ -282,10 +287,8 @@ class Registry:
         try:
             for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 shutil.copyfile(Path(folder) / fname, staging / fname)
-            prior = {}
-            if (Path(folder) / CARD).is_file():
-                prior = json.loads((Path(folder) / CARD).read_text())
-            merged = {**prior, **(card or {}), "base_fingerprint": base_fingerprint, "imported": True}
+            merged = {**uploaded_card(Path(folder)), **(card or {}), "base_fingerprint": base_fingerprint,
+                      "imported": True}
             return self.publish(name, staging, merged)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -443,3 +446,15 @@ def safe_unzip(zpath: Path, dest: Path, max_bytes: int) -> None:
                     shutil.copyfileobj(src, out)
     except zipfile.BadZipFile as e:
         raise InvalidAdapter(f"not a valid zip file ({e}): zip the adapter folder and upload again") from None
+
+
+def uploaded_card(folder: Path) -> dict:
+    """What an uploaded adapter's own card.json may bring: its description, nothing else. Gate metrics, job
+    ids, overrides and authorship are the server's to write, so a forged card can't claim them."""
+    try:
+        card = json.loads((folder / CARD).read_text())
+    except (OSError, ValueError):
+        return {}
+    text = card.get("description") if isinstance(card, dict) else None
+    return {"description": text[:MAX_DESCRIPTION_CHARS]} if isinstance(text, str) and text.strip() else {}
+

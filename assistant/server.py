@@ -66,7 +66,7 @@ def build_app(workspace, serving, *, with_ui: bool = True):
     from .auth import AuthMiddleware, Credentials
     s = workspace.settings
     app = FastAPI(title="domain-assistant", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
-    app.state.credentials = Credentials(s.api_key, s.auth, secret=s.session_secret)
+    app.state.credentials = Credentials(s.api_key, s.auth, secret=s.session_secret, directory=workspace.directory)
     install_error_handlers(app)
     app.include_router(build_api(workspace, serving))
     if with_ui:

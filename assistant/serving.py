@@ -243,7 +243,7 @@ class Serving:
         self._active.pop(domain, None)
         return out
 
-    def import_adapter(self, domain: str, upload: Path, *, activate: bool = False) -> str:
+    def import_adapter(self, domain: str, upload: Path, *, activate: bool = False, user: str | None = None) -> str:
         """A zip (or folder) holding a PEFT LoRA adapter -> validated against this base -> loaded once ->
         the domain's next version."""
         ws = self.workspace
@@ -257,7 +257,8 @@ class Serving:
                 folder = Path(tmp) / "adapter"
                 safe_unzip(upload, folder, MAX_UPLOAD_BYTES)
             check_adapter_folder(engine_limits(ws.settings), folder)   # 422 naming the limit and its flag
-            version = ws.registry.import_folder(domain, folder, self.base.fingerprint, self.engine.module_shapes())
+            version = ws.registry.import_folder(domain, folder, self.base.fingerprint, self.engine.module_shapes(),
+                                                card={"imported_by": user} if user else None)
         try:
             self.ensure_loaded(domain, version)
         except AssistantError:
@@ -265,7 +266,7 @@ class Serving:
             getattr(self.engine, "forget", lambda key: None)(f"{domain}@{version}")
             raise
         if activate:
-            self.activate(domain, version)
+            self.activate(domain, version, user=user)
         return version
 
     # Chat --------------------------------------------------------------------------------------
@@ -373,17 +374,17 @@ class Serving:
         return len(self.engine.encode_chat(with_system_prompt(messages, prompt)))
 
     def feedback(self, response_id: str, rating: str, correction: str | None = None, reason: str | None = None,
-                 user: str | None = None, principal=SAME_AS_USER) -> int:
+                 user: str | None = None, principal=SAME_AS_USER, role: str | None = None) -> int:
         """Workspace.feedback, after the answer's log entry is written when it has only just finished."""
         call = self._inflight.get(response_id) if isinstance(response_id, str) else None
         if call is not None:
             call.logged_event.wait(LOG_WAIT_S)
         return self.workspace.feedback(response_id, rating, correction, reason, user,
-                                       user if principal is SAME_AS_USER else principal)
+                                       user if principal is SAME_AS_USER else principal, role)
 
-    def withdraw_feedback(self, response_id: str, user: str | None = None) -> bool:
+    def withdraw_feedback(self, response_id: str, user: str | None = None, principal=SAME_AS_USER) -> bool:
         """Workspace.withdraw_feedback (an undone thumb)."""
-        return self.workspace.withdraw_feedback(response_id, user)
+        return self.workspace.withdraw_feedback(response_id, user, user if principal is SAME_AS_USER else principal)
 
     def status(self) -> dict:
         """The base served and the engine's status (engine_protocol.EngineStatus, the same keys for both)."""

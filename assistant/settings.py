@@ -83,7 +83,13 @@ class Settings:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=7860, metadata={"help": "port for the UI and the API"})
-    auth: tuple[tuple[str, str], ...] = field(default=(), metadata={"help": "USER:PASS pairs protecting the UI"})
+    auth: tuple[tuple[str, str], ...] = field(default=(), metadata={
+        "help": "USER:PASS pairs, each an admin (stored users, `assistant users add`, are the safer way: their "
+                "passwords are hashed, never on a command line, and they can have a narrower role)"})
+    user_requests_per_minute: int | None = field(default=None, metadata={
+        "help": "chat requests a person with the user role may send per minute (none: no limit)"})
+    user_tokens_per_day: int | None = field(default=None, metadata={
+        "help": "prompt + answer tokens a person with the user role may use per 24 hours (none: no limit)"})
     api_key: str | None = field(default=None, metadata={
         "help": "protect the API: clients send 'Authorization: Bearer KEY' (or ASSISTANT_API_KEY)"})
     share: bool = field(default=False, metadata={"help": "create a Gradio share link (requires auth)"})

@@ -135,6 +135,12 @@ class Store(Coordination):
             params.append(int(limit))
         return [self._response(r) for r in self._read(sql, params)]
 
+    def tokens_used(self, principal: str, since: float) -> tuple[int, float | None]:
+        """(prompt + answer tokens of the answers given to `principal` since `since`, the oldest one's time)."""
+        row = self._read("SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0), MIN(created_at) FROM responses "
+                         "WHERE principal = ? AND created_at >= ?", (principal, since))[0]
+        return int(row[0]), row[1]
+
     def recent_responses(self, domain: str | None, limit: int) -> list[dict]:
         """The latest `limit` responses, newest first, of one domain or of all."""
         where, params = ("WHERE domain = ? ", [domain]) if domain is not None else ("", [])
@@ -153,10 +159,11 @@ class Store(Coordination):
 
     # Feedback ------------------------------------------------------------------------------------
     def add_feedback(self, *, response_id: str, rating: str, correction: str | None = None,
-                     reason: str | None = None, user: str | None = None, principal: str | None = None) -> int:
+                     reason: str | None = None, user: str | None = None, principal: str | None = None,
+                     role: str | None = None) -> int:
         """Record a rating (and the answer the user wanted); durable on disk when this returns.
 
-        One record per answer and user: a second call for the same (response_id, user) updates that
+        One record per answer and person: a second call for the same (response_id, user, principal) updates that
         record in place and returns its id. The rating is replaced; a correction or reason replaces the
         stored one only when given, so adding a reason after a thumbs down keeps the thumbs down. What the
         record said before a change is appended to its `history`; a withdrawn record starts afresh."""
@@ -171,7 +178,8 @@ class Store(Coordination):
                 raise NotFound(f"no response with id {response_id!r}: send feedback for an id that "
                                "/v1/chat/completions returned", param="response_id")
             row = c.execute('SELECT * FROM feedback WHERE response_id = ? AND "user" IS NOT DISTINCT FROM ? '
-                            "ORDER BY id DESC LIMIT 1", (response_id, user)).fetchone()
+                            "AND principal IS NOT DISTINCT FROM ? ORDER BY id DESC LIMIT 1",
+                            (response_id, user, principal)).fetchone()
             now = time.time()
             if row is not None:
                 fresh = row["withdrawn_at"] is not None
@@ -181,25 +189,26 @@ class Store(Coordination):
                 if not fresh and new != (row["rating"], row["correction"], row["reason"]):
                     history.append(_state(row))
                 c.execute("UPDATE feedback SET rating = ?, correction = ?, reason = ?, created_at = ?, history = ?, "
-                          "withdrawn_at = NULL, principal = ? WHERE id = ?",
-                          (*new, now, _dumps(history), principal, row["id"]))
+                          "withdrawn_at = NULL, role = ? WHERE id = ?",
+                          (*new, now, _dumps(history), role, row["id"]))
                 fid = row["id"]
             else:
                 fid = c.execute('INSERT INTO feedback (response_id, rating, correction, reason, "user", principal, '
-                                "created_at) VALUES (?,?,?,?,?,?,?) RETURNING id",
-                                (response_id, rating, correction, reason, user, principal, now)).fetchone()[0]
+                                "role, created_at) VALUES (?,?,?,?,?,?,?,?) RETURNING id",
+                                (response_id, rating, correction, reason, user, principal, role, now)).fetchone()[0]
             c.execute("INSERT INTO feedback_events (feedback_id, domain, adapter_version, rating, corrected, created_at) "
                       "SELECT ?, domain, adapter_version, ?, ?, ? FROM responses WHERE id = ?",
                       (fid, rating, int(correction is not None), now, response_id))
             return fid
         return self._write(upsert)
 
-    def withdraw_feedback(self, *, response_id: str, user: str | None = None) -> bool:
+    def withdraw_feedback(self, *, response_id: str, user: str | None = None, principal: str | None = None) -> bool:
         """Undo a user's rating of an answer (the thumb pressed again): the record stays, with what it said
         moved to its history, but counts nowhere and trains nothing. -> whether there was one to undo."""
         def withdraw(c):
             row = c.execute('SELECT * FROM feedback WHERE response_id = ? AND "user" IS NOT DISTINCT FROM ? '
-                            "AND withdrawn_at IS NULL ORDER BY id DESC LIMIT 1", (response_id, user)).fetchone()
+                            "AND principal IS NOT DISTINCT FROM ? AND withdrawn_at IS NULL ORDER BY id DESC LIMIT 1",
+                            (response_id, user, principal)).fetchone()
             if row is None:
                 return False
             history = json.loads(row["history"] or "[]") + [_state(row)]
@@ -301,6 +310,7 @@ class Store(Coordination):
                         "user": _counted(chosen["principal"], chosen["user"])
                         or _counted(first["response_principal"], first["response_user"]),
                         "rating": chosen["rating"], "ups": ups, "feedback_ids": [f["id"] for f in fbs],
+                        "pending": chosen.get("role") == "user",   # a user account's: waits for review
                         "response_id": response_id, "adapter_version": first["adapter_version"]})
         decisions = self.reviews(domain)
         for cand in out:

@@ -33,6 +33,10 @@ class Workspace:
         self.settings = settings.ensure_dirs()
         self.store = Store(settings.database)
         self.registry = Registry(settings.adapters_path)
+        from .users import Directory
+        self.directory = Directory(self.store)   # stored users, personal keys, the audit log
+        from .quotas import Quotas
+        self.quotas = Quotas(self.store, settings.user_requests_per_minute, settings.user_tokens_per_day)
         self._curator = None
         self._indexer = None
         self.log_failures = 0   # answers the response log could not store (Serving counts them; /metrics shows them)
@@ -56,9 +60,10 @@ class Workspace:
             raise NotFound(f"no domain {name!r}: create it first (POST /api/domains or the Adapters tab)")
         return self.registry.get_domain(name)
 
-    def create_domain(self, name: str, system_prompt: str | None = "", description: str | None = "") -> dict:
+    def create_domain(self, name: str, system_prompt: str | None = "", description: str | None = "",
+                      trust_users: bool = False) -> dict:
         return self.registry.create_domain(name, "" if system_prompt is None else system_prompt,
-                                           "" if description is None else description).as_dict()
+                                           "" if description is None else description, trust_users).as_dict()
 
     def list_domains(self) -> list[dict]:
         out = []
@@ -135,9 +140,10 @@ class Workspace:
 
     # Feedback, examples and review -------------------------------------------------------------
     def feedback(self, response_id: str, rating: str, correction: str | None = None, reason: str | None = None,
-                 user: str | None = None, principal: str | None = None) -> int:
+                 user: str | None = None, principal: str | None = None, role: str | None = None) -> int:
         """A rating (and optionally a reason and a corrected answer) on a logged response -> its id. `user`:
-        who rated, as the request names them; `principal`: who authenticated (kept apart)."""
+        who rated, as the request names them; `principal`: who authenticated (kept apart); `role`: theirs
+        (users.ROLES): a `user` rates only answers given to them, and their feedback waits for review."""
         if rating not in ("up", "down"):
             raise AssistantError("rating must be 'up' or 'down'", param="rating")
         for name, value in (("correction", correction), ("reason", reason)):
@@ -145,19 +151,33 @@ class Workspace:
                 raise AssistantError(f"{name} must be text of at most {MAX_MESSAGE_CHARS} characters", param=name)
         if correction is not None and not correction.strip():
             correction = None
+        if role == "user":
+            self._own_response(response_id, principal)
         fid = self.store.add_feedback(response_id=response_id, rating=rating, correction=correction,
-                                      reason=reason, user=user, principal=principal)
+                                      reason=reason, user=user, principal=principal, role=role)
         self._check_new(response_id, correction, fid, rating)
         return fid
 
-    def withdraw_feedback(self, response_id: str, user: str | None = None) -> bool:
+    def feedback_list(self, domain: str | None = None) -> list[dict]:
+        """Ratings in force (not withdrawn), oldest first, with the answer they rate."""
+        keep = ("id", "response_id", "rating", "correction", "reason", "user", "principal", "created_at", "domain",
+                "adapter_version", "answer", "history")
+        return [{k: f.get(k) for k in keep} for f in self.store.list_feedback(domain)]
+
+    def _own_response(self, response_id: str, principal: str | None) -> None:
+        """A user account acts only on answers given to it: another's answer is as good as absent."""
+        response = self.store.get_response(response_id) if isinstance(response_id, str) else None
+        if response is None or response.get("principal") != principal:
+            raise NotFound(f"no response with id {str(response_id)[:64]!r} among your answers", param="response_id")
+
+    def withdraw_feedback(self, response_id: str, user: str | None = None, principal: str | None = None) -> bool:
         """Undo a user's rating of an answer: it counts nowhere and its dataset row goes (the record keeps
         it as history). -> whether there was a rating to undo."""
         if not isinstance(response_id, str) or not response_id:
             raise AssistantError("response_id is required", param="response_id")
         if self.store.get_response(response_id) is None:
             raise NotFound(f"no response with id {response_id[:64]!r}", param="response_id")
-        return self.store.withdraw_feedback(response_id=response_id, user=user)
+        return self.store.withdraw_feedback(response_id=response_id, user=user, principal=principal)
 
     def _check_new(self, response_id: str, correction: str | None, feedback_id: int, rating: str) -> None:
         """Incremental near-duplicate check when an item arrives: in the background, so a feedback post
@@ -247,6 +267,18 @@ class Workspace:
         except ValueError as e:
             raise AssistantError(str(e)) from None
 
+    def review_many(self, domain: str, keys: list[str], status: str | None) -> int:
+        """Approve, reject or clear (None) many candidates at once; every key must name one of the domain's."""
+        self.require_domain(domain)
+        known = {c["key"] for c in self.store.candidates(domain)}
+        missing = [k for k in keys if k not in known]
+        if missing:
+            raise NotFound(f"keys: no item {str(missing[0])[:64]!r} in {domain}: the review queue lists them",
+                           param="keys")
+        for key in keys:
+            self.review(domain, key, status)
+        return len(keys)
+
     def edit_item(self, domain: str, key: str, prompt: str, answer: str) -> None:
         """A reviewer's edit of a candidate's last question and answer; the edited item is approved."""
         item = next((c for c in self.store.candidates(self.require_domain(domain).name) if c["key"] == key), None)
@@ -264,7 +296,8 @@ class Workspace:
     def curator(self):
         if self._curator is None:
             from .curation import Curator
-            self._curator = Curator(self.store, self.settings)
+            self._curator = Curator(self.store, self.settings,
+                                    trusts_users=lambda domain: self.registry.get_domain(domain).trust_users)
         return self._curator
 
     def curate(self, domain: str):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 API_KEY = "test-key-" + "k" * 16
 USER, PASSWORD = "alice", "wonderland-7"
-PATH_VALUES = {"name": "support", "version": "v1", "job_id": "0123456789abcdef"}
+PATH_VALUES = {"name": "support", "version": "v1", "job_id": "0123456789abcdef", "user": USER, "key_id": "1"}
 
 
 def _mutating_routes(openapi: dict) -> list[tuple[str, str]]:

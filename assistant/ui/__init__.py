@@ -1,5 +1,6 @@
 """The Gradio UI: Chat, Adapters, Data, Train and Monitor tabs, one module each. The only package that
-imports gradio.
+imports gradio. A person with the `user` role sees the Chat tab only, and every other tab's events refuse
+them (common.bind).
 
 Each tab module has module-level handlers that translate widgets to `Workspace` and `Serving` calls and results back to
 widgets, and a `build` that lays out and wires its own events; `build_ui` composes the tabs and wires what
@@ -14,7 +15,7 @@ import logging
 import gradio as gr
 
 from . import adapters, chat, data, monitor, train
-from .common import DOMAINS, bind, domain_names, pick, refresh_domain, refresh_models
+from .common import DOMAINS, bind, domain_names, pick, principal_of, refresh_domain, refresh_models
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,13 @@ def create_from_chat(workspace, name, system_prompt, description, model):
     return (msg, *_created(workspace, new, model, select=True), gr.update(visible=new is None))
 
 
+def role_view(request: gr.Request):
+    """What the signed-in person's role shows: a user sees Chat only (their own answers and ratings)."""
+    editor = principal_of(request).has("editor")
+    # "hidden", not False: Gradio 6 leaves a tab's button shown for visible=False
+    return tuple(gr.Tab(visible=True if editor else "hidden") for _ in range(4))
+
+
 def clear_status() -> str:
     """An action's message belongs to the moment it was done: a tab opened later starts without it."""
     return ""
@@ -65,6 +73,7 @@ def build_ui(workspace, serving) -> gr.Blocks:
             with gr.Tab("Monitor", id="monitor", elem_id="tab-monitor") as monitor_tab:
                 m = monitor.build(workspace, P)
 
+        demo.load(P(role_view), None, [adapters_tab, data_tab, train_tab, monitor_tab])
         # Opening a tab refreshes its domain picker, then shows the domain (reads only).
         chat_tab.select(P(refresh_models, workspace), [model], [model])
         adapters_tab.select(P(refresh_domain, workspace), [a["domain"]], [a["domain"]], **DOMAINS).then(

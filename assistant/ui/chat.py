@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..errors import AssistantError
 from ..settings import BASE, DEFAULT_MAX_NEW_TOKENS, MAX_MESSAGE_CHARS, MAX_NEW_TOKENS_CAP, MAX_UI_PROMPT_TOKENS
-from .common import NEW_DOMAIN, err, field_error, model_choices, public, served_by, user_of
+from .common import NEW_DOMAIN, err, field_error, model_choices, principal_of, public, role_of, served_by, user_of
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ def _answer(serving, message, history, meta, model, system, temperature, max_tok
     msgs = _conversation(system, history, message)
     try:
         temperature, max_tokens = _check_input(serving, message, msgs, model, temperature, max_tokens)
+        serving.workspace.quotas.check(principal_of(request))    # a user's quotas count the UI's chat too
     except AssistantError as e:
         yield message, history, meta, err(e), ""      # refused before generation: the text stays in the box
         return False
@@ -302,7 +303,7 @@ def on_like(serving, meta, history, evt: gr.LikeData, request: gr.Request):
     rating = "up" if evt.liked else "down"
     target = {**info, "index": index, "number": number, "rating": rating}
     try:
-        fid = serving.feedback(info["response_id"], rating, user=user_of(request))
+        fid = serving.feedback(info["response_id"], rating, user=user_of(request), role=role_of(request))
     except AssistantError as e:
         return *closed, err(e)
     target["feedback_id"] = fid
@@ -326,7 +327,8 @@ def send_feedback(serving, target, reason, reason_text, correction, request: gr.
     reasons = "; ".join(r for r in (reason, (reason_text or "").strip()) if r) or None
     correction = (correction or "").strip() or None if target["rating"] == "down" else None
     try:
-        fid = serving.feedback(target["response_id"], target["rating"], correction, reasons, user=user_of(request))
+        fid = serving.feedback(target["response_id"], target["rating"], correction, reasons, user=user_of(request),
+                               role=role_of(request))
     except AssistantError as e:
         return target, gr.update(), err(e), gr.update(), gr.update(), gr.update(), ""
     what = "correction" if correction else "feedback"

@@ -54,17 +54,50 @@ def user_of(request: gr.Request | None) -> str | None:
     return user_from_headers(CREDENTIALS[0], getattr(request, "headers", None)) if request is not None else None
 
 
+def principal_of(request: gr.Request | None):
+    """Who is calling and their role (users.Principal; users.OPEN when the app is open)."""
+    from ..auth import principal_from_headers
+    return principal_from_headers(CREDENTIALS[0], getattr(request, "headers", None) if request is not None else None)
+
+
+def role_of(request: gr.Request | None) -> str:
+    return principal_of(request).role
+
+
+# What a handler needs: chat handlers (and the pickers chat opens with) serve anyone signed in; every other
+# tab's handlers need an editor (permissions.py's table, for the UI). Checked in `bind` on every event, so a
+# hidden tab's events called directly (gradio_client) are refused too.
+USER_HANDLERS = {"refresh_models", "clear_status", "role_view"}
+
+
+def needed_role(fn) -> str:
+    return "user" if fn.__module__.endswith(".chat") or fn.__name__ in USER_HANDLERS else "editor"
+
+
 def bind(fn, *bound):
-    """`fn` with its first arguments bound, and the error edge. Unlike functools.partial, the result keeps
-    the remaining signature and type hints, which Gradio reads to pass gr.Request / gr.LikeData."""
+    """`fn` with its first arguments bound, the role check and the error edge. Unlike functools.partial, the
+    result keeps the remaining signature and type hints, which Gradio reads to pass gr.Request / gr.LikeData
+    (a gr.Request parameter is added last for the role check)."""
+    role = needed_role(fn)
+
     def edge(e: Exception):
         if isinstance(e, AssistantError):
             raise gr.Error(public(e.message)) from None
         log.error("unexpected error in %s", fn.__name__, exc_info=e)
         raise gr.Error(UNEXPECTED) from None
 
+    def allowed(args, kwargs):
+        request = kwargs.pop("role_request_", None)
+        if request is None and args and isinstance(args[-1], gr.Request):
+            request, args = args[-1], args[:-1]
+        who = principal_of(request)
+        if not who.has(role):
+            raise gr.Error(f"the {role} role is needed for this; you are signed in as a {who.role}: ask an admin")
+        return args
+
     if inspect.isgeneratorfunction(fn):
         def wrapper(*args, **kwargs):
+            args = allowed(args, kwargs)
             try:
                 yield from fn(*bound, *args, **kwargs)
             except gr.Error:
@@ -73,6 +106,7 @@ def bind(fn, *bound):
                 edge(e)
     else:
         def wrapper(*args, **kwargs):
+            args = allowed(args, kwargs)
             try:
                 return fn(*bound, *args, **kwargs)
             except gr.Error:
@@ -82,8 +116,11 @@ def bind(fn, *bound):
     functools.update_wrapper(wrapper, fn)
     sig = inspect.signature(fn)
     params = list(sig.parameters.values())[len(bound):]
-    wrapper.__signature__ = sig.replace(parameters=params)
-    wrapper.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k in {p.name for p in params}}
+    extra = inspect.Parameter("role_request_", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                              annotation=gr.Request)
+    wrapper.__signature__ = sig.replace(parameters=params + [extra])
+    wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k in {p.name for p in params}},
+                               "role_request_": gr.Request}
     return wrapper
 
 

@@ -74,6 +74,13 @@ def _row(i: int, it: dict, number: dict) -> list:
             dup, it["key"]]
 
 
+def review_counts(items: list[dict]) -> dict:
+    """Pending (a user account's feedback not yet approved), approved and rejected candidates."""
+    return {"pending": sum(1 for it in items if it.get("removed") == "pending"),
+            "approved": sum(1 for it in items if it.get("review_status") == "approved"),
+            "rejected": sum(1 for it in items if it.get("review_status") == "rejected")}
+
+
 def data_view(workspace, domain):
     """-> queue rows, queue items (state), report rows, summary."""
     if not domain:
@@ -93,6 +100,9 @@ def data_view(workspace, domain):
     else:
         summary = (f"{r['candidates']} candidates → **{r['kept']} kept** ({r['train']} train / {r['eval']} eval) · "
                    f"snapshot `{r['snapshot'][:12]}` · click a row to review it")
+        counts = review_counts(items)
+        summary += (f"\n\nReview: **{counts['pending']} pending** (feedback from user accounts: it trains once "
+                    f"approved) · {counts['approved']} approved · {counts['rejected']} rejected")
     slim = [{"key": it["key"], "messages": it["messages"]} for it in items]
     return rows, slim, report, summary
 

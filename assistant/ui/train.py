@@ -114,6 +114,11 @@ def train_view(workspace, domain, model):
     auto = " + ".join(m.upper() for m in learn["auto"]) or "nothing yet"
     size += (f"\n\nRatings: {learn['summary']} (auto runs {auto}; pick a method under Learn from; "
              f"{learn['needs']})")
+    pending = report["removed"].get("pending", 0)
+    if pending:
+        size += (f"\n\n**{pending} pending** rating{'s' if pending != 1 else ''} or correction"
+                 f"{'s' if pending != 1 else ''} from user accounts wait for review in the Data tab: they train "
+                 "once an editor approves them.")
     if report["kept"] < MIN_EXAMPLES:
         size += (f"\n\nAdd {MIN_EXAMPLES - report['kept']} more: import seed examples in the Data tab, or correct "
                  f"answers of {domain} in the Chat tab.")
