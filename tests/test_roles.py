@@ -273,3 +273,31 @@ def test_a_user_calling_an_editors_ui_event_directly_is_refused(server):
     with pytest.raises(Exception) as refused:
         ui.predict("support", "new", "", "", "base", api_name="/create_from_adapters")
     assert "editor role is needed" in str(refused.value)
+
+
+def test_on_postgresql_a_session_ended_on_one_replica_is_refused_by_the_other(tmp_path, tiny_llama, postgres_url):
+    common = ["--database-url", postgres_url, "--adapters-dir", str(tmp_path / "shared"), "--base-model",
+              str(tiny_llama), "--dtype", "float32", "--api-key", API_KEY, "--embedded-worker", "false"]
+    env = {"ASSISTANT_SESSION_SECRET": "one-secret-for-every-replica"}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    with running_server(tmp_path / "a", *common, env=env, timeout=300) as (a, _), \
+            running_server(tmp_path / "b", *common, env=env, timeout=300) as (b, _):
+        A, B = httpx.Client(base_url=a, timeout=60), httpx.Client(base_url=b, timeout=60)
+        assert A.post("/api/users", headers=ADMIN, json={"name": "pia", "password": PASSWORD, "role": "editor",
+                                                         "domains": ["support"]}).status_code == 201
+        assert B.get("/api/me", headers=basic("pia")).json()["domains"] == ["support"]   # one directory
+
+        def signed_in():
+            r = A.post("/login", data={"username": "pia", "password": PASSWORD, "next": "/"}, follow_redirects=False)
+            return {"Cookie": f"assistant_session={r.cookies['assistant_session']}"}
+
+        cookie = signed_in()
+        assert B.get("/api/me", headers=cookie).json()["name"] == "pia"
+        A.get("/logout", headers=cookie, follow_redirects=False)
+        assert B.get("/api/me", headers=cookie).status_code == 401
+        cookie = signed_in()
+        assert B.post("/api/users/pia/password", headers=basic("pia"), json={"password": "another-one-2"}
+                      ).status_code == 200
+        assert A.get("/api/me", headers=cookie).status_code == 401
+        assert A.get("/api/audit", headers=ADMIN).json()[0]["action"] == "password changed"
