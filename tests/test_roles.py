@@ -271,8 +271,15 @@ def test_a_user_calling_an_editors_ui_event_directly_is_refused(server):
     url, _ = server
     ui = Client(url + "/", auth=("ulla", PASSWORD), verbose=False)
     with pytest.raises(Exception) as refused:
-        ui.predict("support", "new", "", "", "base", api_name="/create_from_adapters")
+        ui.predict("by-a-user", "", "", "base", api_name="/create_from_adapters")
     assert "editor role is needed" in str(refused.value)
+    editor = Client(url + "/", auth=("eddie", PASSWORD), verbose=False)
+    editor.predict("ui-made", "", "", "base", api_name="/create_from_adapters")
+    made = [d["name"] for d in httpx.get(url + "/api/domains", headers=ADMIN).json()]
+    assert "ui-made" in made
+    audit = httpx.get(url + "/api/audit", headers=ADMIN).json()
+    assert any(a["who"] == "eddie" and a["action"] == "UI create_from_adapters" and "ui-made" in a["detail"]["values"]
+               for a in audit)
 
 
 def test_on_postgresql_a_session_ended_on_one_replica_is_refused_by_the_other(tmp_path, tiny_llama, postgres_url):

@@ -68,6 +68,10 @@ def role_of(request: gr.Request | None) -> str:
 # tab's handlers need an editor (permissions.py's table, for the UI). Checked in `bind` on every event, so a
 # hidden tab's events called directly (gradio_client) are refused too.
 USER_HANDLERS = {"refresh_models", "clear_status", "role_view"}
+# UI actions that change something: recorded in the audit log (who, the action, the values it was given)
+AUDITED = {"activate", "activate_anyway", "rollback", "import_adapter", "create_from_adapters", "create_from_chat",
+           "review", "import_seed", "retrain", "cancel", "retry", "activate_published"}
+AUDIT_VALUE_CHARS = 80
 
 
 def needed_role(fn) -> str:
@@ -86,6 +90,8 @@ def bind(fn, *bound):
         log.error("unexpected error in %s", fn.__name__, exc_info=e)
         raise gr.Error(UNEXPECTED) from None
 
+    audited = role == "editor" and fn.__name__ in AUDITED
+
     def allowed(args, kwargs):
         request = kwargs.pop("role_request_", None)
         if request is None and args and isinstance(args[-1], gr.Request):
@@ -93,6 +99,8 @@ def bind(fn, *bound):
         who = principal_of(request)
         if not who.has(role):
             raise gr.Error(f"the {role} role is needed for this; you are signed in as a {who.role}: ask an admin")
+        if audited:
+            _audit(who, fn.__name__, args)
         return args
 
     if inspect.isgeneratorfunction(fn):
@@ -122,6 +130,18 @@ def bind(fn, *bound):
     wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k in {p.name for p in params}},
                                "role_request_": gr.Request}
     return wrapper
+
+
+def _audit(who, action: str, args) -> None:
+    """Record a UI action in the audit log (users.Directory), with the short values it was given."""
+    directory = getattr(CREDENTIALS[0], "directory", None)
+    if directory is None:
+        return
+    values = [a[:AUDIT_VALUE_CHARS] for a in args if isinstance(a, str) and a]
+    try:
+        directory.audit(who, f"UI {action}", None, None, values=values)
+    except Exception:  # noqa: BLE001 - the action goes on; the failure is in the server log
+        log.exception("could not write the audit log for the UI action %s", action)
 
 
 # Choices ---------------------------------------------------------------------------------------------
