@@ -46,10 +46,11 @@ def _run() -> dict:
         result.model.unload()
         base.model.eval()
         t0 = time.perf_counter()
-        gate = GateSettings(max_new_tokens=sized(GateSettings().max_new_tokens, 4))
+        gate = GateSettings(max_new_tokens=sized(GateSettings().max_new_tokens, 4),
+                            probe_max_new_tokens=sized(GateSettings().probe_max_new_tokens, 4))
         before, after = evaluation.evaluate_adapter(base, Path(out) / "a", rows, gate, system_prompt=SYSTEM_PROMPT)
         eval_s = time.perf_counter() - t0
-    verdict = evaluation.verdict(before, after)
+    verdict = evaluation.verdict(before, after, gate)
     ratio = eval_s / train_s
     print_table(f"one job, {N_FACTS} facts, embedded model, CPU flags: {cpu_flags()}", [
         ("train stage s (loop s)", f"{train_s:.1f} ({result.seconds:.1f}), {result.steps} steps"),

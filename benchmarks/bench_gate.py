@@ -67,7 +67,10 @@ CONVERSATION_FACTS = [
 RATES = (5e-4, 1.5e-3, 4e-3, 1e-2)
 SHAPES = ((2, 8), (6, 8), (4, 16))
 SMOKE_GRID = [dict(learning_rate=1e-2, epochs=1, rank=8)]
-COMMON = dict(seed=0, max_seq_len=256, retries=sized(2, 0))   # smoke: no chains (it checks the code path)
+COMMON = dict(seed=0, max_seq_len=256, retries=sized(2, 0),   # smoke: no chains (it checks the code path),
+              **sized({}, {"replay": 4}))                     # and few, short answers
+PROBE_TOKENS = sized(None, 8)       # the gate's probe answers (None: the gate's own default)
+HIDDEN_TOKENS = sized(24, 6)
 
 
 def seed_rows(facts) -> list[dict]:
@@ -111,7 +114,7 @@ class Bench:
         engine = Engine(serving_base(base), max_batch=16, max_queue=len(HIDDEN_PROBES) + 1)
         try:
             self.hidden_base = answer_all(engine, [self._conv(q) for q, _ in HIDDEN_PROBES], [None] * len(HIDDEN_PROBES),
-                                          24)
+                                          HIDDEN_TOKENS)
         finally:
             engine.close()
 
@@ -136,15 +139,18 @@ class Bench:
         result.model.unload()
         base.model.eval()
         train_s = time.perf_counter() - t0
-        before, after = evaluation.evaluate_adapter(base, folder, self.rows, system_prompt=SYSTEM,
+        from assistant.gate import GateSettings
+        gate = GateSettings() if PROBE_TOKENS is None else GateSettings(probe_max_new_tokens=PROBE_TOKENS,
+                                                                         max_new_tokens=PROBE_TOKENS)
+        before, after = evaluation.evaluate_adapter(base, folder, self.rows, gate, system_prompt=SYSTEM,
                                                     cache_dir=self.tmp / "probe-cache")
-        v = evaluation.verdict(before, after)
+        v = evaluation.verdict(before, after, gate)
         # the ground truth: the taught facts asked alone, and the hidden probes
         engine = Engine(serving_base(base), max_batch=16, max_queue=len(HIDDEN_PROBES) + len(self.facts) + 1)
         try:
             engine.load_adapter("c", folder)
             convs = [self._conv(q) for q, _, _ in self.facts] + [self._conv(q) for q, _ in HIDDEN_PROBES]
-            answers = answer_all(engine, convs, ["c"] * len(convs), [40] * len(self.facts) + [24] * len(HIDDEN_PROBES))
+            answers = answer_all(engine, convs, ["c"] * len(convs), [40] * len(self.facts) + [HIDDEN_TOKENS] * len(HIDDEN_PROBES))
         finally:
             engine.close()
         taught = sum(k in a.lower() for (_, _, k), a in zip(self.facts, answers))
