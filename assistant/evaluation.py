@@ -6,11 +6,13 @@ decode path as chat, the adapter loaded into a slot from its folder), greedy:
   - the examples it was taught (seeds, thumbs-up; at most MAX_PROMPTS_PER_CATEGORY): answer-match;
   - held-out rows, only when the dataset has a holdout: answer-match and loss on the assistant tokens;
   - the general probe set (probes.py), asked with the domain's system prompt: retention, per question, of
-    the content the reference (the live version, or the base when none is live) knows (retention.py: each
-    is asked with the system prompt and without one), and leakage of rare
-    taught words into those answers (retention.py). These decide. Shown beside them, as figures: the loss
-    (NLL per token) of the base's own probe answers under the adapter vs under the base, and the MiniLM
-    cosine between the two models' answers (they move with style as much as with forgetting).
+    the content the reference (the live version, or the base when none is live) knows, and leakage of rare
+    taught words into those answers (retention.py). These decide. A probe is asked without the system
+    prompt too, only where retention reads it: the reference on those it answered right (it knows one only
+    when right both ways), the candidate on those of them it missed (it keeps one when right either way).
+    Shown beside them, as figures: the loss (NLL per token) of the base's own answers to NLL_PROBES of the
+    probes under the adapter vs under the base, and the MiniLM cosine between the two models' answers (they
+    move with style as much as with forgetting).
 
 The base's and the reference's probe answers depend only on those models, the system prompt and the
 token limit: with `cache_dir` they are kept there (answer_cache.py) and reused by the next evaluation (a
@@ -30,12 +32,14 @@ import time
 from .answer_cache import AnswerCache, identity
 from .gate import GateSettings, gate, verdict  # noqa: F401 - re-exported: the gate's settings and verdict
 from .lm import with_system_prompt
-from .probes import PROBE_SET_VERSION
+from .probes import PROBE_SET_VERSION, gives_content
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPTS_PER_CATEGORY = 32  # taught examples, held-out rows: answered per evaluation (time bound)
 EVAL_MAX_BATCH = 16            # rows decoded together by the evaluation engine
+LOSS_BATCH = 8                 # rows per forward pass of the held-out and probe losses
+NLL_PROBES = 24                # probes whose base answers' NLL is the general-knowledge loss figure
 ADAPTER_KEY = "candidate"      # the evaluated adapter's slot key in the evaluation engine
 REFERENCE_KEY = "reference"     # the live version's slot key, when one is live
 CORRECTION_SOURCES = ("correction",)
@@ -102,13 +106,12 @@ def heldout_loss(model, tokenizer, rows: list[dict], max_seq_len: int) -> float 
     from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
+    encoded = [encode_chat(tokenizer, row["messages"], max_seq_len) for row in rows]
+    encoded = sorted((e for e in encoded if any(x != IGNORE_INDEX for x in e[1][1:])), key=lambda e: len(e[0]))
     total, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            ids, labels = encode_chat(tokenizer, row["messages"], max_seq_len)
-            if all(x == IGNORE_INDEX for x in labels[1:]):
-                continue
-            batch = [t.to(device) for t in collate([(ids, labels)], tokenizer.pad_token_id)]
+    with torch.no_grad():   # rows of similar length together: little padding, one forward per batch
+        for i in range(0, len(encoded), LOSS_BATCH):
+            batch = [t.to(device) for t in collate(encoded[i:i + LOSS_BATCH], tokenizer.pad_token_id)]
             loss, n = causal_lm_loss(causal_lm, *batch)
             total += float(loss) * n
             count += n
@@ -179,6 +182,31 @@ def _answers_without_engine(base, adapter_dir, reference_dir, jobs: list[tuple])
         peft_model.unload()
 
 
+@contextlib.contextmanager
+def _answerer(base, adapter_dir, reference_dir, max_queue: int, tick):
+    """`ask(jobs) -> answers` for (conversation, adapter key or None, token limit) jobs: through one serving
+    engine holding the candidate (and the reference) for the whole evaluation, or transformers' generate for
+    bases the engine cannot adapt."""
+    from .engine import Engine
+    from .runner import FAST_ARCHS
+    if getattr(base.model.config, "model_type", "") not in FAST_ARCHS:
+        def ask_slowly(jobs):
+            out = _answers_without_engine(base, adapter_dir, reference_dir, jobs) if jobs else []
+            tick(len(jobs))
+            return out
+        yield ask_slowly
+        return
+    engine = Engine(serving_base(base), max_batch=EVAL_MAX_BATCH, max_queue=max_queue + 1, max_resident_adapters=2)
+    try:
+        engine.load_adapter(ADAPTER_KEY, adapter_dir)
+        if reference_dir is not None:
+            engine.load_adapter(REFERENCE_KEY, reference_dir)
+        yield lambda jobs: answer_all(engine, [c for c, _, _ in jobs], [a for _, a, _ in jobs],
+                                      [t for _, _, t in jobs], tick) if jobs else []
+    finally:
+        engine.close()
+
+
 def _score(answers: list[str], rows: list[dict]) -> float | None:
     return _mean(rouge_l(a, split_prompt(r)[1]) for a, r in zip(answers, rows))
 
@@ -192,9 +220,7 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
     base's and the reference's probe answers are kept between evaluations (None: not kept)."""
     from peft import PeftModel
 
-    from .engine import Engine
     from .retention import active_probes, judge
-    from .runner import FAST_ARCHS
     s = settings or GateSettings()
     cats = {"corrections": correction_rows(rows), "taught": taught_rows(rows),
             "eval": [r for r in rows if r.get("split") == "eval"][:MAX_PROMPTS_PER_CATEGORY]}
@@ -209,19 +235,20 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
     reference_key = REFERENCE_KEY if reference_dir is not None else None
     base_probes = cache(None, system_prompt).all_of(questions)
     ref_probes = cache(reference_dir, system_prompt).all_of(questions) if reference_dir is not None else base_probes
-    ref_plain = cache(reference_dir, None).all_of(questions)
-    # what is decoded: base and candidate on the categories, the candidate on the probes, and the base's and
-    # the reference's probe answers unless they were kept from an earlier evaluation
+    ref_plain_kept = cache(reference_dir, None).get(questions)
+    # What is decoded, in two rounds. First: base and candidate on the categories, the candidate on the probes
+    # with the system prompt, and the base's and the reference's probe answers unless kept from an earlier
+    # evaluation. Then, without the system prompt, only what retention reads (retention.judge): the
+    # reference on the probes it got right (it "knows" one only when right both ways), and the candidate on
+    # those it got wrong with the prompt (it keeps one when right either way).
     jobs = [(c, None, s.max_new_tokens) for c in convs] + [(c, ADAPTER_KEY, s.max_new_tokens) for c in convs]
-    jobs += [(c, ADAPTER_KEY, s.probe_max_new_tokens) for c in probe_convs + plain_convs]
+    jobs += [(c, ADAPTER_KEY, s.probe_max_new_tokens) for c in probe_convs]
     if base_probes is None:
         jobs += [(c, None, s.probe_max_new_tokens) for c in probe_convs]
     if reference_dir is not None and ref_probes is None:
         jobs += [(c, REFERENCE_KEY, s.probe_max_new_tokens) for c in probe_convs]
-    if ref_plain is None:      # what the reference knows: right without the system prompt too (retention.py)
-        jobs += [(c, reference_key, s.probe_max_new_tokens) for c in plain_convs]
-    n_loss = 2 * (len(cats["eval"]) + len(probes))
-    total, done = len(jobs) + n_loss + 1, [0]
+    n_loss = 2 * (len(cats["eval"]) + min(len(probes), NLL_PROBES))
+    total, done = len(jobs) + 2 * len(probes) + n_loss + 1, [0]
 
     def tick(n=1):
         done[0] += n
@@ -229,35 +256,33 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
             progress(done[0], total)
 
     t0 = time.perf_counter()
-    if getattr(base.model.config, "model_type", "") in FAST_ARCHS:
-        engine = Engine(serving_base(base), max_batch=EVAL_MAX_BATCH, max_queue=len(jobs) + 1,
-                        max_resident_adapters=2)
-        try:
-            engine.load_adapter(ADAPTER_KEY, adapter_dir)
-            if reference_dir is not None and (ref_probes is None or ref_plain is None):
-                engine.load_adapter(REFERENCE_KEY, reference_dir)
-            answers = answer_all(engine, [c for c, _, _ in jobs], [a for _, a, _ in jobs], [n for _, _, n in jobs],
-                                 tick)
-        finally:
-            engine.close()
-    else:   # other architectures serve without adapters (engine.py); transformers' generate answers here
-        answers = _answers_without_engine(base, adapter_dir, reference_dir, jobs)
-        tick(len(jobs))
+    n, k = len(convs), len(probes)
+    with _answerer(base, adapter_dir, reference_dir, len(jobs) + 2 * k, tick) as ask:
+        answers = ask(jobs)
+        cand_probes, rest = answers[2 * n:2 * n + k], answers[2 * n + k:]
+        if base_probes is None:
+            base_probes, rest = rest[:k], rest[k:]
+            cache(None, system_prompt).put(dict(zip(questions, base_probes)))
+        if reference_dir is None:
+            ref_probes = base_probes
+        elif ref_probes is None:
+            ref_probes = rest[:k]
+            cache(reference_dir, system_prompt).put(dict(zip(questions, ref_probes)))
+        right = [gives_content(a, p.keys) for p, a in zip(probes, ref_probes)]
+        ref_ask = [i for i in range(k) if right[i] and questions[i] not in ref_plain_kept]
+        cand_ask = [i for i in range(k) if right[i] and not gives_content(cand_probes[i], probes[i].keys)]
+        plain = ask([(plain_convs[i], reference_key, s.probe_max_new_tokens) for i in ref_ask]
+                    + [(plain_convs[i], ADAPTER_KEY, s.probe_max_new_tokens) for i in cand_ask])
+        tick(2 * k - len(plain))
+    fresh = {questions[i]: a for i, a in zip(ref_ask, plain)}
+    cache(reference_dir, None).put(fresh)
+    ref_plain_kept.update(fresh)
+    ref_plain = [ref_plain_kept.get(q, "") for q in questions]      # "": not asked, not read
+    cand_plain = [""] * k
+    for i, a in zip(cand_ask, plain[len(ref_ask):]):
+        cand_plain[i] = a
+    jobs_done = len(jobs) + len(plain)
     gen_seconds = time.perf_counter() - t0
-    n = len(convs)
-    k = len(probes)
-    cand_probes, cand_plain, rest = answers[2 * n:2 * n + k], answers[2 * n + k:2 * n + 2 * k], answers[2 * n + 2 * k:]
-    if base_probes is None:
-        base_probes, rest = rest[:len(probes)], rest[len(probes):]
-        cache(None, system_prompt).put(dict(zip(questions, base_probes)))
-    if reference_dir is None:
-        ref_probes = base_probes
-    elif ref_probes is None:
-        ref_probes, rest = rest[:len(probes)], rest[len(probes):]
-        cache(reference_dir, system_prompt).put(dict(zip(questions, ref_probes)))
-    if ref_plain is None:
-        ref_plain = rest[:len(probes)]
-        cache(reference_dir, None).put(dict(zip(questions, ref_plain)))
     before, after = {}, {}
     for m, ans in ((before, answers[:n]), (after, answers[n:2 * n])):
         i = 0
@@ -276,6 +301,7 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
     anchors = [{"messages": with_system_prompt([{"role": "user", "content": p.question},
                                                 {"role": "assistant", "content": a}], system_prompt)}
                for p, a in zip(probes, base_probes) if a]
+    anchors = anchors[::-(-len(anchors) // NLL_PROBES) or 1]     # evenly spread, at most NLL_PROBES
     peft_model = PeftModel.from_pretrained(base.model, str(adapter_dir))
     try:
         peft_model.eval()
@@ -285,7 +311,7 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
                 m["eval_loss"] = heldout_loss(peft_model, base.tokenizer, cats["eval"], s.max_seq_len)
                 tick(len(cats["eval"]))
                 m["general_nll"] = heldout_loss(peft_model, base.tokenizer, anchors, s.max_seq_len)
-                tick(len(probes))
+                tick(min(len(probes), NLL_PROBES))
     finally:
         peft_model.unload()
     before["general_embedding_similarity"] = 1.0
@@ -296,7 +322,7 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
     tick()
     after["eval_seconds"] = round(time.perf_counter() - t0, 2)
     after["generate_seconds"] = round(gen_seconds, 2)
-    log.info("evaluated %d answers in %.1f s", len(jobs), after["eval_seconds"])
+    log.info("evaluated %d answers in %.1f s", jobs_done, after["eval_seconds"])
     return before, after
 
 
