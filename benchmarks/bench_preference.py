@@ -60,7 +60,7 @@ TOPICS = ["photosynthesis", "gravity", "the water cycle", "an earthquake", "a vo
 TEMPLATES = ["What is {t}?", "Can you explain {t}?", "How does {t} work?"]
 SETTINGS = dict(seed=0, max_seq_len=256)   # and the app's defaults: self-replay, augmentation, LoRA, rates
 # questions of each kind, training settings, seeded samples per held-out prompt (0: the greedy answer only)
-SMALL = dict(train=8, heldout=4, settings=dict(epochs=2, preference_epochs=1), samples=0)
+SMALL = dict(train=6, heldout=3, settings=dict(epochs=1, preference_epochs=1, replay=4), samples=0)
 FULL = dict(train=18, heldout=6, settings={}, samples=EVAL_SAMPLES)
 METHOD = "sft+kto"            # the preference method compared with SFT alone
 # the general questions of the NLL figure: every ninth of the gate's probe set (facts, arithmetic, language)
