@@ -19,6 +19,7 @@ from .settings import BASE, MAX_MESSAGE_CHARS, Settings
 
 SNAPSHOT_NAME_CHARS = 12     # hash characters in an exported snapshot's file name
 DEFAULT_LOG_ROWS = 20        # `assistant logs` without -n
+HISTORY_ROWS = 20            # audit entries shown on a version's card
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,10 @@ class Workspace:
                                       reason=reason, user=user, principal=principal, role=role)
         self._check_new(response_id, correction, fid, rating)
         return fid
+
+    def version_history(self, domain: str, version: str) -> list[dict]:
+        """What people did to a version (its activations, overrides), newest first: the audit log's entries."""
+        return self.directory.audit_log(domain=domain, target=version, limit=HISTORY_ROWS)
 
     def feedback_list(self, domain: str | None = None) -> list[dict]:
         """Ratings in force (not withdrawn), oldest first, with the answer they rate."""

@@ -13,6 +13,9 @@ import httpx
 import openai
 import pytest
 
+from assistant.ui.adapters import show_card
+from assistant.ui.data import approve_pending
+
 from helpers import random_lora_adapter, running_server, zipped
 
 pytestmark = pytest.mark.slow
@@ -48,6 +51,13 @@ def server(tmp_path_factory, tiny_llama):
 @pytest.fixture(scope="module")
 def client(server):
     return httpx.Client(base_url=server[0], timeout=60)
+
+
+def _workspace(server):
+    """The server's workspace, opened beside it (one SQLite file): for the UI's handlers called directly."""
+    from assistant.settings import Settings
+    from assistant.workspace import Workspace
+    return Workspace(Settings(home=server[1]))
 
 
 def _chat(client, headers, model="support", content="Hi") -> str:
@@ -141,7 +151,7 @@ def test_ratings_belong_to_who_signed_in(client):
         == {"up", "down"}
 
 
-def test_a_users_correction_waits_for_review_before_it_can_train(client):
+def test_a_users_correction_waits_for_review_before_it_can_train(client, server):
     rid = _chat(client, basic("uma"), content="How long do refunds take?")
     correction = "Refunds take five working days."
     assert client.post("/api/feedback", headers=basic("uma"), json={"response_id": rid, "rating": "down",
@@ -160,6 +170,13 @@ def test_a_users_correction_waits_for_review_before_it_can_train(client):
     assert client.post("/api/domains/support/review", headers=basic("eddie"),
                        json={"keys": [item["key"]], "status": "approved"}).json()["reviewed"] == 1
     assert correction in exported()
+    # a second one, approved with every other pending item from the Data tab
+    rid = _chat(client, basic("uma"), content="Can I pay by card?")
+    client.post("/api/feedback", headers=basic("uma"), json={"response_id": rid, "rating": "down",
+                                                             "correction": "Yes, every major card works."})
+    assert "Yes, every major card works." not in exported()
+    assert "approved 1 pending item" in approve_pending(_workspace(server), "support")   # the Data tab's button
+    assert "Yes, every major card works." in exported()
     # an editor's own correction is trusted at once
     rid = _chat(client, basic("eddie"), content="Do you ship abroad?")
     client.post("/api/feedback", headers=basic("eddie"), json={"response_id": rid, "rating": "down",
@@ -169,7 +186,7 @@ def test_a_users_correction_waits_for_review_before_it_can_train(client):
     assert any(a["who"] == "eddie" and a["action"] == "POST /api/domains/{name}/review" for a in audit)
 
 
-def test_an_uploaded_card_brings_its_description_only(client, tiny_llama, tmp_path):
+def test_an_uploaded_card_brings_its_description_only(client, server, tiny_llama, tmp_path):
     folder = random_lora_adapter(tiny_llama, tmp_path / "forged", std=0.01)
     (folder / "card.json").write_text(json.dumps({
         "description": "A support adapter.", "job_id": "0" * 16, "metrics": {"gate": {"promote": True}},
@@ -181,8 +198,13 @@ def test_an_uploaded_card_brings_its_description_only(client, tiny_llama, tmp_pa
               if a["version"] == r.json()["version"]]
     assert card["description"] == "A support adapter." and card["imported"] is True and card["imported_by"] == "eddie"
     assert not {"job_id", "metrics", "gate", "override", "created_by"} & set(card)
-    audit = client.get(f"/api/audit?target={r.json()['version']}", headers=ADMIN).json()
-    assert audit == [] or all(a["who"] == "eddie" for a in audit)
+    version = r.json()["version"]
+    assert client.post(f"/api/domains/support/adapters/{version}/activate", headers=basic("eddie"),
+                       json={"override": True}).status_code == 200
+    [entry] = client.get(f"/api/audit?target={version}", headers=ADMIN).json()
+    assert entry["who"] == "eddie" and entry["domain"] == "support" and entry["action"].endswith("/activate")
+    shown, _ = show_card(_workspace(server), "support", version)   # the card in the Adapters tab
+    assert "eddie" in shown and "activated (API)" in shown
     assert any(a["who"] == "eddie" and a["action"] == "POST /api/domains/{name}/adapters"
                for a in client.get("/api/audit?domain=support", headers=ADMIN).json())
 

@@ -114,7 +114,8 @@ def adapters_view(workspace, domain, version=None):
     if not versions:
         head += ("\n\nNo versions yet: add examples in the Data tab and correct answers in the Chat tab, then "
                  "press Retrain in the Train tab (or import a PEFT adapter below).")
-    return (rows, gr.update(choices=version_choices(versions), value=version), card_markdown(domain, version, card),
+    return (rows, gr.update(choices=version_choices(versions), value=version),
+            card_markdown(domain, version, card) + history_markdown(workspace, domain, version),
             card or {"card": "none"}, head, gr.update(open=False))
 
 
@@ -127,7 +128,23 @@ def show_card(workspace, domain, version):
         card = workspace.card(domain, version)
     except AssistantError as e:
         return err(e), {"card": "none"}
-    return card_markdown(domain, version, card), card or {"card": "none"}
+    return card_markdown(domain, version, card) + history_markdown(workspace, domain, version), card or {"card": "none"}
+
+
+HISTORY_WORDS = {"UI activate": "activated (UI)", "UI activate_anyway": "activated past the gate (UI)",
+                 "POST /api/domains/{name}/adapters/{version}/activate": "activated (API)"}
+
+
+def history_markdown(workspace, domain: str, version: str | None) -> str:
+    """Who did what to this version (the audit log): activations, overrides."""
+    if not version or version == BASE:
+        return ""
+    entries = workspace.version_history(domain, version)
+    if not entries:
+        return ""
+    lines = [f"- {_when(e['at'])} · **{e['who']}** ({e['role']}) · {HISTORY_WORDS.get(e['action'], e['action'])}"
+             for e in entries]
+    return "\n\n**History**\n\n" + "\n".join(lines)
 
 
 def activate(serving, domain, version, model, request: gr.Request):

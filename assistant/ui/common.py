@@ -69,8 +69,11 @@ def role_of(request: gr.Request | None) -> str:
 # hidden tab's events called directly (gradio_client) are refused too.
 USER_HANDLERS = {"refresh_models", "clear_status", "role_view"}
 # UI actions that change something: recorded in the audit log (who, the action, the values it was given)
-AUDITED = {"activate", "activate_anyway", "rollback", "import_adapter", "create_from_adapters", "create_from_chat",
-           "review", "import_seed", "retrain", "cancel", "retry", "activate_published"}
+# -> where its domain and its target (a version) are among the values it is given (None: not there)
+AUDITED = {"activate": (0, 1), "activate_anyway": (0, 1), "rollback": (0, None), "import_adapter": (0, None),
+           "create_from_adapters": (0, None), "create_from_chat": (0, None), "review": (1, None),
+           "import_seed": (0, None), "retrain": (None, None), "cancel": (None, None), "retry": (None, None),
+           "activate_published": (0, None), "approve_pending": (0, None)}
 AUDIT_VALUE_CHARS = 80
 
 
@@ -138,8 +141,10 @@ def _audit(who, action: str, args) -> None:
     if directory is None:
         return
     values = [a[:AUDIT_VALUE_CHARS] for a in args if isinstance(a, str) and a]
+    where = [args[i] if i is not None and i < len(args) and isinstance(args[i], str) else None
+             for i in AUDITED[action]]
     try:
-        directory.audit(who, f"UI {action}", None, None, values=values)
+        directory.audit(who, f"UI {action}", *where, values=values)
     except Exception:  # noqa: BLE001 - the action goes on; the failure is in the server log
         log.exception("could not write the audit log for the UI action %s", action)
 

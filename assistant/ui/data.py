@@ -145,6 +145,20 @@ def review(workspace, action, domain, key, prompt, answer):
     return f"{key}: {action}"
 
 
+def approve_pending(workspace, domain):
+    """Approve every pending item (user accounts' feedback) of the domain at once -> status."""
+    try:
+        if not domain:
+            raise field_error("Domain", "pick a domain")
+        keys = [it["key"] for it in workspace.review_queue(domain) if it.get("removed") == "pending"]
+        if not keys:
+            return "nothing is pending review"
+        n = workspace.review_many(domain, keys, "approved")
+    except AssistantError as e:
+        return err(e)
+    return f"approved {n} pending item{'s' if n != 1 else ''}: they train from the next job on"
+
+
 def import_seed(workspace, domain, upload, request: gr.Request):
     try:
         if not domain:
@@ -177,6 +191,7 @@ def build(workspace, P):
         approve = gr.Button("Approve", elem_id="review-approve")
         reject = gr.Button("Reject", variant="stop", elem_id="review-reject")
         edit = gr.Button("Save edit", elem_id="review-edit")
+        approve_all = gr.Button("Approve all pending", elem_id="review-approve-pending")
     status = gr.Markdown("", elem_id="data-status")
     with gr.Row():
         report = gr.Dataframe(headers=["filter", "removed"], interactive=False, elem_id="curation-report",
@@ -195,6 +210,7 @@ def build(workspace, P):
     for btn, action in ((approve, "approved"), (reject, "rejected"), (edit, "edit")):
         btn.click(P(review, workspace, action), [domain, selected, prompt, answer], [status]).then(
             P(data_view, workspace), [domain], out)
+    approve_all.click(P(approve_pending, workspace), [domain], [status]).then(P(data_view, workspace), [domain], out)
     seed_btn.click(P(import_seed, workspace), [domain, seed_file], [status]).then(P(data_view, workspace), [domain], out)
     export_btn.click(P(export, workspace), [domain], [export_file, status])
     return dict(domain=domain, out=out)
