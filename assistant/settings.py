@@ -159,9 +159,9 @@ class Settings:
         if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
             raise ValueError("--database-url must be a postgresql://USER@HOST:PORT/DATABASE URL "
                              "(leave it out for the SQLite file in --state-dir)")
-        if self.share and not self.auth:
-            raise ValueError("--share publishes the app on a public link: add --auth USER:PASS "
-                             "(or --auth-file FILE) so strangers cannot use or change it")
+        if self.share and not (self.auth or self.api_key):
+            raise ValueError("--share publishes the app on a public link: add --auth USER:PASS (or --auth-file "
+                             "FILE, or --api-key KEY beside stored users) so strangers cannot use or change it")
 
     # Resolved folders -------------------------------------------------------------------------
     def _resolve(self, p: Path) -> Path:

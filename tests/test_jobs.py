@@ -170,6 +170,9 @@ def test_cancel_kills_the_process_group(world):
     jobs.cancel_job(settings, store, jobs.start_job(settings, store, registry, "atlas", FAST))
 
 
+KILLS = 6   # jobs killed at random points of their run (each one costs a whole job here)
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_keeps_the_active_version(world):
     from assistant import jobs
@@ -180,7 +183,7 @@ def test_sigkill_at_random_points_keeps_the_active_version(world):
     assert first["status"] == "succeeded", first["error"]
     registry.activate("atlas", "v1", load=registry.version_path)   # setting up: the version exists
     rng = random.Random(5)
-    for _ in range(10):
+    for _ in range(KILLS):
         job_id = jobs.start_job(settings, store, registry, "atlas", FAST)
         time.sleep(rng.uniform(0, duration * 1.1))      # data prep, loading, training, eval, save, publish
         job = store.get_job(job_id)
