@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-@pytest.mark.slow   # samples, rates and trains twice on the embedded model: about two minutes here
+@pytest.mark.slow
+@pytest.mark.long   # samples, rates and trains twice on the embedded model: three to four minutes on 2 cores
 def test_small_preference_benchmark(embedded_path, capsys):
     import bench_preference
     out = bench_preference._run(small=True, seed=0)
