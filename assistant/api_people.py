@@ -103,7 +103,7 @@ def add_people_routes(r: APIRouter, workspace) -> None:
         owner = body.owner or who.name
         if owner != who.name and who.role != "admin":
             raise PermissionDenied("you can make keys only for yourself: ask an admin")
-        if owner is None or who.kind in ("open", "api-key", "control") and body.owner is None:
+        if owner is None or (who.kind in ("open", "api-key", "control") and body.owner is None):
             raise InvalidSetting("owner: personal keys belong to stored users: name the owner (assistant users "
                                  "add creates one)", param="owner")
         key = await asyncio.to_thread(directory().create_key, owner, body.label)
