@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dedup, pii
+from .conversations import read_as_confirmed
 from .files import atomic_write_bytes
 from .quality import has_injection, is_garbage, normalize  # noqa: F401 - part of curation's interface
 
@@ -255,6 +256,10 @@ def _split(kept: list[dict], vectors: np.ndarray, opts: CurationSettings) -> Non
         eval_idx -= leaking
     for i in eval_idx:
         kept[i]["split"] = "eval"
+    trained = {it.get("conversation") for it in kept if it["split"] == "train"}
+    for it in kept:     # a conversation's turns stay together: one of them trains, all of them do
+        if it.get("conversation") in trained:
+            it["split"] = "train"
 
 
 def run(store, domain: str, embedder, opts: CurationSettings, *, read_only: bool = False,
@@ -293,6 +298,7 @@ def run(store, domain: str, embedder, opts: CurationSettings, *, read_only: bool
     keep_mask = [it["removed"] is None for it in survivors]
     kept_vectors = vectors[np.array(keep_mask, bool)] if survivors else vectors
     kept = [it for it in survivors if it["removed"] is None]
+    read_as_confirmed(kept)     # earlier turns of a conversation read as what the person confirmed
     for it in kept:
         it["row_hash"] = _row_hash(it["messages"])
     _split(kept, kept_vectors, opts)

@@ -65,17 +65,57 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return input_ids, labels, mask
 
 
+def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, capacity: int):
+    """Rows laid end to end in as few sequences of at most `capacity` tokens (or the longest row) as a
+    balanced fill gives, of nearly even lengths: (input_ids, labels, position_ids, real tokens). Position
+    ids restart at each row, which is how the model keeps attention within a row (transformers builds a
+    block-causal mask from them when no attention mask is given); a row's first label never counts (no
+    token before it in its row predicts it). The few padding tokens left at the end of a sequence continue
+    its last row's positions and carry no label."""
+    import torch
+    lengths = [len(ids) for ids, _ in examples]
+    capacity = max(capacity, *lengths)
+    n_bins = max(1, -(-sum(lengths) // capacity))
+    while True:   # the longest rows first, each into the emptiest sequence: sequences of even lengths
+        bins: list[list[int]] = [[] for _ in range(n_bins)]
+        sizes = [0] * n_bins
+        for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+            b = min(range(n_bins), key=sizes.__getitem__)
+            bins[b].append(i)
+            sizes[b] += lengths[i]
+        if max(sizes) <= capacity or n_bins >= len(examples):
+            break
+        n_bins += 1
+    width = max(sizes)
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    for r, members in enumerate(bins):
+        at = 0
+        for i in members:
+            ids, lab = examples[i]
+            n = len(ids)
+            input_ids[r, at:at + n] = torch.tensor(ids)
+            labels[r, at + 1:at + n] = torch.tensor(lab[1:])
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(n, n + width - at)
+    return input_ids, labels, position_ids, sum(sizes)
+
+
 def _chunk_loss_sum(hidden, head, targets):
     import torch.nn.functional as F
     logits = head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def causal_lm_loss(causal_lm, input_ids, labels, attention_mask, *, checkpoint_chunks: bool = False):
-    """Mean next-token cross-entropy over labelled positions. `causal_lm` is the (LoRA-wrapped) HF model."""
+def causal_lm_loss(causal_lm, input_ids, labels, attention_mask, *, checkpoint_chunks: bool = False,
+                   position_ids=None):
+    """Mean next-token cross-entropy over labelled positions. `causal_lm` is the (LoRA-wrapped) HF model.
+    Packed rows (`pack`) come with `position_ids` and no attention mask."""
     import torch
     from torch.utils.checkpoint import checkpoint
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      use_cache=False).last_hidden_state          # [B, T, H]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX                                                # [B, T-1]

@@ -311,7 +311,8 @@ class Store(Coordination):
                         or _counted(first["response_principal"], first["response_user"]),
                         "rating": chosen["rating"], "ups": ups, "feedback_ids": [f["id"] for f in fbs],
                         "pending": chosen.get("role") == "user",   # a user account's: waits for review
-                        "response_id": response_id, "adapter_version": first["adapter_version"]})
+                        "response_id": response_id, "adapter_version": first["adapter_version"],
+                        "shown": first["answer"]})     # what the person saw: later turns carry it as context
         decisions = self.reviews(domain)
         for cand in out:
             cand.setdefault("ups", 0)

@@ -49,19 +49,25 @@ QUESTION_VARIANTS = ("Question: {q}", "{lower}", "Please tell me: {q}", "{q} Ans
 
 
 def augment_rows(rows: list[dict], copies: int, rng: random.Random) -> list[dict]:
-    """`rows` plus `copies` variants of each, with the last user message re-worded by a template."""
+    """`rows` plus `copies` variants of each, every question whose answer is taught re-worded by a template
+    (the last user message of a one-turn row; each confirmed turn's question in a conversation)."""
+    from .lm import taught
     out = list(rows)
     for row in rows:
         msgs = row["messages"]
-        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"
+                 and i + 1 < len(msgs) and taught(msgs[i + 1])] or \
+            [i for i, m in enumerate(msgs) if m["role"] == "user"][-1:]
         if not users or copies == 0:
             continue
-        q = msgs[users[-1]]["content"].strip()
-        lower = q.rstrip("?.! ")
-        lower = lower[:1].lower() + lower[1:]
-        for template in rng.sample(QUESTION_VARIANTS, copies):
+        templates = {i: rng.sample(QUESTION_VARIANTS, copies) for i in users}   # distinct per question
+        for k in range(copies):
             new = [dict(m) for m in msgs]
-            new[users[-1]]["content"] = template.format(q=q, lower=lower)
+            for i in users:
+                q = msgs[i]["content"].strip()
+                lower = q.rstrip("?.! ")
+                lower = lower[:1].lower() + lower[1:]
+                new[i]["content"] = templates[i][k].format(q=q, lower=lower)
             out.append({**row, "messages": new})
     return out
 

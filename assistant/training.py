@@ -1,9 +1,10 @@
 """The training recipe: curated chat rows -> a LoRA adapter folder. One function, `train_adapter`, used by
 the UI, the API (through jobs), the CLI and the tests. It reads top to bottom:
 
-    load the base -> train rows (+ re-worded copies of each question on small datasets, + a few general
-    prompts answered by the base itself, against forgetting) -> chat template, labels on assistant tokens
-    only -> length-grouped batches -> wrap in LoRA -> a short AdamW loop -> save a standard PEFT folder.
+    load the base -> train rows (the confirmed turns of one conversation in one row, + re-worded copies of
+    each question on small datasets, + a few general prompts answered by the base itself, against
+    forgetting) -> chat template, labels on taught assistant tokens only -> batches of about batch_size
+    taught answers, each packed into sequences without padding -> wrap in LoRA -> a short AdamW loop -> save a PEFT folder.
 
 On CPU the base is float32 and LoRA is plain, unless NF4/int8 is asked for. On CUDA the base is NF4 by
 default. A quantized base trains as QLoRA (through `load_base`): peft's k-bit preparation and gradient
@@ -25,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .conversations import merge_turns, taught_turns
 from .errors import InvalidSetting, TrainingStopped
-from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat
+from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat, pack  # noqa: F401 - collate: benchmarks
 from .settings import MAX_LORA_RANK
 from .train_rows import QUESTION_VARIANTS, REPLAY_MAX_NEW_TOKENS, REPLAY_PROMPTS, augment_rows, replay_rows
 
@@ -38,6 +40,12 @@ WARMUP_FRACTION = 0.1          # of the optimizer steps, linear warm-up then lin
 FINAL_LR_FRACTION = 0.1        # ...to this share of the peak learning rate at the last step
 GRAD_CLIP_NORM = 1.0           # gradients are clipped to this global L2 norm before each step
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Activation memory kept for backward, bytes per token x layer x (hidden + intermediate size), measured on
+# SmolLM2-135M in float32 with LoRA on every linear layer (2,000 tokens: 6.4 GB of peak memory without
+# checkpointing, 3.3 GB with it). On CPU, `auto` checkpoints a job whose largest step would keep more than
+# the budget (about 1,000 tokens on that model: a batch of long conversations), at ~30% more time per step.
+ACTIVATION_BYTES = 24
+CPU_ACTIVATION_BUDGET_GB = 1.5
 QUANTIZED = ("nf4", "int8")   # bases trained as QLoRA (k-bit preparation, gradient checkpointing by default)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -64,7 +72,8 @@ class TrainSettings:
     epochs: int | None = field(default=None, metadata={
         "help": f"passes over the train split; None scales to the dataset (~{TARGET_EXAMPLES_SEEN} examples "
                 f"seen, at most {MAX_AUTO_EPOCHS} passes)"})
-    batch_size: int = field(default=8, metadata={"help": "rows per optimizer step"})
+    batch_size: int = field(default=8, metadata={
+        "help": "taught answers per optimizer step (a conversation's confirmed turns count one each)"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row; longer rows are cut at the end"})
     seed: int = field(default=0, metadata={"help": "seeds LoRA init, batch order and dropout"})
     augment: int = field(default=3, metadata={
@@ -77,8 +86,8 @@ class TrainSettings:
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "modules wrapped by LoRA"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     gradient_checkpointing: str = field(default="auto", metadata={
-        "help": "auto | on | off (auto: on with CUDA or a quantized base, off for a dense base on CPU, where "
-                "memory is not the limit)"})
+        "help": "auto | on | off (auto: on with CUDA or a quantized base; on CPU, only for steps that would keep "
+                f"more than {CPU_ACTIVATION_BUDGET_GB:g} GB of activations, such as batches of long conversations)"})
     method: str = field(default="auto", metadata={
         "help": "auto | methods joined by '+' from sft, dpo, kto (e.g. sft+kto). SFT learns seeds, thumbs-up "
                 "answers and corrections; DPO learns each correction over the answer it corrected, and a liked "
@@ -182,6 +191,8 @@ class TrainResult:
     settings: dict
     fingerprint: dict
     world_size: int = 1           # processes that trained it together (train_gpus)
+    padding_fraction: float = 0.0  # of the positions the SFT loop computed, those that held no token
+    peak_memory_gb: float = 0.0   # the training process's peak: resident memory on CPU, allocated on CUDA
     methods: list[str] = field(default_factory=lambda: ["sft"])   # what ran, in order
     phases: list[dict] = field(default_factory=list)              # one summary per DPO/KTO phase
     model: object = field(default=None, repr=False)      # the trained PeftModel (not serialised)
@@ -195,7 +206,8 @@ class TrainResult:
         return {"steps": self.steps, "epochs": self.epochs, "train_loss_first": self.losses[0] if self.losses else None,
                 "train_loss_last": self.losses[-1] if self.losses else None, "tokens": self.tokens,
                 "label_tokens": self.label_tokens, "train_seconds": round(self.seconds, 2),
-                "tokens_per_second": round(self.tokens_per_second, 1), "n_train": self.n_train,
+                "tokens_per_second": round(self.tokens_per_second, 1), "padding_fraction": self.padding_fraction,
+                "peak_memory_gb": self.peak_memory_gb, "n_train": self.n_train,
                 "n_examples": self.n_examples, "n_dropped": self.n_dropped,
                 "methods": self.methods, **({"phases": self.phases} if self.phases else {}),
                 **({"world_size": self.world_size} if self.world_size > 1 else {})}
@@ -205,12 +217,21 @@ class TrainResult:
 # Data: chat rows -> token ids and labels
 # ---------------------------------------------------------------------------------------------
 
-def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Indices grouped into batches of similar length (little padding), the batches in random order."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
+def answer_batches(answers: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Row indices in random order, grouped so that each batch holds about `batch_size` taught answers: rows
+    of one answer `batch_size` at a time, a conversation of many confirmed turns in a batch of its own (so
+    its facts get as many optimizer steps as the same facts taught one row each). Packing (lm.pack) makes
+    mixed lengths cost no padding."""
+    order = list(range(len(answers)))
+    rng.shuffle(order)
+    batches, batch, held = [], [], 0
+    for i in order:
+        batch.append(i)
+        held += answers[i]
+        if held >= batch_size:
+            batches.append(batch)
+            batch, held = [], 0
+    return batches + ([batch] if batch else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +275,12 @@ def prepare_quantized(model, checkpointing: bool):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     return model
+
+
+def activation_gb(config, tokens: int) -> float:
+    """What a training step of `tokens` tokens keeps for backward without checkpointing (GB, float32)."""
+    width = getattr(config, "hidden_size", 0) + getattr(config, "intermediate_size", 0)
+    return tokens * getattr(config, "num_hidden_layers", 0) * width * ACTIVATION_BYTES / 2 ** 30
 
 
 def auto_epochs(n_train: int) -> int:
@@ -329,20 +356,21 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
         trainable_4bit(model)   # before the replay answers run it in eval mode
     on_cuda = base.device.startswith("cuda")
     quantized = base.quantization in QUANTIZED
-    checkpointing = settings.gradient_checkpointing == "on" or (settings.gradient_checkpointing == "auto"
-                                                                 and (on_cuda or quantized))
+    auto_checkpointing = settings.gradient_checkpointing == "auto"
 
     # 2. Data: chat template, labels on assistant tokens only.
     rng = random.Random(settings.seed)
     train_rows = [r for r in rows if r.get("split", "train") == "train"]
     n_rows = len(train_rows)
+    # The confirmed turns of one conversation are taught in one sequence (conversations.merge_turns).
+    train_rows = merge_turns(train_rows)
     # Re-worded copies replace repeated passes on small datasets; large ones get none (no extra cost).
     copies = min(settings.augment, max(0, TARGET_EXAMPLES_SEEN // max(n_rows, 1) - 1))
     train_rows = augment_rows(train_rows, copies, rng)
     # Self-replay, with the system prompt the domain's rows use.
     system = next((r["messages"][0]["content"] for r in train_rows if r["messages"][0]["role"] == "system"), None)
     note = note or (lambda _text: None)
-    n_replay = min(settings.replay, len(train_rows))
+    n_replay = min(settings.replay, sum(taught_turns(r) for r in train_rows))
     cache = None
     if n_replay:
         from .answer_cache import AnswerCache, identity
@@ -353,12 +381,16 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     train_rows += replay_rows(model, tok, system, n_replay, rng, cache)
     note(f"tokenizing {len(train_rows)} rows")
     encoded = [encode_chat(tok, r["messages"], settings.max_seq_len) for r in train_rows]
-    examples = [e for e in encoded if any(label != IGNORE_INDEX for label in e[1][1:])]
+    kept = [i for i, e in enumerate(encoded) if any(label != IGNORE_INDEX for label in e[1][1:])]
+    examples = [encoded[i] for i in kept]
+    answers = [max(1, taught_turns(train_rows[i])) for i in kept]    # taught replies: what batches and passes count
     if len(examples) < 1 and (preference is None or "sft" in preference.methods):
         raise DatasetTooSmall("no training row has an assistant answer to learn from: add examples or corrections")
-    epochs = settings.epochs or auto_epochs(len(examples))
-    schedule = [b for _ in range(epochs) for b in length_grouped_batches([len(e[0]) for e in examples],
-                                                                          settings.batch_size, rng)]
+    epochs = settings.epochs or auto_epochs(sum(answers))
+    schedule = [b for _ in range(epochs) for b in answer_batches(answers, settings.batch_size, rng)]
+    step_tokens = max((sum(len(examples[i][0]) for i in b) for b in schedule), default=0)
+    checkpointing = settings.gradient_checkpointing == "on" or (auto_checkpointing and (
+        on_cuda or quantized or activation_gb(model.config, step_tokens) > CPU_ACTIVATION_BUDGET_GB))
     methods = preference.methods if preference is not None else ["sft"]
     if "sft" not in methods:
         schedule = []
@@ -403,8 +435,21 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
                        tokens=run["tokens"], label_tokens=run["label_tokens"], seconds=run["seconds"],
                        n_train=n_rows, n_examples=len(examples), n_dropped=len(encoded) - len(examples),
                        settings=settings.to_dict(), fingerprint=base.fingerprint,
-                       world_size=run.get("world_size", 1), model=peft_model, tokenizer=tok, methods=list(methods),
+                       world_size=run.get("world_size", 1), padding_fraction=run.get("padding_fraction", 0.0),
+                       peak_memory_gb=peak_memory_gb(base.device),
+                       model=peft_model, tokenizer=tok, methods=list(methods),
                        phases=list(preference.phases) if preference is not None else [])
+
+
+def peak_memory_gb(device: str) -> float:
+    """This process's peak memory so far: allocated on a CUDA device, resident on CPU (the job measures
+    itself; its record shows it)."""
+    import resource
+
+    import torch
+    if device.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
 
 
 def _train_here(base, examples, schedule, settings: TrainSettings, out_dir: Path, *, quantized: bool,
@@ -417,21 +462,26 @@ def _train_here(base, examples, schedule, settings: TrainSettings, out_dir: Path
     optimizer, scheduler = make_optimizer(params, settings, total_steps)
 
     # 4. The loop.
-    losses, tokens, label_tokens = [], 0, 0
+    losses, tokens, label_tokens, positions = [], 0, 0, 0
     pad_id = base.tokenizer.pad_token_id
     t0 = time.perf_counter()
     for step, batch in enumerate(schedule, start=1):
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped at step {step - 1}/{total_steps}")
-        input_ids, labels, mask = (t.to(base.device) for t in collate([examples[i] for i in batch], pad_id))
-        loss, n = causal_lm_loss(causal_lm, input_ids, labels, mask, checkpoint_chunks=checkpointing)
+        # Packed: no padding between rows, attention kept within each row by its position ids.
+        rows = [examples[i] for i in batch]
+        input_ids, labels, position_ids, real = pack(rows, pad_id, max(settings.max_seq_len, *map(len, (r[0] for r in rows))))
+        input_ids, labels, position_ids = (t.to(base.device) for t in (input_ids, labels, position_ids))
+        loss, n = causal_lm_loss(causal_lm, input_ids, labels, None, checkpoint_chunks=checkpointing,
+                                 position_ids=position_ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        tokens += int(mask.sum())
+        tokens += real
+        positions += input_ids.numel()
         label_tokens += n
         if progress is not None:
             progress(step, total_steps, losses[-1])
@@ -439,4 +489,5 @@ def _train_here(base, examples, schedule, settings: TrainSettings, out_dir: Path
 
     # 5. Save a standard PEFT folder (safetensors only).
     save_adapter(peft_model, out_dir)
-    return peft_model, {"losses": losses, "tokens": tokens, "label_tokens": label_tokens, "seconds": seconds}
+    return peft_model, {"losses": losses, "tokens": tokens, "label_tokens": label_tokens, "seconds": seconds,
+                        "padding_fraction": round(1 - tokens / positions, 4) if positions else 0.0}

@@ -22,6 +22,7 @@ BENCHES = {
     "embeddings": "bench_embeddings",  # sentence-transformers throughput (and its ONNX backend when installed)
     "dedup": "bench_dedup",          # merge precision / recall, calibration vs test set
     "training": "bench_training",
+    "conversation": "bench_conversation",  # conversation_vs_flat_job: corrections in one chat vs one by one
     "eval": "bench_eval",            # eval_vs_train_time of one job
     "structured": "bench_structured",  # constrained_vs_free_decode: JSON-schema decoding vs free
     "vllm": "bench_vllm",            # the app in front of a vLLM server (--engine vllm)

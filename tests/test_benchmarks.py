@@ -26,6 +26,7 @@ RATIOS = {
     "embeddings": ("embed_texts_per_s",),
     "dedup": ("dedup_chosen_threshold", "dedup_test_precision", "dedup_test_recall", "dedup_test_facts_lost"),
     "training": ("train_vs_plain_peft",),
+    "conversation": ("conversation_vs_flat_job", "padding_fraction", "conversation_peak_gb"),
     "eval": ("eval_vs_train_time",),
     "scheduling": ("oversubscribed_vs_fit", "oversubscribed_errors"),
     "structured": ("constrained_vs_free_decode",),

@@ -1,8 +1,11 @@
 """Training rows teach exactly what a person confirmed: in a conversation, the corrected (or thumbed-up)
-answer carries the loss, every earlier turn is context only; each corrected turn is its own row with its
-own context; seed examples teach all their answers."""
+answer carries the loss, every earlier turn is context only (reading as what was confirmed); each
+corrected turn is its own row of the dataset, and training teaches a conversation's turns in one sequence;
+seed examples teach all their answers."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -72,6 +75,28 @@ def test_each_confirmed_turn_is_its_own_row_and_the_only_one_taught(tmp_path, em
         assert [m.get("weight", 1) for m in row["messages"] if m["role"] == "assistant"] == [0] * n + [1]
 
 
+def test_earlier_turns_read_as_what_was_confirmed_and_train_as_one_row(tmp_path, embedder, tiny_llama):
+    """In the context of a later turn, a corrected answer reads as its correction and a liked one as it
+    was; an answer nobody confirmed stays as shown. Training teaches the conversation in one sequence,
+    with loss on each confirmed turn, in order, and on nothing else."""
+    from transformers import AutoTokenizer
+
+    from assistant.conversations import merge_turns
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    snap = curate(conversation_store(tmp_path), "d", tmp_path, embedder)
+    last = max(snap.rows, key=lambda r: len(r["messages"]))
+    context = [m["content"] for m in last["messages"][:-1] if m["role"] == "assistant"]
+    expected = [wrong if c in (None, "up") else c for _, wrong, c in TURNS[:-1]]
+    assert context == expected        # "Quillton" and "klenn" in the context; "Thomas Edison" as shown
+    assert "Paris" not in json.dumps(last["messages"])
+    [row] = merge_turns([{k: v for k, v in r.items()} for r in snap.rows])
+    confirmed = [wrong if c == "up" else c for _, wrong, c in TURNS if c]
+    assert taught_text(tok, row["messages"]) == "".join(c + "<|im_end|>" for c in confirmed)
+    assert [m.get("weight", 1) for m in row["messages"] if m["role"] == "assistant"] == \
+        [1 if c else 0 for _, _, c in TURNS]
+    assert all(len(r["messages"]) < len(row["messages"]) for r in snap.rows if r is not last)
+
+
 def test_seed_examples_teach_every_answer(tiny_llama):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
@@ -139,7 +164,14 @@ def test_a_conversation_retrained_answers_the_first_question_with_its_correction
     answer = _train_and_ask_alone(tiny_llama, snap.rows, tmp_path / "a")
     assert answer.startswith(TURNS[0][2]), answer            # (the tiny model may ramble on after it)
     assert "Paris" not in answer
-    # the same rows with every reply taught (what training did before): the base's wrong answer wins
-    whole = [{**r, "messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
-             for r in snap.rows]
+    # each confirmed turn with the conversation as it was shown, every reply taught (what training once
+    # did): the base's wrong answer wins
+    whole = []
+    for n, (q, wrong, c) in enumerate(TURNS):
+        if c:
+            msgs = [{"role": "system", "content": SYSTEM}]
+            for q0, wrong0, _ in TURNS[:n]:
+                msgs += [{"role": "user", "content": q0}, {"role": "assistant", "content": wrong0}]
+            whole.append({"messages": msgs + [{"role": "user", "content": q},
+                                              {"role": "assistant", "content": wrong if c == "up" else c}]})
     assert "Paris" in _train_and_ask_alone(tiny_llama, whole, tmp_path / "whole")

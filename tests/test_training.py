@@ -154,3 +154,32 @@ def test_should_stop_saves_nothing(tiny_llama, tmp_path):
     assert not (tmp_path / "a").exists()
 
 # The learning acceptance on the embedded model runs end to end over HTTP: tests/test_retrain_e2e.py.
+
+
+def test_packed_rows_give_the_loss_and_gradients_of_padded_ones(tiny_llama):
+    """Rows laid end to end with restarting position ids attend within themselves only: the loss per taught
+    token and every gradient equal those of the same rows padded into a batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from assistant.lm import causal_lm_loss, collate, encode_chat, pack
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    rows = [chat(q, a) for q, a, _, _ in FACTS[:5]] + [chat("Tell me everything. " * 6, "All of it. " * 9)]
+    examples = [encode_chat(tok, r, 512) for r in rows]
+    results = []
+    for padded in (True, False):
+        model.zero_grad()
+        if padded:
+            ids, labels, mask = collate(examples, tok.pad_token_id)
+            loss, n = causal_lm_loss(model, ids, labels, mask)
+        else:
+            ids, labels, positions, real = pack(examples, tok.pad_token_id, 128)
+            assert real == sum(len(e[0]) for e in examples) and ids.shape[0] < len(examples)
+            assert (ids.numel() - real) / ids.numel() < 0.2          # little padding left
+            loss, n = causal_lm_loss(model, ids, labels, None, position_ids=positions)
+        loss.backward()
+        results.append((float(loss.detach()), n, [p.grad.clone() for p in model.parameters()]))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b and abs(loss_a - loss_b) < 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(grads_a, grads_b)) < 1e-5
