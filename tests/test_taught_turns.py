@@ -175,3 +175,23 @@ def test_a_conversation_retrained_answers_the_first_question_with_its_correction
             whole.append({"messages": msgs + [{"role": "user", "content": q},
                                               {"role": "assistant", "content": wrong if c == "up" else c}]})
     assert "Paris" in _train_and_ask_alone(tiny_llama, whole, tmp_path / "whole")
+
+
+def test_a_conversations_turns_are_never_split_between_train_and_eval():
+    """Held-out rows come from seeds and thumbs-up answers; a thumbed-up turn of a conversation whose
+    correction trains trains too."""
+    import hashlib
+
+    import numpy as np
+
+    from assistant.curation import MIN_ITEMS_FOR_HOLDOUT, CurationSettings, _split
+    n = 2 * MIN_ITEMS_FOR_HOLDOUT
+    kept = [{"key": f"k{i}", "row_hash": hashlib.sha256(str(i).encode()).hexdigest(),
+             "source": "correction" if i % 4 == 0 else "up", "conversation": f"c{i // 4}"} for i in range(n)]
+    vectors = np.eye(n, dtype=np.float32)                       # no row near another
+    _split(kept, vectors, CurationSettings(eval_fraction=0.5))
+    assert all(it["split"] == "train" for it in kept)           # every conversation has a correction
+    for it in kept:
+        it["conversation"] = it["key"]                          # each row alone: some are held out
+    _split(kept, vectors, CurationSettings(eval_fraction=0.5))
+    assert any(it["split"] == "eval" for it in kept)
