@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from .lm import taught
+
 
 def _key(messages: list[dict]) -> str:
     """Identity of a conversation prefix: roles and contents (weights and marks aside)."""
@@ -65,8 +67,7 @@ def read_as_confirmed(items: list[dict]) -> None:
 def merge_turns(rows: list[dict]) -> list[dict]:
     """Training rows with every row that begins a longer one taught inside it: the longer row's turn at
     that place carries loss (its `"weight": 0` dropped). Rows keep their order; a merged row's place is
-    the longest row's. Seed rows and rows of another split are left as they are."""
-    from .lm import taught
+    the longest row's. `rows` are of one split (training merges its train rows)."""
     prefixes: dict[str, int] = {}            # prefix key -> the longest row that holds it
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["messages"]))
     keep = [True] * len(rows)
@@ -76,12 +77,11 @@ def merge_turns(rows: list[dict]) -> list[dict]:
         if not msgs or not taught(msgs[-1]):
             continue
         holder = prefixes.get(_key(msgs))
-        if holder is not None and out[holder].get("split", "train") == out[i].get("split", "train"):
+        if holder is not None:
             target = out[holder]["messages"]
             for p, m in enumerate(msgs):     # everything this row teaches, taught in the longer row
                 if taught(m):
                     target[p] = {k: v for k, v in target[p].items() if k != "weight"}
-            out[holder]["merged"] = out[holder].get("merged", 1) + out[i].get("merged", 1)
             keep[i] = False
             continue
         for p, m in enumerate(msgs):
@@ -92,5 +92,4 @@ def merge_turns(rows: list[dict]) -> list[dict]:
 
 def taught_turns(row: dict) -> int:
     """How many replies of a row carry loss."""
-    from .lm import taught
     return sum(taught(m) for m in row["messages"])

@@ -28,7 +28,7 @@ from typing import Callable
 
 from .conversations import merge_turns, taught_turns
 from .errors import InvalidSetting, TrainingStopped
-from .lm import IGNORE_INDEX, causal_lm_loss, collate, encode_chat, pack  # noqa: F401 - collate: benchmarks
+from .lm import IGNORE_INDEX, causal_lm_loss, encode_chat, pack
 from .settings import MAX_LORA_RANK
 from .train_rows import QUESTION_VARIANTS, REPLAY_MAX_NEW_TOKENS, REPLAY_PROMPTS, augment_rows, replay_rows
 
@@ -356,7 +356,6 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
         trainable_4bit(model)   # before the replay answers run it in eval mode
     on_cuda = base.device.startswith("cuda")
     quantized = base.quantization in QUANTIZED
-    auto_checkpointing = settings.gradient_checkpointing == "auto"
 
     # 2. Data: chat template, labels on assistant tokens only.
     rng = random.Random(settings.seed)
@@ -389,7 +388,7 @@ def train_adapter(base_settings_or_path, rows: list[dict], out_dir: Path, settin
     epochs = settings.epochs or auto_epochs(sum(answers))
     schedule = [b for _ in range(epochs) for b in answer_batches(answers, settings.batch_size, rng)]
     step_tokens = max((sum(len(examples[i][0]) for i in b) for b in schedule), default=0)
-    checkpointing = settings.gradient_checkpointing == "on" or (auto_checkpointing and (
+    checkpointing = settings.gradient_checkpointing == "on" or (settings.gradient_checkpointing == "auto" and (
         on_cuda or quantized or activation_gb(model.config, step_tokens) > CPU_ACTIVATION_BUDGET_GB))
     methods = preference.methods if preference is not None else ["sft"]
     if "sft" not in methods:
@@ -469,8 +468,7 @@ def _train_here(base, examples, schedule, settings: TrainSettings, out_dir: Path
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped at step {step - 1}/{total_steps}")
         # Packed: no padding between rows, attention kept within each row by its position ids.
-        rows = [examples[i] for i in batch]
-        input_ids, labels, position_ids, real = pack(rows, pad_id, max(settings.max_seq_len, *map(len, (r[0] for r in rows))))
+        input_ids, labels, position_ids, real = pack([examples[i] for i in batch], pad_id, settings.max_seq_len)
         input_ids, labels, position_ids = (t.to(base.device) for t in (input_ids, labels, position_ids))
         loss, n = causal_lm_loss(causal_lm, input_ids, labels, None, checkpoint_chunks=checkpointing,
                                  position_ids=position_ids)

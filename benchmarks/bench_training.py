@@ -49,7 +49,8 @@ def plain_peft_tokens_per_s(model_path: str, rows: list[dict]) -> tuple[float, i
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from assistant.training import DEFAULT_TARGETS, collate, encode_chat
+    from assistant.lm import collate, encode_chat
+    from assistant.training import DEFAULT_TARGETS
     tok = AutoTokenizer.from_pretrained(model_path)
     torch.manual_seed(SETTINGS["seed"])
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
