@@ -178,10 +178,16 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
 
     @r.get("/api/health")
     async def health(request: Request):
-        """Public: a bare "ok" for load balancers; the base model's details for signed-in callers."""
-        if request.app.state.credentials.enabled and current_user(request) is None:
+        """Public: a bare "ok" for load balancers; the base model's details for signed-in callers; `control`
+        true for a caller holding this server's control token (how jobs and the CLI know it is the server
+        their server file names)."""
+        credentials = request.app.state.credentials
+        if credentials.enabled and current_user(request) is None:
             return {"status": "ok"}
-        return {"status": "ok", **serving.status()}
+        body = {"status": "ok", **serving.status()}
+        if credentials.is_control(request.headers):
+            body["control"] = True
+        return body
 
     # Monitoring --------------------------------------------------------------------------------
     @r.get("/api/domains/{name}/metrics")

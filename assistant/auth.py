@@ -120,6 +120,12 @@ class Credentials:
             (_, expires, sid, _, _), _ = got
             self.directory.revoke_session(sid, float(expires))
 
+    def is_control(self, headers) -> bool:
+        """Whether the request carries this server's control token (the one in its server file)."""
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        return bool(scheme.lower() == "bearer" and self.control_token
+                    and hmac.compare_digest(value.strip().encode(), self.control_token.encode()))
+
     def user_of(self, headers: dict[str, str], cookies: dict[str, str]) -> Principal | None:
         """The caller from an Authorization header or the session cookie, or None."""
         scheme, _, value = headers.get("authorization", "").partition(" ")

@@ -135,16 +135,38 @@ def withdraw(settings) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (whatever its command line: `assistant serve`, `python app.py`, ...)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return b"assistant" in cmdline
+    except PermissionError:
+        return True
+    return True
+
+
+def _answers_as(server: RunningServer) -> bool | None:
+    """True: the server at the file's URL holds the file's token; False: something else answers there, or
+    nothing listens (the file is written once its server listens, so its server is gone); None: no answer
+    yet (busy or starting)."""
+    try:
+        r = httpx.get(server.url + "/api/health", headers={"Authorization": f"Bearer {server.token}"}, timeout=2)
+    except httpx.ConnectError:
+        return False
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None if r.status_code >= 500 else False
+    try:
+        return r.json().get("control") is True
+    except ValueError:
+        return False
 
 
 def find_server(settings) -> RunningServer | None:
-    """The server running on this state, or None. A file left by a dead server is ignored (and removed);
-    a server that is still starting is waited for."""
+    """The server running on this state, or None. A server is its file's when its process lives and the
+    server at the file's URL holds the file's token; a file left by a server that is gone is ignored (and
+    removed); a server that does not answer yet is waited for."""
     path = server_file(settings)
     try:
         info = json.loads(path.read_text())
@@ -155,18 +177,27 @@ def find_server(settings) -> RunningServer | None:
         return None               # the server itself: it activates directly
     deadline = time.monotonic() + STARTING_WAIT_S
     while _alive(server.pid):
-        try:
-            if httpx.get(server.url + "/api/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
+        ours = _answers_as(server)
+        if ours:
+            return server
+        if ours is False:
+            break
         if time.monotonic() >= deadline:
             raise ServerRefused(f"a server (pid {server.pid}) runs on this state but does not answer at "
                                 f"{server.url}: stop it, or wait until it answers", status=503)
         time.sleep(POLL_S)
     log.info("ignoring a server file left by a server that is gone (pid %s)", server.pid)
-    path.unlink(missing_ok=True)
+    if _same_file(path, info):
+        path.unlink(missing_ok=True)
     return None
+
+
+def _same_file(path: Path, info: dict) -> bool:
+    """Whether the server file still says what was read (a server that started meanwhile wrote its own)."""
+    try:
+        return json.loads(path.read_text()) == info
+    except (OSError, ValueError):
+        return False
 
 
 def activate(settings, registry, domain: str, version: str, *, offline_load, override: bool = False,

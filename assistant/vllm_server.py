@@ -49,13 +49,16 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30   # KV cache without a GPU: 23k tokens of t
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the --max-lora-rank values vLLM accepts
 
 
-def _die_with_parent() -> None:
-    """In the vLLM child, before exec: SIGTERM it when the app dies, even by SIGKILL (Linux), so a killed
-    app never leaves a server holding the GPU."""
-    import ctypes
-    import signal
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+# The vLLM child's first step, in its own interpreter, before it becomes vLLM: SIGTERM when the app dies (even
+# by SIGKILL: Linux's PR_SET_PDEATHSIG, kept across exec), so a killed app never leaves a server holding the
+# GPU; then exec vLLM in place (same pid). A step of the child, not a preexec_fn: nothing runs between fork
+# and exec in the app's threaded process. argv: the app's pid, then vLLM's arguments.
+DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "prctl = getattr(ctypes.CDLL(None, use_errno=True), 'prctl', None)\n"
+    "if prctl is not None: prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit('the app stopped before vLLM started')\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n")
 
 
 def vllm_venv() -> Path:
@@ -215,9 +218,9 @@ class ManagedVllm:
         with open(self.log_path, "ab") as out:
             out.write(f"\n==== starting: {self.python} {' '.join(self.args)}\n".encode())
             out.flush()
-            self.proc = subprocess.Popen([self.python, *self.args], stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env(), cwd=str(self.log_dir),
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen([self.python, "-c", DIE_WITH_PARENT, str(os.getpid()), *self.args],
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.env(), cwd=str(self.log_dir), start_new_session=True)
 
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         try:

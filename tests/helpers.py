@@ -83,12 +83,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(home: Path, *args: str, port: int | None = None, timeout: float = 120, env: dict | None = None):
-    """`assistant serve` as a subprocess in `home`; yields (base_url, process). Killed at exit."""
+def running_server(home: Path, *args: str, port: int | None = None, timeout: float = 120, env: dict | None = None,
+                   command: tuple[str, ...] = ("-m", "assistant.cli", "serve")):
+    """`assistant serve` (or `command`, e.g. the path of app.py) as a subprocess in `home`; yields
+    (base_url, process). Killed at exit."""
     port = port or free_port()
     log = open(Path(home) / f"server-{port}.log", "w")
     e = dict(os.environ, ASSISTANT_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "serve", "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, *command, "--port", str(port), *args],
                             stdout=log, stderr=subprocess.STDOUT, env=e, cwd=str(home), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout

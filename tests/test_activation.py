@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +24,9 @@ GATE_OPEN = ("--gate.min-corrections-match", "0", "--gate.min-taught-match", "0"
              "--gate.min-general-embedding-similarity", "-1")   # a tiny random model never passes the real gate
 
 
+APP_PY = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
 def cli(home, *args):
     env = dict(os.environ, ASSISTANT_HOME=str(home), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "assistant.cli", *args], capture_output=True, text=True, env=env,
@@ -31,8 +35,9 @@ def cli(home, *args):
 
 @pytest.mark.slow   # a server and a training job process: about a minute here
 def test_jobs_and_the_cli_activate_through_the_running_server(home, tiny_llama, two_fact_adapters):
+    """The server started as `python app.py` (its command line never says "assistant"): found all the same."""
     model = ("--base-model", str(tiny_llama), "--dtype", "float32")
-    with running_server(home, *model, *GATE_OPEN, timeout=300) as (url, proc):
+    with running_server(home, *model, *GATE_OPEN, timeout=300, command=(APP_PY,)) as (url, proc):
         server_file = home / "data" / "server.json"
         info = json.loads(server_file.read_text())
         assert info["pid"] == proc.pid and info["url"] == url and oct(server_file.stat().st_mode)[-3:] == "600"
@@ -72,3 +77,15 @@ def test_without_a_server_the_cli_works_offline_and_ignores_a_stale_server_file(
     assert r.returncode == 0 and "as atlas@v1 (active)" in r.stdout and "server" not in r.stdout, r.stderr[-2000:]
     assert (home / "adapters" / "atlas" / "active").read_text().strip() == "v1"
     assert not (home / "data" / "server.json").exists()
+    # the pid now belongs to another process (one whose command line even says "assistant"), and nothing
+    # listens at the URL: the file's server is gone, at once (no wait for a server that never answers)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)  # assistant serve"])
+    try:
+        (home / "data" / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": other.pid,
+                                                               "token": "x"}))
+        r = cli(home, "adapters", "activate", "atlas", "v1", *model)
+        assert r.returncode == 0 and "server" not in r.stdout, (r.stdout, r.stderr[-2000:])
+        assert not (home / "data" / "server.json").exists()
+    finally:
+        other.kill()
+        other.wait()

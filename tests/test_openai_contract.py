@@ -95,11 +95,11 @@ def test_tool_round_trip_and_its_feedback_reaches_the_dataset(client, server):
     final = client.chat.completions.create(model="weather", messages=msgs, tools=[WEATHER], tool_choice="none",
                                            max_tokens=40)
     assert final.choices[0].message.content and not final.choices[0].message.tool_calls
-    fb = httpx.post(server + "/api/feedback", headers=auth, json={"response_id": final.id, "rating": "down",
-                                                                  "correction": "It is sunny in Paris, 21 C."})
+    fb = httpx.post(server + "/api/feedback", headers=auth, timeout=60,
+                    json={"response_id": final.id, "rating": "down", "correction": "It is sunny in Paris, 21 C."})
     assert fb.status_code == 201
     rows = [json.loads(line) for line in httpx.get(server + "/api/domains/weather/dataset/export",
-                                                    headers=auth).text.splitlines()]
+                                                    headers=auth, timeout=120).text.splitlines()]
     turns = json.dumps([r["messages"] for r in rows])
     assert "get_weather" in turns and "sunny" in turns and "<tool_response>" in turns, turns[:500]
 
