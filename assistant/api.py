@@ -8,7 +8,6 @@ before any route runs; what they may do is checked once for every route by the r
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -24,6 +23,7 @@ from starlette.routing import Match
 from .api_openai import add_openai_routes, error_body
 from .api_people import add_people_routes, authorizer, principal
 from .errors import AssistantError, MethodNotAllowed, NotFound, PermissionDenied, TooLarge, UnsupportedMediaType
+from .executors import on_chat, on_control
 from .openai_schema import ActivateRequest, DomainRequest, ExamplesRequest, FeedbackRequest, WithdrawRequest
 from .serving import Serving
 from .settings import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
@@ -85,21 +85,21 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
     async def feedback(body: FeedbackRequest, request: Request):
         # like chat's `user`: an app in front of many people names who rated; else the signed-in user
         user, who = _rater(body, request)
-        fid = await asyncio.to_thread(serving.feedback, body.response_id, body.rating, body.correction,
+        fid = await on_chat(serving.feedback, body.response_id, body.rating, body.correction,
                                       body.reason, user, current_user(request), who.role if who else None)
         return JSONResponse({"id": fid}, status_code=201)
 
     @r.post("/api/feedback/withdraw")
     async def withdraw_feedback(body: WithdrawRequest, request: Request):
         user, _ = _rater(body, request)
-        return {"withdrawn": await asyncio.to_thread(serving.withdraw_feedback, body.response_id, user,
+        return {"withdrawn": await on_chat(serving.withdraw_feedback, body.response_id, user,
                                                      current_user(request))}
 
     @r.get("/api/feedback")
     async def my_feedback(request: Request, domain: str | None = None):
         """Ratings: a user's own; an editor's or admin's, every one (of their domains)."""
         who = principal(request)
-        rows = await asyncio.to_thread(workspace.feedback_list, domain)
+        rows = await on_control(workspace.feedback_list, domain)
         if who is not None and who.role == "user":
             rows = [f for f in rows if f["principal"] == who.name]
         elif who is not None and who.domains:
@@ -108,40 +108,40 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
 
     @r.post("/api/domains", status_code=201)
     async def create_domain(body: DomainRequest, request: Request):
-        d = await asyncio.to_thread(workspace.create_domain, body.name, body.system_prompt or "",
+        d = await on_control(workspace.create_domain, body.name, body.system_prompt or "",
                                     body.description or "", body.trust_users)
         return JSONResponse(d, status_code=201)
 
     @r.get("/api/domains")
     async def list_domains(request: Request):
-        return await asyncio.to_thread(workspace.list_domains)
+        return await on_control(workspace.list_domains)
 
     @r.post("/api/domains/{name}/examples", status_code=201)
     async def add_examples(name: str, body: ExamplesRequest, request: Request):
         user = current_user(request)
-        res = await asyncio.to_thread(workspace.add_examples, name, body.examples, user)
+        res = await on_control(workspace.add_examples, name, body.examples, user)
         return JSONResponse(res, status_code=201)
 
     @r.get("/api/domains/{name}/dataset")
     async def dataset(name: str, request: Request):
-        snap = await asyncio.to_thread(workspace.preview, name)
+        snap = await on_control(workspace.preview, name)
         return snap.report
 
     @r.get("/api/domains/{name}/dataset/export")
     async def export(name: str, request: Request):
-        data, filename = await asyncio.to_thread(workspace.dataset_file, name)   # a GET writes nothing
+        data, filename = await on_control(workspace.dataset_file, name)   # a GET writes nothing
         return Response(data, media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     # Adapters ----------------------------------------------------------------------------------
     @r.get("/api/domains/{name}/adapters")
     async def adapters(name: str, request: Request):
-        return await asyncio.to_thread(workspace.adapters, name)
+        return await on_control(workspace.adapters, name)
 
     @r.post("/api/domains/{name}/adapters/{version}/activate")
     async def activate(name: str, version: str, request: Request, body: ActivateRequest | None = None):
         override = body.override if body is not None else False
-        return await asyncio.to_thread(serving.activate, name, version, user=current_user(request), override=override)
+        return await on_control(serving.activate, name, version, user=current_user(request), override=override)
 
     @r.post("/api/domains/{name}/adapters", status_code=201)
     async def import_adapter(name: str, request: Request):
@@ -151,7 +151,7 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
         with tempfile.NamedTemporaryFile(suffix=".zip", dir=workspace.settings.state_path) as f:
             f.write(data)
             f.flush()
-            version = await asyncio.to_thread(serving.import_adapter, name, Path(f.name),
+            version = await on_control(serving.import_adapter, name, Path(f.name),
                                               activate=request.query_params.get("activate") == "true",
                                               user=current_user(request))
         return JSONResponse({"domain": name, "version": version}, status_code=201)
@@ -160,21 +160,21 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
     @r.post("/api/domains/{name}/train", status_code=202)
     async def train(name: str, request: Request, body: dict[str, Any] | None = None):
         """Training settings (docs/API.md), checked by the Workspace: each wrong one is named."""
-        job_id = await asyncio.to_thread(workspace.start_training, name, body or {})
+        job_id = await on_control(workspace.start_training, name, body or {})
         return JSONResponse({"job_id": job_id}, status_code=202)
 
     @r.get("/api/jobs/{job_id}")
     async def job(job_id: str, request: Request):
-        return await asyncio.to_thread(workspace.job, job_id)
+        return await on_control(workspace.job, job_id)
 
     @r.delete("/api/jobs/{job_id}")
     async def cancel(job_id: str, request: Request):
-        return await asyncio.to_thread(workspace.cancel_job, job_id)
+        return await on_control(workspace.cancel_job, job_id)
 
     @r.post("/api/jobs/{job_id}/retry", status_code=202)
     async def retry(job_id: str, request: Request):
         """Retry a failed job from evaluation (its trained adapter was kept)."""
-        return JSONResponse(await asyncio.to_thread(workspace.retry_job, job_id), status_code=202)
+        return JSONResponse(await on_control(workspace.retry_job, job_id), status_code=202)
 
     @r.get("/api/health")
     async def health(request: Request):
@@ -192,14 +192,14 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
     # Monitoring --------------------------------------------------------------------------------
     @r.get("/api/domains/{name}/metrics")
     async def metrics(name: str, request: Request):
-        return await asyncio.to_thread(workspace.metrics, name)
+        return await on_control(workspace.metrics, name)
 
     add_openai_routes(r, serving)
     add_people_routes(r, workspace)
 
     @r.get("/metrics")
     async def prometheus(request: Request):
-        text = await asyncio.to_thread(workspace.prometheus_text)
+        text = await on_control(workspace.prometheus_text)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]

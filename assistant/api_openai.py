@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from .errors import ModelNotFound, SlotsBusy
+from .executors import on_chat
 from .openai_schema import ChatRequest, CompletionRequest
 from .serving import ADAPTER_SLOT_WAIT_S, LOG_WAIT_S, Serving
 from .toolcalls import parse_auto, parse_constrained
@@ -32,7 +33,7 @@ def add_openai_routes(r: APIRouter, serving: Serving) -> None:
 
     @r.get("/v1/models/{model_id}")
     async def model(model_id: str, request: Request):
-        found = [m for m in await asyncio.to_thread(serving.models) if m["id"] == model_id]
+        found = [m for m in await on_chat(serving.models) if m["id"] == model_id]
         if not found:
             raise ModelNotFound(f"the model {model_id!r} does not exist: GET /v1/models lists them")
         return found[0]
@@ -96,7 +97,7 @@ async def _start(serving: Serving, request: Request, body, **kw) -> list:
     user = body.user or getattr(request.state, "user", None)
     while True:
         try:
-            calls = await asyncio.to_thread(serving.start_choices, body.model, loop=loop, user=user, slot_wait_s=0,
+            calls = await on_chat(serving.start_choices, body.model, loop=loop, user=user, slot_wait_s=0,
                                             principal=getattr(request.state, "user", None),   # who authenticated
                                             **{**body.sampling(), **kw})
             break
@@ -128,7 +129,7 @@ async def _first_events(calls) -> list:
         if ev.kind == "error":
             for other in calls:
                 other.handle.cancel()
-            await asyncio.to_thread(c.logged_event.wait, LOG_WAIT_S)
+            await on_chat(c.logged_event.wait, LOG_WAIT_S)
             raise ev.error
     return firsts
 
@@ -169,7 +170,7 @@ async def _collect(calls, request: Request):
                 parts[i].append(ev.text)
                 lps[i] += ev.logprobs or []
             elif ev.kind == "error":
-                await asyncio.to_thread(calls[i].logged_event.wait, LOG_WAIT_S)   # logged before it is told
+                await on_chat(calls[i].logged_event.wait, LOG_WAIT_S)   # logged before it is told
                 raise ev.error
             else:
                 reasons[i] = ev.finish_reason
@@ -179,7 +180,7 @@ async def _collect(calls, request: Request):
         for c in calls:
             c.handle.cancel()
     for c in calls:
-        await asyncio.to_thread(c.logged_event.wait, LOG_WAIT_S)  # feedback may follow at once
+        await on_chat(c.logged_event.wait, LOG_WAIT_S)  # feedback may follow at once
     return [("".join(p), r, lp) for p, r, lp in zip(parts, reasons, lps)]
 
 
@@ -268,7 +269,7 @@ async def _stream_chat(serving: Serving, calls, include_usage: bool, firsts):
                 if not call.tools or lp:
                     yield _sse(_chunk(head, {} if call.tools else {"content": ev.text}, i, logprobs=lp))
                 continue
-            await asyncio.to_thread(call.logged_event.wait, LOG_WAIT_S)   # ended, so logged: feedback may follow
+            await on_chat(call.logged_event.wait, LOG_WAIT_S)   # ended, so logged: feedback may follow
             if ev.kind == "error":
                 yield _sse(error_body(ev.error.message, "server_error", ev.error.code))
                 break
@@ -314,7 +315,7 @@ async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool,
                 yield chunk(i, ev.text, lps=ev.logprobs, offset=offsets[i])
                 offsets[i] += len(ev.text)
                 continue
-            await asyncio.to_thread(calls[i].logged_event.wait, LOG_WAIT_S)
+            await on_chat(calls[i].logged_event.wait, LOG_WAIT_S)
             if ev.kind == "error":
                 yield _sse(error_body(ev.error.message, "server_error", ev.error.code))
                 break

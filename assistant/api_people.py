@@ -4,13 +4,13 @@ also writes the audit log of what editors and admins changed."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from .errors import InvalidSetting, PermissionDenied
+from .executors import on_chat, on_control
 from .openai_schema import KeyRequest, PasswordRequest, ReviewRequest, UserRequest
 from .permissions import check, rule_for
 from .users import Principal
@@ -38,17 +38,17 @@ def authorizer(workspace):
         job_id = request.path_params.get("job_id")
         if job_id and rule.scoped:
             try:
-                domain = (await asyncio.to_thread(workspace.job, job_id)).get("domain")
+                domain = (await on_control(workspace.job, job_id)).get("domain")
             except Exception:   # no such job: the route answers it
                 domain = None
         check(who, rule, domain)
         if path in CHAT_PATHS:
-            await asyncio.to_thread(workspace.quotas.check, who)
+            await on_chat(workspace.quotas.check, who)
         yield
         if request.method not in ("GET", "HEAD") and rule.role in ("editor", "admin") and who is not None:
             target = request.path_params.get("version") or job_id or request.path_params.get("user")
             try:
-                await asyncio.to_thread(workspace.directory.audit, who, f"{request.method} {path}", domain, target)
+                await on_control(workspace.directory.audit, who, f"{request.method} {path}", domain, target)
             except Exception:
                 log.exception("could not write the audit log for %s %s", request.method, path)
     return authorize
@@ -66,16 +66,16 @@ def add_people_routes(r: APIRouter, workspace) -> None:
     # Users (admin) -------------------------------------------------------------------------------------
     @r.get("/api/users")
     async def list_users(request: Request):
-        return await asyncio.to_thread(directory().list)
+        return await on_control(directory().list)
 
     @r.post("/api/users", status_code=201)
     async def add_user(body: UserRequest, request: Request):
-        user = await asyncio.to_thread(directory().add, body.name, body.password, body.role, body.domains)
+        user = await on_control(directory().add, body.name, body.password, body.role, body.domains)
         return JSONResponse(user, status_code=201)
 
     @r.delete("/api/users/{user}")
     async def remove_user(user: str, request: Request):
-        await asyncio.to_thread(directory().remove, user)
+        await on_control(directory().remove, user)
         return {"removed": user}
 
     @r.post("/api/users/{user}/password")
@@ -84,8 +84,8 @@ def add_people_routes(r: APIRouter, workspace) -> None:
         who = principal(request)
         if who.name != user and who.role != "admin":
             raise PermissionDenied("you can change only your own password: ask an admin")
-        await asyncio.to_thread(directory().set_password, user, body.password)
-        await asyncio.to_thread(directory().audit, who, "password changed", None, user)
+        await on_control(directory().set_password, user, body.password)
+        await on_control(directory().audit, who, "password changed", None, user)
         return {"changed": user}
 
     # Personal API keys ---------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def add_people_routes(r: APIRouter, workspace) -> None:
     async def list_keys(request: Request):
         """One's own keys (an admin: everyone's), without their secrets."""
         who = principal(request)
-        return await asyncio.to_thread(directory().keys, None if who.role == "admin" else who.name)
+        return await on_control(directory().keys, None if who.role == "admin" else who.name)
 
     @r.post("/api/keys", status_code=201)
     async def create_key(request: Request, body: KeyRequest | None = None):
@@ -106,27 +106,27 @@ def add_people_routes(r: APIRouter, workspace) -> None:
         if owner is None or (who.kind in ("open", "api-key", "control") and body.owner is None):
             raise InvalidSetting("owner: personal keys belong to stored users: name the owner (assistant users "
                                  "add creates one)", param="owner")
-        key = await asyncio.to_thread(directory().create_key, owner, body.label)
-        await asyncio.to_thread(directory().audit, who, "key created", None, owner, key_id=key["id"])
+        key = await on_control(directory().create_key, owner, body.label)
+        await on_control(directory().audit, who, "key created", None, owner, key_id=key["id"])
         return JSONResponse(key, status_code=201)
 
     @r.delete("/api/keys/{key_id}")
     async def revoke_key(key_id: int, request: Request):
         who = principal(request)
-        await asyncio.to_thread(directory().revoke_key, key_id, None if who.role == "admin" else who.name)
-        await asyncio.to_thread(directory().audit, who, "key revoked", None, str(key_id))
+        await on_control(directory().revoke_key, key_id, None if who.role == "admin" else who.name)
+        await on_control(directory().audit, who, "key revoked", None, str(key_id))
         return {"revoked": key_id}
 
     # Audit (admin) -------------------------------------------------------------------------------------
     @r.get("/api/audit")
     async def audit(request: Request, domain: str | None = None, target: str | None = None, limit: int = 200):
-        return await asyncio.to_thread(directory().audit_log, domain, target, limit)
+        return await on_control(directory().audit_log, domain, target, limit)
 
     # Review before training (editors) ------------------------------------------------------------------
     @r.get("/api/domains/{name}/review")
     async def review_queue(name: str, request: Request, status: str | None = None):
         """The domain's candidates with their decision: ?status=pending|approved|rejected to filter."""
-        items = await asyncio.to_thread(workspace.review_queue, name)
+        items = await on_control(workspace.review_queue, name)
         out = [{k: it.get(k) for k in ("key", "source", "messages", "rating", "user", "review_status", "removed",
                                        "pending", "created_at")} for it in items]
         for it in out:
@@ -140,5 +140,5 @@ def add_people_routes(r: APIRouter, workspace) -> None:
             raise InvalidSetting("status: use 'approved', 'rejected' or null", param="status")
         if not body.keys or len(body.keys) > MAX_REVIEW_KEYS:
             raise InvalidSetting(f"keys: name 1 to {MAX_REVIEW_KEYS} items (GET .../review lists them)", param="keys")
-        n = await asyncio.to_thread(workspace.review_many, name, body.keys, body.status)
+        n = await on_control(workspace.review_many, name, body.keys, body.status)
         return {"reviewed": n, "status": body.status}

@@ -224,7 +224,7 @@ def evaluate_adapter(base, adapter_dir, rows: list[dict], settings: GateSettings
     s = settings or GateSettings()
     cats = {"corrections": correction_rows(rows), "taught": taught_rows(rows),
             "eval": [r for r in rows if r.get("split") == "eval"][:MAX_PROMPTS_PER_CATEGORY]}
-    probes, n_left_out = active_probes(rows)
+    probes, n_left_out = active_probes(rows, s.probes)
     probe_convs = [with_system_prompt([{"role": "user", "content": p.question}], system_prompt) for p in probes]
     convs = [split_prompt(r)[0] for rows_ in cats.values() for r in rows_]
     plain_convs = [[{"role": "user", "content": p.question}] for p in probes]

@@ -53,11 +53,20 @@ class GateSettings:
         "help": "share of the new version's answers to general probe questions that may contain a rare word "
                 "of its training data (a taught name turning up where it does not belong)"})
     probe_max_new_tokens: int = field(default=40, metadata={"help": "tokens per answer to a general probe question"})
+    probes: int = field(default=0, metadata={
+        "help": "general probe questions asked, evenly spread over the set; 0 = all of them. Fewer make a faster "
+                "gate that judges retention and leakage on fewer questions (retention decides only when the "
+                "reference knows enough of them)"})
     max_preference_margin_drop: float = field(default=0.0, metadata={
         "help": "on held-out rated answers, the new version's preference margin (log-likelihood per token of "
                 "liked minus disliked answers) may fall at most this much below the current version's"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens per greedy answer during evaluation"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row for the losses"})
+
+    def __post_init__(self):
+        from .errors import InvalidSetting
+        if self.probes < 0:
+            raise InvalidSetting(f"gate setting probes must be 0 (all) or more, not {self.probes}", param="probes")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "GateSettings":

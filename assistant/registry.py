@@ -6,17 +6,22 @@ Layout (all under `adapters_dir`):
     <domain>/v1, v2, ...        immutable PEFT folders: adapter_config.json, adapter_model.safetensors, card.json
     <domain>/.staging-*         work in progress; never listed, removed at start
     <domain>/.retired-vN        a version taken back (an import the engine refused): never listed, its number kept
+    <domain>/.activate.lock     held while the domain's live version changes: one change at a time, across
+                                threads and processes (`activation_lock`)
 
 Nothing here imports torch: validation reads safetensors headers and JSON only, and nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 import tomllib
 import uuid
@@ -33,11 +38,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib",
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 CARD = "card.json"
+ACTIVATE_LOCK = ".activate.lock"
 RETIRED_PREFIX = ".retired-"   # + vN: a version taken out of the list whose number is never given again
 MAX_SYSTEM_PROMPT_CHARS = 8000
 MAX_DESCRIPTION_CHARS = 2000
 
 log = logging.getLogger(__name__)
+_held = threading.local()      # the activation locks this thread holds (a rollback holds it around activate)
 
 
 def check_name(name: object) -> str:
@@ -204,18 +211,40 @@ class Registry:
         except FileNotFoundError:
             return 0
 
+    @contextlib.contextmanager
+    def activation_lock(self, name: str):
+        """While held, no other thread or process changes `name`'s live version: what a caller reads (the
+        version a rollback leaves, the gate's verdict) is still true when its pointer moves. Re-entrant in
+        one thread; an flock on the domain's `.activate.lock`, released by the kernel if the holder dies."""
+        path = str(self.domain_dir(name) / ACTIVATE_LOCK)
+        held = _held.__dict__.setdefault("paths", set())
+        if path in held:
+            yield
+            return
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            held.add(path)
+            try:
+                yield
+            finally:
+                held.discard(path)
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def activate(self, name: str, version: str, *, load) -> None:
         """The one path to live, for every caller (server, training job, CLI, rollback): `load(name, version)`
         validates the version against the running base and loads it (raising when it cannot serve), and
-        only then is the pointer replaced, atomically. A version that cannot load never becomes active."""
-        self.version_path(name, version)  # exists
-        load(name, version)
-        atomic_write_text(self.domain_dir(name) / "active", version + "\n")
+        only then is the pointer replaced, atomically. A version that cannot load never becomes active.
+        Changes of one domain's live version happen one at a time (`activation_lock`)."""
+        with self.activation_lock(name):
+            self.version_path(name, version)  # exists
+            load(name, version)
+            atomic_write_text(self.domain_dir(name) / "active", version + "\n")
         log.info("activated %s@%s", name, version)
 
     def deactivate(self, name: str) -> None:
         """Back to the base weights: the domain answers with its system prompt alone (no adapter)."""
-        atomic_write_text(self.domain_dir(name) / "active", "")
+        with self.activation_lock(name):
+            atomic_write_text(self.domain_dir(name) / "active", "")
         log.info("deactivated %s: base weights", name)
 
     def record_override(self, name: str, version: str, user: str | None) -> dict:

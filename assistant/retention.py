@@ -38,11 +38,15 @@ MAX_SHOWN_LOST = 12            # lost questions listed in a verdict (all are cou
 _WORD = re.compile(r"[^\W\d_]+")
 
 
-def active_probes(rows: list[dict]) -> tuple[list[Probe], int]:
-    """(the probes no training row asks, how many were left out because one does)."""
+def active_probes(rows: list[dict], limit: int = 0) -> tuple[list[Probe], int]:
+    """(the probes no training row asks, at most `limit` of them evenly spread (0: all), how many were left
+    out because a training row asks them)."""
     asked = {normalize(m["content"]) for r in rows for m in r.get("messages", ()) if m.get("role") == "user"}
     kept = [p for p in PROBES if normalize(p.question) not in asked]
-    return kept, len(PROBES) - len(kept)
+    n_left_out = len(PROBES) - len(kept)
+    if 0 < limit < len(kept):
+        kept = [kept[i * len(kept) // limit] for i in range(limit)]
+    return kept, n_left_out
 
 
 @lru_cache(maxsize=1)

@@ -49,6 +49,7 @@ from .vllm_requests import already_loaded, vllm_logprobs, vllm_options
 RECONCILE_S = 15.0           # how often every server's health and loaded adapters are checked
 ROUTE_SLACK = 2              # affinity holds while the preferred server has at most this many more requests in flight
 START_WAIT_S = 30.0          # at start: how long to wait for a server that does not answer yet
+UNLOAD_WAIT_S = 130.0        # a load of a version being unloaded waits for that (2 servers' unload timeouts + slack)
 BASE_KEY = ""                # the affinity key of requests without an adapter
 REFUSED_BACKOFF_S = (30.0, 120.0, 600.0, 1800.0)   # a refused version is tried again after these (the last repeats)
 
@@ -113,6 +114,7 @@ class VllmEngine(EngineProtocol):
         self._slots: dict[str, int] = {}          # adapter key -> the int a Request carries as its slot
         self._keys: dict[int, str] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()   # adapter keys, least recently used first
+        self._leaving: set[str] = set()           # keys being unloaded (their HTTP calls run without the lock)
         self._affinity: dict[str, Server] = {}
         self._stop = threading.Event()
         self._loop = asyncio.new_event_loop()     # streams of callers without an event loop (CLI, UI) run here
@@ -199,7 +201,8 @@ class VllmEngine(EngineProtocol):
                 self._accept(key)
                 log.info("reloaded %s on %s (it did not have it)", key, s.url)
             with self._lock:   # what was loaded or unloaded meanwhile wins over the listing read before it
-                was_ready, s.loaded, s.ready, s.problem = s.ready, (loaded - s.removed) | s.added, True, None
+                was_ready, s.ready, s.problem = s.ready, True, None
+                s.loaded = (loaded - s.removed - self._leaving) | s.added
             if not was_ready:
                 log.info("vLLM server %s ready (base %s, %d adapters loaded)", s.url, s.base_id, len(loaded))
         except VllmError as e:
@@ -276,6 +279,9 @@ class VllmEngine(EngineProtocol):
         the ones that took it drop it and the error names the server and its reason. A refusal is
         remembered: until its backoff runs out, the same error comes back at once, without asking vLLM."""
         with self._lock:
+            if not self._freed.wait_for(lambda: key not in self._leaving, UNLOAD_WAIT_S):
+                raise VllmUnavailable(", ".join(s.url for s in self.servers),
+                                      f"{key} is still being unloaded from the vLLM servers: retry in a moment")
             r = self._refused.get(key)
             if r is not None and not r.due():
                 raise AdapterRefused(f"{key} was refused by the serving engine: {r.reason} (tried {r.attempts} "
@@ -339,17 +345,16 @@ class VllmEngine(EngineProtocol):
             self._freed.wait(timeout)
 
     def unload_adapter(self, key: str) -> None:
-        """Drop `key` from every server that has it (when no request pins it), under the lock: a request
-        cannot pin it while it goes."""
+        """Drop `key` from every server that has it, when no request pins it."""
         with self._lock:
             if self._pins.get(key):
                 return
             self._recent.pop(key, None)
-            self._drop(key)
+            servers = self._leave(key)
+        self._drop(key, servers)
 
     def _evict(self) -> None:
-        """Unload versions past `max_resident` that nothing pins and that are not live, oldest first. Each is
-        unloaded under the lock, with its pins checked there: a request cannot pin a version while it goes."""
+        """Unload versions past `max_resident` that nothing pins and that are not live, oldest first."""
         live = set(self.live())
         with self._lock:
             extra = len(self._recent) - self.max_resident
@@ -359,20 +364,37 @@ class VllmEngine(EngineProtocol):
                 if self._pins.get(key) or key not in self._recent:
                     continue
                 self._recent.pop(key, None)
-                self._drop(key)
+                servers = self._leave(key)
+            self._drop(key, servers)
             log.info("unloaded %s from the vLLM servers (not live, not in use)", key)
 
-    def _drop(self, key: str) -> None:
-        """Unload `key` from every server that has it (the caller holds the lock and checked the pins)."""
-        for s in self.servers:
-            if key in s.loaded:
+    def _leave(self, key: str) -> list[Server]:
+        """Under the lock, with the pins checked: mark `key` gone from every server that has it (a request can
+        no longer pin it, nor be routed to it) and leaving (a load of it waits) -> the servers to unload it from.
+        The unloads themselves run after, without the lock: nothing on an event loop waits behind them."""
+        servers = [s for s in self.servers if key in s.loaded]
+        for s in servers:
+            s.loaded.discard(key)
+            s.added.discard(key)
+            s.removed.add(key)
+        self._leaving.add(key)
+        return servers
+
+    def _drop(self, key: str, servers: list[Server]) -> None:
+        """The HTTP unloads of `key` (see `_leave`), then it stops leaving."""
+        try:
+            for s in servers:
                 try:
                     s.client.unload_lora_sync(key)
                 except VllmError as e:
                     log.warning("could not unload %s from %s: %s", key, s.url, e.message)
-                s.loaded.discard(key)
-                s.added.discard(key)
-                s.removed.add(key)
+        finally:
+            with self._lock:   # gone now: a reconcile that listed the servers before this still drops it
+                for s in servers:
+                    s.loaded.discard(key)
+                    s.removed.add(key)
+                self._leaving.discard(key)
+                self._freed.notify_all()
 
     # The engine protocol: generation -----------------------------------------------------------
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

@@ -125,9 +125,10 @@ class Workspace:
                            "Activate it anyway with override (the Activate anyway button, or "
                            '{"override": true} in the request body); the card records who did it',
                            param="override")
-        self.registry.activate(domain, version, load=load)
-        if override:
-            self.registry.record_override(domain, version, user)
+        with self.registry.activation_lock(domain):
+            self.registry.activate(domain, version, load=load)
+            if override:
+                self.registry.record_override(domain, version, user)
         try:   # replicas on the same database load it now (replicas.py)
             self.store.record_activation(domain, version, by=user)
         except Exception:  # noqa: BLE001 - the pointer moved; replicas still see it when their cache ages out
@@ -137,7 +138,8 @@ class Workspace:
     def rollback(self, domain: str, *, load: Loader, user: str | None = None) -> dict:
         """Activate the newest version older than the active one (from the oldest: the base weights)."""
         self.require_domain(domain)
-        return self.activate(domain, self.registry.previous_version(domain), load=load, user=user)
+        with self.registry.activation_lock(domain):   # the version it leaves is still live when it moves
+            return self.activate(domain, self.registry.previous_version(domain), load=load, user=user)
 
     # Feedback, examples and review -------------------------------------------------------------
     def feedback(self, response_id: str, rating: str, correction: str | None = None, reason: str | None = None,

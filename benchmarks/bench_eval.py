@@ -47,7 +47,8 @@ def _run() -> dict:
         base.model.eval()
         t0 = time.perf_counter()
         gate = GateSettings(max_new_tokens=sized(GateSettings().max_new_tokens, 4),
-                            probe_max_new_tokens=sized(GateSettings().probe_max_new_tokens, 4))
+                            probe_max_new_tokens=sized(GateSettings().probe_max_new_tokens, 4),
+                            probes=sized(0, 8))
         before, after = evaluation.evaluate_adapter(base, Path(out) / "a", rows, gate, system_prompt=SYSTEM_PROMPT)
         eval_s = time.perf_counter() - t0
     verdict = evaluation.verdict(before, after, gate)

@@ -15,6 +15,15 @@ from pathlib import Path
 
 import httpx
 
+# Server flags of the tests that check the loop (corrections and seeds are learned: the taught and corrections
+# checks decide). The forgetting checks are off (retention and leakage, and the NLL and similarity figures
+# that decide when a dozen probe questions are too few for retention) and the gate asks a dozen of its general
+# probe questions: on the embedded model the default recipe on 20 facts leaks taught names into a few general
+# answers, so the gate blocks it and the job retries (several trainings). test_gate_recovers.py (-m long),
+# test_gate_calibration.py and test_retention.py cover those checks.
+LOOP_ONLY_FLAGS = ("--gate.min-retention", "0", "--gate.max-leakage", "1", "--gate.max-general-nll-ratio", "1000",
+                   "--gate.min-general-embedding-similarity", "-1", "--gate.probes", "12")
+
 
 def train_fact_adapter(base_path: Path, out_dir: Path, facts: list[tuple[str, str]], *, steps: int = 60,
                        seed: int = 0, rank: int = 8, lr: float = 1e-2, card: dict | None = None) -> Path:

@@ -115,6 +115,9 @@ def test_evaluation_scores_exactly_the_corrections_on_a_trained_tiny_adapter(tin
                for i, (a, b) in enumerate(pairs)]
     assert after["general_embedding_similarity"] == pytest.approx(sum(cosines) / len(cosines), abs=1e-5)
     assert ticks[-1][0] == ticks[-1][1] and [d for d, _ in ticks] == sorted(d for d, _ in ticks)
+    _, few = evaluate_adapter(base, tmp_path / "a", rows, GateSettings(max_new_tokens=8, probes=6))
+    assert len(few["general_answers"]) == few["retention"]["n_probes"] == 6        # a faster gate asks fewer
+    assert set(few["general_answers"]) <= set(after["general_answers"])
 
     # "before" is the plain base: the serving engine's greedy answers on it, with no adapter loaded at all
     from assistant.engine import Engine

@@ -233,3 +233,16 @@ def test_a_job_publishes_the_first_attempt_that_passes_or_else_the_best_blocked_
     assert best([forgot, passed, attempt(6, [], 1.0)]) is passed
     assert best([forgot, leaked]) is leaked                  # one failed check each: more answers kept wins
     assert best([attempt(7, ["retention", "leakage"], 0.9), forgot]) is forgot   # fewer failed checks first
+
+
+def test_a_probe_limit_spreads_the_questions_asked_and_a_negative_one_is_refused():
+    from assistant.errors import InvalidSetting
+    asked = [{"messages": [{"role": "user", "content": PROBES[0].question}, {"role": "assistant", "content": "x"}]}]
+    every, left_out = active_probes(asked)
+    few, left_out_few = active_probes(asked, 8)
+    assert left_out == left_out_few == 1 and len(every) == len(PROBES) - 1
+    assert len(few) == len(set(few)) == 8 and set(few) <= set(every)
+    assert few[0] == every[0] and few[-1] in every[-len(every) // 8:]                  # spread over the set
+    assert active_probes(asked, len(PROBES))[0] == every
+    with pytest.raises(InvalidSetting, match="probes"):
+        GateSettings.from_dict({"probes": -1})

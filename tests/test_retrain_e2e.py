@@ -15,17 +15,11 @@ import pytest
 
 from assistant.stages import HEARTBEAT_S, STAGES
 
-from helpers import running_server
+from helpers import LOOP_ONLY_FLAGS, running_server
 from invented_facts import FACTS, SYSTEM_PROMPT, score
 
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT_S = 1200
-# These tests check that corrections and seeds are learned (the taught and corrections checks decide). The
-# retention and leakage checks are off here: on the embedded model the default recipe on these 20 facts leaks
-# taught names into a few general answers, so the gate blocks it and the job retries (several trainings);
-# tests/test_gate_recovers.py (-m long) and tests/test_retention.py cover those checks.
-LOOP_ONLY = {"min_retention": 0.0, "max_leakage": 1.0}
-LOOP_ONLY_FLAGS = ("--gate.min-retention", "0", "--gate.max-leakage", "1")
 GENERAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -52,7 +46,7 @@ def ask(url, model, question, system=None):
 
 
 def test_corrections_train_a_new_version_that_answers_them(tmp_path, embedded_path):
-    with running_server(tmp_path, *LOOP_ONLY_FLAGS) as (url, _):
+    with running_server(tmp_path, *LOOP_ONLY_FLAGS) as (url, _):   # the forgetting checks off: see helpers
         assert httpx.post(url + "/api/domains", json={"name": "atlas", "system_prompt": SYSTEM_PROMPT,
                                                       "description": "invented places"}).status_code == 201
         assert httpx.post(url + "/api/domains", json={"name": "cooking", "system_prompt": "You are a chef.",

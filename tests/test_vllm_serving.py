@@ -31,7 +31,7 @@ from openai import OpenAI
 
 from assistant.vllm_server import vllm_venv, vllm_venv_ready
 
-from helpers import make_serving, random_lora_adapter, running_server, zipped
+from helpers import LOOP_ONLY_FLAGS, make_serving, random_lora_adapter, running_server, zipped
 from invented_facts import FACTS, score
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -57,9 +57,9 @@ def app(tmp_path_factory, adapters):
     if not vllm_venv_ready():
         pytest.fail(f"vLLM is not installed in {vllm_venv()}: run `bash scripts/setup.sh --test` first")
     home = tmp_path_factory.mktemp("vllm-app")
-    # the retention and leakage checks are off, as in test_retrain_e2e.py: the retrain here checks the loop
+    # the forgetting checks are off, as in test_retrain_e2e.py: the retrain here checks the loop
     with running_server(home, "--engine", "vllm", "--dtype", "float32", "--max-resident-adapters", "4",
-                        "--gate.min-retention", "0", "--gate.max-leakage", "1", timeout=START_TIMEOUT_S,
+                        *LOOP_ONLY_FLAGS, timeout=START_TIMEOUT_S,
                         env={"ASSISTANT_VLLM_API_KEY": VLLM_KEY}) as (url, proc):
         for name in ("support", "legal"):
             assert httpx.post(url + "/api/domains", json={"name": name}).status_code == 201
@@ -190,11 +190,12 @@ def test_a_job_activates_through_the_server_and_vllm_lists_the_version_before_th
 
 
 TAUGHT = FACTS[:10]
+QUICK_RECIPE = {"epochs": 8, "learning_rate": 0.004, "augment": 0, "replay": 0, "rank": 8}   # 10/10 in 16 steps
 
 
 def test_a_retrain_goes_live_on_vllm_before_the_pointer_moves_and_answers_what_it_was_taught(app):
-    """The job (the default recipe, which teaches these facts: test_retrain_e2e.py) passes its gate and asks
-    the server to activate: by the time the `active` pointer reads the new version, vLLM already lists it (watched
+    """The job (a short bold recipe: what the default recipe teaches is test_retrain_e2e.py's) passes its gate
+    and asks the server to activate: by the time the `active` pointer reads the new version, vLLM already lists it (watched
     from another thread, polling the pointer); then `legal` answers what it was taught, through vLLM."""
     import threading
     url, vllm = app["url"], app["vllm"]
@@ -207,7 +208,7 @@ def test_a_retrain_goes_live_on_vllm_before_the_pointer_moves_and_answers_what_i
     watcher = threading.Thread(target=_watch_pointer, daemon=True, args=(
         app["home"] / "adapters" / "legal" / "active", vllm, f"legal@{nxt}", nxt, seen, stop))
     watcher.start()
-    r = httpx.post(url + "/api/domains/legal/train", json={}, timeout=120)
+    r = httpx.post(url + "/api/domains/legal/train", json=QUICK_RECIPE, timeout=120)
     assert r.status_code == 202, r.text
     job_id, t0 = r.json()["job_id"], time.time()
     while (job := httpx.get(f"{url}/api/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
@@ -385,6 +386,65 @@ def test_reconcile_keeps_a_load_made_meanwhile_and_eviction_never_unloads_a_pinn
         assert pinned == [None] and key not in listed_now, (pinned, listed_now)   # not pinned to a gone version
         assert serving.chat(key, QUESTION, max_tokens=2)["adapter_version"] == "v2"   # loaded again on demand
     finally:
+        serving.close()
+        workspace.close()
+
+
+def test_an_unload_held_open_stops_neither_answers_nor_health(app, embedded_path, tmp_path):
+    """An eviction's unload paused at the real HTTP call: meanwhile the engine's status (what /api/health
+    shows) comes back within 100 ms, already without the version that is going, and a base answer streams to
+    its end; a load of the version being unloaded waits for the unload, then loads it again."""
+    import threading
+
+    from assistant.server import build
+    from assistant.settings import Settings
+    settings = Settings(home=tmp_path, engine="vllm", vllm_url=(app["vllm"],), vllm_api_key=VLLM_KEY,
+                        max_resident_adapters=1)
+    workspace, serving = build(settings)
+    engine = serving.engine
+    engine._stop.set()                 # no background reconcile or eviction: this test makes them happen
+    [server] = engine.servers
+    real_unload, unloading, release = server.client.unload_lora_sync, threading.Event(), threading.Event()
+    try:
+        workspace.create_domain("slowdomain")
+        for seed in (21, 22):
+            serving.import_adapter("slowdomain", random_lora_adapter(embedded_path, tmp_path / f"s{seed}", seed=seed))
+        serving.activate("slowdomain", "v1")
+        key = "slowdomain@v2"
+        assert key in server.loaded
+
+        def paused_unload(name):
+            unloading.set()
+            release.wait(120)
+            return real_unload(name)
+        server.client.unload_lora_sync = paused_unload
+        evict = threading.Thread(target=engine._evict)
+        evict.start()
+        assert unloading.wait(60)
+
+        status, answered = [], []
+        t0 = time.perf_counter()
+        health = threading.Thread(target=lambda: status.append((serving.status(), time.perf_counter() - t0)))
+        health.start()
+        health.join(5)
+        assert status and status[0][1] < 0.1, status
+        assert key not in status[0][0]["engine"]["adapters"]
+        chat = threading.Thread(target=lambda: answered.append(serving.chat("base", QUESTION, max_tokens=N_TOKENS)))
+        chat.start()
+        chat.join(120)
+        assert answered and answered[0]["text"], answered
+        loaded = []
+        loader = threading.Thread(target=lambda: loaded.append(serving.chat(key, QUESTION, max_tokens=2)))
+        loader.start()
+        loader.join(1.0)
+        assert not loaded                                   # waits for the unload of the same version
+        release.set()
+        evict.join(60)
+        loader.join(120)
+        assert loaded and loaded[0]["adapter_version"] == "v2", loaded
+    finally:
+        release.set()
+        server.client.unload_lora_sync = real_unload
         serving.close()
         workspace.close()
 
