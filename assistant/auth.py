@@ -132,7 +132,7 @@ class Credentials:
         scheme, value = scheme.lower(), value.strip()
         if scheme == "bearer" and self.api_key and hmac.compare_digest(value.encode(), self.api_key.encode()):
             return Principal(API_KEY_USER, "admin", kind="api-key")
-        if scheme == "bearer" and self.control_token and hmac.compare_digest(value.encode(), self.control_token.encode()):
+        if self.is_control(headers):
             return Principal(CONTROL_USER, "admin", kind="control")
         if scheme == "bearer" and self.directory is not None:
             return self.directory.key_principal(value)

@@ -18,6 +18,7 @@ One app and one vLLM server for the file (a start costs about a minute on 2 core
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -329,65 +330,82 @@ def test_reconcile_keeps_a_load_made_meanwhile_and_eviction_never_unloads_a_pinn
     request that pins a version while eviction unloads it waits, and then finds it gone (it loads it again)
     instead of being sent to a name the server no longer has."""
     import threading
+    with two_version_engine(app, embedded_path, tmp_path, "racedomain") as (serving, engine, server):
+        key = "racedomain@v2"
+        with paused(server.client, "models_sync", after_call=True) as (listed, go):
+            engine._evict()                                   # v2 (not live, not pinned) goes first
+            assert key not in server.loaded
+            reconcile = threading.Thread(target=engine.reconcile)
+            reconcile.start()
+            assert listed.wait(60)
+            serving.ensure_loaded("racedomain", "v2")        # loaded after the listing was read
+            go.set()
+            reconcile.join(60)
+        assert key in server.loaded, "the reconcile erased a load made meanwhile"
 
+        with paused(server.client, "unload_lora_sync") as (unloading, release):
+            evict = threading.Thread(target=engine._evict)
+            evict.start()
+            assert unloading.wait(60)
+            pinned = []
+            pinner = threading.Thread(target=lambda: pinned.append(engine.pin_adapter(key)))
+            pinner.start()
+            pinner.join(0.5)
+            release.set()
+            evict.join(60)
+            pinner.join(60)
+        listed_now = {m["id"] for m in httpx.get(app["vllm"] + "/v1/models", headers=AUTH).json()["data"]}
+        assert pinned == [None] and key not in listed_now, (pinned, listed_now)   # not pinned to a gone version
+        assert serving.chat(key, QUESTION, max_tokens=2)["adapter_version"] == "v2"   # loaded again on demand
+
+
+@contextlib.contextmanager
+def two_version_engine(app, embedded_path, tmp_path, domain: str):
+    """An app-side vLLM engine on the file's server with no background reconcile or eviction (the tests make
+    them happen), holding one resident slot; `domain` has v1 live and v2 loaded (eviction's candidate).
+    Yields (serving, engine, its one server)."""
     from assistant.server import build
     from assistant.settings import Settings
     settings = Settings(home=tmp_path, engine="vllm", vllm_url=(app["vllm"],), vllm_api_key=VLLM_KEY,
                         max_resident_adapters=1)
     workspace, serving = build(settings)
     engine = serving.engine
-    engine._stop.set()                 # no background reconcile or eviction: this test makes them happen
-    [server] = engine.servers
+    engine._stop.set()
     try:
-        workspace.create_domain("racedomain")
+        workspace.create_domain(domain)
         for seed in (11, 12):
-            serving.import_adapter("racedomain", random_lora_adapter(embedded_path, tmp_path / f"r{seed}", seed=seed))
-        serving.activate("racedomain", "v1")
-        key = "racedomain@v2"
-        real_models = server.client.models_sync
-        listed, go = threading.Event(), threading.Event()
-
-        def paused_models():
-            models = real_models()
-            listed.set()
-            go.wait(60)
-            return models
-        server.client.models_sync = paused_models
-        engine._evict()                                   # v2 (not live, not pinned) goes first
-        assert key not in server.loaded
-        reconcile = threading.Thread(target=engine.reconcile)
-        reconcile.start()
-        assert listed.wait(60)
-        serving.ensure_loaded("racedomain", "v2")        # loaded after the listing was read
-        go.set()
-        reconcile.join(60)
-        server.client.models_sync = real_models
-        assert key in server.loaded, "the reconcile erased a load made meanwhile"
-
-        real_unload, unloading, release = server.client.unload_lora_sync, threading.Event(), threading.Event()
-
-        def paused_unload(name):
-            unloading.set()
-            release.wait(60)
-            return real_unload(name)
-        server.client.unload_lora_sync = paused_unload
-        evict = threading.Thread(target=engine._evict)
-        evict.start()
-        assert unloading.wait(60)
-        pinned = []
-        pinner = threading.Thread(target=lambda: pinned.append(engine.pin_adapter(key)))
-        pinner.start()
-        pinner.join(0.5)
-        release.set()
-        evict.join(60)
-        pinner.join(60)
-        server.client.unload_lora_sync = real_unload
-        listed_now = {m["id"] for m in httpx.get(app["vllm"] + "/v1/models", headers=AUTH).json()["data"]}
-        assert pinned == [None] and key not in listed_now, (pinned, listed_now)   # not pinned to a gone version
-        assert serving.chat(key, QUESTION, max_tokens=2)["adapter_version"] == "v2"   # loaded again on demand
+            serving.import_adapter(domain, random_lora_adapter(embedded_path, tmp_path / f"{domain}{seed}", seed=seed))
+        serving.activate(domain, "v1")
+        [server] = engine.servers
+        assert f"{domain}@v2" in server.loaded
+        yield serving, engine, server
     finally:
         serving.close()
         workspace.close()
+
+
+@contextlib.contextmanager
+def paused(client, method: str, *, after_call: bool = False):
+    """`client.method`, the real HTTP call, paused: yields (reached, go); a call sets `reached` and waits for
+    `go` before the real call (after it, with `after_call`). Put back, and released, at exit."""
+    import threading
+    real, reached, go = getattr(client, method), threading.Event(), threading.Event()
+
+    def call(*args):
+        if after_call:
+            out = real(*args)
+            reached.set()
+            go.wait(120)
+            return out
+        reached.set()
+        go.wait(120)
+        return real(*args)
+    setattr(client, method, call)
+    try:
+        yield reached, go
+    finally:
+        go.set()
+        setattr(client, method, real)
 
 
 def test_an_unload_held_open_stops_neither_answers_nor_health(app, embedded_path, tmp_path):
@@ -395,29 +413,9 @@ def test_an_unload_held_open_stops_neither_answers_nor_health(app, embedded_path
     shows) comes back within 100 ms, already without the version that is going, and a base answer streams to
     its end; a load of the version being unloaded waits for the unload, then loads it again."""
     import threading
-
-    from assistant.server import build
-    from assistant.settings import Settings
-    settings = Settings(home=tmp_path, engine="vllm", vllm_url=(app["vllm"],), vllm_api_key=VLLM_KEY,
-                        max_resident_adapters=1)
-    workspace, serving = build(settings)
-    engine = serving.engine
-    engine._stop.set()                 # no background reconcile or eviction: this test makes them happen
-    [server] = engine.servers
-    real_unload, unloading, release = server.client.unload_lora_sync, threading.Event(), threading.Event()
-    try:
-        workspace.create_domain("slowdomain")
-        for seed in (21, 22):
-            serving.import_adapter("slowdomain", random_lora_adapter(embedded_path, tmp_path / f"s{seed}", seed=seed))
-        serving.activate("slowdomain", "v1")
+    with two_version_engine(app, embedded_path, tmp_path, "slowdomain") as (serving, engine, server), \
+            paused(server.client, "unload_lora_sync") as (unloading, release):
         key = "slowdomain@v2"
-        assert key in server.loaded
-
-        def paused_unload(name):
-            unloading.set()
-            release.wait(120)
-            return real_unload(name)
-        server.client.unload_lora_sync = paused_unload
         evict = threading.Thread(target=engine._evict)
         evict.start()
         assert unloading.wait(60)
@@ -442,11 +440,6 @@ def test_an_unload_held_open_stops_neither_answers_nor_health(app, embedded_path
         evict.join(60)
         loader.join(120)
         assert loaded and loaded[0]["adapter_version"] == "v2", loaded
-    finally:
-        release.set()
-        server.client.unload_lora_sync = real_unload
-        serving.close()
-        workspace.close()
 
 
 def app_adapter(tmp_path, embedded_path):
