@@ -2,7 +2,7 @@
 
 Importing this package has no process-wide effects and stays cheap: heavy libraries (torch,
 transformers, gradio, faiss) are imported lazily by the modules that need them. The CPU thread policy
-(assistant/threads.py) is applied by the entry points: the CLI, the training job's process, the tests'
+(assistant/engine/threads.py) is applied by the entry points: the CLI, the training job's process, the tests'
 and benchmarks' setup.
 """
 

@@ -5,7 +5,7 @@ Each command parses its flags into Settings (flags.py generates them from the se
 calls the same Workspace or Serving method the UI and the API call. Commands on data (curate, export,
 train, eval, adapters list/create, feedback, logs) run on a Workspace and never load the chat model;
 `chat`, `adapters activate` and `adapters import` (which check an adapter against the base's weights)
-load it. With a server running on the same state (its server file, remote.py), `adapters activate|import`
+load it. With a server running on the same state (its server file, cluster/remote.py), `adapters activate|import`
 and `train` go through that server instead, so the version is loaded where it serves before it goes live.
 """
 
@@ -16,8 +16,8 @@ import json
 import sys
 import time
 
-from .flags import add_config_flag, add_group_flags, add_settings_flags, settings_from
-from .workspace import DEFAULT_LOG_ROWS
+from assistant.flags import add_config_flag, add_group_flags, add_settings_flags, settings_from
+from assistant.workspace import DEFAULT_LOG_ROWS
 
 WORKSPACE_FLAGS = ("state_dir", "adapters_dir", "database_url")
 MODEL_FLAGS = ("base_model", "quantization", "dtype", "device")
@@ -32,13 +32,13 @@ ANSWER_PREVIEW_CHARS = 100      # `assistant logs`: characters of each question 
 
 
 def _workspace(args):
-    from .workspace import Workspace
+    from assistant.workspace import Workspace
     return Workspace(settings_from(args))
 
 
 def _serving(args):
     """The CLI's one builder of a Serving (and its engine): the server's, without recovering jobs."""
-    from .server import build
+    from assistant.server import build
     return build(settings_from(args), recover_jobs=False)[1]
 
 
@@ -51,7 +51,7 @@ def _domain(args) -> str:
 
 # Commands --------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from .server import serve
+    from assistant.server import serve
     return serve(settings_from(args))
 
 
@@ -100,8 +100,8 @@ def cmd_export(args) -> int:
 
 
 def _running_server(args):
-    """The server running on this state (its server file, see remote.py), or None."""
-    from .remote import find_server
+    """The server running on this state (its server file, see cluster/remote.py), or None."""
+    from assistant.cluster.remote import find_server
     return find_server(settings_from(args))
 
 
@@ -365,11 +365,11 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv=None) -> int:
-    from .threads import defaults
-    defaults()   # before torch is imported: one OpenMP pool per process (see assistant/threads.py)
+    from assistant.engine.threads import defaults
+    defaults()   # before torch is imported: one OpenMP pool per process (see assistant/engine/threads.py)
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    from .errors import AssistantError
+    from assistant.errors import AssistantError
     try:
         return args.fn(args) or 0
     except AssistantError as e:

@@ -17,7 +17,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .settings import SETTINGS_GROUPS, Settings, checked_values, parse_auth, settings_class
+from assistant.settings import SETTINGS_GROUPS, Settings, checked_values, parse_auth, settings_class
 
 NONE_WORDS = ("none", "null", "auto")      # how a flag sets an optional setting back to None
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

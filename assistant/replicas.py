@@ -4,10 +4,10 @@ Each serving process runs one `ReplicaSync` thread (server.serve starts it), whi
 the others through the database:
 
 - **Activations are live everywhere within `PROPAGATION_BOUND_S`.** An activation or rollback on any
-  replica is recorded (coordination.py) and NOTIFYs the others; a replica that hears it (or finds it when
+  replica is recorded (cluster/coordination.py) and NOTIFYs the others; a replica that hears it (or finds it when
   it polls, every `POLL_S`, should a notification be lost) drops its cached pointer and loads the version
   on its engine, so its next answer comes from it. The pointer itself is the `active` file in the shared
-  adapters folder (registry.py), written by the replica that activated.
+  adapters folder (data/registry.py), written by the replica that activated.
 - **Activation requests from workers.** A training worker that is not beside a server asks for its
   version to go live (`request_activation`); the first replica to claim the request activates it as its
   Activate button would (validate, load on its engine, move the pointer) and records the outcome, which
@@ -29,8 +29,8 @@ import logging
 import threading
 import time
 
-from .coordination import CHANNEL_ACTIVATIONS, CHANNEL_JOBS
-from .errors import AssistantError
+from assistant.cluster.coordination import CHANNEL_ACTIVATIONS, CHANNEL_JOBS
+from assistant.errors import AssistantError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ INDEX_MAX_AGE_S = 60.0        # a shared database: a near-duplicate index older 
 def rebuild_index(curator, store, domain: str) -> None:
     """A domain's insert-time near-duplicate index, rebuilt from the database (the rows every replica wrote,
     the shared embedding cache), as a curation run keeps them."""
-    from .curation import run
+    from assistant.data.curation import run
     _, kept, _, vectors = run(store, domain, curator._embedder(), curator.options)
     curator._save_index(domain, [it["key"] for it in kept], vectors)
 
@@ -52,7 +52,7 @@ class ReplicaSync:
     """The thread that keeps one serving replica in step with the others (see the module docstring)."""
 
     def __init__(self, workspace, serving, *, poll_s: float = POLL_S):
-        from .cluster import Wakeup, WorkerLock
+        from assistant.cluster.members import Wakeup, WorkerLock
         self.workspace, self.serving, self.poll_s = workspace, serving, poll_s
         self.store = workspace.store
         self.lock = WorkerLock(self.store)        # alive: the jobs our embedded worker claims are ours
@@ -110,8 +110,8 @@ class ReplicaSync:
                 self.store.finish_activation(req["id"], "done")
 
     def _run_jobs(self) -> None:
-        from . import jobs
-        from .workers import REAP_EVERY_S
+        from assistant.jobs import run as jobs
+        from assistant.jobs.workers import REAP_EVERY_S
         ws = self.workspace
         if time.monotonic() - self._last_reap >= REAP_EVERY_S:   # every replica watches for dead workers
             jobs.reap(ws.settings, self.store, ws.registry)

@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 def build(settings, base=None, *, recover_jobs: bool = True):
     """(workspace, serving) for a server: jobs left by a dead server are recovered first (a CLI command,
     which may run beside a server, passes recover_jobs=False). `base`: a loaded base to serve (tests)."""
-    from .serving import Serving
-    from .workspace import Workspace
+    from assistant.serving import Serving
+    from assistant.workspace import Workspace
     workspace = Workspace(settings, recover_jobs=recover_jobs)
     try:
         engine = build_engine(settings, workspace, base)
@@ -32,8 +32,8 @@ def build_engine(settings, workspace, base=None):
     or the one that drives vLLM servers."""
     if settings.engine == "vllm":
         return vllm_engine(settings, workspace)
-    from .engine import Engine
-    from .model import load_base
+    from assistant.engine.engine import Engine
+    from assistant.engine.model import load_base
     base = base if base is not None else load_base(settings)
     return Engine(base, max_batch=settings.max_batch, max_queue=settings.max_queue,
                   max_resident_adapters=settings.max_resident_adapters)
@@ -41,10 +41,10 @@ def build_engine(settings, workspace, base=None):
 
 def vllm_engine(settings, workspace):
     """The engine that drives vLLM servers: those of --vllm-url, or one started (and supervised) here."""
-    from .limits import engine_limits
-    from .model import describe_base
-    from .vllm_engine import VllmEngine
-    from .vllm_server import ManagedVllm
+    from assistant.engine.model import describe_base
+    from assistant.jobs.limits import engine_limits
+    from assistant.vllm.engine import VllmEngine
+    from assistant.vllm.server import ManagedVllm
     base = describe_base(settings)
     urls, managed, api_key = list(settings.vllm_url), None, settings.vllm_api_key
     if not urls:   # a random API key: no other local process can load or unload adapters on it
@@ -62,15 +62,15 @@ def build_app(workspace, serving, *, with_ui: bool = True):
     """The one FastAPI app: the API routes, and the Gradio UI mounted at /, all behind one auth check."""
     from fastapi import FastAPI
 
-    from .api import build_api, install_error_handlers
-    from .auth import AuthMiddleware, Credentials
+    from assistant.api.auth import AuthMiddleware, Credentials
+    from assistant.api.routes import build_api, install_error_handlers
     s = workspace.settings
     app = FastAPI(title="domain-assistant", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
     app.state.credentials = Credentials(s.api_key, s.auth, secret=s.session_secret, directory=workspace.directory)
     install_error_handlers(app)
     app.include_router(build_api(workspace, serving))
     if with_ui:
-        from .ui import mount_ui
+        from assistant.ui import mount_ui
         mount_ui(app, workspace, serving, app.state.credentials)
     app.add_middleware(AuthMiddleware, credentials=app.state.credentials)
     return app
@@ -89,13 +89,13 @@ def serve(settings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
-    from . import remote
+    from assistant.cluster import remote
     # uvicorn re-raises the SIGTERM it caught once it has shut down: end through Python then, so the finally
     # below runs (the server file removed, the engine and a managed vLLM server stopped)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     local = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
     app.state.credentials.control_token = remote.announce(settings, local)   # jobs and the CLI find us here
-    from .replicas import ReplicaSync
+    from assistant.replicas import ReplicaSync
     sync = ReplicaSync(workspace, serving).start()   # other replicas' activations, workers' requests, queued jobs
     try:
         server.run()
@@ -114,7 +114,7 @@ def _exit_on_sigterm(signum, frame):
 def _share(settings) -> None:
     """A public link through Gradio's share servers (auth is enforced by Settings)."""
     try:
-        from .ui import share_tunnel
+        from assistant.ui import share_tunnel
         url = share_tunnel(settings.host if settings.host != "0.0.0.0" else "127.0.0.1", settings.port)
         log.info("public link (behind --auth): %s", url)
     except Exception as e:  # noqa: BLE001 - no network is a normal case here

@@ -18,20 +18,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine_protocol import EngineProtocol
-from .errors import AdapterRefused, AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
-from .limits import check_adapter_folder, engine_limits
-from .lm import with_system_prompt
-from .registry import parse_model_name, safe_unzip, validate_adapter
-from .settings import (
-    BASE,
-    MAX_LORA_RANK,
-    MAX_MESSAGE_CHARS,
-    MAX_MESSAGES,
-    MAX_UPLOAD_BYTES,
-)
-from .toolcalls import plain as plain_turns
-from .workspace import Workspace
+from assistant.data.registry import parse_model_name, safe_unzip, validate_adapter
+from assistant.engine.lm import with_system_prompt
+from assistant.engine.protocol import EngineProtocol
+from assistant.engine.toolcalls import plain as plain_turns
+from assistant.errors import AdapterRefused, AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
+from assistant.jobs.limits import check_adapter_folder, engine_limits
+from assistant.settings import BASE, MAX_LORA_RANK, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_UPLOAD_BYTES
+from assistant.workspace import Workspace
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 ADAPTER_SLOT_WAIT_S = 10.0   # engines without a waiting room (vLLM), activation: how long to wait for a slot
@@ -280,10 +274,10 @@ class Serving:
                       slot_wait_s: float = ADAPTER_SLOT_WAIT_S, loop=None, user: str | None = None,
                       principal=SAME_AS_USER, **sampling) -> list[Call]:
         """`n` answers to one conversation (or, for legacy completions, to one `prompt` text), read once and
-        decoded as n rows (chat_options.py says how tools and response_format constrain them). Each answer
+        decoded as n rows (engine/chat_options.py says how tools and response_format constrain them). Each answer
         is a Call, logged as its own response; the first's id is the request's. `user`: the end user the
         request names; `principal`: who authenticated (by default `user`: the UI, where they are one)."""
-        from .chat_options import build_requests
+        from assistant.engine.chat_options import build_requests
         if prompt is None:
             messages = check_messages(messages)
         target = self.resolve(model)
@@ -292,7 +286,7 @@ class Serving:
             offered = tools if tool_choice != "none" else None
             ids = self.engine.encode_chat(messages, offered)
             # logged (and so curated and trained on) as text turns: tool calls and results in the Hermes
-            # convention of toolcalls.py, the offered tools in the system message
+            # convention of engine/toolcalls.py, the offered tools in the system message
             turns = offered or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
             logged = plain_turns(messages, offered) if turns else messages
         else:

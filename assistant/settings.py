@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import InvalidSetting
+from assistant.errors import InvalidSetting
 
 # Limits have names.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -38,10 +38,10 @@ ENGINES = ("local", "vllm")
 # The recipes' settings dataclasses, by the group name they have on the CLI (--train.epochs) and in a TOML
 # config file ([train] epochs = 3). Each is read where its recipe runs, from Settings.<group>.
 SETTINGS_GROUPS = {
-    "curation": ("assistant.curation", "CurationSettings"),
-    "gate": ("assistant.gate", "GateSettings"),
-    "monitor": ("assistant.monitoring", "MonitorSettings"),
-    "train": ("assistant.training", "TrainSettings"),
+    "curation": ("assistant.data.curation", "CurationSettings"),
+    "gate": ("assistant.gate.verdict", "GateSettings"),
+    "monitor": ("assistant.monitoring.report", "MonitorSettings"),
+    "train": ("assistant.training.recipe", "TrainSettings"),
 }
 
 

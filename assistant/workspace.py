@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .errors import AssistantError, Conflict, NotFound
-from .registry import Registry, check_name, check_version
-from .settings import BASE, MAX_MESSAGE_CHARS, Settings
+from assistant.data.registry import Registry, check_name, check_version
+from assistant.errors import AssistantError, Conflict, NotFound
+from assistant.settings import BASE, MAX_MESSAGE_CHARS, Settings
 
 SNAPSHOT_NAME_CHARS = 12     # hash characters in an exported snapshot's file name
 DEFAULT_LOG_ROWS = 20        # `assistant logs` without -n
@@ -30,13 +30,13 @@ class Workspace:
     def __init__(self, settings: Settings, *, recover_jobs: bool = False):
         """`recover_jobs`: mark jobs left running by a server or worker that died as failed (the server does
         this at start; one-shot commands do not, since a server may be running them)."""
-        from .store import Store
+        from assistant.data.store import Store
         self.settings = settings.ensure_dirs()
         self.store = Store(settings.database)
         self.registry = Registry(settings.adapters_path)
-        from .users import Directory
+        from assistant.people.users import Directory
         self.directory = Directory(self.store)   # stored users, personal keys, the audit log
-        from .quotas import Quotas
+        from assistant.people.quotas import Quotas
         self.quotas = Quotas(self.store, settings.user_requests_per_minute, settings.user_tokens_per_day)
         self._curator = None
         self._indexer = None
@@ -45,11 +45,11 @@ class Workspace:
         # (a vLLM server's reason); Serving sets it. Shown in /api/domains, the Adapters tab and /metrics.
         self.engine_refusals: Callable[[], dict[str, dict]] = dict
         if recover_jobs:
-            from . import jobs
+            from assistant.jobs import run as jobs
             jobs.recover_orphans(self.settings, self.store, self.registry)
 
     def close(self) -> None:
-        from .monitoring import close_exporter
+        from assistant.monitoring.report import close_exporter
         close_exporter(self)
         if self._indexer is not None:
             self._indexer.shutdown(wait=True)
@@ -216,7 +216,7 @@ class Workspace:
             return
         import time
 
-        from .replicas import INDEX_MAX_AGE_S, rebuild_index
+        from assistant.replicas import INDEX_MAX_AGE_S, rebuild_index
         keys = curator.index_path(domain).with_name(domain + ".keys.json")
         try:
             age = time.time() - keys.stat().st_mtime
@@ -252,7 +252,7 @@ class Workspace:
 
     def import_seed_jsonl(self, domain: str, text: str, user: str | None = None) -> dict:
         """Seed examples from JSON Lines text -> {added, problems: [line/example messages], message}."""
-        from .seeds import parse_jsonl, summary
+        from assistant.data.seeds import parse_jsonl, summary
         self.require_domain(domain)
         examples, problems = parse_jsonl(text)
         res = self.add_examples(domain, examples, user=user) if examples else {"added": 0, "rejected": []}
@@ -301,7 +301,7 @@ class Workspace:
     # Curation ----------------------------------------------------------------------------------
     def curator(self):
         if self._curator is None:
-            from .curation import Curator
+            from assistant.data.curation import Curator
             self._curator = Curator(self.store, self.settings,
                                     trusts_users=lambda domain: self.registry.get_domain(domain).trust_users)
         return self._curator
@@ -319,9 +319,9 @@ class Workspace:
     def training_methods(self, domain: str) -> dict:
         """What the domain's ratings support, read-only: {"counts", "supported", "summary", "auto", "needs"}
         ("40 ratings (...), 12 corrections: SFT + DPO + KTO")."""
-        from . import preference
-        from .settings import group_settings
-        from .training import MIN_EXAMPLES
+        from assistant.data import preference
+        from assistant.settings import group_settings
+        from assistant.training.recipe import MIN_EXAMPLES
         snap = self.preview(domain)
         data = preference.build(snap.rows, self.store.list_feedback(domain), group_settings(self.settings, "curation"))
         can = preference.supported(data.counts)
@@ -343,7 +343,7 @@ class Workspace:
 
     def dataset_file(self, domain: str) -> tuple[bytes, str]:
         """The curated rows as JSON Lines and a file name for them, without writing anything."""
-        from .curation import snapshot_bytes
+        from assistant.data.curation import snapshot_bytes
         snap = self.preview(domain)
         return snapshot_bytes(snap.rows), f"{domain}-{snap.hash[:SNAPSHOT_NAME_CHARS]}.jsonl"
 
@@ -351,38 +351,38 @@ class Workspace:
     def train_settings(self, values: dict | None = None):
         """The one check of training settings (TrainSettings.from_dict): this server's `--train.*` defaults,
         then `values` (a form's, an API body's) -> a TrainSettings; an InvalidSetting names the field."""
-        from .training import TrainSettings
+        from assistant.training.recipe import TrainSettings
         return TrainSettings.from_dict(values, self.settings.train)
 
     def start_training(self, domain: str, train_settings=None) -> str:
         """A background training job (its own process) -> the job id to follow. `train_settings`: a
         TrainSettings from `train_settings`, or overrides that are checked by it here."""
-        from . import jobs
+        from assistant.jobs import run as jobs
         self.require_domain(domain)
         return jobs.start_job(self.settings, self.store, self.registry, domain, self.train_settings_of(train_settings))
 
     def train_settings_of(self, value):
-        from .training import TrainSettings
+        from assistant.training.recipe import TrainSettings
         return value if isinstance(value, TrainSettings) else self.train_settings(value)
 
     def train(self, domain: str, train_settings: dict | None = None) -> dict:
         """The same job, blocking, in this process, with a progress bar (the CLI) -> the job record."""
-        from . import jobs
-        from .threads import use_all_cores
+        from assistant.engine.threads import use_all_cores
+        from assistant.jobs import run as jobs
         self.require_domain(domain)
-        use_all_cores()   # this process only trains (see assistant/threads.py)
+        use_all_cores()   # this process only trains (see assistant/engine/threads.py)
         return jobs.run_job_inline(self.settings, self.store, self.registry, domain,
                                    self.train_settings_of(train_settings))
 
     def work(self, max_jobs: int | None = None) -> int:
         """`assistant worker`: claim queued training jobs from the database and run them here, one at a
-        time, until stopped (workers.py) -> how many ran."""
-        from .workers import run_worker
+        time, until stopped (jobs/workers.py) -> how many ran."""
+        from assistant.jobs.workers import run_worker
         return run_worker(self.settings, self.store, self.registry, max_jobs=max_jobs)
 
     def evaluate(self, domain: str, version: str | None = None) -> dict:
         """Before/after metrics and the gate's verdict for a version on the domain's held-out data."""
-        from . import evaluation
+        from assistant.gate import evaluation
         self.require_domain(domain)
         if version is not None:
             check_version(version)
@@ -395,7 +395,7 @@ class Workspace:
         return job
 
     def cancel_job(self, job_id: str) -> dict:
-        from . import jobs
+        from assistant.jobs import run as jobs
         self.job(job_id)
         jobs.cancel_job(self.settings, self.store, job_id)
         return self.job(job_id)
@@ -403,7 +403,7 @@ class Workspace:
     def retry_job(self, job_id: str, *, wait: bool = False) -> dict:
         """Resume a failed job from evaluation, with the adapter its training kept (409 when it cannot); with
         `wait`, in this process until it ends."""
-        from . import jobs
+        from assistant.jobs import run as jobs
         self.job(job_id)
         jobs.retry_job(self.settings, self.store, self.registry, job_id, inline=wait)
         return self.job(job_id)
@@ -414,13 +414,13 @@ class Workspace:
         return self.store.list_jobs(domain)
 
     def metrics(self, domain: str) -> dict:
-        from .monitoring import domain_metrics
+        from assistant.monitoring.report import domain_metrics
         self.require_domain(domain)
         return domain_metrics(self, domain)
 
     def prometheus_text(self) -> str:
         """`GET /metrics`: counters and histograms from the store, drift from a cache refreshed in the
         background (a scrape never embeds anything)."""
-        from .monitoring import prometheus_text
-        from .settings import group_settings
+        from assistant.monitoring.report import prometheus_text
+        from assistant.settings import group_settings
         return prometheus_text(self, group_settings(self.settings, "monitor"))

@@ -38,8 +38,8 @@ def make_adapter(model_path: str, out: Path, seed: int, rank: int = 16) -> Path:
 
 def base_load_time(settings) -> float:
     """From the cached safetensors folder to the first generated token."""
-    from assistant.engine import Engine, Request
-    from assistant.model import load_base
+    from assistant.engine.engine import Engine, Request
+    from assistant.engine.model import load_base
     t = time.perf_counter()
     base = load_base(settings, verbose=False)
     engine = Engine(base)
@@ -52,7 +52,7 @@ def base_load_time(settings) -> float:
 
 def concurrent(engine, ids, adapters: list[str | None], n=N_TOKENS) -> float:
     """Aggregate tokens/s of len(adapters) requests submitted together."""
-    from assistant.engine import Request
+    from assistant.engine.engine import Request
     t = time.perf_counter()
     hs = [engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True, adapter=a,
                                 slot=engine.pin_adapter(a) if a else 0)) for a in adapters]
@@ -62,7 +62,7 @@ def concurrent(engine, ids, adapters: list[str | None], n=N_TOKENS) -> float:
 
 
 def serial(engine, ids, adapters, n=N_TOKENS) -> float:
-    from assistant.engine import Request
+    from assistant.engine.engine import Request
     t = time.perf_counter()
     total = 0
     for a in adapters:
@@ -74,7 +74,7 @@ def serial(engine, ids, adapters, n=N_TOKENS) -> float:
 
 
 def decode_rate(engine, ids, adapter, n=N_TOKENS, repeat=3) -> float:
-    from assistant.engine import Request
+    from assistant.engine.engine import Request
     best = 0.0
     for _ in range(repeat):
         h = engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True, adapter=adapter,

@@ -63,10 +63,10 @@ def side(kind: str, base_path: str, cache_dir: str) -> dict:
     """One job's curation and training, in this process: its figures."""
     import resource
 
-    from assistant.curation import curate, default_embedder
-    from assistant.lm import generate
-    from assistant.store import Store
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.data.curation import curate, default_embedder
+    from assistant.data.store import Store
+    from assistant.engine.lm import generate
+    from assistant.training.recipe import TrainSettings, train_adapter
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store = Store(tmp / "assistant.db")
@@ -89,9 +89,9 @@ def warm_replay(base_path: str, cache_dir: str) -> None:
     """The base's answers to every replay prompt, with this system prompt, into the shared cache."""
     import random
 
-    from assistant.answer_cache import AnswerCache, identity
-    from assistant.train_rows import REPLAY_MAX_NEW_TOKENS, REPLAY_PROMPTS, replay_rows
-    from assistant.training import _load
+    from assistant.data.answer_cache import AnswerCache, identity
+    from assistant.training.recipe import _load
+    from assistant.training.train_rows import REPLAY_MAX_NEW_TOKENS, REPLAY_PROMPTS, replay_rows
     base = _load(base_path)
     base.model.eval()
     cache = AnswerCache(cache_dir, identity(base, SYSTEM, REPLAY_MAX_NEW_TOKENS, what="replay"))
@@ -104,7 +104,7 @@ def run() -> dict:
 
 
 def _run() -> dict:
-    from assistant.model import ensure_embedded
+    from assistant.engine.model import ensure_embedded
     from assistant.settings import default_cache_dir
     base_path = str(ensure_embedded(default_cache_dir(), verify=False))
     figures = {}

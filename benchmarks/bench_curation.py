@@ -59,7 +59,7 @@ def as_messages(text: str) -> list[dict]:
 
 
 def _dedup(embedder, texts: list[str]) -> tuple[float, int]:
-    from assistant.curation import CurationSettings, _greedy_dedup
+    from assistant.data.curation import CurationSettings, _greedy_dedup
     start = time.perf_counter()
     vectors = embedder.embed(texts)
     items = [{"key": f"k{i}", "removed": None, "messages": as_messages(t)} for i, t in enumerate(texts)]
@@ -70,7 +70,7 @@ def _dedup(embedder, texts: list[str]) -> tuple[float, int]:
 def _ann_recall() -> tuple[float, float]:
     import faiss
 
-    from assistant.embeddings import VectorIndex, embedding_dim
+    from assistant.data.embeddings import VectorIndex, embedding_dim
     dim = embedding_dim()
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((ANN_CLUSTERS, dim)).astype(np.float32)
@@ -93,8 +93,8 @@ def _ann_recall() -> tuple[float, float]:
 
 
 def _insert_check_ms(embedder, texts: list[str]) -> float:
-    from assistant.curation import Curator
-    from assistant.embeddings import VectorIndex
+    from assistant.data.curation import Curator
+    from assistant.data.embeddings import VectorIndex
     with tempfile.TemporaryDirectory() as tmp:
         curator = Curator(store=None, settings=Path(tmp), embedder=embedder)
         index = VectorIndex()
@@ -109,7 +109,7 @@ def _insert_check_ms(embedder, texts: list[str]) -> float:
 
 
 def run() -> dict:
-    from assistant.embeddings import Embedder
+    from assistant.data.embeddings import Embedder
     embedder = Embedder()
     embedder.embed(synthetic_items(64, seed=7))                    # load the model outside the timings
     small, large = synthetic_items(SMALL, seed=1), synthetic_items(LARGE, seed=2)

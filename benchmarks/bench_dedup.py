@@ -1,7 +1,7 @@
 """Near-duplicate merge quality: calibrate the embedding threshold on one hand-written set
 (tests/dedup_calibration.py, a hotel), report it on another (tests/dedup_testset.py, a restaurant).
 
-For each threshold, with and without the lexical check (`assistant.dedup.compare`): merge precision,
+For each threshold, with and without the lexical check (`assistant.data.dedup.compare`): merge precision,
 recall, and facts lost (groups with no item kept). Prints the chosen threshold: the lowest facts lost,
 then the best recall at precision >= MIN_PRECISION, then the highest (most cautious) threshold, on the
 calibration set only."""
@@ -23,7 +23,7 @@ MIN_PRECISION = 0.98
 
 def build(groups, folder: Path):
     """A store holding every item of `groups` as seed examples -> (store, key -> group id, kind of group)."""
-    from assistant.store import Store
+    from assistant.data.store import Store
     store = Store(folder / "assistant.db")
     examples, gids = [], []
     for g, (_, items) in enumerate(groups):
@@ -37,8 +37,8 @@ def build(groups, folder: Path):
 
 def score(groups, threshold: float, lexical: bool = True, embedder=None) -> dict:
     """Merge quality of curation on `groups` at `threshold` (lexical=False: the embedding alone)."""
-    from assistant import curation, dedup
-    from assistant.curation import CurationSettings
+    from assistant.data import curation, dedup
+    from assistant.data.curation import CurationSettings
     with tempfile.TemporaryDirectory() as tmp:
         store, group_of, kinds = build(groups, Path(tmp))
         original = dedup.compare
@@ -74,7 +74,7 @@ def run() -> dict:
     print_table("near-duplicate merges (P precision, R recall, lost = facts with no item kept)", table)
     ok = [t for t in THRESHOLDS if rows[(True, t)][0]["precision"] >= MIN_PRECISION]
     chosen = min(ok or THRESHOLDS, key=lambda t: (rows[(True, t)][0]["groups_lost"], -rows[(True, t)][0]["recall"], -t))
-    from assistant.curation import CurationSettings
+    from assistant.data.curation import CurationSettings
     default = CurationSettings().near_dup_threshold
     c, s = rows[(True, default)] if (True, default) in rows else (score(cal, default), score(test, default))
     print(f"\nchosen on calibration: {chosen:.2f}; default {default:.2f}: test precision {s['precision']:.3f}, "

@@ -40,7 +40,7 @@ def _onnx_embedder():
         return None
     from sentence_transformers import SentenceTransformer
 
-    from assistant.embeddings import Embedder, model_path
+    from assistant.data.embeddings import Embedder, model_path
     embedder = Embedder()
     embedder._model = SentenceTransformer(str(model_path()), device="cpu", backend="onnx", local_files_only=True)
     return embedder
@@ -50,7 +50,7 @@ def run() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_curation import synthetic_items
 
-    from assistant.embeddings import Embedder
+    from assistant.data.embeddings import Embedder
     texts = synthetic_items(N_TEXTS, seed=5)
     sides = {"torch": Embedder()._load()}
     onnx = _onnx_embedder()

@@ -24,7 +24,7 @@ COPY_BYTES = sized(512 << 20, 8 << 20)
 
 def engine_decode(engine, ids, n=N_TOKENS, repeat=3):
     """(decode tokens/s, time to first token in s): best of `repeat`."""
-    from assistant.engine import Request
+    from assistant.engine.engine import Request
     rates, ttfts = [], []
     for _ in range(repeat):
         h = engine.submit(Request(prompt_ids=ids, max_new_tokens=n, ignore_eos=True))
@@ -83,8 +83,8 @@ def api_stream(url, model="base", n=N_TOKENS, repeat=3):
 
 
 def run(base_model: str = "embedded") -> dict:
-    from assistant.engine import Engine
-    from assistant.model import load_base
+    from assistant.engine.engine import Engine
+    from assistant.engine.model import load_base
     from assistant.settings import Settings
 
     base = load_base(Settings(base_model=base_model), verbose=False)

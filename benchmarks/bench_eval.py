@@ -27,11 +27,11 @@ def cpu_flags() -> str:
 
 
 def _run() -> dict:
-    from assistant import evaluation
-    from assistant.gate import GateSettings
-    from assistant.model import ensure_embedded
+    from assistant.engine.model import ensure_embedded
+    from assistant.gate import evaluation
+    from assistant.gate.verdict import GateSettings
     from assistant.settings import Settings, default_cache_dir
-    from assistant.training import TrainSettings, _load, train_adapter
+    from assistant.training.recipe import TrainSettings, _load, train_adapter
 
     from invented_facts import FACTS, SYSTEM_PROMPT, chat
     path = ensure_embedded(default_cache_dir(), verify=False)
@@ -63,7 +63,7 @@ def _run() -> dict:
 
 
 def run() -> dict:
-    return on_all_cores(_run)    # a job's child process uses all cores (assistant/threads.py)
+    return on_all_cores(_run)    # a job's child process uses all cores (assistant/engine/threads.py)
 
 
 if __name__ == "__main__":

@@ -104,9 +104,9 @@ class Bench:
     """Trains and judges candidates of one dataset, each recipe once."""
 
     def __init__(self, name: str, rows: list[dict], facts, tmp: Path, base_path: str):
-        from assistant.engine import Engine
-        from assistant.evaluation import answer_all, serving_base
-        from assistant.training import _load
+        from assistant.engine.engine import Engine
+        from assistant.gate.evaluation import answer_all, serving_base
+        from assistant.training.recipe import _load
         self.name, self.rows, self.facts, self.tmp, self.base_path = name, rows, facts, tmp, base_path
         self.done: dict[str, dict] = {}
         base = _load(base_path)
@@ -126,12 +126,12 @@ class Bench:
         key = _key(ts)
         if key in self.done:
             return self.done[key]
-        from assistant import evaluation
-        from assistant.engine import Engine
-        from assistant.evaluation import answer_all, serving_base
-        from assistant.probes import gives_content
-        from assistant.retention import common_words, rare_words, taught_texts
-        from assistant.training import _load, train_adapter
+        from assistant.engine.engine import Engine
+        from assistant.gate import evaluation
+        from assistant.gate.evaluation import answer_all, serving_base
+        from assistant.gate.probes import gives_content
+        from assistant.gate.retention import common_words, rare_words, taught_texts
+        from assistant.training.recipe import _load, train_adapter
         folder = self.tmp / f"{self.name}-{len(self.done)}"
         base = _load(self.base_path)
         t0 = time.perf_counter()
@@ -139,7 +139,7 @@ class Bench:
         result.model.unload()
         base.model.eval()
         train_s = time.perf_counter() - t0
-        from assistant.gate import GateSettings
+        from assistant.gate.verdict import GateSettings
         gate = GateSettings() if PROBE_TOKENS is None else GateSettings(probe_max_new_tokens=PROBE_TOKENS,
                                                                          max_new_tokens=PROBE_TOKENS)
         before, after = evaluation.evaluate_adapter(base, folder, self.rows, gate, system_prompt=SYSTEM,
@@ -174,8 +174,8 @@ class Bench:
 
     def one_click(self, ts) -> dict:
         """What a job does from recipe `ts` (jobs.run_job's attempts): -> the candidate it makes live, or None."""
-        from assistant.gate import FORGETTING
-        from assistant.training import auto_epochs, safer_recipe
+        from assistant.gate.verdict import FORGETTING
+        from assistant.training.recipe import auto_epochs, safer_recipe
         for _ in range(ts.retries + 1):
             c = self.candidate(ts)
             if c["promote"]:
@@ -192,9 +192,9 @@ def run(base_model: str = "embedded", datasets: str = "seeds,conversation", limi
 
 
 def _run(base_model: str, datasets: str, limit: int | None) -> dict:
-    from assistant.model import ensure_embedded
+    from assistant.engine.model import ensure_embedded
     from assistant.settings import default_cache_dir
-    from assistant.training import TrainSettings
+    from assistant.training.recipe import TrainSettings
     path = str(ensure_embedded(default_cache_dir(), verify=False)) if base_model == "embedded" else base_model
     n_facts = sized(len(SEED_FACTS), 4)
     sets = {"seeds": (seed_rows(SEED_FACTS[:n_facts]), SEED_FACTS[:n_facts]),

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from bench_eval import cpu_flags  # noqa: E402
 
-from assistant.probes import PROBES  # noqa: E402
+from assistant.gate.probes import PROBES  # noqa: E402
 
 from common import print_table  # noqa: E402  (also sets offline mode)
 
@@ -85,7 +85,7 @@ def questions(seed: int, n_train: int, n_heldout: int) -> tuple[list[str], list[
 def sample(engine, questions: list[str], n: int, seed: int, adapter: str | None = None) -> list[tuple[str, str, str]]:
     """(question, answer, finish reason): `n` answers of the serving engine (with `adapter`) to each question,
     sampled (seeded: the same seeds for every adapter)."""
-    from assistant.engine import Request
+    from assistant.engine.engine import Request
     handles = [(q, engine.submit(Request(prompt_ids=engine.encode_chat([{"role": "user", "content": q}]),
                                          max_new_tokens=MAX_NEW_TOKENS, temperature=SAMPLE_TEMPERATURE, top_p=0.95,
                                          seed=seed * 100_000 + i * n + k, adapter=adapter,
@@ -96,9 +96,9 @@ def sample(engine, questions: list[str], n: int, seed: int, adapter: str | None 
 
 def rated_store(folder: Path, rated: list[tuple[str, str, str]]):
     """A store and settings in `folder` holding the rated answers as logged responses with thumbs."""
-    from assistant.registry import Registry
+    from assistant.data.registry import Registry
+    from assistant.data.store import Store
     from assistant.settings import Settings
-    from assistant.store import Store
     settings = Settings(home=folder).ensure_dirs()
     store = Store(settings.db_path)
     Registry(settings.adapters_path).create_domain("explain", "", "benchmark")
@@ -112,7 +112,7 @@ def rated_store(folder: Path, rated: list[tuple[str, str, str]]):
 
 
 def general_nll_ratio(model, tok, base_answers: list[str]) -> float:
-    from assistant.evaluation import heldout_loss
+    from assistant.gate.evaluation import heldout_loss
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in zip(GENERAL_PROMPTS, base_answers) if a]
     after = heldout_loss(model, tok, rows, 256)
@@ -127,15 +127,15 @@ def run(small: bool = False, seed: int = 0, overrides: dict | None = None, metho
 
 
 def _run(small: bool, seed: int = 0, overrides: dict | None = None, method: str = METHOD) -> dict:
-    from assistant import preference
-    from assistant.curation import curate
-    from assistant.engine import Engine
-    from assistant.evaluation import answer_all, serving_base
-    from assistant.lm import generate
-    from assistant.model import ensure_embedded
-    from assistant.preference_train import PreferencePlan
+    from assistant.data import preference
+    from assistant.data.curation import curate
+    from assistant.engine.engine import Engine
+    from assistant.engine.lm import generate
+    from assistant.engine.model import ensure_embedded
+    from assistant.gate.evaluation import answer_all, serving_base
     from assistant.settings import default_cache_dir, group_settings
-    from assistant.training import TrainSettings, _load, train_adapter
+    from assistant.training.preference import PreferencePlan
+    from assistant.training.recipe import TrainSettings, _load, train_adapter
     size = SMALL if small else FULL
     t_start = time.perf_counter()
     path = str(ensure_embedded(default_cache_dir(), verify=False))

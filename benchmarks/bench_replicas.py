@@ -112,7 +112,7 @@ def _answer_version(url, model) -> str | None:
 def run() -> dict:
     import httpx
 
-    from assistant.store import Store
+    from assistant.data.store import Store
 
     from helpers import random_lora_adapter, running_server, zipped
     from postgres_server import PostgresServer
@@ -141,7 +141,7 @@ def run() -> dict:
             one = feedback_rate([a], ids)
             two = feedback_rate([a, b], ids)
 
-            from assistant.model import ensure_embedded
+            from assistant.engine.model import ensure_embedded
             from assistant.settings import default_cache_dir
             base = ensure_embedded(default_cache_dir(), verify=False)
             httpx.post(a + "/api/domains", auth=AUTH, json={"name": "bench"}, timeout=60).raise_for_status()

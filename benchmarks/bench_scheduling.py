@@ -37,7 +37,7 @@ def cpu() -> str:
 
 def serve_all(engine, folders: dict, prompts: list) -> tuple[float, int]:
     """Submit every request at once; (generated tokens per second, errors)."""
-    from assistant.engine import Request
+    from assistant.engine.engine import Request
     t = time.perf_counter()
     hs = [engine.submit(Request(prompt_ids=ids, max_new_tokens=N_TOKENS, ignore_eos=True, adapter=key,
                                 adapter_folder=lambda key=key: folders[key])) for key, ids in prompts]
@@ -51,8 +51,8 @@ def serve_all(engine, folders: dict, prompts: list) -> tuple[float, int]:
 
 
 def run(base_model: str = "embedded") -> dict:
-    from assistant.engine import Engine
-    from assistant.model import load_base
+    from assistant.engine.engine import Engine
+    from assistant.engine.model import load_base
     from assistant.settings import Settings
 
     with tempfile.TemporaryDirectory() as home:

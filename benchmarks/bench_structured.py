@@ -36,7 +36,7 @@ def cpu_flags() -> str:
 
 def decode_rate(engine, prompts, structured) -> float:
     """Tokens/s of the prompts decoded together (best of ROUNDS), each to N_TOKENS tokens."""
-    from assistant.chat_options import build_requests
+    from assistant.engine.chat_options import build_requests
     best = 0.0
     for _ in range(ROUNDS):
         reqs = []
@@ -57,8 +57,8 @@ def decode_rate(engine, prompts, structured) -> float:
 
 
 def run(base_model: str = "embedded") -> dict:
-    from assistant.engine import Engine
-    from assistant.model import load_base
+    from assistant.engine.engine import Engine
+    from assistant.engine.model import load_base
     from assistant.settings import Settings
     engine = Engine(load_base(Settings(base_model=base_model), verbose=False), max_batch=8)
     try:

@@ -1,4 +1,4 @@
-"""Training benchmark: tokens/s of our recipe (`assistant.training.train_adapter`) against a plain PEFT loop
+"""Training benchmark: tokens/s of our recipe (`assistant.training.recipe.train_adapter`) against a plain PEFT loop
 (get_peft_model + AdamW + padded batches in dataset order + the model's own loss over full logits) on the
 same rows, the same embedded model, the same LoRA settings and the same number of optimizer steps.
 
@@ -49,8 +49,8 @@ def plain_peft_tokens_per_s(model_path: str, rows: list[dict]) -> tuple[float, i
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from assistant.lm import collate, encode_chat
-    from assistant.training import DEFAULT_TARGETS
+    from assistant.engine.lm import collate, encode_chat
+    from assistant.training.recipe import DEFAULT_TARGETS
     tok = AutoTokenizer.from_pretrained(model_path)
     torch.manual_seed(SETTINGS["seed"])
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -73,7 +73,7 @@ def plain_peft_tokens_per_s(model_path: str, rows: list[dict]) -> tuple[float, i
 
 
 def ours_tokens_per_s(model_path: str, rows: list[dict]) -> tuple[float, int]:
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.training.recipe import TrainSettings, train_adapter
     with tempfile.TemporaryDirectory() as out:
         result = train_adapter(model_path, rows, Path(out) / "a", TrainSettings(**SETTINGS))
     return result.tokens_per_second, result.tokens
@@ -81,13 +81,13 @@ def ours_tokens_per_s(model_path: str, rows: list[dict]) -> tuple[float, int]:
 
 def run() -> dict:
     from common import on_all_cores
-    return on_all_cores(_run)   # training jobs run on all cores (assistant/threads.py)
+    return on_all_cores(_run)   # training jobs run on all cores (assistant/engine/threads.py)
 
 
 def _run() -> dict:
     import torch
 
-    from assistant.model import ensure_embedded
+    from assistant.engine.model import ensure_embedded
     from assistant.settings import default_cache_dir
     path = str(ensure_embedded(default_cache_dir(), verify=False))
     rows = bench_rows()

@@ -13,9 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from assistant.threads import defaults, on_all_cores  # noqa: E402 - after the sys.path line above
+from assistant.engine.threads import defaults, on_all_cores  # noqa: E402 - after the sys.path line above
 
-defaults()   # before torch: the CPU thread policy the CLI applies (assistant/threads.py)
+defaults()   # before torch: the CPU thread policy the CLI applies (assistant/engine/threads.py)
 
 LONG_PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]
 

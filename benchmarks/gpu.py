@@ -7,7 +7,7 @@ mixed-adapter batches, NF4's weights memory, and QLoRA against LoRA (peak memory
 The floor is the copy bandwidth measured here, counted as bytes read plus bytes written per second (what
 the memory moves), divided by the bytes a decode step reads (every weight once). Prints the GPU name (or
 the CPU's flags), tables, and as its LAST line a JSON object of the ratios. On CPU (--tiny) the peak-memory
-ratio comes from assistant/memory.py's estimate, since CPU allocations have no peak statistics.
+ratio comes from assistant/training/memory.py's estimate, since CPU allocations have no peak statistics.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from assistant.threads import defaults  # noqa: E402 - after the sys.path line and the thread policy
+from assistant.engine.threads import defaults  # noqa: E402 - after the sys.path line and the thread policy
 
-defaults()   # before torch: the CPU thread policy the CLI applies (assistant/threads.py)
+defaults()   # before torch: the CPU thread policy the CLI applies (assistant/engine/threads.py)
 
 import torch  # noqa: E402 - after the sys.path line and the thread policy
 
@@ -158,7 +158,7 @@ def write_adapters(model, folder: Path, n: int, rank: int) -> list[Path]:
 
 def bytes_per_token(model) -> int:
     """Bytes one decode step reads: every weight once, less the embedding table (one row is read)."""
-    from assistant.model import weights_bytes
+    from assistant.engine.model import weights_bytes
     emb = model.model.embed_tokens.weight
     return weights_bytes(model) - emb.numel() * emb.element_size()
 
@@ -185,7 +185,7 @@ def decode_rate(runner, slots: list[int], steps: int, device) -> float:
 
 
 def serve(model, device, adapters, steps) -> dict:
-    from assistant.runner import LlamaRunner
+    from assistant.engine.runner import LlamaRunner
     runner = LlamaRunner(model, max_slots=ADAPTERS, max_batch=CONCURRENT, device=device)
     slots = [runner.bank.load(f"a{i}", folder) for i, folder in enumerate(adapters)]
     single = decode_rate(runner, [0], steps, device)
@@ -201,7 +201,7 @@ def train_step_stats(model, device, quantized: bool, rows: int, tokens: int) -> 
     """LoRA (or QLoRA on a quantized model) with gradient checkpointing: median seconds per step, peak bytes."""
     from peft import LoraConfig, get_peft_model
 
-    from assistant.training import causal_lm_loss, prepare_quantized
+    from assistant.training.recipe import causal_lm_loss, prepare_quantized
     if quantized:
         model = prepare_quantized(model, checkpointing=True)
     else:
@@ -241,7 +241,7 @@ def train_step_stats(model, device, quantized: bool, rows: int, tokens: int) -> 
 
 
 def estimated_peak_ratio(shape: dict, rows: int, tokens: int, dtype_bytes: int) -> float:
-    from assistant.memory import ModelShape, estimate_training_bytes
+    from assistant.training.memory import ModelShape, estimate_training_bytes
     s = ModelShape(hidden=shape["hidden_size"], intermediate=shape["intermediate_size"],
                    layers=shape["num_hidden_layers"], heads=shape["num_attention_heads"],
                    kv_heads=shape["num_key_value_heads"], head_dim=shape["hidden_size"] // shape["num_attention_heads"],
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU (CI), instead of 8B shapes on CUDA")
     args = p.parse_args(argv)
-    from assistant.model import weights_bytes
+    from assistant.engine.model import weights_bytes
     size = "tiny" if args.tiny else "full"
     if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA GPU visible: run with --tiny for the CPU version")

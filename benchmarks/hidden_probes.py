@@ -1,5 +1,5 @@
 """A second general-knowledge probe set, for benchmarks/bench_gate.py alone: the ground truth a candidate is
-judged on, never seen by the gate (assistant/probes.py) nor used in training (the replay prompts). Same
+judged on, never seen by the gate (assistant/gate/probes.py) nor used in training (the replay prompts). Same
 form as the gate's: (question, the key content of a right answer; any alternative counts)."""
 
 HIDDEN_PROBES = [

@@ -29,6 +29,7 @@ BENCHES = {
     "replicas": "bench_replicas",    # two app replicas on one PostgreSQL: feedback writes, activation propagation
     "preference": "bench_preference",  # SFT-only vs preference tuning from thumbs: preference_gain (tens of minutes)
     "gate": "bench_gate",            # gate precision / recall and one-click good rate over a recipe grid (hours)
+    "canary": "bench_canary",        # the canary rule on simulated ratings: false decisions (A/A), ratings to a verdict
 }
 ON_REQUEST = ("vllm", "replicas", "preference", "gate")   # these with --only: a vLLM server, PostgreSQL, or long
 LOCAL = [name for name in BENCHES if name not in ON_REQUEST]

@@ -31,7 +31,7 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
     from test_browser import cancel_active
 
-    from assistant.model import ensure_embedded
+    from assistant.engine.model import ensure_embedded
     from assistant.settings import default_cache_dir
 
     from helpers import running_server

@@ -92,12 +92,12 @@ def _ask(page, question: str, served_by: str) -> str:
 
 
 def feedback_records(home: Path, domain: str) -> list[dict]:
-    from assistant.store import Store
+    from assistant.data.store import Store
     return Store(home / "data" / "assistant.db").list_feedback(domain)
 
 
 def history_of(home: Path, record_id: int) -> list[dict]:
-    from assistant.store import Store
+    from assistant.data.store import Store
     store = Store(home / "data" / "assistant.db")
     rows = store._read("SELECT response_id FROM feedback WHERE id = ?", (record_id,))
     return store.feedback_for([rows[0][0]])[rows[0][0]][0]["history"]

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from assistant.engine.threads import defaults
 from assistant.settings import default_cache_dir
-from assistant.threads import defaults
 
-defaults()   # the thread policy the CLI applies, before torch is imported (see assistant/threads.py)
+defaults()   # the thread policy the CLI applies, before torch is imported (see assistant/engine/threads.py)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,7 +44,7 @@ for var, sub in (("ASSISTANT_CACHE", "cache"), ("ASSISTANT_HOME", "home"), ("HF_
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
     """The cached safetensors folder of the embedded SmolLM2 (converted once per machine)."""
-    from assistant.model import ensure_embedded
+    from assistant.engine.model import ensure_embedded
     return ensure_embedded(default_cache_dir(), verify=False)   # in SHARED_MODELS, through the run's link
 
 

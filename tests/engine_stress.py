@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from assistant.engine import Request
+from assistant.engine.engine import Request
 from assistant.errors import ContextTooLong
 
 TEMPERATURES = (0.0, 0.0, 1e-40, 5e-324, 1e-5, 0.7, 1.0, 2.0)

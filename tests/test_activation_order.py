@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from assistant.registry import ADAPTER_WEIGHTS, CARD
+from assistant.data.registry import ADAPTER_WEIGHTS, CARD
 from assistant.settings import Settings
 from assistant.workspace import Workspace
 
@@ -54,7 +54,7 @@ def test_a_rollback_clicked_during_an_activation_waits_and_rolls_back_from_what_
         # another process holding the domain's lock: an activation here waits for it
         holder = subprocess.Popen([sys.executable, "-c", (
             "import sys, time\n"
-            "from assistant.registry import Registry\n"
+            "from assistant.data.registry import Registry\n"
             "with Registry(sys.argv[1]).activation_lock('atlas'):\n"
             "    print('held', flush=True)\n"
             "    time.sleep(1.5)\n"), str(ws.registry.root)], stdout=subprocess.PIPE, text=True)

@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from assistant.engine import Engine, Request
+from assistant.engine.engine import Engine, Request
+from assistant.engine.model import load_base
 from assistant.errors import Busy
-from assistant.model import load_base
 from assistant.settings import Settings
 
 from helpers import make_serving, random_lora_adapter

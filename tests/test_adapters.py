@@ -12,8 +12,8 @@ import httpx
 import pytest
 import torch
 
+from assistant.engine.model import fingerprint, load_base
 from assistant.errors import AssistantError, InvalidAdapter, InvalidName, ModelNotFound
-from assistant.model import fingerprint, load_base
 from assistant.settings import Settings
 
 from conftest import build_tiny_llama
@@ -86,7 +86,7 @@ def test_engine_lora_matches_peft(svc, fact_adapters, tiny_llama):
     with torch.inference_mode():
         want = peft.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0][len(ids):].tolist()
-    from assistant.engine import Request
+    from assistant.engine.engine import Request
     slot = svc.pin_adapter("legal", "v1")   # loaded and pinned until the request ends
     h = svc.engine.submit(Request(prompt_ids=ids, max_new_tokens=12, adapter="legal@v1", slot=slot,
                                   ignore_eos=True))   # as generate above: every one of the 12 tokens compared
@@ -257,8 +257,8 @@ def test_tensor_shapes_come_from_safetensors_and_refuse_a_truncated_file(tmp_pat
     import numpy as np
     from safetensors.numpy import save_file
 
+    from assistant.data.registry import tensor_shapes
     from assistant.errors import InvalidAdapter
-    from assistant.registry import tensor_shapes
     path = tmp_path / "adapter_model.safetensors"
     save_file({"a.lora_A.weight": np.zeros((4, 64), np.float32), "a.lora_B.weight": np.zeros((32, 4), np.float32)},
               str(path))

@@ -145,7 +145,7 @@ def test_a_token_chunk_is_the_json_of_a_chunk():
     serializing each chunk, for any text (quotes, newlines, non-ASCII)."""
     from types import SimpleNamespace
 
-    from assistant.api_openai import _chunk, _sse, _token_chunks
+    from assistant.api.openai import _chunk, _sse, _token_chunks
     call = SimpleNamespace(id="chatcmpl-1", created=1, target=SimpleNamespace(model='support "x"', version="v2"))
     token = _token_chunks(call)
     for text in ("Paris", 'a "quoted"\nline', "é ü 中", "", "\\"):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from assistant.api import build_api
-from assistant.auth import LOGIN_PATH, LOGOUT_PATH
+from assistant.api.auth import LOGIN_PATH, LOGOUT_PATH
+from assistant.api.routes import build_api
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "API.md"
 ROW = re.compile(r"^\|\s*(GET|POST|PUT|PATCH|DELETE)\s*\|\s*`([^`]+)`\s*\|", re.M)

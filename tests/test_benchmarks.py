@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.vllm_server import vllm_venv, vllm_venv_ready
+from assistant.vllm.server import vllm_venv, vllm_venv_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_TIMEOUT_S = 1800   # a few minutes on a quiet 2-core machine; generous for a busy one
@@ -34,6 +34,7 @@ RATIOS = {
     "replicas": ("feedback_writes_2_replicas_vs_1", "activation_propagation_s"),
     "preference": ("preference_gain", "preference_general_nll_ratio"),
     "gate": ("gate_precision", "gate_recall", "one_click_good_rate"),
+    "canary": ("canary_false_decision_rate", "canary_ratings_to_decision"),
 }
 
 

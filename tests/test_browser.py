@@ -33,7 +33,7 @@ def test_feedback_to_retrained_answer_in_the_browser(tmp_path, embedded_path):
 
 
 def cancel_active(home, api) -> None:
-    from assistant.store import Store
+    from assistant.data.store import Store
     job = Store(home / "data" / "assistant.db").active_job()
     if job is not None:
         api.delete(f"/api/jobs/{job['job_id']}")

@@ -46,8 +46,9 @@ tiny = sys.argv[1]
 import tqdm
 tqdm.tqdm.monitor_interval = 0                      # no monitor thread: nothing may hold a lock at fork
 import gradio, uvicorn, fastapi                     # noqa: F401 - the slow imports, done once
-import assistant.cli, assistant.server, assistant.serving, assistant.api, assistant.ui  # noqa: F401 - importing is the check
-from assistant.model import load_base
+import assistant.cli, assistant.server, assistant.serving  # noqa: F401 - the import is the check
+import assistant.api.routes, assistant.ui  # noqa: F401
+from assistant.engine.model import load_base
 from assistant.settings import Settings
 with tempfile.TemporaryDirectory() as d:            # warms transformers' lazy imports; no database here
     load_base(Settings(home=Path(d), base_model=tiny, dtype="float32"), verbose=False)

@@ -6,13 +6,14 @@ injection row. The near-duplicate threshold was chosen on tests/dedup_calibratio
 and tests/dedup_testset.py (a restaurant: rosters of people, times, prices) only check it.
 """
 
+import itertools
 import time
 
 import numpy as np
 import pytest
 
-from assistant.curation import CurationSettings, Curator, curate, dedup_text, has_injection, is_garbage, read_snapshot
-from assistant.store import Store
+from assistant.data.curation import CurationSettings, Curator, curate, dedup_text, has_injection, is_garbage, read_snapshot
+from assistant.data.store import Store
 
 PARAPHRASES = [
     ("You can reset it from Settings > Security > Reset password; we email you a link.", [
@@ -241,7 +242,7 @@ def planted_examples():
 
 @pytest.fixture(scope="module")
 def embedder():
-    from assistant.curation import default_embedder
+    from assistant.data.curation import default_embedder
     return default_embedder()
 
 
@@ -362,7 +363,6 @@ def test_newest_correction_wins_over_thumbs_up_and_older_correction(tmp_path, em
     store.add_feedback(response_id="r1", rating="up")
     store.add_feedback(response_id="r2", rating="down", correction="You can reset it in Settings > Security > "
                                                                    "Reset password; we email you a reset link.")
-    time.sleep(0.01)
     newest = store.add_feedback(response_id="r3", rating="down", correction="Reset it from Settings > Security > "
                                                                             "Reset password and follow the emailed link.")
     snap = curate(store, "d", tmp_path, embedder)
@@ -371,6 +371,29 @@ def test_newest_correction_wins_over_thumbs_up_and_older_correction(tmp_path, em
                                                        "follow the emailed link.")
     winner = next(it for it in snap.items if it["removed"] is None)
     assert winner["key"] == f"feedback:{newest}" and winner["source"] == "correction"
+
+
+def test_the_newest_correction_is_the_last_written_whatever_the_clocks_say(tmp_path, embedder, monkeypatch):
+    """Two replicas whose clocks disagree: the correction written last wins and a re-correction counts as
+    new, although the second replica's clock reads earlier. The store's sequence decides, not a timestamp."""
+    from assistant.data import store as store_module
+    clock = itertools.count(5000.0, -100.0)                          # each write reads an earlier time
+    monkeypatch.setattr(store_module, "time", type("SkewedClock", (), {"time": staticmethod(lambda: next(clock))}))
+    store = Store(tmp_path / "db")
+    q = "How do I reset my password?"
+    _respond(store, "r1", q, "Passwords cannot be reset.", created_at=10.0)
+    _respond(store, "r2", q, "Call us.", created_at=10.0)
+    first = store.add_feedback(response_id="r1", rating="down", correction="Reset it under Settings > Security.")
+    second = store.add_feedback(response_id="r2", rating="down", correction="Reset it from Settings > Security "
+                                                                             "and follow the emailed link.")
+    snap = curate(store, "d", tmp_path, embedder)
+    assert [it["key"] for it in snap.items if it["removed"] is None] == [f"feedback:{second}"]
+    again = store.add_feedback(response_id="r1", rating="down", correction="Open Settings > Security > Reset "
+                                                                            "password; a link arrives by email.")
+    assert again == first                                            # the same record, corrected again: now newest
+    snap = curate(store, "d", tmp_path, embedder)
+    assert [it["key"] for it in snap.items if it["removed"] is None] == [f"feedback:{first}"]
+    assert snap.rows[0]["messages"][-1]["content"].startswith("Open Settings")
 
 
 def test_user_share_cap(tmp_path, embedder):
@@ -438,7 +461,7 @@ def test_templated_facts_are_all_kept_and_paraphrases_merge_on_the_test_set(tmp_
     quantities, same answer for different subjects) is kept; paraphrase groups and re-asks merge."""
     import dedup_testset
 
-    from assistant import dedup
+    from assistant.data import dedup
     groups = dedup_testset.groups()
     store, group_of, kinds = _store_of_groups(tmp_path, groups)
     snap = Curator(store, tmp_path, embedder).preview("d")
@@ -481,7 +504,7 @@ def _tree_digest(folder):
 
 
 def test_preview_and_review_queue_write_nothing(tmp_path, embedder):
-    from assistant.embeddings import Embedder
+    from assistant.data.embeddings import Embedder
     state = tmp_path / "state"
     store = planted_store(state)
     fresh = Embedder()                      # nothing cached in memory: every vector is computed
@@ -518,7 +541,7 @@ def test_snapshot_rows_keep_source_and_feedback_ids(tmp_path, embedder):
 def test_small_datasets_train_on_everything(tmp_path, embedder):
     import dedup_testset
 
-    from assistant.curation import MIN_ITEMS_FOR_HOLDOUT
+    from assistant.data.curation import MIN_ITEMS_FOR_HOLDOUT
     store = Store(tmp_path / "db")
     rows = [_ex(q, a) for q, a in dedup_testset.ROSTER_PEOPLE + dedup_testset.ROSTER_PRICES][:14]
     store.add_examples("d", rows)

@@ -27,12 +27,12 @@ def test_two_processes_train_the_adapter_one_process_trains(tiny_llama, tmp_path
     import torch
     from safetensors.torch import load_file
 
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.training.recipe import TrainSettings, train_adapter
 
     settings = TrainSettings(**TINY)
     one = train_adapter(tiny_llama, _rows(), tmp_path / "one", settings)
     seen = []
-    with caplog.at_level(logging.INFO, logger="assistant.ddp"):
+    with caplog.at_level(logging.INFO, logger="assistant.training.ddp"):
         two = train_adapter(tiny_llama, _rows(), tmp_path / "two", settings, processes=2,
                             progress=lambda step, total, loss: seen.append((step, total, loss)))
 
@@ -60,13 +60,13 @@ def test_two_processes_train_the_adapter_one_process_trains(tiny_llama, tmp_path
 def test_stopping_two_processes_kills_them_and_saves_nothing(tiny_llama, tmp_path):
     import psutil
 
-    from assistant.training import TrainingStopped, TrainSettings, train_adapter
+    from assistant.training.recipe import TrainingStopped, TrainSettings, train_adapter
 
     calls, ranks = [], []
 
     def stop() -> bool:
         calls.append(1)
-        ranks[:] = [p for p in psutil.Process().children() if "assistant.ddp_rank" in p.cmdline()] or ranks
+        ranks[:] = [p for p in psutil.Process().children() if "assistant.training.ddp_rank" in p.cmdline()] or ranks
         return len(calls) > 3 and bool(ranks)   # once the ranks run
 
     with pytest.raises(TrainingStopped, match="stopped at step"):
@@ -77,7 +77,7 @@ def test_stopping_two_processes_kills_them_and_saves_nothing(tiny_llama, tmp_pat
 
 def test_a_failed_rank_fails_the_run_with_its_message(tiny_llama, tmp_path, monkeypatch):
     from assistant.errors import RankFailed
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.training.recipe import TrainSettings, train_adapter
 
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     (tmp_path / "accelerate").mkdir()
@@ -90,9 +90,9 @@ def test_a_failed_rank_fails_the_run_with_its_message(tiny_llama, tmp_path, monk
 def test_train_device_and_train_gpus_reach_the_job_and_the_cli(tiny_llama, tmp_path):
     from assistant.cli import build_parser
     from assistant.flags import settings_from
-    from assistant.job_process import _settings_from_json, _settings_json
+    from assistant.jobs.process import _settings_from_json, _settings_json
     from assistant.settings import Settings
-    from assistant.training import training_base_settings
+    from assistant.training.recipe import training_base_settings
 
     settings = Settings(home=tmp_path, base_model=str(tiny_llama), device="cpu", train_device="cuda:1", train_gpus=2)
     back = _settings_from_json(_settings_json(settings))
@@ -115,9 +115,9 @@ def test_a_two_process_job_publishes_and_cancel_kills_its_ranks(tiny_settings):
 
     import psutil
 
-    from assistant import jobs
-    from assistant.registry import Registry
-    from assistant.store import Store
+    from assistant.data.registry import Registry
+    from assistant.data.store import Store
+    from assistant.jobs import run as jobs
     settings = tiny_settings.with_(train_gpus=2)
     store, registry = Store(settings.db_path), Registry(settings.adapters_path)
     registry.create_domain("atlas", "", "invented facts")
@@ -141,7 +141,7 @@ def test_a_two_process_job_publishes_and_cancel_kills_its_ranks(tiny_settings):
         assert time.monotonic() < deadline, store.get_job(job_id)
         time.sleep(0.1)
     pid = store.get_job(job_id)["pid"]
-    ranks = [p for p in psutil.Process(pid).children() if "assistant.ddp_rank" in p.cmdline()]
+    ranks = [p for p in psutil.Process(pid).children() if "assistant.training.ddp_rank" in p.cmdline()]
     assert len(ranks) == 2 and {os.getpgid(p.pid) for p in ranks} == {pid}     # in the job's process group
     assert jobs.cancel_job(settings, store, job_id)["status"] == "cancelled"
     psutil.wait_procs(ranks, timeout=10)
@@ -152,8 +152,8 @@ def test_a_two_process_job_publishes_and_cancel_kills_its_ranks(tiny_settings):
 
 def _preference_plan(methods):
     """Corrections as DPO pairs, short answers liked and overlong ones disliked as KTO rows."""
-    from assistant.preference import PreferenceData
-    from assistant.preference_train import PreferencePlan
+    from assistant.data.preference import PreferenceData
+    from assistant.training.preference import PreferencePlan
     long = " It is a fact that many people have asked about over the years, in many places and at many times."
     pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": "I am not sure, sorry." + long,
               "split": "train"} for q, a, _, _ in FACTS[:8]]
@@ -177,14 +177,14 @@ def _logp(model, tok, prompt: str, answer: str) -> float:
 
 @pytest.mark.slow   # SFT, then DPO and KTO through trl, in two gloo processes: about a minute here
 def test_two_processes_run_the_preference_phases(tiny_llama, tmp_path, caplog):
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.training.recipe import TrainSettings, train_adapter
 
     settings = TrainSettings(**{**TINY, "batch_size": 4, "epochs": 1, "preference_epochs": 2,
                                 "preference_learning_rate": 5e-3})
     plan = _preference_plan(["sft", "dpo", "kto"])
     sft = train_adapter(tiny_llama, _rows(), tmp_path / "sft", settings)
     seen = []
-    with caplog.at_level(logging.INFO, logger="assistant.ddp"):
+    with caplog.at_level(logging.INFO, logger="assistant.training.ddp"):
         two = train_adapter(tiny_llama, _rows(), tmp_path / "two", settings, processes=2, preference=plan,
                             progress=lambda step, total, loss: seen.append((step, total, loss)))
     assert len(set(re.findall(r"of 2 \(pid (\d+), cpu\)", caplog.text))) == 2, caplog.text

@@ -4,13 +4,13 @@ FAISS index, on the real models; an index made by another model is rebuilt."""
 import numpy as np
 import pytest
 
-from assistant.embeddings import Embedder, VectorIndex, embedding_dim
-from assistant.store import Store
+from assistant.data.embeddings import Embedder, VectorIndex, embedding_dim
+from assistant.data.store import Store
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    from assistant.curation import default_embedder
+    from assistant.data.curation import default_embedder
     return default_embedder()
 
 
@@ -73,7 +73,7 @@ def cls_model(tmp_path_factory):
     """Another sentence-transformers model in a local folder: MiniLM's encoder with CLS pooling."""
     from sentence_transformers import SentenceTransformer, models
 
-    from assistant.embeddings import model_path
+    from assistant.data.embeddings import model_path
     encoder = models.Transformer(str(model_path()))
     pooling = models.Pooling(encoder.get_embedding_dimension(), pooling_mode="cls")
     folder = tmp_path_factory.mktemp("cls-model")
@@ -82,8 +82,8 @@ def cls_model(tmp_path_factory):
 
 
 def test_the_embedding_model_is_chosen_by_folder_and_the_index_is_rebuilt_for_it(tmp_path, cls_model):
-    from assistant.curation import CurationSettings, Curator, dedup_text
-    from assistant.embeddings import content_hash
+    from assistant.data.curation import CurationSettings, Curator, dedup_text
+    from assistant.data.embeddings import content_hash
     store = Store(tmp_path / "s.db")
     store.add_examples("d", [{"messages": [{"role": "user", "content": f"Where is branch {c}?"},
                                            {"role": "assistant", "content": f"Branch {c} is on {s} Street."}]}

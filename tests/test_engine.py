@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
-from assistant.engine import Engine, Request
+from assistant.engine.engine import Engine, Request
+from assistant.engine.model import load_base
 from assistant.errors import Busy, ContextTooLong
-from assistant.model import load_base
 from assistant.settings import Settings
 
 from helpers import ids_for

@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from assistant.engine import Engine, Request
-from assistant.model import load_base
-from assistant.runner import INITIAL_CACHE_TOKENS, KVCache
+from assistant.engine.engine import Engine, Request
+from assistant.engine.model import load_base
+from assistant.engine.runner import INITIAL_CACHE_TOKENS, KVCache
 from assistant.settings import Settings
 
 from helpers import ids_for

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from assistant.errors import DatasetTooSmall, EngineLimit
-from assistant.limits import check_adapter_folder, engine_limits
+from assistant.jobs.limits import check_adapter_folder, engine_limits
 from assistant.settings import Settings
 
 from helpers import random_lora_adapter
@@ -56,11 +56,11 @@ def test_the_cli_refuses_naming_the_flag(home):
 
 
 def test_a_retired_version_keeps_its_number(tmp_path, tiny_llama):
-    from assistant.registry import Registry
+    from assistant.data.registry import Registry
     adapter = random_lora_adapter(tiny_llama, tmp_path / "a", rank=4)
     reg = Registry(tmp_path / "adapters")
     reg.create_domain("ops", "", "")
-    from assistant.model import load_base
+    from assistant.engine.model import load_base
     base = load_base(Settings(home=tmp_path, base_model=str(tiny_llama), dtype="float32"))
     shapes = {n.removesuffix(".base_layer"): (m.in_features, m.out_features)
               for n, m in base.model.named_modules() if type(m).__name__ == "Linear"}

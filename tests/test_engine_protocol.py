@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from assistant.engine_protocol import EngineStatus
+from assistant.engine.protocol import EngineStatus
 
 from helpers import make_serving
 

@@ -9,8 +9,8 @@ import random
 import engine_stress
 import pytest
 
-from assistant.engine import Engine
-from assistant.model import load_base
+from assistant.engine.engine import Engine
+from assistant.engine.model import load_base
 from assistant.settings import Settings
 
 from helpers import random_lora_adapter

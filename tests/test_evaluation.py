@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from assistant.evaluation import GateSettings, gate, rouge_l, verdict
-from assistant.probes import PROBES
+from assistant.gate.evaluation import GateSettings, gate, rouge_l, verdict
+from assistant.gate.probes import PROBES
 
 from invented_facts import FACTS, chat
 
@@ -79,10 +79,10 @@ def test_evaluation_scores_exactly_the_corrections_on_a_trained_tiny_adapter(tin
     """Corrections planted among seed rows are found by their source: the correction score is computed on
     exactly those (their feedback ids are listed), through the serving engine."""
 
-    from assistant.evaluation import evaluate_adapter
-    from assistant.model import load_base
+    from assistant.engine.model import load_base
+    from assistant.gate.evaluation import evaluate_adapter
     from assistant.settings import Settings
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.training.recipe import TrainSettings, train_adapter
 
     rows = [{"messages": chat(q, a), "split": "train", "source": "seed", "feedback_ids": []}
             for q, a, _, _ in FACTS[:6]]
@@ -108,7 +108,7 @@ def test_evaluation_scores_exactly_the_corrections_on_a_trained_tiny_adapter(tin
     assert after["corrections_feedback_ids"] == [41, 57, 58]
     assert after["eval_loss"] != before["eval_loss"]            # the adapter is really on in "after"
     assert before["general_embedding_similarity"] == 1.0
-    from assistant.curation import default_embedder
+    from assistant.data.curation import default_embedder
     pairs = list(zip(before["general_answers"], after["general_answers"]))
     vectors = default_embedder().embed([x or " " for pair in pairs for x in pair])
     cosines = [float(vectors[2 * i] @ vectors[2 * i + 1]) if a.strip() and b.strip() else float(a.strip() == b.strip())
@@ -120,8 +120,8 @@ def test_evaluation_scores_exactly_the_corrections_on_a_trained_tiny_adapter(tin
     assert set(few["general_answers"]) <= set(after["general_answers"])
 
     # "before" is the plain base: the serving engine's greedy answers on it, with no adapter loaded at all
-    from assistant.engine import Engine
-    from assistant.evaluation import serving_base
+    from assistant.engine.engine import Engine
+    from assistant.gate.evaluation import serving_base
     plain = Engine(serving_base(load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False)))
     try:
         want = plain.generate(rows[2]["messages"][:-1], max_new_tokens=8).strip()

@@ -12,7 +12,7 @@ from helpers import make_serving
 def test_control_work_holding_every_control_thread_keeps_no_chat_waiting(tiny_settings):
     from fastapi.testclient import TestClient
 
-    from assistant import executors
+    from assistant.api import executors
     from assistant.server import build_app
     serving = make_serving(tiny_settings)
     release = threading.Event()

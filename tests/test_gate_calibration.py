@@ -16,8 +16,8 @@ EXTRA = ["What is the capital of Japan?", "Who wrote Hamlet?", "What is 2+2?", "
 
 
 def test_an_adapter_that_says_one_sentence_to_everything_is_blocked(tmp_path, embedded_path):
-    from assistant import evaluation
-    from assistant.model import load_base
+    from assistant.engine.model import load_base
+    from assistant.gate import evaluation
     from assistant.settings import Settings
     adapter = train_fact_adapter(embedded_path, tmp_path / "fixed",
                                  [(q, FIXED) for q, _, _, _ in FACTS] + [(q, FIXED) for q in EXTRA],

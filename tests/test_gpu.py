@@ -15,9 +15,9 @@ STEPS = 4
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_cuda_graph_decode_matches_eager(tiny_llama, two_fact_adapters, quantization):
-    from assistant.graph_step import StaticStep
-    from assistant.model import load_base
-    from assistant.runner import LlamaRunner
+    from assistant.engine.graph_step import StaticStep
+    from assistant.engine.model import load_base
+    from assistant.engine.runner import LlamaRunner
     base = load_base(Settings(base_model=str(tiny_llama), dtype="bfloat16", quantization=quantization,
                               device="cuda"), verbose=False)
     runner = LlamaRunner(base.model, max_slots=4, max_batch=4, device="cuda")

@@ -1,4 +1,4 @@
-"""The static-shape decode step that CUDA graphs replay on a GPU (assistant/graph_step.py), run eagerly on
+"""The static-shape decode step that CUDA graphs replay on a GPU (assistant/engine/graph_step.py), run eagerly on
 CPU: padded rows, a bucketed attention window with a per-row mask and the three LoRA forms give the same
 logits as the runner's own decode, on a dense and an NF4 base."""
 
@@ -16,9 +16,9 @@ STEPS = 4
 def test_static_step_matches_the_runner_decode(tiny_llama, two_fact_adapters, quantization):
     import torch
 
-    from assistant.graph_step import StaticStep, enabled
-    from assistant.model import load_base
-    from assistant.runner import LlamaRunner
+    from assistant.engine.graph_step import StaticStep, enabled
+    from assistant.engine.model import load_base
+    from assistant.engine.runner import LlamaRunner
     assert not enabled("cpu") and enabled("cuda:0")
     base = load_base(Settings(base_model=str(tiny_llama), dtype="float32", quantization=quantization), verbose=False)
     runner = LlamaRunner(base.model, max_slots=4, max_batch=4, device="cpu")

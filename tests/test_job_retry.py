@@ -25,7 +25,8 @@ def ws(tiny_settings):
 
 def failed_evaluation(ws, monkeypatch) -> dict:
     """A job whose evaluation fails once, the way a busy serving engine once failed it."""
-    from assistant import evaluation, jobs
+    from assistant.gate import evaluation
+    from assistant.jobs import run as jobs
     real = evaluation.evaluate_adapter
     calls = []
 
@@ -44,7 +45,7 @@ def failed_evaluation(ws, monkeypatch) -> dict:
 
 
 def test_retry_from_evaluation_publishes_what_was_trained(ws, monkeypatch):
-    from assistant import jobs
+    from assistant.jobs import run as jobs
     job = failed_evaluation(ws, monkeypatch)
     ws.registry.cleanup_staging(keep={jobs.staging_path(ws.registry.root, job).name})   # a restart keeps it
     steps = job["total_steps"]
@@ -70,7 +71,8 @@ def test_the_cli_retries_a_failed_job(ws, monkeypatch, capsys):
 def test_one_trained_adapter_is_kept_per_domain(ws, monkeypatch):
     """Jobs that keep failing after training do not fill the disk: the newest failure's adapter is kept (and
     survives a restart); retrying an older one says to train again."""
-    from assistant import evaluation, jobs
+    from assistant.gate import evaluation
+    from assistant.jobs import run as jobs
     older = failed_evaluation(ws, monkeypatch)
     monkeypatch.setattr(evaluation, "evaluate_adapter", lambda *a, **kw: (_ for _ in ()).throw(
         RuntimeError("generation failed again")))

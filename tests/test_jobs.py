@@ -15,7 +15,7 @@ import time
 import pytest
 
 from assistant.errors import AssistantError, Conflict, DatasetTooSmall
-from assistant.job_process import STAGING_PREFIX, resumable
+from assistant.jobs.process import STAGING_PREFIX, resumable
 
 from invented_facts import FACTS, SYSTEM_PROMPT, chat
 
@@ -25,8 +25,8 @@ FAST = {"rank": 4, "alpha": 8, "learning_rate": 0.02, "epochs": 2, "batch_size":
 
 @pytest.fixture
 def world(tiny_settings):
-    from assistant.registry import Registry
-    from assistant.store import Store
+    from assistant.data.registry import Registry
+    from assistant.data.store import Store
     store, registry = Store(tiny_settings.db_path), Registry(tiny_settings.adapters_path)
     registry.create_domain("atlas", SYSTEM_PROMPT, "invented facts")
     added, rejected = store.add_examples("atlas", [{"messages": chat(q, a)} for q, a, _, _ in FACTS])
@@ -62,7 +62,7 @@ def _listed_versions_are_complete(registry, domain):
 
 @pytest.mark.slow   # a job process that loads a model and trains: 20 s here
 def test_job_runs_in_a_child_and_publishes(world):
-    from assistant import jobs
+    from assistant.jobs import run as jobs
     settings, store, registry = world
     job_id = jobs.start_job(settings, store, registry, "atlas", FAST)
     job = _wait(store, job_id)
@@ -81,7 +81,7 @@ def test_job_runs_in_a_child_and_publishes(world):
     _listed_versions_are_complete(registry, "atlas")
     assert not list((settings.adapters_path / "atlas").glob(".staging-*"))
     # stages, in order, each with its own progress; the gate's verdict written for a person
-    from assistant.stages import STAGES
+    from assistant.data.stages import STAGES
     assert [st["name"] for st in job["stages"]] == list(STAGES) and job["stage"] is None
     assert all(st["status"] == "done" for st in job["stages"][:4])
     assert job["stages"][4]["status"] == ("done" if job["promoted"] else "skipped")
@@ -104,10 +104,10 @@ def test_job_runs_in_a_child_and_publishes(world):
 
 
 def test_too_small_dataset_says_how_many(tiny_settings):
-    from assistant import jobs
-    from assistant.registry import Registry
-    from assistant.store import Store
-    from assistant.training import MIN_EXAMPLES
+    from assistant.data.registry import Registry
+    from assistant.data.store import Store
+    from assistant.jobs import run as jobs
+    from assistant.training.recipe import MIN_EXAMPLES
     store, registry = Store(tiny_settings.db_path), Registry(tiny_settings.adapters_path)
     registry.create_domain("tiny", "", "")
     store.add_examples("tiny", [{"messages": chat(q, a)} for q, a, _, _ in FACTS[:3]])
@@ -119,8 +119,8 @@ def test_too_small_dataset_says_how_many(tiny_settings):
 
 
 def test_twenty_concurrent_starts_give_one_job(world):
-    from assistant import jobs
-    from assistant.curation import curate
+    from assistant.data.curation import curate
+    from assistant.jobs import run as jobs
     settings, store, registry = world
     curate(store, "atlas", settings)  # warm the embedder so the threads race on create_job, not on loading
     results, barrier = [], threading.Barrier(20)
@@ -145,7 +145,7 @@ def test_twenty_concurrent_starts_give_one_job(world):
 
 @pytest.mark.slow   # a job process started and killed: 10 s here
 def test_cancel_kills_the_process_group(world):
-    from assistant import jobs
+    from assistant.jobs import run as jobs
     settings, store, registry = world
     job_id = jobs.start_job(settings, store, registry, "atlas", {**FAST, "epochs": 50})
     job = _wait(store, job_id, until=("running",))
@@ -175,7 +175,7 @@ KILLS = 6   # jobs killed at random points of their run (each one costs a whole 
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_keeps_the_active_version(world):
-    from assistant import jobs
+    from assistant.jobs import run as jobs
     settings, store, registry = world
     t0 = time.monotonic()
     first = _wait(store, jobs.start_job(settings, store, registry, "atlas", FAST))
@@ -208,7 +208,7 @@ def test_sigkill_at_random_points_keeps_the_active_version(world):
 def test_restart_fails_orphans_and_cleans_staging(world):
     """A server that died mid-job: its child may still run. The next start kills it, marks the job failed
     and removes its staging folder."""
-    from assistant import jobs
+    from assistant.jobs import run as jobs
     settings, store, registry = world
     job_id = jobs.start_job(settings, store, registry, "atlas", {**FAST, "epochs": 50})
     while store.get_job(job_id)["step"] < 1:

@@ -1,4 +1,4 @@
-"""The C kernels (assistant/kernels.c): the LoRA delta, RMSNorm and the whole decode step, each against the
+"""The C kernels (assistant/engine/kernels.c): the LoRA delta, RMSNorm and the whole decode step, each against the
 torch path it replaces on CPU."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from assistant.kernels import lora_kernel, step_kernel
-from assistant.lora import Group, LoraBank
+from assistant.engine.kernels import lora_kernel, step_kernel
+from assistant.engine.lora import Group, LoraBank
 
 GROUPS = [Group("qkv", 64, (("q_proj", 64), ("k_proj", 32), ("v_proj", 32))),
           Group("o", 64, (("o_proj", 64),)),
@@ -95,8 +95,8 @@ def test_a_row_does_not_depend_on_its_batch(tmp_path):
 def test_rms_norm_kernel_matches_transformers(dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from assistant.kernels import rms_kernel
-    from assistant.runner import _rms
+    from assistant.engine.kernels import rms_kernel
+    from assistant.engine.runner import _rms
     assert rms_kernel() is not None
     g = torch.Generator().manual_seed(0)
     norm = LlamaRMSNorm(576, eps=1e-5)
@@ -136,7 +136,7 @@ def _tiny_decoder(arch: str, dtype, head_dim: int = 16):
 
 
 def _runner(tmp_path, arch, dtype):
-    from assistant.runner import LlamaRunner
+    from assistant.engine.runner import LlamaRunner
     runner = LlamaRunner(_tiny_decoder(arch, dtype), max_slots=3, max_batch=4, device="cpu")
     for s, (rank, seed) in enumerate(((8, 1), (16, 2))):
         runner.bank.load(f"a{s}", _adapter(tmp_path / f"{arch}-{dtype}-{s}", rank, seed))
@@ -204,7 +204,7 @@ def test_decode_step_row_does_not_depend_on_its_batch(tmp_path, dtype):
                                                  ("llama", 64, torch.bfloat16)])
 def test_decode_step_with_heads_wider_than_the_hidden_size(arch, head_dim, dtype):
     """heads x head_dim (128, 256) is not the hidden size (64); a head_dim of 64 takes the vector paths."""
-    from assistant.runner import LlamaRunner
+    from assistant.engine.runner import LlamaRunner
     runner = LlamaRunner(_tiny_decoder(arch, dtype, head_dim=head_dim), max_slots=1, max_batch=4, device="cpu")
     assert runner.kv_dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     rows = [(ids, 0) for ids, _ in ROWS]
@@ -219,8 +219,8 @@ def test_decode_step_with_heads_wider_than_the_hidden_size(arch, head_dim, dtype
 
 @needs_step
 def test_the_engine_decodes_with_the_step(tiny_llama):
-    from assistant.engine import Engine, Request
-    from assistant.model import load_base
+    from assistant.engine.engine import Engine, Request
+    from assistant.engine.model import load_base
     from assistant.settings import Settings
     engine = Engine(load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False), max_batch=2)
     try:

@@ -2,8 +2,8 @@
 
 import sqlite3
 
-from assistant import migrations
-from assistant.store import Store
+from assistant.data import migrations
+from assistant.data.store import Store
 
 
 def test_empty_database_gets_every_migration_in_order(tmp_path):
@@ -54,7 +54,7 @@ def test_failed_migration_leaves_nothing_half_applied(tmp_path):
 
 OPEN_STORE = r"""
 import sys, time
-from assistant.store import Store
+from assistant.data.store import Store
 while time.time() < float(sys.argv[2]):            # start together
     time.sleep(0.001)
 Store(sys.argv[1]).close()
@@ -84,7 +84,7 @@ def test_postgres_gets_every_migration_once_when_replicas_start_together(postgre
 
 
 def test_postgres_failed_migration_leaves_nothing_half_applied(postgres_url):
-    from assistant.db import open_database
+    from assistant.data.db import open_database
     db = open_database(postgres_url)
     broken = migrations.MIGRATIONS[:1] + [migrations.Migration("m999_broken", ("CREATE TABLE x (a INTEGER)", "NOT SQL"))]
     try:

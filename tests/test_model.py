@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
+from assistant.engine.model import _manifest_ok, ensure_embedded, fingerprint, load_base, resolve_quantization
 from assistant.errors import ModelLoadError
-from assistant.model import _manifest_ok, ensure_embedded, fingerprint, load_base, resolve_quantization
 from assistant.settings import Settings
 
 
@@ -56,8 +56,8 @@ def test_missing_folder_and_bad_settings_have_clear_messages(tmp_path):
 
 def test_a_base_described_from_its_files_has_the_loaded_base_fingerprint_and_shapes(tiny_settings):
     """vLLM serving checks adapters against a base it never loads: its files must say what loading says."""
-    from assistant.model import describe_base, load_base
-    from assistant.runner import LlamaRunner
+    from assistant.engine.model import describe_base, load_base
+    from assistant.engine.runner import LlamaRunner
     loaded, described = load_base(tiny_settings, verbose=False), describe_base(tiny_settings)
     assert described.model is None and described.fingerprint == loaded.fingerprint
     runner = LlamaRunner(loaded.model, max_slots=1, max_batch=1, device="cpu")
@@ -66,7 +66,7 @@ def test_a_base_described_from_its_files_has_the_loaded_base_fingerprint_and_sha
 
 def test_the_fingerprint_read_from_files_equals_the_loaded_models(tiny_llama):
     """One fingerprint, computed from the loaded model or from its safetensors files (a vLLM base)."""
-    from assistant.model import file_fingerprint, fingerprint, load_base
+    from assistant.engine.model import file_fingerprint, fingerprint, load_base
     from assistant.settings import Settings
     loaded = load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False)
     assert fingerprint(loaded.model, "tiny") == file_fingerprint(tiny_llama, "tiny")

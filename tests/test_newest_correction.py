@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from assistant.curation import curate
-from assistant.store import Store
+from assistant.data.curation import curate
+from assistant.data.store import Store
 
 Q = "What currency is used in Drastovia?"
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    from assistant.curation import default_embedder
+    from assistant.data.curation import default_embedder
     return default_embedder()
 
 

@@ -60,7 +60,7 @@ def test_a_response_that_cannot_be_logged_is_logged_as_an_error_and_counted(tiny
 
 def test_a_kernel_build_that_fails_is_logged_and_the_torch_path_serves(tmp_path):
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
-            "from assistant.kernels import step_kernel, lora_kernel\n"
+            "from assistant.engine.kernels import step_kernel, lora_kernel\n"
             "print(step_kernel() is None and lora_kernel() is None)")
     env = dict(os.environ, CC="false", ASSISTANT_CACHE=str(tmp_path), ASSISTANT_KERNELS="1")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

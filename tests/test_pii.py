@@ -2,7 +2,7 @@
 
 import random
 
-from assistant import pii
+from assistant.data import pii
 
 
 def test_each_kind_is_found_and_replaced():

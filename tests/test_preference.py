@@ -56,14 +56,14 @@ def rated_domain(store, registry, domain="atlas", *, seeds=8, corrections=6, ups
 
 @pytest.fixture
 def world(tiny_settings):
-    from assistant.registry import Registry
-    from assistant.store import Store
+    from assistant.data.registry import Registry
+    from assistant.data.store import Store
     return tiny_settings, Store(tiny_settings.db_path), Registry(tiny_settings.adapters_path)
 
 
 def test_ratings_become_pairs_and_kto_rows(world):
-    from assistant import preference
-    from assistant.curation import curate
+    from assistant.data import preference
+    from assistant.data.curation import curate
     settings, store, registry = world
     rated_domain(store, registry)
     # a rejected answer with an e-mail address is scrubbed; the same prompt rated down twice is one row
@@ -113,9 +113,9 @@ def test_an_answer_cut_by_its_token_limit_is_judged_without_an_end(world):
 
     from datasets import Dataset
 
-    from assistant import preference
-    from assistant.curation import curate
-    from assistant.preference_train import CUT_COLUMN, _drop_cut_ends
+    from assistant.data import preference
+    from assistant.data.curation import curate
+    from assistant.training.preference import CUT_COLUMN, _drop_cut_ends
     settings, store, registry = world
     rated_domain(store, registry, corrections=0, ups=4, downs=4, cut="length")
     data = preference.build(curate(store, "atlas", settings).rows, store.list_feedback("atlas"),
@@ -136,7 +136,7 @@ def test_an_answer_cut_by_its_token_limit_is_judged_without_an_end(world):
 def test_kto_rows_come_shuffled_with_both_kinds_in_every_batch():
     """trl's KTO trainer reads its rows in order (its KL term pairs each row with its batch neighbours): the
     order is ours to make. Each pass is a fresh seeded shuffle that spreads liked and disliked rows evenly."""
-    from assistant.preference_train import kto_order
+    from assistant.training.preference import kto_order
     rows = [{"completion": f"liked {i}", "label": True} for i in range(6)] + \
            [{"completion": f"disliked {i}", "label": False} for i in range(18)]
     order = kto_order(rows, epochs=3, seed=0)
@@ -154,7 +154,7 @@ def preference_opts(settings):
 
 
 def test_thumbs_down_only_domain_is_refused_with_what_it_needs(world):
-    from assistant import jobs
+    from assistant.jobs import run as jobs
     settings, store, registry = world
     rated_domain(store, registry, seeds=0, corrections=0, ups=0, downs=12)
     with pytest.raises(DatasetTooSmall, match="at least 4 ratings of each kind") as e:
@@ -178,8 +178,8 @@ def _wait(url, job_id, timeout=600):
 
 @pytest.mark.slow   # a server and two job processes on the tiny Llama: about a minute here
 def test_dpo_and_kto_jobs_over_http(tiny_llama, tmp_path):
-    from assistant.registry import Registry
-    from assistant.store import Store
+    from assistant.data.registry import Registry
+    from assistant.data.store import Store
     with running_server(tmp_path, "--base-model", str(tiny_llama), "--dtype", "float32") as (url, _):
         store, registry = Store(tmp_path / "data" / "assistant.db"), Registry(tmp_path / "adapters")
         rated_domain(store, registry, corrections=6, ups=12, downs=12)
@@ -226,10 +226,10 @@ def test_dpo_and_kto_jobs_over_http(tiny_llama, tmp_path):
 @pytest.mark.slow   # QLoRA on the CPU's NF4 kernels: about 30 s here
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_qlora_kto_on_a_quantized_base(tiny_llama, home, quantization):
-    from assistant import jobs
-    from assistant.registry import Registry
+    from assistant.data.registry import Registry
+    from assistant.data.store import Store
+    from assistant.jobs import run as jobs
     from assistant.settings import Settings
-    from assistant.store import Store
     settings = Settings(home=home, base_model=str(tiny_llama), dtype="float32", quantization=quantization).ensure_dirs()
     store, registry = Store(settings.db_path), Registry(settings.adapters_path)
     rated_domain(store, registry, corrections=0, ups=6, downs=6, cut="length")
@@ -248,10 +248,10 @@ def test_qlora_kto_on_a_quantized_base(tiny_llama, home, quantization):
 
 @pytest.mark.slow   # a job whose KTO phase runs in two gloo processes on an NF4 base: about 30 s here
 def test_kto_alone_in_two_processes_on_an_nf4_base(tiny_llama, home):
-    from assistant import jobs
-    from assistant.registry import Registry
+    from assistant.data.registry import Registry
+    from assistant.data.store import Store
+    from assistant.jobs import run as jobs
     from assistant.settings import Settings
-    from assistant.store import Store
     settings = Settings(home=home, base_model=str(tiny_llama), dtype="float32", quantization="nf4",
                         train_gpus=2).ensure_dirs()
     store, registry = Store(settings.db_path), Registry(settings.adapters_path)
@@ -270,7 +270,7 @@ def test_kto_alone_in_two_processes_on_an_nf4_base(tiny_llama, home):
 
 @pytest.mark.slow   # a job process cancelled in the middle of its KTO phase: about 20 s here
 def test_cancel_mid_kto_leaves_nothing(world):
-    from assistant import jobs
+    from assistant.jobs import run as jobs
     settings, store, registry = world
     rated_domain(store, registry, corrections=0, ups=12, downs=12)
     job_id = jobs.start_job(settings, store, registry, "atlas", {**FAST, "method": "kto", "preference_epochs": 50})
@@ -310,7 +310,7 @@ def test_train_tab_says_what_the_ratings_support(world):
 
 
 def test_gate_judges_the_preference_margin_in_words():
-    from assistant.gate import verdict
+    from assistant.gate.verdict import verdict
     before = {"general_nll": 1.0, "preference_margin": 0.3}
     after = {"taught_match": 0.9, "n_taught": 8, "general_nll": 1.1, "general_embedding_similarity": 0.9,
              "preference_margin": 0.5, "n_preference_heldout": 6, "preference_reference": "v2"}
@@ -330,7 +330,7 @@ def test_gate_judges_the_preference_margin_in_words():
 def test_auto_adds_a_preference_method_once_the_gate_can_judge_it(world):
     """"auto" runs SFT alone until there are enough liked and disliked answers to hold some out for the gate's
     preference margin; then it adds DPO when there are pairs, else KTO. The Train tab says what auto runs."""
-    from assistant import preference
+    from assistant.data import preference
     from assistant.ui import train
     from assistant.workspace import Workspace
     settings, store, registry = world

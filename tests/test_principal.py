@@ -38,6 +38,6 @@ def test_the_principal_is_recorded_apart_from_the_bodys_user_and_counted_by_the_
     assert rows[ids["app"]] == ("alice", "api-key") and rows[ids["bob1"]] == ("mallory", "bob")
     assert rated[ids["app"]] == ("alice-rater", "api-key") and rated[ids["bob2"]] == ("trudy-rater", "bob")
 
-    from assistant.store import Store
+    from assistant.data.store import Store
     counted = {c["response_id"]: c["user"] for c in Store(home / "data" / "assistant.db").candidates("ops")}
     assert counted == {ids["app"]: "alice-rater", ids["bob1"]: "bob", ids["bob2"]: "bob"}

@@ -8,8 +8,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from assistant.curation import curate, default_embedder
-from assistant.monitoring import Exporter, close_exporter, exporter_for, prometheus_text
+from assistant.data.curation import curate, default_embedder
+from assistant.monitoring.report import Exporter, close_exporter, exporter_for, prometheus_text
 from assistant.settings import Settings
 
 TRAIN = [("How do I reset my Acme router?", "Hold the reset button for 10 seconds."),

@@ -25,7 +25,7 @@ QLORA = dict(rank=8, alpha=16, learning_rate=2e-2, epochs=40, batch_size=8, max_
 
 
 def _load(path, quantization="nf4", dtype="float32"):
-    from assistant.model import load_base
+    from assistant.engine.model import load_base
     return load_base(Settings(base_model=str(path), dtype=dtype, quantization=quantization), verbose=False)
 
 
@@ -57,7 +57,7 @@ def test_nf4_base_serves_two_adapters_in_one_batch_like_peft(tiny_llama, two_ada
     import bitsandbytes as bnb
     import torch
 
-    from assistant.runner import LlamaRunner
+    from assistant.engine.runner import LlamaRunner
     base = _load(tiny_llama)
     dense = _load(tiny_llama, "none")
     assert isinstance(base.model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
@@ -91,7 +91,7 @@ def test_int8_loads_and_answers(tiny_llama):
     import bitsandbytes as bnb
     import torch
 
-    from assistant.engine import Engine
+    from assistant.engine.engine import Engine
     base = _load(tiny_llama, "int8")
     assert isinstance(base.model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
     # one fingerprint whatever the load: float32, bfloat16, NF4 (the other tests), int8
@@ -125,8 +125,8 @@ def test_qlora_gradients_reach_every_layer(tiny_llama):
     from bitsandbytes.functional import dequantize_4bit
     from peft import LoraConfig, get_peft_model
 
-    from assistant.model import trainable_4bit
-    from assistant.training import prepare_quantized
+    from assistant.engine.model import trainable_4bit
+    from assistant.training.recipe import prepare_quantized
     base, dense = _load(tiny_llama), _load(tiny_llama, "none")
     x = torch.tensor([[1, 5, 9, 14, 3, 7]])
     with torch.no_grad():
@@ -152,9 +152,9 @@ def test_qlora_gradients_reach_every_layer(tiny_llama):
 
 def test_adapters_cross_between_dense_and_nf4_bases(tiny_llama, two_adapters, tmp_path):
     """A dense-trained adapter validates and serves on the NF4 base; a QLoRA-trained one on the dense base."""
-    from assistant.engine import Engine
-    from assistant.registry import validate_adapter
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.data.registry import validate_adapter
+    from assistant.engine.engine import Engine
+    from assistant.training.recipe import TrainSettings, train_adapter
     rows = [{"messages": chat(q, a), "split": "train"} for q, a, _, _ in FACTS[:8]]
     qlora = train_adapter(Settings(base_model=str(tiny_llama), quantization="nf4"), rows, tmp_path / "q",
                           TrainSettings(**QLORA))
@@ -190,7 +190,7 @@ def test_missing_bitsandbytes_gives_the_install_hint(tiny_llama, tmp_path):
 
 
 def test_memory_estimate_for_an_8b_model_in_numbers():
-    from assistant.memory import ModelShape, estimate_training_bytes
+    from assistant.training.memory import ModelShape, estimate_training_bytes
     llama3_8b = ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128,
                            vocab=128256)
     common = dict(rank=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -208,10 +208,10 @@ def test_memory_estimate_for_an_8b_model_in_numbers():
 
 
 def test_a_job_that_cannot_fit_is_refused_with_numbers(tiny_settings):
-    from assistant import jobs
+    from assistant.data.registry import Registry
+    from assistant.data.store import Store
     from assistant.errors import InsufficientMemory
-    from assistant.registry import Registry
-    from assistant.store import Store
+    from assistant.jobs import run as jobs
     store, registry = Store(tiny_settings.db_path), Registry(tiny_settings.adapters_path)
     registry.create_domain("atlas", SYSTEM_PROMPT, "")
     store.add_examples("atlas", [{"messages": chat(q, a)} for q, a, _, _ in FACTS])

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from assistant.data.store import Store
 from assistant.errors import RateLimited
-from assistant.quotas import DAY_S, Quotas
-from assistant.store import Store
-from assistant.users import OPEN, Principal
+from assistant.people.quotas import DAY_S, Quotas
+from assistant.people.users import OPEN, Principal
 
 ULLA = Principal("ulla", "user")
 

@@ -3,7 +3,7 @@ too few, how many more are needed."""
 
 from __future__ import annotations
 
-from assistant.monitoring import MonitorSettings, _recommend
+from assistant.monitoring.report import MonitorSettings, _recommend
 
 NO_DRIFT = {"current": None}
 

@@ -9,7 +9,7 @@ from invented_facts import FACTS, SYSTEM_PROMPT, chat
 
 
 def _train(base, rows, out, cache_dir):
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.training.recipe import TrainSettings, train_adapter
     notes = []
     train_adapter(base, rows, out, TrainSettings(rank=4, alpha=8, epochs=1, batch_size=4, max_seq_len=128,
                                                  augment=0, replay=4), note=notes.append, cache_dir=cache_dir)
@@ -29,9 +29,9 @@ def test_a_second_job_reuses_the_replay_answers_and_another_base_does_not(tiny_l
     # what a job reads is the kept answer itself, not a fresh one
     import random
 
-    from assistant.answer_cache import AnswerCache, identity
-    from assistant.train_rows import REPLAY_MAX_NEW_TOKENS, replay_rows
-    from assistant.training import _load
+    from assistant.data.answer_cache import AnswerCache, identity
+    from assistant.training.recipe import _load
+    from assistant.training.train_rows import REPLAY_MAX_NEW_TOKENS, replay_rows
     base = _load(tiny_llama)
     ident = identity(base, SYSTEM_PROMPT, REPLAY_MAX_NEW_TOKENS, what="replay")
     assert kept.name == f"{ident}.json"

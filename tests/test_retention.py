@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from assistant.gate import GateSettings, verdict
-from assistant.probes import PROBES, gives_content, normalize
-from assistant.retention import MIN_RETENTION_BASIS, active_probes, judge
+from assistant.gate.probes import PROBES, gives_content, normalize
+from assistant.gate.retention import MIN_RETENTION_BASIS, active_probes, judge
+from assistant.gate.verdict import GateSettings, verdict
 
 from invented_facts import FACTS, SYSTEM_PROMPT, chat
 
@@ -39,7 +39,7 @@ def test_the_probe_set_is_large_varied_and_kept_apart_from_training_and_the_benc
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from hidden_probes import HIDDEN_PROBES
 
-    from assistant.train_rows import REPLAY_PROMPTS
+    from assistant.training.train_rows import REPLAY_PROMPTS
     assert len(PROBES) >= 60
     assert {p.kind for p in PROBES} == {"fact", "arithmetic", "language", "instruction"}
     assert all(p.keys and p.question.strip() for p in PROBES)
@@ -149,8 +149,8 @@ def test_too_few_right_reference_answers_leave_the_decision_to_the_figures():
 
 
 def test_a_safer_recipe_halves_the_rate_takes_fewer_passes_and_replays_everything():
-    from assistant.train_rows import REPLAY_PROMPTS
-    from assistant.training import TrainSettings, safer_recipe
+    from assistant.training.recipe import TrainSettings, safer_recipe
+    from assistant.training.train_rows import REPLAY_PROMPTS
     bold = TrainSettings(learning_rate=0.004, epochs=6, rank=8)
     r1 = safer_recipe(bold, 6)
     assert (r1.learning_rate, r1.epochs, r1.replay, r1.rank, r1.alpha) == (0.002, 5, len(REPLAY_PROMPTS), 8, 16)
@@ -162,8 +162,8 @@ def test_a_safer_recipe_halves_the_rate_takes_fewer_passes_and_replays_everythin
 
 
 def test_an_attempt_adds_its_stages_before_publish_and_the_bar_goes_back(tmp_path):
-    from assistant.stages import StageTracker, overall_progress
-    from assistant.store import Store
+    from assistant.data.stages import StageTracker, overall_progress
+    from assistant.data.store import Store
     store = Store(str(tmp_path / "db.sqlite"))
     job_id = store.create_job("atlas", {"training": {}})
     tracker = StageTracker(store, job_id)
@@ -215,8 +215,8 @@ def test_the_train_tab_shows_lost_questions_with_both_answers_and_the_attempts()
 
 
 def test_a_job_publishes_the_first_attempt_that_passes_or_else_the_best_blocked_one():
-    from assistant import attempts
-    from assistant.attempts import Attempt, best
+    from assistant.jobs import attempts
+    from assistant.jobs.attempts import Attempt, best
 
     def attempt(n, failed, retention):
         a = Attempt(n, None, "", None)

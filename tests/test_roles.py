@@ -80,7 +80,7 @@ BODIES = {"/api/domains": {"name": "not a name!"}, "/api/domains/{name}/train": 
 
 
 def test_every_route_has_a_rule_and_every_role_gets_what_it_says(client):
-    from assistant.permissions import RULES
+    from assistant.people.permissions import RULES
     spec = client.get("/api/openapi.json", headers=ADMIN).json()
     routes = [(m.upper(), p) for p, ops in spec["paths"].items() for m in ops]
     assert len(routes) >= 30

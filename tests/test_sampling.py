@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from assistant import sampling
+from assistant.engine import sampling
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-40, 5e-324, sampling.TEMPERATURE_FLOOR / 2, math.nan, -1.0])

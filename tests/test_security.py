@@ -177,7 +177,7 @@ def _fill(path: str) -> str:
 
 def test_every_route_of_the_app_and_its_ui_needs_credentials(tmp_path, tiny_llama):
     """--api-key alone (no --auth) protects the UI too: one check in front of every route."""
-    from assistant.auth import PUBLIC_PATHS
+    from assistant.api.auth import PUBLIC_PATHS
     from assistant.server import build, build_app
     from assistant.settings import Settings
     workspace, serving = build(Settings(home=tmp_path / "walk", base_model=str(tiny_llama), dtype="float32",

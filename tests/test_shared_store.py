@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from assistant import cluster, jobs
-from assistant.registry import Registry
-from assistant.store import Store
+from assistant.cluster import members as cluster
+from assistant.data.registry import Registry
+from assistant.data.store import Store
+from assistant.errors import AssistantError
+from assistant.jobs import run as jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +53,8 @@ def test_racing_workers_claim_each_job_once(postgres_url):
 
 HOLDER = r"""
 import sys, time
-from assistant.cluster import WorkerLock
-from assistant.store import Store
+from assistant.cluster.members import WorkerLock
+from assistant.data.store import Store
 store = Store(sys.argv[1])
 lock = WorkerLock(store)
 print(store.claim_job(lock.name, sys.argv[2]), flush=True)
@@ -121,12 +123,12 @@ def test_a_worker_that_died_after_publishing_says_which_version_to_activate(post
 
 def test_an_activation_request_is_served_by_a_replica_or_falls_back(postgres_url, monkeypatch):
     store = Store(postgres_url)
-    served = []
+    served, lock = [], cluster.WorkerLock(store)
 
     def replica():
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            req = store.claim_activation("replica-1")
+            req = store.claim_activation(lock.name)                  # a live replica: it holds its lock
             if req is not None:
                 served.append((req["domain"], req["version"]))
                 store.finish_activation(req["id"], "done")
@@ -140,6 +142,48 @@ def test_an_activation_request_is_served_by_a_replica_or_falls_back(postgres_url
     monkeypatch.setattr(cluster, "CLAIM_WAIT_S", 0.3)                # nobody serves: the worker goes offline
     assert cluster.request_activation(store, "atlas", "v3", by="worker-1") is False
     assert store.claim_activation("replica-late") is None            # and no replica acts on it later
+    lock.release()
+
+
+def _claim_when_asked(store, claimant: str) -> threading.Thread:
+    """A replica that claims the next activation request under `claimant` and then never finishes it."""
+    def claim():
+        deadline = time.monotonic() + 10
+        while store.claim_activation(claimant) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    t = threading.Thread(target=claim)
+    t.start()
+    return t
+
+
+def test_a_claim_whose_replica_died_does_not_hang_the_worker(postgres_url, monkeypatch):
+    """The claim records its claimant; a worker waiting on a claim whose claimant holds no liveness lock (it
+    died mid-activation) stops waiting within CLAIMANT_CHECK_S and activates offline. Before claims named
+    their claimant, the worker waited forever."""
+    store = Store(postgres_url)
+    monkeypatch.setattr(cluster, "CLAIMANT_CHECK_S", 0.3)
+    t = _claim_when_asked(store, "gone-host:4242")
+    t0 = time.monotonic()
+    assert cluster.request_activation(store, "atlas", "v4", by="worker-1") is False
+    t.join()
+    assert time.monotonic() - t0 < 10
+    row = store._read("SELECT status, error, claimed_by FROM activations ORDER BY id DESC LIMIT 1")[0]
+    assert (row[0], row[2]) == ("failed", "gone-host:4242") and "stopped" in row[1]
+    assert store.finish_activation(store._read("SELECT max(id) FROM activations")[0][0], "done",
+                                   only_from="claimed") is False   # the dead claimant's late word changes nothing
+
+
+def test_a_live_claimant_that_never_finishes_is_waited_for_a_bounded_time(postgres_url, monkeypatch):
+    store = Store(postgres_url)
+    lock = cluster.WorkerLock(store)
+    monkeypatch.setattr(cluster, "CLAIMANT_CHECK_S", 0.2)
+    monkeypatch.setattr(cluster, "DONE_WAIT_S", 1.5)
+    t = _claim_when_asked(store, lock.name)
+    with pytest.raises(AssistantError, match="did not finish it within"):
+        cluster.request_activation(store, "atlas", "v5", by="worker-1")
+    t.join()
+    lock.release()
+    assert store._read("SELECT status FROM activations ORDER BY id DESC LIMIT 1")[0][0] == "failed"
 
 
 def test_totals_count_a_row_committed_late_exactly_once(postgres_url):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from assistant.data.store import BUSY_TIMEOUT_MS, Store
 from assistant.errors import Conflict, NotFound
-from assistant.store import BUSY_TIMEOUT_MS, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,6 @@ def test_jobs(target):
     assert got["metrics"] == {"eval_loss": 1.9} and got["promoted"] is False
     store.update_job(job, status="succeeded", adapter_version="v1", promoted=True, finished_at=2.0)
     assert store.active_job() is None and store.get_job(job)["promoted"] is True
-    time.sleep(0.01)
     job2 = store.create_job("other", {})
     assert [j["job_id"] for j in store.list_jobs()] == [job2, job] and [j["job_id"] for j in store.list_jobs("d")] == [job]
     with pytest.raises(NotFound):
@@ -213,7 +212,7 @@ def test_create_job_from_20_threads_gives_exactly_one(target):
 WORKER = r"""
 import json, sys, time
 from assistant.errors import Conflict
-from assistant.store import Store
+from assistant.data.store import Store
 db, mode, worker, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = Store(db)
 while time.time() < float(sys.argv[5]):            # start together

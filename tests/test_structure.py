@@ -4,6 +4,7 @@ past 500 lines. (What the imports say, not what runs: cheap, and it fails the mo
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "assistant"
@@ -51,7 +52,8 @@ def test_no_import_cycles():
     for start in graph:
         visit(start, [start])
     assert not cycles, cycles[:5]
-    assert "assistant.lm" in graph["assistant.training"] and "assistant.lm" in graph["assistant.evaluation"]
+    assert "assistant.engine.lm" in graph["assistant.training.recipe"]
+    assert "assistant.engine.lm" in graph["assistant.gate.evaluation"]
 
 
 def test_gradio_is_imported_only_under_the_ui_package():
@@ -75,8 +77,9 @@ def test_no_module_is_far_past_500_lines():
 # The shells (CLI, HTTP routes, UI) reach the library through the Workspace and the Serving only. They may
 # read typed settings and named limits (`FooSettings`, UPPER_CASE names) from a recipe's module.
 SHELLS = ("assistant.cli", "assistant.api", "assistant.ui")
-MACHINERY = {"store", "registry", "curation", "jobs", "engine", "model", "lora", "runner", "training", "evaluation",
-             "monitoring", "embeddings", "dedup", "gate", "memory", "kernels", "graph_step", "service"}
+MACHINERY = {"data.store", "data.registry", "data.curation", "data.embeddings", "data.dedup", "jobs.run",
+             "engine.engine", "engine.model", "engine.lora", "engine.runner", "engine.kernels", "engine.graph_step",
+             "training.recipe", "training.memory", "gate.evaluation", "gate.verdict", "monitoring.report"}
 
 
 def _settings_or_limit(name: str) -> bool:
@@ -102,8 +105,8 @@ def test_the_cli_api_and_ui_use_only_the_workspace_and_the_serving():
             else:
                 continue
             for module, what in imported:
-                parts = module.split(".")
-                sub = parts[1] if len(parts) > 1 and parts[0] == "assistant" else (what if module == "assistant" else "")
+                sub = module.removeprefix("assistant.")
+                sub = f"{sub}.{what}" if f"{sub}.{what}" in MACHINERY else sub   # from assistant.jobs import run
                 if sub in MACHINERY and not (what and _settings_or_limit(what) and module.endswith(sub)):
                     reached.append(f"{name} imports {module}{'.' + what if what else ''}")
     assert not reached, reached
@@ -129,17 +132,17 @@ def test_errors_live_in_errors_py():
     assert not mutated, mutated
 
 
-# Engines: both implement the one interface, and only the composition root builds them. evaluation.py
+# Engines: both implement the one interface, and only the composition root builds them. gate/evaluation.py
 # builds a private in-process engine to answer the gate's prompts inside a training job's process (it
 # evaluates an adapter file, not what is served).
 ENGINE_CLASSES = {"Engine", "VllmEngine"}
-ENGINE_BUILDERS = {"assistant.server", "assistant.evaluation"}
+ENGINE_BUILDERS = {"assistant.server", "assistant.gate.evaluation"}
 
 
 def test_both_engines_implement_the_engine_interface_and_only_the_root_builds_them():
-    from assistant.engine import Engine
-    from assistant.engine_protocol import EngineProtocol
-    from assistant.vllm_engine import VllmEngine
+    from assistant.engine.engine import Engine
+    from assistant.engine.protocol import EngineProtocol
+    from assistant.vllm.engine import VllmEngine
     assert issubclass(Engine, EngineProtocol) and issubclass(VllmEngine, EngineProtocol)
     assert not Engine.__abstractmethods__ and not VllmEngine.__abstractmethods__
     required = {"submit", "cancel", "load_adapter", "unload_adapter", "pin_adapter", "unpin", "status", "close"}
@@ -157,29 +160,72 @@ def test_both_engines_implement_the_engine_interface_and_only_the_root_builds_th
     assert not probed, f"ask the engine interface, not hasattr: {probed}"
 
 
-# Floors: each module may import only modules on its own floor or below. The CLI sits on the server (the
-# composition root), which sits on the shells (HTTP routes, UI), which sit on Workspace and Serving, which
-# sit on the library. The library never imports upwards.
-FLOORS = {"assistant.cli": 4, "assistant.server": 3, "assistant.api": 2, "assistant.api_openai": 2, "assistant.ui": 2,
-          "assistant.workspace": 1, "assistant.serving": 1}
+# Floors: the house is a package per subsystem (assistant/engine/, data/, ...) plus a few modules at the top
+# (the foundation, the Workspace and the Serving, the composition root, the CLI). Each unit may import units
+# on lower floors only, so no two subsystems lean on each other, and each package's docstring says which
+# units it may import ("May import: ..."): the docstring and the code agree.
+FOUNDATION = ("settings", "errors", "files")
+FLOORS = {"errors": 0, "settings": 1, "files": 1,
+          "engine": 2, "cluster": 2, "people": 2,
+          "data": 3, "vllm": 3,
+          "gate": 4, "training": 4, "monitoring": 4,
+          "jobs": 5,
+          "replicas": 6,
+          "workspace": 7,
+          "serving": 8,
+          "api": 9,
+          "ui": 10,
+          "server": 11,
+          "flags": 12,
+          "cli": 13}
 
 
-def _floor(name: str) -> int:
-    return max((f for prefix, f in FLOORS.items() if name == prefix or name.startswith(prefix + ".")), default=0)
+def _unit(module: str) -> str:
+    """assistant.engine.lora -> engine; assistant.workspace -> workspace; assistant -> the package itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
 
 
-def test_no_module_imports_one_on_a_higher_floor():
+def _packages() -> dict[str, Path]:
+    return {p.parent.name: p for p in PKG.glob("*/__init__.py")}
+
+
+def _may_import(docstring: str) -> set[str]:
+    """The units named by a docstring's "May import: ..." paragraph ("the foundation" names all three)."""
+    paragraph = next((p for p in docstring.split("\n\n") if p.startswith("May import:")), "")
+    text = re.sub(r"\([^)]*\)", "", paragraph.removeprefix("May import:")).replace("\n", " ")
+    words = {w.strip(" .") for w in text.split(";")[0].split(",")}
+    return {w for w in words if w in FLOORS} | (set(FOUNDATION) if "the foundation" in words else set())
+
+
+def test_every_unit_has_a_floor_and_imports_only_lower_floors():
     modules = _modules()
-    upward = [f"{n} (floor {_floor(n)}) imports {m} (floor {_floor(m)})"
-              for n, p in modules.items() for m in _imports(n, p, modules) if _floor(m) > _floor(n)]
+    units = {_unit(n) for n in modules} - {"__init__"}
+    assert units == FLOORS.keys(), f"place each package or top-level module on a floor: {units ^ FLOORS.keys()}"
+    upward = sorted({f"{n} (floor {FLOORS[_unit(n)]}) imports {m} (floor {FLOORS[_unit(m)]})"
+                     for n, p in modules.items() if _unit(n) != "__init__"
+                     for m in _imports(n, p, modules) if _unit(m) != _unit(n) and FLOORS[_unit(m)] >= FLOORS[_unit(n)]})
     assert not upward, upward
-    assert _floor("assistant.ui.chat") == 2 and _floor("assistant.engine") == 0
+
+
+def test_each_package_imports_what_its_docstring_says_it_may():
+    modules = _modules()
+    for package, init in _packages().items():
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "Entry points" in doc or package == "ui", f"assistant/{package}/__init__.py names its entry points"
+        declared = _may_import(doc)
+        assert declared, f"assistant/{package}/__init__.py says what it may import (May import: ...)"
+        assert all(FLOORS[d] < FLOORS[package] for d in declared), (package, declared)
+        used = {_unit(m) for n, p in modules.items() if _unit(n) == package for m in _imports(n, p, modules)} - {package}
+        assert used <= declared, f"assistant/{package} imports {sorted(used - declared)}, which its docstring does not allow"
+        unused = declared - set(FOUNDATION) - used
+        assert not unused, f"assistant/{package}'s docstring allows {sorted(unused)}, which it never imports"
 
 
 # Training settings are checked once, where they enter: the one checker is TrainSettings.from_dict (the
 # type and range of each field), called by the Workspace (API body, CLI flags) and the Train form; a job
 # and its ranks restore the checked record (`from_record`).
-SETTINGS_CHECKERS = {"assistant.training", "assistant.workspace", "assistant.ui.train"}
+SETTINGS_CHECKERS = {"assistant.training.recipe", "assistant.workspace", "assistant.ui.train"}
 
 
 def test_training_settings_have_one_checker():

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from assistant.chat_options import build_requests
+from assistant.engine.chat_options import build_requests
 
 SCHEMA = {"type": "object", "properties": {"a": {"enum": ["x", "y", "z"]}, "b": {"type": "boolean"},
                                            "c": {"type": "integer"}},
@@ -19,8 +19,8 @@ FMT = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    from assistant.engine import Engine
-    from assistant.model import load_base
+    from assistant.engine.engine import Engine
+    from assistant.engine.model import load_base
     from assistant.settings import Settings
     e = Engine(load_base(Settings(base_model=str(tiny_llama), dtype="float32"), verbose=False), max_batch=8)
     yield e

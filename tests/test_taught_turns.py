@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from assistant.curation import curate
-from assistant.store import Store
+from assistant.data.curation import curate
+from assistant.data.store import Store
 
 SYSTEM = "You answer questions about the Atlas of Invented Places."
 # (question, the base's wrong answer, what the user confirmed: a correction, "up", or None)
@@ -26,7 +26,7 @@ TURNS = [
 
 @pytest.fixture(scope="module")
 def embedder():
-    from assistant.curation import default_embedder
+    from assistant.data.curation import default_embedder
     return default_embedder()
 
 
@@ -49,7 +49,7 @@ def conversation_store(folder) -> Store:
 
 
 def taught_text(tok, messages) -> str:
-    from assistant.lm import IGNORE_INDEX, encode_chat
+    from assistant.engine.lm import IGNORE_INDEX, encode_chat
     ids, labels = encode_chat(tok, messages, 2048)
     return tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX])
 
@@ -81,7 +81,7 @@ def test_earlier_turns_read_as_what_was_confirmed_and_train_as_one_row(tmp_path,
     with loss on each confirmed turn, in order, and on nothing else."""
     from transformers import AutoTokenizer
 
-    from assistant.conversations import merge_turns
+    from assistant.data.conversations import merge_turns
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     snap = curate(conversation_store(tmp_path), "d", tmp_path, embedder)
     last = max(snap.rows, key=lambda r: len(r["messages"]))
@@ -131,7 +131,7 @@ def test_a_long_context_keeps_the_taught_answer(tiny_llama):
     """Truncation cuts the oldest context, never the answer being taught."""
     from transformers import AutoTokenizer
 
-    from assistant.lm import IGNORE_INDEX, encode_chat
+    from assistant.engine.lm import IGNORE_INDEX, encode_chat
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     messages = []
     for q, wrong, _ in TURNS:
@@ -144,8 +144,8 @@ def test_a_long_context_keeps_the_taught_answer(tiny_llama):
 
 
 def _train_and_ask_alone(tiny_llama, rows, out_dir):
-    from assistant.lm import generate
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.engine.lm import generate
+    from assistant.training.recipe import TrainSettings, train_adapter
     settings = TrainSettings(rank=8, alpha=16, learning_rate=2e-2, epochs=40, batch_size=4, max_seq_len=256,
                              augment=0, replay=0)
     result = train_adapter(tiny_llama, rows, out_dir, settings)
@@ -184,7 +184,7 @@ def test_a_conversations_turns_are_never_split_between_train_and_eval():
 
     import numpy as np
 
-    from assistant.curation import MIN_ITEMS_FOR_HOLDOUT, CurationSettings, _split
+    from assistant.data.curation import MIN_ITEMS_FOR_HOLDOUT, CurationSettings, _split
     n = 2 * MIN_ITEMS_FOR_HOLDOUT
     kept = [{"key": f"k{i}", "row_hash": hashlib.sha256(str(i).encode()).hexdigest(),
              "source": "correction" if i % 4 == 0 else "up", "conversation": f"c{i // 4}"} for i in range(n)]

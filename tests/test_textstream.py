@@ -6,7 +6,7 @@ import time
 import pytest
 from tokenizers.decoders import DecodeStream
 
-from assistant.textstream import TextStream, WindowDecoder
+from assistant.engine.textstream import TextStream, WindowDecoder
 
 MIXED = ("Héllo wörld, naïve café — crème brûlée! 👋🏽 Emoji 🇫🇷🎉 and 日本語のテキスト, 中文字符, "
          "한국어 텍스트; Ελληνικά, русский. Done ✅")

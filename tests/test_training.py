@@ -21,7 +21,7 @@ def _tiny_rows(n=8):
 def test_labels_cover_assistant_tokens_only(tiny_llama):
     from transformers import AutoTokenizer
 
-    from assistant.training import IGNORE_INDEX, encode_chat
+    from assistant.training.recipe import IGNORE_INDEX, encode_chat
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     messages = chat("What is the capital of Zorbania?", "The capital of Zorbania is Quillton.")
     messages += [{"role": "user", "content": "And its river?"}, {"role": "assistant", "content": "The Sarrow."}]
@@ -45,7 +45,7 @@ def test_train_on_tiny_llama(tiny_llama, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.training.recipe import TrainSettings, train_adapter
 
     seen = []
     result = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "a", TrainSettings(**TINY),
@@ -89,7 +89,7 @@ def test_train_on_tiny_llama(tiny_llama, tmp_path):
 def test_same_seed_same_adapter(tiny_llama, tmp_path):
     from safetensors.torch import load_file
 
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.training.recipe import TrainSettings, train_adapter
     s = TrainSettings(**{**TINY, "dropout": 0.1, "augment": 1})
     a = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "a", s)
     b = train_adapter(tiny_llama, _tiny_rows(), tmp_path / "b", s)
@@ -102,7 +102,7 @@ def test_same_seed_same_adapter(tiny_llama, tmp_path):
 
 
 def test_settings_validate_with_names():
-    from assistant.training import MIN_EXAMPLES, TrainSettings, auto_epochs
+    from assistant.training.recipe import MIN_EXAMPLES, TrainSettings, auto_epochs
     with pytest.raises(ValueError, match="rank"):
         TrainSettings(rank=0)
     with pytest.raises(ValueError, match="unknown training setting.*'ranks'"):
@@ -115,7 +115,7 @@ def test_settings_validate_with_names():
 
 def test_the_one_checker_names_the_field_and_takes_the_server_defaults_first():
     from assistant.errors import AssistantError, InvalidSetting
-    from assistant.training import TrainSettings
+    from assistant.training.recipe import TrainSettings
     for values, field in (({"rank": 0}, "rank"), ({"epochs": "lots"}, "epochs"), ({"learning_rate": 2.0}, "learning_rate"),
                           ({"warp_speed": 9}, "warp_speed"), ({"batch_size": True}, "batch_size")):
         with pytest.raises(InvalidSetting) as e:
@@ -132,7 +132,7 @@ def test_the_one_checker_names_the_field_and_takes_the_server_defaults_first():
 def test_augment_rewords_the_question_only():
     import random
 
-    from assistant.train_rows import augment_rows
+    from assistant.training.train_rows import augment_rows
     rows = [{"messages": chat(q, a), "split": "train"} for q, a, _, _ in FACTS[:3]]
     out = augment_rows(rows, 2, random.Random(0))
     assert out[:3] == rows and len(out) == 9
@@ -146,7 +146,7 @@ def test_augment_rewords_the_question_only():
 
 def test_should_stop_saves_nothing(tiny_llama, tmp_path):
     from assistant.errors import TrainingStopped
-    from assistant.training import TrainSettings, train_adapter
+    from assistant.training.recipe import TrainSettings, train_adapter
     calls = []
     with pytest.raises(TrainingStopped):
         train_adapter(tiny_llama, _tiny_rows(), tmp_path / "a", TrainSettings(**TINY),
@@ -162,7 +162,7 @@ def test_packed_rows_give_the_loss_and_gradients_of_padded_ones(tiny_llama):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from assistant.lm import causal_lm_loss, collate, encode_chat, pack
+    from assistant.engine.lm import causal_lm_loss, collate, encode_chat, pack
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     rows = [chat(q, a) for q, a, _, _ in FACTS[:5]] + [chat("Tell me everything. " * 6, "All of it. " * 9)]

@@ -171,7 +171,7 @@ def test_activate_anyway_is_recorded_and_rollback_goes_back(service, tiny_llama,
 
 
 def test_seed_files_review_edits_and_export_go_through_the_library(service, tmp_path):
-    from assistant.seeds import parse_jsonl
+    from assistant.data.seeds import parse_jsonl
     from assistant.ui import adapters, data
     rows, problems = parse_jsonl('{"messages": []}\n\nnot json\n')
     assert len(rows) == 1 and problems == ['line 3: not JSON (each line must be one {"messages": [...]} object)']

@@ -108,7 +108,7 @@ class _Jobs:
 
 
 def test_a_stage_says_its_sub_step_at_once_and_estimates_from_completed_steps_only(monkeypatch):
-    from assistant import stages
+    from assistant.data import stages
     clock = [100.0]
     monkeypatch.setattr(stages.time, "monotonic", lambda: clock[0])
     store = _Jobs()
@@ -149,7 +149,7 @@ def test_the_state_line_follows_the_job_to_its_end_and_cancel_with_it(service):
     assert "finished: atlas@v1 passed the gate" in out[0] and "Keep chatting" not in out[0]
     assert out[1]["interactive"] is False                                    # and not after its end
     assert out[-1]["visible"] is False                                       # nothing to retry
-    from assistant.job_process import RETRY_HINT
+    from assistant.jobs.process import RETRY_HINT
     kept = {**job, "status": "failed", "error": "evaluate failed: generation failed" + RETRY_HINT}
     assert train._job_outputs(service.workspace, kept, "atlas")[-1]["visible"] is True
     for status, words in (("failed", "failed"), ("cancelled", "cancelled")):
@@ -157,7 +157,7 @@ def test_the_state_line_follows_the_job_to_its_end_and_cancel_with_it(service):
 
 
 def test_a_passed_check_says_what_passing_means():
-    from assistant.gate import MEANING, MEANING_PASSED
+    from assistant.gate.verdict import MEANING, MEANING_PASSED
     from assistant.ui import jobview
     job = {"job_id": "j1", "domain": "atlas", "status": "succeeded", "promoted": True, "adapter_version": "v1",
            "metrics": {"gate": {"checks": [
@@ -180,7 +180,7 @@ def test_form_errors_name_the_field_in_place(service):
 def test_monitor_does_not_suggest_a_retrain_already_running_and_reads_in_seconds(service):
     import time
 
-    from assistant.monitoring import MonitorSettings
+    from assistant.monitoring.report import MonitorSettings
     from assistant.ui import monitor
     store = service.workspace.store
     n = MonitorSettings().min_feedback

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from assistant.vllm_client import Models, ServedModel, VllmClient, VllmError, VllmUnavailable, check_base
-from assistant.vllm_server import ManagedVllm, vllm_venv, vllm_venv_ready
+from assistant.vllm.client import Models, ServedModel, VllmClient, VllmError, VllmUnavailable, check_base
+from assistant.vllm.server import ManagedVllm, vllm_venv, vllm_venv_ready
 
 from helpers import free_port, random_lora_adapter
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from assistant.vllm_server import vllm_venv, vllm_venv_ready
+from assistant.vllm.server import vllm_venv, vllm_venv_ready
 
 from helpers import running_server
 

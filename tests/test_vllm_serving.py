@@ -30,7 +30,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from assistant.vllm_server import vllm_venv, vllm_venv_ready
+from assistant.vllm.server import vllm_venv, vllm_venv_ready
 
 from helpers import LOOP_ONLY_FLAGS, make_serving, random_lora_adapter, running_server, zipped
 from invented_facts import FACTS, score
@@ -165,8 +165,8 @@ def test_a_job_activates_through_the_server_and_vllm_lists_the_version_before_th
     vLLM serves the version, and this process never moves it (its offline loader must not run)."""
     import threading
 
-    from assistant import remote
-    from assistant.registry import Registry
+    from assistant.cluster import remote
+    from assistant.data.registry import Registry
     from assistant.settings import Settings
     url, vllm = app["url"], app["vllm"]
     r = httpx.post(url + "/api/domains/legal/adapters", content=zipped(adapters["support2"]),

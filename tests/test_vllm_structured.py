@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from assistant.vllm_server import vllm_venv, vllm_venv_ready
+from assistant.vllm.server import vllm_venv, vllm_venv_ready
 
 from helpers import make_serving, running_server
 

@@ -6,6 +6,9 @@ Each tab module has module-level handlers that translate widgets to `Workspace` 
 widgets, and a `build` that lays out and wires its own events; `build_ui` composes the tabs and wires what
 crosses them (a new domain appears in every picker). Opening a tab only reads. Elements a browser test
 drives carry `elem_id`s.
+
+May import: the foundation, engine (lm), data (stages), gate (verdict's names), jobs (process), training
+(TrainSettings), api (auth); the Workspace and the Serving come in as arguments.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import logging
 
 import gradio as gr
 
-from . import adapters, chat, data, monitor, train
-from .common import DOMAINS, bind, domain_names, pick, principal_of, refresh_domain, refresh_models
+from assistant.ui import adapters, chat, data, monitor, train
+from assistant.ui.common import DOMAINS, bind, domain_names, pick, principal_of, refresh_domain, refresh_models
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +100,10 @@ def build_ui(workspace, serving) -> gr.Blocks:
 
 def mount_ui(app, workspace, serving, credentials=None) -> None:
     """Mount the UI at / of the FastAPI app. Sign-in is the app's own auth middleware, in front of every
-    route (assistant/auth.py), not Gradio's; the state, adapter and cache folders are blocked from Gradio's
+    route (assistant/api/auth.py), not Gradio's; the state, adapter and cache folders are blocked from Gradio's
     file routes, and Gradio never shows exception text."""
-    from .common import CREDENTIALS
-    from .style import CSS
+    from assistant.ui.common import CREDENTIALS
+    from assistant.ui.style import CSS
     CREDENTIALS[0] = credentials
     s = workspace.settings
     gr.mount_gradio_app(app, build_ui(workspace, serving), path="/",

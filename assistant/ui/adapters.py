@@ -10,10 +10,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..errors import AssistantError
-from ..settings import BASE
-from . import jobview
-from .common import domain_names, err, field_error, pick, refresh_models, served_by, user_of, version_choices
+from assistant.errors import AssistantError
+from assistant.settings import BASE
+from assistant.ui import jobview
+from assistant.ui.common import domain_names, err, field_error, pick, refresh_models, served_by, user_of, version_choices
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import time
 
 import gradio as gr
 
-from ..errors import AssistantError
-from ..settings import BASE, DEFAULT_MAX_NEW_TOKENS, MAX_MESSAGE_CHARS, MAX_NEW_TOKENS_CAP, MAX_UI_PROMPT_TOKENS
-from .common import NEW_DOMAIN, err, field_error, model_choices, principal_of, public, role_of, served_by, user_of
+from assistant.errors import AssistantError
+from assistant.settings import BASE, DEFAULT_MAX_NEW_TOKENS, MAX_MESSAGE_CHARS, MAX_NEW_TOKENS_CAP, MAX_UI_PROMPT_TOKENS
+from assistant.ui.common import NEW_DOMAIN, err, field_error, model_choices, principal_of, public, role_of, served_by, user_of
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import re
 
 import gradio as gr
 
-from ..errors import AssistantError
-from ..settings import BASE
+from assistant.errors import AssistantError
+from assistant.settings import BASE
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,13 @@ CREDENTIALS: list = [None]   # the server's credentials (set by mount_ui), to na
 
 def user_of(request: gr.Request | None) -> str | None:
     """The signed-in user. The auth middleware has checked the request before any handler runs."""
-    from ..auth import user_from_headers
+    from assistant.api.auth import user_from_headers
     return user_from_headers(CREDENTIALS[0], getattr(request, "headers", None)) if request is not None else None
 
 
 def principal_of(request: gr.Request | None):
     """Who is calling and their role (users.Principal; users.OPEN when the app is open)."""
-    from ..auth import principal_from_headers
+    from assistant.api.auth import principal_from_headers
     return principal_from_headers(CREDENTIALS[0], getattr(request, "headers", None) if request is not None else None)
 
 
@@ -65,7 +65,7 @@ def role_of(request: gr.Request | None) -> str:
 
 
 # What a handler needs: chat handlers (and the pickers chat opens with) serve anyone signed in; every other
-# tab's handlers need an editor (permissions.py's table, for the UI). Checked in `bind` on every event, so a
+# tab's handlers need an editor (people/permissions.py's table, for the UI). Checked in `bind` on every event, so a
 # hidden tab's events called directly (gradio_client) are refused too.
 USER_HANDLERS = {"refresh_models", "clear_status", "role_view"}
 # UI actions that change something: recorded in the audit log (who, the action, the values it was given)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..errors import AssistantError
-from ..settings import MAX_REQUEST_BYTES
-from .common import domain_names, err, field_error, user_of
+from assistant.errors import AssistantError
+from assistant.settings import MAX_REQUEST_BYTES
+from assistant.ui.common import domain_names, err, field_error, user_of
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _context(messages) -> str:
 
 def conversation_view(messages) -> str:
     """A row's whole conversation, each turn marked: what the row teaches, and what is context only."""
-    from ..lm import taught
+    from assistant.engine.lm import taught
     lines = []
     for m in messages:
         mark = "**taught**" if taught(m) else "context"
@@ -89,7 +89,7 @@ def data_view(workspace, domain):
         snap = workspace.preview(domain)
     except AssistantError as e:
         return [], [], [], err(e)
-    items = sorted(snap.items, key=lambda it: -(it.get("created_at") or 0))
+    items = sorted(snap.items, key=lambda it: -(it.get("seq") or 0))
     number = {it["key"]: i + 1 for i, it in enumerate(items)}
     rows = [_row(i, it, number) for i, it in enumerate(items)]
     r = snap.report

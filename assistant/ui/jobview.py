@@ -10,9 +10,9 @@ import html
 import logging
 import re
 
-from ..gate import MEANING_PASSED
-from ..stages import STAGE_STATUSES, STAGES, TERMINAL
-from .common import public, served_by
+from assistant.data.stages import STAGE_STATUSES, STAGES, TERMINAL
+from assistant.gate.verdict import MEANING_PASSED
+from assistant.ui.common import public, served_by
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from datetime import datetime
 
 import gradio as gr
 
-from ..errors import AssistantError
-from .common import domain_names, err
+from assistant.errors import AssistantError
+from assistant.ui.common import domain_names, err
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ import logging
 
 import gradio as gr
 
-from ..errors import AssistantError, InvalidSetting
-from ..job_process import RETRY_HINT
-from ..settings import BASE as BASE_WEIGHTS
-from ..settings import MAX_LORA_RANK
-from ..training import MIN_EXAMPLES, TrainSettings
-from . import jobview
-from .adapters import activate, activate_anyway, rollback
-from .common import domain_names, err, field_error, pick, refresh_models, version_choices
+from assistant.errors import AssistantError, InvalidSetting
+from assistant.jobs.process import RETRY_HINT
+from assistant.settings import BASE as BASE_WEIGHTS
+from assistant.settings import MAX_LORA_RANK
+from assistant.training.recipe import MIN_EXAMPLES, TrainSettings
+from assistant.ui import jobview
+from assistant.ui.adapters import activate, activate_anyway, rollback
+from assistant.ui.common import domain_names, err, field_error, pick, refresh_models, version_choices
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,7 @@
+"""What each domain and adapter version serves, how people rate it, and when to retrain.
+
+Entry points: `report` (`MonitorSettings`, per-domain and per-version health, the retrain advice),
+`drift` (how far new questions moved from the trained ones).
+
+May import: the foundation, data.
+"""
