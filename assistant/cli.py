@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     sp = _command(sub, "serve", "run the UI and the API on one port", cmd_serve,
-                  flags=WORKSPACE_FLAGS + MODEL_FLAGS + SERVER_FLAGS, groups=("curation", "gate", "monitor", "train"))
+                  flags=WORKSPACE_FLAGS + MODEL_FLAGS + SERVER_FLAGS, groups=("canary", "curation", "gate", "monitor", "train"))
     sp.add_argument("--auth", action="append", metavar="USER:PASS",
                     help="an admin sign-in (repeatable); stored users (`assistant users add`) are the safer way: "
                          "hashed passwords, never on a command line, roles narrower than admin")

@@ -22,8 +22,19 @@ from assistant.data.registry import parse_model_name, safe_unzip, validate_adapt
 from assistant.engine.lm import with_system_prompt
 from assistant.engine.protocol import EngineProtocol
 from assistant.engine.toolcalls import plain as plain_turns
-from assistant.errors import AdapterRefused, AssistantError, Busy, DomainBroken, InvalidAdapter, InvalidName, ModelNotFound
+from assistant.errors import (
+    AdapterRefused,
+    AssistantError,
+    Busy,
+    Conflict,
+    DomainBroken,
+    InvalidAdapter,
+    InvalidName,
+    ModelNotFound,
+    NotFound,
+)
 from assistant.jobs.limits import check_adapter_folder, engine_limits
+from assistant.monitoring.canary import Canary
 from assistant.settings import BASE, MAX_LORA_RANK, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_UPLOAD_BYTES
 from assistant.workspace import Workspace
 
@@ -104,8 +115,10 @@ class Serving:
         self._log_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._logger = threading.Thread(target=self._log_loop, name="response-log", daemon=True)
         self._logger.start()
+        self.canary = Canary(workspace)
 
     def close(self):
+        self.canary.close()
         self.engine.close()
         self._log_queue.put(None)
         self._logger.join(timeout=LOG_WAIT_S)
@@ -216,10 +229,47 @@ class Serving:
         return folder
 
     def activate(self, domain: str, version: str, *, user: str | None = None, override: bool = False) -> dict:
-        """Promote or roll back (Workspace.activate), loading the version here before the pointer moves."""
+        """Promote or roll back (Workspace.activate), loading the version here before the pointer moves. A
+        running canary rollout ends: promoted when its version is the one activated, else stopped."""
         out = self.workspace.activate(domain, version, load=self.ensure_loaded, user=user, override=override)
         self._active.pop(domain, None)
+        self._rollout_ends(domain, version, user)
         return out
+
+    def _rollout_ends(self, domain: str, version: str, user: str | None) -> None:
+        running = self.canary.running(domain)
+        if running is not None:
+            status = "promoted" if running["version"] == version else "stopped"
+            self.canary.end(domain, status, f"{user or 'someone'} made {version} live")
+
+    # Canary rollouts ---------------------------------------------------------------------------
+    def start_canary(self, domain: str, version: str, share: float | None = None, *, user: str | None = None) -> dict:
+        """domain@version answers `share` of the domain's conversations beside the live version until its
+        users' ratings promote or roll it back (monitoring/canary.py); loaded and checked here first, as an
+        activation would. On the canary already out: a new share."""
+        registry = self.workspace.registry
+        self.workspace.require_domain(domain)
+        if version not in registry.versions(domain):
+            raise NotFound(f"{domain} has no version {version!r}: it has {', '.join(registry.versions(domain)) or 'none'}",
+                           param="version")
+        live = self.active_version(domain)
+        if version == live:
+            raise Conflict(f"{domain}@{version} is already live for everyone: send out another version as a canary",
+                           param="version")
+        self.ensure_loaded(domain, version)
+        return self.canary.start(domain, version, live, share, user)
+
+    def stop_canary(self, domain: str, *, user: str | None = None) -> dict:
+        """The canary stops serving; everyone gets the live version again. NotFound when none runs."""
+        self.workspace.require_domain(domain)
+        out = self.canary.end(domain, "stopped", f"{user or 'someone'} stopped it")
+        if out is None:
+            raise NotFound(f"{domain} has no canary out: start one with POST "
+                           f"/api/domains/{domain}/adapters/<version>/canary")
+        return out
+
+    def _canary_goes_live(self, domain: str, version: str, override: bool) -> None:
+        self.activate(domain, version, user="canary rule", override=override)
 
     def refresh(self, domain: str) -> None:
         """Another replica activated or rolled back `domain` (replicas.py): forget the cached pointer and load
@@ -235,6 +285,7 @@ class Serving:
     def rollback(self, domain: str, user: str | None = None) -> dict:
         out = self.workspace.rollback(domain, load=self.ensure_loaded, user=user)
         self._active.pop(domain, None)
+        self._rollout_ends(domain, out["active_version"] or BASE, user)
         return out
 
     def import_adapter(self, domain: str, upload: Path, *, activate: bool = False, user: str | None = None) -> str:
@@ -281,6 +332,10 @@ class Serving:
         if prompt is None:
             messages = check_messages(messages)
         target = self.resolve(model)
+        if target.domain is not None and parse_model_name(model)[1] is None:   # a pinned version is never re-routed
+            canary = self.canary.version_for(target.domain, messages, prompt, user)
+            if canary is not None:
+                target = Target(model, target.domain, canary, f"{target.domain}@{canary}", target.system_prompt)
         if prompt is None:
             messages = with_system_prompt(messages, target.system_prompt)
             offered = tools if tool_choice != "none" else None
@@ -373,8 +428,10 @@ class Serving:
         call = self._inflight.get(response_id) if isinstance(response_id, str) else None
         if call is not None:
             call.logged_event.wait(LOG_WAIT_S)
-        return self.workspace.feedback(response_id, rating, correction, reason, user,
-                                       user if principal is SAME_AS_USER else principal, role)
+        fid = self.workspace.feedback(response_id, rating, correction, reason, user,
+                                      user if principal is SAME_AS_USER else principal, role)
+        self.canary.rated(response_id, self._canary_goes_live)   # a running rollout is judged again
+        return fid
 
     def withdraw_feedback(self, response_id: str, user: str | None = None, principal=SAME_AS_USER) -> bool:
         """Workspace.withdraw_feedback (an undone thumb)."""

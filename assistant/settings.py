@@ -38,6 +38,7 @@ ENGINES = ("local", "vllm")
 # The recipes' settings dataclasses, by the group name they have on the CLI (--train.epochs) and in a TOML
 # config file ([train] epochs = 3). Each is read where its recipe runs, from Settings.<group>.
 SETTINGS_GROUPS = {
+    "canary": ("assistant.monitoring.canary", "CanarySettings"),
     "curation": ("assistant.data.curation", "CurationSettings"),
     "gate": ("assistant.gate.verdict", "GateSettings"),
     "monitor": ("assistant.monitoring.report", "MonitorSettings"),
@@ -129,6 +130,8 @@ class Settings:
                 "processes (gloo). The job keeps its own copy of the base on --train-device (replay answers, "
                 "evaluation) beside rank 0's"})
     # Overrides of the recipes' settings, by group (see SETTINGS_GROUPS): {"near_dup_threshold": 0.7, ...}
+    canary: dict = field(default_factory=dict, metadata={"help": "canary rollouts: share and decision rule "
+                                                                 "(CanarySettings)"})
     curation: dict = field(default_factory=dict, metadata={"help": "curation settings (CurationSettings)"})
     gate: dict = field(default_factory=dict, metadata={"help": "the evaluation gate's settings (GateSettings)"})
     monitor: dict = field(default_factory=dict, metadata={"help": "monitoring settings (MonitorSettings)"})

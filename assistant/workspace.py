@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from assistant.data.registry import Registry, check_name, check_version
+from assistant.data.rollouts import Rollouts
 from assistant.errors import AssistantError, Conflict, NotFound
 from assistant.settings import BASE, MAX_MESSAGE_CHARS, Settings
 
@@ -34,6 +35,7 @@ class Workspace:
         self.settings = settings.ensure_dirs()
         self.store = Store(settings.database)
         self.registry = Registry(settings.adapters_path)
+        self.rollouts = Rollouts(self.store)
         from assistant.people.users import Directory
         self.directory = Directory(self.store)   # stored users, personal keys, the audit log
         from assistant.people.quotas import Quotas
@@ -417,6 +419,17 @@ class Workspace:
         from assistant.monitoring.report import domain_metrics
         self.require_domain(domain)
         return domain_metrics(self, domain)
+
+    def canary_settings(self, **overrides):
+        from assistant.settings import group_settings
+        return group_settings(self.settings, "canary", **overrides)
+
+    def canary(self, domain: str) -> dict | None:
+        """The domain's running canary rollout (or its last one) with both arms' ratings and the rule's
+        verdict (monitoring/canary.py); None when it never had one."""
+        from assistant.monitoring.canary import report
+        self.require_domain(domain)
+        return report(self.rollouts, self.rollouts.latest(domain), self.canary_settings())
 
     def prometheus_text(self) -> str:
         """`GET /metrics`: counters and histograms from the store, drift from a cache refreshed in the

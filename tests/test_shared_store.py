@@ -228,3 +228,26 @@ def test_a_replicas_index_is_rebuilt_from_what_another_accepted(postgres_url, tm
     key, sim = curator.check_new("atlas", item)
     assert key == f"feedback:{fid}" and sim > 0.99
     ws_b.close()
+
+
+def test_replicas_start_one_rollout_per_domain_and_exactly_one_ends_it(postgres_url):
+    """Canary rollouts on one PostgreSQL: of replicas starting a rollout of one domain at once, one wins and
+    the others get a Conflict; of replicas acting on the same verdict at once, exactly one ends it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from assistant.data.rollouts import Rollouts
+    from assistant.errors import Conflict
+    rollouts = Rollouts(Store(postgres_url))
+
+    def start(i):
+        try:
+            return rollouts.start("canaried", "v2", "v1", 0.2, by=f"replica-{i}")["id"]
+        except Conflict:
+            return None
+    with ThreadPoolExecutor(8) as pool:
+        started = [r for r in pool.map(start, range(8)) if r is not None]
+    assert len(started) == 1 and rollouts.running("canaried")["id"] == started[0]
+    with ThreadPoolExecutor(8) as pool:
+        ended = list(pool.map(lambda _: rollouts.end(started[0], "promoted", {"verdict": "promote"}), range(8)))
+    assert ended.count(True) == 1 and rollouts.running("canaried") is None
+    assert rollouts.latest("canaried")["status"] == "promoted"

@@ -268,3 +268,7 @@ class ExamplesRequest(Strict):
 
 class ActivateRequest(Strict):
     override: bool = False
+
+
+class CanaryRequest(Strict):
+    share: float | None = None    # of the domain's conversations; none: the server's --canary.share

@@ -22,7 +22,14 @@ from starlette.routing import Match
 
 from assistant.api.executors import on_chat, on_control
 from assistant.api.openai import add_openai_routes, error_body
-from assistant.api.openai_schema import ActivateRequest, DomainRequest, ExamplesRequest, FeedbackRequest, WithdrawRequest
+from assistant.api.openai_schema import (
+    ActivateRequest,
+    CanaryRequest,
+    DomainRequest,
+    ExamplesRequest,
+    FeedbackRequest,
+    WithdrawRequest,
+)
 from assistant.api.people import add_people_routes, authorizer, principal
 from assistant.errors import AssistantError, MethodNotAllowed, NotFound, PermissionDenied, TooLarge, UnsupportedMediaType
 from assistant.serving import Serving
@@ -142,6 +149,19 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
     async def activate(name: str, version: str, request: Request, body: ActivateRequest | None = None):
         override = body.override if body is not None else False
         return await on_control(serving.activate, name, version, user=current_user(request), override=override)
+
+    @r.post("/api/domains/{name}/adapters/{version}/canary")
+    async def canary_start(name: str, version: str, request: Request, body: CanaryRequest | None = None):
+        share = body.share if body is not None else None
+        return await on_control(serving.start_canary, name, version, share, user=current_user(request))
+
+    @r.get("/api/domains/{name}/canary")
+    async def canary(name: str, request: Request):
+        return await on_control(workspace.canary, name)
+
+    @r.delete("/api/domains/{name}/canary")
+    async def canary_stop(name: str, request: Request):
+        return await on_control(serving.stop_canary, name, user=current_user(request))
 
     @r.post("/api/domains/{name}/adapters", status_code=201)
     async def import_adapter(name: str, request: Request):

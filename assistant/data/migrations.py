@@ -276,6 +276,25 @@ MIGRATIONS: list[Migration] = [
         "SELECT setval('assistant_seq', GREATEST(1, (SELECT MAX(m) FROM (" + SEQ_MAX + ") AS maxima)))",
         "CREATE INDEX responses_domain_seq ON responses(domain, seq)",
     )),
+    # Canary rollouts (data/rollouts.py): a version serving a share of a domain's conversations beside the
+    # live one, judged by its users' ratings. One running rollout per domain; answers after `start_seq` in
+    # the store's sequence count for its arms.
+    Migration("m019_rollouts", (
+        """CREATE TABLE rollouts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            domain TEXT NOT NULL,
+            version TEXT NOT NULL,            -- the canary
+            baseline TEXT,                    -- the live version when it started (NULL: the base weights)
+            share REAL NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'promoted', 'rolled back', 'stopped')),
+            start_seq BIGINT NOT NULL,
+            started_by TEXT,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            verdict TEXT                      -- JSON: the rule's last verdict, in words
+        )""",
+        "CREATE UNIQUE INDEX rollouts_one_running ON rollouts(domain) WHERE status = 'running'",
+    )),
 ]
 
 

@@ -254,6 +254,13 @@ class Registry:
         atomic_write_text(self.version_path(name, version) / CARD, json.dumps(card, indent=1, sort_keys=True))
         return card
 
+    def record_canary(self, name: str, version: str, outcome: dict) -> dict:
+        """Note in the version's card how its canary rollout ended and why (promoted, rolled back, stopped)."""
+        card = self.read_card(name, version)
+        card["canary"] = {**outcome, "at": time.time()}
+        atomic_write_text(self.version_path(name, version) / CARD, json.dumps(card, indent=1, sort_keys=True))
+        return card
+
     def previous_version(self, name: str) -> str:
         """The version a rollback goes to: the newest one older than the active version, or the base
         weights (`BASE`) from the oldest."""

@@ -37,7 +37,7 @@ _cancelling: set[str] = set()   # jobs this process is cancelling (their exit is
 
 _CHILD_SETTINGS = ("home", "state_dir", "adapters_dir", "cache_dir", "base_model", "quantization", "dtype", "device",
                    "train_device", "train_gpus")
-_CHILD_GROUPS = ("curation", "gate", "train")   # the recipes' settings a job runs with
+_CHILD_GROUPS = ("canary", "curation", "gate", "train")   # the recipes' settings a job runs with
 
 
 def _settings_json(settings) -> str:

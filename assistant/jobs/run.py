@@ -6,20 +6,19 @@ the server down and chat keeps answering while it trains.
     dispatch    (server)  the embedded worker: when this process runs no job, claim the oldest queued one
                           and spawn its child (jobs/workers.py: `assistant worker` claims and runs them too)
     run_job     (child)   running -> snapshot rows -> train into a staging folder -> evaluate (the serving
-                          engine, gate/verdict.py's verdict) -> publish -> activate if the gate passes -> succeeded
-                          (activation goes through the serving process when one runs: cluster/remote.py)
+                          engine, gate/verdict.py's verdict) -> publish -> activate if the gate passes (through the
+                          server when one runs: cluster/remote.py; `release: canary`: out as a canary) -> succeeded
     cancel_job  (server)  SIGKILL the child's process group -> cancelled, staging removed
     reap                  jobs claimed by a worker or server that died -> failed, staging removed (at start too)
 
-The job record shows its stages (curate -> train -> evaluate -> publish -> activate), each with its own
-progress and time estimate (data/stages.py). Log lines are shown to users: they never name a server path. The
-staging folder is named after the job (`<adapters>/<domain>/.staging-job-<id>`), so cleanup needs no path
-from the log.
+The job record shows its stages (curate -> train -> evaluate -> publish -> activate), each with progress and
+time left (data/stages.py). Log lines are shown to users: they never name a server path. The staging folder
+is named after the job (`<adapters>/<domain>/.staging-job-<id>`), so cleanup needs no path from the log.
 
 The child is `python -m assistant.jobs.run JOB_ID SETTINGS_JSON` in its own session (its own process group).
-The database enforces one active job; status, progress and the loss history live there, so they survive
-a browser reload and a server restart. Publishing is the registry's fsync + atomic rename: a kill at any
-point leaves either a complete new version or a `.staging-*` folder that is never listed.
+The database enforces one active job; status, progress and the loss history live there (they survive a
+reload and a restart). Publishing is the registry's fsync + atomic rename: a kill at any point leaves a
+complete new version or a `.staging-*` folder that is never listed.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from pathlib import Path
 from assistant.data.stages import TERMINAL, StageTracker, attempt_stages, overall_progress
 from assistant.engine.threads import use_all_cores
 from assistant.errors import AssistantError, Conflict, NotFound
+from assistant.jobs import release
 from assistant.jobs.attempts import Attempt, Trained, best, forgot, why_retry
 from assistant.jobs.process import (  # noqa: F401 - cancel_job, dispatch, reap, recover_orphans: used as `jobs.` by the shells
     RETRY_HINT,
@@ -51,6 +51,7 @@ from assistant.jobs.process import (  # noqa: F401 - cancel_job, dispatch, reap,
     run_here,
     staging_path,
 )
+from assistant.settings import group_settings
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,6 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
     try:
         rows = _read_rows(settings, record, store, domain)
         rows, plan = _preference_plan(settings, domain, record, rows, store)
-        from assistant.settings import group_settings
         gate_settings = group_settings(settings, "gate")
         ts = TrainSettings.from_record(record["training"])
         retries = ts.retries
@@ -241,10 +241,13 @@ def run_job(settings, store, registry, job_id: str, on_step=None, *, resume: str
                          + (f" (attempt {chosen.number})" if len(attempts) > 1 else "") + "\n")
         if promote:
             tracker.start("activate")
-            where = _activate(settings, registry, domain, version, chosen.base.model, chosen.result.fingerprint,
-                              store=store)
+            if ts.release == "canary" and registry.active_version(domain) is not None:
+                end = release.send_out(settings, store, registry, domain, version, job_id)
+            else:
+                where = release.activate(settings, registry, domain, version, chosen.base.model, chosen.result.fingerprint,
+                                  store=store)
+                end = f"{domain}@{version} is live" + (" (activated by the server)" if where != "offline" else "") + "\n"
             tracker.finish("activate")
-            end = f"{domain}@{version} is live" + (" (activated by the server)" if where != "offline" else "") + "\n"
         else:
             tracker.finish("activate", status="skipped")
             end = f"{domain}@{version} was not activated: {verdict['summary']}\n"
@@ -431,32 +434,6 @@ def retry_job(settings, store, registry, job_id: str, *, inline: bool = False) -
         run_job(settings, store, registry, job_id, resume="evaluate")
         return
     run_here(settings, store, registry, job_id, "--resume", "evaluate")
-
-
-def _activate(settings, registry, domain: str, version: str, model, fingerprint: dict, store=None) -> str:
-    """Make the published version live through the one activation path (remote.activate): a server running
-    on this state activates it as a click would (validate, load on its engine and every vLLM server, then
-    move the pointer); the job never moves the pointer itself then. With no server running, it is validated
-    here against the base the job trained on, its weights read back, and the pointer moved offline.
-    Returns where it was done (the server's URL or "offline")."""
-    from assistant.cluster import remote
-    from assistant.errors import ServerRefused
-
-    def load(name: str, v: str) -> None:
-        import torch
-        from safetensors.torch import load_file
-
-        from assistant.data.registry import ADAPTER_WEIGHTS, validate_adapter
-        shapes = {n.removesuffix(".base_layer"): (m.in_features, m.out_features)
-                  for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        folder = registry.version_path(name, v)
-        validate_adapter(folder, fingerprint, shapes)
-        load_file(str(folder / ADAPTER_WEIGHTS), device="cpu")
-
-    try:
-        return remote.activate(settings, registry, domain, version, offline_load=load, store=store)
-    except ServerRefused as e:
-        raise AssistantError(f"{domain}@{version} was published but did not go live: {e.message}") from None
 
 
 def run_job_inline(settings, store, registry, domain: str, train_settings=None) -> dict:

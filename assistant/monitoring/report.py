@@ -393,6 +393,8 @@ class Exporter:
         states = {name: GaugeMetricFamily(name, help_, labels=["domain"]) for name, help_ in CACHED_GAUGES.items()}
         refused = GaugeMetricFamily("assistant_adapter_refused", "1 for each version the serving engine refused to "
                                     "load (retried with backoff; the reason is in GET /api/domains)", labels=dv)
+        canary = GaugeMetricFamily("assistant_canary_share", "share of the domain's conversations a running canary "
+                                   "answers; its answers and ratings are those of its version", labels=[*dv, "baseline"])
         refusals = getattr(workspace, "engine_refusals", dict)()
         for key in sorted(refusals):
             refused.add_metric(list(key.partition("@")[::2]), 1)
@@ -400,10 +402,12 @@ class Exporter:
             active_refused = f"{domain.name}@{domain.active_version}" in refusals
             broken.add_metric([domain.name], int(domain.problem is not None or active_refused))
             active.add_metric([domain.name], version_key(domain.active_version) if domain.active_version else 0)
+            if (rollout := workspace.rollouts.running(domain.name)) is not None:
+                canary.add_metric([domain.name, rollout["version"], rollout["baseline"] or BASE], rollout["share"])
             for name, value in cached.get(domain.name, {}).items():
                 if value is not None:
                     states[name].add_metric([domain.name], value)
-        yield from (broken, active, refused, *states.values())
+        yield from (broken, active, refused, canary, *states.values())
 
 
 _exporters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -63,6 +63,9 @@ MIN_SEQ_LEN = 16          # shorter rows hold no more than a chat template's mar
 MAX_SEQ_LEN = 8192
 
 
+RELEASES = ("live", "canary")        # how a version the gate passes goes out
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
@@ -104,6 +107,10 @@ class TrainSettings:
         "help": "when the gate finds the new version forgot general answers (or leaks taught words into them), "
                 f"train again up to this many times, each with a safer recipe (learning rate x{SAFER_LR_FACTOR}, "
                 f"passes x{SAFER_EPOCHS_FACTOR}, every replay prompt, LoRA scale at most {SAFER_MAX_SCALE:g}); 0 = off"})
+    release: str = field(default="live", metadata={
+        "help": "live | canary: a version the gate passes goes live for everyone (live), or out as a canary to "
+                "--canary.share of the domain's conversations beside the live version, promoted or rolled back "
+                "by its users' ratings (canary)"})
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, str)):
@@ -127,7 +134,8 @@ class TrainSettings:
                   ("preference_learning_rate", 0.0 < self.preference_learning_rate < 1.0, "must be in (0, 1)"),
                   ("preference_epochs", self.preference_epochs is None or 1 <= self.preference_epochs <= MAX_EPOCHS,
                    f"must be between 1 and {MAX_EPOCHS} (or null for auto)"),
-                  ("retries", 0 <= self.retries <= MAX_RETRIES, f"must be between 0 and {MAX_RETRIES}")]
+                  ("retries", 0 <= self.retries <= MAX_RETRIES, f"must be between 0 and {MAX_RETRIES}"),
+                  ("release", self.release in RELEASES, f"must be {' or '.join(RELEASES)}")]
         from assistant.data.preference import parse
         try:
             parse(self.method)

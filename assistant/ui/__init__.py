@@ -7,8 +7,8 @@ widgets, and a `build` that lays out and wires its own events; `build_ui` compos
 crosses them (a new domain appears in every picker). Opening a tab only reads. Elements a browser test
 drives carry `elem_id`s.
 
-May import: the foundation, engine (lm), data (stages), gate (verdict's names), jobs (process), training
-(TrainSettings), api (auth); the Workspace and the Serving come in as arguments.
+May import: the foundation, engine (lm), data (stages), gate (verdict's names), monitoring (canary), jobs
+(process), training (TrainSettings), api (auth); the Workspace and the Serving come in as arguments.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def build_ui(workspace, serving) -> gr.Blocks:
         # Opening a tab refreshes its domain picker, then shows the domain (reads only).
         chat_tab.select(P(refresh_models, workspace), [model], [model])
         adapters_tab.select(P(refresh_domain, workspace), [a["domain"]], [a["domain"]], **DOMAINS).then(
-            P(adapters.adapters_view, workspace), [a["domain"]], a["out"]).then(P(clear_status), None, [a["status"]])
+            P(adapters.adapters_view, workspace), [a["domain"]], a["out"]).then(P(clear_status), None, [a["status"]]).then(
+            a["canary_view"], [a["domain"]], a["canary_out"])
         data_tab.select(P(refresh_domain, workspace), [d["domain"]], [d["domain"]], **DOMAINS).then(
             P(data.data_view, workspace), [d["domain"]], d["out"])
         train_tab.select(P(refresh_domain, workspace), [t["domain"]], [t["domain"]], **DOMAINS).then(

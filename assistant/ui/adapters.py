@@ -12,7 +12,7 @@ import gradio as gr
 
 from assistant.errors import AssistantError
 from assistant.settings import BASE
-from assistant.ui import jobview
+from assistant.ui import canary, jobview
 from assistant.ui.common import domain_names, err, field_error, pick, refresh_models, served_by, user_of, version_choices
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,7 @@ def build(workspace, serving, P, model):
         anyway = gr.Button("Activate anyway (overrides the gate)", elem_id="adapters-activate-anyway")
         back = gr.Button("Roll back to previous", elem_id="adapters-rollback")
     status = gr.Markdown("", elem_id="adapters-status")
+    canary_view, canary_out = canary.build(workspace, serving, P, domain, version, status)
     card_md = gr.Markdown("", elem_id="adapter-card")
     with gr.Accordion("Raw card (JSON)", open=False, elem_id="adapter-card-raw-box"):
         card_raw = gr.JSON(label="card.json", elem_id="adapter-card-raw")
@@ -246,4 +247,7 @@ def build(workspace, serving, P, model):
         P(adapters_view, workspace), [domain], out)
     i_btn.click(P(import_adapter, serving), [domain, i_file, i_active, model], [status, model]).then(
         P(adapters_view, workspace), [domain], out)
-    return dict(domain=domain, out=out, status=status, c_name=c_name, c_prompt=c_prompt, c_desc=c_desc, c_btn=c_btn)
+    for btn in (act, anyway, back):   # activating ends a running canary
+        btn.click(canary_view, [domain], canary_out)
+    return dict(domain=domain, out=out, status=status, c_name=c_name, c_prompt=c_prompt, c_desc=c_desc, c_btn=c_btn,
+                canary_view=canary_view, canary_out=canary_out)

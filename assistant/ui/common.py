@@ -73,7 +73,8 @@ USER_HANDLERS = {"refresh_models", "clear_status", "role_view"}
 AUDITED = {"activate": (0, 1), "activate_anyway": (0, 1), "rollback": (0, None), "import_adapter": (0, None),
            "create_from_adapters": (0, None), "create_from_chat": (0, None), "review": (1, None),
            "import_seed": (0, None), "retrain": (None, None), "cancel": (None, None), "retry": (None, None),
-           "activate_published": (0, None), "approve_pending": (0, None)}
+           "activate_published": (0, None), "approve_pending": (0, None), "send_out": (0, 1),
+           "promote_canary": (0, None), "stop_canary": (0, None)}
 AUDIT_VALUE_CHARS = 80
 
 
