@@ -121,7 +121,7 @@ class Workspace:
             self.registry.deactivate(domain)
             return {"domain": domain, "active_version": None}
         check_version(version)
-        gate = (self.registry.read_card(domain, version).get("metrics") or {}).get("gate") or {}
+        gate = self.registry.gate_verdict(domain, version)
         if gate.get("promote") is False and not override:
             raise Conflict(f"the gate did not promote {domain}@{version}: {gate.get('summary') or 'see its card'}. "
                            "Activate it anyway with override (the Activate anyway button, or "

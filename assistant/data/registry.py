@@ -254,6 +254,10 @@ class Registry:
         atomic_write_text(self.version_path(name, version) / CARD, json.dumps(card, indent=1, sort_keys=True))
         return card
 
+    def gate_verdict(self, name: str, version: str) -> dict:
+        """The gate's verdict in the version's card ({} for an imported version, which no gate judged)."""
+        return (self.read_card(name, version).get("metrics") or {}).get("gate") or {}
+
     def record_canary(self, name: str, version: str, outcome: dict) -> dict:
         """Note in the version's card how its canary rollout ended and why (promoted, rolled back, stopped)."""
         card = self.read_card(name, version)

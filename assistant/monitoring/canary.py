@@ -307,9 +307,8 @@ class Canary:
             self._note(rollout, verdict)
             log.info("canary %s@%s %s: %s", rollout["domain"], rollout["version"], status, verdict["why"])
             if status == "promoted":
-                gate = (self.workspace.registry.read_card(rollout["domain"], rollout["version"]).get("metrics")
-                        or {}).get("gate") or {}
-                activate(rollout["domain"], rollout["version"], gate.get("promote") is False)
+                blocked = self.workspace.registry.gate_verdict(rollout["domain"], rollout["version"]).get("promote") is False
+                activate(rollout["domain"], rollout["version"], blocked)
         except Exception:  # noqa: BLE001 - the next rating judges again; chat never waits on this
             log.exception("could not judge the canary of response %s", response_id)
 

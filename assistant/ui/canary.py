@@ -79,8 +79,8 @@ def promote_canary(serving, domain, request: gr.Request):
         running = serving.workspace.canary(domain) if domain else None
         if not running or running["status"] != "running":
             raise field_error("Canary", "none is out for this domain")
-        gate = (serving.workspace.card(domain, running["version"]).get("metrics") or {}).get("gate") or {}
-        serving.activate(domain, running["version"], user=user_of(request), override=gate.get("promote") is False)
+        blocked = serving.workspace.registry.gate_verdict(domain, running["version"]).get("promote") is False
+        serving.activate(domain, running["version"], user=user_of(request), override=blocked)
         return f"{domain}@{running['version']} is live for everyone (promoted by hand)"
     except AssistantError as e:
         return err(e)
