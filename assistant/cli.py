@@ -26,7 +26,7 @@ LIMIT_FLAGS = ("engine", "vllm_url", "vllm_max_lora_rank")   # what the serving 
 SERVER_FLAGS = ("host", "port", "api_key", "session_secret", "max_resident_adapters", "max_batch", "max_queue",
                 "engine", "vllm_url", "vllm_adapters_path", "vllm_max_lora_rank", "vllm_api_key",
                 "gpu_memory_utilization", "embedded_worker", "user_requests_per_minute",
-                "user_tokens_per_day") + TRAIN_FLAGS
+                "user_tokens_per_day", "access_log") + TRAIN_FLAGS
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ANSWER_PREVIEW_CHARS = 100      # `assistant logs`: characters of each question and answer shown
 
@@ -52,7 +52,9 @@ def _domain(args) -> str:
 # Commands --------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
     from assistant.server import serve
-    return serve(settings_from(args))
+    settings = settings_from(args)
+    setup_access_log(settings.access_log)
+    return serve(settings)
 
 
 def cmd_chat(args) -> int:
@@ -362,6 +364,20 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "httpcore", "urllib3", "sentence_transformers", "faiss"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def setup_access_log(kind: str) -> None:
+    """The access log writes its INFO lines whatever --log-level says (--access-log off stops it; debug adds
+    the UI's lines); `json`: bare JSON objects on stderr, outside the log format."""
+    import logging
+
+    from assistant.api.access import ACCESS_LOGGER
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.setLevel(min(logging.getLogger().level, logging.INFO))
+    if kind == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.handlers, logger.propagate = [handler], False
 
 
 def main(argv=None) -> int:

@@ -73,6 +73,9 @@ def build_app(workspace, serving, *, with_ui: bool = True):
         from assistant.ui import mount_ui
         mount_ui(app, workspace, serving, app.state.credentials)
     app.add_middleware(AuthMiddleware, credentials=app.state.credentials)
+    if s.access_log != "off":   # outermost: what the auth check and the body guard refuse is logged too
+        from assistant.api.access import AccessLog
+        app.add_middleware(AccessLog, json_lines=s.access_log == "json")
     return app
 
 

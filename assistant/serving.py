@@ -156,6 +156,8 @@ class Serving:
         for d in self.workspace.registry.list_domains():
             data.append({"id": d.name, "object": "model", "created": created, "owned_by": "domain-assistant",
                          "active_version": d.active_version, "versions": d.versions, "description": d.description})
+        data.append({"id": self.workspace.embedding_model(), "object": "model", "created": created,   # POST /v1/embeddings
+                     "owned_by": "domain-assistant", "type": "embedding"})
         return data
 
     def active_version(self, domain: str) -> str | None:
@@ -174,6 +176,9 @@ class Serving:
         try:
             domain, version = parse_model_name(model)
         except InvalidName:
+            if model == self.workspace.embedding_model():
+                raise ModelNotFound(f"{model!r} is the embedding model (POST /v1/embeddings): chat with 'base' or a "
+                                    "domain", param="model") from None
             raise ModelNotFound(f"the model {model!r} does not exist: use 'base', a domain name from GET /v1/models, "
                                 "or '<domain>@v<N>'") from None
         if domain is None:
@@ -181,7 +186,7 @@ class Serving:
         registry = self.workspace.registry
         if not registry.exists(domain):
             raise ModelNotFound(f"the model {model!r} does not exist: create the domain first or pick one of "
-                                f"{', '.join(m['id'] for m in self.models())}")
+                                f"{', '.join(m['id'] for m in self.models() if m.get('type') != 'embedding')}")
         info = registry.get_domain(domain)
         if info.problem:
             log.warning("request for broken domain %s: %s", domain, info.problem)
@@ -320,15 +325,19 @@ class Serving:
         exactly that adapter version, which serves it from the first token to the last."""
         return self.start_choices(model, messages, **kw)[0]
 
-    def start_choices(self, model: str, messages=None, *, prompt: str | None = None, n: int = 1,
+    def start_choices(self, model: str, messages=None, *, prompt: str | list[int] | None = None, n: int = 1,
                       tools: list[dict] | None = None, tool_choice=None, response_format: dict | None = None,
                       slot_wait_s: float = ADAPTER_SLOT_WAIT_S, loop=None, user: str | None = None,
-                      principal=SAME_AS_USER, **sampling) -> list[Call]:
-        """`n` answers to one conversation (or, for legacy completions, to one `prompt` text), read once and
-        decoded as n rows (engine/chat_options.py says how tools and response_format constrain them). Each answer
+                      principal=SAME_AS_USER, id_prefix: str | None = None, **sampling) -> list[Call]:
+        """`n` answers to one conversation (or, for legacy completions, to one `prompt`: text or token ids), read
+        once and decoded as n rows (engine/chat_options.py says how tools and response_format constrain them). Each answer
         is a Call, logged as its own response; the first's id is the request's. `user`: the end user the
-        request names; `principal`: who authenticated (by default `user`: the UI, where they are one)."""
+        request names; `principal`: who authenticated (by default `user`: the UI, where they are one);
+        `id_prefix`: how the answers' ids begin (the Responses API's are `resp_...`)."""
         from assistant.engine.chat_options import build_requests
+        prompt_ids = None
+        if isinstance(prompt, list):   # a legacy completion's prompt as token ids: read as they are
+            prompt_ids, prompt = self.check_prompt_ids(prompt), self.token_text(prompt)
         if prompt is None:
             messages = check_messages(messages)
         target = self.resolve(model)
@@ -345,7 +354,8 @@ class Serving:
             turns = offered or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
             logged = plain_turns(messages, offered) if turns else messages
         else:
-            ids, logged = self.engine.encode_text(prompt), [{"role": "user", "content": prompt}]
+            ids = prompt_ids if prompt_ids is not None else self.engine.encode_text(prompt)
+            logged = [{"role": "user", "content": prompt}]
         reqs, mode = build_requests(ids, n, tools, tool_choice, response_format, adapter=target.adapter_key,
                                     **sampling)
         try:
@@ -362,7 +372,7 @@ class Serving:
             for r in reqs:
                 self.engine.unpin(r.slot)
             raise
-        base = f"{'cmpl' if prompt is not None else 'chatcmpl'}-{uuid.uuid4().hex}"
+        base = (id_prefix or f"{'cmpl' if prompt is not None else 'chatcmpl'}-") + uuid.uuid4().hex
         calls = [Call(id=base if i == 0 else f"{base}-{i}", target=target, messages=logged, handle=None,
                       prompt_tokens=len(ids), user=user, tools=mode, index=i,
                       principal=user if principal is SAME_AS_USER else principal,
@@ -401,6 +411,19 @@ class Serving:
                 "domain": call.target.domain, "adapter_version": call.target.version,
                 "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": completion,
                           "total_tokens": call.prompt_tokens + completion}}
+
+    def check_prompt_ids(self, ids: list[int]) -> list[int]:
+        """A prompt sent as token ids, each one checked against the tokenizer's vocabulary."""
+        vocab = len(self.engine.tokenizer)
+        bad = next((i for i in ids if not (isinstance(i, int) and 0 <= i < vocab)), None)
+        if bad is not None or not ids:
+            raise AssistantError(f"prompt token ids must be integers from 0 to {vocab - 1} (this model's "
+                                 f"vocabulary){f'; {bad} is not one' if bad is not None else ''}", param="prompt")
+        return list(ids)
+
+    def token_text(self, ids: list[int]) -> str:
+        """The text of token ids as they are, special tokens included (a prompt sent as ids, logged and echoed)."""
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=False)
 
     def token_texts(self, ids) -> dict[int, str]:
         """Each token id's own text (logprobs name tokens by it)."""

@@ -35,6 +35,7 @@ CONTROL_PRINCIPAL = "local"         # the principal of a local process holding t
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("local", "vllm")
+ACCESS_LOGS = ("text", "json", "off")   # the access log's format (docs/API.md, assistant/api/access.py)
 # The recipes' settings dataclasses, by the group name they have on the CLI (--train.epochs) and in a TOML
 # config file ([train] epochs = 3). Each is read where its recipe runs, from Settings.<group>.
 SETTINGS_GROUPS = {
@@ -94,6 +95,9 @@ class Settings:
     api_key: str | None = field(default=None, metadata={
         "help": "protect the API: clients send 'Authorization: Bearer KEY' (or ASSISTANT_API_KEY)"})
     share: bool = field(default=False, metadata={"help": "create a Gradio share link (requires auth)"})
+    access_log: str = field(default="text", metadata={
+        "choices": ACCESS_LOGS, "help": "one line per HTTP request on stderr (who, route, model, status, tokens, "
+                                        "latency; never a body): text, json (one object a line) or off"})
     max_resident_adapters: int = field(default=MAX_RESIDENT_ADAPTERS, metadata={
         "help": "adapters kept loaded on the base; the least recently used is evicted"})
     max_batch: int = field(default=MAX_BATCH, metadata={"help": "rows decoded together"})
@@ -146,6 +150,8 @@ class Settings:
             raise ValueError(f"port={self.port}: use a number between 1 and 65535")
         if self.max_resident_adapters < 1:
             raise ValueError("max_resident_adapters must be at least 1")
+        if self.access_log not in ACCESS_LOGS:
+            raise ValueError(f"access_log={self.access_log!r}: use one of {', '.join(ACCESS_LOGS)}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r}: use one of {', '.join(ENGINES)}")
         if self.vllm_url and self.engine != "vllm":

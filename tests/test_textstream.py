@@ -89,6 +89,12 @@ def test_a_stop_string_at_the_very_start(tok):
     assert "".join(feed(s, ids)) == "" and s.stopped and s.text == ""
 
 
+def test_a_stop_string_before_min_ids_is_text(tok):
+    ids = ids_of(tok, "STOP right there, then STOP again and more")
+    s = TextStream(tok, ("STOP",), min_ids=3)        # a request's min_tokens: the first STOP comes too early
+    assert "".join(feed(s, ids)) == "STOP right there, then " and s.stopped
+
+
 def test_a_multibyte_stop_string(tok):
     ids = ids_of(tok, MIXED)
     s = TextStream(tok, ("中文", "never there"))

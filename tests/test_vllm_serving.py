@@ -118,6 +118,13 @@ def test_answers_through_the_app_equal_vllm_direct_and_the_local_engine(app, ada
     assert text == got["support"]["text"] and chunks[-1].usage.completion_tokens >= 1
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2
 
+    # the Responses API on vLLM: the same answer, whole and streamed, under the same version
+    r = client.responses.create(model="support", input=QUESTION, max_output_tokens=N_TOKENS, temperature=0)
+    assert r.output_text == got["support"]["text"] and r.adapter_version == "v1"
+    events = list(client.responses.create(model="support", input=QUESTION, max_output_tokens=N_TOKENS, temperature=0,
+                                          stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+
 
 def test_activate_roll_back_pin_and_feedback_on_vllm_served_versions(app, adapters):
     url, vllm = app["url"], app["vllm"]

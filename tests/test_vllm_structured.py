@@ -1,6 +1,7 @@
 """The OpenAI contract with `--engine vllm`: the same JSON-schema constraint, forced tool call, logprobs and n
-reach a REAL vLLM server (its structured outputs), and greedy answers equal the local engine's on the
-embedded SmolLM2 in float32. One app and one vLLM server for the file."""
+reach a REAL vLLM server (its structured outputs), as do top_k, min_p, repetition_penalty and min_tokens,
+and greedy answers equal the local engine's on the embedded SmolLM2 in float32. One app and one vLLM server
+for the file."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ ASKS = {
     "json_schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}},
     "json_object": {"response_format": {"type": "json_object"}},
     "tool": {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+    # vLLM's sampling extensions reach it: top_k 1 is greedy at any temperature, the same repetition penalty
+    "extensions": {"temperature": 1.0, "seed": 1, "top_k": 1, "min_p": 0.1, "repetition_penalty": 1.3, "min_tokens": 4},
 }
 
 

@@ -7,10 +7,11 @@ a request needs one of:
 - `Authorization: Bearer <key>`: the API key (admin) or a personal key (its owner's role);
 - HTTP Basic with a stored user, a `--auth` user, or any user name and the API key as the password;
 - the session cookie that the `/login` page sets after the same check (browsers).
-Only the login page itself and a bare health check are public. A browser asking for a page without
-credentials is sent to `/login`; anything else gets 401 with a JSON error. What a caller may do once in is
-people/permissions.py's table. Sessions end on sign-out and on a password change, on every replica (people/users.py);
-five failed sign-ins for one name within 15 minutes are answered 429 until the window passes.
+Only the login page itself and the bare health checks (`/api/health`, `/health`) are public. A browser
+asking for a page without credentials is sent to `/login`; anything else gets 401 with a JSON error. What a
+caller may do once in is people/permissions.py's table. Sessions end on sign-out and on a password change,
+on every replica (people/users.py); five failed sign-ins for one name within 15 minutes are answered 429
+until the window passes.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ SESSION_SECONDS = 12 * 3600          # a browser login lasts this long (and, wit
 MAX_LOGIN_BODY_BYTES = 4096
 MAX_FAILED_SIGN_INS = 5              # failed sign-ins for one name within SIGN_IN_WINDOW_S -> 429 until it passes
 SIGN_IN_WINDOW_S = 15 * 60
-LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH = "/login", "/logout", "/api/health"
-PUBLIC_PATHS = (LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH)
+LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH, PROBE_PATH = "/login", "/logout", "/api/health", "/health"
+PUBLIC_PATHS = (LOGIN_PATH, LOGOUT_PATH, HEALTH_PATH, PROBE_PATH)
 API_KEY_USER = API_KEY_PRINCIPAL
 CONTROL_USER = CONTROL_PRINCIPAL   # a process on this machine holding the server file's control token (cluster/remote.py)
 UNAUTHORIZED = ("missing or wrong credentials: send 'Authorization: Bearer <api key>' (or HTTP Basic with a "
@@ -248,7 +249,7 @@ class AuthMiddleware:
             return await _send(send, 303, b"", "text/plain", [(b"location", LOGIN_PATH.encode()), (
                 b"set-cookie", f"{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax".encode())])
         who = self.credentials.user_of(headers, _cookies(headers))
-        if who is None and path != HEALTH_PATH:
+        if who is None and path not in (HEALTH_PATH, PROBE_PATH):
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
             if scope.get("method") == "GET" and "text/html" in headers.get("accept", ""):

@@ -47,17 +47,18 @@ def add_openai_routes(r: APIRouter, serving: Serving) -> None:
         calls = await _start(serving, request, body, messages=[m.plain() for m in body.messages], tools=tools,
                              tool_choice=choice, response_format=fmt, max_tokens=limit,
                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        shape = {"one_call": body.legacy_functions or body.parallel_tool_calls is False,
+                 "legacy": body.legacy_functions}
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             firsts = await _first_events(calls)
-            return StreamingResponse(_stream_chat(serving, calls, include_usage, firsts),
+            return StreamingResponse(_stream_chat(serving, calls, body.usage_options, firsts, shape),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         results = await _collect(calls, request)
         if results is None:
             return Response(status_code=499)
         choices = []
         for i, (call, (text, reason, lps)) in enumerate(zip(calls, results)):
-            message, reason = _message(call, text, reason)
+            message, reason = _message(call, text, reason, **shape)
             choices.append({"index": i, "message": message, "finish_reason": reason,
                             "logprobs": {"content": _chat_logprobs(serving, lps)} if body.logprobs else None})
         head = calls[0]
@@ -67,16 +68,14 @@ def add_openai_routes(r: APIRouter, serving: Serving) -> None:
 
     @r.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         calls = []
-        for p in prompts:
+        for p in body.prompts:
             calls += await _start(serving, request, body, prompt=p, max_tokens=body.max_tokens,
                                   logprobs=body.logprobs)
-        echo = {c.id: (p if body.echo else "") for c, p in zip(calls, [p for p in prompts for _ in range(body.n)])}
+        echo = {c.id: (c.messages[0]["content"] if body.echo else "") for c in calls}   # the prompt's text
         if body.stream:
             firsts = await _first_events(calls)
-            return StreamingResponse(_stream_text(serving, calls, echo, body.logprobs is not None,
-                                                  bool(body.stream_options and body.stream_options.include_usage),
+            return StreamingResponse(_stream_text(serving, calls, echo, body.logprobs is not None, body.usage_options,
                                                   firsts),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         results = await _collect(calls, request)
@@ -94,7 +93,8 @@ async def _start(serving: Serving, request: Request, body, **kw) -> list:
     """The request's answers, queued; waiting for an adapter slot happens here, asleep, not in a thread."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ADAPTER_SLOT_WAIT_S
-    user = body.user or getattr(request.state, "user", None)
+    user = getattr(body, "end_user", body.user) or getattr(request.state, "user", None)
+    request.state.model = body.model      # for the access log (api/access.py), as are the tokens below
     while True:
         try:
             calls = await on_chat(serving.start_choices, body.model, loop=loop, user=user, slot_wait_s=0,
@@ -105,6 +105,9 @@ async def _start(serving: Serving, request: Request, body, **kw) -> list:
             if loop.time() >= deadline:
                 raise
             await asyncio.sleep(SLOT_RETRY_S)
+    state = request.state
+    state.answers = [*getattr(state, "answers", ()), *calls]       # a legacy completion starts one per prompt
+    state.tokens = lambda: _usage(state.answers)["total_tokens"]    # read when the line is written: a stream's end
     asyncio.create_task(_watch_disconnect(calls, request))
     return calls
 
@@ -184,8 +187,10 @@ async def _collect(calls, request: Request):
     return [("".join(p), r, lp) for p, r, lp in zip(parts, reasons, lps)]
 
 
-def _message(call, text: str, reason: str) -> tuple[dict, str]:
-    """The assistant message of an answer, with tool calls parsed out of it when tools were offered."""
+def _message(call, text: str, reason: str, *, one_call: bool = False, legacy: bool = False) -> tuple[dict, str]:
+    """The assistant message of an answer, with tool calls parsed out of it when tools were offered.
+    `one_call`: the first call only (`parallel_tool_calls: false`); `legacy`: the request offered
+    `functions`, so its call is `function_call` and the finish_reason "function_call", as OpenAI answers."""
     calls = []
     content = text
     if call.tools == "call":
@@ -194,16 +199,27 @@ def _message(call, text: str, reason: str) -> tuple[dict, str]:
     elif call.tools == "auto":
         content, calls = parse_auto(text, set(call.tool_names))
     message = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = calls
+    if calls and legacy:
+        message["function_call"] = calls[0]["function"]
+        reason = "function_call" if reason == "stop" else reason
+    elif calls:
+        message["tool_calls"] = calls[:1] if one_call else calls
         reason = "tool_calls" if reason == "stop" else reason
     return message, reason
 
 
-def _usage(calls) -> dict:
-    n = sum(len(c.handle.req.generated) for c in calls)
+NO_DETAILS = {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+              "rejected_prediction_tokens": 0}   # the model cannot reason, hear, or take a predicted output
+
+
+def _usage(calls, generated: list[int] | None = None) -> dict:
+    """The request's usage; `generated`: each answer's ids so far (while streaming), else all of them."""
+    n = sum(len(c.handle.req.generated) for c in calls) if generated is None else sum(generated)
     prompt = sum(c.prompt_tokens for c in calls if c.index == 0)   # a prompt is read once for its n answers
-    return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+    cached = sum(c.handle.req.cached_tokens for c in calls if c.index == 0)
+    return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n,
+            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "completion_tokens_details": dict(NO_DETAILS)}
 
 
 def _chat_logprobs(serving: Serving, lps) -> list[dict]:
@@ -221,7 +237,8 @@ def _text_logprobs(serving: Serving, lps, offset: int) -> dict:
     for t in lps:
         out["tokens"].append(texts[t.id])
         out["token_logprobs"].append(t.logprob)
-        out["top_logprobs"].append({texts[j]: v for j, v in t.top})
+        # the chosen token and the `logprobs` most likely ones (up to logprobs + 1, as OpenAI and vLLM send)
+        out["top_logprobs"].append({texts[t.id]: t.logprob, **{texts[j]: v for j, v in t.top}})
         out["text_offset"].append(offset)
         offset += len(texts[t.id])
     return out
@@ -247,41 +264,54 @@ def _token_chunks(call, index: int = 0):
     return lambda text: before + json.dumps(text, ensure_ascii=False) + after
 
 
-async def _stream_chat(serving: Serving, calls, include_usage: bool, firsts):
+async def _stream_chat(serving: Serving, calls, usage_options: tuple[bool, bool], firsts, shape: dict):
     """Chat chunks: a role chunk per choice, content deltas as they come (an answer that may carry tool calls
-    is held until it ends, then sent as one tool_calls delta, as parsing needs the whole answer), a finish
-    chunk per choice, the usage chunk when asked, and [DONE]."""
+    is held until it ends, then sent as one tool_calls delta, as parsing needs the whole answer; one
+    function_call delta for a legacy `functions` request), a finish chunk per choice, the usage chunk when
+    asked, and [DONE]. `usage_options`: (include_usage, continuous_usage_stats: every chunk carries the
+    usage so far)."""
     head = calls[0]
     held = [[] for _ in calls]
+    include_usage, continuous = usage_options
+    so_far = [0] * len(calls)
     token = [_token_chunks(head, i) for i in range(len(calls))]
+
+    def sse(delta: dict, i: int, **kw) -> str:
+        body = _chunk(head, delta, i, **kw)
+        if continuous:
+            body["usage"] = _usage(calls, so_far)
+        return _sse(body)
     try:
         for i, _ in enumerate(calls):
-            yield _sse(_chunk(head, {"role": "assistant", "content": ""}, i))
+            yield sse({"role": "assistant", "content": ""}, i)
         async for i, ev in _events(calls, firsts):
             call = calls[i]
             if ev.kind == "token":
-                if not call.tools and not ev.logprobs:
+                so_far[i] = max(so_far[i], ev.generated)
+                if not call.tools and not ev.logprobs and not continuous:
                     yield token[i](ev.text)
                     continue
                 lp = {"content": _chat_logprobs(serving, ev.logprobs)} if ev.logprobs else None
                 if call.tools:
                     held[i].append(ev.text)
                 if not call.tools or lp:
-                    yield _sse(_chunk(head, {} if call.tools else {"content": ev.text}, i, logprobs=lp))
+                    yield sse({} if call.tools else {"content": ev.text}, i, logprobs=lp)
                 continue
             await on_chat(call.logged_event.wait, LOG_WAIT_S)   # ended, so logged: feedback may follow
             if ev.kind == "error":
                 yield _sse(error_body(ev.error.message, "server_error", ev.error.code))
                 break
+            so_far[i] = len(call.handle.req.generated)
             reason = ev.finish_reason
             if call.tools:
-                message, reason = _message(call, "".join(held[i]), reason)
-                if message.get("tool_calls"):
-                    delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]}
-                    yield _sse(_chunk(head, delta, i))
+                message, reason = _message(call, "".join(held[i]), reason, **shape)
+                if message.get("function_call"):
+                    yield sse({"function_call": message["function_call"]}, i)
+                elif message.get("tool_calls"):
+                    yield sse({"tool_calls": [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]}, i)
                 elif message["content"]:
-                    yield _sse(_chunk(head, {"content": message["content"]}, i))
-            yield _sse(_chunk(head, {}, i, finish_reason=reason))
+                    yield sse({"content": message["content"]}, i)
+            yield sse({}, i, finish_reason=reason)
         else:
             if include_usage:
                 yield _usage_chunk(head, "chat.completion.chunk", calls)
@@ -297,14 +327,19 @@ def _usage_chunk(head, kind: str, calls) -> str:
                  "choices": [], "usage": _usage(calls)})
 
 
-async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool, include_usage: bool, firsts):
+async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool, usage_options: tuple[bool, bool],
+                       firsts):
     head = calls[0]
+    include_usage, continuous = usage_options
+    so_far = [0] * len(calls)
 
     def chunk(i, text, reason=None, lps=None, offset=0):
         lp = _text_logprobs(serving, lps or [], offset) if with_logprobs else None
-        return _sse({"id": head.id, "object": "text_completion", "created": head.created,
-                     "model": head.target.model, "choices": [{"index": i, "text": text, "finish_reason": reason,
-                                                              "logprobs": lp}]})
+        body = {"id": head.id, "object": "text_completion", "created": head.created, "model": head.target.model,
+                "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lp}]}
+        if continuous:
+            body["usage"] = _usage(calls, so_far)
+        return _sse(body)
     offsets = [len(echo[c.id]) for c in calls]
     try:
         for i, c in enumerate(calls):
@@ -312,6 +347,7 @@ async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool,
                 yield chunk(i, echo[c.id])
         async for i, ev in _events(calls, firsts):
             if ev.kind == "token":
+                so_far[i] = max(so_far[i], ev.generated)
                 yield chunk(i, ev.text, lps=ev.logprobs, offset=offsets[i])
                 offsets[i] += len(ev.text)
                 continue
@@ -319,6 +355,7 @@ async def _stream_text(serving: Serving, calls, echo: dict, with_logprobs: bool,
             if ev.kind == "error":
                 yield _sse(error_body(ev.error.message, "server_error", ev.error.code))
                 break
+            so_far[i] = len(calls[i].handle.req.generated)
             yield chunk(i, "", ev.finish_reason)
         else:
             if include_usage:

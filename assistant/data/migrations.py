@@ -295,6 +295,15 @@ MIGRATIONS: list[Migration] = [
         )""",
         "CREATE UNIQUE INDEX rollouts_one_running ON rollouts(domain) WHERE status = 'running'",
     )),
+    Migration("m020_stored_responses", (
+        """CREATE TABLE stored_responses (
+            id TEXT PRIMARY KEY,              -- resp_...: also the id the answer is logged and rated under
+            owner TEXT,                       -- who authenticated (NULL: the app is open)
+            created_at REAL NOT NULL,
+            conversation TEXT NOT NULL,       -- JSON: the chat turns up to and including this answer
+            body TEXT NOT NULL                -- JSON: the Response object as it was answered
+        )""",
+    )),
 ]
 
 

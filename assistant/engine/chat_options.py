@@ -1,6 +1,7 @@
 """What a chat request asks beyond its messages, turned into engine requests: sampling settings checked
-and defaulted, `n` rows with their seeds, logprobs, penalties and logit_bias, and the structured output
-that `response_format` or a forced tool call asks for (a JSON grammar the engine enforces per row)."""
+and defaulted (vLLM's top_k, min_p, repetition_penalty and min_tokens too), `n` rows with their seeds,
+logprobs, penalties and logit_bias, and the structured output that `response_format` or a forced tool call
+asks for (a JSON grammar the engine enforces per row)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from assistant.settings import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
 
 MAX_STOP_STRINGS = 4
 SEED_SPACE = 2 ** 64            # seeds wrap into torch's unsigned 64-bit range
+TOP_K_OFF = (0, -1)             # vLLM's words for "no top_k"
 
 
 def check_sampling(max_tokens, temperature, top_p, stop) -> tuple[int, float, float, tuple[str, ...]]:
@@ -32,6 +34,25 @@ def check_sampling(max_tokens, temperature, top_p, stop) -> tuple[int, float, fl
     return max_tokens, temperature, top_p, stop
 
 
+def check_extensions(max_tokens: int, top_k=None, min_p=None, repetition_penalty=None,
+                     min_tokens=None) -> dict:
+    """vLLM's sampling extensions, checked and defaulted: the Request fields they set."""
+    top_k = 0 if top_k is None or top_k in TOP_K_OFF else top_k
+    if not isinstance(top_k, int) or top_k < 0:
+        raise AssistantError("top_k must be a positive integer, or 0 or -1 for off", param="top_k")
+    min_p = 0.0 if min_p is None else float(min_p)
+    if not 0 <= min_p <= 1:
+        raise AssistantError("min_p must be between 0 and 1", param="min_p")
+    repetition_penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
+    if not 0 < repetition_penalty < float("inf"):
+        raise AssistantError("repetition_penalty must be above 0 (1 is off)", param="repetition_penalty")
+    min_tokens = 0 if min_tokens is None else min_tokens
+    if not isinstance(min_tokens, int) or not 0 <= min_tokens <= max_tokens:
+        raise AssistantError(f"min_tokens must be between 0 and the answer's token limit ({max_tokens} here)",
+                             param="min_tokens")
+    return {"top_k": top_k, "min_p": min_p, "repetition_penalty": repetition_penalty, "min_tokens": min_tokens}
+
+
 def structured_spec(tools, tool_choice, response_format) -> tuple[tuple | None, str | None]:
     """(the grammar spec of the answer, how it carries tool calls: None, "auto" or "call")."""
     if tools and tool_choice not in (None, "none", "auto"):
@@ -52,14 +73,17 @@ def structured_spec(tools, tool_choice, response_format) -> tuple[tuple | None, 
 def build_requests(ids: list[int], n: int, tools, tool_choice, response_format, *, adapter: str | None,
                    max_tokens=None, temperature=None, top_p=None, seed=None, stop=None, logprobs: int | None = None,
                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0, logit_bias=None,
-                   ignore_eos: bool = False) -> tuple[list, str | None]:
-    """The engine requests of one chat request's `n` answers (row i samples with seed + i), and the tool mode."""
+                   ignore_eos: bool = False, **extensions) -> tuple[list, str | None]:
+    """The engine requests of one chat request's `n` answers (row i samples with seed + i), and the tool mode.
+    `extensions`: top_k, min_p, repetition_penalty, min_tokens (`check_extensions`)."""
     from assistant.engine.engine import Request
     max_tokens, temperature, top_p, stop = check_sampling(max_tokens, temperature, top_p, stop)
+    extensions = check_extensions(max_tokens, **extensions)
     spec, mode = structured_spec(tools, tool_choice, response_format)
     reqs = [Request(prompt_ids=list(ids), max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                     seed=None if seed is None else (seed + i) % SEED_SPACE, stop=stop, adapter=adapter,
                     ignore_eos=bool(ignore_eos), logprobs=logprobs, frequency_penalty=frequency_penalty or 0.0,
-                    presence_penalty=presence_penalty or 0.0, logit_bias=dict(logit_bias or {}), structured=spec)
+                    presence_penalty=presence_penalty or 0.0, logit_bias=dict(logit_bias or {}), structured=spec,
+                    **extensions)
             for i in range(n)]
     return reqs, mode

@@ -163,7 +163,7 @@ class Engine(EngineProtocol):
         req.t_submit = time.perf_counter()
         req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
                                                       else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
-        req.stream = TextStream(self.tokenizer, req.stop)
+        req.stream = TextStream(self.tokenizer, req.stop, min_ids=req.min_tokens)
         h = Handle(req, loop)
         h.on_finish = on_finish
         return h
@@ -298,8 +298,8 @@ class Engine(EngineProtocol):
     def _sample_rows(self, pairs, logits) -> list[int | None]:
         """Each row's next token; None for a row whose own sampling failed (that request is finished)."""
         reqs = [r for r, _ in pairs]
-        logits = controls.apply(reqs, logits)
-        if all(sampling.is_greedy(r.temperature) for r in reqs):
+        logits = controls.apply(reqs, logits, self.eos)
+        if all(sampling.row_is_greedy(r) for r in reqs):
             try:
                 return sampling.greedy(logits)
             except sampling.SamplingError:
@@ -314,9 +314,9 @@ class Engine(EngineProtocol):
         return out
 
     def _sample(self, req: Request, logits) -> int:
-        if sampling.is_greedy(req.temperature):
+        if sampling.row_is_greedy(req):
             return sampling.greedy(logits.reshape(1, -1))[0]
-        return sampling.sample(logits, req.temperature, req.top_p, req.generator)
+        return sampling.sample(logits, req.temperature, req.top_p, req.generator, req.top_k, req.min_p)
 
     def _fail(self, req: Request, h: Handle, e: BaseException, where: str) -> None:
         """One request's own failure: logged once, with its reason, and it alone ends with "error"."""
@@ -352,7 +352,7 @@ class Engine(EngineProtocol):
             lps = None
             if req.logprobs is not None:
                 lps, req.lp_sent = req.token_logprobs[req.lp_sent:], len(req.token_logprobs)
-            h.put(Event("token", text, logprobs=lps))
+            h.put(Event("token", text, logprobs=lps, generated=len(req.generated)))
         if req.stream.stopped:
             return self._finish(req, h, "stop")
         if len(req.generated) >= req.max_new_tokens:

@@ -27,6 +27,7 @@ class Event:
     finish_reason: str | None = None
     error: AssistantError | None = None
     logprobs: list | None = None         # the TokenLogprobs of the ids this text completes (when asked)
+    generated: int = 0                   # the answer's ids so far, this text's included (usage while streaming)
 
 
 @dataclass
@@ -46,6 +47,10 @@ class Request:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    top_k: int = 0                      # 0: off; k: sampling keeps the k most likely tokens (1: greedy)
+    min_p: float = 0.0                  # sampling keeps tokens at least min_p times as likely as the best
+    repetition_penalty: float = 1.0     # 1: off; the HF/vLLM rule on every id of the prompt and the answer
+    min_tokens: int = 0                 # neither end of sequence nor a stop string ends the answer before this
     structured: tuple | None = None     # ("json_object", None) | ("json_schema", schema): see `structure`
     constraint: object | None = None    # a grammar.Constraint: masks the tokens its grammar does not allow
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -63,6 +68,7 @@ class Request:
     pending_lp: torch.Tensor | None = None
     lp_sent: int = 0                    # token_logprobs already sent with a text event
     finished: bool = False              # set once, by the engine's `_finish`
+    cached_tokens: int = 0              # prompt ids the engine did not read again (vLLM's prefix cache, if it says)
 
 
 class Handle:
@@ -121,7 +127,7 @@ class Handle:
             return
         more = self.req.token_logprobs[self.req.lp_sent:] if self.req.logprobs is not None else None
         if rest or more:
-            self.put(Event("token", rest, logprobs=more))
+            self.put(Event("token", rest, logprobs=more, generated=len(self.req.generated)))
         self.put(Event("done", finish_reason=self.req.finish_reason))
 
     def result(self) -> tuple[str, str]:

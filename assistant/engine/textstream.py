@@ -9,7 +9,8 @@ into text deltas at a constant cost per token, whatever the length of the answer
 - a character split over several tokens (UTF-8 bytes of an emoji or of CJK text) is held back until it is
   whole: a delta never ends in half a character (U+FFFD);
 - text that may be the beginning of a stop string is held back until it is known not to be one; a stop
-  string may span several tokens. The stop string and whatever follows it are never emitted.
+  string may span several tokens. The stop string and whatever follows it are never emitted. With
+  `min_ids` (a request's `min_tokens`), a stop string found before that many ids were pushed is text.
 
 The text streamed is `tokenizer.decode(ids, skip_special_tokens=True)` of the whole answer, cut before the
 first stop string, less a trailing incomplete character. (transformers' decode may also apply its
@@ -80,8 +81,11 @@ class TextStream:
     which the stream takes no more ids. `finish()` returns what was still held back (text that might have
     begun a stop string) when the answer ends otherwise. `text` is the answer's text streamed so far."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] | list[str] = (), *, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stop: tuple[str, ...] | list[str] = (), *, skip_special_tokens: bool = True,
+                 min_ids: int = 0):
         self.stop = tuple(s for s in stop if s)
+        self.min_ids = min_ids          # stop strings end the text only once this many ids were pushed
+        self.pushed = 0
         self.skip_special_tokens = skip_special_tokens
         self.backend = backend_of(tokenizer)
         self._tokenizer = tokenizer
@@ -134,6 +138,7 @@ class TextStream:
 
     def push(self, tok: int) -> str:
         """The text that `tok` makes final ("" when none yet). After a stop string, ids are ignored."""
+        self.pushed += 1
         if self.stopped or tok in self._skip:
             return ""
         return self._take(self._step(tok))
@@ -147,7 +152,8 @@ class TextStream:
         # Emitted text never ends in a proper prefix of a stop string (that is held back in _pending), so a
         # stop string that completes now lies within _pending + chunk: the search is bounded by its length.
         window = self._pending + chunk
-        cut = min((i for i in (window.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = -1 if self.pushed < self.min_ids else min((i for i in (window.find(s) for s in self.stop) if i >= 0),
+                                                         default=-1)
         if cut >= 0:
             self.stopped = True
             self._pending = ""

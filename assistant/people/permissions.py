@@ -29,12 +29,17 @@ PUBLIC = Rule("public")
 
 RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/health"): PUBLIC,
+    ("GET", "/health"): PUBLIC,
     ("GET", "/api/me"): Rule("user"),
     # chat through the OpenAI routes, and one's own ratings
     ("GET", "/v1/models"): Rule("user"),
     ("GET", "/v1/models/{model_id}"): Rule("user"),
     ("POST", "/v1/chat/completions"): Rule("user"),
     ("POST", "/v1/completions"): Rule("user"),
+    ("POST", "/v1/embeddings"): Rule("user"),
+    ("POST", "/v1/responses"): Rule("user"),     # a stored response is its owner's (api/responses.py)
+    ("GET", "/v1/responses/{response_id}"): Rule("user"),
+    ("DELETE", "/v1/responses/{response_id}"): Rule("user"),
     ("POST", "/api/feedback"): Rule("user"),
     ("POST", "/api/feedback/withdraw"): Rule("user"),
     ("GET", "/api/feedback"): Rule("user"),

@@ -64,6 +64,7 @@ class Models:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0         # prompt tokens its prefix cache served (when the server reports them)
 
 
 @dataclass
@@ -366,7 +367,8 @@ class VllmClient:
                         finish = choice.get("finish_reason") or finish
                     if chunk.get("usage"):
                         u = chunk["usage"]
-                        usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+                        usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)),
+                                      int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0))
                 else:
                     raise VllmUnavailable(self.url, f"{what}: the stream ended without [DONE]")
         except httpx.TransportError as e:

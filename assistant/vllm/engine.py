@@ -446,7 +446,8 @@ class VllmEngine(EngineProtocol):
         model = req.adapter or server.base_id
         stream = server.client.stream_completion(model, req.prompt_ids, max_tokens=req.max_new_tokens,
                                                  temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                                 stop=req.stop, ignore_eos=req.ignore_eos, extra=vllm_options(req))
+                                                 stop=req.stop, ignore_eos=req.ignore_eos,
+                                                 extra=vllm_options(req, len(self.tokenizer)))
         try:
             async for ev in stream:
                 if h.cancelled.is_set():
@@ -462,9 +463,10 @@ class VllmEngine(EngineProtocol):
                         req.lp_sent = len(req.token_logprobs)
                     if ev.text or lps:
                         req.text += ev.text
-                        h.put(Event("token", ev.text, logprobs=lps))
+                        h.put(Event("token", ev.text, logprobs=lps, generated=len(req.generated)))
                 else:
                     req.finish_reason = ev.finish_reason   # usage: the prompt is our ids, the answer's came back
+                    req.cached_tokens = ev.usage.cached_tokens if ev.usage else 0
         except VllmError as e:
             error = e
             if e.http_status in (400, 422):   # vLLM refused this request: the caller's 400, with vLLM's reason

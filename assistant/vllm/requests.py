@@ -7,9 +7,11 @@ from assistant.engine.request import Request
 from assistant.vllm.client import VllmError
 
 
-def vllm_options(req: Request) -> dict:
+def vllm_options(req: Request, vocab: int | None = None) -> dict:
     """What a request asks beyond sampling, in vLLM's words: structured outputs (the same JSON constraint
-    the local engine enforces with xgrammar; vLLM uses xgrammar too), logprobs, penalties, logit_bias."""
+    the local engine enforces with xgrammar; vLLM uses xgrammar too), logprobs, penalties, logit_bias, and
+    vLLM's own sampling extensions (top_k, min_p, repetition_penalty, min_tokens), each only when set (a
+    top_k of the whole `vocab` or more is off, and is not sent)."""
     from assistant.engine.grammar import bounded
     out: dict = {}
     if req.structured is not None:
@@ -25,6 +27,14 @@ def vllm_options(req: Request) -> dict:
         out["presence_penalty"] = req.presence_penalty
     if req.logit_bias:
         out["logit_bias"] = {str(k): v for k, v in req.logit_bias.items()}
+    if 0 < req.top_k < (vocab or float("inf")):
+        out["top_k"] = req.top_k
+    if req.min_p > 0:
+        out["min_p"] = req.min_p
+    if req.repetition_penalty != 1.0:
+        out["repetition_penalty"] = req.repetition_penalty
+    if req.min_tokens > 0:
+        out["min_tokens"] = req.min_tokens
     return out
 
 
