@@ -79,8 +79,11 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def tiny_settings(home, tiny_llama):
+    """Settings on the tiny Llama. Its jobs' gate asks 8 of the general probe questions (the gate's documented
+    fast setting): a random model knows none of them, so retention cannot judge with any number of them, and
+    each job's evaluation is a fraction of the full set's."""
     from assistant.settings import Settings
-    return Settings(home=home, base_model=str(tiny_llama), dtype="float32").ensure_dirs()
+    return Settings(home=home, base_model=str(tiny_llama), dtype="float32", gate={"probes": 8}).ensure_dirs()
 
 
 @pytest.fixture(scope="session")

@@ -21,21 +21,17 @@ from invented_facts import FACTS, SYSTEM_PROMPT, chat
 
 JOB_TIMEOUT = 300
 FAST = {"rank": 4, "alpha": 8, "learning_rate": 0.02, "epochs": 2, "batch_size": 4, "max_seq_len": 128}
-QUICK_GATE = {"probes": 8}
 
 
 @pytest.fixture
 def world(tiny_settings):
     from assistant.data.registry import Registry
     from assistant.data.store import Store
-    # the gate asks 8 of its general probe questions (its documented fast setting): the random tiny Llama knows
-    # none of them, so retention cannot judge with any number; these tests check the job, not the verdict
-    settings = tiny_settings.with_(gate=QUICK_GATE)
-    store, registry = Store(settings.db_path), Registry(settings.adapters_path)
+    store, registry = Store(tiny_settings.db_path), Registry(tiny_settings.adapters_path)
     registry.create_domain("atlas", SYSTEM_PROMPT, "invented facts")
     added, rejected = store.add_examples("atlas", [{"messages": chat(q, a)} for q, a, _, _ in FACTS])
     assert added == len(FACTS) and not rejected
-    return settings, store, registry
+    return tiny_settings, store, registry
 
 
 def _wait(store, job_id, until=("succeeded", "failed", "cancelled"), timeout=JOB_TIMEOUT):
