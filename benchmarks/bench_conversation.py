@@ -99,15 +99,15 @@ def warm_replay(base_path: str, cache_dir: str) -> None:
     replay_rows(base.model, base.tokenizer, SYSTEM, sized(len(REPLAY_PROMPTS), 2), random.Random(0), cache)
 
 
-def run() -> dict:
+def run(base_model: str = "embedded") -> dict:
     from common import on_all_cores
-    return on_all_cores(_run)
+    return on_all_cores(lambda: _run(base_model))
 
 
-def _run() -> dict:
+def _run(base_model: str) -> dict:
     from assistant.engine.model import ensure_embedded
     from assistant.settings import default_cache_dir
-    base_path = str(ensure_embedded(default_cache_dir(), verify=False))
+    base_path = str(ensure_embedded(default_cache_dir(), verify=False)) if base_model == "embedded" else base_model
     figures = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         warm_replay(base_path, cache_dir)
@@ -120,7 +120,8 @@ def _run() -> dict:
             figures[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     conv, flat = figures["conversation"], figures["flat"]
     ratio = conv["seconds"] / flat["seconds"]
-    print_table(f"a retrain of {len(FACTS)} corrections (one corrected twice), embedded model, default recipe, "
+    label = "embedded model" if base_model == "embedded" else Path(base_path).name
+    print_table(f"a retrain of {len(FACTS)} corrections (one corrected twice), {label}, default recipe, "
                 f"CPU flags: {cpu_flags()}", [
         *((f"{k} ({kind})", str(v)) for kind in ("conversation", "flat") for k, v in figures[kind].items()),
         ("conversation_vs_flat_job", f"{ratio:.2f}  (target <= 1.5)"),

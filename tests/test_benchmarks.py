@@ -55,8 +55,8 @@ def smoke(names: list[str], base_model: str | None = None) -> dict:
 def test_every_local_benchmark_runs_in_smoke_mode(tiny_llama):
     # on request only: vllm (its own test below), replicas (PostgreSQL; the topology is tests/test_replicas.py)
     # and preference (trains twice on the embedded model: tests/test_bench_preference.py, the long tier).
-    # Those that take a base model run on the tiny Llama (smoke mode measures nothing; loading, building
-    # adapters for and serving the embedded model is most of their time); the others on the embedded model.
+    # Every one that loads a base model runs on the tiny Llama: smoke mode measures nothing, and loading,
+    # training and decoding the embedded model was most of their time.
     names = [n for n in RATIOS if n not in ("vllm", "replicas", "preference")]
     ratios = smoke(names, base_model=str(tiny_llama))
     missing = {n: [k for k in RATIOS[n] if k not in ratios] for n in names}
