@@ -3,9 +3,10 @@ corrected one question at a time: the same eight invented facts (one of them cor
 rated through the store, curated by the real curation, trained by the real recipe with its default
 settings, on the embedded model.
 
-Each side runs in its own process, one after the other (so each has the machine and its own peak memory),
-with the base's self-replay answers computed once beforehand and shared (as jobs share them). Timed per
-side: curation + training (evaluation asks the same questions on both sides and is left out).
+Each side runs in its own process, one after the other (so each has the machine and its own peak memory; in
+smoke mode both run in this one), with the base's self-replay answers computed once beforehand and shared (as
+jobs share them). Timed per side: curation + training (evaluation asks the same questions on both sides and is
+left out).
 `run()` prints a table and returns:
   conversation_vs_flat_job   conversation side's time ÷ flat side's (target <= 1.5)
   padding_fraction           of the positions the conversation side's training computed (target <= 0.1)
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from bench_eval import cpu_flags  # noqa: E402
 
-from common import print_table, sized  # noqa: E402  (also sets offline mode)
+from common import SMOKE, print_table, sized  # noqa: E402  (also sets offline mode)
 
 SYSTEM = "You answer questions about the Atlas of Invented Places."
 FACTS = [   # question, the correction, a word a right answer holds
@@ -98,25 +99,29 @@ def warm_replay(base_path: str, cache_dir: str) -> None:
     replay_rows(base.model, base.tokenizer, SYSTEM, sized(len(REPLAY_PROMPTS), 2), random.Random(0), cache)
 
 
-def run() -> dict:
+def run(base_model: str = "embedded") -> dict:
     from common import on_all_cores
-    return on_all_cores(_run)
+    return on_all_cores(lambda: _run(base_model))
 
 
-def _run() -> dict:
+def _run(base_model: str) -> dict:
     from assistant.engine.model import ensure_embedded
     from assistant.settings import default_cache_dir
-    base_path = str(ensure_embedded(default_cache_dir(), verify=False))
+    base_path = str(ensure_embedded(default_cache_dir(), verify=False)) if base_model == "embedded" else base_model
     figures = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         warm_replay(base_path, cache_dir)
         for kind in ("conversation", "flat"):
+            if SMOKE:   # the same code path in this process: smoke mode measures nothing (peak_gb is this process's)
+                figures[kind] = side(kind, base_path, cache_dir)
+                continue
             out = subprocess.run([sys.executable, __file__, "--side", kind, base_path, cache_dir],
                                  check=True, capture_output=True, text=True)
             figures[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     conv, flat = figures["conversation"], figures["flat"]
     ratio = conv["seconds"] / flat["seconds"]
-    print_table(f"a retrain of {len(FACTS)} corrections (one corrected twice), embedded model, default recipe, "
+    label = "embedded model" if base_model == "embedded" else Path(base_path).name
+    print_table(f"a retrain of {len(FACTS)} corrections (one corrected twice), {label}, default recipe, "
                 f"CPU flags: {cpu_flags()}", [
         *((f"{k} ({kind})", str(v)) for kind in ("conversation", "flat") for k, v in figures[kind].items()),
         ("conversation_vs_flat_job", f"{ratio:.2f}  (target <= 1.5)"),

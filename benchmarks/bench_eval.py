@@ -26,7 +26,7 @@ def cpu_flags() -> str:
     return ",".join(f for f in ("avx512_bf16", "avx2") if f" {f}" in text) or "neither avx512_bf16 nor avx2"
 
 
-def _run() -> dict:
+def _run(base_model: str) -> dict:
     from assistant.engine.model import ensure_embedded
     from assistant.gate import evaluation
     from assistant.gate.verdict import GateSettings
@@ -34,7 +34,7 @@ def _run() -> dict:
     from assistant.training.recipe import TrainSettings, _load, train_adapter
 
     from invented_facts import FACTS, SYSTEM_PROMPT, chat
-    path = ensure_embedded(default_cache_dir(), verify=False)
+    path = ensure_embedded(default_cache_dir(), verify=False) if base_model == "embedded" else base_model
     base = _load(Settings(base_model=str(path)))
     rows = [{"messages": chat(q, a), "split": "train", "source": "seed", "feedback_ids": []}
             for q, a, _, _ in FACTS[:N_FACTS]]
@@ -53,7 +53,8 @@ def _run() -> dict:
         eval_s = time.perf_counter() - t0
     verdict = evaluation.verdict(before, after, gate)
     ratio = eval_s / train_s
-    print_table(f"one job, {N_FACTS} facts, embedded model, CPU flags: {cpu_flags()}", [
+    label = "embedded model" if base_model == "embedded" else Path(path).name
+    print_table(f"one job, {N_FACTS} facts, {label}, CPU flags: {cpu_flags()}", [
         ("train stage s (loop s)", f"{train_s:.1f} ({result.seconds:.1f}), {result.steps} steps"),
         ("evaluate stage s (generation s)", f"{eval_s:.1f} ({after['generate_seconds']:.1f})"),
         ("gate", f"{'pass' if verdict['promote'] else 'blocked'}: {verdict['summary']}"),
@@ -62,8 +63,8 @@ def _run() -> dict:
     return {"eval_vs_train_time": round(ratio, 3)}
 
 
-def run() -> dict:
-    return on_all_cores(_run)    # a job's child process uses all cores (assistant/engine/threads.py)
+def run(base_model: str = "embedded") -> dict:
+    return on_all_cores(lambda: _run(base_model))    # a job's child process uses all cores (assistant/engine/threads.py)
 
 
 if __name__ == "__main__":

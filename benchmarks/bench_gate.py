@@ -70,6 +70,7 @@ SMOKE_GRID = [dict(learning_rate=1e-2, epochs=1, rank=8)]
 COMMON = dict(seed=0, max_seq_len=256, retries=sized(2, 0),   # smoke: no chains (it checks the code path),
               **sized({}, {"replay": 4}))                     # and few, short answers
 PROBE_TOKENS = sized(None, 8)       # the gate's probe answers (None: the gate's own default)
+PROBES = sized(0, 8)                # the gate's general probe questions asked (0: all of them)
 HIDDEN_TOKENS = sized(24, 6)
 
 
@@ -140,8 +141,8 @@ class Bench:
         base.model.eval()
         train_s = time.perf_counter() - t0
         from assistant.gate.verdict import GateSettings
-        gate = GateSettings() if PROBE_TOKENS is None else GateSettings(probe_max_new_tokens=PROBE_TOKENS,
-                                                                         max_new_tokens=PROBE_TOKENS)
+        gate = GateSettings(probes=PROBES) if PROBE_TOKENS is None else GateSettings(
+            probe_max_new_tokens=PROBE_TOKENS, max_new_tokens=PROBE_TOKENS, probes=PROBES)
         before, after = evaluation.evaluate_adapter(base, folder, self.rows, gate, system_prompt=SYSTEM,
                                                     cache_dir=self.tmp / "probe-cache")
         v = evaluation.verdict(before, after, gate)

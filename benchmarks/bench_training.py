@@ -79,17 +79,17 @@ def ours_tokens_per_s(model_path: str, rows: list[dict]) -> tuple[float, int]:
     return result.tokens_per_second, result.tokens
 
 
-def run() -> dict:
+def run(base_model: str = "embedded") -> dict:
     from common import on_all_cores
-    return on_all_cores(_run)   # training jobs run on all cores (assistant/engine/threads.py)
+    return on_all_cores(lambda: _run(base_model))   # training jobs run on all cores (assistant/engine/threads.py)
 
 
-def _run() -> dict:
+def _run(base_model: str) -> dict:
     import torch
 
     from assistant.engine.model import ensure_embedded
     from assistant.settings import default_cache_dir
-    path = str(ensure_embedded(default_cache_dir(), verify=False))
+    path = str(ensure_embedded(default_cache_dir(), verify=False)) if base_model == "embedded" else base_model
     rows = bench_rows()
     ours, plain = [], []
     for _ in range(REPEATS):
@@ -98,7 +98,8 @@ def _run() -> dict:
     best_ours, best_plain = max(t for t, _ in ours), max(t for t, _ in plain)
     assert ours[0][1] == plain[0][1], "both sides must train on the same tokens"
     ratio = best_ours / best_plain
-    print_table(f"training: {len(rows)} rows, {ours[0][1]} tokens, embedded model, "
+    label = "embedded model" if base_model == "embedded" else Path(path).name
+    print_table(f"training: {len(rows)} rows, {ours[0][1]} tokens, {label}, "
                        f"{torch.get_num_threads()} threads", [
         ("ours tokens/s (runs)", ", ".join(f"{t:.0f}" for t, _ in ours)),
         ("plain PEFT tokens/s (runs)", ", ".join(f"{t:.0f}" for t, _ in plain)),

@@ -79,8 +79,11 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def tiny_settings(home, tiny_llama):
+    """Settings on the tiny Llama. Its jobs' gate asks 8 of the general probe questions (the gate's documented
+    fast setting): a random model knows none of them, so retention cannot judge with any number of them, and
+    each job's evaluation is a fraction of the full set's."""
     from assistant.settings import Settings
-    return Settings(home=home, base_model=str(tiny_llama), dtype="float32").ensure_dirs()
+    return Settings(home=home, base_model=str(tiny_llama), dtype="float32", gate={"probes": 8}).ensure_dirs()
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +114,28 @@ def postgres_url(postgres_server):
     url = postgres_server.new_database()
     yield url
     postgres_server.drop_database(url)
+
+
+VLLM_START_TIMEOUT_S = 420                   # app + vLLM start on 2 busy cores
+
+
+@pytest.fixture(scope="session")
+def vllm_app(tmp_path_factory):
+    """One `assistant serve --engine vllm` on the embedded SmolLM2 in float32 (with the vLLM server it starts and
+    supervises), shared by the vLLM test files: a start costs over a minute on 2 cores. Files that only ask
+    `base` use it as it is; tests/test_vllm_serving.py adds its domains and adapters (and kills vLLM last, which
+    the app restarts). The forgetting checks are off, as in test_retrain_e2e.py: the retrain there checks the loop.
+    -> {"url", "home", "vllm", "base_name", "proc"}"""
+    from assistant.vllm.server import vllm_venv, vllm_venv_ready
+
+    from helpers import LOOP_ONLY_FLAGS, VLLM_KEY, running_server
+    if not vllm_venv_ready():
+        pytest.fail(f"vLLM is not installed in {vllm_venv()}: run `bash scripts/setup.sh --test` first")
+    home = tmp_path_factory.mktemp("vllm-app")
+    with running_server(home, "--engine", "vllm", "--dtype", "float32", "--max-resident-adapters", "4",
+                        *LOOP_ONLY_FLAGS, timeout=VLLM_START_TIMEOUT_S,
+                        env={"ASSISTANT_VLLM_API_KEY": VLLM_KEY}) as (url, proc):
+        import httpx
+        health = httpx.get(url + "/api/health").json()
+        [server] = health["engine"]["servers"]
+        yield {"url": url, "home": home, "vllm": server["url"], "base_name": health["base_model"], "proc": proc}

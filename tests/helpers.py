@@ -23,6 +23,7 @@ import httpx
 # test_gate_calibration.py and test_retention.py cover those checks.
 LOOP_ONLY_FLAGS = ("--gate.min-retention", "0", "--gate.max-leakage", "1", "--gate.max-general-nll-ratio", "1000",
                    "--gate.min-general-embedding-similarity", "-1", "--gate.probes", "12")
+VLLM_KEY = "test-vllm-key-" + "k" * 20      # the key the test app gives the vLLM server it starts (else a random one)
 
 
 def train_fact_adapter(base_path: Path, out_dir: Path, facts: list[tuple[str, str]], *, steps: int = 60,

@@ -21,7 +21,8 @@ TINY_TRAIN = ("--train.rank", "4", "--train.alpha", "8", "--train.learning-rate"
               "--train.batch-size", "4", "--train.max-seq-len", "128", "--train.augment", "0", "--train.replay", "0")
 GATE_OPEN = ("--gate.min-corrections-match", "0", "--gate.min-taught-match", "0", "--gate.max-eval-loss-ratio", "1000",
              "--gate.max-eval-match-drop", "1", "--gate.max-general-nll-ratio", "1000",
-             "--gate.min-general-embedding-similarity", "-1")   # a tiny random model never passes the real gate
+             "--gate.min-general-embedding-similarity", "-1",   # a tiny random model never passes the real gate
+             "--gate.probes", "8")                               # and knows none of its general probe questions
 
 
 APP_PY = str(Path(__file__).resolve().parent.parent / "app.py")

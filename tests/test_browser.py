@@ -19,8 +19,9 @@ def test_feedback_to_retrained_answer_in_the_browser(tmp_path, embedded_path):
     from playwright.sync_api import sync_playwright
     home = tmp_path / "home"
     home.mkdir()
-    # the gate asks a third of its general probe questions: this walk shows its verdict, it does not judge it
-    with running_server(home, "--gate.probes", "24", timeout=180) as (url, _), sync_playwright() as pw:
+    # the gate asks a dozen of its general probe questions (those test_retrain_e2e.py's gate asks): this walk
+    # shows its verdict, it does not judge it
+    with running_server(home, "--gate.probes", "12", timeout=180) as (url, _), sync_playwright() as pw:
         api = httpx.Client(base_url=url, timeout=60)
         browser = pw.chromium.launch(executable_path=str(browser_story.CHROMIUM), args=browser_story.CHROMIUM_ARGS)
         try:

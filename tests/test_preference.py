@@ -180,7 +180,8 @@ def _wait(url, job_id, timeout=600):
 def test_dpo_and_kto_jobs_over_http(tiny_llama, tmp_path):
     from assistant.data.registry import Registry
     from assistant.data.store import Store
-    with running_server(tmp_path, "--base-model", str(tiny_llama), "--dtype", "float32") as (url, _):
+    # the gate asks 8 of its general probe questions: the random tiny Llama knows none of them either way
+    with running_server(tmp_path, "--base-model", str(tiny_llama), "--dtype", "float32", "--gate.probes", "8") as (url, _):
         store, registry = Store(tmp_path / "data" / "assistant.db"), Registry(tmp_path / "adapters")
         rated_domain(store, registry, corrections=6, ups=12, downs=12)
         # a thumbs-down-only domain is refused over HTTP with what it needs

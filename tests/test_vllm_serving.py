@@ -14,7 +14,8 @@ answers:
 - killing the vLLM server: answers fail at once with a clear 503 (no hang), the app restarts it and puts the
   live adapters back without a person.
 
-One app and one vLLM server for the file (a start costs about a minute on 2 cores); the kill runs last."""
+One app and one vLLM server (tests/conftest.py's `vllm_app`, shared with the other vLLM test files: a start costs
+about a minute on 2 cores); the kill runs last."""
 
 from __future__ import annotations
 
@@ -30,19 +31,15 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from assistant.vllm.server import vllm_venv, vllm_venv_ready
-
-from helpers import LOOP_ONLY_FLAGS, make_serving, random_lora_adapter, running_server, zipped
+from helpers import VLLM_KEY, make_serving, random_lora_adapter, zipped
 from invented_facts import FACTS, score
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 N_TOKENS = 10
 QUESTION = [{"role": "user", "content": "Name three colors."}]
-START_TIMEOUT_S = 420        # app + vLLM start on 2 busy cores
 RESTART_TIMEOUT_S = 420      # the supervisor's backoff plus a vLLM start
 TRAIN_TIMEOUT_S = 1500
-VLLM_KEY = "test-vllm-key-" + "k" * 20      # the key the app gives the vLLM server it starts (else a random one)
 AUTH = {"Authorization": f"Bearer {VLLM_KEY}"}
 
 
@@ -54,23 +51,16 @@ def adapters(embedded_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, adapters):
-    if not vllm_venv_ready():
-        pytest.fail(f"vLLM is not installed in {vllm_venv()}: run `bash scripts/setup.sh --test` first")
-    home = tmp_path_factory.mktemp("vllm-app")
-    # the forgetting checks are off, as in test_retrain_e2e.py: the retrain here checks the loop
-    with running_server(home, "--engine", "vllm", "--dtype", "float32", "--max-resident-adapters", "4",
-                        *LOOP_ONLY_FLAGS, timeout=START_TIMEOUT_S,
-                        env={"ASSISTANT_VLLM_API_KEY": VLLM_KEY}) as (url, proc):
-        for name in ("support", "legal"):
-            assert httpx.post(url + "/api/domains", json={"name": name}).status_code == 201
-        for domain, key in (("support", "support1"), ("legal", "legal1")):
-            r = httpx.post(f"{url}/api/domains/{domain}/adapters?activate=true", content=zipped(adapters[key]),
-                           headers={"Content-Type": "application/zip"}, timeout=120)
-            assert r.status_code == 201, r.text
-        health = httpx.get(url + "/api/health").json()
-        [server] = health["engine"]["servers"]
-        yield {"url": url, "home": home, "vllm": server["url"], "base_name": health["base_model"], "proc": proc}
+def app(vllm_app, adapters):
+    """The session's app on vLLM (tests/conftest.py), with this file's two domains and their first versions."""
+    url = vllm_app["url"]
+    for name in ("support", "legal"):
+        assert httpx.post(url + "/api/domains", json={"name": name}).status_code == 201
+    for domain, key in (("support", "support1"), ("legal", "legal1")):
+        r = httpx.post(f"{url}/api/domains/{domain}/adapters?activate=true", content=zipped(adapters[key]),
+                       headers={"Content-Type": "application/zip"}, timeout=120)
+        assert r.status_code == 201, r.text
+    return vllm_app
 
 
 def ask(url: str, model: str, messages=QUESTION, **kw) -> dict:

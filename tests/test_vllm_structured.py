@@ -1,7 +1,7 @@
 """The OpenAI contract with `--engine vllm`: the same JSON-schema constraint, forced tool call, logprobs and n
 reach a REAL vLLM server (its structured outputs), as do top_k, min_p, repetition_penalty and min_tokens,
-and greedy answers equal the local engine's on the embedded SmolLM2 in float32. One app and one vLLM server
-for the file."""
+and greedy answers equal the local engine's on the embedded SmolLM2 in float32. The session's one app and
+vLLM server (tests/conftest.py's `vllm_app`)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ import json
 import httpx
 import pytest
 
-from assistant.vllm.server import vllm_venv, vllm_venv_ready
-
-from helpers import make_serving, running_server
+from helpers import make_serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-START_TIMEOUT_S = 420
 QUESTION = [{"role": "user", "content": "Describe Paris as JSON."}]
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                            "population": {"type": "integer"}},
@@ -33,12 +30,9 @@ ASKS = {
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    if not vllm_venv_ready():
-        pytest.fail(f"vLLM is not installed in {vllm_venv()}: run `bash scripts/setup.sh --test` first")
-    home = tmp_path_factory.mktemp("vllm-structured")
-    with running_server(home, "--engine", "vllm", "--dtype", "float32", timeout=START_TIMEOUT_S) as (url, _):
-        yield url
+def app(vllm_app):
+    """The session's app on vLLM (tests/conftest.py): this file asks `base` only."""
+    return vllm_app["url"]
 
 
 def ask(url: str, **kw) -> dict:
