@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 API_KEY = "test-key-" + "k" * 16
 USER, PASSWORD = "alice", "wonderland-7"
-PATH_VALUES = {"name": "support", "version": "v1", "job_id": "0123456789abcdef", "user": USER, "key_id": "1"}
+PATH_VALUES = {"name": "support", "version": "v1", "job_id": "0123456789abcdef", "user": USER, "key_id": "1",
+               "response_id": "resp_0123456789abcdef"}
 
 
 def _mutating_routes(openapi: dict) -> list[tuple[str, str]]:
