@@ -199,7 +199,7 @@ def test_langchain_with_use_responses_api(server, client):
     assert "".join(c.text for c in llm.stream(q)) == want
 
 
-def test_node_openai_and_the_ai_sdk_default_model(server):
+def test_node_openai_and_the_ai_sdk_default_model(server, client):
     if shutil.which("node") is None or not (NODE_DIR / "node_modules").is_dir():
         pytest.fail("node and tests/node/node_modules are needed: run `bash scripts/setup.sh --test`")
     question, max_tokens = "Why is the sky blue?", 20
@@ -208,9 +208,7 @@ def test_node_openai_and_the_ai_sdk_default_model(server):
                          text=True, timeout=NODE_TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=300)
-    want = client.chat.completions.create(model="base", messages=[{"role": "user", "content": question}],
-                                          max_tokens=max_tokens, temperature=0).choices[0].message.content
+    want = chat(client, [{"role": "user", "content": question}], max_tokens).choices[0].message.content
     assert want
     for key in ("chat", "responses", "responses_stream", "ai_text", "ai_stream"):
         assert got[key] == want, key

@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from assistant.api.executors import on_chat, on_control
 from assistant.api.openai import SSE_HEADERS, _chat_logprobs, _collect, _events, _first_events, _message, _start
+from assistant.api.openai import _usage as chat_usage
 from assistant.api.people import principal
 from assistant.api.responses_schema import ResponsesRequest, input_turns
 from assistant.errors import AssistantError, NotFound
@@ -104,10 +105,11 @@ def _items(serving: Serving, message: dict, lps, status: str = "completed") -> l
 
 
 def _usage(call) -> dict:
-    out = len(call.handle.req.generated)
-    return {"input_tokens": call.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": call.prompt_tokens + out}
+    """Chat's usage of the answer (api/openai.py counts it once), under the Responses API's names."""
+    u = chat_usage([call])
+    return {"input_tokens": u["prompt_tokens"], "input_tokens_details": u["prompt_tokens_details"],
+            "output_tokens": u["completion_tokens"], "output_tokens_details": u["completion_tokens_details"],
+            "total_tokens": u["total_tokens"]}
 
 
 def _response(body: ResponsesRequest, call, status: str, output: list[dict], reason: str | None = None,
